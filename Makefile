@@ -1,0 +1,27 @@
+# Two commands do everything on a fresh machine:
+#   make demo   train -> precision map -> export -> lower -> bench on the digits CNN
+#   make test   the test suite (what CI runs)
+# Both create .venv on first use.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+RUN ?= runs/demo
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,fpga]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/fxquant train --policy static --bits 8 examples/digits_cnn.py --out $(RUN) --force
+	$(BIN)/fxquant export --target onnx $(RUN)
+	$(BIN)/fxquant bench $(RUN)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+.PHONY: venv demo test

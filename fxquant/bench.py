@@ -1,0 +1,107 @@
+"""Latency measurement shared by every ``fxquant bench`` target.
+
+:func:`measure` times a callable after warm-up and reports p50/p90 latency (ms) and throughput
+(inputs/s). :func:`bench_onnx` compares, in one process and on the same inputs, ORT running the
+FP32 export against ORT running the fxquant QDQ export, batch 1 and 64, with file sizes, and
+writes ``bench.json`` + ``bench.md`` into the run directory. Ratios are taken within one run,
+never across machines.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from fxquant.io import atomic_write_json, atomic_write_text
+
+
+def measure(fn: Callable[[], Any], batch: int, warmup: int = 5, min_iters: int = 20,
+            min_seconds: float = 0.5) -> dict[str, float]:
+    """p50/p90 latency (ms) and throughput (inputs/s) of ``fn`` over ≥ ``min_iters`` calls."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_iters or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    p50 = float(np.percentile(times, 50)) * 1e3
+    return {"p50_ms": p50, "p90_ms": float(np.percentile(times, 90)) * 1e3,
+            "throughput": batch / (p50 / 1e3), "iters": len(times)}
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, flags of interest and thread count, recorded with every figure."""
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512bw", "avx_vnni")
+    return {"cpu": model, "flags": [f for f in wanted if f in flags], "cores": os.cpu_count()}
+
+
+def ort_session(model_path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+
+
+def render_markdown(title: str, rows: list[dict[str, Any]], baseline: str) -> str:
+    """A table of ``name, batch, p50, p90, throughput, ratio vs baseline`` rows."""
+    lines = [f"## {title}", "", "| engine | batch | p50 ms | p90 ms | inputs/s | vs " + baseline + " |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['batch']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
+                     f"{r['throughput']:.0f} | {r.get('ratio', float('nan')):.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_onnx(run_dir: Path, batches: tuple[int, ...] = (1, 64)) -> dict[str, Any]:
+    """ORT FP32 vs ORT fxquant-QDQ on the run's exports (made here if missing)."""
+    from fxquant.export.onnx_qdq import export_onnx
+    from fxquant.run_dir import RunDir
+
+    run = RunDir(run_dir)
+    graph = run.integer_graph()
+    paths = {}
+    for flavour, name in (("fp32", "model.fp32.onnx"), ("qdq", "model.onnx")):
+        if not (run.path / name).exists():
+            export_onnx(graph, run.path, flavour=flavour)
+        paths[flavour] = run.path / name
+    x_all, _ = run.held_out(run.model_file(), max(batches))
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        x = np.resize(x_all, (batch, *x_all.shape[1:])).astype(np.float32)
+        base = None
+        for flavour, engine in (("fp32", "ORT FP32"), ("qdq", "ORT fxquant QDQ")):
+            sess = ort_session(paths[flavour])
+            feed = {sess.get_inputs()[0].name: x}
+            stats = measure(lambda: sess.run(None, feed), batch)
+            base = base or stats["p50_ms"]
+            rows.append({"engine": engine, "batch": batch, **stats, "ratio": stats["p50_ms"] / base})
+    sizes = {flavour: p.stat().st_size for flavour, p in paths.items()}
+    report = {"machine": machine(), "rows": rows, "sizes_bytes": sizes,
+              "size_ratio_qdq_vs_fp32": sizes["qdq"] / sizes["fp32"],
+              "theoretical_bytes": graph.param_bits() / 8}
+    atomic_write_json(run.path / "bench.json", report)
+    md = render_markdown(f"ONNX Runtime on {report['machine']['cpu']}", rows, "ORT FP32")
+    md += f"\nSizes: FP32 {sizes['fp32']} B, QDQ {sizes['qdq']} B ({report['size_ratio_qdq_vs_fp32']:.3f}x); " \
+          f"Σ params·bits/8 = {report['theoretical_bytes']:.0f} B\n"
+    atomic_write_text(run.path / "bench.md", md)
+    report["markdown"] = md
+    return report

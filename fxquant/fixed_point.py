@@ -1,0 +1,183 @@
+"""Signed fixed point ``<BW,FL>``: the one place the number format is defined.
+
+    q(x) = clamp(round(x * 2^FL), -2^(BW-1), 2^(BW-1) - 1) * 2^(-FL)
+
+* ``BW`` (``bits``) is 2..16 for weights and activations, ``32`` means *off* (identity).
+  Accumulators and biases use wider integers (see :func:`accumulator_bits`).
+* ``FL`` (``frac_bits``) is any integer in ``[-64, 64]``: negative FL gives steps > 1, FL >= BW
+  gives values below one in magnitude. ``None`` means *dynamic*: chosen per tensor from its range
+  (used for gradient quantizers).
+* Rounding is to nearest with **ties to even** (``torch.round``, ONNX QuantizeLinear and HLS
+  ``AP_RND_CONV`` all agree on it). Saturation clamps (``AP_SAT``), it never wraps.
+
+This module holds the spec type, the numpy integer reference of the rounding, saturation,
+requantization (shift) and accumulator-width math, and the range-fit rule. The torch training op
+(:mod:`fxquant.ops`) implements the same formula on tensors; ``docs/number_format.md`` is the
+contract every backend reproduces.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fxquant.errors import PrecisionError
+
+OFF_BITS = 32
+"""``bits == 32`` switches a quantizer off (identity)."""
+MIN_BITS, MAX_BITS = 2, 16
+FRAC_BITS_LIMIT = 64
+BIAS_BITS = 32
+"""Biases are stored as int32 on the accumulator grid ``FL_w + FL_in``."""
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    """Return ``bits`` if it is a legal weight/activation/gradient width, else raise."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise PrecisionError(f"{what}={bits!r} is not an integer", "use 2..16, or 32 for off")
+    if not (MIN_BITS <= bits <= MAX_BITS or bits == OFF_BITS):
+        raise PrecisionError(f"{what}={bits} is out of range", "use 2..16, or 32 for off")
+    return int(bits)
+
+
+def check_frac_bits(frac_bits: int | None, what: str = "frac_bits") -> int | None:
+    """Return ``frac_bits`` if it is ``None`` (dynamic) or an integer in [-64, 64], else raise."""
+    if frac_bits is None:
+        return None
+    if isinstance(frac_bits, bool) or not isinstance(frac_bits, (int, np.integer)):
+        raise PrecisionError(f"{what}={frac_bits!r} is not an integer", "use an integer or null")
+    if abs(int(frac_bits)) > FRAC_BITS_LIMIT:
+        raise PrecisionError(f"{what}={frac_bits} is out of range", f"use -{FRAC_BITS_LIMIT}..{FRAC_BITS_LIMIT}")
+    return int(frac_bits)
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """A signed fixed-point format ``<bits, frac_bits>`` (the paper's ``<BW,FL>``)."""
+
+    bits: int
+    frac_bits: int | None = 0
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        check_frac_bits(self.frac_bits)
+
+    @property
+    def is_off(self) -> bool:
+        return self.bits == OFF_BITS
+
+    @property
+    def is_dynamic(self) -> bool:
+        return self.frac_bits is None
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def scale(self) -> float:
+        """The value of one least significant bit, ``2^-FL``."""
+        if self.frac_bits is None:
+            raise PrecisionError(f"{self} has a dynamic FL and no fixed scale")
+        return math.ldexp(1.0, -self.frac_bits)
+
+    def __str__(self) -> str:
+        fl = "dyn" if self.frac_bits is None else self.frac_bits
+        return "off" if self.is_off else f"<{self.bits},{fl}>"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "frac_bits": self.frac_bits}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FixedPoint":
+        return cls(d["bits"], d.get("frac_bits"))
+
+
+def fit_frac_bits(max_abs: float, bits: int) -> int:
+    """The FL that covers ``[-max_abs, max_abs]`` with ``bits`` bits.
+
+    ``FL = bits - 2 - floor(log2 max_abs)``, so ``max_abs < 2^(bits-1-FL)``; for a range that is
+    not a power of two this equals the common ``bits - 1 - ceil(log2 max_abs)``, and a power of
+    two does not saturate. ``max_abs == 0`` (or not finite) gives ``bits - 1``. Clamped to
+    ``[-64, 64]``.
+    """
+    if not math.isfinite(max_abs) or max_abs <= 0.0:
+        return bits - 1
+    _, exponent = math.frexp(max_abs)  # max_abs = m * 2^exponent, 0.5 <= m < 1
+    floor_log2 = exponent - 1
+    return max(-FRAC_BITS_LIMIT, min(FRAC_BITS_LIMIT, bits - 2 - floor_log2))
+
+
+def saturate(k: np.ndarray, bits: int) -> np.ndarray:
+    """Clamp integers to the signed ``bits``-bit range."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return np.clip(k, lo, hi)
+
+
+def quantize_int(x: np.ndarray, fmt: FixedPoint) -> np.ndarray:
+    """Integers ``clamp(round_half_even(x * 2^FL))`` (int64) of a real array ``x``."""
+    if fmt.is_off or fmt.frac_bits is None:
+        raise PrecisionError(f"quantize_int needs a fixed format, got {fmt}")
+    scaled = np.ldexp(np.asarray(x, dtype=np.float64), fmt.frac_bits)
+    return saturate(np.rint(scaled), fmt.bits).astype(np.int64)
+
+
+def quantize_bias(b: np.ndarray, frac_bits: int) -> np.ndarray:
+    """Bias integers on the accumulator grid: ``clamp(round_half_even(b * 2^FL), int32)`` (int64)."""
+    return saturate(np.rint(np.ldexp(np.asarray(b, dtype=np.float64), frac_bits)), BIAS_BITS).astype(np.int64)
+
+
+def dequantize(k: np.ndarray, frac_bits: int) -> np.ndarray:
+    """Real values ``k * 2^-FL`` (float64, exact)."""
+    return np.ldexp(np.asarray(k, dtype=np.float64), -frac_bits)
+
+
+def shift_round_half_even(k: np.ndarray, shift: int) -> np.ndarray:
+    """``round_half_even(k * 2^shift)`` for int64 ``k``: a left shift, or a rounding right shift.
+
+    For ``s = -shift > 0``: ``(k + 2^(s-1) - 1 + ((k >> s) & 1)) >> s`` (arithmetic shifts),
+    which is round-to-nearest with ties to the even neighbour.
+    """
+    k = np.asarray(k, dtype=np.int64)
+    if shift >= 0:
+        return k << np.int64(shift)
+    s = np.int64(-shift)
+    half_minus_one = (np.int64(1) << (s - 1)) - 1
+    return (k + half_minus_one + ((k >> s) & 1)) >> s
+
+
+def requantize(k: np.ndarray, frac_bits_from: int, fmt_to: FixedPoint) -> np.ndarray:
+    """Integers at FL ``frac_bits_from`` re-expressed at ``fmt_to``: shift, round half even, saturate."""
+    if fmt_to.frac_bits is None:
+        raise PrecisionError(f"requantize needs a fixed format, got {fmt_to}")
+    return saturate(shift_round_half_even(k, fmt_to.frac_bits - frac_bits_from), fmt_to.bits)
+
+
+def accumulator_bits(in_bits: int, weight_bits: int, fan_in: int, bias_bits: int | None = None) -> int:
+    """Signed width that holds ``sum_{i<fan_in} a_i * w_i (+ b)`` exactly.
+
+    A product of an ``in_bits``- and a ``weight_bits``-bit signed integer needs
+    ``in_bits + weight_bits`` bits (``(-2^(n-1)) * (-2^(m-1)) = 2^(n+m-2)``); a sum of ``fan_in``
+    products adds ``ceil(log2 fan_in)`` bits. Adding a ``bias_bits``-bit bias gives
+    ``max(sum_bits, bias_bits) + 1``.
+    """
+    if fan_in < 1:
+        raise PrecisionError(f"fan_in={fan_in} must be >= 1")
+    sum_bits = in_bits + weight_bits + math.ceil(math.log2(fan_in))
+    return sum_bits if bias_bits is None else max(sum_bits, bias_bits) + 1
+
+
+def min_signed_bits(k: np.ndarray) -> int:
+    """Fewest signed bits that hold every integer in ``k`` (at least 1)."""
+    k = np.asarray(k, dtype=np.int64)
+    if k.size == 0:
+        return 1
+    hi, lo = int(k.max()), int(k.min())
+    return max(1, (max(hi, -lo - 1)).bit_length() + 1)

@@ -1,0 +1,228 @@
+"""The integer graph: the backend-neutral, deployable form of a quantized model.
+
+Data flows one way: a deployed (BN-folded) quantized ``GraphModule`` is lowered by
+:func:`fxquant.passes.lower_to_integer_graph` into an :class:`IntegerGraph` of plain dataclasses and
+int64 numpy arrays; every exporter and backend (ONNX, TVM, HLS C++) reads this graph, and
+:meth:`IntegerGraph.run` is the **integer reference simulator** all of them are checked against,
+bit for bit. Nothing here depends on torch.
+
+Semantics of each op kind (``docs/number_format.md`` states them in full). Values are integer
+tensors with a fixed-point format; a compute op's result is requantized to ``op.out_fmt`` with
+round-half-even and saturation (:func:`fxquant.fixed_point.requantize`), then ``relu`` if
+``op.attrs["relu"]``:
+
+* ``conv2d``/``linear``: ``acc = sum(a*w) + b`` at ``FL_acc = FL_in + FL_w``.
+* ``matmul``: ``acc = a @ b`` at ``FL_a + FL_b``.
+* ``add``: both inputs left-shifted to ``max(FL_a, FL_b)`` and added.
+* ``cat``: every input requantized to ``out_fmt``, concatenated on ``attrs["dim"]``.
+* ``avgpool2d``: window sums at ``FL_in + log2(window)`` (power-of-two windows only).
+* ``maxpool2d``, ``relu``, ``flatten``: act on the integers, ``out_fmt`` = input format.
+* ``requantize``: change of format of one value.
+
+Shapes exclude the batch dimension; arrays carry it (NCHW for images, NC for vectors).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fxquant.errors import UnsupportedOpError
+from fxquant.fixed_point import FixedPoint, accumulator_bits, requantize, shift_round_half_even
+
+COMPUTE_KINDS = ("conv2d", "linear", "matmul")
+REQUANTIZING_KINDS = COMPUTE_KINDS + ("add", "cat", "avgpool2d", "requantize")
+TRANSPARENT_KINDS = ("relu", "maxpool2d", "flatten")
+OP_KINDS = REQUANTIZING_KINDS + TRANSPARENT_KINDS
+_FLOAT64_EXACT_BITS = 53
+
+
+@dataclass(frozen=True)
+class Value:
+    """A tensor of integers ``k`` standing for ``k * 2^-fmt.frac_bits``."""
+
+    name: str
+    shape: tuple[int, ...]
+    fmt: FixedPoint
+
+
+@dataclass
+class Op:
+    """One integer op. ``name`` is the precision-map layer name for layers that have one."""
+
+    name: str
+    kind: str
+    inputs: tuple[str, ...]
+    output: str
+    out_fmt: FixedPoint
+    weight: np.ndarray | None = None
+    weight_fmt: FixedPoint | None = None
+    bias: np.ndarray | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in OP_KINDS:
+            raise UnsupportedOpError(f"op {self.name!r}: kind {self.kind!r} is not an integer op",
+                                     f"supported: {', '.join(OP_KINDS)}")
+
+
+@dataclass
+class IntegerGraph:
+    """A topologically ordered list of integer ops between quantized inputs and outputs."""
+
+    inputs: list[Value]
+    ops: list[Op]
+    outputs: list[str]
+    values: dict[str, Value]
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The precision map's ``layers`` section this graph was lowered with (for backends' metadata)."""
+
+    def value(self, name: str) -> Value:
+        return self.values[name]
+
+    def quantize_inputs(self, *xs: np.ndarray) -> list[np.ndarray]:
+        """Real model inputs to integer inputs: ``clamp(round_half_even(x * 2^FL))``."""
+        from fxquant.fixed_point import quantize_int
+
+        return [quantize_int(x, v.fmt) for v, x in zip(self.inputs, xs, strict=True)]
+
+    def run(self, *int_inputs: np.ndarray, keep_all: bool = False) -> dict[str, np.ndarray]:
+        """Integer reference execution. Returns the output integers (every value with ``keep_all``)."""
+        env: dict[str, np.ndarray] = {v.name: np.asarray(x, dtype=np.int64)
+                                      for v, x in zip(self.inputs, int_inputs, strict=True)}
+        for op in self.ops:
+            env[op.output] = _EXECUTORS[op.kind](op, [env[i] for i in op.inputs],
+                                                 [self.values[i] for i in op.inputs])
+        if keep_all:
+            return env
+        return {name: env[name] for name in self.outputs}
+
+    def param_bits(self) -> int:
+        """Σ params · bits: weights at their width, biases at int32."""
+        total = 0
+        for op in self.ops:
+            if op.weight is not None and op.weight_fmt is not None:
+                total += op.weight.size * op.weight_fmt.bits
+            if op.bias is not None:
+                total += op.bias.size * 32
+        return total
+
+
+def _finish(op: Op, acc: np.ndarray, acc_frac_bits: int) -> np.ndarray:
+    out = requantize(acc, acc_frac_bits, op.out_fmt)
+    return np.maximum(out, 0) if op.attrs.get("relu") else out
+
+
+def _exact_matmul(a: np.ndarray, b: np.ndarray, bound_bits: int) -> np.ndarray:
+    """Integer ``a @ b`` through float64 BLAS: exact while every partial sum is below 2^53."""
+    if bound_bits > _FLOAT64_EXACT_BITS:
+        return a.astype(np.int64) @ b.astype(np.int64)
+    return np.rint(a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
+
+
+def _conv2d(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    (x,), (v,) = xs, vs
+    w = op.weight
+    assert w is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None
+    sh, sw = op.attrs.get("stride", (1, 1))
+    ph, pw = op.attrs.get("padding", (0, 0))
+    dh, dw = op.attrs.get("dilation", (1, 1))
+    groups = op.attrs.get("groups", 1)
+    n, c, _, _ = x.shape
+    o, cg, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    eff_h, eff_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    win = np.lib.stride_tricks.sliding_window_view(xp, (eff_h, eff_w), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # n, c, oh, ow, kh, kw
+    oh, ow = win.shape[2], win.shape[3]
+    bound = accumulator_bits(v.fmt.bits, op.weight_fmt.bits, cg * kh * kw, 32)
+    outs = []
+    og = o // groups
+    for g in range(groups):
+        cols = win[:, g * cg:(g + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, cg * kh * kw)
+        wg = w[g * og:(g + 1) * og].reshape(og, cg * kh * kw)
+        outs.append(_exact_matmul(cols, wg.T, bound).reshape(n, oh, ow, og))
+    acc = np.concatenate(outs, axis=3).transpose(0, 3, 1, 2)
+    if op.bias is not None:
+        acc = acc + op.bias.reshape(1, -1, 1, 1)
+    return _finish(op, acc, v.fmt.frac_bits + op.weight_fmt.frac_bits)
+
+
+def _linear(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    (x,), (v,) = xs, vs
+    w = op.weight
+    assert w is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None
+    acc = _exact_matmul(x, w.T, accumulator_bits(v.fmt.bits, op.weight_fmt.bits, w.shape[1], 32))
+    if op.bias is not None:
+        acc = acc + op.bias
+    return _finish(op, acc, v.fmt.frac_bits + op.weight_fmt.frac_bits)
+
+
+def _matmul(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    (a, b), (va, vb) = xs, vs
+    bound = accumulator_bits(va.fmt.bits, vb.fmt.bits, a.shape[-1])
+    if bound > _FLOAT64_EXACT_BITS:
+        acc = np.matmul(a, b)
+    else:
+        acc = np.rint(np.matmul(a.astype(np.float64), b.astype(np.float64))).astype(np.int64)
+    return _finish(op, acc, va.fmt.frac_bits + vb.fmt.frac_bits)
+
+
+def _add(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    fl = max(v.fmt.frac_bits for v in vs)
+    acc = sum(shift_round_half_even(x, fl - v.fmt.frac_bits) for x, v in zip(xs, vs))
+    return _finish(op, acc, fl)
+
+
+def _cat(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    parts = [requantize(x, v.fmt.frac_bits, op.out_fmt) for x, v in zip(xs, vs)]
+    out = np.concatenate(parts, axis=op.attrs.get("dim", 1))
+    return np.maximum(out, 0) if op.attrs.get("relu") else out
+
+
+def _windows(x: np.ndarray, op: Op, pad_value: int) -> np.ndarray:
+    kh, kw = op.attrs["kernel"]
+    sh, sw = op.attrs.get("stride", (kh, kw))
+    ph, pw = op.attrs.get("padding", (0, 0))
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad_value)
+    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))
+    return win[:, :, ::sh, ::sw]
+
+
+def _avgpool2d(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    (x,), (v,) = xs, vs
+    kh, kw = op.attrs["kernel"]
+    p = int(math.log2(kh * kw))
+    if (1 << p) != kh * kw or op.attrs.get("padding", (0, 0)) != (0, 0):
+        raise UnsupportedOpError(f"op {op.name!r}: average pooling over {kh}x{kw} with padding "
+                                 f"{op.attrs.get('padding')} is not integer-exact",
+                                 "use a power-of-two window without padding")
+    acc = _windows(x, op, 0).sum(axis=(-1, -2))
+    return _finish(op, acc, v.fmt.frac_bits + p)
+
+
+def _maxpool2d(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    (x,) = xs
+    return _windows(x, op, np.iinfo(np.int64).min).max(axis=(-1, -2))
+
+
+def _relu(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    return np.maximum(xs[0], 0)
+
+
+def _flatten(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    return xs[0].reshape(xs[0].shape[0], -1)
+
+
+def _requantize(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    return _finish(op, xs[0], vs[0].fmt.frac_bits)
+
+
+_EXECUTORS = {
+    "conv2d": _conv2d, "linear": _linear, "matmul": _matmul, "add": _add, "cat": _cat,
+    "avgpool2d": _avgpool2d, "maxpool2d": _maxpool2d, "relu": _relu, "flatten": _flatten,
+    "requantize": _requantize,
+}

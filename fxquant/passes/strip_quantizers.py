@@ -1,0 +1,33 @@
+"""Remove every quantizer from a graph (the inverse of :class:`InsertQuantizers`).
+
+Each quantizer node is replaced by its input, quantizer modules are deleted; Conv/Linear stay in
+their functional ``aten`` form on the original parameters, so the result computes the float model.
+Idempotent (``modified=False`` when there is nothing to strip).
+"""
+
+from __future__ import annotations
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxquant.passes.insert_quantizers import QUANT_ROOT
+from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
+
+
+class StripQuantizers(PassBase):
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)),
+                                                       (FixedPointQuantizer, BiasQuantizer)):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                modified = True
+        if hasattr(gm, QUANT_ROOT):
+            delattr(gm, QUANT_ROOT)
+            modified = True
+        if modified:
+            gm.graph.eliminate_dead_code()
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified)

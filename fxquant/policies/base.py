@@ -1,0 +1,120 @@
+"""The policy interface and the shared range-following rule.
+
+A policy is driven by training events and writes precisions into the quantizers' buffers (it
+never retraces). Events, in order::
+
+    on_train_begin(model, batch)   once, after calibration data is available
+    on_batch_begin(step, model)    before each forward
+    on_batch_end(step, loss, model) after each optimizer step
+    on_epoch_end(epoch, model)     after each epoch's validation
+
+``state_dict()`` / ``load_state_dict()`` hold everything a resumed run needs to continue
+identically (plain numbers, lists, dicts and tensors: loadable with ``weights_only=True``).
+
+**Range following** (all policies): a quantizer's FL tracks its tensor's range,
+``FL = fit_frac_bits(m, BW)`` with ``m`` the last-seen ``max|x|`` for weights and an exponential
+moving maximum ``m <- max(amax, momentum * m)`` for activations (an activation's range moves from
+batch to batch; the moving maximum avoids a jittering FL). This is CPT's "FL per layer follows
+the tensor's range at each step".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxquant.fixed_point import OFF_BITS, FixedPoint, fit_frac_bits
+from fxquant.quantizers import ACT, WEIGHT, quantizers
+
+ACT_RANGE_MOMENTUM = 0.9
+
+
+class Policy:
+    """Base class: no-op events, range following, calibration, (de)serialization."""
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self.act_range: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, model: nn.Module, batch: torch.Tensor) -> None:
+        calibrate(model, batch)
+        self.follow_ranges(model)
+
+    def on_batch_begin(self, step: int, model: nn.Module) -> None:
+        pass
+
+    def on_batch_end(self, step: int, loss: float, model: nn.Module) -> None:
+        self.follow_ranges(model)
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        pass
+
+    # ------------------------------------------------------------------ helpers
+    def follow_ranges(self, model: nn.Module) -> None:
+        """Set every active quantizer's FL from its range (see module docstring)."""
+        for (layer, role), q in quantizers(model).items():
+            bits = int(q.bits)
+            if bits >= OFF_BITS:
+                continue
+            m = float(q.amax)
+            if role == ACT:
+                key = layer
+                m = max(m, ACT_RANGE_MOMENTUM * self.act_range.get(key, m))
+                self.act_range[key] = m
+            q.frac_bits.fill_(fit_frac_bits(m, bits))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "act_range": dict(self.act_range)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.act_range = dict(state.get("act_range", {}))
+
+    def describe(self) -> dict[str, Any]:
+        """Options of this policy, recorded in run.json."""
+        return {"policy": self.name}
+
+
+def set_bits(model: nn.Module, weight_bits: int | None = None, act_bits: int | None = None,
+             grad_bits: int | None = None) -> None:
+    """Set bit widths of all quantizers (FL is then fitted by range following)."""
+    for (_, role), q in quantizers(model).items():
+        bits = weight_bits if role == WEIGHT else act_bits
+        if bits is not None:
+            q.set_format(FixedPoint(bits, int(q.frac_bits)))
+        if grad_bits is not None:
+            q.set_grad_bits(grad_bits)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batch: torch.Tensor) -> None:
+    """One float forward (quantizers temporarily off) to record every tensor's range in ``amax``."""
+    qs = list(quantizers(model).values())
+    saved = [int(q.bits) for q in qs]
+    for q in qs:
+        q.bits.fill_(OFF_BITS)
+    was_training = model.training
+    model.eval()
+    model(batch)
+    model.train(was_training)
+    for q, bits in zip(qs, saved):
+        q.bits.fill_(bits)
+
+
+def mean_bits(model: nn.Module, role: str) -> float:
+    """Parameter-weighted mean weight bits (role ``weight``) or plain mean act bits."""
+    total, count = 0.0, 0.0
+    params = dict(model.named_parameters())
+    for (layer, r), q in quantizers(model).items():
+        if r != role:
+            continue
+        n = params[f"{layer}.weight"].numel() if role == WEIGHT and f"{layer}.weight" in params else 1
+        total += int(q.bits) * n
+        count += n
+    return total / count if count else float(OFF_BITS)
+
+
+__all__ = ["Policy", "calibrate", "set_bits", "mean_bits"]

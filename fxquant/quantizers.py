@@ -1,0 +1,101 @@
+"""Quantizer modules inserted into the graph by :class:`fxquant.passes.InsertQuantizers`.
+
+A :class:`FixedPointQuantizer` holds its precision in **buffers** (``bits``, ``frac_bits``,
+``grad_bits``, ``stochastic``, ``seed``) and records the magnitude it saw last (``amax``), so a
+policy changes precision every step by writing buffers: no retrace, no ``torch.compile``
+recompile, no reallocation, and the precision travels with ``state_dict``. The math is the fused
+op :func:`torch.ops.fxquant.quantize` (formula in :mod:`fxquant.fixed_point`).
+
+``role`` is ``"weight"`` (a Conv/Linear weight) or ``"act"`` (a value entering quantized ops;
+the output precision of its producer layer). The backward pass of either quantizes the gradient
+flowing through it to ``grad_bits`` (32 = off) with a dynamic FL.
+
+:class:`BiasQuantizer` puts a bias on the accumulator grid ``FL_w + FL_in`` as int32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
+from fxquant.fixed_point import BIAS_BITS, OFF_BITS, FixedPoint, check_bits, check_frac_bits
+
+WEIGHT, ACT = "weight", "act"
+
+
+def kernel_bits(bits: torch.Tensor) -> torch.Tensor:
+    """A spec width (``32`` = off) as the fused op's width (``0`` = off)."""
+    return torch.where(bits >= OFF_BITS, torch.zeros_like(bits), bits)
+
+
+class FixedPointQuantizer(nn.Module):
+    """``y = q_<bits,frac_bits>(x)`` with STE gradient; see module docstring."""
+
+    def __init__(self, layer: str, role: str, fmt: FixedPoint = FixedPoint(OFF_BITS, 0),
+                 grad_bits: int = OFF_BITS, stochastic: bool = False, kind: str = "") -> None:
+        super().__init__()
+        self.layer = layer
+        self.role = role
+        self.kind = kind  # op kind of the layer (conv2d, linear, add, input, …), for maps and reports
+        self.register_buffer("bits", torch.tensor(fmt.bits, dtype=torch.int32))
+        self.register_buffer("frac_bits", torch.tensor(fmt.frac_bits or 0, dtype=torch.int32))
+        self.register_buffer("grad_bits", torch.tensor(check_bits(grad_bits, "grad_bits"), dtype=torch.int32))
+        self.register_buffer("stochastic", torch.tensor(bool(stochastic)))
+        self.register_buffer("seed", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("amax", torch.tensor(0.0))
+
+    @property
+    def fmt(self) -> FixedPoint:
+        return FixedPoint(int(self.bits), int(self.frac_bits))
+
+    def set_format(self, fmt: FixedPoint) -> None:
+        """Write ``<bits, frac_bits>`` in place (policies call this every step)."""
+        self.bits.fill_(check_bits(fmt.bits))
+        self.frac_bits.fill_(check_frac_bits(fmt.frac_bits) or 0)
+
+    def set_grad_bits(self, bits: int) -> None:
+        self.grad_bits.fill_(check_bits(bits, "grad_bits"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:  # a fresh stochastic-rounding stream per step (before the op saves it)
+            with torch.no_grad():
+                self.seed.add_(1)
+        y, amax = torch.ops.fxquant.quantize(x, kernel_bits(self.bits), self.frac_bits,
+                                             kernel_bits(self.grad_bits), self.stochastic, self.seed)
+        with torch.no_grad():
+            self.amax.copy_(amax)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer!r}, role={self.role}, fmt={self.fmt}, grad_bits={int(self.grad_bits)}"
+
+
+class BiasQuantizer(nn.Module):
+    """``b_q = clamp(round(b * 2^(FL_w+FL_in)), int32) * 2^-(FL_w+FL_in)``; identity if either is off.
+
+    The FLs arrive as graph inputs (the weight and input quantizers' ``frac_bits`` buffers), so a
+    policy's change of either reaches the bias without retracing. The straight-through gradient
+    passes unchanged (int32 saturation is never reached by a trained bias).
+    """
+
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("bits", torch.tensor(BIAS_BITS, dtype=torch.int32))
+        self.register_buffer("grad_bits", torch.tensor(0, dtype=torch.int32))
+        self.register_buffer("stochastic", torch.tensor(False))
+        self.register_buffer("seed", torch.tensor(0, dtype=torch.int64))
+
+    def forward(self, bias: torch.Tensor, weight_frac_bits: torch.Tensor, in_frac_bits: torch.Tensor,
+                weight_bits: torch.Tensor, in_bits: torch.Tensor) -> torch.Tensor:
+        off = (weight_bits >= OFF_BITS) | (in_bits >= OFF_BITS)
+        bits = torch.where(off, torch.zeros_like(self.bits), self.bits)
+        y, _ = torch.ops.fxquant.quantize(bias, bits, weight_frac_bits + in_frac_bits, self.grad_bits,
+                                          self.stochastic, self.seed)
+        return y
+
+
+def quantizers(model: nn.Module) -> dict[tuple[str, str], FixedPointQuantizer]:
+    """All fixed-point quantizers of ``model`` keyed by ``(layer, role)``."""
+    return {(m.layer, m.role): m for m in model.modules() if isinstance(m, FixedPointQuantizer)}

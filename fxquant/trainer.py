@@ -1,0 +1,272 @@
+"""fxquant's trainer: quantization-aware training of a model.py under a precision policy.
+
+``train(...)`` captures the model, inserts quantizers, calibrates, trains with SGD (momentum 0.9,
+Nesterov, cosine learning rate), lets the policy write precisions after every step, and writes the
+run directory (:mod:`fxquant.run_dir`): ``metrics.jsonl`` per step, a checkpoint per epoch, and at
+the end the deployed ``precision_map.json`` (BN folded) with per-epoch history.
+
+**Interruptions and resume.** Checkpoints are atomic. SIGINT/SIGTERM stop at the next step
+boundary with a checkpoint of that step; ``kill -9`` leaves the last epoch's checkpoint. A
+checkpoint stores the RNG state at the start of its epoch and at its step; ``resume`` restores the
+epoch-start state, replays the data order up to the step, then restores the step state, so the
+resumed run draws exactly the numbers the uninterrupted one drew: final weights and precision map
+are identical (same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from fxquant.errors import CheckpointError, RunDirError, TrainingError
+from fxquant.model_file import ModelFile, load_model_file
+from fxquant.passes import FoldBatchNorm, InsertQuantizers, capture
+from fxquant.policies import make_policy
+from fxquant.policies.base import Policy, mean_bits
+from fxquant.precision_map import PrecisionMap
+from fxquant.quantizers import ACT, WEIGHT, quantizers
+from fxquant.run_dir import METRICS, PRECISION_MAP, RunDir
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 15
+    lr: float = 0.05
+    batch_size: int = 64
+    seed: int = 0
+    weight_decay: float = 5e-4
+    progress: bool = True
+
+
+def build_quantized_graph(mf: ModelFile) -> fx.GraphModule:
+    """model.py → captured graph with (initially off) quantizers."""
+    gm = capture(mf.model(), mf.example_inputs())
+    InsertQuantizers()(gm)
+    return gm
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain data (``weights_only``-loadable)."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]) + [random.getstate()[2]],
+            "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                      float(np_state[4])]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((3, tuple(py[:-1]), py[-1]))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader) -> float:
+    """Top-1 accuracy (%) in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+def layer_precisions(model: nn.Module) -> dict[str, list[int]]:
+    """``{layer: [w_bits, w_fl, a_bits, a_fl]}`` (``-1`` where the role is absent)."""
+    out: dict[str, list[int]] = {}
+    for (layer, role), q in quantizers(model).items():
+        entry = out.setdefault(layer, [-1, -1, -1, -1])
+        i = 0 if role == WEIGHT else 2
+        entry[i], entry[i + 1] = int(q.bits), int(q.frac_bits)
+    return out
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and stops."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class TrainingInterrupted(TrainingError):
+    exit_code = 130
+
+
+def train(model_path: Path, out: Path, policy_name: str = "static", policy_options: dict[str, Any] | None = None,
+          options: TrainOptions | None = None, force: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Train ``model_path`` under a policy into run directory ``out``; returns the results summary."""
+    opts = options or TrainOptions()
+    run = RunDir(out)
+    if resume:
+        info = run.read_info()
+        if info.get("status") == "finished":
+            raise RunDirError(f"run {out} is already finished", "start a new run with --out")
+        mf = run.model_file()
+        policy_name, policy_options = info["policy_name"], info["policy_options"]
+        opts = TrainOptions(**{**info["train"], "progress": opts.progress})
+        state = run.load_checkpoint()
+    else:
+        mf = load_model_file(model_path)
+        policy = make_policy(policy_name, **(policy_options or {}))  # validate options before writing
+        run.create(force)
+        state = None
+    policy = make_policy(policy_name, **(policy_options or {}))
+    info = {"model_file": {"path": str(mf.path), "sha256": mf.sha256}, "policy_name": policy_name,
+            "policy_options": policy_options or {}, "policy": policy.describe(),
+            "train": {k: v for k, v in asdict(opts).items() if k != "progress"}, "status": "running"}
+    run.write_info(info)
+    return _Loop(run, mf, policy, opts, info).run(state)
+
+
+class _Loop:
+    def __init__(self, run: RunDir, mf: ModelFile, policy: Policy, opts: TrainOptions, info: dict[str, Any]) -> None:
+        self.run_dir, self.mf, self.policy, self.opts, self.info = run, mf, policy, opts, info
+        seed_everything(opts.seed)
+        self.train_loader, self.val_loader = mf.data(opts.batch_size)
+        self.model = build_quantized_graph(mf)
+        self.model.train()
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = self.steps_per_epoch * opts.epochs
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=opts.lr, momentum=0.9, nesterov=True,
+                                         weight_decay=opts.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, self.total_steps) / self.total_steps)))
+        self.pmap_history: list[dict[str, Any]] = []
+
+    def checkpoint(self, epoch: int, step_in_epoch: int, step: int, epoch_rng: dict[str, Any]) -> None:
+        self.run_dir.save_checkpoint({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "policy": self.policy.state_dict(),
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "epoch_rng": epoch_rng,
+            "rng": rng_state(), "history": json.dumps(self.pmap_history)})
+
+    def restore(self, state: dict[str, Any]) -> tuple[int, int, int, dict[str, Any]]:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.policy.load_state_dict(state["policy"])
+            self.pmap_history = json.loads(state["history"])
+            return state["epoch"], state["step_in_epoch"], state["step"], state["epoch_rng"]
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint in {self.run_dir.path} does not fit this run: {exc}",
+                                  "start a new run") from exc
+
+    def run(self, state: dict[str, Any] | None) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        metrics_path = self.run_dir.file(METRICS)
+        if state is None:
+            first_x, _ = next(iter(self.train_loader))
+            seed_everything(self.opts.seed)
+            self.policy.on_train_begin(self.model, first_x)
+            epoch, skip, step = 0, 0, 0
+            epoch_rng = rng_state()
+            metrics_path.write_text("")
+        else:
+            epoch, skip, step, epoch_rng = self.restore(state)
+            lines = metrics_path.read_text().splitlines()[:step] if metrics_path.exists() else []
+            metrics_path.write_text("".join(line + "\n" for line in lines))
+        t0 = time.perf_counter()
+        with _StopRequest() as stop, open(metrics_path, "a") as metrics, \
+                tqdm(total=self.total_steps, initial=step, disable=not self.opts.progress, unit="step",
+                     dynamic_ncols=True) as bar:
+            while epoch < self.opts.epochs:
+                set_rng_state(epoch_rng)
+                batches = iter(self.train_loader)
+                for _ in range(skip):
+                    next(batches)
+                if skip:
+                    set_rng_state(state["rng"])
+                for i, (x, y) in enumerate(batches, start=skip):
+                    self.policy.on_batch_begin(step, self.model)
+                    logits = self.model(x)
+                    loss = nn.functional.cross_entropy(logits, y)
+                    loss_value = float(loss)
+                    if not math.isfinite(loss_value):
+                        raise TrainingError(f"loss is {loss_value} at epoch {epoch} step {step}; stopped, "
+                                            f"the last good checkpoint is kept in {self.run_dir.path}",
+                                            "lower --lr or raise the bit widths")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.policy.on_batch_end(step, loss_value, self.model)
+                    step += 1
+                    acc = 100.0 * float((logits.argmax(1) == y).float().mean())
+                    w_bits, a_bits = mean_bits(self.model, WEIGHT), mean_bits(self.model, ACT)
+                    metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "acc": acc,
+                                              "w_bits": w_bits, "a_bits": a_bits,
+                                              "time": time.perf_counter() - t0,
+                                              "layers": layer_precisions(self.model)}) + "\n")
+                    bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.1f}", bits=f"W{w_bits:.1f}/A{a_bits:.1f}")
+                    bar.update()
+                    if stop.signal is not None:
+                        metrics.flush()
+                        self.checkpoint(epoch, i + 1, step, epoch_rng)
+                        self.info["status"] = "interrupted"
+                        self.run_dir.write_info(self.info)
+                        raise TrainingInterrupted(f"interrupted by signal {stop.signal} at epoch {epoch} step {step}; "
+                                                  f"checkpoint saved in {self.run_dir.path}",
+                                                  f"continue with: fxquant train --resume {self.run_dir.path}")
+                skip = 0
+                val_acc = evaluate(self.model, self.val_loader)
+                self.policy.on_epoch_end(epoch, self.model)
+                pmap = PrecisionMap.from_model(self.model, type(self.model).__name__)
+                self.pmap_history.append({"epoch": epoch, "val_acc": val_acc,
+                                          "layers": {n: lp.to_dict() for n, lp in pmap.layers.items()}})
+                epoch += 1
+                epoch_rng = rng_state()
+                metrics.flush()
+                self.checkpoint(epoch, 0, step, epoch_rng)
+                bar.write(f"epoch {epoch}/{self.opts.epochs}: val acc {val_acc:.2f}%")
+        return self.finish(time.perf_counter() - t0)
+
+    def finish(self, seconds: float) -> dict[str, Any]:
+        train_val_acc = evaluate(self.model, self.val_loader)
+        deployed = self.model
+        deployed.eval()
+        FoldBatchNorm()(deployed)
+        deployed_acc = evaluate(deployed, self.val_loader)
+        pmap = PrecisionMap.from_model(deployed, self.info["policy"].get("policy", ""))
+        pmap.model_name = type(self.mf.model()).__name__
+        pmap.history = self.pmap_history
+        pmap.save(self.run_dir.file(PRECISION_MAP))
+        results = {"val_acc": train_val_acc, "deployed_val_acc": deployed_acc,
+                   "mean_weight_bits": mean_bits(deployed, WEIGHT), "mean_act_bits": mean_bits(deployed, ACT),
+                   "train_seconds": seconds}
+        self.info.update(status="finished", results=results)
+        self.run_dir.write_info(self.info)
+        return results
