@@ -2,8 +2,12 @@
 
 ``train(...)`` captures the model, inserts quantizers, calibrates, trains with SGD (momentum 0.9,
 Nesterov, cosine learning rate), lets the policy write precisions after every step, and writes the
-run directory (:mod:`fxquant.run_dir`): ``metrics.jsonl`` per step, a checkpoint per epoch, and at
-the end the deployed ``precision_map.json`` (BN folded) with per-epoch history.
+run directory (:mod:`fxquant.run_dir`): ``metrics.jsonl`` per step (loss, accuracy, per-layer
+precisions, BitOPs of :mod:`fxquant.bitops`, wall time), a checkpoint per epoch, and at the end the
+deployed ``precision_map.json`` (BN folded) with per-epoch history. The policy may add loss terms
+(:meth:`Policy.loss_terms`) and touch gradients before the step (:meth:`Policy.before_step`).
+``--policy cpt`` without ``bits_min`` first runs the precision range test
+(:mod:`fxquant.policies.prt`) and records its result in ``prt.json`` and in the run's options.
 
 **Interruptions and resume.** Checkpoints are atomic. SIGINT/SIGTERM stop at the next step
 boundary with a checkpoint of that step; ``kill -9`` leaves the last epoch's checkpoint. A
@@ -28,7 +32,10 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from fxquant.errors import CheckpointError, RunDirError, TrainingError
+from fxquant.bitops import BitOpsMeter, layer_costs
+from fxquant.errors import CheckpointError, ModelFileError, RunDirError, TrainingError
+from fxquant.fixed_point import MIN_BITS
+from fxquant.io import atomic_write_json
 from fxquant.model_file import ModelFile, load_model_file
 from fxquant.passes import FoldBatchNorm, InsertQuantizers, capture
 from fxquant.policies import make_policy
@@ -124,9 +131,17 @@ class TrainingInterrupted(TrainingError):
     exit_code = 130
 
 
+PRT_FILE = "prt.json"
+
+
 def train(model_path: Path, out: Path, policy_name: str = "static", policy_options: dict[str, Any] | None = None,
-          options: TrainOptions | None = None, force: bool = False, resume: bool = False) -> dict[str, Any]:
-    """Train ``model_path`` under a policy into run directory ``out``; returns the results summary."""
+          options: TrainOptions | None = None, force: bool = False, resume: bool = False,
+          prt_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``model_path`` under a policy into run directory ``out``; returns the results summary.
+
+    ``prt_options`` (``steps_per_level``, ``window``, ``threshold``) tune the precision range test
+    that ``cpt`` runs when ``policy_options`` has no ``bits_min``.
+    """
     opts = options or TrainOptions()
     run = RunDir(out)
     if resume:
@@ -139,9 +154,25 @@ def train(model_path: Path, out: Path, policy_name: str = "static", policy_optio
         state = run.load_checkpoint()
     else:
         mf = load_model_file(model_path)
-        policy = make_policy(policy_name, **(policy_options or {}))  # validate options before writing
+        policy_options = {k: v for k, v in (policy_options or {}).items() if v is not None}
+        needs_prt = policy_name == "cpt" and "bits_min" not in policy_options
+        # validate options before writing (a CPT B_min still to be found is checked as 2 bits)
+        make_policy(policy_name, **({**policy_options, "bits_min": MIN_BITS} if needs_prt else policy_options))
+        if needs_prt:
+            from fxquant.policies.prt import check_prt_options, run_prt
+
+            check_prt_options(**(prt_options or {}))
+        mf.model()  # the factories must work before anything is written
+        if not mf.has("data"):
+            raise ModelFileError(f"{mf.path}: no data() factory", "define data(batch_size) -> (train, val)")
         run.create(force)
         state = None
+        if needs_prt:
+            prt = run_prt(mf, **{k: policy_options[k] for k in ("bits_max", "grad_bits") if k in policy_options},
+                          **(prt_options or {}), lr=opts.lr, batch_size=opts.batch_size, seed=opts.seed,
+                          weight_decay=opts.weight_decay)
+            atomic_write_json(run.file(PRT_FILE), prt.to_dict())
+            policy_options["bits_min"] = prt.bits_min
     policy = make_policy(policy_name, **(policy_options or {}))
     info = {"model_file": {"path": str(mf.path), "sha256": mf.sha256}, "policy_name": policy_name,
             "policy_options": policy_options or {}, "policy": policy.describe(),
@@ -159,6 +190,7 @@ class _Loop:
         self.model.train()
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = self.steps_per_epoch * opts.epochs
+        self.policy.plan(self.total_steps)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=opts.lr, momentum=0.9, nesterov=True,
                                          weight_decay=opts.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -170,7 +202,7 @@ class _Loop:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "policy": self.policy.state_dict(),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "epoch_rng": epoch_rng,
-            "rng": rng_state(), "history": json.dumps(self.pmap_history)})
+            "rng": rng_state(), "history": json.dumps(self.pmap_history), "bitops": self.bitops.state_dict()})
 
     def restore(self, state: dict[str, Any]) -> tuple[int, int, int, dict[str, Any]]:
         try:
@@ -179,6 +211,7 @@ class _Loop:
             self.scheduler.load_state_dict(state["scheduler"])
             self.policy.load_state_dict(state["policy"])
             self.pmap_history = json.loads(state["history"])
+            self.bitops.load_state_dict(state["bitops"])
             return state["epoch"], state["step_in_epoch"], state["step"], state["epoch_rng"]
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint in {self.run_dir.path} does not fit this run: {exc}",
@@ -188,10 +221,12 @@ class _Loop:
         from tqdm import tqdm
 
         metrics_path = self.run_dir.file(METRICS)
+        first_x, _ = next(iter(self.train_loader))
+        self.bitops = BitOpsMeter(layer_costs(self.model, first_x), self.policy.reference_bits)
         if state is None:
-            first_x, _ = next(iter(self.train_loader))
             seed_everything(self.opts.seed)
             self.policy.on_train_begin(self.model, first_x)
+            self.bitops = BitOpsMeter(self.bitops.costs, self.policy.reference_bits)  # starting widths
             epoch, skip, step = 0, 0, 0
             epoch_rng = rng_state()
             metrics_path.write_text("")
@@ -214,13 +249,17 @@ class _Loop:
                     self.policy.on_batch_begin(step, self.model)
                     logits = self.model(x)
                     loss = nn.functional.cross_entropy(logits, y)
-                    loss_value = float(loss)
-                    if not math.isfinite(loss_value):
-                        raise TrainingError(f"loss is {loss_value} at epoch {epoch} step {step}; stopped, "
+                    loss_value = loss.item()
+                    extra = self.policy.loss_terms(self.model)
+                    if extra is not None:
+                        loss = loss + extra
+                    if not math.isfinite(loss.item()):
+                        raise TrainingError(f"loss is {loss.item()} at epoch {epoch} step {step}; stopped, "
                                             f"the last good checkpoint is kept in {self.run_dir.path}",
                                             "lower --lr or raise the bit widths")
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    self.policy.before_step(self.model)
                     self.optimizer.step()
                     self.scheduler.step()
                     self.policy.on_batch_end(step, loss_value, self.model)
@@ -230,6 +269,7 @@ class _Loop:
                     metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "acc": acc,
                                               "w_bits": w_bits, "a_bits": a_bits,
                                               "time": time.perf_counter() - t0,
+                                              **self.bitops.step(len(y)),
                                               "layers": layer_precisions(self.model)}) + "\n")
                     bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.1f}", bits=f"W{w_bits:.1f}/A{a_bits:.1f}")
                     bar.update()

@@ -14,6 +14,8 @@ import click
 from fxquant import __version__
 from fxquant.cli.bench import bench
 from fxquant.cli.export import export, fpga_sim
+from fxquant.cli.prt import prt
+from fxquant.cli.show import show
 from fxquant.cli.train import train
 from fxquant.errors import FxquantError
 
@@ -27,7 +29,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-for command in (train, export, bench, fpga_sim):
+for command in (train, export, bench, fpga_sim, prt, show):
     cli.add_command(command)
 
 

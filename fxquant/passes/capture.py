@@ -3,7 +3,8 @@
 ``torch.fx.symbolic_trace`` first: it keeps the module hierarchy (``call_module`` nodes) and
 works without example inputs. Models it cannot trace (Python control flow on tensor shapes or
 values, for instance) fall back to ``torch.export`` with the example inputs, which specializes
-shape-dependent branches. If both fail, :class:`~fxquant.errors.CaptureError` names the offending
+shape-dependent branches (BatchNorm/dropout then keep the train/eval behaviour they had at
+capture). If both fail, :class:`~fxquant.errors.CaptureError` names the offending
 line of the user's code.
 """
 
@@ -52,12 +53,14 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...] | None = None) -> 
                                f"failed at {where}: {str(export_error).splitlines()[0][:200]}",
                                "avoid Python control flow on tensor values (use torch.where / torch.cond)"
                                ) from export_error
-        gm = exported.module()
-        gm.train(was_training)
-        for node in list(gm.graph.nodes):  # export's input guard is not part of the model
+        unlifted = exported.module()
+        for node in list(unlifted.graph.nodes):  # export's input guard is not part of the model
             if node.op == "call_module" and str(node.target) == "_guards_fn":
-                gm.graph.erase_node(node)
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
+                unlifted.graph.erase_node(node)
+        unlifted.graph.eliminate_dead_code()
+        # a plain GraphModule (export's own refuses .train()/.eval()); BN/dropout keep the
+        # train/eval behaviour they had at capture time
+        gm = fx.GraphModule(unlifted, unlifted.graph)
+        gm.train(was_training)
         gm.meta[CAPTURED_BY] = "torch.export"
         return gm

@@ -23,6 +23,9 @@ class StripQuantizers(PassBase):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
                 modified = True
+        for node in list(gm.graph.nodes):  # the bias quantizers' reads of FL/bits buffers
+            if node.op == "get_attr" and str(node.target).startswith(f"{QUANT_ROOT}.") and not node.users:
+                gm.graph.erase_node(node)
         if hasattr(gm, QUANT_ROOT):
             delattr(gm, QUANT_ROOT)
             modified = True

@@ -3,10 +3,17 @@
 A policy is driven by training events and writes precisions into the quantizers' buffers (it
 never retraces). Events, in order::
 
+    plan(total_steps)              once, before on_train_begin (and again on resume)
     on_train_begin(model, batch)   once, after calibration data is available
     on_batch_begin(step, model)    before each forward
+    loss_terms(model)              extra loss added to the task loss (regularisers), or None
+    before_step(model)             after backward, before the optimizer step
     on_batch_end(step, loss, model) after each optimizer step
     on_epoch_end(epoch, model)     after each epoch's validation
+
+``reference_bits`` is the weight/activation width of the policy's static counterpart (the
+denominator of the "BitOPs vs static" ratio, :mod:`fxquant.bitops`); ``None`` means the widths the
+run starts with (a static policy is its own counterpart).
 
 ``state_dict()`` / ``load_state_dict()`` hold everything a resumed run needs to continue
 identically (plain numbers, lists, dicts and tensors: loadable with ``weights_only=True``).
@@ -38,13 +45,29 @@ class Policy:
 
     def __init__(self) -> None:
         self.act_range: dict[str, float] = {}
+        self.total_steps: int | None = None
+
+    @property
+    def reference_bits(self) -> int | None:
+        """Bits of the static counterpart; ``None``: the widths the run starts with."""
+        return None
 
     # ------------------------------------------------------------------ events
+    def plan(self, total_steps: int) -> None:
+        """The run's length in optimizer steps (schedules over the whole run need it)."""
+        self.total_steps = int(total_steps)
+
     def on_train_begin(self, model: nn.Module, batch: torch.Tensor) -> None:
         calibrate(model, batch)
         self.follow_ranges(model)
 
     def on_batch_begin(self, step: int, model: nn.Module) -> None:
+        pass
+
+    def loss_terms(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def before_step(self, model: nn.Module) -> None:
         pass
 
     def on_batch_end(self, step: int, loss: float, model: nn.Module) -> None:
@@ -54,11 +77,11 @@ class Policy:
         pass
 
     # ------------------------------------------------------------------ helpers
-    def follow_ranges(self, model: nn.Module) -> None:
-        """Set every active quantizer's FL from its range (see module docstring)."""
+    def follow_ranges(self, model: nn.Module, roles: tuple[str, ...] = (WEIGHT, ACT)) -> None:
+        """Set the FL of every active quantizer with a role in ``roles`` from its range (see above)."""
         for (layer, role), q in quantizers(model).items():
             bits = int(q.bits)
-            if bits >= OFF_BITS:
+            if bits >= OFF_BITS or role not in roles:
                 continue
             m = float(q.amax)
             if role == ACT:
@@ -71,6 +94,9 @@ class Policy:
         return {"name": self.name, "act_range": dict(self.act_range)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a state of another policy raises ``ValueError``."""
+        if state.get("name") != self.name:
+            raise ValueError(f"policy state is for {state.get('name')!r}, this run uses {self.name!r}")
         self.act_range = dict(state.get("act_range", {}))
 
     def describe(self) -> dict[str, Any]:

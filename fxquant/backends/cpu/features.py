@@ -1,0 +1,110 @@
+"""Host CPU feature detection and the LLVM target a build uses.
+
+``/proc/cpuinfo`` flags decide which integer dot-product path the host can *run*:
+
+* ``avx512_vnni`` (with ``avx512bw``): ``vpdpbusd`` (u8 x s8 -> s32, 64 products per instruction);
+* ``avx2``: ``vpmaddwd`` (s16 x s16 -> s32 pairs, exact) and ``vpmaddubsw`` (u8 x s8 -> s16 pairs,
+  exact only while the pair sum fits int16: used for weights of 4 bits or fewer).
+
+``--mcpu`` picks the *code* that is generated: ``host`` (LLVM's name of this CPU), or a named CPU
+such as ``znver5`` (AVX-512 VNNI) or ``x86-64-v3`` (AVX2 + FMA). Any target can be compiled on
+any machine; running code for a CPU the host lacks dies with "Illegal instruction", so
+:func:`check_runnable` refuses it with a :class:`~fxquant.errors.ToolchainError` first.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fxquant.errors import ToolchainError, UsageError
+
+_CPUINFO = Path("/proc/cpuinfo")
+_MCPU_FEATURES: dict[str, frozenset[str]] = {
+    "x86-64-v3": frozenset({"avx2", "fma"}),
+    "znver3": frozenset({"avx2", "fma"}),
+    "znver4": frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}),
+    "znver5": frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}),
+    "skylake-avx512": frozenset({"avx2", "fma", "avx512f", "avx512bw"}),
+    "cascadelake": frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}),
+    "icelake-server": frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}),
+    "sapphirerapids": frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}),
+}
+SUPPORTED_MCPU = ("host",) + tuple(_MCPU_FEATURES)
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """What the host CPU is and which of the flags that matter here it has."""
+
+    model: str
+    flags: frozenset[str]
+    cores: int
+
+    @property
+    def has_avx2(self) -> bool:
+        return {"avx2", "fma"} <= self.flags
+
+    @property
+    def has_vnni(self) -> bool:
+        return {"avx512_vnni", "avx512bw", "avx512f"} <= self.flags
+
+    def to_dict(self) -> dict[str, Any]:
+        relevant = sorted(f for f in self.flags if f.startswith(("avx", "fma", "sse4", "amx")))
+        return {"model": self.model, "flags": relevant, "cores": self.cores}
+
+
+def host_cpu() -> CpuInfo:
+    """Parse ``/proc/cpuinfo`` (first processor); an empty flag set where it is unreadable."""
+    model, flags, cores = platform.processor() or "unknown", frozenset(), 0
+    if _CPUINFO.exists():
+        for line in _CPUINFO.read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model in ("unknown", platform.processor()):
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = frozenset(value.split())
+            elif key == "processor":
+                cores += 1
+    return CpuInfo(model=model, flags=flags, cores=max(cores, 1))
+
+
+@dataclass(frozen=True)
+class CpuTarget:
+    """The code a build generates: LLVM ``mcpu`` and whether the VNNI path is used."""
+
+    mcpu: str
+    vnni: bool
+
+    def tvm_target(self) -> dict[str, Any]:
+        return {"kind": "llvm", "mcpu": self.mcpu, "num-cores": host_cpu().cores}
+
+
+def resolve_target(mcpu: str = "host") -> CpuTarget:
+    """``host`` -> the host's LLVM CPU name and features; a named CPU -> its known features."""
+    if mcpu == "host":
+        info = host_cpu()
+        if not info.has_avx2:
+            raise ToolchainError(f"host CPU {info.model!r} has no AVX2 + FMA",
+                                 "the fxquant CPU kernels need at least x86-64-v3")
+        from tvm.target import codegen
+
+        return CpuTarget(mcpu=str(codegen.llvm_get_system_cpu()), vnni=info.has_vnni)
+    if mcpu not in _MCPU_FEATURES:
+        raise UsageError(f"--mcpu {mcpu!r} is not supported", f"use one of {', '.join(SUPPORTED_MCPU)}")
+    return CpuTarget(mcpu=mcpu, vnni="avx512_vnni" in _MCPU_FEATURES[mcpu])
+
+
+def check_runnable(target: CpuTarget) -> None:
+    """Raise :class:`ToolchainError` when code built for ``target`` would not run on this host."""
+    info = host_cpu()
+    needed = {"avx2", "fma"} | ({"avx512f", "avx512bw", "avx512_vnni"} if target.vnni else set())
+    needed |= _MCPU_FEATURES.get(target.mcpu, frozenset())
+    missing = sorted(needed - info.flags)
+    if missing:
+        raise ToolchainError(f"code for mcpu={target.mcpu} needs {', '.join(missing)}, which the host "
+                             f"CPU {info.model!r} lacks (it would die with 'Illegal instruction')",
+                             "build with --mcpu host or x86-64-v3 to run here, or run on a matching CPU")

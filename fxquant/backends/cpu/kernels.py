@@ -1,0 +1,451 @@
+"""TensorIR kernels (``call_tir``-able PrimFuncs, destination passing) for the integer ops.
+
+All activations are int8 (integers of up to 8 bits), NCHW or NC, with a symbolic batch ``n``.
+Every kernel ends with the requantize epilogue of :mod:`.epilogue` (shift, round half to even,
+saturate, ReLU, optional fused residual add), so its output is the integer tensor of the next
+value, bit-exact with :meth:`fxquant.integer_graph.IntegerGraph.run`.
+
+The kernels are written in low-level TIR with explicit vector types instead of a TensorIR
+schedule: every loop order, unroll and vector width is fixed by hand, and the inner products are
+the x86 instructions of :mod:`.intrinsics`.
+
+* :func:`conv2d` ``y[b,o,p] = sum_{c,kh,kw} x[b,c,h(p,kh),w(p,kw)] w[o,c,kh,kw] + bias[o]``.
+  Stage 1 packs the (zero-padded) input of one image as int16 *channel pairs* replicated per
+  ``kw`` -- ``xp[c/2, kw, row, ow, 2]`` -- so that for every ``(c/2, kh, kw)`` the 8 output columns
+  of a vector read 16 contiguous int16 (any stride/dilation). Stage 2 is a register-blocked
+  micro-kernel: ``RO`` output channels x ``RV`` vectors of 8 columns, ``RO*RV`` int32x8
+  accumulators, one ``vpmaddwd`` per (channel, vector) and (c/2, kh, kw) against a broadcast
+  weight pair. Batch 1 runs both stages in parallel over channel pairs / tiles; larger batches
+  run in parallel over images with a per-image pack buffer.
+* :func:`linear` ``y[b,o] = sum_k x[b,k] w[o,k] + bias[o]``: 8 outputs per vector, ``RO`` vectors
+  per tile; int8 weights via ``vpmaddwd`` (sign-extending loads), 4/2-bit packed weights via
+  ``vpmaddubsw`` on ``w + 2^(b-1)`` (unpacked in registers with shift+mask) minus
+  ``2^(b-1) sum_k x``, or AVX-512 VNNI ``vpdpbusd`` on ``x + 128``.
+* :func:`add` (residual add), :func:`requantize` (format change / standalone ReLU),
+  :func:`maxpool2d`, :func:`avgpool2d` (power-of-two windows): element-wise / window kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from fxquant.backends.cpu.epilogue import Requant, Residual, requantize, residual_add
+from fxquant.backends.cpu.intrinsics import broadcast_word, pmaddubsw, pmaddwd, vpdpbusd
+from fxquant.backends.cpu.packing import LINEAR_LANES, VNNI_LANES
+
+OPAQUE = 8
+"""relax ``op_pattern`` kOpaque: FuseOps must leave these kernels alone."""
+VEC = 8
+
+
+def _finish(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
+    return func.with_attr({"global_symbol": name, "tir.noalias": True, "op_pattern": OPAQUE,
+                           "fxquant.kernel": name})
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A conv2d without groups: input ``[n, C, H, W]``, weight ``[OC, C, KH, KW]``."""
+
+    channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
+        return ((self.height + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                (self.width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+    @property
+    def block(self) -> tuple[int, int]:
+        """Register tile ``(RO, RV)``: output channels x 8-column vectors, at most 8 accumulators."""
+        vectors = math.ceil(self.out_hw[1] / VEC)
+        rv = 2 if vectors % 2 == 0 else 1
+        ro = next(r for r in (8 // rv, 4, 2, 1) if self.out_channels % r == 0)
+        return ro, rv
+
+
+def conv2d(s: ConvShape, rq: Requant, residual: Residual | None = None, name: str = "fxq_conv2d") -> tirx.PrimFunc:
+    """int8 NCHW conv2d + bias + requantize (+ ReLU, + fused residual add)."""
+    C, H, W, OC = s.channels, s.height, s.width, s.out_channels
+    (KH, KW), (SH, SW), (PH, PW), (DH, DW) = s.kernel, s.stride, s.padding, s.dilation
+    OH, OW = s.out_hw
+    RO, RV = s.block
+    C2, OWV = (C + 1) // 2, math.ceil(OW / VEC)
+    OWP, HP = OWV * VEC, (OH - 1) * SH + (KH - 1) * DH + 1
+    OCB, VB = OC // RO, OWV // RV
+    PACK = C2 * KW * HP * OWP * 2
+    TILES = OH * OCB * VB
+    FULL = OW % VEC == 0
+    ZERO_BLOCK = 2 * VEC
+    has_res = residual is not None
+
+    def xp_index(c2, kw, row, ow):
+        return (((c2 * KW + kw) * HP + row) * OWP + ow) * 2
+
+    def epilogue(acc, bias, res, b, o, oh, ow0):
+        y = requantize(acc + T.broadcast(bias[o], VEC), rq, VEC)
+        if has_res:
+            r = T.Cast("int32x8", res[b, o, oh, T.ramp(ow0, 1, VEC)])
+            return T.Cast("int8x8", residual_add(y, r, residual, VEC))
+        return T.Cast("int8x8", y)
+
+    def epilogue_lane(y_lane, res, b, o, oh, ow):
+        if has_res:
+            return T.Cast("int8", residual_add(y_lane, T.Cast("int32", res[b, o, oh, ow]), residual, 1))
+        return T.Cast("int8", y_lane)
+
+    @T.macro
+    def pack_pair(x, b, c2, xp):
+        for i in range(KW * HP * OWP * 2 // ZERO_BLOCK):
+            for lane in T.vectorized(ZERO_BLOCK):
+                xp[c2 * KW * HP * OWP * 2 + i * ZERO_BLOCK + lane] = T.int16(0)
+        for kw, row in T.grid(KW, HP):
+            if T.And(row >= PH, row < H + PH):
+                for ow in range(T.max(PW - kw * DW + SW - 1, 0) // SW,
+                                T.min(OW, (W + PW - kw * DW + SW - 1) // SW)):
+                    for j in range(T.min(2, C - c2 * 2)):
+                        xp[xp_index(c2, kw, row, ow) + j] = T.Cast(
+                            "int16", x[b, c2 * 2 + j, row - PH, ow * SW + kw * DW - PW])
+
+    @T.macro
+    def tile(x, wp, bias, res, y, b, t, xp):
+        oh = T.meta_var(t // (OCB * VB))
+        ocb = T.meta_var(t // VB % OCB)
+        vb = T.meta_var(t % VB)
+        acc = T.decl_buffer((RO * RV,), "int32x8")
+        for i in T.unroll(RO * RV):
+            acc[i] = T.broadcast(T.int32(0), VEC)
+        for c2, kh, kw in T.grid(C2, KH, KW):
+            for o in T.unroll(RO):
+                for v in T.unroll(RV):
+                    acc[o * RV + v] = acc[o * RV + v] + pmaddwd(
+                        xp[T.ramp(xp_index(c2, kw, oh * SH + kh * DH, (vb * RV + v) * VEC), 1, 2 * VEC)],
+                        broadcast_word(wp[ocb, c2, kh, kw, o], VEC, "int16x16"))
+        for o in T.unroll(RO):
+            for v in T.unroll(RV):
+                if FULL:
+                    y[b, ocb * RO + o, oh, T.ramp((vb * RV + v) * VEC, 1, VEC)] = epilogue(
+                        acc[o * RV + v], bias, res, b, ocb * RO + o, oh, (vb * RV + v) * VEC)
+                else:
+                    part = T.decl_buffer((VEC,), "int32")
+                    part[T.ramp(0, 1, VEC)] = requantize(
+                        acc[o * RV + v] + T.broadcast(bias[ocb * RO + o], VEC), rq, VEC)
+                    for lane in range(VEC):
+                        if (vb * RV + v) * VEC + lane < OW:
+                            y[b, ocb * RO + o, oh, (vb * RV + v) * VEC + lane] = epilogue_lane(
+                                part[lane], res, b, ocb * RO + o, oh, (vb * RV + v) * VEC + lane)
+
+    @T.prim_func
+    def kernel(x_h: T.handle, wp_h: T.handle, bias_h: T.handle, res_h: T.handle, y_h: T.handle):
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, C, H, W), "int8")
+        wp = T.match_buffer(wp_h, (OCB, C2, KH, KW, RO), "int32")
+        bias = T.match_buffer(bias_h, (OC,), "int32")
+        res = T.match_buffer(res_h, (n, OC, OH, OW), "int8")
+        y = T.match_buffer(y_h, (n, OC, OH, OW), "int8")
+        if n == T.int64(1):
+            xp = T.decl_buffer((PACK,), "int16")
+            for c2 in T.parallel(C2):
+                pack_pair(x, 0, c2, xp)
+            for t in T.parallel(TILES):
+                tile(x, wp, bias, res, y, 0, t, xp)
+        else:
+            for b in T.parallel(n):
+                xp = T.decl_buffer((PACK,), "int16")
+                for c2 in range(C2):
+                    pack_pair(x, b, c2, xp)
+                for t in range(TILES):
+                    tile(x, wp, bias, res, y, b, t, xp)
+
+    @T.prim_func
+    def kernel_nores(x_h: T.handle, wp_h: T.handle, bias_h: T.handle, y_h: T.handle):
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, C, H, W), "int8")
+        wp = T.match_buffer(wp_h, (OCB, C2, KH, KW, RO), "int32")
+        bias = T.match_buffer(bias_h, (OC,), "int32")
+        y = T.match_buffer(y_h, (n, OC, OH, OW), "int8")
+        res = y
+        if n == T.int64(1):
+            xp = T.decl_buffer((PACK,), "int16")
+            for c2 in T.parallel(C2):
+                pack_pair(x, 0, c2, xp)
+            for t in T.parallel(TILES):
+                tile(x, wp, bias, res, y, 0, t, xp)
+        else:
+            for b in T.parallel(n):
+                xp = T.decl_buffer((PACK,), "int16")
+                for c2 in range(C2):
+                    pack_pair(x, b, c2, xp)
+                for t in range(TILES):
+                    tile(x, wp, bias, res, y, b, t, xp)
+
+    return _finish(kernel if has_res else kernel_nores, name)
+
+
+LINEAR_KINDS = ("int8", "int4", "int2", "vnni")
+
+
+def linear(in_features: int, out_features: int, rq: Requant, weight_kind: str = "int8",
+           name: str = "fxq_linear") -> tirx.PrimFunc:
+    """int8 ``[n, K] x [O, K]^T`` + bias + requantize (+ ReLU); weights packed per ``weight_kind``.
+
+    ``weight_kind``: ``int8`` (``vpmaddwd``), ``int4`` / ``int2`` (packed, ``vpmaddubsw``, the bias
+    input already holds ``bias``; the kernel subtracts ``2^(b-1) sum_k x``), ``vnni`` (``vpdpbusd``
+    on ``x + 128``; the bias input must hold ``bias - 128 rowsum(w)``).
+    """
+    K, O = in_features, out_features
+    lanes = VNNI_LANES if weight_kind == "vnni" else LINEAR_LANES
+    bits = {"int4": 4, "int2": 2}.get(weight_kind, 8)
+    per_byte = 8 // bits if bits < 8 else 1
+    k_step = {"int8": 2, "vnni": 4}.get(weight_kind, 4 * per_byte)
+    KP = math.ceil(K / k_step) * k_step
+    KS = KP // k_step
+    OB = math.ceil(O / lanes)
+    OP = OB * lanes
+    offset = (1 << (bits - 1)) if bits < 8 else 0
+    vdt, wdt = f"int32x{lanes}", ("uint8" if bits < 8 else "int8")
+    w_shape = {"int8": (OB, KS, 2 * lanes), "vnni": (OB, KS, 4 * lanes)}.get(weight_kind, (OB, KS, 32))
+    FULL = O % lanes == 0
+    XPAD = 128 if weight_kind == "vnni" else 0
+
+    def step(xs, wp, b, ob, k):
+        if weight_kind == "int8":
+            return pmaddwd(T.Cast("int16x16", wp[ob, k, T.ramp(0, 1, 16)]),
+                           broadcast_word(T.reinterpret("int32", T.Cast("int16x2", xs[b, T.ramp(k * 2, 1, 2)])),
+                                          8, "int16x16"))
+        if weight_kind == "vnni":
+            return broadcast_word(T.reinterpret("int32", xs[b, T.ramp(k * 4, 1, 4)]), 16, "int8x64")
+        v = wp[ob, k, T.ramp(0, 1, 32)]
+        pair_sums = pmaddubsw(v & T.broadcast(T.uint8((1 << bits) - 1), 32),
+                              broadcast_word(T.reinterpret("int32", xs[b, T.ramp(k * k_step, 1, 4)]), 8, "int8x32"))
+        for i in range(1, per_byte):
+            field = (v >> T.broadcast(T.uint8(bits * i), 32)) & T.broadcast(T.uint8((1 << bits) - 1), 32)
+            pair_sums = pair_sums + pmaddubsw(
+                field, broadcast_word(T.reinterpret("int32", xs[b, T.ramp(k * k_step + 4 * i, 1, 4)]), 8, "int8x32"))
+        return pmaddwd(pair_sums, T.broadcast(T.int16(1), 16))
+
+    def accumulate(acc, xs, wp, b, ob, k):
+        if weight_kind == "vnni":
+            return vpdpbusd(acc, step(xs, wp, b, ob, k), wp[ob, k, T.ramp(0, 1, 64)])
+        return acc + step(xs, wp, b, ob, k)
+
+    def make_tile(rb: int, ro: int):
+        @T.macro
+        def tile(xs, xsum, wp, bias, y, n, b0, ob0):
+            acc = T.decl_buffer((rb * ro,), vdt)
+            for i in T.unroll(rb * ro):
+                acc[i] = T.broadcast(T.int32(0), lanes)
+            for k in range(KS):
+                for r in T.unroll(rb):
+                    for o in T.unroll(ro):
+                        acc[r * ro + o] = accumulate(acc[r * ro + o], xs, wp, T.min(b0 + r, n - 1),
+                                                     T.min(ob0 + o, OB - 1), k)
+            for r in T.unroll(rb):
+                for o in T.unroll(ro):
+                    if T.And(b0 + r < n, ob0 + o < OB):
+                        part = T.decl_buffer((lanes,), "int32")
+                        part[T.ramp(0, 1, lanes)] = requantize(
+                            acc[r * ro + o] + bias[T.ramp((ob0 + o) * lanes, 1, lanes)]
+                            - T.broadcast(xsum[b0 + r] * offset, lanes), rq, lanes)
+                        if FULL:
+                            y[b0 + r, T.ramp((ob0 + o) * lanes, 1, lanes)] = T.Cast(f"int8x{lanes}",
+                                                                                  part[T.ramp(0, 1, lanes)])
+                        else:
+                            for lane in range(lanes):
+                                if (ob0 + o) * lanes + lane < O:
+                                    y[b0 + r, (ob0 + o) * lanes + lane] = T.Cast("int8", part[lane])
+        return tile
+
+    RO1 = 4
+    RB, RO = 4, (2 if lanes == LINEAR_LANES else 1)
+    tile_one, tile_many = make_tile(1, RO1), make_tile(RB, RO)
+    XDT = "uint8" if weight_kind == "vnni" else "int8"
+
+    @T.prim_func
+    def kernel(x_h: T.handle, wp_h: T.handle, bias_h: T.handle, y_h: T.handle):
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, K), "int8")
+        wp = T.match_buffer(wp_h, w_shape, wdt)
+        bias = T.match_buffer(bias_h, (OP,), "int32")
+        y = T.match_buffer(y_h, (n, O), "int8")
+        xs = T.decl_buffer((n, KP), XDT)
+        xsum = T.decl_buffer((n,), "int32")
+        for b in T.parallel(n):
+            xsum[b] = 0
+            for k in range(KP):
+                xs[b, k] = T.if_then_else(k < K, T.Cast(XDT, T.Cast("int32", x[b, T.min(k, K - 1)]) + XPAD),
+                                          T.Cast(XDT, 0))
+                xsum[b] = xsum[b] + T.if_then_else(k < K, T.Cast("int32", x[b, T.min(k, K - 1)]), 0)
+        n32 = T.meta_var(T.Cast("int32", n))
+        if n == T.int64(1):
+            for t in T.parallel((OB + RO1 - 1) // RO1):
+                tile_one(xs, xsum, wp, bias, y, n32, 0, t * RO1)
+        else:
+            for t in T.parallel((n32 + RB - 1) // RB * ((OB + RO - 1) // RO)):
+                tile_many(xs, xsum, wp, bias, y, n32, t // ((OB + RO - 1) // RO) * RB,
+                          t % ((OB + RO - 1) // RO) * RO)
+
+    return _finish(kernel, name)
+
+
+def eltwise(shape: tuple[int, ...], lefts: tuple[int, ...], rq: Requant, name: str = "fxq_eltwise") -> tirx.PrimFunc:
+    """``y = requantize(sum_i x_i << lefts[i])`` over int8 tensors ``[n, *shape]``.
+
+    Two inputs: the residual add (inputs aligned to ``max(FL_a, FL_b)``); one input: a format
+    change or a standalone ReLU (``lefts = (0,)``, ``rq.shift = FL_out - FL_in``).
+    """
+    M = math.prod(shape)
+    full = (None,) + tuple(shape)
+    lanes = VEC if M % VEC == 0 else 1
+    vt = f"int32x{lanes}" if lanes > 1 else "int32"
+    it = f"int8x{lanes}" if lanes > 1 else "int8"
+
+    def load(buf, i):
+        return T.Cast(vt, buf[T.ramp(i, 1, lanes)] if lanes > 1 else buf[i])
+
+    def total(bufs, i):
+        expr = load(bufs[0], i) << (T.broadcast(T.int32(lefts[0]), lanes) if lanes > 1 else T.int32(lefts[0]))
+        for buf, left in zip(bufs[1:], lefts[1:]):
+            expr = expr + (load(buf, i) << (T.broadcast(T.int32(left), lanes) if lanes > 1 else T.int32(left)))
+        return T.Cast(it, requantize(expr, rq, lanes))
+
+    def store_index(i):
+        return T.ramp(i, 1, lanes) if lanes > 1 else i
+
+    if len(lefts) == 2:
+        @T.prim_func
+        def kernel(a_h: T.handle, b_h: T.handle, y_h: T.handle):
+            n = T.int64()
+            a = T.match_buffer(a_h, (n,) + full[1:], "int8")
+            b = T.match_buffer(b_h, (n,) + full[1:], "int8")
+            y = T.match_buffer(y_h, (n,) + full[1:], "int8")
+            af = T.decl_buffer((n * M,), "int8", data=a.data)
+            bf = T.decl_buffer((n * M,), "int8", data=b.data)
+            yf = T.decl_buffer((n * M,), "int8", data=y.data)
+            for i in T.parallel(n * M // lanes):
+                yf[store_index(i * lanes)] = total((af, bf), i * lanes)
+    else:
+        @T.prim_func
+        def kernel(a_h: T.handle, y_h: T.handle):
+            n = T.int64()
+            a = T.match_buffer(a_h, (n,) + full[1:], "int8")
+            y = T.match_buffer(y_h, (n,) + full[1:], "int8")
+            af = T.decl_buffer((n * M,), "int8", data=a.data)
+            yf = T.decl_buffer((n * M,), "int8", data=y.data)
+            for i in T.parallel(n * M // lanes):
+                yf[store_index(i * lanes)] = total((af,), i * lanes)
+    return _finish(kernel, name)
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    """A 2-D pooling window over int8 ``[n, C, H, W]``."""
+
+    channels: int
+    height: int
+    width: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] = (0, 0)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        return (self.height + 2 * ph - kh) // sh + 1, (self.width + 2 * pw - kw) // sw + 1
+
+
+def pool2d(s: PoolShape, rq: Requant | None, name: str = "fxq_pool2d") -> tirx.PrimFunc:
+    """Max pooling (``rq is None``; padding never wins) or window sum + requantize (average)."""
+    C, H, W = s.channels, s.height, s.width
+    (KH, KW), (SH, SW), (PH, PW) = s.kernel, s.stride, s.padding
+    OH, OW = s.out_hw
+    is_max = rq is None
+
+    def inside(oh, ow, kh, kw):
+        return T.And(T.And(oh * SH + kh >= PH, oh * SH + kh < H + PH),
+                     T.And(ow * SW + kw >= PW, ow * SW + kw < W + PW))
+
+    def element(x, b, c, oh, ow, kh, kw):
+        return T.Cast("int32", x[b, c, T.max(T.min(oh * SH + kh - PH, H - 1), 0),
+                                 T.max(T.min(ow * SW + kw - PW, W - 1), 0)])
+
+    def finish(v):
+        return T.Cast("int8", v if is_max else requantize(v, rq, 1))
+
+    @T.prim_func
+    def kernel(x_h: T.handle, y_h: T.handle):
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, C, H, W), "int8")
+        y = T.match_buffer(y_h, (n, C, OH, OW), "int8")
+        for bc in T.parallel(n * C):
+            for oh, ow in T.grid(OH, OW):
+                acc = T.decl_buffer((1,), "int32")
+                acc[0] = -128 if is_max else 0
+                for kh, kw in T.grid(KH, KW):
+                    if inside(oh, ow, kh, kw):
+                        acc[0] = (T.max(acc[0], element(x, bc // C, bc % C, oh, ow, kh, kw)) if is_max
+                                  else acc[0] + element(x, bc // C, bc % C, oh, ow, kh, kw))
+                y[bc // C, bc % C, oh, ow] = finish(acc[0])
+
+    return _finish(kernel, name)
+
+
+def quantize_input(shape: tuple[int, ...], frac_bits: int, bits: int, name: str = "fxq_quantize") -> tirx.PrimFunc:
+    """float32 ``[n, *shape]`` -> int8 ``clamp(round_half_even(x * 2^FL), -2^(BW-1), 2^(BW-1)-1)``.
+
+    ``x * 2^FL`` is exact in float32 (a power-of-two scale; overflow saturates through the clamp)
+    and ``nearbyint`` rounds half to even, as :func:`fxquant.fixed_point.quantize_int` does for
+    the same float32 values.
+    """
+    M = math.prod(shape)
+    lanes = VEC if M % VEC == 0 else 1
+    scale, lo, hi = math.ldexp(1.0, frac_bits), -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    ft = f"float32x{lanes}" if lanes > 1 else "float32"
+
+    def const(v: float) -> tirx.PrimExpr:
+        return T.broadcast(T.float32(v), lanes) if lanes > 1 else T.float32(v)
+
+    def index(i):
+        return T.ramp(i, 1, lanes) if lanes > 1 else i
+
+    @T.prim_func
+    def kernel(x_h: T.handle, y_h: T.handle):
+        n = T.int64()
+        x = T.match_buffer(x_h, (n,) + tuple(shape), "float32")
+        y = T.match_buffer(y_h, (n,) + tuple(shape), "int8")
+        xf = T.decl_buffer((n * M,), "float32", data=x.data)
+        yf = T.decl_buffer((n * M,), "int8", data=y.data)
+        for i in T.parallel(n * M // lanes):
+            yf[index(i * lanes)] = T.Cast(f"int8x{lanes}" if lanes > 1 else "int8", T.max(T.min(
+                T.nearbyint(xf[index(i * lanes)] * const(scale)), const(hi)), const(lo)))
+
+    return _finish(kernel, name)
+
+
+def dequantize_output(shape: tuple[int, ...], frac_bits: int, name: str = "fxq_dequantize") -> tirx.PrimFunc:
+    """int8 ``[n, *shape]`` -> float32 ``k * 2^-FL`` (exact)."""
+    M = math.prod(shape)
+    scale = math.ldexp(1.0, -frac_bits)
+
+    @T.prim_func
+    def kernel(x_h: T.handle, y_h: T.handle):
+        n = T.int64()
+        x = T.match_buffer(x_h, (n,) + tuple(shape), "int8")
+        y = T.match_buffer(y_h, (n,) + tuple(shape), "float32")
+        xf = T.decl_buffer((n * M,), "int8", data=x.data)
+        yf = T.decl_buffer((n * M,), "float32", data=y.data)
+        for i in T.parallel(n * M):
+            yf[i] = T.Cast("float32", xf[i]) * T.float32(scale)
+
+    return _finish(kernel, name)

@@ -1,0 +1,83 @@
+"""Weight layouts of the kernels (numpy, done once at build time).
+
+* Conv, 8-bit path (:func:`pack_conv_weight`): ``w[OC, C, KH, KW]`` -> int32
+  ``[OC/RO, ceil(C/2), KH, KW, RO]``; each int32 holds the int16 pair ``(w[o, 2c], w[o, 2c+1])``
+  (low half first, little endian), so one broadcast word feeds ``vpmaddwd`` against an
+  activation vector interleaved by channel pairs.
+* Linear, 8-bit path: int8 ``[ceil(O/8), ceil(K/2), 8, 2]`` (sign-extended to int16 on load).
+* Linear, packed path for weights of ``b <= 4`` bits: unsigned ``u = w + 2^(b-1)`` in
+  ``[0, 2^b)``, laid out ``[ceil(O/8), K/4, 8, 4]`` for ``vpmaddubsw``; ``8/b`` consecutive
+  k-quads share one 32-byte block, field ``i`` of byte ``j`` (bits ``b*i .. b*i+b-1``) holding
+  quad ``i``. The kernel subtracts ``2^(b-1) * sum_k x[k]``.
+* Linear, VNNI path: int8 ``[ceil(O/16), K/4, 16, 4]``; activations get ``+128`` (unsigned) and
+  the bias absorbs ``-128 * rowsum(w)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fxquant.errors import UnsupportedOpError
+from fxquant.fixed_point import saturate
+
+LINEAR_LANES = 8
+VNNI_LANES = 16
+
+
+def _pad_to(a: np.ndarray, axis: int, multiple: int) -> np.ndarray:
+    extra = -a.shape[axis] % multiple
+    if not extra:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, extra)
+    return np.pad(a, widths)
+
+
+def _int16_pairs(w: np.ndarray, axis: int) -> np.ndarray:
+    """Pairs along ``axis`` (padded to even) fused into int32 words, the pair index last-but-none."""
+    w = np.moveaxis(_pad_to(w.astype(np.int16), axis, 2), axis, -1)
+    return np.ascontiguousarray(w).view(np.int32)
+
+
+def pack_conv_weight(w: np.ndarray, ro: int) -> np.ndarray:
+    """``[OC, C, KH, KW]`` int -> int32 ``[OC/ro, ceil(C/2), KH, KW, ro]`` channel-pair words."""
+    oc, c, kh, kw = w.shape
+    pairs = _int16_pairs(w.transpose(0, 2, 3, 1), axis=3).reshape(oc, kh, kw, (c + 1) // 2)
+    return np.ascontiguousarray(pairs.reshape(oc // ro, ro, kh, kw, -1).transpose(0, 4, 2, 3, 1))
+
+
+def pack_linear_weight(w: np.ndarray) -> np.ndarray:
+    """``[O, K]`` int8 values -> int8 ``[ceil(O/8), ceil(K/2), 8 * 2]``."""
+    w = _pad_to(_pad_to(w.astype(np.int8), 0, LINEAR_LANES), 1, 2)
+    o, k = w.shape
+    blocks = w.reshape(o // LINEAR_LANES, LINEAR_LANES, k // 2, 2).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(blocks).reshape(o // LINEAR_LANES, k // 2, 2 * LINEAR_LANES)
+
+
+def pack_linear_weight_lowbit(w: np.ndarray, bits: int) -> np.ndarray:
+    """``[O, K]`` values of ``bits <= 4`` -> uint8 ``[ceil(O/8), K/(4*per_byte), 32]``."""
+    if bits not in (2, 4):
+        raise UnsupportedOpError(f"packed weights of {bits} bits", "use 2 or 4 (8 uses the int8 path)")
+    per_byte = 8 // bits
+    u = (saturate(w, bits) + (1 << (bits - 1))).astype(np.uint8)
+    u = _pad_to(_pad_to(u, 0, LINEAR_LANES), 1, 4 * per_byte)
+    o, k = u.shape
+    quads = u.reshape(o // LINEAR_LANES, LINEAR_LANES, k // 4, 4).transpose(0, 2, 1, 3)  # [Ob, K4, 8, 4]
+    quads = quads.reshape(o // LINEAR_LANES, k // (4 * per_byte), per_byte, 32)
+    packed = np.zeros(quads.shape[:2] + (32,), np.uint8)
+    for i in range(per_byte):
+        packed |= quads[:, :, i, :] << np.uint8(bits * i)
+    return packed
+
+
+def pack_linear_weight_vnni(w: np.ndarray) -> np.ndarray:
+    """``[O, K]`` int8 values -> int8 ``[ceil(O/16), ceil(K/4), 16 * 4]``."""
+    w = _pad_to(_pad_to(w.astype(np.int8), 0, VNNI_LANES), 1, 4)
+    o, k = w.shape
+    blocks = w.reshape(o // VNNI_LANES, VNNI_LANES, k // 4, 4).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(blocks).reshape(o // VNNI_LANES, k // 4, 4 * VNNI_LANES)
+
+
+def pad_bias(bias: np.ndarray | None, out_features: int, multiple: int) -> np.ndarray:
+    b = np.zeros(out_features, np.int64) if bias is None else np.asarray(bias, np.int64)
+    return _pad_to(b, 0, multiple).astype(np.int32)

@@ -1,0 +1,141 @@
+"""IntegerGraph -> Relax in QDQ form: the same shape of IR ``relax.frontend.onnx.from_onnx`` gives
+for a QDQ ONNX model, so :class:`~.rewrite_quantized_ops.RewriteQuantizedOps` serves both entries.
+
+``main`` takes the float32 model inputs (quantized by ``R.quantize`` [+ clip], as ONNX's input
+QuantizeLinear) and returns the int8 output integers. Every integer value is an int8 tensor with
+a symbolic batch ``n``; a value of format ``<BW,FL>`` is
+read by ``R.dequantize(v, 2^-FL, 0)`` and written by ``R.quantize(y, 2^-FL, 0)`` (plus
+``R.clip(., -2^(BW-1), 2^(BW-1)-1)`` when ``BW < 8``). Per op (as the ONNX importer emits it):
+
+* conv2d: ``Q([relu](conv2d(DQ(x), DQ(W)) + reshape(DQ(b), [1,O,1,1])))``
+* linear: ``Q([relu](matmul(DQ(x), permute_dims(DQ(W))) + DQ(b)))``
+* add: ``Q([relu](DQ(a) + DQ(b)))``; avgpool2d: ``Q(avg_pool2d(DQ(x)))``;
+  requantize / standalone relu: ``Q([relu](DQ(x)))``
+* maxpool2d: ``Q(max_pool2d(DQ(x)))`` with the input scale; flatten: ``reshape`` on the int8 tensor.
+
+Biases are int32 constants at ``FL_w + FL_in``. Activations wider than 8 bits, ``matmul`` of two
+activations, ``cat`` and grouped convolutions raise :class:`~fxquant.errors.UnsupportedOpError`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tvm import relax, tirx
+
+from fxquant.errors import UnsupportedOpError
+from fxquant.fixed_point import FixedPoint
+from fxquant.integer_graph import IntegerGraph, Op
+
+ACT_DTYPE = "int8"
+MAX_ACT_BITS = 8
+
+
+def _scale(frac_bits: int) -> relax.Constant:
+    return relax.const(math.ldexp(1.0, -frac_bits), "float32")
+
+
+def _check(graph: IntegerGraph) -> None:
+    for op in graph.ops:
+        if op.kind in ("matmul", "cat"):
+            raise UnsupportedOpError(f"op {op.name!r}: kind {op.kind!r} has no fxquant CPU kernel",
+                                     "supported: conv2d, linear, add, avgpool2d, maxpool2d, relu, flatten, requantize")
+        if op.kind == "conv2d" and op.attrs.get("groups", 1) != 1:
+            raise UnsupportedOpError(f"op {op.name!r}: grouped conv2d (groups={op.attrs['groups']})",
+                                     "the CPU backend supports groups=1 only")
+    for v in graph.values.values():
+        if v.fmt.bits > MAX_ACT_BITS:
+            raise UnsupportedOpError(f"value {v.name!r}: {v.fmt} activations are wider than 8 bits",
+                                     "the CPU backend stores activations as int8; use BW <= 8")
+
+
+class _Emitter:
+    def __init__(self, graph: IntegerGraph, bb: relax.BlockBuilder, batch: tirx.Var) -> None:
+        self.graph, self.bb, self.batch = graph, bb, batch
+        self.env: dict[str, relax.Expr] = {}
+
+    def fmt(self, name: str) -> FixedPoint:
+        return self.graph.value(name).fmt
+
+    def dq(self, name: str) -> relax.Expr:
+        fl = self.fmt(name).frac_bits
+        assert fl is not None
+        return self.bb.emit(relax.op.dequantize(self.env[name], _scale(fl), relax.const(0, ACT_DTYPE), axis=1))
+
+    def q(self, y: relax.Expr, op: Op) -> relax.Expr:
+        fmt = op.out_fmt
+        assert fmt.frac_bits is not None
+        if op.attrs.get("relu"):
+            y = self.bb.emit(relax.op.nn.relu(y))
+        out = self.bb.emit(relax.op.quantize(y, _scale(fmt.frac_bits), relax.const(0, ACT_DTYPE), axis=1,
+                                             out_dtype=ACT_DTYPE))
+        if fmt.bits < MAX_ACT_BITS:
+            out = self.bb.emit(relax.op.clip(out, relax.prim_value(fmt.qmin), relax.prim_value(fmt.qmax)))
+        return out
+
+    def weight(self, op: Op) -> relax.Expr:
+        assert op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None
+        return self.bb.emit(relax.op.dequantize(relax.const(op.weight.astype(np.int8)), _scale(op.weight_fmt.frac_bits),
+                                                relax.const(0, ACT_DTYPE), axis=0))
+
+    def bias(self, op: Op, in_name: str) -> relax.Expr | None:
+        if op.bias is None:
+            return None
+        assert op.weight_fmt is not None and op.weight_fmt.frac_bits is not None
+        fl = self.fmt(in_name).frac_bits + op.weight_fmt.frac_bits
+        return self.bb.emit(relax.op.dequantize(relax.const(op.bias.astype(np.int32)), _scale(fl),
+                                                relax.const(0, "int32"), axis=0))
+
+    def emit(self, op: Op) -> relax.Expr:
+        bb, x = self.bb, op.inputs[0]
+        if op.kind == "conv2d":
+            y = bb.emit(relax.op.nn.conv2d(self.dq(x), self.weight(op), strides=op.attrs.get("stride", (1, 1)),
+                                           padding=op.attrs.get("padding", (0, 0)),
+                                           dilation=op.attrs.get("dilation", (1, 1))))
+            b = self.bias(op, x)
+            if b is not None:
+                y = bb.emit(relax.op.add(y, bb.emit(relax.op.reshape(b, (1, -1, 1, 1)))))
+            return self.q(y, op)
+        if op.kind == "linear":
+            y = bb.emit(relax.op.matmul(self.dq(x), bb.emit(relax.op.permute_dims(self.weight(op), [1, 0]))))
+            b = self.bias(op, x)
+            return self.q(bb.emit(relax.op.add(y, b)) if b is not None else y, op)
+        if op.kind == "add":
+            return self.q(bb.emit(relax.op.add(self.dq(op.inputs[0]), self.dq(op.inputs[1]))), op)
+        if op.kind == "avgpool2d":
+            kernel = tuple(op.attrs["kernel"])
+            return self.q(bb.emit(relax.op.nn.avg_pool2d(self.dq(x), kernel, op.attrs.get("stride", kernel),
+                                                         op.attrs.get("padding", (0, 0)))), op)
+        if op.kind == "maxpool2d":
+            kernel = tuple(op.attrs["kernel"])
+            pooled = bb.emit(relax.op.nn.max_pool2d(self.dq(x), kernel, op.attrs.get("stride", kernel),
+                                                    op.attrs.get("padding", (0, 0))))
+            return self.q(pooled, Op(op.name, "requantize", op.inputs, op.output, self.fmt(x)))
+        if op.kind in ("relu", "requantize"):
+            out_fmt = self.fmt(x) if op.kind == "relu" else op.out_fmt
+            return self.q(self.dq(x), Op(op.name, "requantize", op.inputs, op.output, out_fmt,
+                                         attrs={"relu": op.kind == "relu" or op.attrs.get("relu", False)}))
+        if op.kind == "flatten":
+            return bb.emit(relax.op.reshape(self.env[x], (self.batch, -1)))
+        raise UnsupportedOpError(f"op {op.name!r}: kind {op.kind!r} has no fxquant CPU kernel")
+
+
+def graph_to_relax(graph: IntegerGraph) -> "tvm.IRModule":  # noqa: F821
+    """The QDQ-form Relax module ``main(*float32 inputs) -> int8 output integers`` of ``graph``."""
+    _check(graph)
+    batch = tirx.Var("n", "int64")
+    bb = relax.BlockBuilder()
+    params = [relax.Var(v.name, relax.TensorType((batch,) + tuple(v.shape), "float32")) for v in graph.inputs]
+    with bb.function("main", params):
+        with bb.dataflow():
+            emitter = _Emitter(graph, bb, batch)
+            for v, p in zip(graph.inputs, params):
+                emitter.env[v.name] = emitter.q(p, Op(v.name, "requantize", (v.name,), v.name, v.fmt))
+            for op in graph.ops:
+                emitter.env[op.output] = emitter.emit(op)
+            outs = [emitter.env[name] for name in graph.outputs]
+            result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
+        bb.emit_func_output(result)
+    return bb.get()
+

@@ -1,0 +1,364 @@
+"""Write a self-contained Vitis HLS C++ project for an :class:`~fxquant.integer_graph.IntegerGraph`.
+
+Runs after :func:`.plan.plan_graph` (which checks and sizes the graph). Like hls4ml, the generated
+C++ holds only configuration and calls: every piece of math lives in the fixed, hand-written
+headers under ``templates/`` (copied to ``firmware/nnet_utils/``). Project layout::
+
+    firmware/defines.h        one ap_int<BW> typedef per value (comment: <BW,FL>, ap_fixed twin)
+    firmware/parameters.h     one config struct per layer (shapes, accumulator width, shift, reuse)
+    firmware/weights/*.h      weights and int32 biases as raw integer arrays
+    firmware/fxq_model.{h,cpp} the top function fxq_model (HLS pragmas) + fxq_model_raw host helper
+    firmware/nnet_utils/      the fxq_*.h library
+    bridge.cpp                extern "C" fxq_run_batch for Python (ctypes)
+    tb/fxq_tb.cpp, tb_data/   testbench with golden input/output vectors from IntegerGraph.run
+    build_prj.tcl             Vitis HLS csim / csynth / cosim
+    Makefile                  the g++ C-simulation build that :mod:`.csim` runs
+
+A value ``<BW,FL>`` is an ``ap_int<BW>`` holding its integer; the requantize semantics (round
+half to even, saturate) are stated in ``templates/fxq_common.h`` and ``docs/number_format.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from fxquant.errors import ExportError, UsageError
+from fxquant.fixed_point import FixedPoint
+from fxquant.integer_graph import IntegerGraph
+
+from .plan import LayerPlan, ModelPlan, check_int_inputs, plan_graph
+
+TOP = "fxq_model"
+TEMPLATES = Path(__file__).parent / "templates"
+IO_MODES = ("parallel", "stream")
+GOLDEN_SAMPLES = 16
+"""Random golden vectors written when ``generate_project`` gets no ``test_inputs``."""
+CXX_STD = "-std=c++14"
+KERNEL_HEADERS = {"conv2d": "fxq_conv2d.h", "linear": "fxq_dense.h", "maxpool2d": "fxq_pool.h",
+                  "avgpool2d": "fxq_pool.h", "relu": "fxq_activation.h", "requantize": "fxq_activation.h",
+                  "add": "fxq_merge.h", "cat": "fxq_merge.h", "flatten": "fxq_common.h"}
+
+
+def raw_ctype(bits: int) -> str:
+    """The smallest C integer type that stores a raw ``bits``-bit weight (``bits <= 16``)."""
+    return "int8_t" if bits <= 8 else "int16_t"
+
+
+def value_type(name: str, plan: ModelPlan) -> str:
+    return "input_t" if name == plan.input.name else f"{_value_ident(name, plan)}_t"
+
+
+def _value_ident(name: str, plan: ModelPlan) -> str:
+    for layer in plan.layers:
+        if layer.output.name == name:
+            return layer.ident
+    raise ExportError(f"value {name!r} has no producer in the graph")
+
+
+def _array(name: str, plan: ModelPlan) -> str:
+    return "in" if name == plan.input.name else f"{_value_ident(name, plan)}_out"
+
+
+def _fmt_comment(fmt: FixedPoint) -> str:
+    return f"{fmt} == ap_fixed<{fmt.bits},{fmt.bits - fmt.frac_bits},AP_RND_CONV,AP_SAT>"
+
+
+def _check_options(part: str, clock_ns: float, reuse: int, io: str) -> None:
+    if io not in IO_MODES:
+        raise UsageError(f"io={io!r} is not an FPGA io mode", f"use one of {', '.join(IO_MODES)}")
+    if isinstance(reuse, bool) or not isinstance(reuse, int) or reuse < 1:
+        raise UsageError(f"reuse={reuse!r} must be an integer >= 1")
+    if not clock_ns > 0:
+        raise UsageError(f"clock_ns={clock_ns!r} must be positive")
+    if not part or any(c.isspace() for c in part):
+        raise UsageError(f"part={part!r} is not an FPGA part name", "e.g. xcu250-figd2104-2L-e")
+
+
+def _int_lines(values: Iterable[int], per_line: int = 24) -> str:
+    vals = [str(int(v)) for v in values]
+    return ",\n".join("    " + ", ".join(vals[i:i + per_line]) for i in range(0, len(vals), per_line))
+
+
+def _config(layer: LayerPlan, plan: ModelPlan, reuse: int) -> str:
+    op, out = layer.op, layer.output
+    types = [("out_t", value_type(out.name, plan))]
+    if op.kind in ("add", "cat"):
+        types += [("in0_t", value_type(op.inputs[0], plan)), ("in1_t", value_type(op.inputs[1], plan))]
+    else:
+        types.append(("in_t", value_type(op.inputs[0], plan)))
+    consts: list[tuple[str, str, object]] = []
+    if op.kind == "cat":
+        consts += [("int", "out_bits", out.fmt.bits), ("bool", "relu", bool(op.attrs.get("relu")))]
+    elif op.kind not in ("relu", "flatten", "maxpool2d"):
+        types.append(("accum_t", f"ap_int<{layer.acc_bits}>"))
+        consts += [("int", "out_bits", out.fmt.bits), ("int", "shift", layer.shift),
+                   ("bool", "relu", bool(op.attrs.get("relu")))]
+    if op.kind in ("conv2d", "linear"):
+        assert op.weight_fmt is not None and op.weight is not None  # checked by plan_graph
+        types += [("weight_t", f"ap_int<{op.weight_fmt.bits}>"),
+                  ("weight_raw_t", raw_ctype(op.weight_fmt.bits)), ("bias_raw_t", "int32_t")]
+        consts += [("bool", "has_bias", op.bias is not None),
+                   ("unsigned", "n_bias", op.weight.shape[0] if op.bias is not None else 1),
+                   ("unsigned", "reuse_factor", reuse), ("unsigned", "n_mult", math.ceil(layer.mults / reuse))]
+    if op.kind == "linear":
+        consts += [("unsigned", "n_in", op.weight.shape[1]), ("unsigned", "n_out", op.weight.shape[0])]
+    elif op.kind in ("conv2d", "maxpool2d", "avgpool2d"):
+        c, h, w = layer.inputs[0].shape
+        _, oh, ow = out.shape
+        consts += [("unsigned", "in_c", c), ("unsigned", "in_h", h), ("unsigned", "in_w", w),
+                   ("unsigned", "out_h", oh), ("unsigned", "out_w", ow)]
+        if op.kind == "conv2d":
+            kh, kw = op.weight.shape[2:]
+            stride, pad = op.attrs.get("stride", (1, 1)), op.attrs.get("padding", (0, 0))
+            dil = op.attrs.get("dilation", (1, 1))
+            consts += [("unsigned", "out_c", op.weight.shape[0]), ("unsigned", "groups", op.attrs.get("groups", 1)),
+                       ("unsigned", "dil_h", dil[0]), ("unsigned", "dil_w", dil[1])]
+        else:
+            kh, kw = op.attrs["kernel"]
+            stride, pad = op.attrs.get("stride", (kh, kw)), op.attrs.get("padding", (0, 0))
+            consts.append(("int", "in_bits", layer.inputs[0].fmt.bits))
+        consts += [("unsigned", "k_h", kh), ("unsigned", "k_w", kw), ("unsigned", "stride_h", stride[0]),
+                   ("unsigned", "stride_w", stride[1]), ("unsigned", "pad_h", pad[0]), ("unsigned", "pad_w", pad[1])]
+    elif op.kind == "cat":
+        consts += [("unsigned", "n0", math.prod(layer.inputs[0].shape)),
+                   ("unsigned", "n1", math.prod(layer.inputs[1].shape))]
+    else:
+        consts.append(("unsigned", "n", layer.out_size))
+    if op.kind in ("add", "cat"):
+        consts += [("int", "shift0", layer.in_shifts[0]), ("int", "shift1", layer.in_shifts[1])]
+    math_line = (f"accumulator ap_int<{layer.acc_bits}> on FL {layer.acc_frac_bits}, output {out.fmt}"
+                 if any(n == "accum_t" for n, _ in types) else f"integers pass through, format {out.fmt}")
+    lines = [f"// {op.name} ({op.kind}): {math_line}", f"struct config_{layer.ident} {{"]
+    lines += [f"    typedef {t} {n};" for n, t in types]
+    lines += [f"    static const {ct} {n} = {str(v).lower() if isinstance(v, bool) else v};" for ct, n, v in consts]
+    return "\n".join(lines + ["};"])
+
+
+def _weights_header(layer: LayerPlan) -> str:
+    op = layer.op
+    assert op.weight is not None and op.weight_fmt is not None  # checked by plan_graph
+    bias = op.bias if op.bias is not None else np.zeros(1, dtype=np.int64)
+    guard = f"FXQ_W_{layer.ident.upper()}_H_"
+    return (f"// {op.name}: weight {op.weight_fmt} shape {tuple(op.weight.shape)}; bias int32 on FL "
+            f"{layer.acc_frac_bits}{'' if op.bias is not None else ' (none: one unused zero)'}\n"
+            f"#ifndef {guard}\n#define {guard}\n#include <cstdint>\n"
+            f"static const {raw_ctype(op.weight_fmt.bits)} w_{layer.ident}[{op.weight.size}] = {{\n"
+            f"{_int_lines(op.weight.ravel())}\n}};\n"
+            f"static const int32_t b_{layer.ident}[{bias.size}] = {{\n{_int_lines(bias.ravel())}\n}};\n#endif\n")
+
+
+def _call(layer: LayerPlan, plan: ModelPlan) -> str:
+    ins = [_array(i, plan) for i in layer.op.inputs]
+    out = f"{layer.ident}_out"
+    cfg = f"config_{layer.ident}"
+    kind = layer.kind
+    if kind in ("conv2d", "linear"):
+        fn = "conv2d" if kind == "conv2d" else "dense"
+        return f"fxq::{fn}<{cfg}>({ins[0]}, {out}, w_{layer.ident}, b_{layer.ident});"
+    if kind == "flatten":
+        t_in = value_type(layer.op.inputs[0], plan)
+        return f"fxq::copy<{t_in}, {value_type(layer.output.name, plan)}, {layer.out_size}>({ins[0]}, {out});"
+    fn = "requantize_layer" if kind == "requantize" else kind
+    return f"fxq::{fn}<{cfg}>({', '.join(ins)}, {out});"
+
+
+def _partition(var: str, size: int, reuse: int) -> str:
+    if reuse == 1:
+        return f"#pragma HLS ARRAY_PARTITION variable = {var} complete"
+    return f"#pragma HLS ARRAY_PARTITION variable = {var} cyclic factor = {math.ceil(size / reuse)}"
+
+
+def _top_cpp(plan: ModelPlan, reuse: int, io: str) -> str:
+    last = _array(plan.output.name, plan)
+    body = []
+    if io == "stream":
+        sig = f"void {TOP}(hls::stream<input_t> &in_stream, hls::stream<result_t> &out_stream) {{"
+        body += ["#pragma HLS INTERFACE axis port = in_stream", "#pragma HLS INTERFACE axis port = out_stream",
+                 "#pragma HLS DATAFLOW", "    input_t in[N_INPUT];", _partition("in", plan.in_size, reuse),
+                 "    for (unsigned i = 0; i < N_INPUT; i++) {", "#pragma HLS PIPELINE II = 1",
+                 "        in[i] = in_stream.read();", "    }"]
+    else:
+        sig = f"void {TOP}(const input_t in[N_INPUT], result_t out[N_OUTPUT]) {{"
+        body += ["#pragma HLS INTERFACE ap_vld port = in,out", _partition("in", plan.in_size, reuse),
+                 _partition("out", plan.out_size, reuse), "#pragma HLS DATAFLOW"]
+    for layer in plan.layers:
+        out = f"{layer.ident}_out"
+        body += [f"    // {layer.op.name}: {layer.kind} -> {layer.output.fmt} {layer.output.shape}",
+                 f"    {value_type(layer.output.name, plan)} {out}[{layer.out_size}];",
+                 _partition(out, layer.out_size, reuse), f"    {_call(layer, plan)}"]
+    if io == "stream":
+        body += ["    for (unsigned i = 0; i < N_OUTPUT; i++) {", "#pragma HLS PIPELINE II = 1",
+                 f"        out_stream.write({last}[i]);", "    }"]
+    else:
+        body.append(f"    fxq::copy<result_t, result_t, N_OUTPUT>({last}, out);")
+    includes = sorted({KERNEL_HEADERS[layer.kind] for layer in plan.layers})
+    weights = [f'#include "weights/w_{layer.ident}.h"' for layer in plan.layers if layer.kind in ("conv2d", "linear")]
+    return "\n".join([f"// Generated by fxquant: top function {TOP}; all math is in nnet_utils/fxq_*.h.",
+                      f'#include "{TOP}.h"', '#include "parameters.h"'] + [f'#include "{h}"' for h in includes]
+                     + weights + ["", sig] + body + ["}", ""])
+
+
+def _top_h(plan: ModelPlan, io: str) -> str:
+    if io == "stream":
+        decl = f"void {TOP}(hls::stream<input_t> &in_stream, hls::stream<result_t> &out_stream);"
+        helper = ["    hls::stream<input_t> s_in;", "    hls::stream<result_t> s_out;",
+                  "    for (unsigned i = 0; i < N_INPUT; i++) s_in.write(input_t(in[i]));",
+                  f"    {TOP}(s_in, s_out);",
+                  "    for (unsigned i = 0; i < N_OUTPUT; i++) out[i] = s_out.read().to_int64();"]
+        stream_inc = ["#ifdef FXQ_STREAM_SHIM", '#include "fxq_stream.h"', "#else", '#include "hls_stream.h"', "#endif"]
+    else:
+        decl = f"void {TOP}(const input_t in[N_INPUT], result_t out[N_OUTPUT]);"
+        helper = ["    input_t x[N_INPUT];", "    result_t y[N_OUTPUT];",
+                  "    for (unsigned i = 0; i < N_INPUT; i++) x[i] = input_t(in[i]);", f"    {TOP}(x, y);",
+                  "    for (unsigned i = 0; i < N_OUTPUT; i++) out[i] = y[i].to_int64();"]
+        stream_inc = []
+    return "\n".join(["// Generated by fxquant.", "#ifndef FXQ_MODEL_H_", "#define FXQ_MODEL_H_",
+                      '#include "defines.h"'] + stream_inc + ["", decl, "",
+                      "#ifndef __SYNTHESIS__",
+                      "// Host-side helper for the testbench and the ctypes bridge: one sample, raw integers.",
+                      f"inline void {TOP}_raw(const long long *in, long long *out) {{"] + helper
+                     + ["}", "#endif", "#endif", ""])
+
+
+def _defines_h(plan: ModelPlan) -> str:
+    lines = ["// Generated by fxquant: one ap_int<BW> per value, holding the integer k of k * 2^-FL.",
+             "#ifndef FXQ_DEFINES_H_", "#define FXQ_DEFINES_H_", '#include "ap_int.h"', "#include <cstdint>", "",
+             f"#define N_INPUT {plan.in_size}", f"#define N_OUTPUT {plan.out_size}", "",
+             f"typedef ap_int<{plan.input.fmt.bits}> input_t;  // {plan.input.name}: {_fmt_comment(plan.input.fmt)}"]
+    for layer in plan.layers:
+        fmt = layer.output.fmt
+        lines.append(f"typedef ap_int<{fmt.bits}> {layer.ident}_t;  // {layer.output.name}: {_fmt_comment(fmt)}")
+    lines += [f"typedef {value_type(plan.output.name, plan)} result_t;", "#endif", ""]
+    return "\n".join(lines)
+
+
+def _parameters_h(plan: ModelPlan, reuse: int) -> str:
+    return "\n\n".join(["// Generated by fxquant: one configuration struct per layer.\n#ifndef FXQ_PARAMETERS_H_\n"
+                        '#define FXQ_PARAMETERS_H_\n#include "defines.h"']
+                       + [_config(layer, plan, reuse) for layer in plan.layers] + ["#endif\n"])
+
+
+_BRIDGE = f"""// Generated by fxquant: extern "C" entry points for Python (ctypes) C-simulation.
+#include "{TOP}.h"
+
+extern "C" {{
+int fxq_n_input() {{ return N_INPUT; }}
+int fxq_n_output() {{ return N_OUTPUT; }}
+// Runs n samples: in is n x N_INPUT raw input integers, out receives n x N_OUTPUT raw output integers.
+void fxq_run_batch(const long long *in, long long *out, long long n) {{
+    for (long long b = 0; b < n; b++) {TOP}_raw(in + b * N_INPUT, out + b * N_OUTPUT);
+}}
+}}
+"""
+
+_TESTBENCH = f"""// Generated by fxquant: C-simulation testbench. Reads golden vectors (one sample per line) from
+// tb_data/ (or the directory given as argv[1]), runs {TOP} on each input and compares the outputs
+// bit for bit. Exit status 0 iff every sample matches.
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include "{TOP}.h"
+
+int main(int argc, char **argv) {{
+    const std::string dir = argc > 1 ? argv[1] : "tb_data";
+    std::ifstream fin((dir + "/tb_input.dat").c_str()), fout((dir + "/tb_output.dat").c_str());
+    if (!fin || !fout) {{
+        std::printf("fxq_tb: cannot open %s/tb_input.dat or tb_output.dat\\n", dir.c_str());
+        return 2;
+    }}
+    std::string lin, lout;
+    long long n = 0, mismatches = 0;
+    while (std::getline(fin, lin) && std::getline(fout, lout)) {{
+        long long in[N_INPUT], expected[N_OUTPUT], got[N_OUTPUT];
+        std::istringstream sin(lin), sout(lout);
+        for (unsigned i = 0; i < N_INPUT; i++) sin >> in[i];
+        for (unsigned i = 0; i < N_OUTPUT; i++) sout >> expected[i];
+        {TOP}_raw(in, got);
+        bool ok = true;
+        for (unsigned i = 0; i < N_OUTPUT; i++) ok = ok && got[i] == expected[i];
+        if (!ok) mismatches++;
+        n++;
+    }}
+    std::printf("fxq_tb: %lld samples, %lld mismatches\\n", n, mismatches);
+    return (n > 0 && mismatches == 0) ? 0 : 1;
+}}
+"""
+
+
+def _tcl(part: str, clock_ns: float) -> str:
+    flags = f"{CXX_STD} -Ifirmware -Ifirmware/nnet_utils"
+    return f"""# Generated by fxquant. Vitis HLS: vitis_hls -f build_prj.tcl
+# Steps: set csim / synth / cosim to 0 or 1 below.
+set csim 1
+set synth 1
+set cosim 1
+open_project -reset fxq_prj
+set_top {TOP}
+add_files firmware/{TOP}.cpp -cflags "{flags}"
+add_files -tb tb/fxq_tb.cpp -cflags "{flags}"
+add_files -tb tb_data
+open_solution -reset solution1
+set_part {{{part}}}
+create_clock -period {clock_ns} -name default
+if {{$csim}} {{ csim_design -argv tb_data }}
+if {{$synth}} {{ csynth_design }}
+if {{$cosim}} {{ cosim_design -argv tb_data }}
+exit
+"""
+
+
+def write_golden(project_dir: Path, graph: IntegerGraph, int_inputs: np.ndarray) -> None:
+    """Write ``tb_data/tb_input.dat`` and the reference outputs ``tb_output.dat`` (one sample a line)."""
+    x = check_int_inputs(graph.inputs[0], int_inputs)
+    y = graph.run(x)[graph.outputs[0]]
+    tb = project_dir / "tb_data"
+    tb.mkdir(parents=True, exist_ok=True)
+    for name, arr in (("tb_input.dat", x), ("tb_output.dat", y)):
+        rows = arr.reshape(arr.shape[0], -1)
+        (tb / name).write_text("".join(" ".join(map(str, r.tolist())) + "\n" for r in rows))
+
+
+def generate_project(graph: IntegerGraph, out_dir: Path, *, part: str = "xcu250-figd2104-2L-e",
+                     clock_ns: float = 5.0, reuse: int = 1, io: str = "parallel",
+                     test_inputs: np.ndarray | None = None) -> Path:
+    """Write the HLS project for ``graph`` into ``out_dir`` and return ``out_dir``.
+
+    ``test_inputs`` (batch of integer inputs) become the testbench's golden vectors, with outputs
+    from :meth:`IntegerGraph.run`; without them, ``GOLDEN_SAMPLES`` seeded random inputs in the input
+    format's range are used.
+    """
+    from .csim import makefile  # the build recipe lives with the builder
+
+    _check_options(part, clock_ns, reuse, io)
+    plan = plan_graph(graph)
+    out_dir = Path(out_dir)
+    fw = out_dir / "firmware"
+    (fw / "weights").mkdir(parents=True, exist_ok=True)
+    lib = fw / "nnet_utils"
+    lib.mkdir(exist_ok=True)
+    for header in TEMPLATES.glob("*.h"):
+        shutil.copyfile(header, lib / header.name)
+    (fw / "defines.h").write_text(_defines_h(plan))
+    (fw / "parameters.h").write_text(_parameters_h(plan, reuse))
+    for layer in plan.layers:
+        if layer.kind in ("conv2d", "linear"):
+            (fw / "weights" / f"w_{layer.ident}.h").write_text(_weights_header(layer))
+    (fw / f"{TOP}.h").write_text(_top_h(plan, io))
+    (fw / f"{TOP}.cpp").write_text(_top_cpp(plan, reuse, io))
+    (out_dir / "bridge.cpp").write_text(_BRIDGE)
+    (out_dir / "tb").mkdir(exist_ok=True)
+    (out_dir / "tb" / "fxq_tb.cpp").write_text(_TESTBENCH)
+    (out_dir / "build_prj.tcl").write_text(_tcl(part, clock_ns))
+    (out_dir / "Makefile").write_text(makefile())
+    if test_inputs is None:
+        fmt = plan.input.fmt
+        rng = np.random.default_rng(0)
+        test_inputs = rng.integers(fmt.qmin, fmt.qmax + 1, size=(GOLDEN_SAMPLES, *plan.input.shape))
+    write_golden(out_dir, graph, test_inputs)
+    return out_dir

@@ -1,0 +1,128 @@
+"""Analytic resource and latency **estimates** for the generated HLS design (no vendor tools run).
+
+Reads the :class:`.plan.ModelPlan`; ``docs/fpga.md`` documents the model. These are first-order
+estimates to compare precisions and reuse factors, not synthesis results (run ``build_prj.tcl``
+for those). For a conv/dense layer with ``M`` multiplications per pipeline iteration (all weights
+of a dense layer, all weights of a conv layer for one output pixel), reuse factor ``R``,
+input/weight widths ``a``/``b``, accumulator width ``A``, ``O`` outputs per iteration:
+
+* multipliers ``n_mult = ceil(M / R)``; one is a DSP48E2 (27x18 signed, ``ceil(wide/27) *
+  ceil(narrow/18)`` DSPs) when ``max(a, b) >= 10``, else fabric at ``a * b`` LUTs;
+* LUTs: multipliers + ``n_mult * S`` (adder tree at the product-sum width ``S =
+  accumulator_bits(a, b, fan_in)``) + ``ceil(O / R) * (A + BW_out)`` (bias add at the full
+  accumulator width ``A``, rounding adder and saturation per requantize);
+* weights (``Σ params · bits``, biases at int32): with ``R = 1`` fully partitioned into logic
+  (no memory blocks); otherwise ``n_mult`` banks of depth ``ceil(weights / n_mult)``: a bank of
+  at most 1024 bits is LUTRAM (``ceil(depth / 64) * b`` LUTs), a larger one BRAM18 in 1Kx18 mode
+  (``ceil(b / 18) * ceil(depth / 1024)``); a layer above :data:`URAM_MIN_BITS` goes to URAM
+  (``ceil(bits / 294912)``);
+* latency: ``iterations * R + ceil(log2(fan_in + 1)) + 3`` cycles (multiply, adder tree,
+  requantize, register), layer II ``iterations * R``. Pooling: one output pixel per cycle;
+  element-wise ops (relu, requantize, cat) 1 cycle (add: 2), flatten 0.
+* whole model (``DATAFLOW``): latency = Σ layer latencies, II = max layer II; ``io="stream"``
+  adds ``N_INPUT + N_OUTPUT`` cycles to the latency for the stream read/write loops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fxquant.fixed_point import accumulator_bits
+
+from .plan import LayerPlan, ModelPlan
+
+DSP_MIN_BITS = 10
+"""Multipliers whose widest operand is below this map to LUTs (fabric), others to DSP48E2."""
+DSP_A, DSP_B = 27, 18
+LUTRAM_MAX_BITS = 1024
+BRAM_DEPTH, BRAM_WIDTH = 1024, 18
+URAM_MIN_BITS, URAM_BITS = 1 << 20, 4096 * 72
+MODEL = "fxquant analytic v1 (docs/fpga.md); estimate, not synthesis"
+PART_CAPACITY: dict[str, dict[str, int]] = {
+    "xcu250-figd2104-2L-e": {"dsp": 12288, "lut": 1728000, "bram_18k": 5376, "uram": 1280},
+    "xc7z020clg400-1": {"dsp": 220, "lut": 53200, "bram_18k": 280, "uram": 0},
+}
+
+
+def _multiplier(a: int, b: int) -> tuple[int, int]:
+    """(DSPs, LUTs) of one signed ``a x b`` multiplier."""
+    if max(a, b) < DSP_MIN_BITS:
+        return 0, a * b
+    wide, narrow = max(a, b), min(a, b)
+    return math.ceil(wide / DSP_A) * math.ceil(narrow / DSP_B), 0
+
+
+def _memory(layer: LayerPlan, n_mult: int, reuse: int) -> tuple[int, int, int]:
+    """(BRAM18, URAM, LUTRAM LUTs) holding the layer's weights and biases."""
+    if reuse == 1 or layer.weight_bits == 0:
+        return 0, 0, 0
+    if layer.weight_bits > URAM_MIN_BITS:
+        return 0, math.ceil(layer.weight_bits / URAM_BITS), 0
+    assert layer.op.weight is not None and layer.op.weight_fmt is not None  # weight_bits > 0
+    width = layer.op.weight_fmt.bits
+    depth = math.ceil(layer.op.weight.size / n_mult)
+    if depth * width <= LUTRAM_MAX_BITS:
+        return 0, 0, n_mult * math.ceil(depth / 64) * width
+    return n_mult * math.ceil(width / BRAM_WIDTH) * math.ceil(depth / BRAM_DEPTH), 0, 0
+
+
+def estimate_layer(layer: LayerPlan, reuse: int) -> dict[str, Any]:
+    """Resources and timing of one layer (see the module docstring for the model)."""
+    op, out_bits = layer.op, layer.output.fmt.bits
+    dsp = lut = bram = uram = 0
+    n_mult = 0
+    if layer.kind in ("conv2d", "linear"):
+        assert op.weight_fmt is not None  # checked by plan_graph
+        n_mult = math.ceil(layer.mults / reuse)
+        a, b = layer.inputs[0].fmt.bits, op.weight_fmt.bits
+        mult_dsp, mult_lut = _multiplier(a, b)
+        outs = layer.out_size // layer.iterations
+        dsp = n_mult * mult_dsp
+        bram, uram, lutram = _memory(layer, n_mult, reuse)
+        lut = (n_mult * (mult_lut + accumulator_bits(a, b, layer.fan_in))
+               + math.ceil(outs / reuse) * (layer.acc_bits + out_bits) + lutram)
+        ii = layer.iterations * reuse
+        latency = ii + math.ceil(math.log2(layer.fan_in + 1)) + 3
+    elif layer.kind in ("maxpool2d", "avgpool2d"):
+        kh, kw = op.attrs["kernel"]
+        channels = layer.output.shape[0]
+        width = layer.acc_bits if layer.kind == "avgpool2d" else layer.inputs[0].fmt.bits
+        lut = channels * (kh * kw - 1) * width
+        if layer.kind == "avgpool2d":
+            lut += channels * (layer.acc_bits + out_bits)
+        ii = layer.iterations
+        latency = ii + math.ceil(math.log2(kh * kw)) + 1
+    elif layer.kind == "flatten":
+        ii, latency = 1, 0
+    else:  # relu, requantize, add, cat: one unit per element
+        per_element = out_bits if layer.kind == "relu" else layer.acc_bits + out_bits
+        if layer.kind == "add":
+            per_element += layer.acc_bits
+        lut = layer.out_size * per_element
+        ii, latency = 1, 2 if layer.kind == "add" else 1
+    return {"name": op.name, "kind": layer.kind, "out_bits": out_bits, "acc_bits": layer.acc_bits,
+            "multipliers": n_mult, "dsp": dsp, "lut": lut, "bram_18k": bram, "uram": uram,
+            "weight_bits": layer.weight_bits, "latency_cycles": latency, "ii": ii}
+
+
+def estimate(plan: ModelPlan, *, part: str, clock_ns: float, reuse: int, io: str) -> dict[str, Any]:
+    """Per-layer and total estimates; ``weight_memory_bits`` equals ``graph.param_bits()``."""
+    layers = [estimate_layer(layer, reuse) for layer in plan.layers]
+    total = {key: sum(layer[key] for layer in layers) for key in ("dsp", "lut", "bram_18k", "uram")}
+    latency = sum(layer["latency_cycles"] for layer in layers)
+    if io == "stream":
+        latency += plan.in_size + plan.out_size
+    ii = max([layer["ii"] for layer in layers] + ([plan.in_size] if io == "stream" else []))
+    report: dict[str, Any] = {
+        "estimate": True, "model": MODEL, "part": part, "clock_ns": clock_ns, "reuse": reuse, "io": io,
+        "layers": layers, "total": total,
+        "weight_memory_bits": sum(layer["weight_bits"] for layer in layers),
+        "param_bits": plan.graph.param_bits(),
+        "latency_cycles": latency, "latency_ns": latency * clock_ns, "ii_cycles": ii,
+        "throughput_per_s": 1e9 / (ii * clock_ns),
+    }
+    if part in PART_CAPACITY:
+        cap = PART_CAPACITY[part]
+        report["utilization_pct"] = {k: round(100.0 * total[k] / cap[k], 3) if cap[k] else None for k in cap}
+    return report

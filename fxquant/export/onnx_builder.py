@@ -1,0 +1,219 @@
+"""Shared ONNX graph building for the exporters (QDQ, QONNX, fp32).
+
+Nothing here is numeric: the fixed-point math (rounding, saturation, requantization) is stated in
+:mod:`fxquant.fixed_point`; each flavour re-expresses it with ONNX ops. This module gives
+
+* :class:`GraphBuilder`: unique tensor names, deduplicated constants, node creation, model
+  assembly with the ``fxquant.*`` metadata;
+* :func:`float_op`: the float ONNX node of one integer op's *accumulation* (Conv, Gemm, MatMul,
+  Add/Sum, Concat, AveragePool, MaxPool, Relu, Flatten) on float tensors, without the
+  requantization and without the fused ReLU, which each flavour places itself;
+* :func:`check_exportable`: every value has a fixed ``<BW,FL>`` and every op has an ONNX form.
+
+The real value of an integer ``k`` at ``<BW,FL>`` is ``k * 2^-FL``; every scale is the power of
+two ``2^-FL`` (:attr:`fxquant.fixed_point.FixedPoint.scale`), held in float32, which is exact for
+``-126 <= FL <= 127``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fxquant.errors import ExportError, UnsupportedOpError, UsageError
+from fxquant.fixed_point import FixedPoint
+from fxquant.integer_graph import IntegerGraph, Op
+
+META_PRECISION_MAP = "fxquant.precision_map"
+"""Metadata key: ``json.dumps(graph.layers)``, the precision map's ``layers`` section."""
+META_VALUE_FORMATS = "fxquant.value_formats"
+"""Metadata key: JSON ``{value name: {"bits", "frac_bits", "shape"}}`` of every integer value."""
+META_FLAVOUR = "fxquant.flavour"
+"""Metadata key: ``qdq``, ``qonnx`` or ``fp32``."""
+META_FLOAT32_RISKS = "fxquant.float32_risk_ops"
+"""Metadata key: JSON list of the ops this model computes in float32 although their accumulator
+may exceed 2^24, so that onnxruntime may round them twice (:func:`float32_risks`)."""
+FLOAT32_EXACT_BOUND = 1 << 24
+"""float32 represents every integer of magnitude <= 2^24."""
+PRODUCER = "fxquant"
+
+_FLOAT32_MIN_EXP, _FLOAT32_MAX_EXP = -126, 127
+_ONNX_OP = {"matmul": "MatMul", "avgpool2d": "AveragePool", "maxpool2d": "MaxPool", "relu": "Relu"}
+
+
+def scale_of(frac_bits: int, what: str) -> np.float32:
+    """The float32 scale ``2^-FL``; raises if it is not a normal float32 (inexact)."""
+    if not _FLOAT32_MIN_EXP <= -frac_bits <= _FLOAT32_MAX_EXP:
+        raise ExportError(f"{what}: scale 2^{-frac_bits} is outside the float32 normal range",
+                          f"keep frac_bits in [{-_FLOAT32_MAX_EXP}, {-_FLOAT32_MIN_EXP}]")
+    return np.float32(math.ldexp(1.0, -frac_bits))
+
+
+MIN_OPSET = 13
+
+
+def check_opset(opset: int, max_ir_version: int | None = None) -> int:
+    """Return ``opset`` if it is an integer >= 13 (whose IR version is <= ``max_ir_version``)."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise UsageError(f"opset={opset!r} is not supported", f"use an integer >= {MIN_OPSET}")
+    ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+    if max_ir_version is not None and ir_version > max_ir_version:
+        raise UsageError(f"opset={opset} needs ONNX IR version {ir_version}, this format allows {max_ir_version}",
+                         "choose a lower opset")
+    return opset
+
+
+def check_exportable(graph: IntegerGraph) -> None:
+    """Raise unless every value has a fixed ``<BW,FL>`` and every op is exportable."""
+    for v in graph.values.values():
+        if v.fmt.is_off or v.fmt.is_dynamic:
+            raise ExportError(f"value {v.name!r} has format {v.fmt}, not a fixed <BW,FL>",
+                              "lower a fully quantized model (every value needs bits 2..16 and a frac_bits)")
+    for op in graph.ops:
+        if op.kind == "linear" and len(graph.values[op.inputs[0]].shape) != 1:
+            raise UnsupportedOpError(f"op {op.name!r} (linear): input {op.inputs[0]!r} has shape "
+                                     f"{graph.values[op.inputs[0]].shape}, ONNX Gemm needs (N, features)",
+                                     "flatten the input before the linear layer")
+        window = math.prod(op.attrs.get("kernel", (1, 1)))
+        if op.kind == "avgpool2d" and (window & (window - 1) or tuple(op.attrs.get("padding", (0, 0))) != (0, 0)):
+            raise UnsupportedOpError(f"op {op.name!r} (avgpool2d): window {tuple(op.attrs['kernel'])} with padding "
+                                     f"{tuple(op.attrs.get('padding', (0, 0)))} is not integer-exact",
+                                     "use a power-of-two window without padding")
+        if op.kind in ("conv2d", "linear") and (op.weight is None or op.weight_fmt is None):
+            raise ExportError(f"op {op.name!r} ({op.kind}) has no weight or weight format",
+                              "lower the model again with fxquant.passes.lower_to_integer_graph")
+
+
+def accumulator_bound(op: Op, graph: IntegerGraph) -> int:
+    """Worst-case ``|acc|`` of an op before requantization, in units of its accumulator LSB."""
+    vs = [graph.values[i] for i in op.inputs]
+    top = [1 << (v.fmt.bits - 1) for v in vs]  # max |k| of each input
+    if op.kind in ("conv2d", "linear") and op.weight is not None:
+        w = np.abs(op.weight.astype(np.int64)).reshape(op.weight.shape[0], -1).sum(axis=1)
+        b = np.zeros_like(w) if op.bias is None else np.abs(op.bias.astype(np.int64))
+        return int((w * top[0] + b).max())
+    if op.kind == "matmul":
+        return top[0] * top[1] * vs[0].shape[-1]
+    if op.kind == "add":
+        fls = [int(v.fmt.frac_bits or 0) for v in vs]  # fixed after check_exportable
+        return sum(t << (max(fls) - fl) for t, fl in zip(top, fls))
+    if op.kind == "avgpool2d":
+        return top[0] * math.prod(op.attrs["kernel"])
+    return max(top)
+
+
+def float32_risks(graph: IntegerGraph) -> list[str]:
+    """Ops whose accumulator may exceed float32's exact range (``|acc| > 2^24``)."""
+    return [op.name for op in graph.ops if accumulator_bound(op, graph) > FLOAT32_EXACT_BOUND]
+
+
+def value_formats(graph: IntegerGraph) -> dict[str, dict[str, Any]]:
+    return {v.name: {**v.fmt.to_dict(), "shape": list(v.shape)} for v in graph.values.values()}
+
+
+class GraphBuilder:
+    """Accumulates nodes and initializers with unique names; constants are deduplicated."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._names: set[str] = set()
+        self._consts: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._names:
+            name, i = f"{base}_{i}", i + 1
+        self._names.add(name)
+        return name
+
+    def reserve(self, name: str) -> str:
+        """Claim an exact name (graph inputs and outputs)."""
+        if name in self._names:
+            raise ExportError(f"tensor name {name!r} is used twice", "give graph inputs/outputs unique names")
+        self._names.add(name)
+        return name
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        """An initializer holding ``array`` (reused when an identical one exists)."""
+        tensor = numpy_helper.from_array(np.asarray(array), "")
+        key = (tensor.data_type, tuple(tensor.dims), tensor.SerializeToString())
+        if key not in self._consts:
+            tensor.name = self.fresh(base)
+            self.initializers.append(tensor)
+            self._consts[key] = tensor.name
+        return self._consts[key]
+
+    def node(self, op_type: str, inputs: list[str], base: str, *, domain: str = "",
+             output: str | None = None, **attrs: Any) -> str:
+        """Add a single-output node; returns the output name (``output`` if given, else fresh)."""
+        out = output if output is not None else self.fresh(base)
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=self.fresh(f"{base}/{op_type}"),
+                                           domain=domain, **attrs))
+        return out
+
+    def model(self, graph: IntegerGraph, inputs: list[onnx.ValueInfoProto],
+              outputs: list[onnx.ValueInfoProto], opsets: dict[str, int], flavour: str,
+              min_ir_version: int = 0, float32_risk_ops: list[str] | None = None) -> onnx.ModelProto:
+        g = helper.make_graph(self.nodes, f"fxquant_{flavour}", inputs, outputs, self.initializers)
+        opset_ids = [helper.make_opsetid(d, v) for d, v in opsets.items()]
+        model = helper.make_model(g, opset_imports=opset_ids, producer_name=PRODUCER)
+        model.ir_version = max(min_ir_version, helper.find_min_ir_version_for(opset_ids, ignore_unknown=True))
+        helper.set_model_props(model, {
+            META_FLAVOUR: flavour,
+            META_PRECISION_MAP: json.dumps(graph.layers, sort_keys=True),
+            META_VALUE_FORMATS: json.dumps(value_formats(graph), sort_keys=True),
+            META_FLOAT32_RISKS: json.dumps(float32_risk_ops or []),
+        })
+        return model
+
+
+def float_io(name: str, shape: tuple[int, ...]) -> onnx.ValueInfoProto:
+    """A float32 graph input/output with a symbolic batch dimension ``N``."""
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *shape])
+
+
+def conv_attrs(op: Op) -> dict[str, Any]:
+    """ONNX Conv/ConvInteger attributes of a ``conv2d`` op."""
+    ph, pw = op.attrs.get("padding", (0, 0))
+    return {"strides": list(op.attrs.get("stride", (1, 1))), "pads": [ph, pw, ph, pw],
+            "dilations": list(op.attrs.get("dilation", (1, 1))), "group": op.attrs.get("groups", 1)}
+
+
+def float_op(b: GraphBuilder, op: Op, xs: list[str], weight: str | None = None,
+             bias: str | None = None) -> str:
+    """The float node computing ``op``'s accumulation (before requantization and fused ReLU).
+
+    ``xs`` are float input tensors, ``weight``/``bias`` float weight and bias tensors. ``cat`` is
+    a plain Concat of its (already requantized) inputs along ``attrs["dim"]``.
+    """
+    a = op.attrs
+    if op.kind == "conv2d":
+        return b.node("Conv", xs + [weight] + ([bias] if bias else []), op.name, **conv_attrs(op))
+    if op.kind == "linear":
+        return b.node("Gemm", xs + [weight] + ([bias] if bias else []), op.name, transB=1)
+    if op.kind == "add":
+        return b.node("Add" if len(xs) == 2 else "Sum", xs, op.name)
+    if op.kind in ("avgpool2d", "maxpool2d"):
+        kernel = list(a["kernel"])
+        ph, pw = a.get("padding", (0, 0))
+        return b.node(_ONNX_OP[op.kind], xs, op.name, kernel_shape=kernel,
+                      strides=list(a.get("stride", kernel)), pads=[ph, pw, ph, pw])
+    if op.kind == "flatten":
+        return b.node("Flatten", xs, op.name, axis=1)
+    if op.kind == "cat":
+        return b.node("Concat", xs, op.name, axis=a.get("dim", 1))
+    if op.kind in ("matmul", "relu"):
+        return b.node(_ONNX_OP[op.kind], xs, op.name)
+    raise UnsupportedOpError(f"op {op.name!r}: kind {op.kind!r} has no float ONNX form",
+                             "requantize ops are expressed by each flavour's quantizer")
+
+
+def fmt_bounds(fmt: FixedPoint, relu: bool) -> tuple[int, int]:
+    """The integer range of ``fmt`` (``[0, qmax]`` when a ReLU follows)."""
+    return (0 if relu else fmt.qmin), fmt.qmax

@@ -1,0 +1,403 @@
+"""QDQ ONNX export of an :class:`~fxquant.integer_graph.IntegerGraph`, the fp32 flavour, and files.
+
+Every integer value ``k`` at ``<BW,FL>`` is an integer tensor read through
+``DequantizeLinear(scale=2^-FL)``, written by ``QuantizeLinear(scale=2^-FL)``; ``QuantizeLinear``
+rounds half to even and saturates, which is :func:`fxquant.fixed_point.requantize`. Storage
+(``docs/onnx_export.md`` has the measurements behind each choice):
+
+* activations ``BW <= 8``: uint8 holding ``k + 128`` (zero point 128, default ``ort_x86=True``) or
+  int8 with zero point 0 (``ort_x86=False``). onnxruntime's x86 QDQ fusion rewrites int8
+  activations to uint8 only for a QuantizeLinear that feeds exactly one DequantizeLinear; a value
+  with two consumers (a residual) or an integer Clip stays int8 and nothing around it is fused.
+  Both forms have exactly the integer range ``[-128, 127]``.
+* activations ``9 <= BW <= 16``: int16, zero point 0 (opset >= 21; onnxruntime runs these ops in
+  float32, exact while the accumulator fits, :mod:`fxquant.export.verify`).
+* weights: ONNX INT4 for ``BW_w <= 4`` (opset >= 21; widened by a ``Cast`` to int8 that
+  onnxruntime folds at load, so the file holds 4 bits per weight and the runtime still fuses);
+  int8 for ``BW_w <= 7``; for 8-bit weights that use all 8 bits uint8 ``w + 128`` with zero point
+  128 (``ort_x86``), because MLAS's x86 U8S8 kernel saturates int16 pair sums without VNNI
+  (``AVX2_SAFE_WEIGHT_BITS``) and uint8 weights select its exact U8U8 kernel; int16 above 8 bits.
+* bias: int32 initializer, ``DequantizeLinear(2^-(FL_w+FL_in))`` (the accumulator grid).
+
+Math per op: a compute op (Conv, Gemm, MatMul, Add, AveragePool) on dequantized inputs yields
+``acc * 2^-FL_acc``; ``QuantizeLinear(2^-FL_out)`` gives ``clamp(round_half_even(acc *
+2^(FL_out-FL_acc)))`` saturated to the storage type; a narrower range (``BW_out`` below the storage
+bits) or a fused ReLU (``[0, qmax]``) is a ``Clip`` on the stored integers (int16: a float
+``DequantizeLinear → Clip(lo·2^-FL, hi·2^-FL) → QuantizeLinear``, exact because the bounds lie on
+the grid). ``cat`` requantizes each input to ``out_fmt`` the same way and concatenates integers;
+``relu`` is an integer Clip; ``maxpool2d``/``flatten`` are built as ``DQ → op → Q`` and folded
+onto the integers by :class:`fxquant.export.passes.FoldTransparentQdq`; graph inputs
+are ``QuantizeLinear [→ Clip]``, outputs ``DequantizeLinear`` (float ``k * 2^-FL``).
+
+With 8-bit activations onnxruntime (``ORT_ENABLE_ALL``) turns the whole graph into
+QLinearConv / QGemm / QLinearMatMul / QLinearAdd / QLinearAveragePool, uint8 Clip, MaxPool,
+Flatten and Concat between one QuantizeLinear at the input and one DequantizeLinear at the output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto
+
+from fxquant.errors import ExportError, RunDirError, UnsupportedOpError, UsageError
+from fxquant.export.onnx_builder import (FLOAT32_EXACT_BOUND, GraphBuilder, accumulator_bound, check_exportable,
+                                         check_opset, conv_attrs, float32_risks, float_io, float_op, fmt_bounds,
+                                         scale_of)
+from fxquant.export.passes import FoldTransparentQdq
+from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
+from fxquant.integer_graph import COMPUTE_KINDS, IntegerGraph, Op
+
+DEFAULT_OPSET = 21
+NARROW_STORAGE_OPSET = 21
+"""INT4 initializers and int16 QuantizeLinear/DequantizeLinear need opset 21."""
+FLAVOUR_FILES = {"qdq": "model.onnx", "qonnx": "model.qonnx.onnx", "fp32": "model.fp32.onnx"}
+REPORT_FILE = "export_report.json"
+U8_ZERO_POINT = 128
+"""``ort_x86`` stores 8-bit integers ``k`` as ``k + 128`` in uint8 with this zero point."""
+AVX2_SAFE_WEIGHT_BITS = 7
+"""MLAS's x86 U8S8 kernel (CPUs without VNNI) sums pairs of u8*s8 products in int16 with
+saturation: exact only while 2 * 255 * |w| <= 32767, i.e. for weights of at most 7 bits."""
+
+_NUMPY = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
+          TensorProto.INT32: np.int32}
+_TYPE_RANGE = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255), TensorProto.INT16: (-32768, 32767)}
+_COMPUTE = ("conv2d", "linear", "matmul", "add", "avgpool2d")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How integers ``k`` are stored: ONNX type ``dtype`` holding ``k + zero_point``."""
+
+    dtype: int
+    zero_point: int = 0
+
+    @property
+    def k_range(self) -> tuple[int, int]:
+        """The integers ``k`` QuantizeLinear saturates to (activation storage types)."""
+        lo, hi = _TYPE_RANGE[self.dtype]
+        return lo - self.zero_point, hi - self.zero_point
+
+
+def activation_storage(bits: int, opset: int, what: str, *, ort_x86: bool) -> Storage:
+    """uint8 + 128 (``ort_x86``) or int8 for ``bits <= 8``; int16 for 9..16 (opset >= 21)."""
+    if bits <= 8:
+        return Storage(TensorProto.UINT8, U8_ZERO_POINT) if ort_x86 else Storage(TensorProto.INT8)
+    if opset >= NARROW_STORAGE_OPSET:
+        return Storage(TensorProto.INT16)
+    raise UnsupportedOpError(f"{what}: {bits}-bit integers need int16 QuantizeLinear, opset {opset} has none",
+                             f"export with opset >= {NARROW_STORAGE_OPSET}")
+
+
+def weight_storage(w: np.ndarray, bits: int, opset: int, what: str, *, ort_x86: bool) -> Storage:
+    """INT4 for ``bits <= 4`` (opset >= 21); uint8 + 128 when ``ort_x86`` and ``w`` needs 8 bits;
+    else the activation rule with int8."""
+    if bits <= 4 and opset >= NARROW_STORAGE_OPSET:
+        return Storage(TensorProto.INT4)
+    if bits <= 8 and ort_x86 and min_signed_bits(w) > AVX2_SAFE_WEIGHT_BITS:
+        return Storage(TensorProto.UINT8, U8_ZERO_POINT)
+    return activation_storage(bits, opset, what, ort_x86=False)
+
+
+def _check_fits(array: np.ndarray, bits: int, what: str) -> None:
+    if min_signed_bits(array) > bits:
+        raise ExportError(f"{what} holds integers outside the signed {bits}-bit range",
+                          "lower the model again; weights must be stored at their <BW,FL>")
+
+
+class _QdqBuilder:
+    """Emits one IntegerGraph as QDQ ONNX (see the module docstring)."""
+
+    def __init__(self, graph: IntegerGraph, opset: int, ort_x86: bool) -> None:
+        self.graph, self.opset, self.ort_x86, self.b = graph, opset, ort_x86, GraphBuilder()
+        self.ints: dict[str, str] = {}
+        self.integer_ops: list[str] = []
+
+    def storage(self, fmt: FixedPoint, what: str) -> Storage:
+        return activation_storage(fmt.bits, self.opset, what, ort_x86=self.ort_x86)
+
+    def _q(self, f: str, frac_bits: int, st: Storage, base: str) -> str:
+        return self.b.node("QuantizeLinear", [f, self.b.const("scale", scale_of(frac_bits, base)), self._zero(st)], base)
+
+    def _dq(self, t: str, frac_bits: int, st: Storage, base: str, output: str | None = None) -> str:
+        return self.b.node("DequantizeLinear", [t, self.b.const("scale", scale_of(frac_bits, base)), self._zero(st)],
+                           base, output=output)
+
+    def dq(self, value: str, output: str | None = None) -> str:
+        """The float tensor ``k * 2^-FL`` of an integer value (a DequantizeLinear per use)."""
+        fmt = self.graph.values[value].fmt
+        return self._dq(self.ints[value], fmt.frac_bits, self.storage(fmt, f"value {value!r}"), f"{value}_dq", output)
+
+    def quantize(self, f: str, fmt: FixedPoint, relu: bool, base: str, *, requantizing: bool = False) -> str:
+        """Integers of float ``f`` at ``fmt``: QuantizeLinear, then a Clip to ``[lo, hi]`` if needed.
+
+        QuantizeLinear saturates to its storage type only; a narrower range (``BW`` below the
+        storage bits, or ``[0, qmax]`` for a fused ReLU) is a Clip on the stored integers for
+        8-bit storage (onnxruntime keeps fusing across it), and ``DequantizeLinear → Clip(lo·s,
+        hi·s) → QuantizeLinear`` for int16 (onnxruntime has no int16 Clip kernel). A
+        ``requantizing`` Q→DQ→Q chain always gets the Clip (a no-op one at full range), because
+        onnxruntime otherwise merges the two Q/DQ pairs into one and rounds once instead of twice.
+        """
+        st = self.storage(fmt, base)
+        lo, hi = fmt_bounds(fmt, relu)
+        if (lo, hi) == st.k_range and not requantizing:
+            return self._q(f, fmt.frac_bits, st, base)
+        q = self._q(f, fmt.frac_bits, st, f"{base}_wide")
+        if st.dtype == TensorProto.INT16:
+            s = scale_of(fmt.frac_bits, base)
+            clipped = self.b.node("Clip", [self._dq(q, fmt.frac_bits, st, f"{base}_wide_dq"),
+                                           self.b.const("clip_lo", np.float32(lo * s)),
+                                           self.b.const("clip_hi", np.float32(hi * s))], f"{base}_clip")
+            return self._q(clipped, fmt.frac_bits, st, base)
+        return self._clip_ints(q, st, lo, hi, base)
+
+    def _clip_ints(self, t: str, st: Storage, lo: int, hi: int, base: str) -> str:
+        bounds = [self.b.const(f"clip_{b}", np.array(k + st.zero_point, _NUMPY[st.dtype]))
+                  for b, k in (("lo", lo), ("hi", hi))]
+        return self.b.node("Clip", [t, *bounds], base)
+
+    def weight_ints(self, op: Op, *, transpose: bool = False) -> tuple[str, Storage]:
+        """The stored weight integers (``W^T`` with ``transpose``) and their storage."""
+        w, fmt = op.weight, op.weight_fmt
+        assert w is not None and fmt is not None  # check_exportable
+        what = f"op {op.name!r} weight"
+        _check_fits(w, fmt.bits, what)
+        w = w.T if transpose else w
+        st = weight_storage(w, fmt.bits, self.opset, what, ort_x86=self.ort_x86)
+        if st.dtype == TensorProto.INT4:
+            packed = self.b.const(f"{op.name}.weight", w.astype(ml_dtypes.int4))  # raw, two per byte
+            return self.b.node("Cast", [packed], f"{op.name}.weight_int8", to=TensorProto.INT8), Storage(TensorProto.INT8)
+        return self.b.const(f"{op.name}.weight", (w + st.zero_point).astype(_NUMPY[st.dtype])), st
+
+    def weight(self, op: Op) -> str:
+        assert op.weight_fmt is not None and op.weight_fmt.frac_bits is not None  # check_exportable
+        t, st = self.weight_ints(op)
+        return self._dq(t, op.weight_fmt.frac_bits, st, f"{op.name}.weight_dq")
+
+    def _zero(self, st: Storage) -> str:
+        return self.b.const("zero_point", np.array(st.zero_point, _NUMPY[st.dtype]))
+
+    def needs_integer_accumulation(self, op: Op) -> bool:
+        """An 8-bit Conv/Gemm/MatMul whose accumulator float32 may not hold (see ``integer_op``)."""
+        fmts = [self.graph.values[i].fmt for i in op.inputs] + [op.out_fmt] + ([op.weight_fmt] if op.weight_fmt else [])
+        return (self.ort_x86 and op.kind in COMPUTE_KINDS and all(f.bits <= 8 for f in fmts)
+                and accumulator_bound(op, self.graph) > FLOAT32_EXACT_BOUND)
+
+    def integer_op(self, op: Op, relu: bool) -> str:
+        """Exact form of an op whose ``|acc|`` may exceed 2^24, where QLinearConv/QGemm would
+        requantize ``float(acc)`` and round twice: ConvInteger/MatMulInteger (+ int32 bias) give
+        ``acc``; ``Cast(double) → Mul(2^(FL_out-FL_acc)) → Round`` (half to even, exact in
+        float64) ``→ Add(zero point) → Clip → Cast`` is :func:`fxquant.fixed_point.requantize`."""
+        xs = [self.ints[i] for i in op.inputs]
+        sts = [self.storage(self.graph.values[i].fmt, i) for i in op.inputs]
+        fl_acc = sum(int(self.graph.values[i].fmt.frac_bits or 0) for i in op.inputs)
+        if op.kind == "matmul":
+            acc = self.b.node("MatMulInteger", [*xs, *map(self._zero, sts)], f"{op.name}_acc")
+        else:
+            assert op.weight_fmt is not None and op.weight_fmt.frac_bits is not None  # check_exportable
+            w, wst = self.weight_ints(op, transpose=op.kind == "linear")
+            ins = [xs[0], w, self._zero(sts[0]), self._zero(wst)]
+            acc = (self.b.node("ConvInteger", ins, f"{op.name}_acc", **conv_attrs(op)) if op.kind == "conv2d"
+                   else self.b.node("MatMulInteger", ins, f"{op.name}_acc"))
+            fl_acc += op.weight_fmt.frac_bits
+            if op.bias is not None:
+                _check_fits(op.bias, BIAS_BITS, f"op {op.name!r} bias")
+                shape = (-1, 1, 1) if op.kind == "conv2d" else (-1,)
+                acc = self.b.node("Add", [acc, self.b.const(f"{op.name}.bias", op.bias.astype(np.int32).reshape(shape))],
+                                  f"{op.name}_acc_bias")
+        st, (lo, hi) = self.storage(op.out_fmt, op.output), fmt_bounds(op.out_fmt, relu)
+        assert op.out_fmt.frac_bits is not None  # check_exportable
+        d = self.b.node("Cast", [acc], f"{op.name}_acc_f64", to=TensorProto.DOUBLE)
+        d = self.b.node("Mul", [d, self.b.const("shift", np.float64(math.ldexp(1.0, op.out_fmt.frac_bits - fl_acc)))],
+                        f"{op.name}_scaled")
+        d = self.b.node("Add", [self.b.node("Round", [d], f"{op.name}_rounded"),
+                                self.b.const("zero_point_f64", np.float64(st.zero_point))], f"{op.name}_stored")
+        d = self.b.node("Clip", [d, self.b.const("clip_lo", np.float64(lo + st.zero_point)),
+                                 self.b.const("clip_hi", np.float64(hi + st.zero_point))], f"{op.name}_clip")
+        return self.b.node("Cast", [d], op.output, to=st.dtype)
+
+    def bias(self, op: Op) -> str | None:
+        if op.bias is None:
+            return None
+        assert op.weight_fmt is not None and op.weight_fmt.frac_bits is not None  # check_exportable
+        _check_fits(op.bias, BIAS_BITS, f"op {op.name!r} bias")
+        fl_acc = self.graph.values[op.inputs[0]].fmt.frac_bits + op.weight_fmt.frac_bits
+        t = self.b.const(f"{op.name}.bias", op.bias.astype(np.int32))
+        return self._dq(t, fl_acc, Storage(TensorProto.INT32), f"{op.name}.bias_dq")
+
+    def emit(self, op: Op) -> str:
+        relu = bool(op.attrs.get("relu"))
+        if self.needs_integer_accumulation(op):
+            self.integer_ops.append(op.name)
+            return self.integer_op(op, relu)
+        if op.kind in ("conv2d", "linear"):
+            f = float_op(self.b, op, [self.dq(op.inputs[0])], self.weight(op), self.bias(op))
+            return self.quantize(f, op.out_fmt, relu, op.output)
+        if op.kind in _COMPUTE:
+            f = float_op(self.b, op, [self.dq(i) for i in op.inputs])
+            return self.quantize(f, op.out_fmt, relu, op.output)
+        if op.kind == "requantize":
+            return self.quantize(self.dq(op.inputs[0]), op.out_fmt, relu, op.output, requantizing=True)
+        if op.kind == "cat":
+            parts = [self.ints[i] if self.graph.values[i].fmt == op.out_fmt and not relu
+                     else self.quantize(self.dq(i), op.out_fmt, relu, f"{i}_to_{op.output}", requantizing=True)
+                     for i in op.inputs]
+            return float_op(self.b, op, parts)
+        # transparent: maxpool2d, flatten, relu keep the input format
+        fmt = self.graph.values[op.inputs[0]].fmt
+        st = self.storage(fmt, op.output)
+        if op.kind == "relu" and st.dtype != TensorProto.INT16:
+            return self._clip_ints(self.ints[op.inputs[0]], st, *fmt_bounds(fmt, True), op.output)
+        return self._q(float_op(self.b, op, [self.dq(op.inputs[0])]), fmt.frac_bits, st, op.output)
+
+    def build(self) -> onnx.ModelProto:
+        g = self.graph
+        for name in [v.name for v in g.inputs] + g.outputs:
+            self.b.reserve(name)
+        for v in g.inputs:
+            self.ints[v.name] = self.quantize(v.name, v.fmt, False, f"{v.name}_q")
+        for op in g.ops:
+            self.ints[op.output] = self.emit(op)
+        for name in g.outputs:
+            self.dq(name, output=name)
+        risks = [name for name in float32_risks(g) if name not in self.integer_ops]
+        return self.b.model(g, [float_io(v.name, v.shape) for v in g.inputs],
+                            [float_io(n, g.values[n].shape) for n in g.outputs], {"": self.opset}, "qdq",
+                            float32_risk_ops=risks)
+
+
+def to_qdq(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = True,
+           fold_transparent: bool = True) -> onnx.ModelProto:
+    """QDQ ONNX model of ``graph`` (module docstring); float32 in, float32 ``k * 2^-FL`` out.
+
+    ``ort_x86`` (default) stores 8-bit activations as uint8 with zero point 128 and 8-bit weights
+    that need all 8 bits likewise, which is what onnxruntime fuses and computes exactly on x86
+    (module docstring); ``False`` gives int8 with zero point 0 everywhere. ``fold_transparent``
+    runs :class:`~fxquant.export.passes.FoldTransparentQdq`, so MaxPool and Flatten act on the
+    stored integers in the file (onnxruntime does the same at load; other consumers need not).
+    """
+    check_exportable(graph)
+    model = _QdqBuilder(graph, check_opset(opset), ort_x86).build()
+    if not fold_transparent:
+        return model
+    ir_model = ir.from_proto(model)
+    FoldTransparentQdq()(ir_model)
+    return ir.to_proto(ir_model)
+
+
+def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Float ONNX model: dequantized weights and biases, float activations, no quantizers.
+
+    The float baseline of the same network (``requantize`` ops become identities); its outputs
+    approximate, not reproduce, the integer reference.
+    """
+    check_exportable(graph)
+    b, floats = GraphBuilder(), {}
+    for name in [v.name for v in graph.inputs] + graph.outputs:
+        b.reserve(name)
+    floats.update({v.name: v.name for v in graph.inputs})
+    for op in graph.ops:
+        xs = [floats[i] for i in op.inputs]
+        if op.kind == "requantize":
+            f = xs[0]
+        elif op.kind in ("conv2d", "linear"):
+            assert op.weight is not None and op.weight_fmt is not None  # check_exportable
+            assert op.weight_fmt.frac_bits is not None
+            w = b.const(f"{op.name}.weight", dequantize(op.weight, op.weight_fmt.frac_bits).astype(np.float32))
+            fl_acc = graph.values[op.inputs[0]].fmt.frac_bits + op.weight_fmt.frac_bits
+            bias = None if op.bias is None else b.const(f"{op.name}.bias",
+                                                        dequantize(op.bias, fl_acc).astype(np.float32))
+            f = float_op(b, op, xs, w, bias)
+        else:
+            f = float_op(b, op, xs)
+        floats[op.output] = b.node("Relu", [f], f"{op.output}_relu") if op.attrs.get("relu") else f
+    for name in graph.outputs:
+        b.node("Identity", [floats[name]], f"{name}_out", output=name)
+    return b.model(graph, [float_io(v.name, v.shape) for v in graph.inputs],
+                   [float_io(n, graph.values[n].shape) for n in graph.outputs], {"": check_opset(opset)}, "fp32")
+
+
+def _builders() -> dict[str, Callable[..., onnx.ModelProto]]:
+    from fxquant.export.qonnx import to_qonnx
+
+    return {"qdq": to_qdq, "qonnx": to_qonnx, "fp32": to_fp32}
+
+
+def check_artifact(model: onnx.ModelProto, what: str) -> None:
+    """``onnx.checker`` (full check) and strict shape inference; raises ExportError."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{what} fails the ONNX checker: {first}", "report this as an exporter bug") from e
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_onnx(graph: IntegerGraph, out_dir: Path, *, flavour: str = "qdq", opset: int | None = None,
+                verify_inputs: np.ndarray | None = None) -> dict[str, Any]:
+    """Write ``graph`` as ``model.onnx`` (qdq), ``model.qonnx.onnx`` or ``model.fp32.onnx``.
+
+    Files are written atomically (temp file + ``os.replace``); ``export_report.json`` maps each
+    exported flavour to its report (file, bytes, opset, theoretical parameter bytes, op types and,
+    with ``verify_inputs``, the :func:`fxquant.export.verify.verify_onnx` result; a mismatch raises
+    before anything is written). Returns this flavour's report.
+    """
+    builders = _builders()
+    if flavour not in builders:
+        raise UsageError(f"unknown ONNX flavour {flavour!r}", f"use one of {', '.join(builders)}")
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise RunDirError(f"cannot write to {out_dir}: {e.strerror}", "choose a writable directory") from e
+    model = builders[flavour](graph) if opset is None else builders[flavour](graph, opset=opset)
+    check_artifact(model, f"{flavour} model of {out_dir}")
+    path = out_dir / FLAVOUR_FILES[flavour]
+    data = model.SerializeToString()
+    report: dict[str, Any] = {
+        "file": path.name, "bytes": len(data), "opset": next(o.version for o in model.opset_import if not o.domain),
+        "ir_version": model.ir_version, "theoretical_param_bytes": graph.param_bits() / 8,
+        "op_types": sorted({n.op_type for n in model.graph.node}),
+    }
+    if verify_inputs is not None:
+        from fxquant.export.verify import verify_onnx
+
+        report["verify"] = verify_onnx(model, graph, verify_inputs, flavour)
+    report_path = out_dir / REPORT_FILE
+    reports: dict[str, Any] = {}
+    if report_path.exists():
+        try:
+            reports = json.loads(report_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RunDirError(f"{report_path} is unreadable: {e}", "delete it and export again") from e
+        if not isinstance(reports, dict):
+            raise RunDirError(f"{report_path} is not a JSON object", "delete it and export again")
+    reports[flavour] = report
+    try:
+        _write_atomic(path, data)
+        _write_atomic(report_path, json.dumps(reports, indent=2, sort_keys=True).encode())
+    except OSError as e:
+        raise RunDirError(f"cannot write {path}: {e.strerror}", "check free space and permissions") from e
+    return report

@@ -1,0 +1,152 @@
+"""QONNX export: float ONNX ops with QONNX ``Quant`` nodes carrying each ``<BW,FL>``.
+
+Format (``fastmachinelearning/qonnx``, domain ``qonnx.custom_op.general``)::
+
+    Quant(x, scale, zeropt, bitwidth; signed=1, narrow=0, rounding_mode="ROUND")
+      = (clamp(round(x / scale + zeropt), -2^(BW-1), 2^(BW-1)-1) - zeropt) * scale
+
+with ``scale = 2^-FL``, ``zeropt = 0``, ``bitwidth = BW``; QONNX's ``ROUND`` is ``np.round``, ties
+to even, so ``Quant`` is exactly :func:`fxquant.fixed_point.quantize_int` followed by
+:func:`fxquant.fixed_point.dequantize`. Placement: one ``Quant`` on each graph input, on each
+Conv/Gemm weight (float initializer ``w * 2^-FL_w``, exact), and on the output of every
+requantizing op *after* its fused ReLU (``q(relu(y)) = relu(q(y))``); the bias is a float
+initializer ``b * 2^-(FL_w+FL_in)`` (exact in float32 or the export fails). MaxPool, Flatten and
+Relu ops keep the grid and get no ``Quant``. ``ir_version`` 8, opset 13, as the qonnx tools and
+hls4ml's QONNX front end read it.
+
+onnxruntime has no ``Quant`` kernel; :func:`lower_quant` rewrites each ``Quant`` into standard
+``Div → Round → Clip → Mul`` (ONNX ``Round`` is half-to-even too) so that the same graph can be
+run and checked against the integer reference (:mod:`fxquant.export.verify`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from fxquant.errors import ExportError, UnsupportedOpError
+from fxquant.export.onnx_builder import (GraphBuilder, check_exportable, check_opset, float32_risks, float_io, float_op,
+                                         scale_of)
+from fxquant.fixed_point import FixedPoint, dequantize
+from fxquant.integer_graph import IntegerGraph, Op
+
+QONNX_DOMAIN = "qonnx.custom_op.general"
+QONNX_OPSET = 13
+QONNX_IR_VERSION = 8
+QONNX_MAX_IR_VERSION = 10
+"""The qonnx tools and hls4ml read IR versions up to 10 (opset 21)."""
+
+
+def _float_const(b: GraphBuilder, base: str, k: np.ndarray, frac_bits: int, what: str) -> str:
+    """Initializer ``k * 2^-FL`` in float32; raises if float32 cannot hold it exactly."""
+    exact = dequantize(k, frac_bits)
+    values = exact.astype(np.float32)
+    if not np.array_equal(values.astype(np.float64), exact):
+        raise ExportError(f"{what} is not exactly representable in float32",
+                          "keep biases below 2^24 on the accumulator grid")
+    return b.const(base, values)
+
+
+class _QonnxBuilder:
+    def __init__(self, graph: IntegerGraph) -> None:
+        self.graph, self.b = graph, GraphBuilder()
+        self.vals: dict[str, str] = {}
+
+    def quant(self, x: str, fmt: FixedPoint, base: str) -> str:
+        assert fmt.frac_bits is not None  # check_exportable
+        return self.b.node("Quant", [x, self.b.const("scale", scale_of(fmt.frac_bits, base)),
+                                     self.b.const("zeropt", np.float32(0.0)),
+                                     self.b.const("bitwidth", np.float32(fmt.bits))],
+                           base, domain=QONNX_DOMAIN, signed=1, narrow=0, rounding_mode="ROUND")
+
+    def relu(self, x: str, relu: bool, base: str) -> str:
+        return self.b.node("Relu", [x], f"{base}_relu") if relu else x
+
+    def emit(self, op: Op) -> str:
+        relu = bool(op.attrs.get("relu"))
+        xs = [self.vals[i] for i in op.inputs]
+        if op.kind in ("conv2d", "linear"):
+            w, wf = op.weight, op.weight_fmt
+            assert w is not None and wf is not None and wf.frac_bits is not None  # check_exportable
+            wq = self.quant(_float_const(self.b, f"{op.name}.weight", w, wf.frac_bits, f"op {op.name!r} weight"),
+                            wf, f"{op.name}.weight_quant")
+            fl_acc = self.graph.values[op.inputs[0]].fmt.frac_bits + wf.frac_bits
+            bias = None if op.bias is None else _float_const(self.b, f"{op.name}.bias", op.bias, fl_acc,
+                                                             f"op {op.name!r} bias")
+            return self.quant(self.relu(float_op(self.b, op, xs, wq, bias), relu, op.output), op.out_fmt, op.output)
+        if op.kind in ("matmul", "add", "avgpool2d"):
+            return self.quant(self.relu(float_op(self.b, op, xs), relu, op.output), op.out_fmt, op.output)
+        if op.kind == "requantize":
+            return self.quant(self.relu(xs[0], relu, op.output), op.out_fmt, op.output)
+        if op.kind == "cat":
+            parts = [x if self.graph.values[i].fmt == op.out_fmt and not relu
+                     else self.quant(self.relu(x, relu, f"{i}_to_{op.output}"), op.out_fmt, f"{i}_to_{op.output}")
+                     for i, x in zip(op.inputs, xs)]
+            return float_op(self.b, op, parts)
+        return float_op(self.b, op, xs)  # maxpool2d, flatten, relu: the grid is kept
+
+    def build(self, opset: int) -> onnx.ModelProto:
+        g = self.graph
+        for name in [v.name for v in g.inputs] + g.outputs:
+            self.b.reserve(name)
+        for v in g.inputs:
+            self.vals[v.name] = self.quant(v.name, v.fmt, f"{v.name}_quant")
+        for op in g.ops:
+            self.vals[op.output] = self.emit(op)
+        for name in g.outputs:
+            self.b.node("Identity", [self.vals[name]], f"{name}_out", output=name)
+        return self.b.model(g, [float_io(v.name, v.shape) for v in g.inputs],
+                            [float_io(n, g.values[n].shape) for n in g.outputs],
+                            {"": opset, QONNX_DOMAIN: 1}, "qonnx", min_ir_version=QONNX_IR_VERSION,
+                            float32_risk_ops=float32_risks(g))
+
+
+def to_qonnx(graph: IntegerGraph, *, opset: int = QONNX_OPSET) -> onnx.ModelProto:
+    """QONNX model of ``graph`` (module docstring)."""
+    check_exportable(graph)
+    return _QonnxBuilder(graph).build(check_opset(opset, QONNX_MAX_IR_VERSION))
+
+
+def _const(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    raise UnsupportedOpError(f"Quant input {name!r} is not an initializer", "use constant scale/zeropt/bitwidth")
+
+
+def lower_quant(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of a QONNX model with each ``Quant`` replaced by ``Div → Round → Clip → Mul``.
+
+    Only the form :func:`to_qonnx` writes is accepted (signed, not narrow, zero point 0, constant
+    scale and bit width); the bounds come from :class:`fxquant.fixed_point.FixedPoint`.
+    """
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(model)
+    nodes, extra = [], []
+    for node in model.graph.node:
+        if node.domain != QONNX_DOMAIN:
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        x, scale, zeropt, bitwidth = node.input
+        if (node.op_type != "Quant" or attrs.get("signed", 1) != 1 or attrs.get("narrow", 0) != 0
+                or attrs.get("rounding_mode", b"ROUND") not in (b"ROUND", b"HALF_EVEN")
+                or np.any(_const(model, zeropt) != 0)):
+            raise UnsupportedOpError(f"QONNX node {node.name!r} ({node.op_type} {attrs}) has no lowering",
+                                     "only signed, non-narrow, zero-point-0, ROUND Quant nodes are lowered")
+        fmt = FixedPoint(int(_const(model, bitwidth)), 0)
+        prefix = node.output[0]
+        lo, hi = f"{prefix}/lo", f"{prefix}/hi"
+        extra += [numpy_helper.from_array(np.float32(fmt.qmin), lo), numpy_helper.from_array(np.float32(fmt.qmax), hi)]
+        t = [f"{prefix}/{s}" for s in ("scaled", "rounded", "clipped")]
+        nodes += [helper.make_node("Div", [x, scale], [t[0]]), helper.make_node("Round", [t[0]], [t[1]]),
+                  helper.make_node("Clip", [t[1], lo, hi], [t[2]]),
+                  helper.make_node("Mul", [t[2], scale], [node.output[0]])]
+    del lowered.graph.node[:]
+    lowered.graph.node.extend(nodes)
+    lowered.graph.initializer.extend(extra)
+    kept = [o for o in lowered.opset_import if o.domain != QONNX_DOMAIN]
+    del lowered.opset_import[:]
+    lowered.opset_import.extend(kept)
+    return lowered

@@ -1,0 +1,41 @@
+"""Test helpers: build deployed quantized graphs with given or random per-layer formats."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from fxquant.fixed_point import FixedPoint, fit_frac_bits
+from fxquant.passes import FoldBatchNorm, InsertQuantizers, capture
+from fxquant.policies.base import calibrate
+from fxquant.quantizers import quantizers
+
+
+def deployed(model: nn.Module, x: torch.Tensor, bits=(2, 8), fl_jitter: int = 0, seed: int = 0,
+             example: tuple | None = None) -> fx.GraphModule:
+    """Capture, quantize (random bits in ``bits``, FL fitted to range ± jitter), train one step, fold BN."""
+    rng = random.Random(seed)
+    gm = capture(model, example)
+    InsertQuantizers()(gm)
+    gm.train()
+    gm(x)  # BN running statistics move away from their init
+    calibrate(gm, x)
+    for q in quantizers(gm).values():
+        b = rng.randint(*bits)
+        q.set_format(FixedPoint(b, fit_frac_bits(float(q.amax), b) + rng.randint(-fl_jitter, fl_jitter)))
+    gm.eval()
+    FoldBatchNorm()(gm)
+    return gm
+
+
+def fx_integer_outputs(gm: fx.GraphModule, x: torch.Tensor, frac_bits: int) -> np.ndarray:
+    """The fx graph run in float64, output converted to integers (asserted to be integral)."""
+    with torch.no_grad():
+        y = gm.double()(x.double()).numpy()
+    gm.float()
+    k = np.ldexp(y, frac_bits)
+    assert np.array_equal(k, np.rint(k)), "fx float64 output is not on its fixed-point grid"
+    return k.astype(np.int64)

@@ -1,0 +1,75 @@
+"""InsertQuantizers: structure, names, sharing, idempotence, numerics when off."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from fxquant.fixed_point import FixedPoint
+from fxquant.passes import InsertQuantizers, StripQuantizers, capture
+from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer, quantizers
+
+
+def quantizer_calls(gm) -> list[str]:
+    return [gm.get_submodule(n.target).layer + "/" + gm.get_submodule(n.target).role
+            for n in gm.graph.nodes if n.op == "call_module"
+            and isinstance(gm.get_submodule(n.target), FixedPointQuantizer)]
+
+
+def test_mlp_structure_and_names(mlp):
+    gm = capture(mlp)
+    assert InsertQuantizers()(gm).modified
+    assert sorted(quantizer_calls(gm)) == sorted(["input/act", "fc1/weight", "fc1/act", "fc2/weight", "fc2/act"])
+    assert sum(isinstance(m, BiasQuantizer) for m in gm.modules()) == 2
+
+
+def test_off_quantizers_preserve_the_float_model(cnn):
+    cnn.eval()
+    x = torch.randn(4, 1, 8, 8)
+    gm = capture(cnn)
+    InsertQuantizers()(gm)
+    gm.eval()
+    assert torch.allclose(gm(x), cnn(x), atol=1e-6)
+
+
+def test_residual_add_inputs_and_output_quantized_once(resblock):
+    gm = capture(resblock)
+    InsertQuantizers()(gm)
+    calls = quantizer_calls(gm)
+    # the block input feeds conv1 and the add: one shared quantizer, named after its producer
+    assert calls.count("input/act") == 1
+    assert "conv2/act" in calls and ".add/act" in calls or "add/act" in calls
+    add = next(n for n in gm.graph.nodes if n.name.startswith("add"))
+    for arg in add.args:
+        assert arg.op == "call_module" and isinstance(gm.get_submodule(arg.target), FixedPointQuantizer)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    assert isinstance(gm.get_submodule(output.args[0].target), FixedPointQuantizer)
+
+
+def test_idempotent_and_pass_manager(cnn):
+    gm = capture(cnn)
+    result = PassManager(passes=[InsertQuantizers(FixedPoint(8, 4), FixedPoint(8, 4))])(gm)
+    n = len(quantizers(result.graph_module))
+    again = InsertQuantizers()(result.graph_module)
+    assert not again.modified and len(quantizers(again.graph_module)) == n
+
+
+def test_strip_restores_float(cnn):
+    cnn.eval()
+    x = torch.randn(2, 1, 8, 8)
+    gm = capture(cnn)
+    InsertQuantizers(FixedPoint(4, 2), FixedPoint(4, 2))(gm)
+    gm.eval()
+    assert not torch.allclose(gm(x), cnn(x))
+    assert StripQuantizers()(gm).modified
+    assert not quantizers(gm) and torch.allclose(gm(x), cnn(x), atol=1e-6)
+    assert not StripQuantizers()(gm).modified
+
+
+def test_export_captured_graph_gets_same_layer_names(mlp):
+    from tests.passes.test_capture import SizeLoop
+
+    model = SizeLoop()
+    gm = capture(model, (torch.randn(2, 8),))
+    InsertQuantizers()(gm)
+    assert sorted(quantizer_calls(gm)) == ["fc/act", "fc/weight", "input/act"]
