@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fxquant.bench import machine  # noqa: E402
 from fxquant.model_file import load_model_file  # noqa: E402
-from fxquant.passes import InsertQuantizers, capture  # noqa: E402
+from fxquant.passes import FuseReluIntoQuantizers, InsertQuantizers, capture  # noqa: E402
 from fxquant.policies.static import StaticPolicy  # noqa: E402
 
 
@@ -62,6 +62,7 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch,))
     gm = capture(copy.deepcopy(fp32), mf.example_inputs())
     InsertQuantizers()(gm)
+    FuseReluIntoQuantizers()(gm)  # the trainer's pipeline
     gm.train()
     policy = StaticPolicy(bits=args.bits)
     policy.on_train_begin(gm, x)

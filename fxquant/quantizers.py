@@ -38,6 +38,7 @@ class FixedPointQuantizer(nn.Module):
         self.layer = layer
         self.role = role
         self.kind = kind  # op kind of the layer (conv2d, linear, add, input, …), for maps and reports
+        self.relu = False  # a ReLU fused in by FuseReluIntoQuantizers: y = q(relu(x))
         self.register_buffer("bits", torch.tensor(fmt.bits, dtype=torch.int32))
         self.register_buffer("frac_bits", torch.tensor(fmt.frac_bits or 0, dtype=torch.int32))
         self.register_buffer("grad_bits", torch.tensor(check_bits(grad_bits, "grad_bits"), dtype=torch.int32))
@@ -62,13 +63,14 @@ class FixedPointQuantizer(nn.Module):
             with torch.no_grad():
                 self.seed.add_(1)
         y, amax = torch.ops.fxquant.quantize(x, kernel_bits(self.bits), self.frac_bits,
-                                             kernel_bits(self.grad_bits), self.stochastic, self.seed)
+                                             kernel_bits(self.grad_bits), self.stochastic, self.seed, self.relu)
         with torch.no_grad():
             self.amax.copy_(amax)
         return y
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer!r}, role={self.role}, fmt={self.fmt}, grad_bits={int(self.grad_bits)}"
+        relu = ", relu" if self.relu else ""
+        return f"layer={self.layer!r}, role={self.role}, fmt={self.fmt}, grad_bits={int(self.grad_bits)}{relu}"
 
 
 class BiasQuantizer(nn.Module):

@@ -37,7 +37,7 @@ from fxquant.errors import CheckpointError, ModelFileError, RunDirError, Trainin
 from fxquant.fixed_point import MIN_BITS
 from fxquant.io import atomic_write_json
 from fxquant.model_file import ModelFile, load_model_file
-from fxquant.passes import FoldBatchNorm, InsertQuantizers, capture
+from fxquant.passes import FoldBatchNorm, FuseReluIntoQuantizers, InsertQuantizers, capture
 from fxquant.policies import make_policy
 from fxquant.policies.base import Policy, mean_bits
 from fxquant.precision_map import PrecisionMap
@@ -59,6 +59,7 @@ def build_quantized_graph(mf: ModelFile) -> fx.GraphModule:
     """model.py → captured graph with (initially off) quantizers."""
     gm = capture(mf.model(), mf.example_inputs())
     InsertQuantizers()(gm)
+    FuseReluIntoQuantizers()(gm)
     return gm
 
 

@@ -9,17 +9,19 @@ import torch
 from torch import fx, nn
 
 from fxquant.fixed_point import FixedPoint, fit_frac_bits
-from fxquant.passes import FoldBatchNorm, InsertQuantizers, capture
+from fxquant.passes import FoldBatchNorm, FuseReluIntoQuantizers, InsertQuantizers, capture
 from fxquant.policies.base import calibrate
 from fxquant.quantizers import quantizers
 
 
 def deployed(model: nn.Module, x: torch.Tensor, bits=(2, 8), fl_jitter: int = 0, seed: int = 0,
-             example: tuple | None = None) -> fx.GraphModule:
+             example: tuple | None = None, fuse_relu: bool = True) -> fx.GraphModule:
     """Capture, quantize (random bits in ``bits``, FL fitted to range ± jitter), train one step, fold BN."""
     rng = random.Random(seed)
     gm = capture(model, example)
     InsertQuantizers()(gm)
+    if fuse_relu:
+        FuseReluIntoQuantizers()(gm)
     gm.train()
     gm(x)  # BN running statistics move away from their init
     calibrate(gm, x)

@@ -1,8 +1,9 @@
 """The fused fixed-point quantize op used on the training hot path.
 
-``torch.ops.fxquant.quantize(x, bits, frac_bits, grad_bits, stochastic, seed) -> (y, amax)``
+``torch.ops.fxquant.quantize(x, bits, frac_bits, grad_bits, stochastic, seed, relu) -> (y, amax)``
 computes ``y = clamp(round(x*2^FL), -2^(BW-1), 2^(BW-1)-1) * 2^-FL`` and ``amax = max|x|`` in one
-elementwise pass (formula, tie rule and saturation: :mod:`fxquant.fixed_point`). Its backward is
+elementwise pass; ``relu=True`` fuses a preceding ReLU (lower clamp 0: ``q(relu(x))`` exactly, and
+the backward mask includes ReLU's ``x > 0``), which saves the ReLU's own two passes (formula, tie rule and saturation: :mod:`fxquant.fixed_point`). Its backward is
 one fused pass too: the straight-through estimator ``g * [x*2^FL inside the integer range]``,
 followed (only when ``grad_bits > 0``) by quantization of the gradient to ``grad_bits`` with a
 dynamic FL fitted to the gradient's range.
@@ -75,11 +76,11 @@ def _library() -> ctypes.CDLL:
         ptr = ctypes.POINTER(ctype)
         fwd = getattr(lib, f"fxq_quantize_{suffix}")
         fwd.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-                        ctypes.c_int, ctypes.c_uint64, ptr, ctypes.c_int]
+                        ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ptr, ctypes.c_int]
         fwd.restype = None
         bwd = getattr(lib, f"fxq_ste_backward_{suffix}")
         bwd.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_int]
+                        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
         bwd.restype = None
     return lib
 
@@ -94,8 +95,10 @@ def _suffix(x: torch.Tensor) -> str:
 
 
 def _torch_quantize(x: torch.Tensor, bits: torch.Tensor, frac_bits: torch.Tensor,
-                    stochastic: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+                    stochastic: torch.Tensor, seed: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """The formula as composite torch ops (non-CPU devices; ``FXQUANT_KERNELS=torch``)."""
+    if relu:
+        x = torch.relu(x)
     scale = torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), frac_bits.to(x.device))
     half = torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), (bits - 1).to(x.device))
     scaled = x * scale
@@ -115,32 +118,36 @@ def _torch_fit_frac_bits(max_abs: torch.Tensor, bits: torch.Tensor) -> torch.Ten
 
 @torch.library.custom_op("fxquant::quantize", mutates_args=())
 def quantize(x: torch.Tensor, bits: torch.Tensor, frac_bits: torch.Tensor, grad_bits: torch.Tensor,
-             stochastic: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+             stochastic: torch.Tensor, seed: torch.Tensor, relu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-point quantize with the max magnitude of the input (see module docstring)."""
     if not _use_c_kernel(x):
-        return _torch_quantize(x, bits, frac_bits, stochastic, seed), x.detach().abs().amax().reshape(())
+        y = _torch_quantize(x, bits, frac_bits, stochastic, seed, relu)
+        return y, (torch.relu(x) if relu else x.abs()).detach().amax().reshape(())
     x = x.contiguous()
     y = torch.empty_like(x)
     amax = torch.zeros((), dtype=x.dtype)
     fn = getattr(_library(), f"fxq_quantize_{_suffix(x)}")
     fn(x.data_ptr(), y.data_ptr(), x.numel(), int(bits), int(frac_bits), int(bool(stochastic)),
-       int(seed) & (2**64 - 1), ctypes.cast(amax.data_ptr(), fn.argtypes[7]), torch.get_num_threads())
+       int(seed) & (2**64 - 1), int(relu), ctypes.cast(amax.data_ptr(), fn.argtypes[8]), torch.get_num_threads())
     return y, amax
 
 
 @quantize.register_fake
-def _(x, bits, frac_bits, grad_bits, stochastic, seed):
+def _(x, bits, frac_bits, grad_bits, stochastic, seed, relu=False):
     return torch.empty_like(x), x.new_empty(())
 
 
 @torch.library.custom_op("fxquant::ste_backward", mutates_args=())
 def ste_backward(grad: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, frac_bits: torch.Tensor,
-                 grad_bits: torch.Tensor, stochastic: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+                 grad_bits: torch.Tensor, stochastic: torch.Tensor, seed: torch.Tensor,
+                 relu: bool = False) -> torch.Tensor:
     """Straight-through gradient, then gradient quantization to ``grad_bits`` (dynamic FL)."""
     if not _use_c_kernel(x):
         scaled = x * torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), frac_bits.to(x.device))
         half = torch.ldexp(torch.ones((), dtype=x.dtype, device=x.device), (bits - 1).to(x.device))
-        inside = (scaled >= -half) & (scaled <= half - 1) | (bits.to(x.device) <= 0)
+        off = bits.to(x.device) <= 0
+        lower = (scaled > 0) if relu else ((scaled >= -half) | off)
+        inside = lower & ((scaled <= half - 1) | off)
         g = torch.where(inside, grad, torch.zeros_like(grad))
         fl = _torch_fit_frac_bits(g.abs().amax(), grad_bits.to(g.device))
         return _torch_quantize(g, grad_bits, fl, stochastic, seed ^ _GRAD_SEED_SALT)
@@ -148,23 +155,25 @@ def ste_backward(grad: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, frac_b
     out = torch.empty_like(grad)
     getattr(_library(), f"fxq_ste_backward_{_suffix(x)}")(
         grad.data_ptr(), x.data_ptr(), out.data_ptr(), x.numel(), int(bits), int(frac_bits),
-        int(grad_bits), int(bool(stochastic)), int(seed) & (2**64 - 1), torch.get_num_threads())
+        int(grad_bits), int(bool(stochastic)), int(seed) & (2**64 - 1), int(relu), torch.get_num_threads())
     return out
 
 
 @ste_backward.register_fake
-def _(grad, x, bits, frac_bits, grad_bits, stochastic, seed):
+def _(grad, x, bits, frac_bits, grad_bits, stochastic, seed, relu=False):
     return torch.empty_like(grad)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, bits, frac_bits, grad_bits, stochastic, seed = inputs
+    x, bits, frac_bits, grad_bits, stochastic, seed, relu = inputs
     ctx.save_for_backward(x, bits, frac_bits, grad_bits, stochastic, seed)
+    ctx.relu = relu
 
 
 def _backward(ctx, grad_y, grad_amax):
     x, bits, frac_bits, grad_bits, stochastic, seed = ctx.saved_tensors
-    return ste_backward(grad_y, x, bits, frac_bits, grad_bits, stochastic, seed), None, None, None, None, None
+    grad_x = ste_backward(grad_y, x, bits, frac_bits, grad_bits, stochastic, seed, ctx.relu)
+    return grad_x, None, None, None, None, None, None
 
 
 quantize.register_autograd(_backward, setup_context=_setup_context)

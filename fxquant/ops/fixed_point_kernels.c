@@ -6,7 +6,10 @@
  *             floor(x*2^FL + u), u in [0,1) from a counter-based hash of (seed, index).
  *             BW <= 0 means off: y = x (callers map the spec's 32 = off to 0); BW = 32 saturates
  *             to int32 (biases).
- *   backward: g_in = g * [ -2^(BW-1) <= x*2^FL <= 2^(BW-1)-1 ]   (straight-through estimator)
+ *             relu != 0 fuses a preceding ReLU: the lower clamp is 0 (q(relu(x)) == clamp(round(x*2^FL), 0, hi)
+ *             exactly, for nearest and stochastic rounding) and amax = max(relu(x)).
+ *   backward: g_in = g * [ -2^(BW-1) <= x*2^FL <= 2^(BW-1)-1 ]   (straight-through estimator;
+ *             with relu: g * [ 0 < x*2^FL <= 2^(BW-1)-1 ], ReLU's own gradient included)
  *             then, if grad_bits > 0, g_in is quantized to grad_bits with the dynamic
  *             FL = grad_bits - 2 - floor(log2 max|g_in|)   (second pass).
  * Build: cc -O3 -march=native -fopenmp -fno-math-errno -shared -fPIC (see fxquant/ops/__init__.py).
@@ -57,20 +60,25 @@ static void quantize_core_##SUF(const T* x, T* y, int64_t n, int bits, int fl, i
 }                                                                                                 \
                                                                                                   \
 void fxq_quantize_##SUF(const T* x, T* y, int64_t n, int bits, int fl, int stochastic,           \
-                        uint64_t seed, T* amax_out, int nthreads) {                               \
+                        uint64_t seed, int relu, T* amax_out, int nthreads) {                     \
     T m = 0;                                                                                      \
     if (bits <= 0) {                                                                             \
-        _Pragma("omp parallel for simd num_threads(nthreads) schedule(static) reduction(max:m)")  \
-        for (int64_t i = 0; i < n; ++i) { T a = FABS(x[i]); m = a > m ? a : m; y[i] = x[i]; }     \
+        if (relu) {                                                                               \
+            _Pragma("omp parallel for simd num_threads(nthreads) schedule(static) reduction(max:m)") \
+            for (int64_t i = 0; i < n; ++i) { T v = x[i] > 0 ? x[i] : (T)0; m = v > m ? v : m; y[i] = v; } \
+        } else {                                                                                  \
+            _Pragma("omp parallel for simd num_threads(nthreads) schedule(static) reduction(max:m)") \
+            for (int64_t i = 0; i < n; ++i) { T a = FABS(x[i]); m = a > m ? a : m; y[i] = x[i]; } \
+        }                                                                                         \
         *amax_out = m;                                                                            \
         return;                                                                                   \
     }                                                                                             \
     const T s = (T)ldexp(1.0, fl), inv = (T)ldexp(1.0, -fl);                                      \
-    const T lo = (T)(-ldexp(1.0, bits - 1)), hi = (T)(ldexp(1.0, bits - 1) - 1.0);                \
+    const T lo = relu ? (T)0 : (T)(-ldexp(1.0, bits - 1)), hi = (T)(ldexp(1.0, bits - 1) - 1.0);  \
     if (!stochastic) {                                                                            \
         _Pragma("omp parallel for simd num_threads(nthreads) schedule(static) reduction(max:m)")  \
         for (int64_t i = 0; i < n; ++i) {                                                         \
-            T a = FABS(x[i]); m = a > m ? a : m;                                                  \
+            T a = relu ? x[i] : FABS(x[i]); m = a > m ? a : m;                                    \
             T r = RINT(x[i] * s);                                                                 \
             r = r < lo ? lo : (r > hi ? hi : r);                                                  \
             y[i] = r * inv;                                                                       \
@@ -78,7 +86,7 @@ void fxq_quantize_##SUF(const T* x, T* y, int64_t n, int bits, int fl, int stoch
     } else {                                                                                      \
         _Pragma("omp parallel for num_threads(nthreads) schedule(static) reduction(max:m)")       \
         for (int64_t i = 0; i < n; ++i) {                                                         \
-            T a = FABS(x[i]); m = a > m ? a : m;                                                  \
+            T a = relu ? x[i] : FABS(x[i]); m = a > m ? a : m;                                    \
             T r = FLOOR(x[i] * s + (T)uniform01(seed, i));                                        \
             r = r < lo ? lo : (r > hi ? hi : r);                                                  \
             y[i] = r * inv;                                                                       \
@@ -88,14 +96,19 @@ void fxq_quantize_##SUF(const T* x, T* y, int64_t n, int bits, int fl, int stoch
 }                                                                                                 \
                                                                                                   \
 void fxq_ste_backward_##SUF(const T* g, const T* x, T* gi, int64_t n, int bits, int fl,          \
-                            int grad_bits, int stochastic, uint64_t seed, int nthreads) {         \
+                            int grad_bits, int stochastic, uint64_t seed, int relu, int nthreads) { \
     T m = 0;                                                                                      \
-    if (bits <= 0) {                                                                             \
+    const T s = bits <= 0 ? (T)1 : (T)ldexp(1.0, fl);                                             \
+    const T hi = bits <= 0 ? (T)INFINITY : (T)(ldexp(1.0, bits - 1) - 1.0);                       \
+    const T lo = bits <= 0 ? (T)-INFINITY : (T)(-ldexp(1.0, bits - 1));                           \
+    if (relu) {                                                                                   \
         _Pragma("omp parallel for simd num_threads(nthreads) schedule(static) reduction(max:m)")  \
-        for (int64_t i = 0; i < n; ++i) { gi[i] = g[i]; T a = FABS(g[i]); m = a > m ? a : m; }    \
+        for (int64_t i = 0; i < n; ++i) {                                                         \
+            T xs = x[i] * s;                                                                      \
+            T v = (xs > 0 && xs <= hi) ? g[i] : (T)0;                                             \
+            gi[i] = v; T a = FABS(v); m = a > m ? a : m;                                          \
+        }                                                                                         \
     } else {                                                                                      \
-        const T s = (T)ldexp(1.0, fl);                                                            \
-        const T lo = (T)(-ldexp(1.0, bits - 1)), hi = (T)(ldexp(1.0, bits - 1) - 1.0);            \
         _Pragma("omp parallel for simd num_threads(nthreads) schedule(static) reduction(max:m)")  \
         for (int64_t i = 0; i < n; ++i) {                                                         \
             T xs = x[i] * s;                                                                      \

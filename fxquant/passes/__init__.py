@@ -1,14 +1,15 @@
 """Graph passes: each a ``torch.fx.passes.infra.pass_base.PassBase`` usable in fx's ``PassManager``.
 
-Order: :func:`capture` → :class:`InsertQuantizers` → (train under a policy) →
+Order: :func:`capture` → :class:`InsertQuantizers` → :class:`FuseReluIntoQuantizers` → (train under a policy) →
 :class:`FoldBatchNorm` → :func:`lower_to_integer_graph` (deployment). :class:`StripQuantizers`
 undoes the insertion. ``docs/passes.md`` shows the pipeline with the PassManager.
 """
 
 from fxquant.passes.capture import capture
 from fxquant.passes.fold_batchnorm import FoldBatchNorm
+from fxquant.passes.fuse_relu import FuseReluIntoQuantizers
 from fxquant.passes.insert_quantizers import InsertQuantizers
 from fxquant.passes.lower_to_integer_graph import lower_to_integer_graph
 from fxquant.passes.strip_quantizers import StripQuantizers
 
-__all__ = ["capture", "FoldBatchNorm", "InsertQuantizers", "StripQuantizers", "lower_to_integer_graph"]
+__all__ = ["capture", "FoldBatchNorm", "FuseReluIntoQuantizers", "InsertQuantizers", "StripQuantizers", "lower_to_integer_graph"]

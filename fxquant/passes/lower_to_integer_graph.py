@@ -100,17 +100,22 @@ class _Lowering:
             return
         name = self.value_of[src]
         root = self.root_of.get(name)
-        if root is not None and root.out_fmt is None:
+        if root is None:  # already on a grid: an explicit change of format
+            op = Op(q.layer, "requantize", (name,), node.name, out_fmt=fmt, attrs={"relu": q.relu})
+            self.emit(node, op, pending=False)
+            return
+        if root.out_fmt is None:
             root.out_fmt = fmt
-            self.value_of[node] = name
-        elif root is not None and root.out_fmt == fmt:
-            self.value_of[node] = name
-        elif root is not None:
+        elif root.out_fmt != fmt:
             raise ExportError(f"value {name!r} reaches quantizers of two formats ({root.out_fmt} and {fmt} "
                               f"for layer {q.layer!r})", "share one quantizer for the value")
-        else:
-            op = Op(q.layer, "requantize", (name,), node.name, out_fmt=fmt)
-            self.emit(node, op, pending=False)
+        self.value_of[node] = name
+        if q.relu:  # a ReLU fused into the quantizer: onto the op itself when nothing else reads it
+            if root.output == name and len(src.users) == 1:
+                root.attrs["relu"] = True
+            else:
+                self.emit(node, Op(node.name, "relu", (name,), node.name, out_fmt=None), pending=False)
+                self.root_of[node.name] = root
 
     def resolved(self, node: fx.Node, what: str) -> str:
         """The IR value of ``node``, which must already be on a fixed-point grid."""

@@ -1,12 +1,13 @@
 """Remove every quantizer from a graph (the inverse of :class:`InsertQuantizers`).
 
-Each quantizer node is replaced by its input, quantizer modules are deleted; Conv/Linear stay in
+Each quantizer node is replaced by its input (by ``relu(input)`` where a ReLU was fused into it), quantizer modules are deleted; Conv/Linear stay in
 their functional ``aten`` form on the original parameters, so the result computes the float model.
 Idempotent (``modified=False`` when there is nothing to strip).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
@@ -20,7 +21,11 @@ class StripQuantizers(PassBase):
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)),
                                                        (FixedPointQuantizer, BiasQuantizer)):
-                node.replace_all_uses_with(node.args[0])
+                replacement = node.args[0]
+                if getattr(gm.get_submodule(str(node.target)), "relu", False):  # undo FuseReluIntoQuantizers
+                    with gm.graph.inserting_before(node):
+                        replacement = gm.graph.call_function(torch.relu, (node.args[0],))
+                node.replace_all_uses_with(replacement)
                 gm.graph.erase_node(node)
                 modified = True
         for node in list(gm.graph.nodes):  # the bias quantizers' reads of FL/bits buffers

@@ -73,3 +73,39 @@ def test_export_captured_graph_gets_same_layer_names(mlp):
     gm = capture(model, (torch.randn(2, 8),))
     InsertQuantizers()(gm)
     assert sorted(quantizer_calls(gm)) == ["fc/act", "fc/weight", "input/act"]
+
+
+def test_fuse_relu_keeps_numerics_and_strip_restores(resblock):
+    from fxquant.passes import FuseReluIntoQuantizers
+
+    x = torch.randn(8, 4, 8, 8)
+    gm = capture(resblock)
+    InsertQuantizers(FixedPoint(6, 3), FixedPoint(6, 3))(gm)
+    gm.eval()
+    before = gm(x)
+    relus = sum(n.target is torch.relu for n in gm.graph.nodes)
+    assert FuseReluIntoQuantizers()(gm).modified
+    assert sum(n.target is torch.relu for n in gm.graph.nodes) == relus - 2  # both relus feed quantizers
+    assert torch.equal(gm(x), before)
+    assert not FuseReluIntoQuantizers()(gm).modified
+    StripQuantizers()(gm)
+    resblock.eval()
+    assert torch.allclose(gm(x), resblock(x), atol=1e-6)
+
+
+def test_fused_relu_gradient_matches_unfused(resblock):
+    from fxquant.passes import FuseReluIntoQuantizers
+
+    x = torch.randn(8, 4, 8, 8)
+    grads = []
+    for fuse in (False, True):
+        gm = capture(resblock)
+        InsertQuantizers(FixedPoint(6, 3), FixedPoint(6, 3))(gm)
+        if fuse:
+            assert FuseReluIntoQuantizers()(gm).modified
+        gm.eval()
+        resblock.zero_grad()
+        gm(x).sum().backward()
+        grads.append(resblock.conv1.weight.grad.clone())
+        StripQuantizers()(gm)
+    assert torch.equal(grads[0], grads[1])

@@ -16,11 +16,12 @@ from tests.helpers import deployed, fx_integer_outputs
 
 @pytest.mark.parametrize("name,shape", [("mlp", (64, 16)), ("cnn", (64, 1, 8, 8)), ("resblock", (64, 4, 8, 8))])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_integer_graph_matches_fx_simulation(request, name, shape, seed):
+@pytest.mark.parametrize("fuse_relu", [True, False])
+def test_integer_graph_matches_fx_simulation(request, name, shape, seed, fuse_relu):
     model = request.getfixturevalue(name)
     torch.manual_seed(seed)
     x = torch.randn(*shape) * 3
-    gm = deployed(model, x, bits=(2, 8), fl_jitter=2, seed=seed)
+    gm = deployed(model, x, bits=(2, 8), fl_jitter=2, seed=seed, fuse_relu=fuse_relu)
     graph = lower_to_integer_graph(gm, x[:1])
     out = graph.run(*graph.quantize_inputs(x.numpy()))[graph.outputs[0]]
     fl = graph.values[graph.outputs[0]].fmt.frac_bits
