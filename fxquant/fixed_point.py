@@ -140,17 +140,26 @@ def dequantize(k: np.ndarray, frac_bits: int) -> np.ndarray:
 
 
 def shift_round_half_even(k: np.ndarray, shift: int) -> np.ndarray:
-    """``round_half_even(k * 2^shift)`` for int64 ``k``: a left shift, or a rounding right shift.
+    """``round_half_even(k * 2^shift)`` for int64 ``k``, without int64 overflow.
 
-    For ``s = -shift > 0``: ``(k + 2^(s-1) - 1 + ((k >> s) & 1)) >> s`` (arithmetic shifts),
-    which is round-to-nearest with ties to the even neighbour.
+    Right shift by ``s = -shift``: ``q = k >> s`` (floor), remainder ``r = k - q*2^s`` in
+    ``[0, 2^s)``; add one when ``r > 2^(s-1)``, or ``r == 2^(s-1)`` and ``q`` is odd (ties to even).
+    ``s >= 64`` gives 0 (``|k| <= 2^63``). A left shift whose result leaves int64 saturates to the
+    int64 range (every caller saturates to at most 32 bits afterwards).
     """
     k = np.asarray(k, dtype=np.int64)
     if shift >= 0:
-        return k << np.int64(shift)
-    s = np.int64(-shift)
-    half_minus_one = (np.int64(1) << (s - 1)) - 1
-    return (k + half_minus_one + ((k >> s) & 1)) >> s
+        if shift >= 62:
+            return np.sign(k) * np.int64(2**62)
+        limit = np.int64(1) << np.int64(62 - shift)
+        return np.clip(k, -limit, limit) << np.int64(shift)
+    s = -shift
+    if s >= 64:
+        return np.zeros_like(k)
+    q = k >> np.int64(s)
+    r = k - (q << np.int64(s)) if s < 63 else np.where(q < 0, k + np.int64(2**62) + np.int64(2**62), k)
+    half = np.int64(1) << np.int64(s - 1)
+    return q + ((r > half) | ((r == half) & ((q & 1) == 1))).astype(np.int64)
 
 
 def requantize(k: np.ndarray, frac_bits_from: int, fmt_to: FixedPoint) -> np.ndarray:

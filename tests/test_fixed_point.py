@@ -102,10 +102,17 @@ def test_gradient_quantization_dynamic_frac_bits():
     assert len(torch.unique(x.grad)) <= 16
 
 
-@given(st.integers(-(2**40), 2**40), st.integers(-20, 20))
+@given(st.integers(-(2**63), 2**63 - 1), st.integers(-70, 0))
 def test_shift_round_half_even_is_exact_rounding(k, shift):
     got = int(shift_round_half_even(np.array([k]), shift)[0])
     assert got == round(Fraction(k) * Fraction(2) ** shift)  # Python rounds halves to even
+
+
+@given(st.integers(-(2**40), 2**40), st.integers(0, 70))
+def test_left_shift_saturates_instead_of_wrapping(k, shift):
+    got = int(shift_round_half_even(np.array([k]), shift)[0])
+    exact = k * 2**shift
+    assert got == exact if abs(exact) <= 2**62 else (got > 0) == (exact > 0) and abs(got) >= 2**31
 
 
 @given(st.integers(-(2**30), 2**30), st.integers(-10, 20), bits_st, fl_st)

@@ -8,10 +8,14 @@ Nothing here is numeric: the fixed-point math (rounding, saturation, requantizat
 * :func:`float_op`: the float ONNX node of one integer op's *accumulation* (Conv, Gemm, MatMul,
   Add/Sum, Concat, AveragePool, MaxPool, Relu, Flatten) on float tensors, without the
   requantization and without the fused ReLU, which each flavour places itself;
-* :func:`check_exportable`: every value has a fixed ``<BW,FL>`` and every op has an ONNX form.
+* :func:`check_exportable` (every value has a fixed ``<BW,FL>``, every op an exact ONNX form) and
+  :func:`check_opset`;
+* :func:`accumulator_bound` / :func:`float32_risks`: the worst-case ``|acc|`` of an op and the ops
+  whose accumulator float32 cannot hold (``> 2^24``), where onnxruntime's float32 requantization
+  may round twice.
 
 The real value of an integer ``k`` at ``<BW,FL>`` is ``k * 2^-FL``; every scale is the power of
-two ``2^-FL`` (:attr:`fxquant.fixed_point.FixedPoint.scale`), held in float32, which is exact for
+two ``2^-FL`` (:func:`fxquant.fixed_point.dequantize` of 1), held in float32, which is exact for
 ``-126 <= FL <= 127``.
 """
 
@@ -26,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fxquant.errors import ExportError, UnsupportedOpError, UsageError
-from fxquant.fixed_point import FixedPoint
+from fxquant.fixed_point import FixedPoint, dequantize
 from fxquant.integer_graph import IntegerGraph, Op
 
 META_PRECISION_MAP = "fxquant.precision_map"
@@ -51,7 +55,7 @@ def scale_of(frac_bits: int, what: str) -> np.float32:
     if not _FLOAT32_MIN_EXP <= -frac_bits <= _FLOAT32_MAX_EXP:
         raise ExportError(f"{what}: scale 2^{-frac_bits} is outside the float32 normal range",
                           f"keep frac_bits in [{-_FLOAT32_MAX_EXP}, {-_FLOAT32_MIN_EXP}]")
-    return np.float32(math.ldexp(1.0, -frac_bits))
+    return np.float32(dequantize(np.int64(1), frac_bits))
 
 
 MIN_OPSET = 13
@@ -179,9 +183,12 @@ def float_io(name: str, shape: tuple[int, ...]) -> onnx.ValueInfoProto:
 
 
 def conv_attrs(op: Op) -> dict[str, Any]:
-    """ONNX Conv/ConvInteger attributes of a ``conv2d`` op."""
+    """ONNX Conv/ConvInteger attributes of a ``conv2d`` op (``kernel_shape`` too, which hls4ml's
+    QONNX front end needs although ONNX makes it optional)."""
+    assert op.weight is not None  # check_exportable
     ph, pw = op.attrs.get("padding", (0, 0))
-    return {"strides": list(op.attrs.get("stride", (1, 1))), "pads": [ph, pw, ph, pw],
+    return {"kernel_shape": list(op.weight.shape[2:]), "strides": list(op.attrs.get("stride", (1, 1))),
+            "pads": [ph, pw, ph, pw],
             "dilations": list(op.attrs.get("dilation", (1, 1))), "group": op.attrs.get("groups", 1)}
 
 

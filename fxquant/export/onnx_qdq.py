@@ -29,6 +29,12 @@ the grid). ``cat`` requantizes each input to ``out_fmt`` the same way and concat
 onto the integers by :class:`fxquant.export.passes.FoldTransparentQdq`; graph inputs
 are ``QuantizeLinear [→ Clip]``, outputs ``DequantizeLinear`` (float ``k * 2^-FL``).
 
+onnxruntime's QLinear kernels requantize ``float(acc)``: exact only for ``|acc| <= 2^24``. An 8-bit
+Conv/Gemm whose worst-case accumulator is larger is exported instead as
+ConvInteger/MatMulInteger (+ int32 bias) followed by ``Cast(double) → Mul(2^(FL_out-FL_acc)) →
+Round → Add(zero point) → Clip → Cast`` (exact in float64); ops still computed in float32 with
+such accumulators (int16 ones, MatMul) are listed in the ``fxquant.float32_risk_ops`` metadata.
+
 With 8-bit activations onnxruntime (``ORT_ENABLE_ALL``) turns the whole graph into
 QLinearConv / QGemm / QLinearMatMul / QLinearAdd / QLinearAveragePool, uint8 Clip, MaxPool,
 Flatten and Concat between one QuantizeLinear at the input and one DequantizeLinear at the output.
@@ -37,7 +43,6 @@ Flatten and Concat between one QuantizeLinear at the input and one DequantizeLin
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -56,7 +61,7 @@ from fxquant.export.onnx_builder import (FLOAT32_EXACT_BOUND, GraphBuilder, accu
                                          scale_of)
 from fxquant.export.passes import FoldTransparentQdq
 from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
-from fxquant.integer_graph import COMPUTE_KINDS, IntegerGraph, Op
+from fxquant.integer_graph import IntegerGraph, Op
 
 DEFAULT_OPSET = 21
 NARROW_STORAGE_OPSET = 21
@@ -127,7 +132,8 @@ class _QdqBuilder:
         return activation_storage(fmt.bits, self.opset, what, ort_x86=self.ort_x86)
 
     def _q(self, f: str, frac_bits: int, st: Storage, base: str) -> str:
-        return self.b.node("QuantizeLinear", [f, self.b.const("scale", scale_of(frac_bits, base)), self._zero(st)], base)
+        scale = self.b.const("scale", scale_of(frac_bits, base))
+        return self.b.node("QuantizeLinear", [f, scale, self._zero(st)], base)
 
     def _dq(self, t: str, frac_bits: int, st: Storage, base: str, output: str | None = None) -> str:
         return self.b.node("DequantizeLinear", [t, self.b.const("scale", scale_of(frac_bits, base)), self._zero(st)],
@@ -176,7 +182,8 @@ class _QdqBuilder:
         st = weight_storage(w, fmt.bits, self.opset, what, ort_x86=self.ort_x86)
         if st.dtype == TensorProto.INT4:
             packed = self.b.const(f"{op.name}.weight", w.astype(ml_dtypes.int4))  # raw, two per byte
-            return self.b.node("Cast", [packed], f"{op.name}.weight_int8", to=TensorProto.INT8), Storage(TensorProto.INT8)
+            widened = self.b.node("Cast", [packed], f"{op.name}.weight_int8", to=TensorProto.INT8)
+            return widened, Storage(TensorProto.INT8)
         return self.b.const(f"{op.name}.weight", (w + st.zero_point).astype(_NUMPY[st.dtype])), st
 
     def weight(self, op: Op) -> str:
@@ -188,38 +195,34 @@ class _QdqBuilder:
         return self.b.const("zero_point", np.array(st.zero_point, _NUMPY[st.dtype]))
 
     def needs_integer_accumulation(self, op: Op) -> bool:
-        """An 8-bit Conv/Gemm/MatMul whose accumulator float32 may not hold (see ``integer_op``)."""
-        fmts = [self.graph.values[i].fmt for i in op.inputs] + [op.out_fmt] + ([op.weight_fmt] if op.weight_fmt else [])
-        return (self.ort_x86 and op.kind in COMPUTE_KINDS and all(f.bits <= 8 for f in fmts)
-                and accumulator_bound(op, self.graph) > FLOAT32_EXACT_BOUND)
+        """An 8-bit Conv/Gemm whose accumulator float32 may not hold (see ``integer_op``)."""
+        if not self.ort_x86 or op.kind not in ("conv2d", "linear") or op.weight_fmt is None:
+            return False
+        fmts = (self.graph.values[op.inputs[0]].fmt, op.weight_fmt, op.out_fmt)
+        return all(f.bits <= 8 for f in fmts) and accumulator_bound(op, self.graph) > FLOAT32_EXACT_BOUND
 
     def integer_op(self, op: Op, relu: bool) -> str:
-        """Exact form of an op whose ``|acc|`` may exceed 2^24, where QLinearConv/QGemm would
+        """Exact form of a Conv/Gemm whose ``|acc|`` may exceed 2^24, where QLinearConv/QGemm would
         requantize ``float(acc)`` and round twice: ConvInteger/MatMulInteger (+ int32 bias) give
         ``acc``; ``Cast(double) → Mul(2^(FL_out-FL_acc)) → Round`` (half to even, exact in
         float64) ``→ Add(zero point) → Clip → Cast`` is :func:`fxquant.fixed_point.requantize`."""
-        xs = [self.ints[i] for i in op.inputs]
-        sts = [self.storage(self.graph.values[i].fmt, i) for i in op.inputs]
-        fl_acc = sum(int(self.graph.values[i].fmt.frac_bits or 0) for i in op.inputs)
-        if op.kind == "matmul":
-            acc = self.b.node("MatMulInteger", [*xs, *map(self._zero, sts)], f"{op.name}_acc")
-        else:
-            assert op.weight_fmt is not None and op.weight_fmt.frac_bits is not None  # check_exportable
-            w, wst = self.weight_ints(op, transpose=op.kind == "linear")
-            ins = [xs[0], w, self._zero(sts[0]), self._zero(wst)]
-            acc = (self.b.node("ConvInteger", ins, f"{op.name}_acc", **conv_attrs(op)) if op.kind == "conv2d"
-                   else self.b.node("MatMulInteger", ins, f"{op.name}_acc"))
-            fl_acc += op.weight_fmt.frac_bits
-            if op.bias is not None:
-                _check_fits(op.bias, BIAS_BITS, f"op {op.name!r} bias")
-                shape = (-1, 1, 1) if op.kind == "conv2d" else (-1,)
-                acc = self.b.node("Add", [acc, self.b.const(f"{op.name}.bias", op.bias.astype(np.int32).reshape(shape))],
-                                  f"{op.name}_acc_bias")
+        in_fmt, w_fmt = self.graph.values[op.inputs[0]].fmt, op.weight_fmt
+        assert w_fmt is not None and w_fmt.frac_bits is not None and in_fmt.frac_bits is not None  # checked
+        assert op.out_fmt.frac_bits is not None
+        w, wst = self.weight_ints(op, transpose=op.kind == "linear")
+        ins = [self.ints[op.inputs[0]], w, self._zero(self.storage(in_fmt, op.inputs[0])), self._zero(wst)]
+        acc = (self.b.node("ConvInteger", ins, f"{op.name}_acc", **conv_attrs(op)) if op.kind == "conv2d"
+               else self.b.node("MatMulInteger", ins, f"{op.name}_acc"))
+        if op.bias is not None:
+            _check_fits(op.bias, BIAS_BITS, f"op {op.name!r} bias")
+            shape = (-1, 1, 1) if op.kind == "conv2d" else (-1,)
+            bias = self.b.const(f"{op.name}.bias", op.bias.astype(np.int32).reshape(shape))
+            acc = self.b.node("Add", [acc, bias], f"{op.name}_acc_bias")
+        fl_acc = in_fmt.frac_bits + w_fmt.frac_bits
         st, (lo, hi) = self.storage(op.out_fmt, op.output), fmt_bounds(op.out_fmt, relu)
-        assert op.out_fmt.frac_bits is not None  # check_exportable
         d = self.b.node("Cast", [acc], f"{op.name}_acc_f64", to=TensorProto.DOUBLE)
-        d = self.b.node("Mul", [d, self.b.const("shift", np.float64(math.ldexp(1.0, op.out_fmt.frac_bits - fl_acc)))],
-                        f"{op.name}_scaled")
+        shift = self.b.const("shift", np.float64(dequantize(np.int64(1), fl_acc - op.out_fmt.frac_bits)))
+        d = self.b.node("Mul", [d, shift], f"{op.name}_scaled")
         d = self.b.node("Add", [self.b.node("Round", [d], f"{op.name}_rounded"),
                                 self.b.const("zero_point_f64", np.float64(st.zero_point))], f"{op.name}_stored")
         d = self.b.node("Clip", [d, self.b.const("clip_lo", np.float64(lo + st.zero_point)),
@@ -359,9 +362,11 @@ def export_onnx(graph: IntegerGraph, out_dir: Path, *, flavour: str = "qdq", ops
     """Write ``graph`` as ``model.onnx`` (qdq), ``model.qonnx.onnx`` or ``model.fp32.onnx``.
 
     Files are written atomically (temp file + ``os.replace``); ``export_report.json`` maps each
-    exported flavour to its report (file, bytes, opset, theoretical parameter bytes, op types and,
-    with ``verify_inputs``, the :func:`fxquant.export.verify.verify_onnx` result; a mismatch raises
-    before anything is written). Returns this flavour's report.
+    exported flavour to its report: ``path``, ``size_bytes``, ``theoretical_bytes``
+    (``graph.param_bits() / 8``), opset, IR version, op types and, with ``verify_inputs``, the
+    :func:`fxquant.export.verify.verify_onnx` figures (``n``, ``mismatches``, ``bit_exact``,
+    ``top1_agreement``, ...); a qdq/qonnx mismatch raises before anything is written. Returns this
+    flavour's report.
     """
     builders = _builders()
     if flavour not in builders:
@@ -377,14 +382,17 @@ def export_onnx(graph: IntegerGraph, out_dir: Path, *, flavour: str = "qdq", ops
     path = out_dir / FLAVOUR_FILES[flavour]
     data = model.SerializeToString()
     report: dict[str, Any] = {
-        "file": path.name, "bytes": len(data), "opset": next(o.version for o in model.opset_import if not o.domain),
-        "ir_version": model.ir_version, "theoretical_param_bytes": graph.param_bits() / 8,
+        "target": "onnx", "flavour": flavour, "path": str(path.resolve()), "size_bytes": len(data),
+        "theoretical_bytes": graph.param_bits() / 8, "ir_version": model.ir_version,
+        "opset": next(o.version for o in model.opset_import if not o.domain),
         "op_types": sorted({n.op_type for n in model.graph.node}),
     }
     if verify_inputs is not None:
         from fxquant.export.verify import verify_onnx
 
-        report["verify"] = verify_onnx(model, graph, verify_inputs, flavour)
+        checked = verify_onnx(model, graph, verify_inputs, flavour)
+        report.update({k: checked[k] for k in ("n", "mismatches", "max_abs_int_diff", "top1_agreement",
+                                                "float32_risk_ops")}, bit_exact=checked["mismatches"] == 0)
     report_path = out_dir / REPORT_FILE
     reports: dict[str, Any] = {}
     if report_path.exists():

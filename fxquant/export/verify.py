@@ -11,9 +11,9 @@ Why exact equality holds (measured with onnxruntime 1.32 on AVX2, ``docs/onnx_ex
   ``nearbyint(float(acc) * 2^(FL_out-FL_acc))`` (ties to even); QLinearAdd, QLinearAveragePool,
   the int16 ops (run in float32) and the QONNX graph (lowered to float32 ops) compute in float32.
   With power-of-two scales all of this is exact **while float32 holds the accumulator**,
-  ``|acc| <= 2^24`` in units of ``2^-FL_acc``. The QDQ exporter computes 8-bit Conv/Gemm/MatMul
+  ``|acc| <= 2^24`` in units of ``2^-FL_acc``. The QDQ exporter computes 8-bit Conv/Gemm
   ops whose worst-case accumulator is larger with ConvInteger/MatMulInteger and a float64
-  requantization instead; the ops still at risk (int16 ones, QONNX) are listed in the model's
+  requantization instead; the ops still at risk (int16 ones, MatMul, QONNX) are listed in the model's
   ``fxquant.float32_risk_ops`` metadata (:func:`fxquant.export.onnx_builder.float32_risks`), only
   they can differ (double rounding, one LSB), and a mismatch error names them.
 * MLAS's x86 U8S8 GEMM (used without VNNI) adds pairs of uint8*int8 products in int16 with

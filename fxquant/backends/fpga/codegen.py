@@ -339,6 +339,8 @@ def generate_project(graph: IntegerGraph, out_dir: Path, *, part: str = "xcu250-
     plan = plan_graph(graph)
     out_dir = Path(out_dir)
     fw = out_dir / "firmware"
+    if (fw / "nnet_utils" / "fxq_common.h").is_file():  # an earlier generated project: start clean
+        shutil.rmtree(fw)
     (fw / "weights").mkdir(parents=True, exist_ok=True)
     lib = fw / "nnet_utils"
     lib.mkdir(exist_ok=True)

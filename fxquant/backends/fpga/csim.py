@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fxquant.errors import ToolchainError
+from fxquant.errors import ExportError, ToolchainError
 from fxquant.integer_graph import IntegerGraph
 
 from .codegen import CXX_STD, TOP
@@ -96,13 +97,14 @@ class CsimModel:
     build_seconds: float
     cached: bool
 
-    def run(self, int_inputs: np.ndarray) -> np.ndarray:
+    def run(self, int_inputs: np.ndarray, n_outputs: int | None = None) -> np.ndarray:
+        """Raw output integers ``(batch, N_OUTPUT)``; ``n_outputs`` is checked against N_OUTPUT if given."""
         lib = ctypes.CDLL(str(self.library))
         n_in, n_out = lib.fxq_n_input(), lib.fxq_n_output()
         x = np.ascontiguousarray(np.asarray(int_inputs, dtype=np.int64).reshape(len(int_inputs), -1))
-        if x.shape[1] != n_in:
-            raise ToolchainError(f"{self.library} takes {n_in} inputs per sample, got {x.shape[1]}",
-                                 "regenerate the project for this graph")
+        if x.shape[1] != n_in or n_outputs not in (None, n_out):
+            raise ExportError(f"the project in {self.project_dir} maps {n_in} inputs to {n_out} outputs, not "
+                              f"{x.shape[1]} to {n_outputs}", "regenerate the project for this graph")
         y = np.zeros((x.shape[0], n_out), dtype=np.int64)
         ptr = ctypes.POINTER(ctypes.c_longlong)
         lib.fxq_run_batch.argtypes = [ptr, ptr, ctypes.c_longlong]
@@ -133,6 +135,9 @@ def _wait(proc: subprocess.Popen[str], what: str, project_dir: Path) -> None:
 def build(project_dir: Path) -> CsimModel:
     """Compile the project (or reuse an identical earlier build) into a library and a testbench."""
     project_dir = Path(project_dir).resolve()
+    if not (project_dir / SOURCES["model"]).is_file():
+        raise ExportError(f"no generated FPGA project in {project_dir}",
+                          "generate it first (fxquant export --target fpga RUN_DIR)")
     cxx = compiler()
     flags = [*CXXFLAGS, f"-I{ap_types_dir()}"]
     digest = hashlib.sha256(" ".join([cxx, *flags]).encode())
@@ -150,9 +155,14 @@ def build(project_dir: Path) -> CsimModel:
     start = time.perf_counter()
     objs = {name: f"build/{name}_{key}.o" for name in SOURCES}
     model = _compile(cxx, [*flags, "-c", SOURCES["model"], "-o", objs["model"]], project_dir)
-    for name in ("bridge", "tb"):  # small; compiled while the model compiles (two processes at most)
-        _wait(_compile(cxx, [*flags, "-c", SOURCES[name], "-o", objs[name]], project_dir), SOURCES[name],
-              project_dir)
+    try:
+        for name in ("bridge", "tb"):  # small; compiled while the model compiles (two processes at most)
+            _wait(_compile(cxx, [*flags, "-c", SOURCES[name], "-o", objs[name]], project_dir), SOURCES[name],
+                  project_dir)
+    except ToolchainError:
+        model.kill()  # a small unit failed: do not leave the model compile running
+        model.communicate()
+        raise
     _wait(model, SOURCES["model"], project_dir)
     _wait(_compile(cxx, ["-shared", objs["model"], objs["bridge"], "-o", str(lib)], project_dir), "link", project_dir)
     _wait(_compile(cxx, [objs["model"], objs["tb"], "-o", str(tb)], project_dir), "link", project_dir)
@@ -170,7 +180,7 @@ def run_csim(project_dir: Path, graph: IntegerGraph, int_inputs: np.ndarray) -> 
     x = check_int_inputs(graph.inputs[0], int_inputs)
     model = build(project_dir)
     start = time.perf_counter()
-    got = model.run(x)
+    got = model.run(x, n_outputs=math.prod(graph.value(graph.outputs[0]).shape))
     run_seconds = time.perf_counter() - start
     start = time.perf_counter()
     want = graph.run(x)[graph.outputs[0]].reshape(len(x), -1)

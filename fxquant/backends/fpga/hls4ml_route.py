@@ -5,9 +5,8 @@ the graph as float ONNX ops with QONNX ``Quant`` nodes (``scale = 2^-FL``, round
 saturate); the qonnx clean-up and channels-last passes prepare it for hls4ml's QONNX front end,
 which builds ``ap_fixed`` types from the ``Quant`` nodes ("auto" precisions; anything it cannot
 infer gets :data:`DEFAULT_PRECISION`, wide enough not to round any accumulator of a <= 16-bit
-model). Two front-end requirements are met on a copy of the model first, both exact: every
-``Conv`` gets its optional ``kernel_shape`` attribute (from the weight), and every bias-less
-``Gemm`` a zero bias (qonnx's ``GemmToMatMul`` needs the ``C`` input).
+model). One front-end requirement is met on a copy of the model first, exactly: every bias-less
+``Gemm`` gets a zero bias (qonnx's ``GemmToMatMul`` needs the ``C`` input).
 
 The hls4ml outputs are floats on the output grid; they are compared with ``IntegerGraph.run``
 as ``y * 2^FL`` (exact in float64, no rounding: an off-grid value is a mismatch) and, given a
@@ -36,8 +35,8 @@ HLS4ML_IO = {"parallel": "io_parallel", "stream": "io_stream"}
 
 
 def _prepare_for_hls4ml(model: Any) -> Any:
-    """Add ``kernel_shape`` to every Conv and a zero bias to every bias-less Gemm (in place)."""
-    from onnx import helper, numpy_helper
+    """Add a zero bias to every bias-less Gemm (in place)."""
+    from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     producer = {out: node for node in model.graph.node for out in node.output}
@@ -48,8 +47,6 @@ def _prepare_for_hls4ml(model: Any) -> Any:
         return list(inits[name].dims)
 
     for node in model.graph.node:
-        if node.op_type == "Conv" and not any(a.name == "kernel_shape" for a in node.attribute):
-            node.attribute.append(helper.make_attribute("kernel_shape", weight_dims(node.input[1])[2:]))
         if node.op_type == "Gemm" and len(node.input) == 2:
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             dims = weight_dims(node.input[1])

@@ -1,0 +1,123 @@
+"""g++ C-simulation of generated HLS projects, bit-exact against IntegerGraph.run (1000 inputs each)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fxquant.backends.fpga import export_fpga, generate_project, run_csim
+from fxquant.errors import ExportError
+from fxquant.fixed_point import accumulator_bits
+from fxquant.integer_graph import IntegerGraph
+
+from tests.backends.fpga.fpga_graphs import GraphBuilder, build_cnn, build_mlp, build_residual
+
+N = 1000
+CASES = {  # model -> (builder, generate_project options)
+    "mlp": (build_mlp, {"reuse": 1, "io": "parallel"}),
+    "cnn": (build_cnn, {"reuse": 4, "io": "stream"}),
+    "residual": (build_residual, {"reuse": 2, "io": "parallel", "part": "xc7z020clg400-1", "clock_ns": 10.0}),
+}
+
+
+@pytest.fixture(scope="module")
+def projects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[IntegerGraph, GraphBuilder, Path, dict[str, Any]]]:
+    """Generate and C-simulate every case once (one g++ build each); residual goes through export_fpga."""
+    out = {}
+    for name, (build, opts) in CASES.items():
+        graph, builder = build()
+        x = builder.inputs(N)
+        project = tmp_path_factory.mktemp(name)
+        if name == "residual":
+            report = export_fpga(graph, project, int_inputs=x, **opts)["csim"]
+        else:
+            generate_project(graph, project, test_inputs=x[:50], **opts)
+            report = run_csim(project, graph, x)
+        out[name] = (graph, builder, project, report)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_csim_is_bit_exact(projects: dict, name: str) -> None:
+    report = projects[name][3]
+    assert report["n"] == N
+    assert report["mismatches"] == 0 and report["mismatched_elements"] == 0
+    assert report["bit_exact"] is True and report["first_mismatch"] is None
+    assert report["testbench_ok"] is True
+    assert not report["build_cached"] and report["build_seconds"] < 30
+    json.dumps(report)
+
+
+def test_rebuild_is_cached_and_mismatch_is_detected(projects: dict) -> None:
+    graph, builder, project, _ = projects["mlp"]
+    x = builder.inputs(200)
+    again = run_csim(project, graph, x)
+    assert again["build_cached"] and again["bit_exact"]
+    other, _ = build_mlp(seed=99)  # same shapes and formats, other weights: the C model must disagree
+    report = run_csim(project, other, x)
+    assert not report["bit_exact"] and report["mismatches"] > 0
+
+
+def test_export_report_written_atomically(projects: dict) -> None:
+    graph, _, project, _ = projects["residual"]
+    report = json.loads((project / "fpga_report.json").read_text())
+    assert report["csim"]["bit_exact"] and report["part"] == "xc7z020clg400-1"
+    est = report["estimates"]
+    assert est["estimate"] is True and "estimate" in est["model"]
+    assert est["weight_memory_bits"] == est["param_bits"] == graph.param_bits()
+    assert [layer["name"] for layer in est["layers"]] == [op.name for op in graph.ops]
+    assert not list(project.glob(".fpga_report.json.*"))
+
+
+def test_project_content(projects: dict) -> None:
+    graph, _, project, _ = projects["cnn"]
+    fw = project / "firmware"
+    params = (fw / "parameters.h").read_text()
+    conv2 = graph.ops[3]
+    acc = accumulator_bits(graph.value(conv2.inputs[0]).fmt.bits, conv2.weight_fmt.bits, 4 * 3 * 3)
+    assert re.search(rf"struct config_l3_conv2 {{\n    typedef l3_conv2_t out_t;\n.*typedef ap_int<{acc}> accum_t;",
+                     params, re.S)
+    assert "static const unsigned reuse_factor = 4;" in params
+    defines = (fw / "defines.h").read_text()
+    assert "typedef ap_int<16> l5_fc_t;  // fc: <16,4> == ap_fixed<16,12,AP_RND_CONV,AP_SAT>" in defines
+    top = (fw / "fxq_model.cpp").read_text()
+    assert "#pragma HLS DATAFLOW" in top and "hls::stream<input_t> &in_stream" in top
+    assert "fxq::conv2d<config_l0_conv1>(in, l0_conv1_out, w_l0_conv1, b_l0_conv1);" in top
+    weights = (fw / "weights" / "w_l5_fc.h").read_text()
+    assert "static const int8_t w_l5_fc[240]" in weights and "ap_" not in weights
+    tcl = (project / "build_prj.tcl").read_text()
+    assert "set_part {xcu250-figd2104-2L-e}" in tcl and "create_clock -period 5.0" in tcl
+    assert all(k in tcl for k in ("csim_design", "csynth_design", "cosim_design"))
+    golden = (project / "tb_data" / "tb_output.dat").read_text().splitlines()
+    assert len(golden) == 50 and len(golden[0].split()) == 10
+    for header in ("fxq_common.h", "fxq_conv2d.h", "fxq_dense.h", "fxq_pool.h", "fxq_stream.h"):
+        assert (fw / "nnet_utils" / header).is_file()
+
+
+def test_mismatch_raises_after_report(projects: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxquant.backends.fpga import export as export_mod
+
+    graph, builder, project, _ = projects["mlp"]  # same options: the cached build is reused
+    x = builder.inputs(10)
+    real = export_mod.run_csim
+
+    def tampered(project: Path, g: IntegerGraph, xs: np.ndarray) -> dict[str, Any]:
+        return real(project, build_mlp(seed=99)[0], xs)
+
+    monkeypatch.setattr(export_mod, "run_csim", tampered)
+    with pytest.raises(ExportError, match="differs from the integer reference"):
+        export_fpga(graph, project, int_inputs=x)
+    report = json.loads((project / "fpga_report.json").read_text())
+    assert report["csim"]["bit_exact"] is False and report["csim"]["build_cached"] is True
+
+
+def test_project_for_another_graph_is_refused(projects: dict) -> None:
+    _, _, project, _ = projects["mlp"]
+    graph, builder = build_cnn()
+    with pytest.raises(ExportError, match="maps 32 inputs to 10 outputs, not 64 to 10"):
+        run_csim(project, graph, builder.inputs(3))
