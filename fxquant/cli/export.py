@@ -1,4 +1,4 @@
-"""``fxquant export --target {onnx,cpu,fpga} RUN_DIR`` and ``fxquant fpga-sim RUN_DIR``.
+"""``fxquant export --target {onnx,cpu,cuda,fpga} RUN_DIR`` and ``fxquant fpga-sim RUN_DIR``.
 
 Every target reads the run's integer graph (:meth:`fxquant.run_dir.RunDir.integer_graph`) and
 verifies its artifact against the integer reference on held-out inputs.
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-TARGETS = ("onnx", "cpu", "fpga")
+TARGETS = ("onnx", "cpu", "cuda", "fpga")
 
 
 @click.command()
@@ -19,6 +19,7 @@ TARGETS = ("onnx", "cpu", "fpga")
 @click.option("--flavour", default="qdq", show_default=True, help="onnx: qdq, qonnx or fp32.")
 @click.option("--opset", type=int, help="onnx: opset (default 21).")
 @click.option("--mcpu", default="host", show_default=True, help="cpu: host, znver5, x86-64-v3, …")
+@click.option("--arch", default="sm_90", show_default=True, help="cuda: GPU architecture.")
 @click.option("--part", default="xcu250-figd2104-2L-e", show_default=True, help="fpga: device part.")
 @click.option("--clock-ns", type=float, default=5.0, show_default=True, help="fpga: clock period.")
 @click.option("--reuse", type=int, default=1, show_default=True, help="fpga: reuse factor.")
@@ -26,7 +27,7 @@ TARGETS = ("onnx", "cpu", "fpga")
 @click.option("--verify", "n_verify", type=int, default=1000, show_default=True,
               help="Held-out inputs to verify the artifact on.")
 @click.option("--model", type=click.Path(path_type=Path), help="Use this model.py instead of the recorded one.")
-def export(run_dir: Path, target: str, flavour: str, opset: int | None, mcpu: str, part: str, clock_ns: float,
+def export(run_dir: Path, target: str, flavour: str, opset: int | None, mcpu: str, arch: str, part: str, clock_ns: float,
            reuse: int, io_type: str, n_verify: int, model: Path | None) -> None:
     """Export a trained run to TARGET, verified against the integer reference simulator."""
     from fxquant.errors import UsageError
@@ -47,6 +48,10 @@ def export(run_dir: Path, target: str, flavour: str, opset: int | None, mcpu: st
         from fxquant.backends.cpu import export_cpu
 
         report = export_cpu(graph, run_dir / "cpu", mcpu=mcpu, verify_inputs=x)
+    elif target == "cuda":
+        from fxquant.backends.cuda import export_cuda
+
+        report = export_cuda(graph, run_dir / "cuda", arch=arch, verify_inputs=x)
     else:
         from fxquant.backends.fpga import export_fpga
 
