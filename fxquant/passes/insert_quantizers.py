@@ -1,6 +1,6 @@
 """Insert fixed-point quantizers into a captured graph (after :func:`capture`).
 
-* A **weight quantizer** on every Conv2d/Linear weight, and a :class:`BiasQuantizer` putting the
+* A **weight quantizer** on every Conv2d/Linear weight (and on a parameter operand of a matmul), and a :class:`BiasQuantizer` putting the
   bias on the accumulator grid ``FL_w + FL_in``. Conv/Linear modules become functional
   ``aten.conv2d`` / ``aten.linear`` calls on ``get_attr`` weights (parameters keep their names).
 * An **activation quantizer on every value that enters a quantized op** (conv, linear, matmul,
@@ -79,6 +79,11 @@ class InsertQuantizers(PassBase):
             kind = names.get(node) and node_kind(gm, node)
             if kind:
                 for value in tensor_inputs(node):
+                    if kind == "matmul" and value.op == "get_attr":  # x @ W with a parameter W
+                        target = self._add_quantizer(gm, names[node], WEIGHT, self.weight_fmt, kind)
+                        with graph.inserting_before(node):
+                            node.replace_input_with(value, graph.call_module(target, (value,)))
+                        continue
                     node.replace_input_with(value, self._act_quantizer(gm, value, names, used, act_q))
             if node.op == "output":
                 outs = node.args[0]

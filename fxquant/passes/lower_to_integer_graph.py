@@ -152,6 +152,8 @@ class _Lowering:
         layer = layer_name(self.gm, node, kind)
         if kind in ("conv2d", "linear"):
             self.lower_weighted(node, kind, layer)
+        elif kind == "matmul" and self.is_weight(node.args[1]):
+            self.lower_weighted(node, "matmul", layer)
         elif kind in ("add", "matmul"):
             ins = tuple(self.resolved(a, f"input of {layer}") for a in node.args[:2])
             self.emit(node, Op(layer, kind, ins, node.name, out_fmt=None), pending=True)
@@ -170,15 +172,25 @@ class _Lowering:
             self.emit(node, Op(node.name, "flatten", (src,), node.name, out_fmt=None), pending=False)
             self.root_of[node.name] = self.root_of.get(src)
 
+    def is_weight(self, arg: object) -> bool:
+        return (isinstance(arg, fx.Node) and arg.op == "call_module"
+                and isinstance(self.module(arg), FixedPointQuantizer) and self.module(arg).role == "weight")
+
     def lower_weighted(self, node: fx.Node, kind: str, layer: str) -> None:
+        """Conv2d / linear, or ``x @ W`` with a parameter ``W`` (a linear op on ``W^T``)."""
         x, wq_node = node.args[0], node.args[1]
-        bias_node = node.args[2] if len(node.args) > 2 else None
+        bias_node = node.args[2] if len(node.args) > 2 and kind != "matmul" else None
         if not (isinstance(wq_node, fx.Node) and wq_node.op == "call_module"
                 and isinstance(self.module(wq_node), FixedPointQuantizer)):
             raise ExportError(f"layer {layer!r}: weight is not quantized", "run InsertQuantizers")
         wq: FixedPointQuantizer = self.module(wq_node)
         w_fmt = self.quantizer_fmt(wq)
         w_float = self.gm.get_parameter(str(wq_node.args[0].target)).detach().double().numpy()
+        if kind == "matmul":
+            if w_float.ndim != 2:
+                raise UnsupportedOpError(f"node {node.name!r}: matmul with a {w_float.ndim}-d parameter",
+                                         "use a 2-d weight (x @ W) or nn.Linear")
+            kind, w_float = "linear", w_float.T
         in_name = self.resolved(x, f"input of {layer}")
         in_fmt = self.fmt(in_name)
         bias = None

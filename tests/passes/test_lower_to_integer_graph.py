@@ -76,3 +76,24 @@ def test_float_layer_cannot_be_lowered(mlp):
     InsertQuantizers()(gm)  # all off
     with pytest.raises(ExportError, match="off"):
         lower_to_integer_graph(gm, torch.randn(1, 16))
+
+
+class MatmulParam(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 8) * 0.3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(x @ self.w))
+
+
+def test_matmul_with_parameter_gets_weight_quantizer_and_lowers_exactly():
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    gm = deployed(MatmulParam(), x, bits=(3, 8), seed=4)
+    assert ("matmul", "weight") in quantizers(gm)
+    graph = lower_to_integer_graph(gm, x[:1])
+    assert [op.kind for op in graph.ops] == ["linear", "linear"]
+    out = graph.run(*graph.quantize_inputs(x.numpy()))[graph.outputs[0]]
+    assert np.array_equal(out, fx_integer_outputs(gm, x, graph.values[graph.outputs[0]].fmt.frac_bits))
