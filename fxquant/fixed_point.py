@@ -148,7 +148,9 @@ def shift_round_half_even(k: np.ndarray, shift: int) -> np.ndarray:
     int64 range (every caller saturates to at most 32 bits afterwards).
     """
     k = np.asarray(k, dtype=np.int64)
-    if shift >= 0:
+    if shift == 0:
+        return k.copy()
+    if shift > 0:
         if shift >= 62:
             return np.sign(k) * np.int64(2**62)
         limit = np.int64(1) << np.int64(62 - shift)
