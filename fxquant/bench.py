@@ -71,18 +71,25 @@ def render_markdown(title: str, rows: list[dict[str, Any]], baseline: str) -> st
     return "\n".join(lines) + "\n"
 
 
+def onnx_exports(run_dir: Path, graph) -> dict[str, Path]:
+    """``{"fp32": …, "qdq": …}`` ONNX files of a run, exported (and verified) here if missing."""
+    from fxquant.export.onnx_qdq import export_onnx
+
+    paths = {}
+    for flavour, name in (("fp32", "model.fp32.onnx"), ("qdq", "model.onnx")):
+        if not (Path(run_dir) / name).exists():
+            export_onnx(graph, Path(run_dir), flavour=flavour)
+        paths[flavour] = Path(run_dir) / name
+    return paths
+
+
 def bench_onnx(run_dir: Path, batches: tuple[int, ...] = (1, 64)) -> dict[str, Any]:
     """ORT FP32 vs ORT fxquant-QDQ on the run's exports (made here if missing)."""
-    from fxquant.export.onnx_qdq import export_onnx
     from fxquant.run_dir import RunDir
 
     run = RunDir(run_dir)
     graph = run.integer_graph()
-    paths = {}
-    for flavour, name in (("fp32", "model.fp32.onnx"), ("qdq", "model.onnx")):
-        if not (run.path / name).exists():
-            export_onnx(graph, run.path, flavour=flavour)
-        paths[flavour] = run.path / name
+    paths = onnx_exports(run.path, graph)
     x_all, _ = run.held_out(run.model_file(), max(batches))
     rows: list[dict[str, Any]] = []
     for batch in batches:

@@ -24,17 +24,22 @@ def bench(run_dir: Path, target: str, batches: tuple[int, ...]) -> None:
     elif target == "cpu":
         import copy
 
+        import torch
+
         from fxquant.backends.cpu import bench_cpu
-        from fxquant.passes import StripQuantizers
+        from fxquant.bench import onnx_exports
+        from fxquant.passes import StripQuantizers, lower_to_integer_graph
         from fxquant.run_dir import RunDir
 
         run = RunDir(run_dir)
-        gm, _ = run.deployed_model()
-        float_model = copy.deepcopy(gm)
+        gm, mf = run.deployed_model()
+        x, _ = run.held_out(mf, 1)
+        graph = lower_to_integer_graph(gm, torch.from_numpy(x))
+        float_model = copy.deepcopy(gm)  # the trained float model (BN folded), PyTorch eager baseline
         StripQuantizers()(float_model)
-        report = bench_cpu(run.integer_graph(), run.path / "cpu", batches=tuple(batches),
-                           onnx_fp32=run.path / "model.fp32.onnx", onnx_qdq=run.path / "model.onnx",
-                           torch_model=float_model)
+        onnx = onnx_exports(run.path, graph)
+        report = bench_cpu(graph, run.path / "cpu", batches=tuple(batches), onnx_fp32=onnx["fp32"],
+                           onnx_qdq=onnx["qdq"], torch_model=float_model)
     else:
         raise UsageError(f"unknown bench target {target!r}", "choose onnx or cpu")
     click.echo(report.get("markdown", ""))

@@ -61,9 +61,10 @@ def export(run_dir: Path, target: str, flavour: str, opset: int | None, mcpu: st
 
 
 def _summary(target: str, report: dict) -> str:
-    keys = [k for k in ("path", "flavour", "bit_exact", "n", "mismatches", "top1_agreement", "size_bytes",
-                        "theoretical_bytes") if k in report]
-    return f"export {target}: " + ", ".join(f"{k}={report[k]}" for k in keys)
+    flat = {**report.get("verification", {}), **report}
+    keys = [k for k in ("path", "library", "flavour", "bit_exact", "n", "samples", "mismatches", "top1_agreement",
+                        "size_bytes", "param_bytes", "theoretical_bytes") if k in flat]
+    return f"export {target}: " + ", ".join(f"{k}={flat[k]}" for k in keys)
 
 
 @click.command("fpga-sim")

@@ -87,7 +87,9 @@ def train(model_py: Path | None, policy: str, bits: int | None, act_bits: int | 
         accepted = set(inspect.signature(policy_class(policy)).parameters)
         stray = sorted(k for k, v in given.items() if v is not None and k not in accepted)
         if stray:
-            raise UsageError(f"--policy {policy} takes no {', '.join('--' + k.replace('_', '-') for k in stray)}",
+            flags = {"normalize_grads": "--no-grad-norm", "stochastic": "--no-stochastic", "grad_bits_min": "--grad-bits"}
+            raise UsageError(f"--policy {policy} takes no "
+                             f"{', '.join(flags.get(k, '--' + k.replace('_', '-')) for k in stray)}",
                              "see `fxquant train --help` for which flags each policy reads")
         prt_options = {k: v for k, v in (("steps_per_level", prt_steps), ("window", prt_window),
                                          ("threshold", prt_threshold)) if v is not None}

@@ -75,7 +75,10 @@ def lift_constants(mod: Any) -> tuple[Any, dict[str, np.ndarray]]:
     return mod, params
 
 
-def _pipeline() -> Any:
+def vm_pipeline() -> Any:
+    """TVM's default Relax build pipeline minus ``LegalizeOps`` (nothing is left to legalize) and
+    ``RewriteDataflowReshape`` (it inspects every ``call_tir`` callee as a block-form TensorIR
+    function and rejects the vector-TIR kernels; the pass already emits ``vm.builtin.reshape``)."""
     import tvm
     from tvm.relax import transform
 
@@ -94,7 +97,7 @@ def compile_graph(graph: IntegerGraph, target: CpuTarget) -> tuple[Any, dict[str
 
     mod, params = lower(graph, target)
     try:
-        ex = relax.build(mod, tvm.target.Target(target.tvm_target()), relax_pipeline=_pipeline())
+        ex = relax.build(mod, tvm.target.Target(target.tvm_target()), relax_pipeline=vm_pipeline())
     except tvm.error.TVMError as exc:  # a compiler failure, not the user's input
         raise ToolchainError(f"TVM failed to build the CPU module for mcpu={target.mcpu}: {exc}") from exc
     return ex, params
@@ -110,6 +113,7 @@ class CpuModel:
         self.vm = VirtualMachine(module, tvm.cpu())
         self.params = [tvm.runtime.tensor(params[f"p{i}"]) for i in range(len(params))]
         self._main = self.vm["main"]
+        self._staging: dict[tuple[int, tuple[int, ...]], tuple[Any, np.ndarray]] = {}
 
     @classmethod
     def load(cls, out_dir: Path) -> "CpuModel":
@@ -123,11 +127,23 @@ class CpuModel:
         return self._main(*inputs, *self.params)
 
     def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
+        """float32 inputs -> the output integers (int64 copies)."""
+        out = self.run_tvm(*[self.staged(i, x) for i, x in enumerate(inputs)])
+        outs = list(out) if not hasattr(out, "numpy") else [out]
+        return [np.from_dlpack(o).astype(np.int64) for o in outs]
+
+    def staged(self, index: int, x: np.ndarray) -> Any:
+        """``x`` copied into a reused TVM input tensor of its shape (a numpy view of it is kept):
+        creating a TVM tensor per call costs 15-30 us, more than a small model's whole run."""
         import tvm
 
-        out = self.run_tvm(*[tvm.runtime.tensor(np.asarray(x, np.float32)) for x in inputs])
-        outs = list(out) if not hasattr(out, "numpy") else [out]
-        return [o.numpy().astype(np.int64) for o in outs]
+        key = (index, x.shape)
+        if key not in self._staging:
+            tensor = tvm.runtime.empty(x.shape, "float32")
+            self._staging[key] = (tensor, np.from_dlpack(tensor))
+        tensor, view = self._staging[key]
+        np.copyto(view, x, casting="same_kind")
+        return tensor
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -139,6 +155,11 @@ def _atomic_write(path: Path, write: Any) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _save_params(path: str, params: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **params)
 
 
 def verify(model: CpuModel, graph: IntegerGraph, verify_inputs: np.ndarray) -> dict[str, Any]:
@@ -164,11 +185,13 @@ def export_cpu(graph: IntegerGraph, out_dir: Path, *, mcpu: str = "host",
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = resolve_target(mcpu)
+    if verify_inputs is not None:
+        check_runnable(target)  # before the build: code for another CPU would die with SIGILL
     t0 = time.perf_counter()
     ex, params = compile_graph(graph, target)
     build_s = time.perf_counter() - t0
     _atomic_write(out_dir / LIBRARY, lambda tmp: ex.export_library(tmp))
-    _atomic_write(out_dir / PARAMS, lambda tmp: np.savez(open(tmp, "wb"), **params))
+    _atomic_write(out_dir / PARAMS, lambda tmp: _save_params(tmp, params))
     report: dict[str, Any] = {
         "target": {"mcpu": target.mcpu, "vnni": target.vnni, "llvm": target.tvm_target()},
         "host_cpu": host_cpu().to_dict(), "build_s": round(build_s, 2),
@@ -178,7 +201,6 @@ def export_cpu(graph: IntegerGraph, out_dir: Path, *, mcpu: str = "host",
         "outputs": graph.outputs, "verification": None,
     }
     if verify_inputs is not None:
-        check_runnable(target)
         report["verification"] = verify(CpuModel.load(out_dir), graph, verify_inputs)
     _atomic_write(out_dir / REPORT, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     return report

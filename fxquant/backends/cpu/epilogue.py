@@ -8,8 +8,8 @@ For an accumulator ``acc`` at ``FL_acc`` and an output spec ``<BW,FL_out>`` with
   ``BW`` (any non-zero value shifted by ``>= BW`` saturates), so the int32 shift cannot overflow.
 * ``shift = -s < 0``: round half to even, without the ``acc + 2^(s-1)`` overflow of the textbook
   form: ``q = acc >> s`` (floor), ``r = acc & (2^s - 1)``, result ``q + [r + (q & 1) > 2^(s-1)]``
-  (``r > half``, or ``r == half`` with ``q`` odd). ``s = 31`` is ``-1`` where ``acc < -2^30`` else
-  ``0``; ``s >= 32`` is ``0`` for every int32.
+  (``r > half``, or ``r == half`` with ``q`` odd). ``s = 31`` is ``-1`` below ``-2^30``, ``1`` above ``2^30``
+  and ``0`` between (ties included); ``s >= 32`` is ``0`` for every int32.
 * then saturate to ``[-2^(BW-1), 2^(BW-1)-1]`` and apply ReLU as a lower bound of 0.
 
 A residual add aligns its two int32 inputs to ``FL = max(FL_a, FL_b)`` by left shifts, adds and
@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
-from fxquant.fixed_point import FixedPoint
-
 
 @dataclass(frozen=True)
 class Requant:
@@ -33,11 +31,6 @@ class Requant:
     shift: int
     bits: int
     relu: bool = False
-
-    @classmethod
-    def between(cls, frac_bits_in: int, fmt_out: FixedPoint, relu: bool = False) -> "Requant":
-        assert fmt_out.frac_bits is not None
-        return cls(fmt_out.frac_bits - frac_bits_in, fmt_out.bits, relu)
 
     @property
     def low(self) -> int:
@@ -58,15 +51,17 @@ def _clamp(v: tirx.PrimExpr, lo: int, hi: int, lanes: int) -> tirx.PrimExpr:
 
 def requantize(v: tirx.PrimExpr, rq: Requant, lanes: int) -> tirx.PrimExpr:
     """``clamp(round_half_even(v * 2^shift))`` (+ ReLU) of an int32 (vector) expression."""
-    if rq.shift >= 0:
-        t = min(rq.shift, rq.bits)
+    if rq.shift == 0:
+        return _clamp(v, rq.low, rq.high, lanes)
+    if rq.shift > 0:
         clamped = _clamp(v, -(1 << (rq.bits - 1)), rq.high, lanes)
-        return _clamp(clamped << _const(t, lanes), rq.low, rq.high, lanes) if t else _clamp(v, rq.low, rq.high, lanes)
+        return _clamp(clamped << _const(min(rq.shift, rq.bits), lanes), rq.low, rq.high, lanes)
     s = -rq.shift
     if s >= 32:
         return _const(0, lanes)
     if s == 31:
-        rounded = T.Select(v < _const(-(1 << 30), lanes), _const(-1, lanes), _const(0, lanes))
+        rounded = T.Select(v < _const(-(1 << 30), lanes), _const(-1, lanes),
+                           T.Select(v > _const(1 << 30, lanes), _const(1, lanes), _const(0, lanes)))
     else:
         q = v >> _const(s, lanes)
         r = v & _const((1 << s) - 1, lanes)

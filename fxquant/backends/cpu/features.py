@@ -58,18 +58,18 @@ class CpuInfo:
 
 def host_cpu() -> CpuInfo:
     """Parse ``/proc/cpuinfo`` (first processor); an empty flag set where it is unreadable."""
-    model, flags, cores = platform.processor() or "unknown", frozenset(), 0
+    model, flags, cores = "", frozenset(), 0
     if _CPUINFO.exists():
         for line in _CPUINFO.read_text().splitlines():
             key, _, value = line.partition(":")
             key = key.strip()
-            if key == "model name" and model in ("unknown", platform.processor()):
+            if key == "model name" and not model:
                 model = value.strip()
             elif key == "flags" and not flags:
                 flags = frozenset(value.split())
             elif key == "processor":
                 cores += 1
-    return CpuInfo(model=model, flags=flags, cores=max(cores, 1))
+    return CpuInfo(model=model or platform.processor() or "unknown", flags=flags, cores=max(cores, 1))
 
 
 @dataclass(frozen=True)

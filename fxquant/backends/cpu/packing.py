@@ -22,6 +22,11 @@ from fxquant.fixed_point import saturate
 
 LINEAR_LANES = 8
 VNNI_LANES = 16
+LOWBIT_GROUP = {4: 4, 2: 8}
+"""Packed 32-byte blocks whose ``vpmaddubsw`` pair sums the linear kernel adds in int16 before
+one ``vpmaddwd``: one block adds at most ``(8/b) * 2 * (2^b - 1) * 128`` in magnitude per lane
+(7680 for 4 bits, 3072 for 2 bits), so 4 (8) blocks stay within 30720 (24576) < 2^15. K is padded
+to whole groups."""
 
 
 def _pad_to(a: np.ndarray, axis: int, multiple: int) -> np.ndarray:
@@ -60,7 +65,7 @@ def pack_linear_weight_lowbit(w: np.ndarray, bits: int) -> np.ndarray:
         raise UnsupportedOpError(f"packed weights of {bits} bits", "use 2 or 4 (8 uses the int8 path)")
     per_byte = 8 // bits
     u = (saturate(w, bits) + (1 << (bits - 1))).astype(np.uint8)
-    u = _pad_to(_pad_to(u, 0, LINEAR_LANES), 1, 4 * per_byte)
+    u = _pad_to(_pad_to(u, 0, LINEAR_LANES), 1, 4 * per_byte * LOWBIT_GROUP[bits])
     o, k = u.shape
     quads = u.reshape(o // LINEAR_LANES, LINEAR_LANES, k // 4, 4).transpose(0, 2, 1, 3)  # [Ob, K4, 8, 4]
     quads = quads.reshape(o // LINEAR_LANES, k // (4 * per_byte), per_byte, 32)

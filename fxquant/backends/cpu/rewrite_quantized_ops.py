@@ -115,11 +115,11 @@ class RewriteQuantizedOps:
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         bb = relax.BlockBuilder(mod)
-        counter = iter(range(1 << 30))
 
         def add_kernel(func: Any, kind: str) -> relax.GlobalVar:
-            name = f"fxq_{kind}_{next(counter)}"
-            return bb.add_func(func.with_attr("global_symbol", name), name)
+            # no global_symbol: identical kernels (repeated layers) are added once, and
+            # AttachGlobalSymbol names each after its GlobalVar
+            return bb.add_func(func.without_attr("global_symbol"), f"fxq_{kind}")
 
         rules = self._rules(add_kernel)
         for gv, func in list(mod.functions.items()):
@@ -148,7 +148,8 @@ class RewriteQuantizedOps:
             attrs = call.attrs
             what = "conv2d"
             if int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
-                raise UnsupportedOpError(f"{what}: groups={attrs.groups}, layout {attrs.data_layout}/{attrs.kernel_layout}",
+                raise UnsupportedOpError(f"{what}: groups={attrs.groups}, "
+                                         f"layout {attrs.data_layout}/{attrs.kernel_layout}",
                                          "the CPU backend supports NCHW/OIHW convolutions with groups=1")
             pad = [int(p) for p in attrs.padding]
             if pad[0] != pad[2] or pad[1] != pad[3]:
@@ -168,13 +169,12 @@ class RewriteQuantizedOps:
                                       _static(attrs.strides), (pad[0], pad[1]), _static(attrs.dilation))
             ro, _ = shape.block
             args = [x, relax.const(packing.pack_conv_weight(w, ro)), relax.const(bias.astype(np.int32))]
-            res = None
+            res_spec = None
             if residual is not None:
-                res, res_spec = residual
-                args.append(res)
-            out_ty = relax.TensorType(_shape(m[conv]), "int8")
-            gv = add_kernel(kernels.conv2d(shape, rq, res_spec if residual else None), "conv2d")
-            return relax.call_tir(gv, args, out_ty)
+                args.append(residual[0])
+                res_spec = residual[1]
+            gv = add_kernel(kernels.conv2d(shape, rq, res_spec), "conv2d")
+            return relax.call_tir(gv, args, relax.TensorType(_shape(m[conv]), "int8"))
 
         # residual: Q([relu](DQ(conv_q) + DQ(r))) with conv_q a quantized conv
         def residual_rule(conv_first: bool) -> tuple[Any, Callable]:
@@ -186,12 +186,11 @@ class RewriteQuantizedOps:
 
             def rewrite(expr: relax.Expr, m: dict) -> relax.Expr:
                 fl_y, fl_r = d_conv.frac_bits(m, "add"), d_res.frac_bits(m, "add")
-                conv_rq = conv_out.requant(m, 0, "conv2d")
+                if _frac_bits(m[conv_out.scale], "conv2d") != fl_y:
+                    raise UnsupportedOpError("add: the conv output is re-read at another scale")
                 fl = max(fl_y, fl_r)
                 spec = Residual(fl - fl_y, fl - fl_r, out.requant(m, fl, "add"))
                 _check_bound((1 << (7 + spec.left_y)) + (1 << (7 + spec.left_r)), "add")
-                if conv_rq.shift + 0 != fl_y - (fl_y - conv_rq.shift):
-                    raise UnsupportedOpError("add: inconsistent conv output scale")
                 return conv_call(m, parts, (m[d_res.value], spec))
 
             return out.pattern, rewrite
@@ -212,7 +211,8 @@ class RewriteQuantizedOps:
                 if flat in m:
                     x = relax.op.reshape(x, _shape(m[flat]))
                 if len(_shape(x)) != 2:
-                    raise UnsupportedOpError(f"{what}: input of rank {len(_shape(x))}", "use a 2-D [batch, features] input")
+                    raise UnsupportedOpError(f"{what}: input of rank {len(_shape(x))}",
+                                             "use a 2-D [batch, features] input")
                 w = _const_value(m[dw.value]).astype(np.int64)
                 fl_x, fl_w = dx.frac_bits(m, what), dw.frac_bits(m, what)
                 bias = np.zeros(w.shape[0], np.int64)
