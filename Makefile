@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   train -> precision map -> export -> lower -> bench on the digits CNN
+#   make demo   train -> precision map -> ONNX export -> TVM CPU lowering -> FPGA C-sim -> bench (digits CNN)
 #   make test   the test suite (what CI runs)
 # Both create .venv on first use.
 PY ?= python3.11
@@ -19,7 +19,10 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/fxquant train --policy static --bits 8 examples/digits_cnn.py --out $(RUN) --force
 	$(BIN)/fxquant export --target onnx $(RUN)
+	$(BIN)/fxquant export --target cpu $(RUN)
+	$(BIN)/fxquant export --target fpga $(RUN)
 	$(BIN)/fxquant bench $(RUN)
+	$(BIN)/fxquant bench $(RUN) --target cpu
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
