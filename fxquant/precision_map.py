@@ -70,8 +70,9 @@ class PrecisionMap:
         layers: dict[str, LayerPrecision] = {}
         for (layer, role), q in sorted(quantizers(model).items()):
             entry = layers.setdefault(layer, LayerPrecision(q.kind, None, None, FixedPoint(int(q.grad_bits), None)))
-            if q.role == WEIGHT:
+            if q.role == WEIGHT:  # a weighted layer's gradient precision is its weight gradient's
                 entry.kind = q.kind
+                entry.grad = FixedPoint(int(q.grad_bits), None)
             setattr(entry, role, q.fmt)
         return cls(layers, name or type(model).__name__, model_fingerprint(model))
 

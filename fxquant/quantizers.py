@@ -62,8 +62,11 @@ class FixedPointQuantizer(nn.Module):
         if self.training:  # a fresh stochastic-rounding stream per step (before the op saves it)
             with torch.no_grad():
                 self.seed.add_(1)
+            stochastic = self.stochastic
+        else:  # evaluation and deployment always round to nearest
+            stochastic = torch.zeros_like(self.stochastic)
         y, amax = torch.ops.fxquant.quantize(x, kernel_bits(self.bits), self.frac_bits,
-                                             kernel_bits(self.grad_bits), self.stochastic, self.seed, self.relu)
+                                             kernel_bits(self.grad_bits), stochastic, self.seed, self.relu)
         with torch.no_grad():
             self.amax.copy_(amax)
         return y

@@ -300,6 +300,7 @@ class _Loop:
         deployed = self.model
         deployed.eval()
         FoldBatchNorm()(deployed)
+        self.policy.on_train_end(deployed)
         deployed_acc = evaluate(deployed, self.val_loader)
         pmap = PrecisionMap.from_model(deployed, self.info["policy"].get("policy", ""))
         pmap.model_name = type(self.mf.model()).__name__

@@ -45,18 +45,27 @@ Paper-reading choices (the text is ambiguous; the authors' code resolves some of
   coefficients from a grid search; defaults ``l1 = 1e-5``, ``l2 = 0``.
 * **Normalised gradients** for the update (Eq. 3.4, "to limit weight growth"): each Conv/Linear
   weight gradient is divided by its L2 norm before the optimizer step (``normalize_grads``).
-* Between updates a layer's weight format is fixed (no range following): ``buff`` is its headroom.
+* Between updates a layer's weight format is fixed (no range following): ``buff`` is its headroom
+  (except for layers capped by ``bits_budget``, below).
 
 Beyond the paper (options; the defaults above are untouched):
 
 * ``trim``: after step 5, ``BW`` becomes the fewest bits that hold the layer's quantized weights
   at its FL (:func:`fxquant.fixed_point.min_signed_bits`; ``FL >= BW`` is legal). Lossless at the
-  time of the update: it drops the leading bits no weight uses.
-* ``bits_budget = B`` (implies ``trim``): a per-layer push ``d^l >= 0`` lowers the layer's FL
-  below the faithful one, ``FL = FL_5 - d^l``. At each of the layer's updates, while the
-  parameter-weighted mean weight width exceeds ``B`` and the strategy is not ``max`` (the loss is
-  not rising), ``d^l`` grows by one; when the strategy is ``max`` and the width one step finer
-  still fits the budget, ``d^l`` shrinks by one. Accuracy is traded for bits in the open.
+  time of the update: it drops the leading bits no weight uses. :meth:`on_train_end` applies the
+  same trim to the deployed (BN-folded) weights at the FL folding fitted.
+* ``bits_budget = B`` (implies ``trim``): each layer has a width cap ``W^l`` (initially 16). At
+  each of the layer's updates, while the parameter-weighted mean weight width exceeds ``B`` and
+  the strategy is not ``max`` (the loss is not rising), push-down goes on past KL = 0 for a layer
+  wider than the budget: ``W^l <- floor(B)`` (every layer at most ``floor(B)`` bits meets the
+  budget, whatever the order in which layers update); when the strategy is ``max`` (the loss
+  rises) and one more bit still fits the budget, ``W^l <- W^l + 1``. A layer whose trimmed width exceeds
+  its cap gets ``<W^l, fit(max|W|, W^l)>`` (the finest FL that covers its range) and, until its
+  next update, its FL follows the weights' range every step as in CPT: with ``floor(B)`` bits
+  there are no buffer bits, and a fixed FL would pin the largest weights at saturation (the STE
+  passes no gradient there). The mean can drift above ``B`` between switches (a layer under the
+  budget grows); :meth:`on_train_end` enforces the budget on the deployed model. Accuracy is
+  traded for bits in the open; ``docs/benchmarks.md`` reports the trade-off.
 """
 
 from __future__ import annotations
@@ -133,7 +142,8 @@ class AdaPTPolicy(Policy):
                  grad_bits_min: int = 8, l1: float = 1e-5, l2: float = 0.0, normalize_grads: bool = True,
                  stochastic: bool = True, trim: bool = False, bits_budget: float | None = None) -> None:
         super().__init__()
-        self.init_fmt = FixedPoint(check_bits(init_bits, "init_bits"), check_frac_bits(init_frac_bits, "init_frac_bits"))
+        self.init_fmt = FixedPoint(check_bits(init_bits, "init_bits"),
+                                   check_frac_bits(init_frac_bits, "init_frac_bits"))
         if self.init_fmt.is_off:
             raise UsageError("--init-bits=32 switches quantization off", "use 2..16")
         self.act_bits = check_bits(act_bits, "act_bits")
@@ -188,16 +198,14 @@ class AdaPTPolicy(Policy):
         set_bits(model, act_bits=self.act_bits, grad_bits=OFF_BITS)
         for layer, w in self._weights.items():
             self.layers[layer] = {"bits": self.init_fmt.bits, "frac_bits": self.init_fmt.frac_bits,
-                                  "lb": self.lb_min, "res": self.res_min, "count": 0, "push": 0,
+                                  "lb": self.lb_min, "res": self.res_min, "count": 0, "cap": MAX_BITS, "capped": False,
                                   "grad_sum": torch.zeros_like(w, memory_format=torch.contiguous_format)}
             self._set_weight_format(layer, self.init_fmt)
         super().on_train_begin(model, batch)
         # follow_ranges fitted the weight FLs too: restore AdaPT's own formats
         for layer, st in self.layers.items():
             self._set_weight_format(layer, FixedPoint(st["bits"], st["frac_bits"]))
-
-    def on_batch_begin(self, step: int, model: nn.Module) -> None:
-        if self.stochastic:
+        if self.stochastic:  # quantizers round stochastically in training only, to nearest in eval
             self._bind(model)
             for q in self._quantizers.values():
                 q.stochastic.fill_(True)
@@ -226,20 +234,44 @@ class AdaPTPolicy(Policy):
     @torch.no_grad()
     def on_batch_end(self, step: int, loss: float, model: nn.Module) -> None:
         self._bind(model)
-        if self.stochastic:
-            for q in self._quantizers.values():
-                q.stochastic.fill_(False)
         self._adapt_strategy(loss)
         for layer, st in self.layers.items():
             g = self._weights[layer].grad
             if g is not None:
-                norm = g.norm()
+                norm = 1.0 if self.normalize_grads else float(g.norm())  # before_step made it a unit vector
                 if norm > 0:
-                    st["grad_sum"].add_(g, alpha=1.0 / float(norm))
+                    st["grad_sum"].add_(g, alpha=1.0 / norm)
             st["count"] += 1
             if st["count"] >= st["lb"]:
                 self._switch_precision(layer, st)
-        self.follow_ranges(model, roles=(ACT,))
+            elif st["capped"]:
+                q = self._quantizers[(layer, WEIGHT)]
+                q.frac_bits.fill_(fit_frac_bits(float(q.amax), st["bits"]))
+        self.follow_ranges(model, roles=(ACT,), qs=self._quantizers)
+
+    @torch.no_grad()
+    def on_train_end(self, deployed: nn.Module) -> None:
+        """Trim the folded weights (folding keeps BW, refits FL); a budget still exceeded is enforced.
+
+        Between a layer's switches the mean width can drift above the budget (a layer below it
+        grows); the deployed model gets every layer wider than ``floor(B)`` cut to
+        ``<floor(B), fit(max|W|)>`` when the mean exceeds ``B``.
+        """
+        if not self.trim:
+            return
+        params = dict(deployed.named_parameters())
+        weights = {layer: (q, params[f"{layer}.weight"].detach().cpu().numpy().astype(np.float64).ravel())
+                   for (layer, role), q in quantizers(deployed).items() if role == WEIGHT and not q.fmt.is_off}
+        for q, w in weights.values():
+            q.set_format(self._trimmed(w, int(q.frac_bits)))
+        if self.bits_budget is None:
+            return
+        mean = sum(int(q.bits) * w.size for q, w in weights.values()) / sum(w.size for _, w in weights.values())
+        if mean > self.bits_budget:
+            cap = max(MIN_BITS, math.floor(self.bits_budget))
+            for q, w in weights.values():
+                if int(q.bits) > cap:
+                    q.set_format(FixedPoint(cap, fit_frac_bits(float(np.max(np.abs(w))), cap)))
 
     def _adapt_strategy(self, loss: float) -> None:
         lb_avg = max(1, int(sum(st["lb"] for st in self.layers.values()) / max(len(self.layers), 1)))
@@ -278,19 +310,20 @@ class AdaPTPolicy(Policy):
         frac_bits = min(frac_bits, fit_frac_bits(float(np.max(np.abs(w))), MAX_BITS))
         return FixedPoint(fewest_bits(w, frac_bits), frac_bits)
 
-    def _budgeted(self, st: dict[str, Any], w: np.ndarray, frac_bits_faithful: int) -> FixedPoint:
-        """Move this layer's push ``d^l`` by the budget rule; the trimmed format at ``FL - d^l``."""
-        st["bits"] = self._trimmed(w, frac_bits_faithful - st["push"]).bits
-        if self._mean_weight_bits() > self.bits_budget and self.strategy != "max":
-            st["push"] += 1
-        elif self.strategy == "max" and st["push"] > 0:
-            finer = self._trimmed(w, frac_bits_faithful - st["push"] + 1)
-            current = st["bits"]
-            st["bits"] = finer.bits
+    def _budgeted(self, st: dict[str, Any], w: np.ndarray, frac_bits: int) -> FixedPoint:
+        """Trimmed format within the layer's width cap ``W^l``, after moving the cap by the budget rule."""
+        trimmed = self._trimmed(w, frac_bits)
+        st["bits"] = min(trimmed.bits, st["cap"])
+        if self._mean_weight_bits() > self.bits_budget and self.strategy != "max" and st["bits"] > self.bits_budget:
+            st["cap"] = max(MIN_BITS, math.floor(self.bits_budget))
+        elif self.strategy == "max" and st["cap"] < trimmed.bits:
+            st["bits"] = min(trimmed.bits, st["cap"] + 1)
             if self._mean_weight_bits() <= self.bits_budget:
-                st["push"] -= 1
-            st["bits"] = current
-        return self._trimmed(w, frac_bits_faithful - st["push"])
+                st["cap"] += 1
+        st["capped"] = trimmed.bits > st["cap"]
+        if not st["capped"]:
+            return trimmed
+        return FixedPoint(st["cap"], fit_frac_bits(float(np.max(np.abs(w))), st["cap"]))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -10,6 +10,8 @@ never retraces). Events, in order::
     before_step(model)             after backward, before the optimizer step
     on_batch_end(step, loss, model) after each optimizer step
     on_epoch_end(epoch, model)     after each epoch's validation
+    on_train_end(deployed)         once, on the deployed model (BN folded, FLs refitted), before
+                                   its precision map is written
 
 ``reference_bits`` is the weight/activation width of the policy's static counterpart (the
 denominator of the "BitOPs vs static" ratio, :mod:`fxquant.bitops`); ``None`` means the widths the
@@ -30,10 +32,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from fxquant.fixed_point import OFF_BITS, FixedPoint, fit_frac_bits
-from fxquant.quantizers import ACT, WEIGHT, quantizers
+from fxquant.quantizers import ACT, WEIGHT, FixedPointQuantizer, quantizers
 
 ACT_RANGE_MOMENTUM = 0.9
 
@@ -76,10 +78,17 @@ class Policy:
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
         pass
 
+    def on_train_end(self, deployed: nn.Module) -> None:
+        pass
+
     # ------------------------------------------------------------------ helpers
-    def follow_ranges(self, model: nn.Module, roles: tuple[str, ...] = (WEIGHT, ACT)) -> None:
-        """Set the FL of every active quantizer with a role in ``roles`` from its range (see above)."""
-        for (layer, role), q in quantizers(model).items():
+    def follow_ranges(self, model: nn.Module, roles: tuple[str, ...] = (WEIGHT, ACT),
+                      qs: dict[tuple[str, str], FixedPointQuantizer] | None = None) -> None:
+        """Set the FL of every active quantizer with a role in ``roles`` from its range (see above).
+
+        ``qs`` is ``quantizers(model)`` when the caller keeps it (saves a module walk per step).
+        """
+        for (layer, role), q in (qs if qs is not None else quantizers(model)).items():
             bits = int(q.bits)
             if bits >= OFF_BITS or role not in roles:
                 continue
@@ -102,6 +111,21 @@ class Policy:
     def describe(self) -> dict[str, Any]:
         """Options of this policy, recorded in run.json."""
         return {"policy": self.name}
+
+
+def output_quantizers(model: nn.Module) -> list[FixedPointQuantizer]:
+    """The activation quantizers whose values are graph outputs (the logits the loss sees)."""
+    if not isinstance(model, fx.GraphModule):
+        return []
+    out = []
+    for node in model.graph.nodes:
+        if node.op != "output":
+            continue
+        for arg in node.all_input_nodes:
+            module = model.get_submodule(str(arg.target)) if arg.op == "call_module" else None
+            if isinstance(module, FixedPointQuantizer):
+                out.append(module)
+    return out
 
 
 def set_bits(model: nn.Module, weight_bits: int | None = None, act_bits: int | None = None,
@@ -143,4 +167,4 @@ def mean_bits(model: nn.Module, role: str) -> float:
     return total / count if count else float(OFF_BITS)
 
 
-__all__ = ["Policy", "calibrate", "set_bits", "mean_bits"]
+__all__ = ["Policy", "calibrate", "set_bits", "mean_bits", "output_quantizers"]

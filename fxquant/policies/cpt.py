@@ -28,6 +28,10 @@ Paper-reading choices:
   change never saturates and only the resolution moves with ``B_t``.
 * The width for step ``t + 1`` is written in ``on_batch_end(t)`` (then the FLs are refitted), so
   the forward of step ``t`` always runs at ``B_t``.
+* The quantizer on the graph output (the logits the loss sees) stays at ``B_max``: at 2-3 bits
+  the logits collapse to a few multiples of a large step, the cross-entropy and its gradients
+  explode and training diverges (observed on the digits CNN with PRT's ``B_min = 2``). The paper
+  cycles the layers' weights and activations; it does not discuss the network output.
 
 ``B_min`` comes from the precision range test (:mod:`fxquant.policies.prt`) when not given;
 ``B_max`` defaults to the static counterpart's 8 bits.
@@ -42,8 +46,8 @@ import torch
 from torch import nn
 
 from fxquant.errors import UsageError
-from fxquant.fixed_point import MAX_BITS, MIN_BITS, check_bits
-from fxquant.policies.base import Policy, set_bits
+from fxquant.fixed_point import MAX_BITS, MIN_BITS, FixedPoint, check_bits
+from fxquant.policies.base import Policy, output_quantizers, set_bits
 
 DEFAULT_BITS_MAX = 8
 DEFAULT_GRAD_BITS = 8
@@ -72,6 +76,13 @@ def cyclic_bits(step: int, total_steps: int, bits_min: int, bits_max: int, cycle
     period = total_steps / cycles
     phase = math.fmod(step, period) / period
     return int(round(bits_min + (bits_max - bits_min) * SCHEDULES[schedule](phase)))
+
+
+def set_forward_bits(model: nn.Module, bits: int, bits_max: int, grad_bits: int | None = None) -> None:
+    """FW width ``bits`` on weights and activations, ``bits_max`` on the graph output (docstring)."""
+    set_bits(model, bits, bits, grad_bits)
+    for q in output_quantizers(model):
+        q.set_format(FixedPoint(bits_max, int(q.frac_bits)))
 
 
 def check_bounds(bits_min: int | None, bits_max: int) -> None:
@@ -114,13 +125,11 @@ class CPTPolicy(Policy):
                            self.cycles, self.schedule)
 
     def on_train_begin(self, model: nn.Module, batch: torch.Tensor) -> None:
-        b = self.bits_at(0)
-        set_bits(model, b, b, self.grad_bits)
+        set_forward_bits(model, self.bits_at(0), self.bits_max, self.grad_bits)
         super().on_train_begin(model, batch)
 
     def on_batch_end(self, step: int, loss: float, model: nn.Module) -> None:
-        b = self.bits_at(step + 1)
-        set_bits(model, b, b)
+        set_forward_bits(model, self.bits_at(step + 1), self.bits_max)
         self.follow_ranges(model)
 
     def describe(self) -> dict[str, Any]:

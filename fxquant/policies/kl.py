@@ -36,28 +36,43 @@ import numpy as np
 from fxquant.fixed_point import MAX_BITS, MIN_BITS, FixedPoint, dequantize, fit_frac_bits, min_signed_bits, quantize_int
 
 
+class Histogram:
+    """The ``bins``-bin histogram ``P`` of ``w`` over its range, kept for repeated KL probes."""
+
+    def __init__(self, w: np.ndarray, bins: int) -> None:
+        self.w, self.bins = w, bins
+        self.lo, self.hi = float(w.min()), float(w.max())
+        self.p = self._frequencies(w)
+
+    def _frequencies(self, x: np.ndarray) -> np.ndarray:
+        """Bin ``i`` holds ``lo + i*width <= x < lo + (i+1)*width``; the last bin also ``x = hi``."""
+        scale = self.bins / (self.hi - self.lo) if self.hi > self.lo else 0.0
+        index = np.minimum(((np.clip(x, self.lo, self.hi) - self.lo) * scale).astype(np.int64), self.bins - 1)
+        counts = np.bincount(index, minlength=self.bins)
+        return counts.astype(np.float64) / counts.sum()
+
+    def kl_to(self, w_hat: np.ndarray) -> float:
+        """``KL(P || Q)`` with ``Q`` the histogram of ``w_hat`` over the same bins."""
+        if self.hi <= self.lo:  # a constant tensor: one bin
+            return 0.0 if np.all(w_hat == self.w) else math.inf
+        q = self._frequencies(w_hat)
+        support = self.p > 0
+        if np.any(q[support] == 0):
+            return math.inf
+        return float(np.sum(self.p[support] * np.log(self.p[support] / q[support])))
+
+    def lossless(self, fmt: FixedPoint) -> bool:
+        return self.kl_to(quantized_copy(self.w, fmt)) == 0.0
+
+
 def histogram_kl(w: np.ndarray, w_hat: np.ndarray, bins: int) -> float:
     """``KL(P || Q)`` of the ``bins``-bin histograms of ``w`` (P) and ``w_hat`` (Q) over ``w``'s range."""
-    lo, hi = float(w.min()), float(w.max())
-    if hi <= lo:  # a constant tensor: one bin
-        return 0.0 if np.all(w_hat == w) else math.inf
-    p = np.histogram(w, bins=bins, range=(lo, hi))[0].astype(np.float64)
-    q = np.histogram(np.clip(w_hat, lo, hi), bins=bins, range=(lo, hi))[0].astype(np.float64)
-    p /= p.sum()
-    q /= q.sum()
-    support = p > 0
-    if np.any(q[support] == 0):
-        return math.inf
-    return float(np.sum(p[support] * np.log(p[support] / q[support])))
+    return Histogram(w, bins).kl_to(w_hat)
 
 
 def quantized_copy(w: np.ndarray, fmt: FixedPoint) -> np.ndarray:
     """``q_fmt(w)`` as reals (round half even, saturate): :func:`fixed_point.quantize_int`."""
     return dequantize(quantize_int(w, fmt), fmt.frac_bits)
-
-
-def lossless(w: np.ndarray, fmt: FixedPoint, bins: int) -> bool:
-    return histogram_kl(w, quantized_copy(w, fmt), bins) == 0.0
 
 
 def fewest_bits(w: np.ndarray, frac_bits: int) -> int:
@@ -68,17 +83,18 @@ def fewest_bits(w: np.ndarray, frac_bits: int) -> int:
 def push_down(w: np.ndarray, bins: int) -> FixedPoint:
     """The coarsest ``<BW,FL>`` with ``KL(P||Q) = 0`` at ``bins`` bins (module docstring)."""
     amax = float(np.max(np.abs(w))) if w.size else 0.0
+    hist = Histogram(w, bins)
     lo, hi = fit_frac_bits(amax, MIN_BITS), fit_frac_bits(amax, MAX_BITS)
-    if lossless(w, FixedPoint(MAX_BITS, lo), bins):
+    if hist.lossless(FixedPoint(MAX_BITS, lo)):
         hi = lo
-    elif lossless(w, FixedPoint(MAX_BITS, hi), bins):
+    elif hist.lossless(FixedPoint(MAX_BITS, hi)):
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if lossless(w, FixedPoint(MAX_BITS, mid), bins) else (mid, hi)
+            lo, hi = (lo, mid) if hist.lossless(FixedPoint(MAX_BITS, mid)) else (mid, hi)
     frac_bits = hi
     bits_hi = fewest_bits(w, frac_bits)
     bits_lo = MIN_BITS - 1  # sentinel: "lossy"
     while bits_hi - bits_lo > 1:
         mid = (bits_lo + bits_hi) // 2
-        bits_lo, bits_hi = (bits_lo, mid) if lossless(w, FixedPoint(mid, frac_bits), bins) else (mid, bits_hi)
+        bits_lo, bits_hi = (bits_lo, mid) if hist.lossless(FixedPoint(mid, frac_bits)) else (mid, bits_hi)
     return FixedPoint(bits_hi, frac_bits)

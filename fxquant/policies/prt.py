@@ -13,7 +13,8 @@ network continuing from level to level. For each level the **improvement** is::
 
     delta_b = mean(acc of the level's last `window` steps) - mean(acc of its first `window` steps)
 
-(training accuracy of each step's batch, in percentage points). ``B_min`` is the first ``b`` with
+(training accuracy of each step's batch, in percentage points); as in CPT the graph output stays at
+``B_max`` (:func:`fxquant.policies.cpt.set_forward_bits`). ``B_min`` is the first ``b`` with
 ``delta_b > threshold``; if no level qualifies, ``B_min = B_max`` (static training). The test
 stops at the first qualifying level, so it costs at most ``(B_min - 1) * steps_per_level`` steps
 and runs on a throw-away copy: the real run starts from the same initial weights (same seed).
@@ -34,8 +35,8 @@ from torch import nn
 from fxquant.errors import TrainingError, UsageError
 from fxquant.fixed_point import MIN_BITS
 from fxquant.model_file import ModelFile
-from fxquant.policies.base import Policy, calibrate, set_bits
-from fxquant.policies.cpt import DEFAULT_BITS_MAX, DEFAULT_GRAD_BITS, check_bounds
+from fxquant.policies.base import Policy, calibrate
+from fxquant.policies.cpt import DEFAULT_BITS_MAX, DEFAULT_GRAD_BITS, check_bounds, set_forward_bits
 
 DEFAULT_STEPS_PER_LEVEL = 40
 DEFAULT_WINDOW = 10
@@ -102,7 +103,7 @@ def run_prt(mf: ModelFile, bits_max: int = DEFAULT_BITS_MAX, grad_bits: int = DE
     calibrate(model, first_x)
     result = PRTResult(bits_max, bits_max, threshold, window, steps_per_level)
     for bits in range(MIN_BITS, bits_max + 1):
-        set_bits(model, bits, bits, grad_bits)
+        set_forward_bits(model, bits, bits_max, grad_bits)
         ranges.follow_ranges(model)
         accs = []
         for _ in range(steps_per_level):
