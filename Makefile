@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/fxquant train --policy static --bits 8 examples/digits_cnn.py --out $(RUN) --force
+	$(BIN)/fxquant train --policy adapt --bits-budget 5 examples/digits_cnn.py --out $(RUN) --force
 	$(BIN)/fxquant export --target onnx $(RUN)
 	$(BIN)/fxquant export --target cpu $(RUN)
 	$(BIN)/fxquant export --target fpga $(RUN)
