@@ -1,0 +1,169 @@
+"""Export an IntegerGraph as standalone CUDA kernels: source, shared library, params, runner.
+
+Pipeline: :func:`.plan.plan_graph` (one launch per op, residual adds fused, weights packed) ->
+:func:`.kernels.primfunc` + :func:`.schedule.schedule` per distinct kernel -> ``tvm.compile``
+for ``{"kind": "cuda", "arch": arch}`` with host ``cuda_host`` -> ``export_cuda_host`` (one CUDA
+C++ file with tvm-ffi host wrappers, ``kernels.cu``) -> ``nvcc -shared`` (``kernels.so``, needs
+only ``libtvm_ffi`` at run time). With ``verify_inputs`` the unscheduled kernels also run on the
+CPU (:mod:`.cpu_check`) against ``IntegerGraph.run``, and inputs + reference integers are saved
+for the GPU-side check of ``run_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fxquant.backends.cuda.plan import Plan, plan_graph
+from fxquant.errors import ToolchainError, UnsupportedOpError, UsageError
+from fxquant.integer_graph import IntegerGraph
+from fxquant.io import atomic_write, atomic_write_json, atomic_write_text
+
+SOURCE, LIBRARY, PARAMS, BASELINE = "kernels.cu", "kernels.so", "params.npz", "baseline_weights.npz"
+PLAN, REFERENCE, RUNNER, ONNX_FP32, REPORT = "plan.json", "reference.npz", "run_cuda.py", "fp32.onnx", "cuda_report.json"
+NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-diag-suppress", "174,177")
+
+
+def cuda_target(arch: str) -> Any:
+    import tvm
+
+    return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "cuda_host"})
+
+
+def cuda_source(plan: Plan, arch: str) -> str:
+    """One CUDA C++ translation unit with every kernel of ``plan`` and its tvm-ffi host wrapper."""
+    import tvm
+    from tvm.backend.cuda import export_cuda_host
+
+    from fxquant.backends.cuda.kernels import primfunc
+    from fxquant.backends.cuda.schedule import schedule
+
+    funcs = {}
+    for name, spec in plan.kernels.items():
+        try:
+            funcs[name] = schedule(primfunc(spec), spec).with_attr("global_symbol", name)
+        except (tvm.error.TVMError, tvm.s_tir.schedule.ScheduleError) as exc:
+            raise ToolchainError(f"TVM could not schedule CUDA kernel {name} ({spec}): {exc}",
+                                 "report this as a bug with the layer shapes") from exc
+    try:
+        ex = tvm.compile(tvm.IRModule(funcs), target=cuda_target(arch))
+    except tvm.error.TVMError as exc:
+        raise ToolchainError(f"TVM failed to generate CUDA for arch {arch}: {exc}", "check --arch (e.g. sm_80, sm_90)") from exc
+    return export_cuda_host(ex.mod)
+
+
+def find_nvcc() -> str | None:
+    """``nvcc`` on PATH, else under ``$CUDA_HOME`` or ``/usr/local/cuda``."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and Path(root, "bin", "nvcc").is_file():
+            return str(Path(root, "bin", "nvcc"))
+    return None
+
+
+def nvcc_compile(source: Path, library: Path, arch: str) -> float:
+    """``nvcc -shared`` ``source`` into ``library`` (atomically) linked to libtvm_ffi; returns seconds."""
+    import tvm_ffi
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise ToolchainError(f"nvcc not found: {source} was written but not compiled",
+                             "install the CUDA toolkit (nvcc on PATH or CUDA_HOME), or compile it on a CUDA host")
+    ffi = Path(tvm_ffi.__file__).parent
+    fd, tmp = tempfile.mkstemp(dir=library.parent, prefix=f".{library.name}.", suffix=".tmp")
+    os.close(fd)
+    cmd = [nvcc, *NVCC_FLAGS, f"-arch={arch}", f"-I{ffi / 'include'}", f"-L{ffi / 'lib'}", "-ltvm_ffi",
+           str(source), "-o", tmp]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise ToolchainError(f"nvcc failed on {source} (arch {arch}): {proc.stderr.strip()[-2000:]}",
+                                 "check --arch and the CUDA toolkit version")
+        os.replace(tmp, library)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return time.perf_counter() - t0
+
+
+def float_graph(graph: IntegerGraph) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """The float network of the torch baselines: quantizers removed, weights ``w * 2^-FL_w`` and
+    biases ``b * 2^-(FL_in + FL_w)``, stored as their integers (int8 / int32, 4x smaller than
+    float32) with the frac bits in the op entry; the runner dequantizes them exactly."""
+    ops, params = [], {}
+    for op in graph.ops:
+        entry: dict[str, Any] = {"kind": op.kind, "inputs": list(op.inputs), "output": op.output, "weight": None,
+                                 "bias": None, "attrs": {k: v for k, v in op.attrs.items() if k in
+                                                         ("stride", "padding", "dilation", "kernel", "relu")}}
+        if op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None:
+            entry["weight"], entry["weight_frac_bits"] = f"{op.name}.weight", op.weight_fmt.frac_bits
+            params[entry["weight"]] = np.asarray(op.weight).astype(np.int8)
+            if op.bias is not None:
+                fl_in = graph.value(op.inputs[0]).fmt.frac_bits
+                assert fl_in is not None  # plan_graph checked the formats
+                entry["bias"], entry["bias_frac_bits"] = f"{op.name}.bias", fl_in + op.weight_fmt.frac_bits
+                params[entry["bias"]] = np.asarray(op.bias).astype(np.int32)
+        ops.append(entry)
+    return ops, params
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def export_cuda(graph: IntegerGraph, out_dir: Path, *, arch: str = "sm_90",
+                verify_inputs: np.ndarray | None = None) -> dict[str, Any]:
+    """Write ``kernels.cu`` (+ ``kernels.so`` with nvcc), params, plan, runner and ``cuda_report.json``."""
+    from fxquant.export.onnx_qdq import to_fp32
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not re.fullmatch(r"sm_\d+[a-z]?", arch):
+        raise UsageError(f"--arch {arch!r} is not a CUDA architecture", "use e.g. sm_80, sm_89, sm_90")
+    plan = plan_graph(graph)
+    if len(plan.inputs) != 1:
+        raise UnsupportedOpError(f"graph has {len(plan.inputs)} inputs", "the CUDA runner supports one model input")
+    t0 = time.perf_counter()
+    source = cuda_source(plan, arch)
+    codegen_s = time.perf_counter() - t0
+    atomic_write_text(out_dir / SOURCE, source)
+    ops, fparams = float_graph(graph)
+    plan_json = {**plan.to_json(), "input_shape": list(graph.inputs[0].shape), "float_graph": ops, "arch": arch,
+                 "kernels": {name: repr(spec) for name, spec in plan.kernels.items()}}
+    atomic_write_json(out_dir / PLAN, plan_json)
+    _save_npz(out_dir / PARAMS, plan.params)
+    _save_npz(out_dir / BASELINE, fparams)
+    atomic_write(out_dir / ONNX_FP32, lambda f: f.write(to_fp32(graph).SerializeToString()))
+    atomic_write_text(out_dir / RUNNER, (Path(__file__).parent / RUNNER).read_text())
+    report: dict[str, Any] = {
+        "target": {"kind": "cuda", "arch": arch, "host": "cuda_host"}, "source": SOURCE, "library": None,
+        "kernels": len(plan.kernels), "launches": len(plan.launches), "codegen_s": round(codegen_s, 2),
+        "nvcc_s": None, "params": PARAMS, "param_bytes": int(sum(p.nbytes for p in plan.params.values())),
+        "entry": "tvm_ffi.load_module('kernels.so')[kernel](*args, out) per plan.json launch; run_cuda.py runs it",
+        "inputs": [{"name": v.name, "shape": ["n", *v.shape], "frac_bits": v.fmt.frac_bits} for v in graph.inputs],
+        "outputs": graph.outputs, "cpu_check": None, "gpu_check": "run run_cuda.py on a CUDA host",
+    }
+    if verify_inputs is not None:
+        from fxquant.backends.cuda.cpu_check import check_on_cpu
+
+        x = np.asarray(verify_inputs, np.float32)
+        ref = graph.run(*graph.quantize_inputs(x))
+        _save_npz(out_dir / REFERENCE, {"input": x, **{f"output:{k}": v for k, v in ref.items()}})
+        report["cpu_check"] = check_on_cpu(graph, plan, x)
+    try:
+        report["nvcc_s"] = round(nvcc_compile(out_dir / SOURCE, out_dir / LIBRARY, arch), 2)
+        report["library"] = LIBRARY
+    finally:
+        atomic_write_json(out_dir / REPORT, report)
+    return report
+
