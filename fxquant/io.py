@@ -33,6 +33,23 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
         raise
 
 
+def atomic_write_via_path(path: Path, write: Callable[[str], None]) -> None:
+    """Like :func:`atomic_write` for writers that need a file name (a compiler's library export)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+        os.close(fd)
+    except OSError as exc:
+        raise RunDirError(f"cannot write {path}: {exc.strerror}", "choose a writable output directory") from exc
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), mode="w")
 

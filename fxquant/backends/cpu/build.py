@@ -12,9 +12,6 @@ to even, as ``IntegerGraph.quantize_inputs``) and returns the int8 output intege
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ import numpy as np
 from fxquant.backends.cpu.features import CpuTarget, check_runnable, host_cpu, resolve_target
 from fxquant.errors import ExportError, ToolchainError, UnsupportedOpError
 from fxquant.integer_graph import IntegerGraph
+from fxquant.io import atomic_write_json, atomic_write_via_path
 
 LIBRARY, PARAMS, REPORT = "fxquant_cpu.so", "params.npz", "cpu_report.json"
 
@@ -146,17 +144,6 @@ class CpuModel:
         return tensor
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _save_params(path: str, params: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as f:
         np.savez(f, **params)
@@ -190,8 +177,8 @@ def export_cpu(graph: IntegerGraph, out_dir: Path, *, mcpu: str = "host",
     t0 = time.perf_counter()
     ex, params = compile_graph(graph, target)
     build_s = time.perf_counter() - t0
-    _atomic_write(out_dir / LIBRARY, lambda tmp: ex.export_library(tmp))
-    _atomic_write(out_dir / PARAMS, lambda tmp: _save_params(tmp, params))
+    atomic_write_via_path(out_dir / LIBRARY, ex.export_library)
+    atomic_write_via_path(out_dir / PARAMS, lambda tmp: _save_params(tmp, params))
     report: dict[str, Any] = {
         "target": {"mcpu": target.mcpu, "vnni": target.vnni, "llvm": target.tvm_target()},
         "host_cpu": host_cpu().to_dict(), "build_s": round(build_s, 2),
@@ -202,5 +189,5 @@ def export_cpu(graph: IntegerGraph, out_dir: Path, *, mcpu: str = "host",
     }
     if verify_inputs is not None:
         report["verification"] = verify(CpuModel.load(out_dir), graph, verify_inputs)
-    _atomic_write(out_dir / REPORT, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    atomic_write_json(out_dir / REPORT, report)
     return report
