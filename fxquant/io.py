@@ -14,6 +14,13 @@ from typing import Any, Callable
 from fxquant.errors import RunDirError
 
 
+def _default_mode() -> int:
+    """Permissions of a newly created file under the current umask (``mkstemp`` would give 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Call ``write(file)`` on a temp file beside ``path``, then atomically rename it to ``path``."""
     path = Path(path)
@@ -27,6 +34,7 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -44,6 +52,7 @@ def atomic_write_via_path(path: Path, write: Callable[[str], None]) -> None:
         raise RunDirError(f"cannot write {path}: {exc.strerror}", "choose a writable output directory") from exc
     try:
         write(tmp)
+        os.chmod(tmp, _default_mode() | (os.stat(tmp).st_mode & 0o111))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
