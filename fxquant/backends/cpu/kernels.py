@@ -42,6 +42,7 @@ from fxquant.backends.cpu.epilogue import Requant, Residual, requantize, residua
 from fxquant.backends.cpu.intrinsics import broadcast_word, pmaddubsw, pmaddwd, vpdpbusd
 from fxquant.backends.cpu.packing import LINEAR_LANES, LOWBIT_GROUP, VNNI_LANES
 from fxquant.errors import UnsupportedOpError
+from fxquant.backends.pool_shape import PoolShape
 
 OPAQUE = 8
 """relax ``op_pattern`` kOpaque: FuseOps must leave these kernels alone."""
@@ -405,23 +406,6 @@ def eltwise(shape: tuple[int, ...], lefts: tuple[int, ...], rq: Requant, name: s
                 for i in range(n * M // lanes):
                     yf[store_index(i * lanes)] = total((af,), i * lanes)
     return _finish(kernel, name)
-
-
-@dataclass(frozen=True)
-class PoolShape:
-    """A 2-D pooling window over int8 ``[n, C, H, W]``."""
-
-    channels: int
-    height: int
-    width: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int] = (0, 0)
-
-    @property
-    def out_hw(self) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
-        return (self.height + 2 * ph - kh) // sh + 1, (self.width + 2 * pw - kw) // sw + 1
 
 
 @lru_cache(maxsize=None)

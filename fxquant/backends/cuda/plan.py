@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from fxquant.backends.cpu.epilogue import Requant, Residual
+from fxquant.backends.pool_shape import PoolShape
 from fxquant.errors import UnsupportedOpError
 from fxquant.integer_graph import IntegerGraph, Op
 
@@ -119,21 +120,10 @@ class EltwiseSpec:
 
 
 @dataclass(frozen=True)
-class PoolSpec:
+class PoolSpec(PoolShape):
     """Max pooling (``rq is None``) or window sum + requantize over int8 ``[n, C, H, W]``."""
 
-    channels: int
-    height: int
-    width: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int] = (0, 0)
     rq: Requant | None = None
-
-    @property
-    def out_hw(self) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
-        return (self.height + 2 * ph - kh) // sh + 1, (self.width + 2 * pw - kw) // sw + 1
 
 
 @dataclass(frozen=True)
