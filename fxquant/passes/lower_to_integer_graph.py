@@ -12,6 +12,8 @@ is already on a grid becomes an explicit ``requantize`` op (the fx graph rounds 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from typing import Any
 
@@ -19,7 +21,7 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxquant.errors import ExportError, UnsupportedOpError
+from fxquant.errors import ExportError, ModelFileError, UnsupportedOpError
 from fxquant.fixed_point import FixedPoint, quantize_bias, quantize_int
 from fxquant.integer_graph import IntegerGraph, Op, Value
 from fxquant.passes.op_kinds import layer_name, node_kind
@@ -278,8 +280,15 @@ class _Lowering:
 def lower_to_integer_graph(gm: fx.GraphModule, *example_inputs: torch.Tensor) -> IntegerGraph:
     """Lower ``gm`` (deployed, eval mode) using ``example_inputs`` for shape propagation."""
     gm.eval()
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
+    try:  # ShapeProp prints the traceback of a failing node itself: keep it off the user's screen
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the inputs do not fit the model
+        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+                           for x in example_inputs)
+        cause = exc.__cause__ or exc
+        raise ModelFileError(f"example inputs {shapes} do not fit the model: {str(cause).splitlines()[0][:200]}",
+                             "make example_inputs() return tensors of the model's input shape (batch 1)") from exc
     return _Lowering(gm).lower()
 
 

@@ -101,3 +101,12 @@ def test_fuzzed_cli_arguments_fail_cleanly(tmp_path, monkeypatch, argv):
     result = CliRunner().invoke(cli, argv)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         assert isinstance(result.exception, FxquantError), repr(result.exception)
+
+
+def test_bad_example_inputs_are_reported(tmp_path):
+    model = tmp_path / "m.py"
+    model.write_text(DIGITS.read_text().replace("torch.zeros(1, 1, 8, 8)", "torch.zeros(1, 3, 5, 5)"))
+    out = tmp_path / "run"
+    assert fxquant("train", str(model), "--out", str(out), "--epochs", "1", "--no-progress").returncode == 0
+    assert_one_line_error(fxquant("export", str(out)), "example inputs (1, 3, 5, 5) do not fit the model")
+    assert not (out / "model.onnx").exists()
