@@ -38,7 +38,7 @@ from functools import lru_cache
 from tvm import tirx
 from tvm.script import tirx as T
 
-from fxquant.backends.cpu.epilogue import Requant, Residual, requantize, residual_add
+from fxquant.backends.tvm_epilogue import Requant, Residual, requantize, residual_add
 from fxquant.backends.cpu.intrinsics import broadcast_word, pmaddubsw, pmaddwd, vpdpbusd
 from fxquant.backends.cpu.packing import LINEAR_LANES, LOWBIT_GROUP, VNNI_LANES
 from fxquant.errors import UnsupportedOpError

@@ -30,7 +30,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 
 from fxquant.backends.cpu import kernels, packing
-from fxquant.backends.cpu.epilogue import Requant, Residual
+from fxquant.backends.tvm_epilogue import Requant, Residual
 from fxquant.backends.cpu.features import CpuTarget
 from fxquant.errors import UnsupportedOpError
 from fxquant.fixed_point import min_signed_bits

@@ -11,7 +11,7 @@ argument is the output.
   for packed weights ``unpack``: ``wk[o, k] = ((byte >> 4*(k%2)) & 15 ^ 8) - 8`` (sign-extended
   nibble); ``gemm``: ``acc[m, o] = sum_k col[m, k] * wk[o, k]`` in int32; ``epilogue``:
   ``y = requantize(acc + bias)`` (+ fused residual add) with the shift epilogue of
-  :mod:`fxquant.backends.cpu.epilogue` (round half to even, saturate, ReLU), written NCHW.
+  :mod:`fxquant.backends.tvm_epilogue` (round half to even, saturate, ReLU), written NCHW.
   The schedule inlines ``im2col``/``unpack`` into the shared-memory loads, so neither exists in
   global memory.
 * :func:`eltwise`, :func:`pool2d`, :func:`quantize`: one spatial block each (TE compute).
@@ -24,7 +24,7 @@ from functools import lru_cache
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from fxquant.backends.cpu.epilogue import requantize, residual_add
+from fxquant.backends.tvm_epilogue import requantize, residual_add
 from fxquant.backends.cuda.plan import EltwiseSpec, GemmSpec, KernelSpec, PoolSpec, QuantizeSpec
 
 ACT = "int8"

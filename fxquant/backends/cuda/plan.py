@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fxquant.backends.cpu.epilogue import Requant, Residual
+from fxquant.backends.tvm_epilogue import Requant, Residual
 from fxquant.backends.pool_shape import PoolShape
 from fxquant.errors import UnsupportedOpError
 from fxquant.integer_graph import IntegerGraph, Op

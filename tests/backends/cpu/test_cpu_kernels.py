@@ -8,7 +8,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from fxquant.backends.cpu import kernels, packing  # noqa: E402
-from fxquant.backends.cpu.epilogue import Requant, Residual  # noqa: E402
+from fxquant.backends.tvm_epilogue import Requant, Residual  # noqa: E402
 from fxquant.backends.cpu.features import host_cpu, resolve_target  # noqa: E402
 from fxquant.fixed_point import FixedPoint, requantize  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The requantize epilogue as shifts, on int32 vectors (what every kernel ends with).
+"""The requantize epilogue as shifts, in TensorIR on int32 values (shared by the TVM CPU and CUDA kernels).
 
 For an accumulator ``acc`` at ``FL_acc`` and an output spec ``<BW,FL_out>`` with
 ``shift = FL_out - FL_acc`` (:func:`fxquant.fixed_point.requantize` is the numpy reference):
