@@ -100,6 +100,28 @@ class IntegerGraph:
             return env
         return {name: env[name] for name in self.outputs}
 
+    def accumulator_bound(self, op: Op) -> int:
+        """Worst-case ``|acc|`` of ``op`` before requantization, in units of its accumulator LSB.
+
+        conv/linear: ``max_o(sum|w_o| * 2^(BW_in-1) + |b_o|)``; matmul: ``2^(BW_a-1) 2^(BW_b-1) K``;
+        add: inputs' ``2^(BW-1)`` shifted to the common FL and summed; avgpool: window size times
+        ``2^(BW_in-1)``; other ops: the largest input magnitude.
+        """
+        vs = [self.values[i] for i in op.inputs]
+        top = [1 << (v.fmt.bits - 1) for v in vs]  # max |k| of each input
+        if op.kind in ("conv2d", "linear") and op.weight is not None:
+            w = np.abs(op.weight.astype(np.int64)).reshape(op.weight.shape[0], -1).sum(axis=1)
+            b = np.zeros_like(w) if op.bias is None else np.abs(op.bias.astype(np.int64))
+            return int((w * top[0] + b).max())
+        if op.kind == "matmul":
+            return top[0] * top[1] * vs[0].shape[-1]
+        if op.kind == "add":
+            fls = [int(v.fmt.frac_bits or 0) for v in vs]
+            return sum(t << (max(fls) - fl) for t, fl in zip(top, fls))
+        if op.kind == "avgpool2d":
+            return top[0] * math.prod(op.attrs["kernel"])
+        return max(top)
+
     def param_bits(self) -> int:
         """Σ params · bits: weights at their width, biases at int32."""
         total = 0

@@ -10,7 +10,7 @@ Nothing here is numeric: the fixed-point math (rounding, saturation, requantizat
   requantization and without the fused ReLU, which each flavour places itself;
 * :func:`check_exportable` (every value has a fixed ``<BW,FL>``, every op an exact ONNX form) and
   :func:`check_opset`;
-* :func:`accumulator_bound` / :func:`float32_risks`: the worst-case ``|acc|`` of an op and the ops
+* :func:`float32_risks` (from :meth:`IntegerGraph.accumulator_bound`, the worst-case ``|acc|``): the ops
   whose accumulator float32 cannot hold (``> 2^24``), where onnxruntime's float32 requantization
   may round twice.
 
@@ -93,27 +93,9 @@ def check_exportable(graph: IntegerGraph) -> None:
                               "lower the model again with fxquant.passes.lower_to_integer_graph")
 
 
-def accumulator_bound(op: Op, graph: IntegerGraph) -> int:
-    """Worst-case ``|acc|`` of an op before requantization, in units of its accumulator LSB."""
-    vs = [graph.values[i] for i in op.inputs]
-    top = [1 << (v.fmt.bits - 1) for v in vs]  # max |k| of each input
-    if op.kind in ("conv2d", "linear") and op.weight is not None:
-        w = np.abs(op.weight.astype(np.int64)).reshape(op.weight.shape[0], -1).sum(axis=1)
-        b = np.zeros_like(w) if op.bias is None else np.abs(op.bias.astype(np.int64))
-        return int((w * top[0] + b).max())
-    if op.kind == "matmul":
-        return top[0] * top[1] * vs[0].shape[-1]
-    if op.kind == "add":
-        fls = [int(v.fmt.frac_bits or 0) for v in vs]  # fixed after check_exportable
-        return sum(t << (max(fls) - fl) for t, fl in zip(top, fls))
-    if op.kind == "avgpool2d":
-        return top[0] * math.prod(op.attrs["kernel"])
-    return max(top)
-
-
 def float32_risks(graph: IntegerGraph) -> list[str]:
     """Ops whose accumulator may exceed float32's exact range (``|acc| > 2^24``)."""
-    return [op.name for op in graph.ops if accumulator_bound(op, graph) > FLOAT32_EXACT_BOUND]
+    return [op.name for op in graph.ops if graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND]
 
 
 def value_formats(graph: IntegerGraph) -> dict[str, dict[str, Any]]:

@@ -56,7 +56,7 @@ import onnx_ir as ir
 from onnx import TensorProto
 
 from fxquant.errors import ExportError, RunDirError, UnsupportedOpError, UsageError
-from fxquant.export.onnx_builder import (FLOAT32_EXACT_BOUND, GraphBuilder, accumulator_bound, check_exportable,
+from fxquant.export.onnx_builder import (FLOAT32_EXACT_BOUND, GraphBuilder, check_exportable,
                                          check_opset, conv_attrs, float32_risks, float_io, float_op, fmt_bounds,
                                          scale_of)
 from fxquant.export.passes import FoldTransparentQdq
@@ -199,7 +199,7 @@ class _QdqBuilder:
         if not self.ort_x86 or op.kind not in ("conv2d", "linear") or op.weight_fmt is None:
             return False
         fmts = (self.graph.values[op.inputs[0]].fmt, op.weight_fmt, op.out_fmt)
-        return all(f.bits <= 8 for f in fmts) and accumulator_bound(op, self.graph) > FLOAT32_EXACT_BOUND
+        return all(f.bits <= 8 for f in fmts) and self.graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
 
     def integer_op(self, op: Op, relu: bool) -> str:
         """Exact form of a Conv/Gemm whose ``|acc|`` may exceed 2^24, where QLinearConv/QGemm would

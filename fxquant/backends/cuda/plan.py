@@ -269,8 +269,7 @@ class _Planner:
         (src,) = op.inputs
         w = np.asarray(op.weight, np.int64)
         bias = np.zeros(w.shape[0], np.int64) if op.bias is None else np.asarray(op.bias, np.int64)
-        _check_int32(int((np.abs(w).reshape(w.shape[0], -1).sum(1) * (1 << (self.bits(src) - 1))
-                          + np.abs(bias)).max()), f"op {op.name!r}")
+        _check_int32(self.graph.accumulator_bound(op), f"op {op.name!r}")
         common = dict(weight_bits=op.weight_fmt.bits, rq=self.requant(op, self.fl(src) + op.weight_fmt.frac_bits),
                       residual=residual[1] if residual else None)
         if op.kind == "linear":
@@ -292,7 +291,7 @@ class _Planner:
     def add(self, op: Op) -> None:
         fl = max(self.fl(i) for i in op.inputs)
         lefts = tuple(fl - self.fl(i) for i in op.inputs)
-        _check_int32(sum(1 << (self.bits(i) - 1 + left) for i, left in zip(op.inputs, lefts)), f"op {op.name!r}")
+        _check_int32(self.graph.accumulator_bound(op), f"op {op.name!r}")
         fused = next((i for i in reversed(op.inputs) if i in self.deferred), None)
         if fused is None:
             self.launch(EltwiseSpec(self.graph.value(op.output).shape, lefts, self.requant(op, fl)), op.inputs,
