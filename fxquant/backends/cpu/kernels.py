@@ -42,7 +42,7 @@ from fxquant.backends.tvm_epilogue import Requant, Residual, requantize, residua
 from fxquant.backends.cpu.intrinsics import broadcast_word, pmaddubsw, pmaddwd, vpdpbusd
 from fxquant.backends.cpu.packing import LINEAR_LANES, LOWBIT_GROUP, VNNI_LANES
 from fxquant.errors import UnsupportedOpError
-from fxquant.backends.pool_shape import PoolShape
+from fxquant.backends.pool_shape import PoolShape, window_out_hw
 
 OPAQUE = 8
 """relax ``op_pattern`` kOpaque: FuseOps must leave these kernels alone."""
@@ -77,9 +77,7 @@ class ConvShape:
 
     @property
     def out_hw(self) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
-        return ((self.height + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-                (self.width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+        return window_out_hw(self.height, self.width, self.kernel, self.stride, self.padding, self.dilation)
 
     @property
     def block(self) -> tuple[int, int]:

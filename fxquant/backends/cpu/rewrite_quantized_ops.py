@@ -100,6 +100,18 @@ class _Out:
         return Requant(_frac_bits(m[self.scale], what) - frac_bits_in, bits, self.relu in m)
 
 
+def _weights_and_bias(m: Any, dx: Any, dw: Any, db: Any, what: str) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """A matched layer's integer weights, bias (zeros when absent) and the input/weight FLs."""
+    w = _const_value(m[dw.value]).astype(np.int64)
+    fl_x, fl_w = dx.frac_bits(m, what), dw.frac_bits(m, what)
+    bias = np.zeros(w.shape[0], np.int64)
+    if db.pattern in m:
+        if db.frac_bits(m, what) != fl_x + fl_w:
+            raise UnsupportedOpError(f"{what}: bias scale is not 2^-(FL_w + FL_in)")
+        bias = _const_value(m[db.value]).astype(np.int64)
+    return w, bias, fl_x, fl_w
+
+
 def _check_bound(bound: int, what: str) -> None:
     if bound > _INT32_LIMIT:
         raise UnsupportedOpError(f"{what}: the accumulator can reach {bound}, beyond int32",
@@ -155,13 +167,7 @@ class RewriteQuantizedOps:
             if pad[0] != pad[2] or pad[1] != pad[3]:
                 raise UnsupportedOpError(f"{what}: asymmetric padding {pad}")
             x = m[dx.value]
-            w = _const_value(m[dw.value]).astype(np.int64)
-            fl_x, fl_w = dx.frac_bits(m, what), dw.frac_bits(m, what)
-            bias = np.zeros(w.shape[0], np.int64)
-            if db.pattern in m:
-                if db.frac_bits(m, what) != fl_x + fl_w:
-                    raise UnsupportedOpError(f"{what}: bias scale is not 2^-(FL_w + FL_in)")
-                bias = _const_value(m[db.value]).astype(np.int64)
+            w, bias, fl_x, fl_w = _weights_and_bias(m, dx, dw, db, what)
             rq = out.requant(m, fl_x + fl_w, what)
             _check_bound(int((np.abs(w).reshape(w.shape[0], -1).sum(1) * 128 + np.abs(bias)).max()), what)
             n, c, h, wd = _shape(x)
@@ -213,13 +219,7 @@ class RewriteQuantizedOps:
                 if len(_shape(x)) != 2:
                     raise UnsupportedOpError(f"{what}: input of rank {len(_shape(x))}",
                                              "use a 2-D [batch, features] input")
-                w = _const_value(m[dw.value]).astype(np.int64)
-                fl_x, fl_w = dx.frac_bits(m, what), dw.frac_bits(m, what)
-                bias = np.zeros(w.shape[0], np.int64)
-                if db.pattern in m:
-                    if db.frac_bits(m, what) != fl_x + fl_w:
-                        raise UnsupportedOpError(f"{what}: bias scale is not 2^-(FL_w + FL_in)")
-                    bias = _const_value(m[db.value]).astype(np.int64)
+                w, bias, fl_x, fl_w = _weights_and_bias(m, dx, dw, db, what)
                 rq = out.requant(m, fl_x + fl_w, what)
                 o, k = w.shape
                 wbits = min_signed_bits(w)

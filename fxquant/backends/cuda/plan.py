@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from fxquant.backends.tvm_epilogue import Requant, Residual
-from fxquant.backends.pool_shape import PoolShape
+from fxquant.backends.pool_shape import PoolShape, window_out_hw
 from fxquant.errors import UnsupportedOpError
 from fxquant.integer_graph import IntegerGraph, Op
 
@@ -71,9 +71,7 @@ class GemmSpec:
 
     @property
     def out_hw(self) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
-        return ((self.height + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-                (self.width + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+        return window_out_hw(self.height, self.width, self.kernel, self.stride, self.padding, self.dilation)
 
     @property
     def k(self) -> int:
