@@ -75,12 +75,16 @@ POLICIES = {"cpt": {"bits_min": 3, "bits_max": 8, "cycles": 2},
             "adapt": {"lb_min": 2, "lb_max": 4, "res_min": 10, "res_max": 20}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _interrupt_after_step(monkeypatch, cls: type, at_step: int) -> None:
+    """Send SIGINT to this process right after ``cls.on_batch_end`` of step ``at_step``."""
+    original = cls.on_batch_end
+
+    def interrupt(self, step, loss, model):
+        original(self, step, loss, model)
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(cls, "on_batch_end", interrupt)
 
 
 @pytest.fixture
@@ -102,19 +106,11 @@ def test_interrupted_run_resumes_bit_identically(policy: str, model_py: Path, tm
     full = tmp_path / "full"
     train(model_py, full, policy, POLICIES[policy], OPTIONS)
 
-    cls = {"cpt": CPTPolicy, "adapt": AdaPTPolicy}[policy]
-    original = cls.on_batch_end
-
-    def interrupt_at_step_6(self, step, loss, model):
-        original(self, step, loss, model)
-        if step == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(cls, "on_batch_end", interrupt_at_step_6)
+    _interrupt_after_step(monkeypatch, {"cpt": CPTPolicy, "adapt": AdaPTPolicy}[policy], 5)
     cut = tmp_path / "cut"
     with pytest.raises(TrainingInterrupted):
         train(model_py, cut, policy, POLICIES[policy], OPTIONS)
-    monkeypatch.setattr(cls, "on_batch_end", original)
+    monkeypatch.undo()  # the interrupting hook is the only patch
     train(Path(), cut, resume=True, options=OPTIONS)
 
     a = torch.load(full / CHECKPOINT, weights_only=True)
@@ -168,17 +164,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model_py: Path, tmp_p
 
 def test_incompatible_resume_exits_2_and_loses_nothing(model_py: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     out = tmp_path / "run"
-    original = CPTPolicy.on_batch_end
-
-    def interrupt(self, step, loss, model):
-        original(self, step, loss, model)
-        if step == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(CPTPolicy, "on_batch_end", interrupt)
+    _interrupt_after_step(monkeypatch, CPTPolicy, 5)
     with pytest.raises(TrainingInterrupted):
         train(model_py, out, "cpt", POLICIES["cpt"], OPTIONS)
-    monkeypatch.setattr(CPTPolicy, "on_batch_end", original)
+    monkeypatch.undo()  # the interrupting hook is the only patch
     checkpoint = (out / CHECKPOINT).read_bytes()
 
     info = json.loads((out / "run.json").read_text())
