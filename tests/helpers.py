@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import fx, nn
 
 from fxquant.fixed_point import FixedPoint, fit_frac_bits
+from fxquant.integer_graph import IntegerGraph
 from fxquant.passes import FoldBatchNorm, FuseReluIntoQuantizers, InsertQuantizers, capture
 from fxquant.policies.base import calibrate
 from fxquant.quantizers import quantizers
@@ -41,3 +43,16 @@ def fx_integer_outputs(gm: fx.GraphModule, x: torch.Tensor, frac_bits: int) -> n
     k = np.ldexp(y, frac_bits)
     assert np.array_equal(k, np.rint(k)), "fx float64 output is not on its fixed-point grid"
     return k.astype(np.int64)
+
+
+def trained_digits_run(run: Path, weight_bits: int, n_inputs: int) -> tuple[IntegerGraph, np.ndarray]:
+    """Train the digits CNN for one epoch into ``run``; its integer graph and ``n_inputs`` held-out inputs."""
+    from fxquant.run_dir import RunDir, load_integer_graph
+    from fxquant.trainer import TrainOptions, train
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "digits_cnn.py"
+    train(example, run, "static", {"bits": weight_bits, "act_bits": 8, "grad_bits": None},
+          TrainOptions(epochs=1, lr=0.05, batch_size=64, seed=0, progress=False), force=True)
+    rd = RunDir(run)
+    x, _ = rd.held_out(rd.model_file(), n_inputs)
+    return load_integer_graph(run), x

@@ -11,21 +11,14 @@ import pytest
 
 from fxquant.export.onnx_qdq import export_onnx
 from fxquant.export.verify import session
+from tests.helpers import trained_digits_run
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "digits_cnn.py"
 
 
 @pytest.mark.slow
 def test_trained_digits_cnn_exports_bit_exact(tmp_path: Path) -> None:
-    from fxquant.run_dir import RunDir, load_integer_graph
-    from fxquant.trainer import TrainOptions, train
-
     run = tmp_path / "run"
-    train(EXAMPLE, run, "static", {"bits": 8, "act_bits": 8, "grad_bits": None},
-          TrainOptions(epochs=1, lr=0.05, batch_size=64, seed=0, progress=False), force=True)
-    graph = load_integer_graph(run)
-    rd = RunDir(run)
-    x, _ = rd.held_out(rd.model_file(), 200)
+    graph, x = trained_digits_run(run, 8, 200)
     out = run / "export"
     reports = {fl: export_onnx(graph, out, flavour=fl, verify_inputs=x) for fl in ("qdq", "qonnx", "fp32")}
     for fl in ("qdq", "qonnx"):
