@@ -41,7 +41,7 @@ from fxquant.passes import FoldBatchNorm, FuseReluIntoQuantizers, InsertQuantize
 from fxquant.policies import make_policy
 from fxquant.policies.base import Policy, mean_bits
 from fxquant.precision_map import PrecisionMap
-from fxquant.quantizers import ACT, WEIGHT, quantizers
+from fxquant.quantizers import ACT, WEIGHT, FixedPointQuantizer, quantizers
 from fxquant.run_dir import METRICS, PRECISION_MAP, RunDir
 
 
@@ -98,10 +98,10 @@ def evaluate(model: nn.Module, loader) -> float:
     return 100.0 * correct / max(total, 1)
 
 
-def layer_precisions(model: nn.Module) -> dict[str, list[int]]:
-    """``{layer: [w_bits, w_fl, a_bits, a_fl]}`` (``-1`` where the role is absent)."""
+def layer_precisions(qs: dict[tuple[str, str], FixedPointQuantizer]) -> dict[str, list[int]]:
+    """``{layer: [w_bits, w_fl, a_bits, a_fl]}`` of ``quantizers(model)`` (``-1`` where a role is absent)."""
     out: dict[str, list[int]] = {}
-    for (layer, role), q in quantizers(model).items():
+    for (layer, role), q in qs.items():
         entry = out.setdefault(layer, [-1, -1, -1, -1])
         i = 0 if role == WEIGHT else 2
         entry[i], entry[i + 1] = int(q.bits), int(q.frac_bits)
@@ -188,6 +188,7 @@ class _Loop:
         seed_everything(opts.seed)
         self.train_loader, self.val_loader = mf.data(opts.batch_size)
         self.model = build_quantized_graph(mf)
+        self.qs = quantizers(self.model)  # fixed for the whole run: one module walk, not one per step
         self.model.train()
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = self.steps_per_epoch * opts.epochs
@@ -266,12 +267,12 @@ class _Loop:
                     self.policy.on_batch_end(step, loss_value, self.model)
                     step += 1
                     acc = 100.0 * float((logits.argmax(1) == y).float().mean())
-                    w_bits, a_bits = mean_bits(self.model, WEIGHT), mean_bits(self.model, ACT)
+                    w_bits, a_bits = mean_bits(self.model, WEIGHT, self.qs), mean_bits(self.model, ACT, self.qs)
                     metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "acc": acc,
                                               "w_bits": w_bits, "a_bits": a_bits,
                                               "time": time.perf_counter() - t0,
                                               **self.bitops.step(len(y)),
-                                              "layers": layer_precisions(self.model)}) + "\n")
+                                              "layers": layer_precisions(self.qs)}) + "\n")
                     bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.1f}", bits=f"W{w_bits:.1f}/A{a_bits:.1f}")
                     bar.update()
                     if stop.signal is not None:

@@ -154,11 +154,14 @@ def calibrate(model: nn.Module, batch: torch.Tensor) -> None:
         q.bits.fill_(bits)
 
 
-def mean_bits(model: nn.Module, role: str) -> float:
-    """Parameter-weighted mean weight bits (role ``weight``) or plain mean act bits."""
+def mean_bits(model: nn.Module, role: str, qs: dict[tuple[str, str], FixedPointQuantizer] | None = None) -> float:
+    """Parameter-weighted mean weight bits (role ``weight``) or plain mean act bits.
+
+    ``qs`` is ``quantizers(model)`` when the caller keeps it (saves a module walk per step).
+    """
     total, count = 0.0, 0.0
     params = dict(model.named_parameters())
-    for (layer, r), q in quantizers(model).items():
+    for (layer, r), q in (qs if qs is not None else quantizers(model)).items():
         if r != role:
             continue
         n = params[f"{layer}.weight"].numel() if role == WEIGHT and f"{layer}.weight" in params else 1
