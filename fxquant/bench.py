@@ -51,16 +51,6 @@ def machine() -> dict[str, Any]:
     return {"cpu": model, "flags": [f for f in wanted if f in flags], "cores": os.cpu_count()}
 
 
-def ort_session(model_path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-
-
 def render_markdown(title: str, rows: list[dict[str, Any]], baseline: str) -> str:
     """A table of ``name, batch, p50, p90, throughput, ratio vs baseline`` rows."""
     lines = [f"## {title}", "", "| engine | batch | p50 ms | p90 ms | inputs/s | vs " + baseline + " |",
@@ -85,6 +75,7 @@ def onnx_exports(run_dir: Path, graph) -> dict[str, Path]:
 
 def bench_onnx(run_dir: Path, batches: tuple[int, ...] = (1, 64)) -> dict[str, Any]:
     """ORT FP32 vs ORT fxquant-QDQ on the run's exports (made here if missing)."""
+    from fxquant.export.verify import session
     from fxquant.run_dir import RunDir
 
     run = RunDir(run_dir)
@@ -96,7 +87,7 @@ def bench_onnx(run_dir: Path, batches: tuple[int, ...] = (1, 64)) -> dict[str, A
         x = np.resize(x_all, (batch, *x_all.shape[1:])).astype(np.float32)
         base = None
         for flavour, engine in (("fp32", "ORT FP32"), ("qdq", "ORT fxquant QDQ")):
-            sess = ort_session(paths[flavour])
+            sess = session(paths[flavour], threads=os.cpu_count() or 1)
             feed = {sess.get_inputs()[0].name: x}
             stats = measure(lambda: sess.run(None, feed), batch)
             base = base or stats["p50_ms"]

@@ -27,6 +27,7 @@ The ``fp32`` flavour (float weights, no quantizers) is not expected to match: it
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,8 +41,9 @@ from fxquant.integer_graph import IntegerGraph
 FLAVOURS = ("qdq", "qonnx", "fp32")
 
 
-def session(model: onnx.ModelProto, *, threads: int = 1, optimized_path: str | None = None) -> ort.InferenceSession:
-    """A CPU onnxruntime session with all graph optimizations."""
+def session(model: onnx.ModelProto | Path, *, threads: int = 1,
+            optimized_path: str | None = None) -> ort.InferenceSession:
+    """A CPU onnxruntime session with all graph optimizations, on a model or a model file."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
@@ -49,7 +51,8 @@ def session(model: onnx.ModelProto, *, threads: int = 1, optimized_path: str | N
     opts.log_severity_level = 3
     if optimized_path is not None:
         opts.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
 def verify_onnx(model: onnx.ModelProto, graph: IntegerGraph, x: np.ndarray, flavour: str) -> dict[str, Any]:

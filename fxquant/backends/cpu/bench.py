@@ -30,19 +30,10 @@ SETTLE_S = 0.1
 """Pause before each timed block, so the previous backend's spinning threads go to sleep."""
 
 
-def _ort_session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = host_cpu().cores
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def _ort_runner(path: Path, x: np.ndarray) -> Callable[[], Any]:
-    sess = _ort_session(path)
+    from fxquant.export.verify import session
+
+    sess = session(Path(path), threads=host_cpu().cores)
     inp = sess.get_inputs()[0]
     feed = {inp.name: x.astype(np.float32)}
     return lambda: sess.run(None, feed)
