@@ -16,6 +16,8 @@ single-user conv is left in place (integer exporters then reject it by name). Id
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -28,23 +30,20 @@ from fxquant.quantizers import FixedPointQuantizer
 _aten = torch.ops.aten
 
 
-def _bn_parameters(gm: fx.GraphModule, bn: fx.Node) -> tuple[torch.Tensor, ...]:
-    """``(gamma, beta, mean, var, eps)`` of a BN node in module or aten form."""
+def _bn_parameters(gm: fx.GraphModule, bn: fx.Node) -> tuple[torch.Tensor, ...] | None:
+    """``(gamma, beta, mean, var, eps)`` of a BN node in module or aten form; ``None`` if not constant."""
     if bn.op == "call_module":
         m = gm.get_submodule(str(bn.target))
         gamma = m.weight if m.affine else torch.ones_like(m.running_mean)
         beta = m.bias if m.affine else torch.zeros_like(m.running_mean)
         return gamma, beta, m.running_mean, m.running_var, m.eps
-
-    def fetch(arg: object) -> torch.Tensor:
-        if not isinstance(arg, fx.Node) or arg.op != "get_attr":
-            raise ValueError("not a constant")
-        return gm.get_parameter(str(arg.target)) if "weight" in str(arg.target) or "bias" in str(arg.target) \
-            else gm.get_buffer(str(arg.target))
     # aten.batch_norm(input, weight, bias, mean, var, training, momentum, eps)
     # aten._native_batch_norm_legit_no_training(input, weight, bias, mean, var, momentum, eps)
+    tensors = bn.args[1:5]
+    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in tensors):
+        return None
     eps = bn.args[7] if bn.target == _aten.batch_norm.default else bn.args[6]
-    return fetch(bn.args[1]), fetch(bn.args[2]), fetch(bn.args[3]), fetch(bn.args[4]), float(eps)
+    return (*(operator.attrgetter(str(a.target))(gm) for a in tensors), float(eps))
 
 
 def _conv_params(gm: fx.GraphModule, conv: fx.Node) -> tuple[str, nn.Module | None]:
@@ -69,10 +68,10 @@ class FoldBatchNorm(PassBase):
             if not isinstance(conv, fx.Node) or node_kind(gm, conv) not in ("conv2d", "linear") \
                     or len(conv.users) != 1:
                 continue
-            try:
-                gamma, beta, mean, var, eps = _bn_parameters(gm, bn)
-            except ValueError:
+            params = _bn_parameters(gm, bn)
+            if params is None:
                 continue
+            gamma, beta, mean, var, eps = params
             self._fold(gm, conv, gamma, beta, mean, var, eps)
             # aten BN nodes in training IR return a tuple; the eval forms return the tensor
             bn.replace_all_uses_with(conv)
