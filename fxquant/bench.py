@@ -10,7 +10,6 @@ never across machines.
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -38,17 +37,11 @@ def measure(fn: Callable[[], Any], batch: int, warmup: int = 5, min_iters: int =
 
 def machine() -> dict[str, Any]:
     """CPU model, flags of interest and thread count, recorded with every figure."""
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512bw", "avx_vnni")
-    return {"cpu": model, "flags": [f for f in wanted if f in flags], "cores": os.cpu_count()}
+    from fxquant.host import host_cpu
+
+    info = host_cpu()
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512bw", "avx_vnni", "amx_int8", "amx_tile")
+    return {"cpu": info.model, "flags": [f for f in wanted if f in info.flags], "cores": os.cpu_count()}
 
 
 def render_markdown(title: str, rows: list[dict[str, Any]], baseline: str) -> str:
@@ -75,13 +68,13 @@ def onnx_exports(run_dir: Path, graph) -> dict[str, Path]:
 
 def bench_onnx(run_dir: Path, batches: tuple[int, ...] = (1, 64)) -> dict[str, Any]:
     """ORT FP32 vs ORT fxquant-QDQ on the run's exports (made here if missing)."""
+    from fxquant.deployment import load_deployment
     from fxquant.export.verify import session
-    from fxquant.run_dir import RunDir
 
-    run = RunDir(run_dir)
-    graph = run.integer_graph()
+    dep = load_deployment(run_dir)
+    run, graph = dep.run, dep.graph
     paths = onnx_exports(run.path, graph)
-    x_all, _ = run.held_out(run.model_file(), max(batches))
+    x_all, _ = dep.held_out(max(batches))
     rows: list[dict[str, Any]] = []
     for batch in batches:
         x = np.resize(x_all, (batch, *x_all.shape[1:])).astype(np.float32)

@@ -8,7 +8,8 @@ Layout::
     RUN_DIR/metrics.jsonl       one JSON line per training step
     RUN_DIR/export/…            exporters' artifacts and reports
 
-Nothing in a run directory is executed: the model is rebuilt from the recorded model.py (whose
+``RunDir`` is file I/O only; rebuilding the deployed model and its integer graph from a run is
+:mod:`fxquant.deployment`. Nothing in a run directory is executed: the model is rebuilt from the recorded model.py (whose
 SHA-256 must still match) and the checkpoint only holds tensors and plain data.
 """
 
@@ -21,9 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import fx
 
 from fxquant import __version__
 from fxquant.errors import CheckpointError, RunDirError
@@ -108,53 +107,6 @@ class RunDir:
             raise RunDirError(f"{path} changed since the run was trained (SHA-256 differs)",
                               "restore the file, or pass --model to use another copy deliberately")
         return mf
-
-    def deployed_model(self, model: Path | None = None) -> tuple[fx.GraphModule, ModelFile]:
-        """The trained graph with BN folded and the deployed precision map applied (eval mode)."""
-        from fxquant.passes import FoldBatchNorm
-        from fxquant.precision_map import PrecisionMap
-        from fxquant.trainer import build_quantized_graph
-
-        mf = self.model_file(model)
-        gm = build_quantized_graph(mf)
-        state = self.load_checkpoint()
-        try:
-            gm.load_state_dict(state["model"])
-        except (KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint in {self.path} does not fit {mf.path}: {str(exc).splitlines()[0]}",
-                                  "export with the model.py the run was trained with") from exc
-        gm.eval()
-        FoldBatchNorm()(gm)
-        PrecisionMap.load(self.file(PRECISION_MAP)).apply(gm)
-        return gm, mf
-
-    def held_out(self, mf: ModelFile, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Up to ``n`` validation inputs and labels from model.py's ``data()``, in order."""
-        _, val = mf.data(batch_size=256)
-        xs, ys, count = [], [], 0
-        for x, y in val:
-            xs.append(x.numpy())
-            ys.append(y.numpy())
-            count += len(x)
-            if count >= n:
-                break
-        return np.concatenate(xs)[:n].astype(np.float32), np.concatenate(ys)[:n]
-
-    def integer_graph(self, model: Path | None = None):
-        """The run's :class:`~fxquant.integer_graph.IntegerGraph` (what every exporter consumes)."""
-        from fxquant.passes import lower_to_integer_graph
-
-        gm, mf = self.deployed_model(model)
-        example = mf.example_inputs()
-        if example is None:
-            x, _ = self.held_out(mf, 1)
-            example = (torch.from_numpy(x),)
-        return lower_to_integer_graph(gm, *example)
-
-
-def load_integer_graph(run_dir: Path, model: Path | None = None):
-    """Shortcut: ``RunDir(run_dir).integer_graph(model)``."""
-    return RunDir(run_dir).integer_graph(model)
 
 
 def export_dir(run_dir: Path) -> Path:

@@ -47,12 +47,12 @@ def fx_integer_outputs(gm: fx.GraphModule, x: torch.Tensor, frac_bits: int) -> n
 
 def trained_digits_run(run: Path, weight_bits: int, n_inputs: int) -> tuple[IntegerGraph, np.ndarray]:
     """Train the digits CNN for one epoch into ``run``; its integer graph and ``n_inputs`` held-out inputs."""
-    from fxquant.run_dir import RunDir, load_integer_graph
+    from fxquant.deployment import load_deployment
     from fxquant.trainer import TrainOptions, train
 
     example = Path(__file__).resolve().parents[1] / "examples" / "digits_cnn.py"
     train(example, run, "static", {"bits": weight_bits, "act_bits": 8, "grad_bits": None},
           TrainOptions(epochs=1, lr=0.05, batch_size=64, seed=0, progress=False), force=True)
-    rd = RunDir(run)
-    x, _ = rd.held_out(rd.model_file(), n_inputs)
-    return load_integer_graph(run), x
+    dep = load_deployment(run)
+    x, _ = dep.held_out(n_inputs)
+    return dep.graph, x

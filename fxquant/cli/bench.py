@@ -29,11 +29,12 @@ def bench(run_dir: Path, target: str, batches: tuple[int, ...]) -> None:
         from fxquant.backends.cpu import bench_cpu
         from fxquant.bench import onnx_exports
         from fxquant.passes import StripQuantizers, lower_to_integer_graph
+        from fxquant.deployment import deployed_model, held_out
         from fxquant.run_dir import RunDir
 
         run = RunDir(run_dir)
-        gm, mf = run.deployed_model()
-        x, _ = run.held_out(mf, 1)
+        gm, mf = deployed_model(run)
+        x, _ = held_out(mf, 1)
         graph = lower_to_integer_graph(gm, torch.from_numpy(x))
         float_model = copy.deepcopy(gm)  # the trained float model (BN folded), PyTorch eager baseline
         StripQuantizers()(float_model)

@@ -1,6 +1,6 @@
 """``fxquant export --target {onnx,cpu,cuda,fpga} RUN_DIR`` and ``fxquant fpga-sim RUN_DIR``.
 
-Every target reads the run's integer graph (:meth:`fxquant.run_dir.RunDir.integer_graph`) and
+Every target reads the run's integer graph (:func:`fxquant.deployment.load_deployment`) and
 verifies its artifact against the integer reference on held-out inputs.
 """
 
@@ -31,15 +31,15 @@ def export(run_dir: Path, target: str, flavour: str, opset: int | None, mcpu: st
            reuse: int, io_type: str, n_verify: int, model: Path | None) -> None:
     """Export a trained run to TARGET, verified against the integer reference simulator."""
     from fxquant.errors import UsageError
-    from fxquant.run_dir import RunDir
+    from fxquant.deployment import load_deployment
 
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}", f"choose one of {', '.join(TARGETS)}")
     if n_verify < 1:
         raise UsageError(f"--verify={n_verify} must be at least 1")
-    run = RunDir(run_dir)
-    graph = run.integer_graph(model)
-    x, _ = run.held_out(run.model_file(model), n_verify)
+    dep = load_deployment(run_dir, model)
+    graph = dep.graph
+    x, _ = dep.held_out(n_verify)
     if target == "onnx":
         from fxquant.export.onnx_qdq import export_onnx
 
@@ -73,10 +73,10 @@ def _summary(target: str, report: dict) -> str:
 def fpga_sim(run_dir: Path, n_verify: int) -> None:
     """Re-run the g++ C-simulation of RUN_DIR/fpga against the integer reference."""
     from fxquant.backends.fpga import run_csim
-    from fxquant.run_dir import RunDir
+    from fxquant.deployment import load_deployment
 
-    run = RunDir(run_dir)
-    graph = run.integer_graph()
-    x, _ = run.held_out(run.model_file(), n_verify)
+    dep = load_deployment(run_dir)
+    graph = dep.graph
+    x, _ = dep.held_out(n_verify)
     report = run_csim(run_dir / "fpga", graph, graph.quantize_inputs(x)[0])
     click.echo(_summary("fpga", report))

@@ -41,13 +41,10 @@ _GRAD_SEED_SALT = 0xA5A5A5A5DEADBEEF
 
 
 def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return os.uname().machine
+    from fxquant.host import host_cpu
+
+    flags = host_cpu().flags
+    return " ".join(sorted(flags)) if flags else os.uname().machine
 
 
 @lru_cache(maxsize=1)

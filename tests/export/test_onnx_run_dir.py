@@ -1,5 +1,5 @@
 """End to end: train the digits CNN for one epoch, lower it through the run directory
-(``fxquant.run_dir.load_integer_graph``), export every ONNX flavour with ``export_onnx`` and check
+(``fxquant.deployment.load_integer_graph``), export every ONNX flavour with ``export_onnx`` and check
 QDQ and QONNX bit-exact on held-out digits, with a fully integer graph after onnxruntime's fusion."""
 
 from __future__ import annotations

@@ -14,14 +14,12 @@ any machine; running code for a CPU the host lacks dies with "Illegal instructio
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fxquant.errors import ToolchainError, UsageError
+from fxquant.host import CpuInfo, host_cpu  # noqa: F401  (re-exported for the CPU backend)
 
-_CPUINFO = Path("/proc/cpuinfo")
 _MCPU_FEATURES: dict[str, frozenset[str]] = {
     "x86-64-v3": frozenset({"avx2", "fma"}),
     "znver3": frozenset({"avx2", "fma"}),
@@ -33,43 +31,6 @@ _MCPU_FEATURES: dict[str, frozenset[str]] = {
     "sapphirerapids": frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}),
 }
 SUPPORTED_MCPU = ("host",) + tuple(_MCPU_FEATURES)
-
-
-@dataclass(frozen=True)
-class CpuInfo:
-    """What the host CPU is and which of the flags that matter here it has."""
-
-    model: str
-    flags: frozenset[str]
-    cores: int
-
-    @property
-    def has_avx2(self) -> bool:
-        return {"avx2", "fma"} <= self.flags
-
-    @property
-    def has_vnni(self) -> bool:
-        return {"avx512_vnni", "avx512bw", "avx512f"} <= self.flags
-
-    def to_dict(self) -> dict[str, Any]:
-        relevant = sorted(f for f in self.flags if f.startswith(("avx", "fma", "sse4", "amx")))
-        return {"model": self.model, "flags": relevant, "cores": self.cores}
-
-
-def host_cpu() -> CpuInfo:
-    """Parse ``/proc/cpuinfo`` (first processor); an empty flag set where it is unreadable."""
-    model, flags, cores = "", frozenset(), 0
-    if _CPUINFO.exists():
-        for line in _CPUINFO.read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and not model:
-                model = value.strip()
-            elif key == "flags" and not flags:
-                flags = frozenset(value.split())
-            elif key == "processor":
-                cores += 1
-    return CpuInfo(model=model or platform.processor() or "unknown", flags=flags, cores=max(cores, 1))
 
 
 @dataclass(frozen=True)

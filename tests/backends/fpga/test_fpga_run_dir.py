@@ -1,5 +1,5 @@
 """End to end: train the digits CNN for one epoch, lower it through the run directory
-(``fxquant.run_dir.load_integer_graph``) and export it to FPGA, bit-exact on held-out digits."""
+(``fxquant.deployment.load_integer_graph``) and export it to FPGA, bit-exact on held-out digits."""
 
 from __future__ import annotations
 
