@@ -52,7 +52,7 @@ _FUNCTION_KINDS: dict[Any, str] = {
     _aten.conv2d.default: "conv2d", _aten.conv2d.padding: "conv2d", torch.conv2d: "conv2d",
     _aten.linear.default: "linear", F.linear: "linear", torch.addmm: "linear", _aten.addmm.default: "linear",
     torch.relu: "relu", F.relu: "relu", _aten.relu.default: "relu", _aten.relu_.default: "relu",
-    operator.add: "add", torch.add: "add", _aten.add.Tensor: "add", operator.iadd: "add",
+    operator.add: "add", torch.add: "add", _aten.add.Tensor: "add", _aten.add_.Tensor: "add", operator.iadd: "add",
     torch.cat: "cat", _aten.cat.default: "cat",
     torch.matmul: "matmul", operator.matmul: "matmul", _aten.matmul.default: "matmul",
     torch.flatten: "flatten", _aten.flatten.using_ints: "flatten",
