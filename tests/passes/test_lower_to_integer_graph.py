@@ -347,3 +347,29 @@ def test_functional_op_is_named_by_module_path_and_function():
     InsertQuantizers(FixedPoint(8, 4), FixedPoint(8, 4))(gm)
     with pytest.raises(UnsupportedOpError, match=r"0: torch\.nn\.functional\.glu \(.*test_lower_to_integer_graph\.py:\d+: return F\.glu"):
         lower_to_integer_graph(gm, torch.randn(1, 4))
+
+
+def test_addmm_conv1d_on_a_sequence_lowers_on_the_unmerged_rows():
+    """GPT-2 style ``(N, T, C)`` input: ``view(-1, C)`` merges the batch only for the addmm."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 8)
+    graph = assert_lowering_exact(deployed(HFBlock(), x, seed=9), x)
+    assert kinds(graph) == ["linear", "linear"]
+    assert graph.inputs[0].shape == (5, 8) and graph.values[graph.outputs[0]].shape == (5, 4)
+
+
+class RowsToOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.view(-1, x.size(-1)))  # (N, T, 8) -> (N*T, 4) leaves the model
+
+
+def test_rows_merged_into_the_batch_must_be_restored():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8)
+    gm = deployed(RowsToOutput(), x)
+    with pytest.raises(UnsupportedOpError, match="merged into rows"):
+        lower_to_integer_graph(gm, x[:1])
