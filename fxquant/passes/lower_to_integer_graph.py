@@ -167,6 +167,13 @@ class _Lowering:
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
 
+    def ir(self, node: fx.Node) -> str:
+        """The IR value lowered for ``node``; a parameter or constant used as an activation is refused."""
+        if node not in self.value_of:
+            raise self.refuse(node, "a constant tensor used as an activation",
+                              "make it a parameter of a conv/linear, or compute it outside the model")
+        return self.value_of[node]
+
     def quantizer_fmt(self, q: FixedPointQuantizer) -> FixedPoint:
         fmt = q.fmt
         if fmt.is_off:
@@ -200,12 +207,13 @@ class _Lowering:
                 self.constants.add(node)  # read by lower_weighted from the parameter
                 continue
             inputs = _nodes((node.args, node.kwargs))
-            if inputs and all(n in self.constants for n in inputs):
+            is_quantizer = node.op == "call_module" and isinstance(self.module(node), FixedPointQuantizer)
+            act_quantizer = is_quantizer and self.module(node).role != "weight"
+            if inputs and all(n in self.constants for n in inputs) and not act_quantizer:
                 self.constants.add(node)  # parameter arithmetic (a weight's transpose)
                 continue
             if node in self.results and _is_shape_like(self.results[node]):
                 continue  # shape arithmetic: evaluated by shape propagation, never an op
-            is_quantizer = node.op == "call_module" and isinstance(self.module(node), FixedPointQuantizer)
             if any(n in self.poisoned for n in inputs):
                 self.poisoned.add(node)
                 kind = node_kind(self.gm, node)
@@ -266,10 +274,7 @@ class _Lowering:
         if q.role == "weight":
             return
         src = node.args[0]
-        if src not in self.value_of:
-            raise self.refuse(src, "a constant tensor used as an activation",
-                              "make it a parameter of a conv/linear, or compute it outside the model")
-        name = self.value_of[src]
+        name = self.ir(src)
         root = self.root_of.get(name)
         if root is None:  # already on a grid: an explicit change of format
             op = Op(q.layer, "requantize", (name,), node.name, out_fmt=fmt, attrs={"relu": q.relu})
@@ -290,7 +295,7 @@ class _Lowering:
 
     def resolved(self, node: fx.Node, what: str) -> str:
         """The IR value of ``node``, which must already be on a fixed-point grid."""
-        name = self.value_of[node]
+        name = self.ir(node)
         if self.fmt(name) is None:
             raise ExportError(f"{what} {node.name!r} is not quantized",
                               "run InsertQuantizers so every value entering a quantized op has a quantizer")
@@ -323,7 +328,7 @@ class _Lowering:
             if node.op == "call_function" and node.target is torch.nn.functional.dropout and a.get("training"):
                 raise self.refuse(node, "dropout with training=True in the deployed model",
                                   "use nn.Dropout or F.dropout(x, p, self.training)")
-            self.value_of[node] = self.value_of[a["input"]]
+            self.value_of[node] = self.ir(a["input"])
             return
         layer = layer_name(self.gm, node, kind)
         if kind in ("conv2d", "linear"):
@@ -449,7 +454,7 @@ class _Lowering:
 
     def lower_maxpool(self, node: fx.Node, a: dict[str, Any]) -> None:
         src_node = a["input"]
-        src = self.value_of[src_node]
+        src = self.ir(src_node)
         k = _pair(self.value(a["kernel_size"]))
         s = self.value(a.get("stride")) or k
         if _pair(self.value(a.get("dilation", 1))) != (1, 1) or self.value(a.get("return_indices", False)):
@@ -460,7 +465,7 @@ class _Lowering:
         self.root_of[node.name] = self.root_of.get(src)
 
     def lower_relu(self, node: fx.Node, src_node: fx.Node) -> None:
-        src = self.value_of[src_node]
+        src = self.ir(src_node)
         root = self.root_of.get(src)
         if isinstance(root, Op) and root.output == src and len(src_node.users) == 1 and root.kind != "cat":
             root.attrs["relu"] = True
@@ -471,7 +476,7 @@ class _Lowering:
 
     def lower_reshape(self, node: fx.Node, src_node: fx.Node) -> None:
         """flatten / view / reshape / squeeze that keep the batch dimension (module docstring)."""
-        src = self.value_of[src_node]
+        src = self.ir(src_node)
         in1, out1 = self.full_shape(src_node), self.full_shape(node)
         if self.shapes2 is None or node not in self.shapes2:
             raise self.refuse(node, f"the model does not run at another batch size ({self.failure2}), so "
