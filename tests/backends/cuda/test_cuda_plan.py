@@ -36,6 +36,9 @@ def test_low_bit_weights_are_packed_two_per_byte() -> None:
     w = np.random.default_rng(0).integers(-8, 8, size=(7, 5))
     packed = pack_weight(w, spec)
     assert packed.shape == (16, 8)
+    # byte = nib(w[o, 2j]) | nib(w[o, 2j+1]) << 4 with nib = two's complement nibble, by hand:
+    pair = pack_weight(np.array([[1, -1, -8, 7]]), GemmSpec(4, 1, 1, 1, linear=True, weight_bits=4))
+    assert pair[0, :2].tolist() == [0x01 | 0xF0, 0x08 | 0x70] and not pair[0, 2:].any()
     np.testing.assert_array_equal(unpack_weight(packed)[:7, :5], w)
     assert not unpack_weight(packed)[7:].any() and not unpack_weight(packed)[:, 5:].any()
 

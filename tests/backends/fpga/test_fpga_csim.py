@@ -14,7 +14,6 @@ from fxquant.backends.base import REPORT_FILE, export
 from fxquant.backends.fpga import generate_project, run_csim
 from fxquant.backends.fpga.target import FpgaTarget
 from fxquant.errors import ExportError
-from fxquant.fixed_point import accumulator_bits
 from fxquant.integer_graph import IntegerGraph
 
 from tests.backends.fpga.fpga_graphs import GraphBuilder, build_cnn, build_mlp, build_residual
@@ -90,7 +89,8 @@ def test_project_content(projects: dict) -> None:
     fw = project / "firmware"
     params = (fw / "parameters.h").read_text()
     conv2 = graph.ops[3]
-    acc = accumulator_bits(graph.value(conv2.inputs[0]).fmt.bits, conv2.weight_fmt.bits, 4 * 3 * 3)
+    assert (graph.value(conv2.inputs[0]).fmt.bits, conv2.weight_fmt.bits, conv2.bias) == (6, 7, None)
+    acc = 6 + 7 + 6  # <6,5> activations x <7,-2> weights over fan-in 4*3*3 = 36: + ceil(log2 36) bits
     assert re.search(rf"struct config_l3_conv2 {{\n    typedef l3_conv2_t out_t;\n.*typedef ap_int<{acc}> accum_t;",
                      params, re.S)
     assert "static const unsigned reuse_factor = 4;" in params
