@@ -104,3 +104,15 @@ def test_format_problems_name_the_producer() -> None:
     graph = m.graph(m.linear("fc", "input", 3, F(8, 7), F(32, 0)))
     (problem,) = legality.format_problems(graph)
     assert problem.layer == "fc" and "no integer form" in problem.reason
+
+
+def test_add_shapes_and_arity() -> None:
+    m = GraphMaker((4,), F(8, 4))
+    m.requantize("q", "input", F(8, 3))
+    graph = m.graph(m._op("add3", "add", ("input", "q", "q"), (4,), F(8, 3)))
+    graph.values["wide"] = Value("wide", (6,), F(8, 4))
+    graph.ops.append(Op("bcast", "add", ("input", "wide"), "bcast", F(8, 3)))
+    graph.values["bcast"] = Value("bcast", (6,), F(8, 3))
+    assert [(p.layer, p.reason) for p in legality.shape_problems(graph, add_arity=2)] == [
+        ("add3", "add of 3 inputs; this target adds 2"), ("bcast", "add of shapes [[4], [6]]; no kernel broadcasts")]
+    assert [p.layer for p in legality.shape_problems(graph)] == ["bcast"]

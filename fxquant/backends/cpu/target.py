@@ -66,7 +66,7 @@ def graph_problems(graph: IntegerGraph, vnni: bool) -> list[Problem]:
         return broken
     return (legality.width_problems(graph, weight_bits=LIMITS["weight_bits"], act_bits=LIMITS["act_bits"])
             + legality.fit_problems(graph)
-            + legality.shape_problems(graph)
+            + legality.shape_problems(graph, add_arity=2)
             + legality.avg_window_problems(graph)
             + legality.window_problems(graph)
             + kernel_problems(graph, vnni))

@@ -74,6 +74,14 @@ def test_check_lists_every_problem_at_once() -> None:
     assert f"({len(problems)} problems)" in info.value.message
 
 
+def test_three_input_add_is_refused_not_truncated() -> None:
+    """The Relax builder emits two-input adds: a third input would be dropped silently."""
+    m = GraphMaker((8,), F(8, 4))
+    graph = m.graph(m._op("add3", "add", ("input", "input", "input"), (8,), F(8, 3), attrs={"relu": False}))
+    (problem,) = CpuTarget().check(graph)
+    assert problem.layer == "add3" and "add of 3 inputs" in problem.reason
+
+
 def test_accumulator_beyond_int32_is_refused_by_check() -> None:
     m = GraphMaker((4,), F(8, 4))
     graph = m.graph(m.linear("fc", "input", 3, F(8, 7), F(8, 2)))
