@@ -159,3 +159,18 @@ def test_trained_12_bit_weights_export_bit_exact(tmp_path: Path) -> None:
     assert max(int(np.abs(op.weight).max()) for op in graph.ops if op.weight is not None) > 127  # not int8
     report = export(CpuTarget(), graph, tmp_path / "run" / "cpu", [x])
     assert report["bit_exact"] and report["verification"]["n"] == 64
+
+
+def test_two_inputs_and_two_outputs(tmp_path: Path) -> None:
+    """The CPU runner takes any number of graph inputs and outputs (CUDA and FPGA take one)."""
+    m = GraphMaker((16,), F(8, 4))
+    m.inputs.append(Value("y", (16,), F(6, 2)))
+    m.values["y"] = m.inputs[-1]
+    total = m.add("sum", "input", "y", F(8, 3))
+    graph = m.graph(m.linear("fc", total, 8, F(8, 6), F(8, 2)), total)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((5, 16)).astype(np.float32) * 4 for _ in range(2)]
+    report = export(CpuTarget(), graph, tmp_path / "cpu", xs)
+    assert report["bit_exact"] and [v["name"] for v in report["artifact"]["inputs"]] == ["input", "y"]
+    assert [p.kind for p in get_target("cuda").check(graph)] == ["inputs"]
+    assert [p.kind for p in get_target("fpga").check(graph)] == ["inputs", "outputs"]
