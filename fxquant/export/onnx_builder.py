@@ -53,6 +53,11 @@ _FLOAT32_MIN_EXP, _FLOAT32_MAX_EXP = -126, 127
 _ONNX_OP = {"matmul": "MatMul", "avgpool2d": "AveragePool", "maxpool2d": "MaxPool", "relu": "Relu"}
 
 
+def pow2(exponent: int, what: str) -> np.float32:
+    """The float32 factor ``2^e`` of a ``mul_pow2`` op (exact: :func:`scale_of` of ``-e``)."""
+    return scale_of(-int(exponent), what)
+
+
 def scale_of(frac_bits: int, what: str) -> np.float32:
     """The float32 scale ``2^-FL``; raises if it is not a normal float32 (inexact)."""
     if not _FLOAT32_MIN_EXP <= -frac_bits <= _FLOAT32_MAX_EXP:
@@ -107,6 +112,8 @@ def exportable_problems(graph: IntegerGraph) -> list["Problem"]:
         if op.kind == "linear" and len(graph.values[op.inputs[0]].shape) != 1:
             bad(f"input {op.inputs[0]!r} has shape {graph.values[op.inputs[0]].shape}, ONNX Gemm needs "
                 "(N, features): flatten the input before the linear layer")
+        if op.kind == "mul_pow2" and not _scale_ok(-int(op.attrs["exponent"])):
+            bad(f"factor 2^{op.attrs['exponent']} is outside the float32 normal range")
         if op.kind == "maxpool2d":
             # TODO(legality): the same rule is being added to fxquant.legality (window_problems)
             kernel, padding = tuple(op.attrs["kernel"]), tuple(op.attrs.get("padding", (0, 0)))

@@ -54,7 +54,7 @@ from fxquant.backends.base import Problem
 from fxquant.errors import ExportError, UnsupportedOpError
 from fxquant.export.onnx_builder import (FLOAT32_EXACT_BOUND, GraphBuilder, check_exportable,
                                          check_opset, conv_attrs, exportable_problems, float32_risks, float_io,
-                                         float_op, fmt_bounds, raise_problems, scale_of)
+                                         float_op, fmt_bounds, pow2, raise_problems, scale_of)
 from fxquant.export.passes import FoldTransparentQdq
 from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
 from fxquant.integer_graph import IntegerGraph, Op
@@ -246,7 +246,9 @@ class _QdqBuilder:
                      else self.quantize(self.dq(i), op.out_fmt, relu, f"{i}_to_{op.output}", requantizing=True)
                      for i in op.inputs]
             return float_op(self.b, op, parts)
-        # transparent: maxpool2d, flatten, relu keep the input format
+        if op.kind == "mul_pow2":  # the same integers read at FL_in - e: same tensor, other scale
+            return self.ints[op.inputs[0]]
+        # transparent: maxpool2d, flatten, reshape, relu keep the input format
         fmt = self.graph.values[op.inputs[0]].fmt
         st = self.storage(fmt, op.output)
         if op.kind == "relu" and st.dtype != TensorProto.INT16:
@@ -339,6 +341,8 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
         xs = [floats[i] for i in op.inputs]
         if op.kind == "requantize":
             f = xs[0]
+        elif op.kind == "mul_pow2":
+            f = b.node("Mul", [xs[0], b.const("pow2", pow2(op.attrs["exponent"], op.name))], op.name)
         elif op.kind in ("conv2d", "linear"):
             assert op.weight is not None and op.weight_fmt is not None  # check_exportable
             assert op.weight_fmt.frac_bits is not None

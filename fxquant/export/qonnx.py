@@ -28,7 +28,7 @@ from onnx import helper, numpy_helper
 from fxquant.backends.base import Problem
 from fxquant.errors import ExportError, UnsupportedOpError
 from fxquant.export.onnx_builder import (GraphBuilder, check_opset, exportable_problems, float32_risks, float_io,
-                                         float_op, raise_problems, scale_of)
+                                         float_op, pow2, raise_problems, scale_of)
 from fxquant.fixed_point import FixedPoint, dequantize
 from fxquant.integer_graph import IntegerGraph, Op
 
@@ -85,6 +85,8 @@ class _QonnxBuilder:
                      else self.quant(self.relu(x, relu, f"{i}_to_{op.output}"), op.out_fmt, f"{i}_to_{op.output}")
                      for i, x in zip(op.inputs, xs)]
             return float_op(self.b, op, parts)
+        if op.kind == "mul_pow2":  # k * 2^-FL_in * 2^e = k * 2^-FL_out, exact in float32
+            return self.b.node("Mul", [xs[0], self.b.const("pow2", pow2(op.attrs["exponent"], op.name))], op.name)
         return float_op(self.b, op, xs)  # maxpool2d, flatten, reshape, relu: the grid is kept
 
     def build(self, opset: int) -> onnx.ModelProto:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from tests.export.integer_graphs import F, GraphMaker, cnn, mixed, mlp, residual, sample_inputs
 
 from fxquant.backends import base
@@ -165,3 +166,34 @@ def test_fp32_baseline_is_written_with_its_graph(tmp_path: Path) -> None:
     model = onnx.load(tmp_path / FP32_DIR / "model.onnx")
     assert not {n.op_type for n in model.graph.node} & {"QuantizeLinear", "DequantizeLinear", "Quant"}
     assert base.read_report(tmp_path / FP32_DIR) is None  # never mistaken for a verified export
+
+
+class _ViewAlpha(torch.nn.Module):
+    """The front end's reshape and mul_pow2: ``view`` keeping the batch, ``torch.add(alpha=4)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x))
+        h = torch.add(self.conv2(h), h, alpha=4)
+        h = h.view(h.shape[0], 8, 8)
+        return self.fc(h.reshape(h.shape[0], 64))
+
+
+@pytest.mark.parametrize("name", ONNX_TARGETS)
+def test_reshape_and_alpha_from_torch_export_with_the_reference_check(name: str, tmp_path: Path) -> None:
+    from fxquant.passes import lower_to_integer_graph
+    from tests.helpers import deployed
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 2, 4, 4)
+    gm = deployed(_ViewAlpha(), x, bits=(8, 8))
+    graph = lower_to_integer_graph(gm, x[:1])
+    assert {"reshape", "mul_pow2"} <= {op.kind for op in graph.ops} <= get_target(name).ops
+    report = base.export(get_target(name), graph, tmp_path / name, [x.numpy()], model=gm)
+    assert report["reference_check"]["bit_exact"] and report["reference_check"]["n"] == 32
+    assert report["verification"]["bit_exact"] and report["bit_exact"] is True

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from tests.export.integer_graphs import F, GraphMaker, cnn, matmul_graph, mixed, mlp, residual, sample_inputs
+from tests.export.integer_graphs import (F, GraphMaker, cnn, matmul_graph, mixed, mlp, reshaped, residual,
+                                        sample_inputs)
 
 from fxquant.errors import ExportError, UnsupportedOpError, UsageError
 from fxquant.export.onnx_builder import META_PRECISION_MAP, META_VALUE_FORMATS
@@ -18,7 +19,8 @@ from fxquant.export.onnx_builder import float32_risks
 from fxquant.export.verify import session, verify_onnx
 from fxquant.integer_graph import Value
 
-GRAPHS = {"mlp": mlp, "cnn": cnn, "residual": residual, "mixed": mixed, "matmul": matmul_graph}
+GRAPHS = {"mlp": mlp, "cnn": cnn, "residual": residual, "mixed": mixed, "matmul": matmul_graph,
+          "reshaped": reshaped}
 FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "Add", "Sum", "AveragePool"}
 
 
@@ -40,18 +42,37 @@ def test_qdq_is_valid_and_bit_exact(name: str) -> None:
     assert verify_onnx(model, graph, x, "qdq")["mismatches"] == 0
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "residual", "matmul"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "residual", "matmul", "reshaped"])
 def test_ort_fuses_every_float_compute_op(name: str, tmp_path: Path) -> None:
     ops = optimized_ops(to_qdq(GRAPHS[name]()), tmp_path)
     assert not [op for domain, op in ops if domain == "" and op in FLOAT_COMPUTE], ops
     fused = {op for _, op in ops}
     expected = {"mlp": {"QGemm"}, "cnn": {"QLinearConv", "QGemm"},
                 "residual": {"QLinearConv", "QLinearAdd", "QLinearAveragePool", "QGemm"},
-                "matmul": {"QLinearMatMul"}}[name]
+                "matmul": {"QLinearMatMul"}, "reshaped": {"QLinearConv", "QLinearAdd", "Reshape", "QGemm"}}[name]
     assert expected <= fused
     if name != "matmul":  # its standalone requantize op stays DequantizeLinear → QuantizeLinear
         # no float island at all: one QuantizeLinear at the input, one DequantizeLinear at the output
         assert [op for _, op in ops].count("QuantizeLinear") == 1 == [op for _, op in ops].count("DequantizeLinear")
+
+
+def test_reshape_and_mul_pow2_act_on_the_stored_integers() -> None:
+    """``mul_pow2`` is no node at all (the integers are read again at the new scale); ``reshape``
+    acts on the integers (folded like Flatten), never between a DequantizeLinear and a QuantizeLinear."""
+    model = to_qdq(reshaped())
+    producers = {o: n for n in model.graph.node for o in n.output}
+    assert not [n for n in model.graph.node if n.op_type == "Mul"]
+    reshapes = [n for n in model.graph.node if n.op_type == "Reshape"]
+    assert len(reshapes) == 2 and all(producers[n.input[0]].op_type != "DequantizeLinear" for n in reshapes)
+    shapes = sorted(onnx.numpy_helper.to_array(t).tolist() for t in model.graph.initializer
+                    if t.name.startswith(("view.shape", "vec.shape")))
+    assert shapes == [[0, 8, 8], [0, 64]]  # batch copied (0), the rest as the graph says
+    # the conv output integers are read at two scales: 2^-3 (conv2, as conv) and 2^-1 (conv.alpha = 4·conv)
+    conv2 = next(n for n in model.graph.node if n.op_type == "Conv" and n.output[0] == "conv2")
+    conv_int = producers[conv2.input[0]].input[0]  # conv2 reads the conv integers through a DequantizeLinear
+    scales = sorted(float(onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == n.input[1])))
+                    for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == conv_int)
+    assert scales == [2.0 ** -3, 2.0 ** -1]
 
 
 def test_int16_values_stay_float_in_ort(tmp_path: Path) -> None:
@@ -141,6 +162,10 @@ def float_network(graph, x: np.ndarray) -> np.ndarray:
                      op.attrs.get("padding", 0))
         elif op.kind == "flatten":
             y = xs[0].flatten(1)
+        elif op.kind == "reshape":
+            y = xs[0].reshape(len(x), *op.attrs["shape"])
+        elif op.kind == "mul_pow2":
+            y = xs[0] * 2.0 ** op.attrs["exponent"]
         elif op.kind == "relu":
             y = xs[0].relu()
         else:  # requantize: the float network has no quantizers

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from tests.export.integer_graphs import F, GraphMaker, cnn, matmul_graph, mixed, mlp, residual, sample_inputs
+from tests.export.integer_graphs import (F, GraphMaker, cnn, matmul_graph, mixed, mlp, reshaped, residual,
+                                        sample_inputs)
 
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
@@ -16,7 +17,8 @@ from fxquant.export.onnx_qdq import check_artifact
 from fxquant.export.qonnx import QONNX_DOMAIN, lower_quant, to_qonnx
 from fxquant.export.verify import verify_onnx
 
-GRAPHS = {"mlp": mlp, "cnn": cnn, "residual": residual, "mixed": mixed, "matmul": matmul_graph}
+GRAPHS = {"mlp": mlp, "cnn": cnn, "residual": residual, "mixed": mixed, "matmul": matmul_graph,
+          "reshaped": reshaped}
 
 
 @pytest.mark.parametrize("name", GRAPHS)
