@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fxquant.errors import ExportError, UnsupportedOpError, UsageError
-from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
+from fxquant.fixed_point import FixedPoint, dequantize
 from fxquant.integer_graph import IntegerGraph, Op
 
 if TYPE_CHECKING:
@@ -83,62 +83,38 @@ def check_opset(opset: int, max_ir_version: int | None = None) -> int:
 def exportable_problems(graph: IntegerGraph) -> list["Problem"]:
     """Every reason ``graph`` has no exact ONNX form, one :class:`~fxquant.backends.base.Problem` each.
 
-    Shared by the QDQ and QONNX targets' ``check``: a value or weight without a fixed ``<BW,FL>``,
-    a scale ``2^-FL`` outside float32's normal range (value, weight and bias-accumulator scales),
-    ``linear`` on an N-D input (ONNX Gemm takes ``(N, features)``), a power-of-two-less or padded
-    average window, a max pool whose window can lie wholly in its padding, weights and biases
-    outside their widths, a conv/linear without weights. Never raises.
+    Shared by the QDQ and QONNX targets' ``check``. From :mod:`fxquant.legality`: values and
+    weights without an integer format, weights and biases outside their widths, ``linear`` on an
+    N-D input (ONNX Gemm takes ``(N, features)``; grouped convolutions are fine), average windows
+    that are not a power of two or pad, max pools padding more than half their window. The
+    exporters' own limit: every scale ``2^-FL`` (values, weights, the bias accumulator grid, a
+    ``mul_pow2`` factor) a normal float32. Never raises.
     """
+    from fxquant import legality
     from fxquant.backends.base import Problem
-    from fxquant.legality import avg_window_problems
 
+    problems: list[Problem] = legality.format_problems(graph)
+    problems += [Problem(op.name, op.kind, "no weight or weight format: lower the model again with "
+                                           "fxquant.passes.lower_to_integer_graph")
+                 for op in graph.ops if op.kind in ("conv2d", "linear") and (op.weight is None or op.weight_fmt is None)]
+    if problems:  # the rules below read formats and weights
+        return problems
+    problems += (legality.fit_problems(graph) + legality.shape_problems(graph, groups=True)
+                 + legality.avg_window_problems(graph) + legality.window_problems(graph))
     producer = {op.output: op for op in graph.ops}
-    problems: list[Problem] = []
-
-    def at(value: str, reason: str) -> None:
-        op = producer.get(value)
-        problems.append(Problem(op.name if op else value, op.kind if op else "input", reason))
-
     for v in graph.values.values():
-        if v.fmt.is_off or v.fmt.is_dynamic:
-            at(v.name, f"value {v.name!r} has format {v.fmt}, not a fixed <BW,FL>")
-        elif not _scale_ok(v.fmt.frac_bits):
-            at(v.name, f"value {v.name!r}: scale 2^{-v.fmt.frac_bits} is outside the float32 normal range")
-    problems += avg_window_problems(graph)
+        if not _scale_ok(v.fmt.frac_bits):
+            op = producer.get(v.name)
+            problems.append(Problem(op.name if op else v.name, op.kind if op else "input",
+                                    f"value {v.name!r}: scale 2^{-v.fmt.frac_bits} is outside the float32 normal range"))
     for op in graph.ops:
-        def bad(reason: str) -> None:
-            problems.append(Problem(op.name, op.kind, reason))
-
-        if op.kind == "linear" and len(graph.values[op.inputs[0]].shape) != 1:
-            bad(f"input {op.inputs[0]!r} has shape {graph.values[op.inputs[0]].shape}, ONNX Gemm needs "
-                "(N, features): flatten the input before the linear layer")
-        if op.kind == "mul_pow2" and not _scale_ok(-int(op.attrs["exponent"])):
-            bad(f"factor 2^{op.attrs['exponent']} is outside the float32 normal range")
-        if op.kind == "maxpool2d":
-            # TODO(legality): the same rule is being added to fxquant.legality (window_problems)
-            kernel, padding = tuple(op.attrs["kernel"]), tuple(op.attrs.get("padding", (0, 0)))
-            if any(2 * p > k for p, k in zip(padding, kernel)):
-                bad(f"max pooling padding {padding} exceeds half the window {kernel}")
-        if op.kind not in ("conv2d", "linear"):
-            continue
-        if op.weight is None or op.weight_fmt is None:
-            bad("no weight or weight format: lower the model again with fxquant.passes.lower_to_integer_graph")
-            continue
-        wf = op.weight_fmt
-        if wf.is_off or wf.is_dynamic:
-            bad(f"weight format {wf} is not a fixed <BW,FL>")
-            continue
-        if not _scale_ok(wf.frac_bits):
-            bad(f"weight scale 2^{-wf.frac_bits} is outside the float32 normal range")
-        # TODO(legality): fit_problems is being added to fxquant.legality; the same rule, here until then
-        if op.weight.size and min_signed_bits(op.weight) > wf.bits:
-            bad(f"weights need {min_signed_bits(op.weight)} bits, more than their {wf.bits}-bit format")
-        if op.bias is not None and op.bias.size and min_signed_bits(op.bias) > BIAS_BITS:
-            bad(f"biases need {min_signed_bits(op.bias)} bits, more than int{BIAS_BITS}")
-        in_fmt = graph.values[op.inputs[0]].fmt
-        if (op.bias is not None and in_fmt.frac_bits is not None
-                and not _scale_ok(in_fmt.frac_bits + wf.frac_bits)):
-            bad(f"bias scale 2^{-(in_fmt.frac_bits + wf.frac_bits)} is outside the float32 normal range")
+        scales = {"factor": -int(op.attrs["exponent"])} if op.kind == "mul_pow2" else {}
+        if op.kind in ("conv2d", "linear"):
+            scales["weight scale"] = op.weight_fmt.frac_bits
+            if op.bias is not None:
+                scales["bias scale"] = graph.values[op.inputs[0]].fmt.frac_bits + op.weight_fmt.frac_bits
+        problems += [Problem(op.name, op.kind, f"{what} 2^{-fl} is outside the float32 normal range")
+                     for what, fl in scales.items() if not _scale_ok(fl)]
     return problems
 
 
