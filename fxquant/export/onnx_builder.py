@@ -8,9 +8,8 @@ Nothing here is numeric: the fixed-point math (rounding, saturation, requantizat
 * :func:`float_op`: the float ONNX node of one integer op's *accumulation* (Conv, Gemm, MatMul,
   Add/Sum, Concat, AveragePool, MaxPool, Relu, Flatten, Reshape) on float tensors, without the
   requantization and without the fused ReLU, which each flavour places itself;
-* :func:`exportable_problems` (every value has a fixed ``<BW,FL>``, every op an exact ONNX form;
-  all problems at once, for the targets' ``check``), :func:`check_exportable` (raises them) and
-  :func:`check_opset`;
+* (re-exported from :mod:`fxquant.export.limits`, which imports no onnx) :func:`check_opset`,
+  :func:`exportable_problems`, :func:`check_exportable`;
 * :func:`float32_risks` (from :meth:`IntegerGraph.accumulator_bound`, the worst-case ``|acc|``): the ops
   whose accumulator float32 cannot hold (``> 2^24``), where onnxruntime's float32 requantization
   may round twice.
@@ -23,18 +22,17 @@ two ``2^-FL`` (:func:`fxquant.fixed_point.dequantize` of 1), held in float32, wh
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fxquant.errors import ExportError, UnsupportedOpError, UsageError
+from fxquant.errors import ExportError, UnsupportedOpError
+from fxquant.export.limits import (FLOAT32_EXACT_BOUND, FLOAT32_MAX_EXP, FLOAT32_MIN_EXP, MIN_OPSET,  # noqa: F401
+                                   check_exportable, check_opset, exportable_problems, float32_risks, raise_problems)
 from fxquant.fixed_point import FixedPoint, dequantize
 from fxquant.integer_graph import IntegerGraph, Op
-
-if TYPE_CHECKING:
-    from fxquant.backends.base import Problem
 
 META_PRECISION_MAP = "fxquant.precision_map"
 """Metadata key: ``json.dumps(graph.layers)``, the precision map's ``layers`` section."""
@@ -45,11 +43,9 @@ META_FLAVOUR = "fxquant.flavour"
 META_FLOAT32_RISKS = "fxquant.float32_risk_ops"
 """Metadata key: JSON list of the ops this model computes in float32 although their accumulator
 may exceed 2^24, so that onnxruntime may round them twice (:func:`float32_risks`)."""
-FLOAT32_EXACT_BOUND = 1 << 24
-"""float32 represents every integer of magnitude <= 2^24."""
 PRODUCER = "fxquant"
 
-_FLOAT32_MIN_EXP, _FLOAT32_MAX_EXP = -126, 127
+
 _ONNX_OP = {"matmul": "MatMul", "avgpool2d": "AveragePool", "maxpool2d": "MaxPool", "relu": "Relu"}
 
 
@@ -60,84 +56,10 @@ def pow2(exponent: int, what: str) -> np.float32:
 
 def scale_of(frac_bits: int, what: str) -> np.float32:
     """The float32 scale ``2^-FL``; raises if it is not a normal float32 (inexact)."""
-    if not _FLOAT32_MIN_EXP <= -frac_bits <= _FLOAT32_MAX_EXP:
+    if not FLOAT32_MIN_EXP <= -frac_bits <= FLOAT32_MAX_EXP:
         raise ExportError(f"{what}: scale 2^{-frac_bits} is outside the float32 normal range",
-                          f"keep frac_bits in [{-_FLOAT32_MAX_EXP}, {-_FLOAT32_MIN_EXP}]")
+                          f"keep frac_bits in [{-FLOAT32_MAX_EXP}, {-FLOAT32_MIN_EXP}]")
     return np.float32(dequantize(np.int64(1), frac_bits))
-
-
-MIN_OPSET = 13
-
-
-def check_opset(opset: int, max_ir_version: int | None = None) -> int:
-    """Return ``opset`` if it is an integer >= 13 (whose IR version is <= ``max_ir_version``)."""
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise UsageError(f"opset={opset!r} is not supported", f"use an integer >= {MIN_OPSET}")
-    ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
-    if max_ir_version is not None and ir_version > max_ir_version:
-        raise UsageError(f"opset={opset} needs ONNX IR version {ir_version}, this format allows {max_ir_version}",
-                         "choose a lower opset")
-    return opset
-
-
-def exportable_problems(graph: IntegerGraph) -> list["Problem"]:
-    """Every reason ``graph`` has no exact ONNX form, one :class:`~fxquant.backends.base.Problem` each.
-
-    Shared by the QDQ and QONNX targets' ``check``. From :mod:`fxquant.legality`: values and
-    weights without an integer format, weights and biases outside their widths, ``linear`` on an
-    N-D input (ONNX Gemm takes ``(N, features)``; grouped convolutions are fine), average windows
-    that are not a power of two or pad, max pools padding more than half their window. The
-    exporters' own limit: every scale ``2^-FL`` (values, weights, the bias accumulator grid, a
-    ``mul_pow2`` factor) a normal float32. Never raises.
-    """
-    from fxquant import legality
-    from fxquant.backends.base import Problem
-
-    problems: list[Problem] = legality.format_problems(graph)
-    problems += [Problem(op.name, op.kind, "no weight or weight format: lower the model again with "
-                                           "fxquant.passes.lower_to_integer_graph")
-                 for op in graph.ops if op.kind in ("conv2d", "linear") and (op.weight is None or op.weight_fmt is None)]
-    if problems:  # the rules below read formats and weights
-        return problems
-    problems += (legality.fit_problems(graph) + legality.shape_problems(graph, groups=True)
-                 + legality.avg_window_problems(graph) + legality.window_problems(graph))
-    producer = {op.output: op for op in graph.ops}
-    for v in graph.values.values():
-        if not _scale_ok(v.fmt.frac_bits):
-            op = producer.get(v.name)
-            problems.append(Problem(op.name if op else v.name, op.kind if op else "input",
-                                    f"value {v.name!r}: scale 2^{-v.fmt.frac_bits} is outside the float32 normal range"))
-    for op in graph.ops:
-        scales = {"factor": -int(op.attrs["exponent"])} if op.kind == "mul_pow2" else {}
-        if op.kind in ("conv2d", "linear"):
-            scales["weight scale"] = op.weight_fmt.frac_bits
-            if op.bias is not None:
-                scales["bias scale"] = graph.values[op.inputs[0]].fmt.frac_bits + op.weight_fmt.frac_bits
-        problems += [Problem(op.name, op.kind, f"{what} 2^{-fl} is outside the float32 normal range")
-                     for what, fl in scales.items() if not _scale_ok(fl)]
-    return problems
-
-
-def raise_problems(problems: list["Problem"], what: str = "no exact ONNX form") -> None:
-    """Raise :class:`UnsupportedOpError` listing every problem (nothing when there are none)."""
-    if problems:
-        raise UnsupportedOpError(f"{what} ({len(problems)} problem{'s' if len(problems) != 1 else ''}): "
-                                 + "; ".join(str(p) for p in problems),
-                                 "see docs/onnx_export.md for what the ONNX exporters support")
-
-
-def check_exportable(graph: IntegerGraph) -> None:
-    """Raise :class:`UnsupportedOpError` listing every :func:`exportable_problems` of ``graph``."""
-    raise_problems(exportable_problems(graph))
-
-
-def _scale_ok(frac_bits: int | None) -> bool:
-    return frac_bits is not None and _FLOAT32_MIN_EXP <= -frac_bits <= _FLOAT32_MAX_EXP
-
-
-def float32_risks(graph: IntegerGraph) -> list[str]:
-    """Ops whose accumulator may exceed float32's exact range (``|acc| > 2^24``)."""
-    return [op.name for op in graph.ops if graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND]
 
 
 def value_formats(graph: IntegerGraph) -> dict[str, dict[str, Any]]:

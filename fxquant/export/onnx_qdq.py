@@ -50,18 +50,14 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto
 
-from fxquant.backends.base import Problem
 from fxquant.errors import ExportError, UnsupportedOpError
-from fxquant.export.onnx_builder import (FLOAT32_EXACT_BOUND, GraphBuilder, check_exportable,
-                                         check_opset, conv_attrs, exportable_problems, float32_risks, float_io,
-                                         float_op, fmt_bounds, pow2, raise_problems, scale_of)
+from fxquant.export.limits import (DEFAULT_OPSET, NARROW_STORAGE_OPSET, check_exportable, check_opset,  # noqa: F401
+                                   float32_risks, needs_integer_accumulation, qdq_problems, raise_problems)
+from fxquant.export.onnx_builder import GraphBuilder, conv_attrs, float_io, float_op, fmt_bounds, pow2, scale_of
 from fxquant.export.passes import FoldTransparentQdq
 from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
 from fxquant.integer_graph import IntegerGraph, Op
 
-DEFAULT_OPSET = 21
-NARROW_STORAGE_OPSET = 21
-"""INT4 initializers and int16 QuantizeLinear/DequantizeLinear need opset 21."""
 U8_ZERO_POINT = 128
 """``ort_x86`` stores 8-bit integers ``k`` as ``k + 128`` in uint8 with this zero point."""
 AVX2_SAFE_WEIGHT_BITS = 7
@@ -188,7 +184,7 @@ class _QdqBuilder:
     def _zero(self, st: Storage) -> str:
         return self.b.const("zero_point", np.array(st.zero_point, _NUMPY[st.dtype]))
 
-    def needs_integer_accumulation(self, op: Op) -> bool:
+    def integer_accumulation(self, op: Op) -> bool:
         return needs_integer_accumulation(self.graph, op, ort_x86=self.ort_x86)
 
     def integer_op(self, op: Op, relu: bool) -> str:
@@ -230,7 +226,7 @@ class _QdqBuilder:
 
     def emit(self, op: Op) -> str:
         relu = bool(op.attrs.get("relu"))
-        if self.needs_integer_accumulation(op):
+        if self.integer_accumulation(op):
             self.integer_ops.append(op.name)
             return self.integer_op(op, relu)
         if op.kind in ("conv2d", "linear"):
@@ -269,42 +265,6 @@ class _QdqBuilder:
         return self.b.model(g, [float_io(v.name, v.shape) for v in g.inputs],
                             [float_io(n, g.values[n].shape) for n in g.outputs], {"": self.opset}, "qdq",
                             float32_risk_ops=risks)
-
-
-def needs_integer_accumulation(graph: IntegerGraph, op: Op, *, ort_x86: bool = True) -> bool:
-    """An 8-bit Conv/Gemm whose accumulator float32 may not hold: exported as ConvInteger /
-    MatMulInteger with an int32 accumulator and a float64 requantization (``_QdqBuilder.integer_op``)."""
-    if not ort_x86 or op.kind not in ("conv2d", "linear") or op.weight_fmt is None:
-        return False
-    fmts = (graph.values[op.inputs[0]].fmt, op.weight_fmt, op.out_fmt)
-    return all(f.bits <= 8 for f in fmts) and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
-
-
-def qdq_problems(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = True) -> list[Problem]:
-    """Every reason :func:`to_qdq` cannot write ``graph`` exactly (all at once; never raises).
-
-    :func:`~fxquant.export.onnx_builder.exportable_problems`, plus: 9..16-bit values need int16
-    QuantizeLinear (opset >= 21); an op on the integer path (:func:`needs_integer_accumulation`)
-    needs its worst-case accumulator in int32 (ConvInteger/MatMulInteger accumulate in int32).
-    """
-    from fxquant.legality import int_max
-
-    problems = exportable_problems(graph)
-    if opset < NARROW_STORAGE_OPSET:
-        producer = {op.output: op for op in graph.ops}
-        for v in graph.values.values():
-            if 8 < v.fmt.bits <= 16:
-                op = producer.get(v.name)
-                problems.append(Problem(op.name if op else v.name, op.kind if op else "input",
-                                        f"{v.fmt.bits}-bit value {v.name!r} needs int16 QuantizeLinear, which opset "
-                                        f"{opset} lacks (use opset >= {NARROW_STORAGE_OPSET})"))
-    if not problems:  # the bound needs well-formed weights and formats
-        for op in graph.ops:
-            bound = graph.accumulator_bound(op)
-            if needs_integer_accumulation(graph, op, ort_x86=ort_x86) and bound > int_max(32):
-                problems.append(Problem(op.name, op.kind, f"worst-case accumulator {bound} exceeds the int32 "
-                                                          "accumulator of ConvInteger/MatMulInteger"))
-    return problems
 
 
 def to_qdq(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = True,

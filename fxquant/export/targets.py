@@ -117,8 +117,7 @@ class OnnxQdqTarget(_OnnxTarget):
     option_defaults: ClassVar[dict[str, Any]] = {"opset": 21}
 
     def exporter_problems(self, graph: IntegerGraph, **options: Any) -> list[Problem]:
-        from fxquant.export.onnx_builder import check_opset
-        from fxquant.export.onnx_qdq import qdq_problems
+        from fxquant.export.limits import check_opset, qdq_problems
 
         return qdq_problems(graph, opset=check_opset(options["opset"]))
 
@@ -140,8 +139,7 @@ class QonnxTarget(_OnnxTarget):
                           "on lower_quant(model.onnx) (Quant as Div/Round/Clip/Mul)")
 
     def exporter_problems(self, graph: IntegerGraph, **options: Any) -> list[Problem]:
-        from fxquant.export.onnx_builder import check_opset
-        from fxquant.export.qonnx import QONNX_MAX_IR_VERSION, qonnx_problems
+        from fxquant.export.limits import QONNX_MAX_IR_VERSION, check_opset, qonnx_problems
 
         check_opset(options["opset"], QONNX_MAX_IR_VERSION)
         return qonnx_problems(graph)
@@ -163,7 +161,7 @@ class QonnxTarget(_OnnxTarget):
 def write_fp32_baseline(graph: IntegerGraph, out_dir: Path, *, opset: int = 21) -> dict[str, Any]:
     """Write the FP32 ONNX baseline of ``graph`` (not a target: not integer-exact) to
     ``out_dir/model.onnx`` with ``baseline.json`` (build facts + ``graph_fingerprint``)."""
-    from fxquant.export.onnx_builder import exportable_problems, raise_problems
+    from fxquant.export.limits import exportable_problems, raise_problems
     from fxquant.export.onnx_qdq import check_artifact, to_fp32
 
     raise_problems(exportable_problems(graph))

@@ -197,3 +197,23 @@ def test_reshape_and_alpha_from_torch_export_with_the_reference_check(name: str,
     report = base.export(get_target(name), graph, tmp_path / name, [x.numpy()], model=gm)
     assert report["reference_check"]["bit_exact"] and report["reference_check"]["n"] == 32
     assert report["verification"]["bit_exact"] and report["bit_exact"] is True
+
+
+def test_check_imports_no_runtime() -> None:
+    """``check`` is data: onnx-qdq imports no onnx at all, qonnx only onnx's IR table, neither a runtime."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from fxquant.backends.registry import get_target
+from tests.export.integer_graphs import cnn, mixed
+assert get_target("onnx-qdq").check(cnn()) == [] and get_target("onnx-qdq").check(mixed()) == []
+assert not [m for m in ("onnx", "onnx_ir", "onnxruntime", "qonnx", "tvm", "torch") if m in sys.modules]
+assert get_target("qonnx").check(cnn()) == []
+assert not [m for m in ("onnx_ir", "onnxruntime", "qonnx", "tvm", "torch") if m in sys.modules]
+"""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
