@@ -40,7 +40,8 @@ def test_bench_onnx_reports_ratios(trained_run):  # noqa: F811
     assert {r["graph_fingerprint"] for r in bench["rows"]} == {fingerprint}
     sizes = bench["sizes_bytes"]
     assert sizes["onnx-qdq/model.onnx"] == (trained_run / "onnx-qdq" / "model.onnx").stat().st_size
-    assert 0 < bench["size_ratio_vs_fp32"] == sizes["onnx-qdq/model.onnx"] / sizes["onnx-fp32/model.onnx"] < 0.5
+    qdq_bytes, fp32_bytes = ((trained_run / f / "model.onnx").stat().st_size for f in ("onnx-qdq", "onnx-fp32"))
+    assert 0 < bench["size_ratio_vs_fp32"] == qdq_bytes / fp32_bytes < 0.5
     assert "Every engine: 1 thread." in proc.stdout
 
 
@@ -59,6 +60,7 @@ def test_export_fpga_and_resimulate(trained_run):  # noqa: F811
     (["--target", "tpu"], "unknown target 'tpu'"),
     (["--flavour", "int3"], "unknown ONNX flavour 'int3'"),
     (["--target", "cpu", "--flavour", "qdq"], "--flavour is an ONNX option"),
+    (["--target", "qonnx", "--flavour", "qdq"], "--target qonnx contradicts --flavour qdq"),
     (["--verify", "0"], "--verify=0"),
     (["--target", "onnx-qdq", "--mcpu", "host"], "target 'onnx-qdq' takes no --mcpu"),
     (["--target", "cpu", "--opset", "17"], "target 'cpu' takes no --opset"),
@@ -295,3 +297,15 @@ def test_bench_exports_a_missing_artifact_with_verification_first(run_copy, caps
     bench = json.loads((run_copy / "bench-qonnx.json").read_text())
     timed = [r for r in bench["rows"] if r["engine"] == "ORT fxquant qonnx"]
     assert timed and all(r["verified"] and r["graph_fingerprint"] == report["graph_fingerprint"] for r in timed)
+
+
+def test_flavour_keeps_the_older_spelling(run_copy, capsys):
+    code, out, err = run_cli(capsys, "export", "--target", "onnx", "--flavour", "qonnx", run_copy, "--verify", "16")
+    assert code == 0, err
+    assert out.startswith(f"export qonnx: {run_copy / 'qonnx'}, bit_exact=True, n=16")
+    assert json.loads((run_copy / "qonnx" / "report.json").read_text())["target"] == "qonnx"
+    code, out, err = run_cli(capsys, "export", "--flavour", "fp32", run_copy)
+    assert code == 0, err
+    assert "not integer-exact, not verified" in out
+    assert sorted(p.name for p in (run_copy / "onnx-fp32").iterdir()) == ["baseline.json", "model.onnx"]
+    assert result_dirs(run_copy) == ["onnx-fp32", "qonnx"]
