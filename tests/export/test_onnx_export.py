@@ -217,3 +217,24 @@ assert not [m for m in ("onnx_ir", "onnxruntime", "qonnx", "tvm", "torch") if m 
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                           env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("name", ONNX_TARGETS)
+def test_two_inputs_and_two_outputs(name: str, tmp_path: Path) -> None:
+    from fxquant.integer_graph import Value
+
+    m = GraphMaker((16,), F(8, 4))
+    m.inputs.append(Value("other", (16,), F(6, 2)))
+    m.values["other"] = m.inputs[1]
+    b = m.linear("fb", "other", 8, F(8, 7), F(8, 3))
+    graph = m.graph(m.add("sum", m.linear("fa", "input", 8, F(8, 7), F(8, 3)), b, F(8, 2)), b)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((8, 16)).astype(np.float32) * 4 for _ in range(2)]
+    report = base.export(get_target(name), graph, tmp_path / name, xs)
+    assert report["bit_exact"] and report["verification"]["n"] == 8
+    ints = graph.quantize_inputs(*xs)
+    got = get_target(name).run(tmp_path / name, ints)
+    want = graph.run(*ints)
+    assert len(got) == 2
+    for out, value in zip(got, ["sum", "fb"]):
+        np.testing.assert_array_equal(out, want[value])
