@@ -18,10 +18,13 @@ Both are put back as the model's own modules::
 so ``gm.train()`` / ``gm.eval()`` switch batch statistics / running statistics and dropout as in
 eager mode, :class:`FoldBatchNorm` folds the BN modules, and quantizers land where the fx path puts
 them. Other ``if self.training:`` branches stay specialized to training (documented limitation).
+In-place adds on activations (``y += z``) become out-of-place adds in both paths, so a quantizer
+output shared by several consumers is never overwritten by one of them.
 """
 
 from __future__ import annotations
 
+import operator
 import traceback
 from typing import Any
 
@@ -120,10 +123,23 @@ def _call_model_module(gm: fx.GraphModule, module: nn.Module, path: str, node: f
     return new
 
 
+def _out_of_place_adds(gm: fx.GraphModule) -> None:
+    """``y += z`` on activations → ``y + z``: a quantizer output shared by several consumers must
+    not be overwritten by one of them (later reads of ``y`` already use the add's result)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is operator.iadd:
+            node.target = operator.add
+        elif node.op == "call_function" and node.target is _aten.add_.Tensor and \
+                not (isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"):
+            node.target = _aten.add.Tensor
+
+
 def capture(model: nn.Module, example_inputs: tuple[Any, ...] | None = None) -> fx.GraphModule:
     """Trace ``model`` with torch.fx, or with ``torch.export`` if fx fails (needs example inputs)."""
     try:
         gm = _trace(model)
+        _out_of_place_adds(gm)
+        gm.recompile()
         gm.meta[CAPTURED_BY] = "torch.fx"
         return gm
     except Exception as fx_error:  # noqa: BLE001 - any tracing failure triggers the fallback
@@ -150,6 +166,7 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...] | None = None) -> 
                     (node.op == "call_function" and node.target in _ASSERT_OPS and not node.users):
                 unlifted.graph.erase_node(node)
         _restore_train_eval_modules(unlifted, model)
+        _out_of_place_adds(unlifted)
         unlifted.graph.eliminate_dead_code()
         # a plain GraphModule (export's own refuses .train()/.eval())
         gm = fx.GraphModule(unlifted, unlifted.graph)

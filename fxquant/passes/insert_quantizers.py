@@ -1,12 +1,18 @@
 """Insert fixed-point quantizers into a captured graph (after :func:`capture`).
 
-* A **weight quantizer** on every Conv2d/Linear weight (and on a parameter operand of a matmul), and a :class:`BiasQuantizer` putting the
-  bias on the accumulator grid ``FL_w + FL_in``. Conv/Linear modules become functional
-  ``aten.conv2d`` / ``aten.linear`` calls on ``get_attr`` weights (parameters keep their names).
+* Every conv/linear form — ``nn.Conv2d``/``nn.Linear``, ``F.conv2d``/``F.linear`` on parameters,
+  export's aten calls, ``torch.addmm(b, x, W)`` (Hugging Face ``Conv1D``) — becomes one canonical
+  call, ``aten.conv2d.default(x, w, b, stride, padding, dilation, groups)`` /
+  ``aten.linear.default(x, w, b)`` with every argument positional, on ``get_attr`` parameters
+  (parameters keep their names; ``addmm``'s ``(in, out)`` weight is read through ``aten.t``).
+* A **weight quantizer** on every conv/linear weight (and on a parameter operand of a matmul),
+  and a :class:`BiasQuantizer` putting the bias on the accumulator grid ``FL_w + FL_in``.
 * An **activation quantizer on every value that enters a quantized op** (conv, linear, matmul,
   residual add, cat, average pooling) and on every graph output. One quantizer per value, shared
-  by all its quantized consumers; named after the value's producer layer (``input`` for a model
-  input). Float consumers keep the float value.
+  by all its quantized consumers; named after the op that produced the value, looking through
+  transparent ops and BatchNorm only (``input`` for a model input, ``sigmoid`` for a value a
+  sigmoid produced). Float consumers keep the float value. Every quantized op's layer name is
+  recorded in ``node.meta[LAYER_META]``.
 
 Before → after (a residual block)::
 

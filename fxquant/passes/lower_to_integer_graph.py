@@ -19,6 +19,9 @@ arithmetic (``x.size(0)``, ``x.shape[1]``, ``aten.sym_size``, int arithmetic) is
 and never lowered. A ``view``/``reshape``/``flatten``/``squeeze`` must keep the batch dimension
 (output ``(B, *S)`` and ``(2B, *S)`` with the same ``S``): it lowers to ``flatten`` when ``S`` has one
 dimension, to nothing when ``S`` is the input's shape, else to ``reshape`` with ``attrs["shape"] = S``.
+One batch-touching form is accepted: ``x.view(-1, C)`` of an ``(N, *L, C)`` tensor (Hugging Face's
+``Conv1D``) whose rows only meet row-wise ops before a reshape back to ``(N, *L, …)``; that region
+is lowered on the unmerged tensor (:meth:`_Lowering.track_rows`).
 
 ``torch.add(a, b, alpha=2^e)`` is exact in fixed point: ``b``'s integers at ``FL_b - e`` are
 ``2^e b``, so the lowering emits ``mul_pow2`` (integers unchanged, FL relabelled) before the add;
@@ -45,7 +48,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxquant.errors import ExportError, ModelFileError, UnsupportedOpError
 from fxquant.fixed_point import FRAC_BITS_LIMIT, FixedPoint, quantize_bias, quantize_int
 from fxquant.integer_graph import IntegerGraph, Op, Value
-from fxquant.passes.op_kinds import call_arguments, describe, layer_name, node_kind
+from fxquant.passes.op_kinds import call_arguments, describe, layer_name, node_kind, table_kind
 from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
 
 _aten = torch.ops.aten
@@ -132,6 +135,7 @@ class _Lowering:
         self.shape_of: dict[str, tuple[int, ...]] = {}
         self.constants: set[fx.Node] = set()
         self.problems: list[tuple[str, str | None]] = []
+        self.rows: dict[fx.Node, tuple[int, ...]] = {}  # row-merged values: their leading dims L
         self.poisoned: set[fx.Node] = set()
 
     # ---------------------------------------------------------------- helpers
@@ -139,8 +143,10 @@ class _Lowering:
         return self.gm.get_submodule(str(node.target))
 
     def shape(self, node: fx.Node) -> tuple[int, ...]:
+        """Shape without the batch dimension (a row-merged value keeps its leading dims ``L``)."""
         meta = node.meta.get("tensor_meta")
-        return tuple(int(s) for s in meta.shape[1:]) if meta is not None and hasattr(meta, "shape") else ()
+        shape = tuple(int(s) for s in meta.shape[1:]) if meta is not None and hasattr(meta, "shape") else ()
+        return self.rows[node] + shape if node in self.rows else shape
 
     def full_shape(self, node: fx.Node) -> tuple[int, ...]:
         return tuple(int(s) for s in self.results[node])
@@ -160,6 +166,13 @@ class _Lowering:
         if node.op == "call_method":
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
+
+    def ir(self, node: fx.Node) -> str:
+        """The IR value lowered for ``node``; a parameter or constant used as an activation is refused."""
+        if node not in self.value_of:
+            raise self.refuse(node, "a constant tensor used as an activation",
+                              "make it a parameter of a conv/linear, or compute it outside the model")
+        return self.value_of[node]
 
     def quantizer_fmt(self, q: FixedPointQuantizer) -> FixedPoint:
         fmt = q.fmt
@@ -191,14 +204,16 @@ class _Lowering:
                 self.shape_of[node.name] = self.shape(node)
                 continue
             if node.op == "call_module" and isinstance(self.module(node), BiasQuantizer):
+                self.constants.add(node)  # read by lower_weighted from the parameter
                 continue
             inputs = _nodes((node.args, node.kwargs))
-            if inputs and all(n in self.constants for n in inputs):
+            is_quantizer = node.op == "call_module" and isinstance(self.module(node), FixedPointQuantizer)
+            act_quantizer = is_quantizer and self.module(node).role != "weight"
+            if inputs and all(n in self.constants for n in inputs) and not act_quantizer:
                 self.constants.add(node)  # parameter arithmetic (a weight's transpose)
                 continue
             if node in self.results and _is_shape_like(self.results[node]):
                 continue  # shape arithmetic: evaluated by shape propagation, never an op
-            is_quantizer = node.op == "call_module" and isinstance(self.module(node), FixedPointQuantizer)
             if any(n in self.poisoned for n in inputs):
                 self.poisoned.add(node)
                 kind = node_kind(self.gm, node)
@@ -206,6 +221,7 @@ class _Lowering:
                     self.record(self.no_integer_form(node, kind))
                 continue
             try:
+                self.track_rows(node, inputs, is_quantizer)
                 if is_quantizer:
                     self.lower_quantizer(node)
                 else:
@@ -214,6 +230,23 @@ class _Lowering:
                 self.record(exc)
                 self.poisoned.add(node)
         raise ExportError("graph has no output node")
+
+    def track_rows(self, node: fx.Node, inputs: list[fx.Node], is_quantizer: bool) -> None:
+        """Row-merged values (``x.view(-1, C)`` of an ``(N, *L, C)`` tensor, as in Hugging Face's
+        ``Conv1D``) may only flow through row-wise ops (quantizers, linear, relu, add, dropout)
+        into a reshape back to ``(N, *L, …)``; they then lower on the unmerged tensor."""
+        merged = [self.rows[n] for n in inputs if n in self.rows]
+        if not merged:
+            return
+        kind = node_kind(self.gm, node)
+        if kind in ("flatten", "reshape"):
+            return  # lower_reshape decides
+        if (is_quantizer or kind in ("linear", "relu", "add", "identity")) and len(set(merged)) == 1 and \
+                len(merged) == len([n for n in inputs if n not in self.constants]):
+            self.rows[node] = merged[0]
+            return
+        raise self.refuse(node, f"reads a reshape that merged the batch into rows ({describe(self.gm, inputs[0])})",
+                          _RESHAPE_HINT)
 
     def record(self, exc: UnsupportedOpError) -> None:
         self.problems.append((exc.message, exc.hint))
@@ -229,6 +262,9 @@ class _Lowering:
     def no_integer_form(self, node: fx.Node, kind: str | None) -> UnsupportedOpError:
         if kind == "batchnorm":
             return self.refuse(node, "BatchNorm is not folded", "run FoldBatchNorm first (BN must follow a conv/linear)")
+        if node.op in ("call_function", "call_method") and table_kind(node) in ("conv2d", "linear"):
+            return self.refuse(node, "its weight is computed, not a parameter (or addmm has alpha/beta)",
+                               "use an nn.Parameter as the weight")
         return self.refuse(node, "no integer form")
 
     # ---------------------------------------------------------------- quantizers
@@ -238,10 +274,7 @@ class _Lowering:
         if q.role == "weight":
             return
         src = node.args[0]
-        if src not in self.value_of:
-            raise self.refuse(src, "a constant tensor used as an activation",
-                              "make it a parameter of a conv/linear, or compute it outside the model")
-        name = self.value_of[src]
+        name = self.ir(src)
         root = self.root_of.get(name)
         if root is None:  # already on a grid: an explicit change of format
             op = Op(q.layer, "requantize", (name,), node.name, out_fmt=fmt, attrs={"relu": q.relu})
@@ -262,7 +295,7 @@ class _Lowering:
 
     def resolved(self, node: fx.Node, what: str) -> str:
         """The IR value of ``node``, which must already be on a fixed-point grid."""
-        name = self.value_of[node]
+        name = self.ir(node)
         if self.fmt(name) is None:
             raise ExportError(f"{what} {node.name!r} is not quantized",
                               "run InsertQuantizers so every value entering a quantized op has a quantizer")
@@ -295,7 +328,7 @@ class _Lowering:
             if node.op == "call_function" and node.target is torch.nn.functional.dropout and a.get("training"):
                 raise self.refuse(node, "dropout with training=True in the deployed model",
                                   "use nn.Dropout or F.dropout(x, p, self.training)")
-            self.value_of[node] = self.value_of[a["input"]]
+            self.value_of[node] = self.ir(a["input"])
             return
         layer = layer_name(self.gm, node, kind)
         if kind in ("conv2d", "linear"):
@@ -421,7 +454,7 @@ class _Lowering:
 
     def lower_maxpool(self, node: fx.Node, a: dict[str, Any]) -> None:
         src_node = a["input"]
-        src = self.value_of[src_node]
+        src = self.ir(src_node)
         k = _pair(self.value(a["kernel_size"]))
         s = self.value(a.get("stride")) or k
         if _pair(self.value(a.get("dilation", 1))) != (1, 1) or self.value(a.get("return_indices", False)):
@@ -432,7 +465,7 @@ class _Lowering:
         self.root_of[node.name] = self.root_of.get(src)
 
     def lower_relu(self, node: fx.Node, src_node: fx.Node) -> None:
-        src = self.value_of[src_node]
+        src = self.ir(src_node)
         root = self.root_of.get(src)
         if isinstance(root, Op) and root.output == src and len(src_node.users) == 1 and root.kind != "cat":
             root.attrs["relu"] = True
@@ -443,12 +476,25 @@ class _Lowering:
 
     def lower_reshape(self, node: fx.Node, src_node: fx.Node) -> None:
         """flatten / view / reshape / squeeze that keep the batch dimension (module docstring)."""
-        src = self.value_of[src_node]
+        src = self.ir(src_node)
         in1, out1 = self.full_shape(src_node), self.full_shape(node)
         if self.shapes2 is None or node not in self.shapes2:
             raise self.refuse(node, f"the model does not run at another batch size ({self.failure2}), so "
                                     f"reshape {in1} → {out1} may fix the batch", _RESHAPE_HINT)
         in2, out2 = self.shapes2[src_node], self.shapes2[node]
+        if src_node in self.rows:  # back from rows: (N*prod(L), X) -> (N, *L, X)
+            lead = self.rows[src_node]
+            if out1 == (in1[0] // math.prod(lead), *lead, *in1[1:]) and out2 == (in2[0] // math.prod(lead), *lead, *in2[1:]):
+                self.value_of[node] = src
+                return
+            raise self.refuse(node, f"reshape {in1} → {out1} does not restore the rows' leading dims {lead}",
+                              _RESHAPE_HINT)
+        lead = tuple(in1[1:-1])
+        if lead and len(out1) == 2 and out1 == (math.prod(in1[:-1]), in1[-1]) and \
+                out2 == (math.prod(in2[:-1]), in2[-1]) and tuple(in2[1:-1]) == lead:
+            self.rows[node] = lead  # (N, *L, C) -> (N*prod(L), C): rows, lowered unmerged
+            self.value_of[node] = src
+            return
         if not (len(out1) >= 1 and out1[0] == in1[0] and out2[0] == in2[0] and out1[1:] == out2[1:]):
             raise self.refuse(node, f"reshape {in1} → {out1} touches the batch dimension", _RESHAPE_HINT)
         shape = tuple(out1[1:])
@@ -467,6 +513,10 @@ class _Lowering:
         self.raise_problems()  # nothing poisoned without a problem: every output is lowered
         outs = output.args[0]
         flat = outs if isinstance(outs, (tuple, list)) else (outs,)
+        for n in flat:
+            if n in self.rows:
+                self.record(self.refuse(n, "a graph output with the batch merged into rows", _RESHAPE_HINT))
+        self.raise_problems()
         return self.build([self.resolved(n, "graph output") for n in flat])
 
     def build(self, outputs: list[str]) -> IntegerGraph:

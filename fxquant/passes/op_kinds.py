@@ -52,7 +52,7 @@ _FUNCTION_KINDS: dict[Any, str] = {
     _aten.conv2d.default: "conv2d", _aten.conv2d.padding: "conv2d", torch.conv2d: "conv2d",
     _aten.linear.default: "linear", F.linear: "linear", torch.addmm: "linear", _aten.addmm.default: "linear",
     torch.relu: "relu", F.relu: "relu", _aten.relu.default: "relu", _aten.relu_.default: "relu",
-    operator.add: "add", torch.add: "add", _aten.add.Tensor: "add", operator.iadd: "add",
+    operator.add: "add", torch.add: "add", _aten.add.Tensor: "add", _aten.add_.Tensor: "add", operator.iadd: "add",
     torch.cat: "cat", _aten.cat.default: "cat",
     torch.matmul: "matmul", operator.matmul: "matmul", _aten.matmul.default: "matmul",
     torch.flatten: "flatten", _aten.flatten.using_ints: "flatten",
@@ -200,6 +200,13 @@ def module_kind(module: nn.Module) -> str | None:
     return None
 
 
+def table_kind(node: fx.Node) -> str | None:
+    """The kind the tables give a call's target, before any check of its operands."""
+    if node.op == "call_function":
+        return _FUNCTION_KINDS.get(node.target)
+    return _METHOD_KINDS.get(str(node.target)) if node.op == "call_method" else None
+
+
 def _is_parameter(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
@@ -232,9 +239,8 @@ def node_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
         operands = [a.get("input"), a.get("other")]
         if not all(isinstance(v, fx.Node) and not is_shape_value(v) for v in operands):
             return None  # adding a constant is not a residual add
-    if kind in WEIGHTED_KINDS and node.target not in (_aten.conv2d.default, _aten.linear.default):
-        if not _functional_weighted(gm, node):
-            return None  # a conv/linear on a computed weight is a float op
+    if kind in WEIGHTED_KINDS and not _functional_weighted(gm, node):
+        return None  # a conv/linear on a computed weight is a float op
     return kind
 
 
@@ -246,7 +252,10 @@ def _functional_weighted(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.target in (torch.addmm, _aten.addmm.default):
         return (a.get("beta", 1) == 1 and a.get("alpha", 1) == 1 and _is_parameter(a.get("input"))
                 and (_is_parameter(a.get("mat2")) or _is_transposed_parameter(a.get("mat2"))))
-    return _is_parameter(a.get("weight")) and (a.get("bias") is None or _is_parameter(a.get("bias")))
+    weight, bias = a.get("weight"), a.get("bias")
+    if isinstance(weight, fx.Node) and weight.op == "call_module":  # quantized: the canonical form
+        return True
+    return (_is_parameter(weight) or _is_transposed_parameter(weight)) and (bias is None or _is_parameter(bias))
 
 
 def tensor_inputs(node: fx.Node, gm: fx.GraphModule | None = None) -> list[fx.Node]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from torch import nn
@@ -159,3 +161,42 @@ def test_export_captured_conv_bn_trains_folds_and_lowers_exactly():
     assert [op.kind for op in graph.ops] == ["conv2d", "maxpool2d", "flatten", "linear"]
     out = graph.run(*graph.quantize_inputs(x.numpy()))[graph.outputs[0]]
     np.testing.assert_array_equal(out, fx_integer_outputs(gm, x, graph.values[graph.outputs[0]].fmt.frac_bits))
+
+
+class InplaceResidual(nn.Module):
+    """``y += shortcut``, keyword conv/pool arguments, 'same' padding; optionally a shape branch."""
+
+    def __init__(self, branch: bool) -> None:
+        super().__init__()
+        self.branch = branch
+        self.c1 = nn.Conv2d(3, 8, 3, padding="same", bias=False)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, kernel_size=3, padding=1, groups=2, bias=False)
+        self.c3 = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(int(x.shape[1]) // 3 if self.branch else 1):
+            y = torch.nn.functional.relu(self.b1(self.c1(x)), inplace=True)
+        y = self.c2(y)
+        y += self.c3(x)
+        y = torch.nn.functional.avg_pool2d(torch.relu(y), kernel_size=2)
+        z = torch.nn.functional.adaptive_avg_pool2d(torch.cat([y, y], dim=1), output_size=1)
+        return self.fc(z.flatten(1))
+
+
+def test_both_capture_paths_give_the_same_integer_graph():
+    from tests.helpers import assert_lowering_exact, deployed
+
+    graphs = []
+    for branch in (False, True):
+        torch.manual_seed(0)
+        x = torch.randn(16, 3, 8, 8)
+        gm = deployed(InplaceResidual(branch), x, bits=(4, 8), example=(x[:1],))
+        assert gm.meta[CAPTURED_BY] == ("torch.export" if branch else "torch.fx")
+        assert not any(n.target in (torch.ops.aten.add_.Tensor, operator.iadd) for n in gm.graph.nodes)
+        graphs.append(assert_lowering_exact(gm, x))
+    fx_ops, export_ops = ([(op.name, op.kind, op.attrs) for op in g.ops] for g in graphs)
+    assert fx_ops == export_ops
+    assert [k for _, k, _ in fx_ops] == ["conv2d", "conv2d", "conv2d", "add", "avgpool2d", "cat", "avgpool2d",
+                                         "flatten", "linear"]

@@ -135,7 +135,7 @@ def test_act_quantizer_is_named_after_the_op_producing_the_value():
 
 
 def test_functional_weights_idempotent_and_strip_restores(mlp):
-    from tests.passes.test_front_end import FunctionalConv, HFBlock
+    from tests.passes.test_lower_to_integer_graph import FunctionalConv, HFBlock
 
     for model, x in ((FunctionalConv(), torch.randn(2, 2, 8, 8)), (HFBlock(), torch.randn(3, 8))):
         model.eval()
