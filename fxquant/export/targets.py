@@ -94,6 +94,7 @@ class _OnnxTarget(Target):
     def run(self, out_dir: Path, int_inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         import onnx
 
+        from fxquant.export.onnx_builder import META_VALUE_FORMATS
         from fxquant.export.verify import input_floats, output_integers, session
 
         path = Path(out_dir) / MODEL_FILE
@@ -102,7 +103,11 @@ class _OnnxTarget(Target):
         model = onnx.load(str(path))
         graph_inputs = [i.name for i in model.graph.input]
         graph_outputs = [o.name for o in model.graph.output]
-        values = json.loads(next(p.value for p in model.metadata_props if p.key == "fxquant.value_formats"))
+        props = {p.key: p.value for p in model.metadata_props}
+        if META_VALUE_FORMATS not in props:
+            raise ExportError(f"{path} has no {META_VALUE_FORMATS} metadata: not an fxquant export",
+                              f"run `fxquant export --target {self.name}` again")
+        values = json.loads(props[META_VALUE_FORMATS])
         feed = {name: input_floats(k, values[name]["frac_bits"], f"input {name!r}")
                 for name, k in zip(graph_inputs, int_inputs, strict=True)}
         outs = session(self.runnable(model)).run(graph_outputs, feed)
