@@ -7,13 +7,13 @@ raise the same list (:func:`raise_problems`) before building anything. Shared ru
 :mod:`fxquant.legality`; the exporters' own limits are here:
 
 * every scale ``2^-FL`` is a normal float32, ``-126 <= -FL <= 127`` (then ``k * 2^-FL`` is exact);
-* QDQ: 9..16-bit values need int16 QuantizeLinear (opset >= 21); an 8-bit Conv/Gemm whose
-  worst-case ``|acc|`` exceeds float32's exact integers (``2^24``) runs as
-  ConvInteger/MatMulInteger, whose int32 accumulator must hold it;
+* QDQ: 9..16-bit values need int16 QuantizeLinear (opset >= 21); a Conv/Gemm on <= 8-bit inputs
+  whose worst-case ``|acc|`` exceeds float32's exact integers (``2^24``) runs as
+  ConvInteger/MatMulInteger (9..16-bit weights as two 8-bit halves), whose int32 sums must hold it;
 * QONNX: biases are float32 initializers, so ``b * 2^-FL_acc`` must be exact in float32.
 
-Ops whose accumulator can exceed ``2^24`` and still run in float32 (int16 ones, activation
-matmuls, every such op of the QONNX graph) are not refused: :func:`float32_risks` lists them and
+Ops whose accumulator can exceed ``2^24`` and still run in float32 (ones on 9..16-bit inputs,
+activation matmuls, every such op of the QONNX graph) are not refused: :func:`float32_risks` lists them and
 the build facts carry the list (they are verified on held-out inputs only).
 """
 
@@ -118,12 +118,33 @@ def float32_risks(graph: IntegerGraph) -> list[str]:
 
 
 def needs_integer_accumulation(graph: IntegerGraph, op: Op, *, ort_x86: bool = True) -> bool:
-    """An 8-bit Conv/Gemm whose accumulator float32 may not hold: exported as ConvInteger /
-    MatMulInteger with an int32 accumulator and a float64 requantization (``_QdqBuilder.integer_op``)."""
+    """A Conv/Gemm on <= 8-bit inputs whose accumulator float32 may not hold: exported as
+    ConvInteger / MatMulInteger with int32 accumulators and a float64 requantization
+    (``_QdqBuilder.integer_op``; weights of 9..16 bits as two 8-bit halves)."""
     if not ort_x86 or op.kind not in ("conv2d", "linear") or op.weight_fmt is None:
         return False
-    fmts = (graph.values[op.inputs[0]].fmt, op.weight_fmt, op.out_fmt)
-    return all(f.bits <= 8 for f in fmts) and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
+    fits = (graph.values[op.inputs[0]].fmt.bits <= 8 and op.weight_fmt.bits <= 16 and op.out_fmt.bits <= 16)
+    return fits and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
+
+
+def split_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``w = 256 * hi + lo`` with ``lo`` in ``[0, 255]`` and ``hi`` in ``[-128, 127]`` (16-bit ``w``)."""
+    w = np.asarray(w, dtype=np.int64)
+    lo = w & 0xFF
+    return (w - lo) >> 8, lo
+
+
+def integer_path_bound(graph: IntegerGraph, op: Op) -> int:
+    """Worst case of every int32 sum on the integer path of ``op``: the accumulator bound for 8-bit
+    weights; ``2^(BW_in-1) * sum(256 |hi| + lo) + |b|`` for split 9..16-bit weights (both halves'
+    sums and their combination stay below it)."""
+    from fxquant.fixed_point import min_signed_bits
+    from fxquant.legality import dot_bound
+
+    if min_signed_bits(op.weight) <= 8:
+        return graph.accumulator_bound(op)
+    hi, lo = split_weights(op.weight)
+    return dot_bound(256 * np.abs(hi) + lo, op.bias, 1 << (graph.values[op.inputs[0]].fmt.bits - 1))
 
 
 def qdq_problems(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = True) -> list["Problem"]:
@@ -148,8 +169,10 @@ def qdq_problems(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bo
                                         f"{opset} lacks (use opset >= {NARROW_STORAGE_OPSET})"))
     if well_formed:
         for op in graph.ops:
-            bound = graph.accumulator_bound(op)
-            if needs_integer_accumulation(graph, op, ort_x86=ort_x86) and bound > int_max(32):
+            if not needs_integer_accumulation(graph, op, ort_x86=ort_x86):
+                continue
+            bound = integer_path_bound(graph, op)
+            if bound > int_max(32):
                 problems.append(Problem(op.name, op.kind, f"worst-case accumulator {bound} exceeds the int32 "
                                                           "accumulator of ConvInteger/MatMulInteger"))
     return problems

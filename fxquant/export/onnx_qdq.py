@@ -29,11 +29,13 @@ the grid). ``cat`` requantizes each input to ``out_fmt`` the same way and concat
 onto the integers by :class:`fxquant.export.passes.FoldTransparentQdq`; graph inputs
 are ``QuantizeLinear [→ Clip]``, outputs ``DequantizeLinear`` (float ``k * 2^-FL``).
 
-onnxruntime's QLinear kernels requantize ``float(acc)``: exact only for ``|acc| <= 2^24``. An 8-bit
-Conv/Gemm whose worst-case accumulator is larger is exported instead as
-ConvInteger/MatMulInteger (+ int32 bias) followed by ``Cast(double) → Mul(2^(FL_out-FL_acc)) →
-Round → Add(zero point) → Clip → Cast`` (exact in float64); ops still computed in float32 with
-such accumulators (int16 ones, MatMul) are listed in the ``fxquant.float32_risk_ops`` metadata.
+onnxruntime's QLinear kernels (and float Conv/Gemm) requantize ``float(acc)``: exact only for
+``|acc| <= 2^24``. A Conv/Gemm on <= 8-bit inputs whose worst-case accumulator is larger is
+exported instead as ConvInteger/MatMulInteger (+ int32 bias) followed by ``Cast(double) →
+Mul(2^(FL_out-FL_acc)) → Round → Add(zero point) → Clip → Cast`` (exact in float64); 9..16-bit
+weights are split into 8-bit halves, ``acc = 256 acc(hi) + acc(lo)`` in int32. Ops still computed
+in float32 with such accumulators (on 9..16-bit inputs, MatMul) are listed in the
+``fxquant.float32_risk_ops`` metadata.
 
 With 8-bit activations onnxruntime (``ORT_ENABLE_ALL``) turns the whole graph into
 QLinearConv / QGemm / QLinearMatMul / QLinearAdd / QLinearAveragePool, uint8 Clip, MaxPool,
@@ -52,7 +54,8 @@ from onnx import TensorProto
 
 from fxquant.errors import ExportError, UnsupportedOpError
 from fxquant.export.limits import (DEFAULT_OPSET, NARROW_STORAGE_OPSET, check_exportable, check_opset,  # noqa: F401
-                                   float32_risks, needs_integer_accumulation, qdq_problems, raise_problems)
+                                   float32_risks, needs_integer_accumulation, qdq_problems, raise_problems,
+                                   split_weights)
 from fxquant.export.onnx_builder import GraphBuilder, conv_attrs, float_io, float_op, fmt_bounds, pow2, scale_of
 from fxquant.export.passes import FoldTransparentQdq
 from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
@@ -188,17 +191,33 @@ class _QdqBuilder:
         return needs_integer_accumulation(self.graph, op, ort_x86=self.ort_x86)
 
     def integer_op(self, op: Op, relu: bool) -> str:
-        """Exact form of a Conv/Gemm whose ``|acc|`` may exceed 2^24, where QLinearConv/QGemm would
-        requantize ``float(acc)`` and round twice: ConvInteger/MatMulInteger (+ int32 bias) give
-        ``acc``; ``Cast(double) → Mul(2^(FL_out-FL_acc)) → Round`` (half to even, exact in
+        """Exact form of a Conv/Gemm whose ``|acc|`` may exceed 2^24, where QLinearConv/QGemm (or a
+        float Conv/Gemm) would requantize ``float(acc)`` and round twice: ConvInteger/MatMulInteger
+        (+ int32 bias) give ``acc`` (9..16-bit weights: ``256 acc(hi) + acc(lo)`` of the 8-bit halves
+        of :func:`~fxquant.export.limits.split_weights`, all int32 sums within
+        :func:`~fxquant.export.limits.integer_path_bound`); ``Cast(double) → Mul(2^(FL_out-FL_acc)) → Round`` (half to even, exact in
         float64) ``→ Add(zero point) → Clip → Cast`` is :func:`fxquant.fixed_point.requantize`."""
         in_fmt, w_fmt = self.graph.values[op.inputs[0]].fmt, op.weight_fmt
         assert w_fmt is not None and w_fmt.frac_bits is not None and in_fmt.frac_bits is not None  # checked
         assert op.out_fmt.frac_bits is not None
-        w, wst = self.weight_ints(op, transpose=op.kind == "linear")
-        ins = [self.ints[op.inputs[0]], w, self._zero(self.storage(in_fmt, op.inputs[0])), self._zero(wst)]
-        acc = (self.b.node("ConvInteger", ins, f"{op.name}_acc", **conv_attrs(op)) if op.kind == "conv2d"
-               else self.b.node("MatMulInteger", ins, f"{op.name}_acc"))
+        x = [self.ints[op.inputs[0]], self._zero(self.storage(in_fmt, op.inputs[0]))]
+
+        def accumulate(w: str, wst: Storage, base: str) -> str:
+            ins = [x[0], w, x[1], self._zero(wst)]
+            return (self.b.node("ConvInteger", ins, base, **conv_attrs(op)) if op.kind == "conv2d"
+                    else self.b.node("MatMulInteger", ins, base))
+
+        if min_signed_bits(op.weight) <= 8:
+            acc = accumulate(*self.weight_ints(op, transpose=op.kind == "linear"), f"{op.name}_acc")
+        else:  # w = 256 hi + lo: two exact 8-bit sums (uint8 halves: MLAS's exact U8U8 kernel)
+            _check_fits(op.weight, w_fmt.bits, f"op {op.name!r} weight")
+            hi, lo = split_weights(op.weight.T if op.kind == "linear" else op.weight)
+            hi_t = self.b.const(f"{op.name}.weight_hi", (hi + U8_ZERO_POINT).astype(np.uint8))
+            lo_t = self.b.const(f"{op.name}.weight_lo", lo.astype(np.uint8))
+            acc_hi = accumulate(hi_t, Storage(TensorProto.UINT8, U8_ZERO_POINT), f"{op.name}_acc_hi")
+            acc_lo = accumulate(lo_t, Storage(TensorProto.UINT8), f"{op.name}_acc_lo")
+            scaled = self.b.node("Mul", [acc_hi, self.b.const("radix", np.array(256, np.int32))], f"{op.name}_acc_hi256")
+            acc = self.b.node("Add", [scaled, acc_lo], f"{op.name}_acc")
         if op.bias is not None:
             _check_fits(op.bias, BIAS_BITS, f"op {op.name!r} bias")
             shape = (-1, 1, 1) if op.kind == "conv2d" else (-1,)

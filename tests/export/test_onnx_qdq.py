@@ -267,3 +267,32 @@ def test_scales_outside_float32_raise() -> None:
     graph = m.graph(m.linear("fc", "input", 2, F(8, 64), F(8, 60)))  # bias scale 2^-128
     with pytest.raises(UnsupportedOpError, match=r"fc \(linear\): bias scale 2\^-128 is outside the float32 normal"):
         to_qdq(graph)
+
+
+def test_wide_weights_with_large_accumulators_are_split_and_exact(tmp_path: Path) -> None:
+    """12-bit weights on 8-bit inputs, |acc| > 2^24 (here just below a rounding tie, where any
+    rounding of float(acc) gives 64): the QDQ exporter sums the two 8-bit halves of each weight
+    (hi·256 + lo) with MatMulInteger/ConvInteger in int32 and stays exact."""
+    n, target = 4096, 63 * 2**19 + 2**18 - 1  # just below a rounding tie at a 19-bit right shift
+    m = GraphMaker((n,), F(8, 0))
+    graph = m.graph(m.linear("fc", "input", 1, F(12, 0), F(8, -19)))
+    graph.ops[0].weight = np.full((1, n), 2047)
+    graph.ops[0].bias = np.array([target - 127 * 2047 * n])
+    x = np.full((1, n), 127.0, np.float32)
+    assert graph.run(*graph.quantize_inputs(x))["fc"].item() == 63
+    model = to_qdq(graph)
+    assert [n.op_type for n in model.graph.node].count("MatMulInteger") == 2
+    (out,) = session(model).run(None, {"input": x})
+    assert out.item() * 2.0 ** -19 == 63
+    m = GraphMaker((64, 6, 6), F(8, 4))
+    h = m.conv("conv", "input", 8, F(12, 9), F(8, 1), relu=True)
+    graph = m.graph(m.flatten("flat", h))
+    graph.ops[0].weight = np.where(m.rng.random((8, 64, 3, 3)) < 0.5, -2048, 2047)  # bound > 2^24
+    assert float32_risks(graph) == ["conv"]
+    model = to_qdq(graph)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["fxquant.float32_risk_ops"]) == []
+    x = sample_inputs(graph, spread=8.0)
+    (out,) = session(model).run(None, {"input": x})
+    np.testing.assert_array_equal(out.astype(np.float64) * 2.0, graph.run(*graph.quantize_inputs(x))["flat"])
+    assert ("", "ConvInteger") in optimized_ops(model, tmp_path)
