@@ -6,10 +6,10 @@ Nothing here is numeric: the fixed-point math (rounding, saturation, requantizat
 * :class:`GraphBuilder`: unique tensor names, deduplicated constants, node creation, model
   assembly with the ``fxquant.*`` metadata;
 * :func:`float_op`: the float ONNX node of one integer op's *accumulation* (Conv, Gemm, MatMul,
-  Add/Sum, Concat, AveragePool, MaxPool, Relu, Flatten) on float tensors, without the
+  Add/Sum, Concat, AveragePool, MaxPool, Relu, Flatten, Reshape) on float tensors, without the
   requantization and without the fused ReLU, which each flavour places itself;
-* :func:`check_exportable` (every value has a fixed ``<BW,FL>``, every op an exact ONNX form) and
-  :func:`check_opset`;
+* (re-exported from :mod:`fxquant.export.limits`, which imports no onnx) :func:`check_opset`,
+  :func:`exportable_problems`, :func:`check_exportable`;
 * :func:`float32_risks` (from :meth:`IntegerGraph.accumulator_bound`, the worst-case ``|acc|``): the ops
   whose accumulator float32 cannot hold (``> 2^24``), where onnxruntime's float32 requantization
   may round twice.
@@ -22,14 +22,15 @@ two ``2^-FL`` (:func:`fxquant.fixed_point.dequantize` of 1), held in float32, wh
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fxquant.errors import ExportError, UnsupportedOpError, UsageError
+from fxquant.errors import ExportError, UnsupportedOpError
+from fxquant.export.limits import (FLOAT32_EXACT_BOUND, FLOAT32_MAX_EXP, FLOAT32_MIN_EXP, MIN_OPSET,  # noqa: F401
+                                   check_exportable, check_opset, exportable_problems, float32_risks, raise_problems)
 from fxquant.fixed_point import FixedPoint, dequantize
 from fxquant.integer_graph import IntegerGraph, Op
 
@@ -42,60 +43,23 @@ META_FLAVOUR = "fxquant.flavour"
 META_FLOAT32_RISKS = "fxquant.float32_risk_ops"
 """Metadata key: JSON list of the ops this model computes in float32 although their accumulator
 may exceed 2^24, so that onnxruntime may round them twice (:func:`float32_risks`)."""
-FLOAT32_EXACT_BOUND = 1 << 24
-"""float32 represents every integer of magnitude <= 2^24."""
 PRODUCER = "fxquant"
 
-_FLOAT32_MIN_EXP, _FLOAT32_MAX_EXP = -126, 127
+
 _ONNX_OP = {"matmul": "MatMul", "avgpool2d": "AveragePool", "maxpool2d": "MaxPool", "relu": "Relu"}
+
+
+def pow2(exponent: int, what: str) -> np.float32:
+    """The float32 factor ``2^e`` of a ``mul_pow2`` op (exact: :func:`scale_of` of ``-e``)."""
+    return scale_of(-int(exponent), what)
 
 
 def scale_of(frac_bits: int, what: str) -> np.float32:
     """The float32 scale ``2^-FL``; raises if it is not a normal float32 (inexact)."""
-    if not _FLOAT32_MIN_EXP <= -frac_bits <= _FLOAT32_MAX_EXP:
+    if not FLOAT32_MIN_EXP <= -frac_bits <= FLOAT32_MAX_EXP:
         raise ExportError(f"{what}: scale 2^{-frac_bits} is outside the float32 normal range",
-                          f"keep frac_bits in [{-_FLOAT32_MAX_EXP}, {-_FLOAT32_MIN_EXP}]")
+                          f"keep frac_bits in [{-FLOAT32_MAX_EXP}, {-FLOAT32_MIN_EXP}]")
     return np.float32(dequantize(np.int64(1), frac_bits))
-
-
-MIN_OPSET = 13
-
-
-def check_opset(opset: int, max_ir_version: int | None = None) -> int:
-    """Return ``opset`` if it is an integer >= 13 (whose IR version is <= ``max_ir_version``)."""
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise UsageError(f"opset={opset!r} is not supported", f"use an integer >= {MIN_OPSET}")
-    ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
-    if max_ir_version is not None and ir_version > max_ir_version:
-        raise UsageError(f"opset={opset} needs ONNX IR version {ir_version}, this format allows {max_ir_version}",
-                         "choose a lower opset")
-    return opset
-
-
-def check_exportable(graph: IntegerGraph) -> None:
-    """Raise unless every value has a fixed ``<BW,FL>`` and every op is exportable."""
-    for v in graph.values.values():
-        if v.fmt.is_off or v.fmt.is_dynamic:
-            raise ExportError(f"value {v.name!r} has format {v.fmt}, not a fixed <BW,FL>",
-                              "lower a fully quantized model (every value needs bits 2..16 and a frac_bits)")
-    for op in graph.ops:
-        if op.kind == "linear" and len(graph.values[op.inputs[0]].shape) != 1:
-            raise UnsupportedOpError(f"op {op.name!r} (linear): input {op.inputs[0]!r} has shape "
-                                     f"{graph.values[op.inputs[0]].shape}, ONNX Gemm needs (N, features)",
-                                     "flatten the input before the linear layer")
-        window = math.prod(op.attrs.get("kernel", (1, 1)))
-        if op.kind == "avgpool2d" and (window & (window - 1) or tuple(op.attrs.get("padding", (0, 0))) != (0, 0)):
-            raise UnsupportedOpError(f"op {op.name!r} (avgpool2d): window {tuple(op.attrs['kernel'])} with padding "
-                                     f"{tuple(op.attrs.get('padding', (0, 0)))} is not integer-exact",
-                                     "use a power-of-two window without padding")
-        if op.kind in ("conv2d", "linear") and (op.weight is None or op.weight_fmt is None):
-            raise ExportError(f"op {op.name!r} ({op.kind}) has no weight or weight format",
-                              "lower the model again with fxquant.passes.lower_to_integer_graph")
-
-
-def float32_risks(graph: IntegerGraph) -> list[str]:
-    """Ops whose accumulator may exceed float32's exact range (``|acc| > 2^24``)."""
-    return [op.name for op in graph.ops if graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND]
 
 
 def value_formats(graph: IntegerGraph) -> dict[str, dict[str, Any]]:
@@ -195,6 +159,9 @@ def float_op(b: GraphBuilder, op: Op, xs: list[str], weight: str | None = None,
                       strides=list(a.get("stride", kernel)), pads=[ph, pw, ph, pw])
     if op.kind == "flatten":
         return b.node("Flatten", xs, op.name, axis=1)
+    if op.kind == "reshape":  # attrs["shape"] excludes the batch; ONNX 0 copies the batch dimension
+        shape = b.const(f"{op.name}.shape", np.array([0, *a["shape"]], np.int64))
+        return b.node("Reshape", [*xs, shape], op.name)
     if op.kind == "cat":
         return b.node("Concat", xs, op.name, axis=a.get("dim", 1))
     if op.kind in ("matmul", "relu"):

@@ -1,4 +1,4 @@
-"""QDQ ONNX export of an :class:`~fxquant.integer_graph.IntegerGraph`, the fp32 flavour, and files.
+"""QDQ ONNX export of an :class:`~fxquant.integer_graph.IntegerGraph`, and the fp32 baseline.
 
 Every integer value ``k`` at ``<BW,FL>`` is an integer tensor read through
 ``DequantizeLinear(scale=2^-FL)``, written by ``QuantizeLinear(scale=2^-FL)``; ``QuantizeLinear``
@@ -29,11 +29,13 @@ the grid). ``cat`` requantizes each input to ``out_fmt`` the same way and concat
 onto the integers by :class:`fxquant.export.passes.FoldTransparentQdq`; graph inputs
 are ``QuantizeLinear [→ Clip]``, outputs ``DequantizeLinear`` (float ``k * 2^-FL``).
 
-onnxruntime's QLinear kernels requantize ``float(acc)``: exact only for ``|acc| <= 2^24``. An 8-bit
-Conv/Gemm whose worst-case accumulator is larger is exported instead as
-ConvInteger/MatMulInteger (+ int32 bias) followed by ``Cast(double) → Mul(2^(FL_out-FL_acc)) →
-Round → Add(zero point) → Clip → Cast`` (exact in float64); ops still computed in float32 with
-such accumulators (int16 ones, MatMul) are listed in the ``fxquant.float32_risk_ops`` metadata.
+onnxruntime's QLinear kernels (and float Conv/Gemm) requantize ``float(acc)``: exact only for
+``|acc| <= 2^24``. A Conv/Gemm on <= 8-bit inputs whose worst-case accumulator is larger is
+exported instead as ConvInteger/MatMulInteger (+ int32 bias) followed by ``Cast(double) →
+Mul(2^(FL_out-FL_acc)) → Round → Add(zero point) → Clip → Cast`` (exact in float64); 9..16-bit
+weights are split into 8-bit halves, ``acc = 256 acc(hi) + acc(lo)`` in int32. Ops still computed
+in float32 with such accumulators (on 9..16-bit inputs, MatMul) are listed in the
+``fxquant.float32_risk_ops`` metadata.
 
 With 8-bit activations onnxruntime (``ORT_ENABLE_ALL``) turns the whole graph into
 QLinearConv / QGemm / QLinearMatMul / QLinearAdd / QLinearAveragePool, uint8 Clip, MaxPool,
@@ -42,12 +44,7 @@ Flatten and Concat between one QuantizeLinear at the input and one DequantizeLin
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
@@ -55,19 +52,15 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto
 
-from fxquant.errors import ExportError, RunDirError, UnsupportedOpError, UsageError
-from fxquant.export.onnx_builder import (FLOAT32_EXACT_BOUND, GraphBuilder, check_exportable,
-                                         check_opset, conv_attrs, float32_risks, float_io, float_op, fmt_bounds,
-                                         scale_of)
+from fxquant.errors import ExportError, UnsupportedOpError
+from fxquant.export.limits import (DEFAULT_OPSET, NARROW_STORAGE_OPSET, check_exportable, check_opset,  # noqa: F401
+                                   float32_risks, needs_integer_accumulation, qdq_problems, raise_problems,
+                                   split_weights)
+from fxquant.export.onnx_builder import GraphBuilder, conv_attrs, float_io, float_op, fmt_bounds, pow2, scale_of
 from fxquant.export.passes import FoldTransparentQdq
 from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
 from fxquant.integer_graph import IntegerGraph, Op
 
-DEFAULT_OPSET = 21
-NARROW_STORAGE_OPSET = 21
-"""INT4 initializers and int16 QuantizeLinear/DequantizeLinear need opset 21."""
-FLAVOUR_FILES = {"qdq": "model.onnx", "qonnx": "model.qonnx.onnx", "fp32": "model.fp32.onnx"}
-REPORT_FILE = "export_report.json"
 U8_ZERO_POINT = 128
 """``ort_x86`` stores 8-bit integers ``k`` as ``k + 128`` in uint8 with this zero point."""
 AVX2_SAFE_WEIGHT_BITS = 7
@@ -194,25 +187,37 @@ class _QdqBuilder:
     def _zero(self, st: Storage) -> str:
         return self.b.const("zero_point", np.array(st.zero_point, _NUMPY[st.dtype]))
 
-    def needs_integer_accumulation(self, op: Op) -> bool:
-        """An 8-bit Conv/Gemm whose accumulator float32 may not hold (see ``integer_op``)."""
-        if not self.ort_x86 or op.kind not in ("conv2d", "linear") or op.weight_fmt is None:
-            return False
-        fmts = (self.graph.values[op.inputs[0]].fmt, op.weight_fmt, op.out_fmt)
-        return all(f.bits <= 8 for f in fmts) and self.graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
+    def integer_accumulation(self, op: Op) -> bool:
+        return needs_integer_accumulation(self.graph, op, ort_x86=self.ort_x86)
 
     def integer_op(self, op: Op, relu: bool) -> str:
-        """Exact form of a Conv/Gemm whose ``|acc|`` may exceed 2^24, where QLinearConv/QGemm would
-        requantize ``float(acc)`` and round twice: ConvInteger/MatMulInteger (+ int32 bias) give
-        ``acc``; ``Cast(double) → Mul(2^(FL_out-FL_acc)) → Round`` (half to even, exact in
+        """Exact form of a Conv/Gemm whose ``|acc|`` may exceed 2^24, where QLinearConv/QGemm (or a
+        float Conv/Gemm) would requantize ``float(acc)`` and round twice: ConvInteger/MatMulInteger
+        (+ int32 bias) give ``acc`` (9..16-bit weights: ``256 acc(hi) + acc(lo)`` of the 8-bit halves
+        of :func:`~fxquant.export.limits.split_weights`, all int32 sums within
+        :func:`~fxquant.export.limits.integer_path_bound`); ``Cast(double) → Mul(2^(FL_out-FL_acc)) → Round`` (half to even, exact in
         float64) ``→ Add(zero point) → Clip → Cast`` is :func:`fxquant.fixed_point.requantize`."""
         in_fmt, w_fmt = self.graph.values[op.inputs[0]].fmt, op.weight_fmt
         assert w_fmt is not None and w_fmt.frac_bits is not None and in_fmt.frac_bits is not None  # checked
         assert op.out_fmt.frac_bits is not None
-        w, wst = self.weight_ints(op, transpose=op.kind == "linear")
-        ins = [self.ints[op.inputs[0]], w, self._zero(self.storage(in_fmt, op.inputs[0])), self._zero(wst)]
-        acc = (self.b.node("ConvInteger", ins, f"{op.name}_acc", **conv_attrs(op)) if op.kind == "conv2d"
-               else self.b.node("MatMulInteger", ins, f"{op.name}_acc"))
+        x = [self.ints[op.inputs[0]], self._zero(self.storage(in_fmt, op.inputs[0]))]
+
+        def accumulate(w: str, wst: Storage, base: str) -> str:
+            ins = [x[0], w, x[1], self._zero(wst)]
+            return (self.b.node("ConvInteger", ins, base, **conv_attrs(op)) if op.kind == "conv2d"
+                    else self.b.node("MatMulInteger", ins, base))
+
+        if min_signed_bits(op.weight) <= 8:
+            acc = accumulate(*self.weight_ints(op, transpose=op.kind == "linear"), f"{op.name}_acc")
+        else:  # w = 256 hi + lo: two exact 8-bit sums (uint8 halves: MLAS's exact U8U8 kernel)
+            _check_fits(op.weight, w_fmt.bits, f"op {op.name!r} weight")
+            hi, lo = split_weights(op.weight.T if op.kind == "linear" else op.weight)
+            hi_t = self.b.const(f"{op.name}.weight_hi", (hi + U8_ZERO_POINT).astype(np.uint8))
+            lo_t = self.b.const(f"{op.name}.weight_lo", lo.astype(np.uint8))
+            acc_hi = accumulate(hi_t, Storage(TensorProto.UINT8, U8_ZERO_POINT), f"{op.name}_acc_hi")
+            acc_lo = accumulate(lo_t, Storage(TensorProto.UINT8), f"{op.name}_acc_lo")
+            scaled = self.b.node("Mul", [acc_hi, self.b.const("radix", np.array(256, np.int32))], f"{op.name}_acc_hi256")
+            acc = self.b.node("Add", [scaled, acc_lo], f"{op.name}_acc")
         if op.bias is not None:
             _check_fits(op.bias, BIAS_BITS, f"op {op.name!r} bias")
             shape = (-1, 1, 1) if op.kind == "conv2d" else (-1,)
@@ -240,7 +245,7 @@ class _QdqBuilder:
 
     def emit(self, op: Op) -> str:
         relu = bool(op.attrs.get("relu"))
-        if self.needs_integer_accumulation(op):
+        if self.integer_accumulation(op):
             self.integer_ops.append(op.name)
             return self.integer_op(op, relu)
         if op.kind in ("conv2d", "linear"):
@@ -256,7 +261,9 @@ class _QdqBuilder:
                      else self.quantize(self.dq(i), op.out_fmt, relu, f"{i}_to_{op.output}", requantizing=True)
                      for i in op.inputs]
             return float_op(self.b, op, parts)
-        # transparent: maxpool2d, flatten, relu keep the input format
+        if op.kind == "mul_pow2":  # the same integers read at FL_in - e: same tensor, other scale
+            return self.ints[op.inputs[0]]
+        # transparent: maxpool2d, flatten, reshape, relu keep the input format
         fmt = self.graph.values[op.inputs[0]].fmt
         st = self.storage(fmt, op.output)
         if op.kind == "relu" and st.dtype != TensorProto.INT16:
@@ -289,8 +296,8 @@ def to_qdq(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = T
     runs :class:`~fxquant.export.passes.FoldTransparentQdq`, so MaxPool and Flatten act on the
     stored integers in the file (onnxruntime does the same at load; other consumers need not).
     """
-    check_exportable(graph)
-    model = _QdqBuilder(graph, check_opset(opset), ort_x86).build()
+    raise_problems(qdq_problems(graph, opset=check_opset(opset), ort_x86=ort_x86))
+    model = _QdqBuilder(graph, opset, ort_x86).build()
     if not fold_transparent:
         return model
     ir_model = ir.from_proto(model)
@@ -313,6 +320,8 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
         xs = [floats[i] for i in op.inputs]
         if op.kind == "requantize":
             f = xs[0]
+        elif op.kind == "mul_pow2":
+            f = b.node("Mul", [xs[0], b.const("pow2", pow2(op.attrs["exponent"], op.name))], op.name)
         elif op.kind in ("conv2d", "linear"):
             assert op.weight is not None and op.weight_fmt is not None  # check_exportable
             assert op.weight_fmt.frac_bits is not None
@@ -330,12 +339,6 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
                    [float_io(n, graph.values[n].shape) for n in graph.outputs], {"": check_opset(opset)}, "fp32")
 
 
-def _builders() -> dict[str, Callable[..., onnx.ModelProto]]:
-    from fxquant.export.qonnx import to_qonnx
-
-    return {"qdq": to_qdq, "qonnx": to_qonnx, "fp32": to_fp32}
-
-
 def check_artifact(model: onnx.ModelProto, what: str) -> None:
     """``onnx.checker`` (full check) and strict shape inference; raises ExportError."""
     try:
@@ -344,68 +347,3 @@ def check_artifact(model: onnx.ModelProto, what: str) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"{what} fails the ONNX checker: {first}", "report this as an exporter bug") from e
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def export_onnx(graph: IntegerGraph, out_dir: Path, *, flavour: str = "qdq", opset: int | None = None,
-                verify_inputs: np.ndarray | None = None) -> dict[str, Any]:
-    """Write ``graph`` as ``model.onnx`` (qdq), ``model.qonnx.onnx`` or ``model.fp32.onnx``.
-
-    Files are written atomically (temp file + ``os.replace``); ``export_report.json`` maps each
-    exported flavour to its report: ``path``, ``size_bytes``, ``theoretical_bytes``
-    (``graph.param_bits() / 8``), opset, IR version, op types and, with ``verify_inputs``, the
-    :func:`fxquant.export.verify.verify_onnx` figures (``n``, ``mismatches``, ``bit_exact``,
-    ``top1_agreement``, ...); a qdq/qonnx mismatch raises before anything is written. Returns this
-    flavour's report.
-    """
-    builders = _builders()
-    if flavour not in builders:
-        raise UsageError(f"unknown ONNX flavour {flavour!r}", f"use one of {', '.join(builders)}")
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        raise RunDirError(f"cannot write to {out_dir}: {e.strerror}", "choose a writable directory") from e
-    model = builders[flavour](graph) if opset is None else builders[flavour](graph, opset=opset)
-    check_artifact(model, f"{flavour} model of {out_dir}")
-    path = out_dir / FLAVOUR_FILES[flavour]
-    data = model.SerializeToString()
-    report: dict[str, Any] = {
-        "target": "onnx", "flavour": flavour, "path": str(path.resolve()), "size_bytes": len(data),
-        "theoretical_bytes": graph.param_bits() / 8, "ir_version": model.ir_version,
-        "opset": next(o.version for o in model.opset_import if not o.domain),
-        "op_types": sorted({n.op_type for n in model.graph.node}),
-    }
-    if verify_inputs is not None:
-        from fxquant.export.verify import verify_onnx
-
-        checked = verify_onnx(model, graph, verify_inputs, flavour)
-        report.update({k: checked[k] for k in ("n", "mismatches", "max_abs_int_diff", "top1_agreement",
-                                                "float32_risk_ops")}, bit_exact=checked["mismatches"] == 0)
-    report_path = out_dir / REPORT_FILE
-    reports: dict[str, Any] = {}
-    if report_path.exists():
-        try:
-            reports = json.loads(report_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise RunDirError(f"{report_path} is unreadable: {e}", "delete it and export again") from e
-        if not isinstance(reports, dict):
-            raise RunDirError(f"{report_path} is not a JSON object", "delete it and export again")
-    reports[flavour] = report
-    try:
-        _write_atomic(path, data)
-        _write_atomic(report_path, json.dumps(reports, indent=2, sort_keys=True).encode())
-    except OSError as e:
-        raise RunDirError(f"cannot write {path}: {e.strerror}", "check free space and permissions") from e
-    return report

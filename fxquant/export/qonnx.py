@@ -26,16 +26,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from fxquant.errors import ExportError, UnsupportedOpError
-from fxquant.export.onnx_builder import (GraphBuilder, check_exportable, check_opset, float32_risks, float_io, float_op,
-                                         scale_of)
+from fxquant.export.limits import (QONNX_MAX_IR_VERSION, check_opset, float32_risks, qonnx_problems,  # noqa: F401
+                                   raise_problems)
+from fxquant.export.onnx_builder import GraphBuilder, float_io, float_op, pow2, scale_of
 from fxquant.fixed_point import FixedPoint, dequantize
 from fxquant.integer_graph import IntegerGraph, Op
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 QONNX_OPSET = 13
 QONNX_IR_VERSION = 8
-QONNX_MAX_IR_VERSION = 10
-"""The qonnx tools and hls4ml read IR versions up to 10 (opset 21)."""
 
 
 def _float_const(b: GraphBuilder, base: str, k: np.ndarray, frac_bits: int, what: str) -> str:
@@ -84,7 +83,9 @@ class _QonnxBuilder:
                      else self.quant(self.relu(x, relu, f"{i}_to_{op.output}"), op.out_fmt, f"{i}_to_{op.output}")
                      for i, x in zip(op.inputs, xs)]
             return float_op(self.b, op, parts)
-        return float_op(self.b, op, xs)  # maxpool2d, flatten, relu: the grid is kept
+        if op.kind == "mul_pow2":  # k * 2^-FL_in * 2^e = k * 2^-FL_out, exact in float32
+            return self.b.node("Mul", [xs[0], self.b.const("pow2", pow2(op.attrs["exponent"], op.name))], op.name)
+        return float_op(self.b, op, xs)  # maxpool2d, flatten, reshape, relu: the grid is kept
 
     def build(self, opset: int) -> onnx.ModelProto:
         g = self.graph
@@ -104,8 +105,9 @@ class _QonnxBuilder:
 
 def to_qonnx(graph: IntegerGraph, *, opset: int = QONNX_OPSET) -> onnx.ModelProto:
     """QONNX model of ``graph`` (module docstring)."""
-    check_exportable(graph)
-    return _QonnxBuilder(graph).build(check_opset(opset, QONNX_MAX_IR_VERSION))
+    opset = check_opset(opset, QONNX_MAX_IR_VERSION)
+    raise_problems(qonnx_problems(graph))
+    return _QonnxBuilder(graph).build(opset)
 
 
 def _const(model: onnx.ModelProto, name: str) -> np.ndarray:
