@@ -563,9 +563,9 @@ def linear_acc_over_int32() -> IntegerGraph:
 
 
 def conv_acc_near_int32() -> IntegerGraph:
-    """conv2d, 56 channels x 3x3 of -128 on a 16-bit input: worst case 504 * 2^22 < 2^31."""
-    m = GraphMaker((56, 3, 3), F(16, 6), seed=39)
-    m._op("conv", "conv2d", ("input",), (2, 1, 1), F(12, -4), weight=np.full((2, 56, 3, 3), -128, np.int64),
+    """conv2d, 73 channels x 7x1 of -128 on a 16-bit input: worst case 511 * 2^22 + 5 < 2^31."""
+    m = GraphMaker((73, 7, 1), F(16, 6), seed=39)
+    m._op("conv", "conv2d", ("input",), (2, 1, 1), F(12, -4), weight=np.full((2, 73, 7, 1), -128, np.int64),
           weight_fmt=F(8, 6), bias=np.array([0, -5], np.int64), attrs={"stride": (1, 1), "padding": (0, 0)})
     return m.graph("conv")
 

@@ -1,0 +1,95 @@
+"""Every zoo case on every registry target, against the integer reference (``IntegerGraph.run``).
+
+The model is ONNX's backend test suite: one set of cases (:mod:`tests.conformance.zoo`), one
+small interface per backend (:class:`fxquant.backends.base.Target`), and what a target cannot do
+declared as data in :data:`EXPECTED_UNSUPPORTED` -- never skipped. For each ``<case>-<target>``:
+
+* not declared: ``check`` finds no problem, ``export`` is bit-exact (report and an independent
+  re-run, :func:`harness.assert_bit_exact`);
+* declared: ``check`` lists problems, one of which matches the declared reason (a regular
+  expression), and ``export`` raises :class:`UnsupportedOpError` leaving nothing behind. A
+  declared case that now builds fails too, so the table stays true.
+
+A target whose ``unavailable()`` is not ``None`` is skipped with that reason, except the targets
+in :data:`MUST_RUN`, whose toolchains this project's machines and CI always have: for them a
+missing toolchain is a failure.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+
+import pytest
+
+from fxquant.backends.registry import TARGETS, get_target
+from tests.conformance.harness import assert_bit_exact, assert_refused
+from tests.conformance.zoo import CASES
+
+MUST_RUN = ("onnx-qdq", "qonnx", "cpu", "cuda", "fpga")
+"""Targets whose ``unavailable()`` must be ``None`` wherever the suite runs (CUDA: codegen + llvm check)."""
+
+EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
+    # (case name pattern (fnmatch), target name or "*"): regex that one of check's problems matches
+    ("avgpool_3x3", "*"): r"power of two",
+    ("linear_acc_over_int32", "*"): r"accumulator",
+}
+"""What each target cannot build, as data (like ``onnx.backend.test.BackendTest.exclude``)."""
+
+TARGET_OPTIONS: dict[str, dict[str, object]] = {}
+"""Build options the suite passes per target (none: every target is tested as the CLI builds it)."""
+
+
+def declared_refusal(case: str, target: str) -> str | None:
+    """The declared reason regex of ``case`` on ``target`` (several matching entries: joined by ``|``)."""
+    reasons = [why for (pattern, t), why in EXPECTED_UNSUPPORTED.items()
+               if t in (target, "*") and fnmatch.fnmatchcase(case, pattern)]
+    return "|".join(f"(?:{r})" for r in reasons) or None
+
+
+PAIRS = [(case, target) for case in CASES for target in TARGETS]
+
+
+def _target(name: str):
+    target = get_target(name)
+    why = target.unavailable()
+    if why is not None:
+        if name in MUST_RUN:
+            pytest.fail(f"target {name!r} must run here but is unavailable: {why}")
+        pytest.skip(f"target {name!r} unavailable on this machine: {why}")
+    return target
+
+
+@pytest.mark.parametrize(("case", "target_name"), PAIRS, ids=[f"{c}-{t}" for c, t in PAIRS])
+def test_case_on_target(case: str, target_name: str, tmp_path: Path) -> None:
+    target = _target(target_name)
+    graph, inputs = CASES[case].build()
+    options = TARGET_OPTIONS.get(target_name, {})
+    problems = target.check(graph, **options)
+    declared = declared_refusal(case, target_name)
+    if declared is None:
+        assert not problems, (f"{target_name} refuses {case!r}, which EXPECTED_UNSUPPORTED does not declare: "
+                              + "; ".join(map(str, problems)))
+        assert_bit_exact(target, graph, inputs, tmp_path, **options)
+        return
+    assert problems, (f"EXPECTED_UNSUPPORTED declares {case!r} unsupported on {target_name} ({declared}), but "
+                      "check finds no problem: remove the entry")
+    assert any(re.search(declared, str(p), re.IGNORECASE) for p in problems), (
+        f"{target_name} refuses {case!r}, but not for the declared reason /{declared}/: "
+        + "; ".join(map(str, problems)))
+    assert_refused(target, graph, inputs, tmp_path, problems, **options)
+
+
+def test_expected_unsupported_names_real_cases_and_targets() -> None:
+    """Every entry matches at least one zoo case and names a registered target (no dead entries)."""
+    for pattern, target in EXPECTED_UNSUPPORTED:
+        assert target == "*" or target in TARGETS, f"no target {target!r}"
+        assert fnmatch.filter(CASES, pattern), f"pattern {pattern!r} matches no zoo case"
+        re.compile(EXPECTED_UNSUPPORTED[pattern, target])
+
+
+@pytest.mark.parametrize("name", MUST_RUN)
+def test_must_run_targets_are_registered_and_available(name: str) -> None:
+    assert name in TARGETS
+    assert get_target(name).unavailable() is None
