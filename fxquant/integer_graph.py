@@ -32,6 +32,7 @@ import numpy as np
 
 from fxquant.errors import UnsupportedOpError
 from fxquant.fixed_point import FixedPoint, accumulator_bits, requantize, shift_round_half_even
+from fxquant.legality import require_avg_window
 
 COMPUTE_KINDS = ("conv2d", "linear", "matmul")
 REQUANTIZING_KINDS = COMPUTE_KINDS + ("add", "cat", "avgpool2d", "requantize")
@@ -216,12 +217,7 @@ def _windows(x: np.ndarray, op: Op, pad_value: int) -> np.ndarray:
 
 def _avgpool2d(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
     (x,), (v,) = xs, vs
-    kh, kw = op.attrs["kernel"]
-    p = int(math.log2(kh * kw))
-    if (1 << p) != kh * kw or op.attrs.get("padding", (0, 0)) != (0, 0):
-        raise UnsupportedOpError(f"op {op.name!r}: average pooling over {kh}x{kw} with padding "
-                                 f"{op.attrs.get('padding')} is not integer-exact",
-                                 "use a power-of-two window without padding")
+    p = require_avg_window(op.attrs["kernel"], op.attrs.get("padding", (0, 0)), f"op {op.name!r}")
     acc = _windows(x, op, 0).sum(axis=(-1, -2))
     return _finish(op, acc, v.fmt.frac_bits + p)
 

@@ -15,6 +15,15 @@ Rules:
   ``window = kh*kw = 2^p``, the window sum is requantized from ``FL_in + p``
   (:func:`avg_window_shift`).
 * **shifts** — a requantize shift ``FL_out - FL_acc`` within a target's ``[lo, hi]``.
+* **windows** — max pooling pads at most half its window (``2 pad <= kernel``: a window never
+  lies wholly in the padding); pooling has no dilation.
+* **shapes** — kernels a target lacks: grouped convolution, ``linear`` on an input of rank other
+  than 1 (batch excluded), value formats with no integer form (``BW = 32`` is *off*), more graph
+  inputs or outputs than a target's runner takes.
+
+Kernel-level bounds (a packed kernel's offsets change its worst case) are computed with
+:func:`dot_bound` / :func:`add_bound` and checked with :func:`fits` by the backend that chose the
+kernel, at ``check`` time and again (as a guard, :func:`require_fits`) where the kernel is built.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import math
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from fxquant.backends.base import Problem
     from fxquant.integer_graph import IntegerGraph, Op
 
@@ -38,11 +49,56 @@ def int_max(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
+def fits(bound: int, acc_bits: int = 32) -> bool:
+    """The accumulator rule: a worst case ``|acc| <= bound`` fits a signed ``acc_bits`` register."""
+    return bound <= int_max(acc_bits)
+
+
+def require_fits(bound: int, what: str, acc_bits: int = 32) -> None:
+    """:func:`fits` as a build-time guard: :class:`~fxquant.errors.UnsupportedOpError` naming ``what``."""
+    if not fits(bound, acc_bits):
+        from fxquant.errors import UnsupportedOpError
+
+        raise UnsupportedOpError(f"{what}: the accumulator can reach {bound}, beyond int{acc_bits}",
+                                 "use fewer weight/activation bits or a smaller fan-in")
+
+
+def dot_bound(weight: "np.ndarray", bias: "np.ndarray | None", act_max: int, weight_offset: int = 0) -> int:
+    """Worst case ``max_o (act_max * sum_k (|w[o,k]| + weight_offset) + |b[o]|)`` of a dot product.
+
+    ``act_max`` is the largest activation magnitude the kernel multiplies (``2^(BW_in-1)``, or 256
+    for an offset ``x + 128``); ``weight_offset`` a constant a packed kernel adds to ``|w|``.
+    """
+    import numpy as np
+
+    w = np.abs(np.asarray(weight, dtype=np.int64)).reshape(np.shape(weight)[0], -1) + weight_offset
+    b = np.zeros(w.shape[0], np.int64) if bias is None else np.abs(np.asarray(bias, dtype=np.int64))
+    return int((w.sum(axis=1) * act_max + b).max())
+
+
+def add_bound(lefts: Iterable[int], bits: Iterable[int]) -> int:
+    """Worst case ``sum_i 2^(BW_i-1) << left_i`` of an add aligning its inputs by left shifts."""
+    return sum((1 << (b - 1)) << left for left, b in zip(lefts, bits))
+
+
 def avg_window_shift(kernel: Iterable[int]) -> int | None:
     """``p`` with ``prod(kernel) == 2^p``, or ``None`` when the window is not a power of two."""
     size = math.prod(int(k) for k in kernel)
     p = size.bit_length() - 1
     return p if size >= 1 and (1 << p) == size else None
+
+
+def require_avg_window(kernel: Iterable[int], padding: Iterable[int], what: str) -> int:
+    """The average-window rule as a guard: ``p`` of a ``2^p`` window without padding, else
+    :class:`~fxquant.errors.UnsupportedOpError` naming ``what``."""
+    kernel, padding = tuple(int(k) for k in kernel), tuple(int(q) for q in padding)
+    p = avg_window_shift(kernel)
+    if p is None or any(padding):
+        from fxquant.errors import UnsupportedOpError
+
+        raise UnsupportedOpError(f"{what}: average pooling over {kernel} with padding {padding} is not "
+                                 "integer-exact", "use a power-of-two window without padding")
+    return p
 
 
 def width_problems(graph: "IntegerGraph", *, weight_bits: tuple[int, int] | None = None,
@@ -66,13 +122,30 @@ def width_problems(graph: "IntegerGraph", *, weight_bits: tuple[int, int] | None
     return problems
 
 
+def fit_problems(graph: "IntegerGraph") -> list["Problem"]:
+    """Weights whose integers need more bits than their format, biases wider than ``BIAS_BITS``:
+    a backend storing them at the declared width would wrap them."""
+    from fxquant.fixed_point import BIAS_BITS, min_signed_bits
+
+    problems = []
+    for op in graph.ops:
+        if op.weight is not None and op.weight_fmt is not None and op.weight.size:
+            need = min_signed_bits(op.weight)
+            if need > op.weight_fmt.bits:
+                problems.append(_problem(op, f"weights need {need} bits, more than their {op.weight_fmt.bits}-bit "
+                                             "format"))
+        if op.bias is not None and op.bias.size and min_signed_bits(op.bias) > BIAS_BITS:
+            problems.append(_problem(op, f"biases need {min_signed_bits(op.bias)} bits, more than {BIAS_BITS}"))
+    return problems
+
+
 def accumulator_problems(graph: "IntegerGraph", acc_bits: int = 32,
                          kinds: Iterable[str] = ("conv2d", "linear", "matmul", "add", "avgpool2d")) -> list["Problem"]:
     """Ops of ``kinds`` whose worst-case accumulator does not fit a signed ``acc_bits`` register."""
     kinds = set(kinds)
     return [_problem(op, f"worst-case accumulator {bound} exceeds int{acc_bits}")
             for op in graph.ops if op.kind in kinds
-            for bound in [graph.accumulator_bound(op)] if bound > int_max(acc_bits)]
+            for bound in [graph.accumulator_bound(op)] if not fits(bound, acc_bits)]
 
 
 def avg_window_problems(graph: "IntegerGraph") -> list["Problem"]:
@@ -85,6 +158,59 @@ def avg_window_problems(graph: "IntegerGraph") -> list["Problem"]:
             problems.append(_problem(op, f"average window {op.attrs['kernel']} is not a power of two"))
         if tuple(op.attrs.get("padding", (0, 0))) != (0, 0):
             problems.append(_problem(op, f"average pooling with padding {op.attrs['padding']}"))
+    return problems
+
+
+def window_problems(graph: "IntegerGraph") -> list["Problem"]:
+    """Max pools padding more than half their window."""
+    problems = []
+    for op in graph.ops:
+        if op.kind == "maxpool2d":
+            kernel, padding = tuple(op.attrs["kernel"]), tuple(op.attrs.get("padding", (0, 0)))
+            if any(2 * p > k for p, k in zip(padding, kernel)):
+                problems.append(_problem(op, f"max pooling padding {padding} exceeds half the window {kernel}"))
+    return problems
+
+
+def format_problems(graph: "IntegerGraph") -> list["Problem"]:
+    """Values and weights whose format has no integer form (``BW = 32`` is off, or no ``FL``)."""
+    from fxquant.backends.base import Problem
+
+    producer = {op.output: op for op in graph.ops}
+    problems = []
+    for v in graph.values.values():
+        if v.fmt.is_off or v.fmt.frac_bits is None:
+            op = producer.get(v.name)
+            problems.append(Problem(op.name if op else v.name, op.kind if op else "input",
+                                    f"value {v.name!r} has format {v.fmt}, which has no integer form"))
+    for op in graph.ops:
+        if op.weight_fmt is not None and (op.weight_fmt.is_off or op.weight_fmt.frac_bits is None):
+            problems.append(_problem(op, f"weight format {op.weight_fmt} has no integer form"))
+    return problems
+
+
+def shape_problems(graph: "IntegerGraph", *, groups: bool = False, max_inputs: int | None = None,
+                   max_outputs: int | None = None) -> list["Problem"]:
+    """Grouped convolutions (unless ``groups``), ``linear`` on an input that is not a vector, and
+    more graph inputs / outputs than a runner takes."""
+    from fxquant.backends.base import Problem
+
+    problems = []
+    for op in graph.ops:
+        if op.kind == "conv2d" and op.attrs.get("groups", 1) != 1 and not groups:
+            problems.append(_problem(op, f"grouped convolution (groups={op.attrs['groups']}); this target "
+                                         "has groups=1 kernels only"))
+        if op.kind == "linear":
+            shape = graph.values[op.inputs[0]].shape
+            if len(shape) != 1:
+                problems.append(_problem(op, f"linear on an input of shape {list(shape)} (rank {len(shape) + 1} "
+                                             "with the batch); this target's kernel takes [batch, features]"))
+    if max_inputs is not None and len(graph.inputs) > max_inputs:
+        problems.append(Problem("graph", "inputs", f"{len(graph.inputs)} graph inputs; this target takes "
+                                                   f"{max_inputs}"))
+    if max_outputs is not None and len(graph.outputs) > max_outputs:
+        problems.append(Problem("graph", "outputs", f"{len(graph.outputs)} graph outputs; this target takes "
+                                                    f"{max_outputs}"))
     return problems
 
 
@@ -114,5 +240,6 @@ def shift_problems(graph: "IntegerGraph", lo: int, hi: int) -> list["Problem"]:
             for op in graph.ops for s in [requantize_shift(graph, op)] if s is not None and not lo <= s <= hi]
 
 
-__all__ = ["accumulator_problems", "avg_window_problems", "avg_window_shift", "int_max", "requantize_shift",
-           "shift_problems", "width_problems"]
+__all__ = ["accumulator_problems", "add_bound", "avg_window_problems", "avg_window_shift", "dot_bound",
+           "fit_problems", "fits", "format_problems", "int_max", "require_avg_window", "require_fits", "requantize_shift", "shape_problems",
+           "shift_problems", "width_problems", "window_problems"]

@@ -5,28 +5,28 @@ Pipeline: :func:`.relax_builder.graph_to_relax` (QDQ-form Relax) -> :class:`Rewr
 :class:`~fxquant.errors.UnsupportedOpError` naming it) -> :func:`lift_constants` (packed weights
 become function parameters, saved as ``params.npz``) -> the VM lowering passes of TVM's default
 pipeline (no ``LegalizeOps`` work is left, so no op reaches the unscheduled default lowering) ->
-``export_library``. The library needs only ``tvm.runtime``: ``load_module`` +
+``export_library``. :class:`fxquant.backends.cpu.target.CpuTarget` drives it (check, build,
+verification, report). The library needs only ``tvm.runtime``: ``load_module`` +
 ``tvm.runtime.vm.VirtualMachine``; ``main(x_float32, *params)`` quantizes ``x`` itself (round half
 to even, as ``IntegerGraph.quantize_inputs``) and returns the int8 output integers.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fxquant.backends.cpu.features import CpuTarget, check_runnable, host_cpu, resolve_target
-from fxquant.errors import ExportError, ToolchainError, UnsupportedOpError
+from fxquant.backends.cpu.features import LlvmCpu
+from fxquant.errors import ToolchainError, UnsupportedOpError
 from fxquant.integer_graph import IntegerGraph
-from fxquant.io import atomic_write_json, atomic_write_via_path
+from fxquant.io import atomic_write_via_path
 
-LIBRARY, PARAMS, REPORT = "fxquant_cpu.so", "params.npz", "cpu_report.json"
+LIBRARY, PARAMS, ENTRY = "fxquant_cpu.so", "params.npz", "entry.json"
 
 
-def lower(graph: IntegerGraph, target: CpuTarget) -> tuple[Any, dict[str, np.ndarray]]:
+def lower(graph: IntegerGraph, target: LlvmCpu) -> tuple[Any, dict[str, np.ndarray]]:
     """The rewritten Relax module (constants lifted to parameters) and its parameter arrays."""
     from fxquant.backends.cpu.relax_builder import graph_to_relax
     from fxquant.backends.cpu.rewrite_quantized_ops import RewriteQuantizedOps
@@ -88,7 +88,7 @@ def vm_pipeline() -> Any:
     ])
 
 
-def compile_graph(graph: IntegerGraph, target: CpuTarget) -> tuple[Any, dict[str, np.ndarray]]:
+def compile_graph(graph: IntegerGraph, target: LlvmCpu) -> tuple[Any, dict[str, np.ndarray]]:
     """``(executable, params)`` for ``graph`` on ``target``."""
     import tvm
     from tvm import relax
@@ -144,50 +144,10 @@ class CpuModel:
         return tensor
 
 
-def _save_params(path: str, params: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as f:
-        np.savez(f, **params)
+def save_params(path: Path, params: dict[str, np.ndarray]) -> None:
+    """Write the parameter arrays as ``params.npz`` (atomically)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **params)
 
-
-def verify(model: CpuModel, graph: IntegerGraph, verify_inputs: np.ndarray) -> dict[str, Any]:
-    """Run float NCHW ``verify_inputs`` through both; raise :class:`ExportError` on any difference.
-
-    The module's input is float32, so the reference quantizes the same float32 values.
-    """
-    x = np.asarray(verify_inputs, np.float32)
-    ints = graph.quantize_inputs(x)
-    ref = graph.run(*ints)
-    got = model.run(x)
-    for name, out in zip(graph.outputs, got):
-        diff = int(np.count_nonzero(out != ref[name]))
-        if out.shape != ref[name].shape or diff:
-            raise ExportError(f"CPU module output {name!r} differs from the integer reference in {diff} of "
-                              f"{ref[name].size} elements", "report this as a bug with the run directory")
-    return {"samples": int(ints[0].shape[0]), "bit_exact": True}
-
-
-def export_cpu(graph: IntegerGraph, out_dir: Path, *, mcpu: str = "host",
-               verify_inputs: np.ndarray | None = None) -> dict[str, Any]:
-    """Build ``graph`` for ``mcpu``; write library, params and ``cpu_report.json`` atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = resolve_target(mcpu)
-    if verify_inputs is not None:
-        check_runnable(target)  # before the build: code for another CPU would die with SIGILL
-    t0 = time.perf_counter()
-    ex, params = compile_graph(graph, target)
-    build_s = time.perf_counter() - t0
-    atomic_write_via_path(out_dir / LIBRARY, ex.export_library)
-    atomic_write_via_path(out_dir / PARAMS, lambda tmp: _save_params(tmp, params))
-    report: dict[str, Any] = {
-        "target": {"mcpu": target.mcpu, "vnni": target.vnni, "llvm": target.tvm_target()},
-        "host_cpu": host_cpu().to_dict(), "build_s": round(build_s, 2),
-        "library": LIBRARY, "params": PARAMS, "param_bytes": int(sum(p.nbytes for p in params.values())),
-        "entry": "main(float32 inputs..., p0, p1, ...) -> int8 output integers",
-        "inputs": [{"name": v.name, "shape": ["n", *v.shape], "frac_bits": v.fmt.frac_bits} for v in graph.inputs],
-        "outputs": graph.outputs, "verification": None,
-    }
-    if verify_inputs is not None:
-        report["verification"] = verify(CpuModel.load(out_dir), graph, verify_inputs)
-    atomic_write_json(out_dir / REPORT, report)
-    return report
+    atomic_write_via_path(path, write)

@@ -34,7 +34,7 @@ SUPPORTED_MCPU = ("host",) + tuple(_MCPU_FEATURES)
 
 
 @dataclass(frozen=True)
-class CpuTarget:
+class LlvmCpu:
     """The code a build generates: LLVM ``mcpu`` and whether the VNNI path is used."""
 
     mcpu: str
@@ -44,7 +44,7 @@ class CpuTarget:
         return {"kind": "llvm", "mcpu": self.mcpu, "num-cores": host_cpu().cores}
 
 
-def resolve_target(mcpu: str = "host") -> CpuTarget:
+def resolve_target(mcpu: str = "host") -> LlvmCpu:
     """``host`` -> the host's LLVM CPU name and features; a named CPU -> its known features."""
     if mcpu == "host":
         info = host_cpu()
@@ -53,13 +53,22 @@ def resolve_target(mcpu: str = "host") -> CpuTarget:
                                  "the fxquant CPU kernels need at least x86-64-v3")
         from tvm.target import codegen
 
-        return CpuTarget(mcpu=str(codegen.llvm_get_system_cpu()), vnni=info.has_vnni)
+        return LlvmCpu(mcpu=str(codegen.llvm_get_system_cpu()), vnni=info.has_vnni)
     if mcpu not in _MCPU_FEATURES:
         raise UsageError(f"--mcpu {mcpu!r} is not supported", f"use one of {', '.join(SUPPORTED_MCPU)}")
-    return CpuTarget(mcpu=mcpu, vnni="avx512_vnni" in _MCPU_FEATURES[mcpu])
+    return LlvmCpu(mcpu=mcpu, vnni="avx512_vnni" in _MCPU_FEATURES[mcpu])
 
 
-def check_runnable(target: CpuTarget) -> None:
+def uses_vnni(mcpu: str = "host") -> bool:
+    """Whether a build for ``mcpu`` takes the VNNI linear path (no TVM import: ``check`` uses it)."""
+    if mcpu == "host":
+        return host_cpu().has_vnni
+    if mcpu not in _MCPU_FEATURES:
+        raise UsageError(f"--mcpu {mcpu!r} is not supported", f"use one of {', '.join(SUPPORTED_MCPU)}")
+    return "avx512_vnni" in _MCPU_FEATURES[mcpu]
+
+
+def check_runnable(target: LlvmCpu) -> None:
     """Raise :class:`ToolchainError` when code built for ``target`` would not run on this host."""
     info = host_cpu()
     needed = {"avx2", "fma"} | ({"avx512f", "avx512bw", "avx512_vnni"} if target.vnni else set())

@@ -2,7 +2,8 @@
 
 * ``pmaddwd(a, b)`` (AVX2 ``vpmaddwd``): ``int16x16 x int16x16 -> int32x8``,
   ``out[i] = a[2i] b[2i] + a[2i+1] b[2i+1]``. Exact for all int16 inputs except the one pair
-  ``(-2^15)^2 * 2`` (never reached: operands here are sign-extended int8, at most 2^14 per product).
+  ``(-2^15)^2 * 2`` (never reached: one operand is always a sign-extended int8 activation, so a
+  product is at most ``2^15 * 2^7``, weights being at most 16 bits).
 * ``pmaddubsw(u, s)`` (AVX2 ``vpmaddubsw``): ``uint8x32 x int8x32 -> int16x16`` pair sums,
   **saturating** in int16: exact only while ``|u0 s0 + u1 s1| <= 32767``, i.e. for unsigned operands
   below 2^7 against int8, which is why it is used only for weights of 4 bits or fewer

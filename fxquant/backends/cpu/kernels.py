@@ -1,6 +1,7 @@
 """TensorIR kernels (``call_tir``-able PrimFuncs, destination passing) for the integer ops.
 
-All activations are int8 (integers of up to 8 bits), NCHW or NC, with a symbolic batch ``n``.
+All activations are int8 (integers of up to 8 bits), NCHW or NC, with a symbolic batch ``n``;
+weights are integers of up to 16 bits (int16 channel pairs in the conv, int8 or int16 in the linear).
 Every kernel ends with the requantize epilogue of :mod:`.epilogue` (shift, round half to even,
 saturate, ReLU, optional fused residual add), so its output is the integer tensor of the next
 value, bit-exact with :meth:`fxquant.integer_graph.IntegerGraph.run`.
@@ -22,7 +23,8 @@ and vector width is fixed by hand, and the inner products are the x86 instructio
   int32x8 accumulators, one ``vpmaddwd`` per (channel, vector) and (c/2, kh, kw) against a
   broadcast weight pair, and the epilogue.
 * :func:`linear` ``y[b,o] = sum_k x[b,k] w[o,k] + bias[o]``: 8 outputs per vector, ``RO`` vectors
-  per tile; int8 weights via ``vpmaddwd`` (sign-extending loads), 4/2-bit packed weights via
+  per tile; int8 weights via ``vpmaddwd`` (sign-extending loads), 9..16-bit weights stored as
+  int16 into the same ``vpmaddwd``, 4/2-bit packed weights via
   ``vpmaddubsw`` on ``w + 2^(b-1)`` (unpacked in registers with shift+mask) minus
   ``2^(b-1) sum_k x``, or AVX-512 VNNI ``vpdpbusd`` on ``x + 128``.
 * :func:`eltwise` (residual add, format change, standalone ReLU), :func:`pool2d` (max, or
@@ -222,7 +224,7 @@ def conv2d(s: ConvShape, rq: Requant, residual: Residual | None = None, name: st
     return _finish(kernel if has_res else kernel_nores, name)
 
 
-LINEAR_KINDS = ("int8", "int4", "int2", "vnni")
+LINEAR_KINDS = ("int8", "int16", "int4", "int2", "vnni")
 
 
 @lru_cache(maxsize=None)
@@ -230,7 +232,8 @@ def linear(in_features: int, out_features: int, rq: Requant, weight_kind: str = 
            name: str = "fxq_linear") -> tirx.PrimFunc:
     """int8 ``[n, K] x [O, K]^T`` + bias + requantize (+ ReLU); weights packed per ``weight_kind``.
 
-    ``weight_kind``: ``int8`` (``vpmaddwd``), ``int4`` / ``int2`` (packed, ``vpmaddubsw``, the bias
+    ``weight_kind``: ``int8`` (``vpmaddwd``, weights sign-extended on load), ``int16`` (the same
+    layout and instruction on 9..16-bit weights stored as int16), ``int4`` / ``int2`` (packed, ``vpmaddubsw``, the bias
     input already holds ``bias``; the kernel subtracts ``2^(b-1) sum_k x``), ``vnni`` (``vpdpbusd``
     on ``x + 128``; the bias input must hold ``bias - 128 rowsum(w)``).
     """
@@ -240,15 +243,16 @@ def linear(in_features: int, out_features: int, rq: Requant, weight_kind: str = 
     lanes = VNNI_LANES if weight_kind == "vnni" else LINEAR_LANES
     bits = {"int4": 4, "int2": 2}.get(weight_kind, 8)
     per_byte = 8 // bits if bits < 8 else 1
-    k_step = {"int8": 2, "vnni": 4}.get(weight_kind, 4 * per_byte)
+    wide = weight_kind in ("int8", "int16")  # the vpmaddwd path
+    k_step = 2 if wide else {"vnni": 4}.get(weight_kind, 4 * per_byte)
     group = LOWBIT_GROUP.get(bits, 1)  # packed steps summed in int16 before widening
     KP = math.ceil(K / (k_step * group)) * k_step * group
     KS = KP // k_step
     OB = math.ceil(O / lanes)
     OP = OB * lanes
     offset = (1 << (bits - 1)) if bits < 8 else 0
-    vdt, wdt = f"int32x{lanes}", ("uint8" if bits < 8 else "int8")
-    w_shape = {"int8": (OB, KS, 2 * lanes), "vnni": (OB, KS, 4 * lanes)}.get(weight_kind, (OB, KS, 32))
+    vdt, wdt = f"int32x{lanes}", ("uint8" if bits < 8 else "int16" if weight_kind == "int16" else "int8")
+    w_shape = (OB, KS, 2 * lanes) if wide else {"vnni": (OB, KS, 4 * lanes)}.get(weight_kind, (OB, KS, 32))
     FULL = O % lanes == 0
     XPAD = 128 if weight_kind == "vnni" else 0
     PACK_VEC = 16
@@ -265,9 +269,10 @@ def linear(in_features: int, out_features: int, rq: Requant, weight_kind: str = 
         return pair_sums
 
     def step(xs, wp, b, ob, kg):
-        if weight_kind == "int8":
+        if wide:
             k = kg
-            return pmaddwd(T.Cast("int16x16", wp[ob, k, T.ramp(0, 1, 16)]),
+            w16 = wp[ob, k, T.ramp(0, 1, 16)]
+            return pmaddwd(w16 if weight_kind == "int16" else T.Cast("int16x16", w16),
                            broadcast_word(T.reinterpret("int32", xs[b, T.ramp(k * 2, 1, 2)]), 8, "int16x16"))
         if weight_kind == "vnni":
             return broadcast_word(T.reinterpret("int32", xs[b, T.ramp(kg * 4, 1, 4)]), 16, "int8x64")
@@ -314,7 +319,7 @@ def linear(in_features: int, out_features: int, rq: Requant, weight_kind: str = 
     one_row = _loop(O * K >= PARALLEL_MIN_WORK)
     # activations as the kernel broadcasts them: int16 pairs (one 32-bit word per broadcast),
     # u8 quads (x + 128) for VNNI, int8 quads for the packed path
-    XDT = {"int8": "int16", "vnni": "uint8"}.get(weight_kind, "int8")
+    XDT = "int16" if wide else {"vnni": "uint8"}.get(weight_kind, "int8")
 
     @T.prim_func
     def kernel(x_h: T.handle, wp_h: T.handle, bias_h: T.handle, y_h: T.handle):

@@ -13,8 +13,10 @@ read by ``R.dequantize(v, 2^-FL, 0)`` and written by ``R.quantize(y, 2^-FL, 0)``
   requantize / standalone relu: ``Q([relu](DQ(x)))``
 * maxpool2d: ``Q(max_pool2d(DQ(x)))`` with the input scale; flatten: ``reshape`` on the int8 tensor.
 
-Biases are int32 constants at ``FL_w + FL_in``. Activations wider than 8 bits, ``matmul`` of two
-activations, ``cat`` and grouped convolutions raise :class:`~fxquant.errors.UnsupportedOpError`.
+Weights are int8 constants, int16 for formats of 9..16 bits (never cast narrower than their
+format); biases are int32 constants at ``FL_w + FL_in``. What the CPU kernels cannot build
+(activations wider than 8 bits, ``matmul``, ``cat``, grouped convolutions, ...) is refused
+before this runs, by :meth:`fxquant.backends.cpu.target.CpuTarget.check`.
 """
 
 from __future__ import annotations
@@ -34,20 +36,6 @@ MAX_ACT_BITS = 8
 
 def _scale(frac_bits: int) -> relax.Constant:
     return relax.const(math.ldexp(1.0, -frac_bits), "float32")
-
-
-def _check(graph: IntegerGraph) -> None:
-    for op in graph.ops:
-        if op.kind in ("matmul", "cat"):
-            raise UnsupportedOpError(f"op {op.name!r}: kind {op.kind!r} has no fxquant CPU kernel",
-                                     "supported: conv2d, linear, add, avgpool2d, maxpool2d, relu, flatten, requantize")
-        if op.kind == "conv2d" and op.attrs.get("groups", 1) != 1:
-            raise UnsupportedOpError(f"op {op.name!r}: grouped conv2d (groups={op.attrs['groups']})",
-                                     "the CPU backend supports groups=1 only")
-    for v in graph.values.values():
-        if v.fmt.bits > MAX_ACT_BITS:
-            raise UnsupportedOpError(f"value {v.name!r}: {v.fmt} activations are wider than 8 bits",
-                                     "the CPU backend stores activations as int8; use BW <= 8")
 
 
 class _Emitter:
@@ -76,7 +64,8 @@ class _Emitter:
 
     def weight(self, op: Op) -> relax.Expr:
         assert op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None
-        return self.bb.emit(relax.op.dequantize(relax.const(op.weight.astype(np.int8)), _scale(op.weight_fmt.frac_bits),
+        dtype = "int8" if op.weight_fmt.bits <= MAX_ACT_BITS else "int16"
+        return self.bb.emit(relax.op.dequantize(relax.const(op.weight.astype(dtype)), _scale(op.weight_fmt.frac_bits),
                                                 relax.const(0, ACT_DTYPE), axis=0))
 
     def bias(self, op: Op, in_name: str) -> relax.Expr | None:
@@ -122,8 +111,8 @@ class _Emitter:
 
 
 def graph_to_relax(graph: IntegerGraph) -> "tvm.IRModule":  # noqa: F821
-    """The QDQ-form Relax module ``main(*float32 inputs) -> int8 output integers`` of ``graph``."""
-    _check(graph)
+    """The QDQ-form Relax module ``main(*float32 inputs) -> int8 output integers`` of ``graph``
+    (checked by ``CpuTarget.check`` first)."""
     batch = tirx.Var("n", "int64")
     bb = relax.BlockBuilder()
     params = [relax.Var(v.name, relax.TensorType((batch,) + tuple(v.shape), "float32")) for v in graph.inputs]

@@ -15,7 +15,11 @@ The integer semantics come from the scales: ``FL = -log2(scale)``; the kernel re
 accumulator at ``FL_x + FL_w`` to the output ``<BW, FL_y>`` (``BW`` from the clip, else 8) with the
 shift epilogue, which is what ``R.quantize`` of the exact float sum means (round half to even).
 Weights of at most 4 (2) significant bits use the packed int4 (int2) linear kernel; a VNNI target
-uses ``vpdpbusd`` for linear layers.
+uses ``vpdpbusd`` for linear layers of 8-bit weights; weights of 9..16 bits (int16 constants) take
+the ``vpmaddwd`` kernels in int16 (:func:`.packing.linear_kind`). Each kernel's worst-case
+accumulator (:mod:`.packing` bounds, :mod:`fxquant.legality` rules) must fit int32: the same rule
+``CpuTarget.check`` applies to an IntegerGraph before the build, checked here again for the ONNX
+entry.
 """
 
 from __future__ import annotations
@@ -29,13 +33,12 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 
+from fxquant import legality
 from fxquant.backends.cpu import kernels, packing
 from fxquant.backends.tvm_epilogue import Requant, Residual
-from fxquant.backends.cpu.features import CpuTarget
+from fxquant.backends.cpu.features import LlvmCpu
 from fxquant.errors import UnsupportedOpError
-from fxquant.fixed_point import min_signed_bits
 
-_INT32_LIMIT = (1 << 31) - 1
 _KEEP_OPS = ("relax.call_tir", "relax.call_pure_packed")
 
 
@@ -112,17 +115,11 @@ def _weights_and_bias(m: Any, dx: Any, dw: Any, db: Any, what: str) -> tuple[np.
     return w, bias, fl_x, fl_w
 
 
-def _check_bound(bound: int, what: str) -> None:
-    if bound > _INT32_LIMIT:
-        raise UnsupportedOpError(f"{what}: the accumulator can reach {bound}, beyond int32",
-                                 "use fewer weight/activation bits or a smaller fan-in")
-
-
 @tvm.transform.module_pass(opt_level=0, name="RewriteQuantizedOps")
 class RewriteQuantizedOps:
     """Replace the quantized patterns of every Relax function by ``call_tir`` of fxquant kernels."""
 
-    def __init__(self, target: CpuTarget) -> None:
+    def __init__(self, target: LlvmCpu) -> None:
         self.target = target
 
     def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -169,7 +166,7 @@ class RewriteQuantizedOps:
             x = m[dx.value]
             w, bias, fl_x, fl_w = _weights_and_bias(m, dx, dw, db, what)
             rq = out.requant(m, fl_x + fl_w, what)
-            _check_bound(int((np.abs(w).reshape(w.shape[0], -1).sum(1) * 128 + np.abs(bias)).max()), what)
+            legality.require_fits(packing.conv_bound(w, bias), what)
             n, c, h, wd = _shape(x)
             shape = kernels.ConvShape(int(c), int(h), int(wd), int(w.shape[0]), _static(w.shape[2:]),
                                       _static(attrs.strides), (pad[0], pad[1]), _static(attrs.dilation))
@@ -196,7 +193,7 @@ class RewriteQuantizedOps:
                     raise UnsupportedOpError("add: the conv output is re-read at another scale")
                 fl = max(fl_y, fl_r)
                 spec = Residual(fl - fl_y, fl - fl_r, out.requant(m, fl, "add"))
-                _check_bound((1 << (7 + spec.left_y)) + (1 << (7 + spec.left_r)), "add")
+                legality.require_fits(packing.add_bound((spec.left_y, spec.left_r)), "add")
                 return conv_call(m, parts, (m[d_res.value], spec))
 
             return out.pattern, rewrite
@@ -222,20 +219,17 @@ class RewriteQuantizedOps:
                 w, bias, fl_x, fl_w = _weights_and_bias(m, dx, dw, db, what)
                 rq = out.requant(m, fl_x + fl_w, what)
                 o, k = w.shape
-                wbits = min_signed_bits(w)
-                if wbits <= 4:
-                    kind = "int2" if wbits <= 2 else "int4"
+                kind = packing.linear_kind(w, vnni)
+                legality.require_fits(packing.linear_bound(kind, w, bias), what)
+                if kind in ("int2", "int4"):
                     packed = packing.pack_linear_weight_lowbit(w, 2 if kind == "int2" else 4)
                     b = packing.pad_bias(bias, o, packing.LINEAR_LANES)
-                    _check_bound(int(((np.abs(w) + 8) * 128).sum(1).max() + np.abs(bias).max()), what)
-                elif vnni:
-                    kind, packed = "vnni", packing.pack_linear_weight_vnni(w)
+                elif kind == "vnni":
+                    packed = packing.pack_linear_weight_vnni(w)
                     b = packing.pad_bias(bias - 128 * w.sum(1), o, packing.VNNI_LANES)
-                    _check_bound(int((np.abs(w).sum(1) * 256 + np.abs(bias)).max()), what)
                 else:
-                    kind, packed = "int8", packing.pack_linear_weight(w)
+                    packed = packing.pack_linear_weight(w, kind)
                     b = packing.pad_bias(bias, o, packing.LINEAR_LANES)
-                    _check_bound(int((np.abs(w).sum(1) * 128 + np.abs(bias)).max()), what)
                 gv = add_kernel(kernels.linear(k, o, rq, kind), f"linear_{kind}")
                 return relax.call_tir(gv, [x, relax.const(packed), relax.const(b)],
                                       relax.TensorType(_shape(expr), "int8"))
@@ -251,7 +245,7 @@ class RewriteQuantizedOps:
                 fl = max(fl_a, fl_b)
                 rq = out.requant(m, fl, "add")
                 lefts = (fl - fl_a, fl - fl_b)
-                _check_bound((1 << (7 + lefts[0])) + (1 << (7 + lefts[1])), "add")
+                legality.require_fits(packing.add_bound(lefts), "add")
                 a, b = m[da.value], m[db_.value]
                 if [str(d) for d in _shape(a)] != [str(d) for d in _shape(b)]:
                     raise UnsupportedOpError("add: broadcasting add", "inputs must have the same shape")
@@ -282,10 +276,7 @@ class RewriteQuantizedOps:
                         raise UnsupportedOpError(f"{what}: output format differs from the input format")
                     spec = None
                 else:
-                    p = int(math.log2(kernel[0] * kernel[1]))
-                    if (1 << p) != kernel[0] * kernel[1] or pad != [0, 0, 0, 0]:
-                        raise UnsupportedOpError(f"{what}: {kernel} window with padding {pad} is not integer-exact",
-                                                 "use a power-of-two window without padding")
+                    p = legality.require_avg_window(kernel, (pad[0], pad[1]), what)
                     spec = out.requant(m, fl_x + p, what)
                 gv = add_kernel(kernels.pool2d(shape, spec), what)
                 return relax.call_tir(gv, [x], relax.TensorType(_shape(expr), "int8"))

@@ -1,0 +1,131 @@
+"""The TVM CPU target: an IntegerGraph as a TVM shared library of fxquant's own x86 kernels.
+
+The contract (:mod:`fxquant.backends.base`): ``check`` lists every reason the kernels cannot build
+a graph (the rules of :mod:`fxquant.legality` with this target's limits, and the accumulator bound
+of the kernel each layer will take, :mod:`.packing`); ``build`` lowers and compiles it
+(:mod:`.build`) and writes, all relative to ``out_dir``::
+
+    fxquant_cpu.so   main(float32 inputs..., p0, p1, ...) -> int8 output integers (tvm.runtime only)
+    params.npz       p0, p1, ...: the packed weights and biases
+    entry.json       the entry signature: inputs (name, shape, frac_bits), outputs, params
+
+``run`` loads the library from ``out_dir`` and feeds it ``k * 2^-FL`` (exact in float32 for the
+integers of at most 8 bits it takes), so the module's own input quantizer returns ``k``.
+
+Limits: activations (and graph inputs) 2..8 bits, stored as int8; weights 2..16 bits (int8, or
+int16 into the same ``vpmaddwd``; the 4/2-bit packed and the VNNI paths take the weights whose
+integers fit them); int32 accumulators; groups=1 convolutions; ``linear`` on ``[batch, features]``;
+no ``matmul`` or ``cat`` kernel.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from fxquant import legality
+from fxquant.backends.base import Problem, Target, refuse
+from fxquant.backends.cpu import packing
+from fxquant.backends.cpu.features import host_cpu, uses_vnni
+from fxquant.errors import RunDirError
+from fxquant.integer_graph import IntegerGraph
+from fxquant.io import atomic_write_json
+
+OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize"})
+LIMITS: dict[str, Any] = {"act_bits": (2, packing.ACT_BITS), "weight_bits": (2, packing.MAX_WEIGHT_BITS),
+                          "acc_bits": 32}
+
+
+def kernel_problems(graph: IntegerGraph, vnni: bool) -> list[Problem]:
+    """The int32 accumulator rule for the kernel each layer takes on a target with(out) VNNI."""
+    problems = []
+    for op in graph.ops:
+        if op.kind == "conv2d" and op.weight is not None:
+            bound = packing.conv_bound(op.weight, op.bias)
+        elif op.kind == "linear" and op.weight is not None:
+            w = np.asarray(op.weight).reshape(op.weight.shape[0], -1)
+            kind = packing.linear_kind(w, vnni)
+            bound = packing.linear_bound(kind, w, op.bias)
+        elif op.kind == "add":
+            fl = max(graph.values[i].fmt.frac_bits or 0 for i in op.inputs)
+            bound = packing.add_bound(tuple(fl - (graph.values[i].fmt.frac_bits or 0) for i in op.inputs))
+        else:
+            continue
+        if not legality.fits(bound, LIMITS["acc_bits"]):
+            problems.append(Problem(op.name, op.kind, f"worst-case accumulator {bound} exceeds int32"))
+    return problems
+
+
+class CpuTarget(Target):
+    name = "cpu"
+    summary = "TVM shared library of fxquant's AVX2 / AVX-512 VNNI integer kernels (x86-64)"
+    ran = "the TVM CPU library (fxquant_cpu.so) on this host's CPU"
+    ops = OPS
+    limits = LIMITS
+    option_defaults = {"mcpu": "host"}
+
+    def unavailable(self) -> str | None:
+        info = host_cpu()
+        if not info.has_avx2:
+            return f"host CPU {info.model!r} has no AVX2 + FMA (the kernels need x86-64-v3)"
+        from tvm.support.cc import get_cc
+
+        if get_cc() is None:
+            return "no C++ compiler (g++, clang++ or $CXX) to link the TVM library"
+        return None
+
+    def check_graph(self, graph: IntegerGraph, mcpu: str = "host") -> list[Problem]:
+        lo_a, hi_a = LIMITS["act_bits"]
+        broken = legality.format_problems(graph)
+        if broken:  # widths and bounds are meaningless without integer formats
+            return broken
+        return (legality.width_problems(graph, weight_bits=LIMITS["weight_bits"], act_bits=(lo_a, hi_a))
+                + legality.fit_problems(graph)
+                + legality.shape_problems(graph)
+                + legality.avg_window_problems(graph)
+                + legality.window_problems(graph)
+                + kernel_problems(graph, uses_vnni(mcpu)))
+
+    def build(self, graph: IntegerGraph, out_dir: Path, mcpu: str = "host") -> dict[str, Any]:
+        from fxquant.backends.cpu.build import ENTRY, LIBRARY, PARAMS, compile_graph, save_params
+        from fxquant.backends.cpu.features import resolve_target
+        from fxquant.io import atomic_write_via_path
+
+        problems = self.check(graph, mcpu=mcpu)
+        if problems:
+            raise refuse(self, problems)
+        out_dir = Path(out_dir)
+        llvm = resolve_target(mcpu)
+        ex, params = compile_graph(graph, llvm)
+        atomic_write_via_path(out_dir / LIBRARY, ex.export_library)
+        save_params(out_dir / PARAMS, params)
+        entry = {"entry": "main(float32 inputs..., p0, p1, ...) -> int8 output integers",
+                 "llvm": {"mcpu": llvm.mcpu, "vnni": llvm.vnni, "target": llvm.tvm_target()},
+                 "inputs": [{"name": v.name, "shape": ["n", *v.shape], "frac_bits": v.fmt.frac_bits,
+                             "bits": v.fmt.bits} for v in graph.inputs],
+                 "outputs": list(graph.outputs), "params": sorted(params, key=lambda k: int(k[1:]))}
+        atomic_write_json(out_dir / ENTRY, entry)
+        return {"library": LIBRARY, "params": PARAMS, "entry_file": ENTRY, **entry,
+                "param_bytes": int(sum(p.nbytes for p in params.values())), "host_cpu": host_cpu().to_dict()}
+
+    def run(self, out_dir: Path, int_inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        from fxquant.backends.cpu.build import ENTRY, CpuModel
+        from fxquant.backends.cpu.features import LlvmCpu, check_runnable
+
+        out_dir = Path(out_dir)
+        try:
+            entry = json.loads((out_dir / ENTRY).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunDirError(f"{out_dir} holds no CPU build ({ENTRY} unreadable: {exc})",
+                              "run `fxquant export --target cpu` first") from exc
+        # code for a CPU this host lacks would die with SIGILL: refuse it first
+        check_runnable(LlvmCpu(entry["llvm"]["mcpu"], entry["llvm"]["vnni"]))
+        xs = [np.ldexp(np.asarray(k, np.float64), -spec["frac_bits"]).astype(np.float32)
+              for k, spec in zip(int_inputs, entry["inputs"], strict=True)]
+        return CpuModel.load(out_dir).run(*xs)
+
+
+__all__ = ["CpuTarget", "kernel_problems"]
