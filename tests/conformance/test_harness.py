@@ -55,8 +55,10 @@ def test_refusal_check_rejects_problems_naming_no_layer(tmp_path: Path) -> None:
 
 
 def test_declared_refusal_matches_patterns_and_wildcards(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(EXPECTED_UNSUPPORTED, ("conv_*", "cpu"), "groups")
-    assert declared_refusal("conv_groups", "cpu") == "(?:groups)"
-    assert declared_refusal("conv_groups", "fpga") is None
-    assert declared_refusal("avgpool_3x3", "qonnx") == "(?:power of two)"
+    monkeypatch.setitem(EXPECTED_UNSUPPORTED, ("conv_*", "fpga"), "groups")
+    monkeypatch.setitem(EXPECTED_UNSUPPORTED, ("conv_g*", "fpga"), "dilation")
+    assert declared_refusal("conv_groups", "fpga") == "(?:groups)|(?:dilation)"
+    assert declared_refusal("conv_dilation", "fpga") == "(?:groups)"
+    assert declared_refusal("xconv_groups", "fpga") is None
+    assert declared_refusal("avgpool_3x3", "qonnx") == f"(?:{EXPECTED_UNSUPPORTED['avgpool_3x3', '*']})"
     assert declared_refusal("mlp", "cpu") is None

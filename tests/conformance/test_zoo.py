@@ -79,11 +79,12 @@ def test_accumulator_edge_cases() -> None:
 
 def test_saturated_sample_reaches_the_near_int32_bound() -> None:
     """Sample 0 saturates to qmin everywhere: with weights of -128 the accumulator is the bound itself."""
-    graph, xs = CASES["linear_acc_near_int32"].build()
-    (k,) = graph.quantize_inputs(*xs)
-    (op,) = graph.ops
-    acc = int(k[0].astype(np.int64) @ op.weight[0].astype(np.int64))
-    assert acc == graph.accumulator_bound(op) == 511 << 22
+    for name in ("linear_acc_near_int32", "linear_w16_acc_near_int32"):
+        graph, xs = CASES[name].build()
+        (k,) = graph.quantize_inputs(*xs)
+        (op,) = graph.ops
+        acc = int(k[0].astype(np.int64) @ op.weight[0].astype(np.int64))
+        assert acc == graph.accumulator_bound(op) == 511 << 22, name
 
 
 def test_names_make_unambiguous_ids_and_builds_are_reproducible() -> None:

@@ -522,9 +522,9 @@ def flatten_image() -> IntegerGraph:
 
 
 def requantize_down_ties() -> IntegerGraph:
-    """<12,8> -> <6,3>: a right shift by 5; the tie sample rounds half to even."""
-    m = GraphMaker((10,), F(12, 8), seed=34)
-    return m.graph(m.requantize("rq", "input", F(6, 3)))
+    """<8,7> -> <5,2>: a right shift by 5; the tie sample rounds half to even."""
+    m = GraphMaker((10,), F(8, 7), seed=34)
+    return m.graph(m.requantize("rq", "input", F(5, 2)))
 
 
 def requantize_up_saturate() -> IntegerGraph:
@@ -544,22 +544,32 @@ def requantize_2_to_16() -> IntegerGraph:
 
 
 # =========================================================================== accumulators at the int32 edge
-def _fixed_weight_linear(fan_in: int) -> IntegerGraph:
-    """16-bit input, fan_in weights of -128: the saturated samples reach |acc| = fan_in * 2^22."""
-    m = GraphMaker((fan_in,), F(16, 8), seed=38)
-    m._op("fc", "linear", ("input",), (2,), F(16, 0), weight=np.full((2, fan_in), -128, np.int64),
-          weight_fmt=F(8, 7), bias=None, attrs={"relu": False})
+def _fixed_weight_linear(fan_in: int, in_fmt: FixedPoint, w_fmt: FixedPoint, out_fmt: FixedPoint) -> IntegerGraph:
+    """fan_in weights of qmin: the saturated sample 0 (all qmin) reaches |acc| = fan_in * 2^22."""
+    m = GraphMaker((fan_in,), in_fmt, seed=38)
+    m._op("fc", "linear", ("input",), (2,), out_fmt, weight=np.full((2, fan_in), w_fmt.qmin, np.int64),
+          weight_fmt=w_fmt, bias=None, attrs={"relu": False})
     return m.graph("fc")
 
 
 def linear_acc_near_int32() -> IntegerGraph:
-    """Worst-case accumulator 511 * 2^22 = 2^31 - 2^22: fits int32, reached by the saturated samples."""
-    return _fixed_weight_linear(511)
+    """16-bit input x 8-bit weights, worst-case accumulator 511 * 2^22 = 2^31 - 2^22 (fits int32)."""
+    return _fixed_weight_linear(511, F(16, 8), F(8, 7), F(16, 0))
 
 
 def linear_acc_over_int32() -> IntegerGraph:
-    """Worst-case accumulator 513 * 2^22 > 2^31 - 1: an int32 accumulator could wrap; must be refused."""
-    return _fixed_weight_linear(513)
+    """16-bit input x 8-bit weights, worst case 513 * 2^22 > 2^31 - 1: an int32 target must refuse it."""
+    return _fixed_weight_linear(513, F(16, 8), F(8, 7), F(16, 0))
+
+
+def linear_w16_acc_near_int32() -> IntegerGraph:
+    """8-bit input x 16-bit weights, worst-case accumulator 511 * 2^22 (fits int32)."""
+    return _fixed_weight_linear(511, F(8, 3), F(16, 15), F(8, -2))
+
+
+def linear_w16_acc_over_int32() -> IntegerGraph:
+    """8-bit input x 16-bit weights, worst case 513 * 2^22 > 2^31 - 1: an int32 target must refuse it."""
+    return _fixed_weight_linear(513, F(8, 3), F(16, 15), F(8, -2))
 
 
 def conv_acc_near_int32() -> IntegerGraph:
@@ -612,6 +622,7 @@ _MAKERS: dict[str, Callable[[], IntegerGraph | tuple[IntegerGraph, object]]] = {
     # number-format corners
     "widths_2_to_8": widths_2_to_8, "widths_9_to_16": widths_9_to_16, "fl_extremes": fl_extremes,
     "linear_acc_near_int32": linear_acc_near_int32, "linear_acc_over_int32": linear_acc_over_int32,
+    "linear_w16_acc_near_int32": linear_w16_acc_near_int32, "linear_w16_acc_over_int32": linear_w16_acc_over_int32,
     "conv_acc_near_int32": conv_acc_near_int32,
 }
 
