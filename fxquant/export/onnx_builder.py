@@ -6,9 +6,10 @@ Nothing here is numeric: the fixed-point math (rounding, saturation, requantizat
 * :class:`GraphBuilder`: unique tensor names, deduplicated constants, node creation, model
   assembly with the ``fxquant.*`` metadata;
 * :func:`float_op`: the float ONNX node of one integer op's *accumulation* (Conv, Gemm, MatMul,
-  Add/Sum, Concat, AveragePool, MaxPool, Relu, Flatten) on float tensors, without the
+  Add/Sum, Concat, AveragePool, MaxPool, Relu, Flatten, Reshape) on float tensors, without the
   requantization and without the fused ReLU, which each flavour places itself;
-* :func:`check_exportable` (every value has a fixed ``<BW,FL>``, every op an exact ONNX form) and
+* :func:`exportable_problems` (every value has a fixed ``<BW,FL>``, every op an exact ONNX form;
+  all problems at once, for the targets' ``check``), :func:`check_exportable` (raises them) and
   :func:`check_opset`;
 * :func:`float32_risks` (from :meth:`IntegerGraph.accumulator_bound`, the worst-case ``|acc|``): the ops
   whose accumulator float32 cannot hold (``> 2^24``), where onnxruntime's float32 requantization
@@ -22,16 +23,18 @@ two ``2^-FL`` (:func:`fxquant.fixed_point.dequantize` of 1), held in float32, wh
 from __future__ import annotations
 
 import json
-import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fxquant.errors import ExportError, UnsupportedOpError, UsageError
-from fxquant.fixed_point import FixedPoint, dequantize
+from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
 from fxquant.integer_graph import IntegerGraph, Op
+
+if TYPE_CHECKING:
+    from fxquant.backends.base import Problem
 
 META_PRECISION_MAP = "fxquant.precision_map"
 """Metadata key: ``json.dumps(graph.layers)``, the precision map's ``layers`` section."""
@@ -72,25 +75,81 @@ def check_opset(opset: int, max_ir_version: int | None = None) -> int:
     return opset
 
 
-def check_exportable(graph: IntegerGraph) -> None:
-    """Raise unless every value has a fixed ``<BW,FL>`` and every op is exportable."""
+def exportable_problems(graph: IntegerGraph) -> list["Problem"]:
+    """Every reason ``graph`` has no exact ONNX form, one :class:`~fxquant.backends.base.Problem` each.
+
+    Shared by the QDQ and QONNX targets' ``check``: a value or weight without a fixed ``<BW,FL>``,
+    a scale ``2^-FL`` outside float32's normal range (value, weight and bias-accumulator scales),
+    ``linear`` on an N-D input (ONNX Gemm takes ``(N, features)``), a power-of-two-less or padded
+    average window, a max pool whose window can lie wholly in its padding, weights and biases
+    outside their widths, a conv/linear without weights. Never raises.
+    """
+    from fxquant.backends.base import Problem
+    from fxquant.legality import avg_window_problems
+
+    producer = {op.output: op for op in graph.ops}
+    problems: list[Problem] = []
+
+    def at(value: str, reason: str) -> None:
+        op = producer.get(value)
+        problems.append(Problem(op.name if op else value, op.kind if op else "input", reason))
+
     for v in graph.values.values():
         if v.fmt.is_off or v.fmt.is_dynamic:
-            raise ExportError(f"value {v.name!r} has format {v.fmt}, not a fixed <BW,FL>",
-                              "lower a fully quantized model (every value needs bits 2..16 and a frac_bits)")
+            at(v.name, f"value {v.name!r} has format {v.fmt}, not a fixed <BW,FL>")
+        elif not _scale_ok(v.fmt.frac_bits):
+            at(v.name, f"value {v.name!r}: scale 2^{-v.fmt.frac_bits} is outside the float32 normal range")
+    problems += avg_window_problems(graph)
     for op in graph.ops:
+        def bad(reason: str) -> None:
+            problems.append(Problem(op.name, op.kind, reason))
+
         if op.kind == "linear" and len(graph.values[op.inputs[0]].shape) != 1:
-            raise UnsupportedOpError(f"op {op.name!r} (linear): input {op.inputs[0]!r} has shape "
-                                     f"{graph.values[op.inputs[0]].shape}, ONNX Gemm needs (N, features)",
-                                     "flatten the input before the linear layer")
-        window = math.prod(op.attrs.get("kernel", (1, 1)))
-        if op.kind == "avgpool2d" and (window & (window - 1) or tuple(op.attrs.get("padding", (0, 0))) != (0, 0)):
-            raise UnsupportedOpError(f"op {op.name!r} (avgpool2d): window {tuple(op.attrs['kernel'])} with padding "
-                                     f"{tuple(op.attrs.get('padding', (0, 0)))} is not integer-exact",
-                                     "use a power-of-two window without padding")
-        if op.kind in ("conv2d", "linear") and (op.weight is None or op.weight_fmt is None):
-            raise ExportError(f"op {op.name!r} ({op.kind}) has no weight or weight format",
-                              "lower the model again with fxquant.passes.lower_to_integer_graph")
+            bad(f"input {op.inputs[0]!r} has shape {graph.values[op.inputs[0]].shape}, ONNX Gemm needs "
+                "(N, features): flatten the input before the linear layer")
+        if op.kind == "maxpool2d":
+            # TODO(legality): the same rule is being added to fxquant.legality (window_problems)
+            kernel, padding = tuple(op.attrs["kernel"]), tuple(op.attrs.get("padding", (0, 0)))
+            if any(2 * p > k for p, k in zip(padding, kernel)):
+                bad(f"max pooling padding {padding} exceeds half the window {kernel}")
+        if op.kind not in ("conv2d", "linear"):
+            continue
+        if op.weight is None or op.weight_fmt is None:
+            bad("no weight or weight format: lower the model again with fxquant.passes.lower_to_integer_graph")
+            continue
+        wf = op.weight_fmt
+        if wf.is_off or wf.is_dynamic:
+            bad(f"weight format {wf} is not a fixed <BW,FL>")
+            continue
+        if not _scale_ok(wf.frac_bits):
+            bad(f"weight scale 2^{-wf.frac_bits} is outside the float32 normal range")
+        # TODO(legality): fit_problems is being added to fxquant.legality; the same rule, here until then
+        if op.weight.size and min_signed_bits(op.weight) > wf.bits:
+            bad(f"weights need {min_signed_bits(op.weight)} bits, more than their {wf.bits}-bit format")
+        if op.bias is not None and op.bias.size and min_signed_bits(op.bias) > BIAS_BITS:
+            bad(f"biases need {min_signed_bits(op.bias)} bits, more than int{BIAS_BITS}")
+        in_fmt = graph.values[op.inputs[0]].fmt
+        if (op.bias is not None and in_fmt.frac_bits is not None
+                and not _scale_ok(in_fmt.frac_bits + wf.frac_bits)):
+            bad(f"bias scale 2^{-(in_fmt.frac_bits + wf.frac_bits)} is outside the float32 normal range")
+    return problems
+
+
+def raise_problems(problems: list["Problem"], what: str = "no exact ONNX form") -> None:
+    """Raise :class:`UnsupportedOpError` listing every problem (nothing when there are none)."""
+    if problems:
+        raise UnsupportedOpError(f"{what} ({len(problems)} problem{'s' if len(problems) != 1 else ''}): "
+                                 + "; ".join(str(p) for p in problems),
+                                 "see docs/onnx_export.md for what the ONNX exporters support")
+
+
+def check_exportable(graph: IntegerGraph) -> None:
+    """Raise :class:`UnsupportedOpError` listing every :func:`exportable_problems` of ``graph``."""
+    raise_problems(exportable_problems(graph))
+
+
+def _scale_ok(frac_bits: int | None) -> bool:
+    return frac_bits is not None and _FLOAT32_MIN_EXP <= -frac_bits <= _FLOAT32_MAX_EXP
 
 
 def float32_risks(graph: IntegerGraph) -> list[str]:
@@ -195,6 +254,9 @@ def float_op(b: GraphBuilder, op: Op, xs: list[str], weight: str | None = None,
                       strides=list(a.get("stride", kernel)), pads=[ph, pw, ph, pw])
     if op.kind == "flatten":
         return b.node("Flatten", xs, op.name, axis=1)
+    if op.kind == "reshape":  # attrs["shape"] excludes the batch; ONNX 0 copies the batch dimension
+        shape = b.const(f"{op.name}.shape", np.array([0, *a["shape"]], np.int64))
+        return b.node("Reshape", [*xs, shape], op.name)
     if op.kind == "cat":
         return b.node("Concat", xs, op.name, axis=a.get("dim", 1))
     if op.kind in ("matmul", "relu"):

@@ -1,4 +1,4 @@
-"""QDQ ONNX export of an :class:`~fxquant.integer_graph.IntegerGraph`, the fp32 flavour, and files.
+"""QDQ ONNX export of an :class:`~fxquant.integer_graph.IntegerGraph`, and the fp32 baseline.
 
 Every integer value ``k`` at ``<BW,FL>`` is an integer tensor read through
 ``DequantizeLinear(scale=2^-FL)``, written by ``QuantizeLinear(scale=2^-FL)``; ``QuantizeLinear``
@@ -42,12 +42,7 @@ Flatten and Concat between one QuantizeLinear at the input and one DequantizeLin
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
@@ -55,10 +50,11 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto
 
-from fxquant.errors import ExportError, RunDirError, UnsupportedOpError, UsageError
+from fxquant.backends.base import Problem
+from fxquant.errors import ExportError, UnsupportedOpError
 from fxquant.export.onnx_builder import (FLOAT32_EXACT_BOUND, GraphBuilder, check_exportable,
-                                         check_opset, conv_attrs, float32_risks, float_io, float_op, fmt_bounds,
-                                         scale_of)
+                                         check_opset, conv_attrs, exportable_problems, float32_risks, float_io,
+                                         float_op, fmt_bounds, raise_problems, scale_of)
 from fxquant.export.passes import FoldTransparentQdq
 from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
 from fxquant.integer_graph import IntegerGraph, Op
@@ -66,8 +62,6 @@ from fxquant.integer_graph import IntegerGraph, Op
 DEFAULT_OPSET = 21
 NARROW_STORAGE_OPSET = 21
 """INT4 initializers and int16 QuantizeLinear/DequantizeLinear need opset 21."""
-FLAVOUR_FILES = {"qdq": "model.onnx", "qonnx": "model.qonnx.onnx", "fp32": "model.fp32.onnx"}
-REPORT_FILE = "export_report.json"
 U8_ZERO_POINT = 128
 """``ort_x86`` stores 8-bit integers ``k`` as ``k + 128`` in uint8 with this zero point."""
 AVX2_SAFE_WEIGHT_BITS = 7
@@ -195,11 +189,7 @@ class _QdqBuilder:
         return self.b.const("zero_point", np.array(st.zero_point, _NUMPY[st.dtype]))
 
     def needs_integer_accumulation(self, op: Op) -> bool:
-        """An 8-bit Conv/Gemm whose accumulator float32 may not hold (see ``integer_op``)."""
-        if not self.ort_x86 or op.kind not in ("conv2d", "linear") or op.weight_fmt is None:
-            return False
-        fmts = (self.graph.values[op.inputs[0]].fmt, op.weight_fmt, op.out_fmt)
-        return all(f.bits <= 8 for f in fmts) and self.graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
+        return needs_integer_accumulation(self.graph, op, ort_x86=self.ort_x86)
 
     def integer_op(self, op: Op, relu: bool) -> str:
         """Exact form of a Conv/Gemm whose ``|acc|`` may exceed 2^24, where QLinearConv/QGemm would
@@ -279,6 +269,42 @@ class _QdqBuilder:
                             float32_risk_ops=risks)
 
 
+def needs_integer_accumulation(graph: IntegerGraph, op: Op, *, ort_x86: bool = True) -> bool:
+    """An 8-bit Conv/Gemm whose accumulator float32 may not hold: exported as ConvInteger /
+    MatMulInteger with an int32 accumulator and a float64 requantization (``_QdqBuilder.integer_op``)."""
+    if not ort_x86 or op.kind not in ("conv2d", "linear") or op.weight_fmt is None:
+        return False
+    fmts = (graph.values[op.inputs[0]].fmt, op.weight_fmt, op.out_fmt)
+    return all(f.bits <= 8 for f in fmts) and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
+
+
+def qdq_problems(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = True) -> list[Problem]:
+    """Every reason :func:`to_qdq` cannot write ``graph`` exactly (all at once; never raises).
+
+    :func:`~fxquant.export.onnx_builder.exportable_problems`, plus: 9..16-bit values need int16
+    QuantizeLinear (opset >= 21); an op on the integer path (:func:`needs_integer_accumulation`)
+    needs its worst-case accumulator in int32 (ConvInteger/MatMulInteger accumulate in int32).
+    """
+    from fxquant.legality import int_max
+
+    problems = exportable_problems(graph)
+    if opset < NARROW_STORAGE_OPSET:
+        producer = {op.output: op for op in graph.ops}
+        for v in graph.values.values():
+            if 8 < v.fmt.bits <= 16:
+                op = producer.get(v.name)
+                problems.append(Problem(op.name if op else v.name, op.kind if op else "input",
+                                        f"{v.fmt.bits}-bit value {v.name!r} needs int16 QuantizeLinear, which opset "
+                                        f"{opset} lacks (use opset >= {NARROW_STORAGE_OPSET})"))
+    if not problems:  # the bound needs well-formed weights and formats
+        for op in graph.ops:
+            bound = graph.accumulator_bound(op)
+            if needs_integer_accumulation(graph, op, ort_x86=ort_x86) and bound > int_max(32):
+                problems.append(Problem(op.name, op.kind, f"worst-case accumulator {bound} exceeds the int32 "
+                                                          "accumulator of ConvInteger/MatMulInteger"))
+    return problems
+
+
 def to_qdq(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = True,
            fold_transparent: bool = True) -> onnx.ModelProto:
     """QDQ ONNX model of ``graph`` (module docstring); float32 in, float32 ``k * 2^-FL`` out.
@@ -289,8 +315,8 @@ def to_qdq(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = T
     runs :class:`~fxquant.export.passes.FoldTransparentQdq`, so MaxPool and Flatten act on the
     stored integers in the file (onnxruntime does the same at load; other consumers need not).
     """
-    check_exportable(graph)
-    model = _QdqBuilder(graph, check_opset(opset), ort_x86).build()
+    raise_problems(qdq_problems(graph, opset=check_opset(opset), ort_x86=ort_x86))
+    model = _QdqBuilder(graph, opset, ort_x86).build()
     if not fold_transparent:
         return model
     ir_model = ir.from_proto(model)
@@ -330,12 +356,6 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
                    [float_io(n, graph.values[n].shape) for n in graph.outputs], {"": check_opset(opset)}, "fp32")
 
 
-def _builders() -> dict[str, Callable[..., onnx.ModelProto]]:
-    from fxquant.export.qonnx import to_qonnx
-
-    return {"qdq": to_qdq, "qonnx": to_qonnx, "fp32": to_fp32}
-
-
 def check_artifact(model: onnx.ModelProto, what: str) -> None:
     """``onnx.checker`` (full check) and strict shape inference; raises ExportError."""
     try:
@@ -344,68 +364,3 @@ def check_artifact(model: onnx.ModelProto, what: str) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"{what} fails the ONNX checker: {first}", "report this as an exporter bug") from e
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def export_onnx(graph: IntegerGraph, out_dir: Path, *, flavour: str = "qdq", opset: int | None = None,
-                verify_inputs: np.ndarray | None = None) -> dict[str, Any]:
-    """Write ``graph`` as ``model.onnx`` (qdq), ``model.qonnx.onnx`` or ``model.fp32.onnx``.
-
-    Files are written atomically (temp file + ``os.replace``); ``export_report.json`` maps each
-    exported flavour to its report: ``path``, ``size_bytes``, ``theoretical_bytes``
-    (``graph.param_bits() / 8``), opset, IR version, op types and, with ``verify_inputs``, the
-    :func:`fxquant.export.verify.verify_onnx` figures (``n``, ``mismatches``, ``bit_exact``,
-    ``top1_agreement``, ...); a qdq/qonnx mismatch raises before anything is written. Returns this
-    flavour's report.
-    """
-    builders = _builders()
-    if flavour not in builders:
-        raise UsageError(f"unknown ONNX flavour {flavour!r}", f"use one of {', '.join(builders)}")
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        raise RunDirError(f"cannot write to {out_dir}: {e.strerror}", "choose a writable directory") from e
-    model = builders[flavour](graph) if opset is None else builders[flavour](graph, opset=opset)
-    check_artifact(model, f"{flavour} model of {out_dir}")
-    path = out_dir / FLAVOUR_FILES[flavour]
-    data = model.SerializeToString()
-    report: dict[str, Any] = {
-        "target": "onnx", "flavour": flavour, "path": str(path.resolve()), "size_bytes": len(data),
-        "theoretical_bytes": graph.param_bits() / 8, "ir_version": model.ir_version,
-        "opset": next(o.version for o in model.opset_import if not o.domain),
-        "op_types": sorted({n.op_type for n in model.graph.node}),
-    }
-    if verify_inputs is not None:
-        from fxquant.export.verify import verify_onnx
-
-        checked = verify_onnx(model, graph, verify_inputs, flavour)
-        report.update({k: checked[k] for k in ("n", "mismatches", "max_abs_int_diff", "top1_agreement",
-                                                "float32_risk_ops")}, bit_exact=checked["mismatches"] == 0)
-    report_path = out_dir / REPORT_FILE
-    reports: dict[str, Any] = {}
-    if report_path.exists():
-        try:
-            reports = json.loads(report_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise RunDirError(f"{report_path} is unreadable: {e}", "delete it and export again") from e
-        if not isinstance(reports, dict):
-            raise RunDirError(f"{report_path} is not a JSON object", "delete it and export again")
-    reports[flavour] = report
-    try:
-        _write_atomic(path, data)
-        _write_atomic(report_path, json.dumps(reports, indent=2, sort_keys=True).encode())
-    except OSError as e:
-        raise RunDirError(f"cannot write {path}: {e.strerror}", "check free space and permissions") from e
-    return report

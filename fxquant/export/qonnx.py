@@ -25,9 +25,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from fxquant.backends.base import Problem
 from fxquant.errors import ExportError, UnsupportedOpError
-from fxquant.export.onnx_builder import (GraphBuilder, check_exportable, check_opset, float32_risks, float_io, float_op,
-                                         scale_of)
+from fxquant.export.onnx_builder import (GraphBuilder, check_opset, exportable_problems, float32_risks, float_io,
+                                         float_op, raise_problems, scale_of)
 from fxquant.fixed_point import FixedPoint, dequantize
 from fxquant.integer_graph import IntegerGraph, Op
 
@@ -84,7 +85,7 @@ class _QonnxBuilder:
                      else self.quant(self.relu(x, relu, f"{i}_to_{op.output}"), op.out_fmt, f"{i}_to_{op.output}")
                      for i, x in zip(op.inputs, xs)]
             return float_op(self.b, op, parts)
-        return float_op(self.b, op, xs)  # maxpool2d, flatten, relu: the grid is kept
+        return float_op(self.b, op, xs)  # maxpool2d, flatten, reshape, relu: the grid is kept
 
     def build(self, opset: int) -> onnx.ModelProto:
         g = self.graph
@@ -102,10 +103,27 @@ class _QonnxBuilder:
                             float32_risk_ops=float32_risks(g))
 
 
+def qonnx_problems(graph: IntegerGraph) -> list[Problem]:
+    """Every reason :func:`to_qonnx` cannot write ``graph`` exactly (all at once; never raises):
+    :func:`~fxquant.export.onnx_builder.exportable_problems` and biases float32 cannot hold."""
+    problems = exportable_problems(graph)
+    if problems:
+        return problems
+    for op in graph.ops:
+        if op.bias is not None and op.weight_fmt is not None:
+            fl_acc = graph.values[op.inputs[0]].fmt.frac_bits + op.weight_fmt.frac_bits
+            exact = dequantize(op.bias, fl_acc)
+            if not np.array_equal(exact.astype(np.float32).astype(np.float64), exact):
+                problems.append(Problem(op.name, op.kind, "bias is not exactly representable in float32 (QONNX "
+                                                          "biases are float initializers): keep |b| <= 2^24"))
+    return problems
+
+
 def to_qonnx(graph: IntegerGraph, *, opset: int = QONNX_OPSET) -> onnx.ModelProto:
     """QONNX model of ``graph`` (module docstring)."""
-    check_exportable(graph)
-    return _QonnxBuilder(graph).build(check_opset(opset, QONNX_MAX_IR_VERSION))
+    opset = check_opset(opset, QONNX_MAX_IR_VERSION)
+    raise_problems(qonnx_problems(graph))
+    return _QonnxBuilder(graph).build(opset)
 
 
 def _const(model: onnx.ModelProto, name: str) -> np.ndarray:

@@ -1,9 +1,13 @@
-"""Check an exported ONNX model against the integer reference :meth:`IntegerGraph.run`.
+"""Run exported ONNX models in onnxruntime and recover their integers; ``verify_onnx`` for tests.
 
-``verify_onnx`` runs onnxruntime (CPU, ``ORT_ENABLE_ALL``, so the fused integer kernels are what
-is checked) on float inputs ``x``, and compares with ``graph.run(*graph.quantize_inputs(x))``.
-A model output is ``k * 2^-FL`` in float32; ``k = out * 2^FL`` is recovered exactly (a power-of-two
-scaling) and must equal the reference integers: **no tolerance** for ``qdq`` and ``qonnx``.
+:func:`session` is the one onnxruntime session builder (CPU, ``ORT_ENABLE_ALL``, so the fused
+integer kernels are what runs), used by the targets' ``run`` (:mod:`fxquant.export.targets`),
+``verify_onnx`` and ``bench``. A model output is ``k * 2^-FL`` in float32; ``k = out * 2^FL`` is
+recovered exactly (a power-of-two scaling, :func:`output_integers`) and must equal the reference
+integers: **no tolerance** for ``qdq`` and ``qonnx``. The export path verifies through
+:func:`fxquant.backends.base.verify` (the one report schema); ``verify_onnx(model, graph, x,
+flavour)`` checks an in-memory model on float inputs ``x`` against
+``graph.run(*graph.quantize_inputs(x))`` (exporter tests, ``benchmarks/``).
 
 Why exact equality holds (measured with onnxruntime 1.32 on AVX2, ``docs/onnx_export.md``):
 
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -53,6 +57,24 @@ def session(model: onnx.ModelProto | Path, *, threads: int = 1,
         opts.optimized_model_filepath = optimized_path
     source = str(model) if isinstance(model, Path) else model.SerializeToString()
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def input_floats(k: np.ndarray, frac_bits: int, what: str) -> np.ndarray:
+    """The float32 feed ``k * 2^-FL`` of input integers ``k`` (exact, or :class:`ExportError`)."""
+    k = np.asarray(k)
+    x = np.ldexp(k.astype(np.float64), -frac_bits).astype(np.float32)
+    if not np.array_equal(np.ldexp(x.astype(np.float64), frac_bits), k):
+        raise ExportError(f"{what}: integers at frac_bits={frac_bits} are not exact in float32",
+                          "keep input integers within 24 bits and frac_bits within float32's exponent range")
+    return x
+
+
+def output_integers(out: np.ndarray, frac_bits: int) -> np.ndarray:
+    """``k = out * 2^FL`` of a float output (exact: a power-of-two scaling), int64 when every
+    ``k`` is an integer. Otherwise the float array is returned unchanged: a value off the grid
+    must count as a mismatch, never be rounded into agreement."""
+    k = np.ldexp(np.asarray(out, dtype=np.float64), frac_bits)
+    return k.astype(np.int64) if np.all(np.isfinite(k)) and np.array_equal(k, np.rint(k)) else k
 
 
 def verify_onnx(model: onnx.ModelProto, graph: IntegerGraph, x: np.ndarray, flavour: str) -> dict[str, Any]:
@@ -85,7 +107,7 @@ def verify_onnx(model: onnx.ModelProto, graph: IntegerGraph, x: np.ndarray, flav
                               "top1_agreement": None, "model_bytes": model.ByteSize(),
                               "theoretical_param_bytes": graph.param_bits() / 8, "float32_risk_ops": risks}
     for name, out in zip(graph.outputs, outs):
-        k = np.ldexp(out.astype(np.float64), graph.values[name].fmt.frac_bits)
+        k = output_integers(out, graph.values[name].fmt.frac_bits)
         diff = np.abs(k - ref[name])
         wrong = diff != 0
         report["max_abs_int_diff"] = max(report["max_abs_int_diff"], float(diff.max(initial=0.0)))

@@ -1,8 +1,9 @@
 """TVM CPU backend with fxquant's own low-bit x86 kernels (AVX2; AVX-512 VNNI for linear layers).
 
-``export_cpu`` builds an :class:`~fxquant.integer_graph.IntegerGraph` into a shared library +
-``params.npz`` bit-exact with :meth:`IntegerGraph.run`; ``bench_cpu`` times it next to ONNX
-Runtime. TVM is imported only when one of them is called.
+:class:`fxquant.backends.cpu.target.CpuTarget` (registry name ``cpu``) builds an
+:class:`~fxquant.integer_graph.IntegerGraph` into a shared library + ``params.npz`` bit-exact with
+:meth:`IntegerGraph.run`; :func:`fxquant.backends.base.export` checks, builds, verifies and places
+it. TVM is imported only when a build or run happens. See ``docs/tvm_cpu.md``.
 """
 
 from __future__ import annotations
@@ -10,17 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fxquant.integer_graph import IntegerGraph
-
-
-def export_cpu(graph: IntegerGraph, out_dir: Path, *, mcpu: str = "host",
-               verify_inputs: np.ndarray | None = None) -> dict[str, Any]:
-    """Build, write ``fxquant_cpu.so`` + ``params.npz`` + ``cpu_report.json``, verify bit-exactly."""
-    from fxquant.backends.cpu.build import export_cpu as _export
-
-    return _export(graph, out_dir, mcpu=mcpu, verify_inputs=verify_inputs)
 
 
 def bench_cpu(graph: IntegerGraph, out_dir: Path, *, batches: tuple[int, ...] = (1, 64),
@@ -33,4 +24,4 @@ def bench_cpu(graph: IntegerGraph, out_dir: Path, *, batches: tuple[int, ...] = 
                   budget_s=budget_s)
 
 
-__all__ = ["bench_cpu", "export_cpu"]
+__all__ = ["bench_cpu"]

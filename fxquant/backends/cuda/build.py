@@ -1,18 +1,18 @@
 """Export an IntegerGraph as standalone CUDA kernels: source, shared library, params, runner.
 
-Pipeline: :func:`.plan.plan_graph` (one launch per op, residual adds fused, weights packed) ->
+Pipeline (:class:`fxquant.backends.cuda.target.CudaTarget` runs it): :func:`.plan.plan_graph` (one launch per op, residual adds fused, weights packed) ->
 :func:`.kernels.primfunc` + :func:`.schedule.schedule` per distinct kernel -> ``tvm.compile``
 for ``{"kind": "cuda", "arch": arch}`` with host ``cuda_host`` -> ``export_cuda_host`` (one CUDA
 C++ file with tvm-ffi host wrappers, ``kernels.cu``) -> ``nvcc -shared`` (``kernels.so``, needs
-only ``libtvm_ffi`` at run time). With ``verify_inputs`` the unscheduled kernels also run on the
-CPU (:mod:`.cpu_check`) against ``IntegerGraph.run``, and inputs + reference integers are saved
-for the GPU-side check of ``run_cuda.py``.
+only ``libtvm_ffi`` at run time). The unscheduled kernels are also built for llvm
+(``kernels_llvm.so``, :mod:`.cpu_check`): the export verifies that build against
+``IntegerGraph.run``. Seeded golden inputs and their reference integers (``reference.npz``) are
+saved for the GPU-side check of ``run_cuda.py``.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -22,13 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from fxquant.backends.cuda.plan import Plan, plan_graph
-from fxquant.errors import ToolchainError, UnsupportedOpError, UsageError
+from fxquant.backends.cuda.plan import Plan
+from fxquant.errors import ToolchainError
 from fxquant.integer_graph import IntegerGraph
-from fxquant.io import atomic_write, atomic_write_json, atomic_write_text
+from fxquant.io import atomic_write, atomic_write_json, atomic_write_text, atomic_write_via_path
 
-SOURCE, LIBRARY, PARAMS, BASELINE = "kernels.cu", "kernels.so", "params.npz", "baseline_weights.npz"
-PLAN, REFERENCE, RUNNER, ONNX_FP32, REPORT = "plan.json", "reference.npz", "run_cuda.py", "fp32.onnx", "cuda_report.json"
+SOURCE, LIBRARY, LLVM_LIBRARY, PARAMS = "kernels.cu", "kernels.so", "kernels_llvm.so", "params.npz"
+BASELINE, PLAN, REFERENCE, RUNNER, ONNX_FP32 = "baseline_weights.npz", "plan.json", "reference.npz", "run_cuda.py", "fp32.onnx"
+GOLDEN_SAMPLES = 8
+"""Seeded golden inputs saved with their reference outputs for the GPU-side check."""
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-diag-suppress", "174,177")
 
 
@@ -107,7 +109,7 @@ def float_graph(graph: IntegerGraph) -> tuple[list[dict[str, Any]], dict[str, np
                                                          ("stride", "padding", "dilation", "kernel", "relu")}}
         if op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None:
             entry["weight"], entry["weight_frac_bits"] = f"{op.name}.weight", op.weight_fmt.frac_bits
-            params[entry["weight"]] = np.asarray(op.weight).astype(np.int8)
+            params[entry["weight"]] = np.asarray(op.weight).astype(np.int8)  # <= 8 bits: CudaTarget.check
             if op.bias is not None:
                 fl_in = graph.value(op.inputs[0]).fmt.frac_bits
                 assert fl_in is not None  # plan_graph checked the formats
@@ -117,53 +119,48 @@ def float_graph(graph: IntegerGraph) -> tuple[list[dict[str, Any]], dict[str, np
     return ops, params
 
 
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def export_cuda(graph: IntegerGraph, out_dir: Path, *, arch: str = "sm_90",
-                verify_inputs: np.ndarray | None = None) -> dict[str, Any]:
-    """Write ``kernels.cu`` (+ ``kernels.so`` with nvcc), params, plan, runner and ``cuda_report.json``."""
+def golden_inputs(graph: IntegerGraph, n: int = GOLDEN_SAMPLES, seed: int = 0) -> np.ndarray:
+    """``n`` seeded float32 inputs ``k * 2^-FL`` over the input format's whole integer range."""
+    v = graph.inputs[0]
+    k = np.random.default_rng(seed).integers(v.fmt.qmin, v.fmt.qmax + 1, size=(n, *v.shape))
+    return np.ldexp(k.astype(np.float64), -v.fmt.frac_bits).astype(np.float32)
+
+
+def write_artifact(graph: IntegerGraph, plan: Plan, out_dir: Path, arch: str) -> dict[str, Any]:
+    """Every file of the export (see :mod:`fxquant.backends.cuda.target`); returns the build facts."""
+    from fxquant.backends.cuda.cpu_check import build_llvm
     from fxquant.export.onnx_qdq import to_fp32
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not re.fullmatch(r"sm_\d+[a-z]?", arch):
-        raise UsageError(f"--arch {arch!r} is not a CUDA architecture", "use e.g. sm_80, sm_89, sm_90")
-    plan = plan_graph(graph)
-    if len(plan.inputs) != 1:
-        raise UnsupportedOpError(f"graph has {len(plan.inputs)} inputs", "the CUDA runner supports one model input")
     t0 = time.perf_counter()
     source = cuda_source(plan, arch)
     codegen_s = time.perf_counter() - t0
     atomic_write_text(out_dir / SOURCE, source)
     ops, fparams = float_graph(graph)
-    plan_json = {**plan.to_json(), "input_shape": list(graph.inputs[0].shape), "float_graph": ops, "arch": arch,
+    v = graph.inputs[0]
+    plan_json = {**plan.to_json(), "input_shape": list(v.shape), "input_frac_bits": v.fmt.frac_bits,
+                 "float_graph": ops, "arch": arch,
                  "kernels": {name: repr(spec) for name, spec in plan.kernels.items()}}
     atomic_write_json(out_dir / PLAN, plan_json)
-    _save_npz(out_dir / PARAMS, plan.params)
-    _save_npz(out_dir / BASELINE, fparams)
+    save_npz(out_dir / PARAMS, plan.params)
+    save_npz(out_dir / BASELINE, fparams)
+    x = golden_inputs(graph)
+    ref = graph.run(*graph.quantize_inputs(x))
+    save_npz(out_dir / REFERENCE, {"input": x, **{f"output:{k}": o for k, o in ref.items()}})
     atomic_write(out_dir / ONNX_FP32, lambda f: f.write(to_fp32(graph).SerializeToString()))
     atomic_write_text(out_dir / RUNNER, (Path(__file__).parent / RUNNER).read_text())
-    report: dict[str, Any] = {
-        "target": {"kind": "cuda", "arch": arch, "host": "cuda_host"}, "source": SOURCE, "library": None,
-        "kernels": len(plan.kernels), "launches": len(plan.launches), "codegen_s": round(codegen_s, 2),
-        "nvcc_s": None, "params": PARAMS, "param_bytes": int(sum(p.nbytes for p in plan.params.values())),
+    atomic_write_via_path(out_dir / LLVM_LIBRARY, build_llvm(plan).export_library)
+    nvcc_s = nvcc_compile(out_dir / SOURCE, out_dir / LIBRARY, arch)
+    return {
+        "arch": arch, "host": "cuda_host", "source": SOURCE, "library": LIBRARY, "cpu_library": LLVM_LIBRARY,
+        "kernels": len(plan.kernels), "launches": len(plan.launches), "codegen_seconds": round(codegen_s, 2),
+        "nvcc_seconds": round(nvcc_s, 2), "params": PARAMS,
+        "param_bytes": int(sum(p.nbytes for p in plan.params.values())),
         "entry": "tvm_ffi.load_module('kernels.so')[kernel](*args, out) per plan.json launch; run_cuda.py runs it",
         "inputs": [{"name": v.name, "shape": ["n", *v.shape], "frac_bits": v.fmt.frac_bits} for v in graph.inputs],
-        "outputs": graph.outputs, "cpu_check": None, "gpu_check": "run run_cuda.py on a CUDA host",
+        "outputs": list(graph.outputs), "golden_samples": int(len(x)),
+        "gpu_check": f"not run here: `python {RUNNER}` on a CUDA host compares kernels.so with {REFERENCE}",
     }
-    if verify_inputs is not None:
-        from fxquant.backends.cuda.cpu_check import check_on_cpu
-
-        x = np.asarray(verify_inputs, np.float32)
-        ref = graph.run(*graph.quantize_inputs(x))
-        _save_npz(out_dir / REFERENCE, {"input": x, **{f"output:{k}": v for k, v in ref.items()}})
-        report["cpu_check"] = check_on_cpu(graph, plan, x)
-    try:
-        report["nvcc_s"] = round(nvcc_compile(out_dir / SOURCE, out_dir / LIBRARY, arch), 2)
-        report["library"] = LIBRARY
-    finally:
-        atomic_write_json(out_dir / REPORT, report)
-    return report
-

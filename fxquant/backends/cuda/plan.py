@@ -20,7 +20,9 @@ Math (``docs/number_format.md``): activations are integers of at most 8 bits sto
 Weights: int8 ``[OP, KP]`` (``k = (c, kh, kw)`` row-major, zero-padded to the tile multiples);
 weights of ``BW <= 4`` bits are packed two per byte, ``byte[o, k/2] = nib(w[o, k]) | nib(w[o, k+1]) << 4``
 with ``nib(v) = v & 15`` (two's complement nibble). Biases int32 ``[OP]``.
-The accumulator must stay in int32: ``max_o (2^(BW_in-1) sum_k |w[o,k]| + |b[o]|) < 2^31``.
+The accumulator must stay in int32: ``max_o (2^(BW_in-1) sum_k |w[o,k]| + |b[o]|) < 2^31``
+(:func:`fxquant.legality.accumulator_problems`). :func:`graph_problems` lists every rule a graph
+breaks (``CudaTarget.check``); :func:`plan_graph` refuses such a graph with all of them.
 """
 
 from __future__ import annotations
@@ -31,18 +33,22 @@ from typing import Any
 
 import numpy as np
 
+from fxquant import legality
+from fxquant.backends.base import Problem
 from fxquant.backends.tvm_epilogue import Requant, Residual
 from fxquant.backends.pool_shape import PoolShape, window_out_hw
 from fxquant.errors import UnsupportedOpError
 from fxquant.integer_graph import IntegerGraph, Op
 
 MAX_ACT_BITS = 8
+MAX_WEIGHT_BITS = 8
+"""``__dp4a`` multiplies int8 quads: weights wider than 8 bits have no CUDA kernel (refused)."""
 PACKED_WEIGHT_BITS = 4
+OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize"})
 K_TILE = 16
 """Reduction tile (4 dp4a steps): K is zero-padded to a multiple of it."""
 LARGE_BATCH = 64
 """From this batch size on, linear layers run their 64-row GEMM variant (``GemmSpec.large``)."""
-_INT32_MAX = (1 << 31) - 1
 
 
 def out_tile(out_features: int) -> int:
@@ -182,12 +188,6 @@ class Plan:
                 "views": {k: {"input": v[0], "shape": list(v[1])} for k, v in self.views.items()}}
 
 
-def _check_int32(bound: int, what: str) -> None:
-    if bound > _INT32_MAX:
-        raise UnsupportedOpError(f"{what}: the int32 accumulator can reach {bound}",
-                                 "use fewer weight/activation bits or a smaller fan-in")
-
-
 def _pad(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)])
 
@@ -209,21 +209,18 @@ def unpack_weight(packed: np.ndarray) -> np.ndarray:
     return out
 
 
-def check_graph(graph: IntegerGraph) -> None:
-    """Raise :class:`UnsupportedOpError` for what the CUDA kernels do not implement."""
-    hint = "supported: conv2d (groups=1), linear, add, avgpool2d, maxpool2d, relu, flatten, requantize"
-    for op in graph.ops:
-        if op.kind in ("matmul", "cat"):
-            raise UnsupportedOpError(f"op {op.name!r}: kind {op.kind!r} has no fxquant CUDA kernel", hint)
-        if op.kind == "conv2d" and op.attrs.get("groups", 1) != 1:
-            raise UnsupportedOpError(f"op {op.name!r}: grouped conv2d (groups={op.attrs['groups']})", hint)
-        if op.weight_fmt is not None and (op.weight_fmt.frac_bits is None or op.weight_fmt.bits > MAX_ACT_BITS):
-            raise UnsupportedOpError(f"op {op.name!r}: weight format {op.weight_fmt} is not an integer of at most "
-                                     "8 bits", "the CUDA GEMMs take int8 (or packed int4) weights; use BW <= 8")
-    for v in graph.values.values():
-        if v.fmt.is_off or v.fmt.frac_bits is None or v.fmt.bits > MAX_ACT_BITS:
-            raise UnsupportedOpError(f"value {v.name!r}: format {v.fmt} is not an integer of at most 8 bits",
-                                     "the CUDA backend stores activations as int8; use BW <= 8")
+def graph_problems(graph: IntegerGraph) -> list[Problem]:
+    """Every reason beyond the op kinds (:data:`OPS`) the CUDA kernels cannot build ``graph``
+    (all at once, each naming the layer)."""
+    broken = legality.format_problems(graph)
+    if broken:  # widths and bounds are meaningless without integer formats
+        return broken
+    return (legality.width_problems(graph, weight_bits=(2, MAX_WEIGHT_BITS), act_bits=(2, MAX_ACT_BITS))
+            + legality.fit_problems(graph)
+            + legality.shape_problems(graph, max_inputs=1)
+            + legality.accumulator_problems(graph, 32, kinds=("conv2d", "linear", "add", "avgpool2d"))
+            + legality.avg_window_problems(graph)
+            + legality.window_problems(graph))
 
 
 class _Planner:
@@ -267,7 +264,7 @@ class _Planner:
         (src,) = op.inputs
         w = np.asarray(op.weight, np.int64)
         bias = np.zeros(w.shape[0], np.int64) if op.bias is None else np.asarray(op.bias, np.int64)
-        _check_int32(self.graph.accumulator_bound(op), f"op {op.name!r}")
+        legality.require_fits(self.graph.accumulator_bound(op), f"op {op.name!r}")
         common = dict(weight_bits=op.weight_fmt.bits, rq=self.requant(op, self.fl(src) + op.weight_fmt.frac_bits),
                       residual=residual[1] if residual else None)
         if op.kind == "linear":
@@ -289,7 +286,7 @@ class _Planner:
     def add(self, op: Op) -> None:
         fl = max(self.fl(i) for i in op.inputs)
         lefts = tuple(fl - self.fl(i) for i in op.inputs)
-        _check_int32(self.graph.accumulator_bound(op), f"op {op.name!r}")
+        legality.require_fits(self.graph.accumulator_bound(op), f"op {op.name!r}")
         fused = next((i for i in reversed(op.inputs) if i in self.deferred), None)
         if fused is None:
             self.launch(EltwiseSpec(self.graph.value(op.output).shape, lefts, self.requant(op, fl)), op.inputs,
@@ -310,14 +307,8 @@ class _Planner:
         stride, padding = tuple(op.attrs.get("stride", kernel)), tuple(op.attrs.get("padding", (0, 0)))
         rq = None
         if op.kind == "avgpool2d":
-            p = int(math.log2(kernel[0] * kernel[1]))
-            if (1 << p) != kernel[0] * kernel[1] or padding != (0, 0):
-                raise UnsupportedOpError(f"op {op.name!r}: average pooling over {kernel} with padding {padding} "
-                                         "is not integer-exact", "use a power-of-two window without padding")
+            p = legality.require_avg_window(kernel, padding, f"op {op.name!r}")
             rq = self.requant(op, self.fl(src) + p)
-        elif padding[0] * 2 > kernel[0] or padding[1] * 2 > kernel[1]:
-            raise UnsupportedOpError(f"op {op.name!r}: max pooling padding {padding} exceeds half the window",
-                                     "use padding <= kernel // 2")
         self.launch(PoolSpec(c, h, w, kernel, stride, padding, rq), op.inputs, op.output, (op.name,))
 
     def run(self) -> Plan:
@@ -348,6 +339,10 @@ class _Planner:
 
 
 def plan_graph(graph: IntegerGraph) -> Plan:
-    """The launch plan of ``graph`` (raises :class:`UnsupportedOpError` for what has no kernel)."""
-    check_graph(graph)
+    """The launch plan of ``graph``; :class:`UnsupportedOpError` listing every :func:`graph_problems`."""
+    problems = [Problem(op.name, op.kind, f"op kind {op.kind!r} has no fxquant CUDA kernel")
+                for op in graph.ops if op.kind not in OPS] + graph_problems(graph)
+    if problems:
+        raise UnsupportedOpError(f"the CUDA kernels cannot build this graph ({len(problems)} problems): "
+                                 + "; ".join(map(str, problems)), "see docs/coverage.md")
     return _Planner(graph).run()
