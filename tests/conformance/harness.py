@@ -68,9 +68,13 @@ def assert_bit_exact(target: Target, graph: IntegerGraph, inputs: Sequence[np.nd
     return report
 
 
+GRAPH_LAYER = "graph"
+"""The layer name of a problem of the whole graph (e.g. its number of inputs)."""
+
+
 def problem_layers(graph: IntegerGraph) -> set[str]:
-    """Names a problem may carry: every op and every graph input."""
-    return {op.name for op in graph.ops} | {v.name for v in graph.inputs}
+    """Names a problem may carry: every op, every graph input, and ``graph`` for the whole graph."""
+    return {op.name for op in graph.ops} | {v.name for v in graph.inputs} | {GRAPH_LAYER}
 
 
 def assert_refused(target: Target, graph: IntegerGraph, inputs: Sequence[np.ndarray], tmp_path: Path,

@@ -405,13 +405,22 @@ def widths_2_to_8() -> IntegerGraph:
 
 
 def widths_9_to_16() -> IntegerGraph:
-    """A linear chain through every width 9..16 (inputs 9..16 bits, weights 16..9 bits, int32-safe)."""
+    """A linear chain through every width 9..16 (inputs 9..16 bits, weights 16..9 bits, int32-safe, no bias)."""
     m = GraphMaker((4,), F(9, 5), seed=17)
     h = "input"
     for i in range(8):
         out_fmt = F(min(10 + i, 16), 6 + min(i, 6))
-        h = m.linear(f"fc{i}", h, 4, F(16 - i, 14 - i), out_fmt, relu=i == 3)
+        h = m.linear(f"fc{i}", h, 4, F(16 - i, 14 - i), out_fmt, relu=i == 3, bias=False)
     return m.graph(h)
+
+
+def linear_wide_bias() -> IntegerGraph:
+    """int32 biases up to 2^30 - 1 (beyond float32's exact 2^24) on an 8-bit linear."""
+    m = GraphMaker((8,), F(8, 4), seed=40)
+    m._op("fc", "linear", ("input",), (4,), F(8, -20), weight=m._rand(F(8, 7), (4, 8)), weight_fmt=F(8, 7),
+          bias=np.array([(1 << 30) - 1, -(1 << 30), (1 << 24) + 1, -((1 << 24) + 3)], np.int64),
+          attrs={"relu": False})
+    return m.graph("fc")
 
 
 def fl_extremes() -> IntegerGraph:
@@ -623,7 +632,7 @@ _MAKERS: dict[str, Callable[[], IntegerGraph | tuple[IntegerGraph, object]]] = {
     "widths_2_to_8": widths_2_to_8, "widths_9_to_16": widths_9_to_16, "fl_extremes": fl_extremes,
     "linear_acc_near_int32": linear_acc_near_int32, "linear_acc_over_int32": linear_acc_over_int32,
     "linear_w16_acc_near_int32": linear_w16_acc_near_int32, "linear_w16_acc_over_int32": linear_w16_acc_over_int32,
-    "conv_acc_near_int32": conv_acc_near_int32,
+    "conv_acc_near_int32": conv_acc_near_int32, "linear_wide_bias": linear_wide_bias,
 }
 
 CASES: dict[str, Case] = {
