@@ -1,16 +1,27 @@
-"""Latency measurement shared by every ``fxquant bench`` target.
+"""``fxquant bench``: latency of *verified* artifacts only, side by side with their float baselines.
 
-:func:`measure` times a callable after warm-up and reports p50/p90 latency (ms) and throughput
-(inputs/s). :func:`bench_onnx` compares, in one process and on the same inputs, ORT running the
-FP32 export against ORT running the fxquant QDQ export, batch 1 and 64, with file sizes, and
-writes ``bench.json`` + ``bench.md`` into the run directory. Ratios are taken within one run,
-never across machines.
+Order (the backend contract, :mod:`fxquant.backends.base`): for each integer artifact a bench
+times, :func:`verified_artifact_dir` first makes sure ``RUN/<target>/report.json`` certifies a
+bit-exact export of exactly the run's integer graph (exporting it, with the reference check
+against the trained model and verification, when it is missing or was made from another graph),
+then re-runs the artifact on held-out inputs against :meth:`IntegerGraph.run` (a file changed
+after export is caught here). Any failure is an :class:`~fxquant.errors.ExportError`: one line,
+exit 2, nothing timed.
+
+Timing (:func:`time_runners`): blocks of calls per engine after a warm-up, the engines taking
+turns for three rounds, so a noisy shared machine slows all of them alike; p50 / p90 latency (ms),
+throughput (inputs/s at p50), ratio to the first engine (the float baseline) at p50. Every engine in
+one table runs with the **same thread count** (``threads``, default the host's cores; stated in
+the table). Every row names its artifact (path relative to ``RUN``), the graph fingerprint and
+``verified`` (``false`` only for the float baselines, which are not integer-exact by design).
+Ratios are taken within one run, never across machines.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,81 +29,171 @@ import numpy as np
 
 from fxquant.io import atomic_write_json, atomic_write_text
 
-
-def measure(fn: Callable[[], Any], batch: int, warmup: int = 5, min_iters: int = 20,
-            min_seconds: float = 0.5) -> dict[str, float]:
-    """p50/p90 latency (ms) and throughput (inputs/s) of ``fn`` over ≥ ``min_iters`` calls."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_iters or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    p50 = float(np.percentile(times, 50)) * 1e3
-    return {"p50_ms": p50, "p90_ms": float(np.percentile(times, 90)) * 1e3,
-            "throughput": batch / (p50 / 1e3), "iters": len(times)}
+SETTLE_S = 0.1
+"""Pause before each timed block, so the previous engine's spinning threads go to sleep."""
+VERIFY_N = 64
+"""Held-out inputs an artifact is re-run on before it is timed."""
+ONNX_BENCH_TARGETS = ("onnx-qdq", "qonnx")
 
 
-def machine() -> dict[str, Any]:
-    """CPU model, flags of interest and thread count, recorded with every figure."""
+@dataclass
+class Engine:
+    """One timed engine: what it runs (``artifact`` relative to RUN) and a runner factory."""
+
+    name: str
+    artifact: str
+    fingerprint: str
+    verified: bool
+    make: Callable[[np.ndarray], Callable[[], Any]]
+
+
+def time_runners(runners: dict[str, Callable[[], Any]], budget_s: float, rounds: int = 3,
+                 min_runs: int = 5) -> dict[str, list[float]]:
+    """Blocks of consecutive calls per engine, the engines taking turns for ``rounds`` rounds.
+
+    Blocks rather than single interleaved calls, with a pause before each block: ORT's and TVM's
+    thread pools spin after a call, and a pool still spinning steals the cores from the next
+    engine (on a 2-core machine this alone made TVM 3x slower at batch 1).
+    """
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    slot = budget_s / (rounds * len(runners))
+    for _ in range(rounds):
+        for name, run in runners.items():
+            time.sleep(SETTLE_S)
+            for _ in range(3):
+                run()
+            start = time.perf_counter()
+            runs = 0
+            while runs < min_runs or time.perf_counter() - start < slot:
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+                runs += 1
+    return times
+
+
+def machine(threads: int | None = None) -> dict[str, Any]:
+    """CPU model, flags of interest, cores and the thread count every engine ran with."""
     from fxquant.host import host_cpu
 
     info = host_cpu()
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512bw", "avx_vnni", "amx_int8", "amx_tile")
-    return {"cpu": info.model, "flags": [f for f in wanted if f in info.flags], "cores": os.cpu_count()}
+    return {"cpu": info.model, "flags": [f for f in wanted if f in info.flags], "cores": os.cpu_count(),
+            "threads": threads}
 
 
-def render_markdown(title: str, rows: list[dict[str, Any]], baseline: str) -> str:
-    """A table of ``name, batch, p50, p90, throughput, ratio vs baseline`` rows."""
-    lines = [f"## {title}", "", "| engine | batch | p50 ms | p90 ms | inputs/s | vs " + baseline + " |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['engine']} | {r['batch']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
-                     f"{r['throughput']:.0f} | {r.get('ratio', float('nan')):.2f}x |")
-    return "\n".join(lines) + "\n"
+def verified_artifact_dir(target: Any, dep: Any, n_verify: int = VERIFY_N) -> tuple[Path, dict[str, Any]]:
+    """``RUN/<target>`` and its report, certified bit-exact for ``dep.graph`` (module docstring).
+
+    Missing or stale (another graph): exported here through :func:`fxquant.backends.base.export`
+    with the reference check. A report that is not bit-exact, or an artifact that no longer
+    matches the reference on ``n_verify`` held-out inputs, raises :class:`ExportError`.
+    """
+    from fxquant.backends.base import export, graph_fingerprint, read_report, verified_artifact, verify
+    from fxquant.errors import ExportError
+
+    out_dir = dep.run.path / target.name
+    x, _ = dep.held_out(n_verify)
+    report = read_report(out_dir)
+    if report is None or report.get("graph_fingerprint") != graph_fingerprint(dep.graph):
+        export(target, dep.graph, out_dir, [x], model=dep.model)
+    report = verified_artifact(target, dep.graph, out_dir)
+    again = verify(target, out_dir, dep.graph, dep.graph.quantize_inputs(x))
+    if not again["bit_exact"]:
+        raise ExportError(f"the {target.name} export in {out_dir} no longer matches the integer reference: "
+                          f"{again['mismatches']} of {again['n']} held-out samples differ (nothing was timed)",
+                          f"run `fxquant export --target {target.name}` again")
+    return out_dir, report
 
 
-def onnx_exports(run_dir: Path, graph) -> dict[str, Path]:
-    """``{"fp32": …, "qdq": …}`` ONNX files of a run, exported (and verified) here if missing."""
-    from fxquant.export.onnx_qdq import export_onnx
+def baseline_engine(dep: Any, threads: int) -> Engine:
+    """ORT on the FP32 ONNX baseline (``RUN/onnx-fp32``, written here if missing or stale)."""
+    from fxquant.export.targets import FP32_DIR, MODEL_FILE, fp32_baseline
 
-    paths = {}
-    for flavour, name in (("fp32", "model.fp32.onnx"), ("qdq", "model.onnx")):
-        if not (Path(run_dir) / name).exists():
-            export_onnx(graph, Path(run_dir), flavour=flavour)
-        paths[flavour] = Path(run_dir) / name
-    return paths
+    facts = fp32_baseline(dep.graph, dep.run.path / FP32_DIR)
+    path = dep.run.path / FP32_DIR / MODEL_FILE
+    return Engine("ORT FP32", f"{FP32_DIR}/{MODEL_FILE}", facts["graph_fingerprint"], False,
+                  lambda x: ort_runner(path, x, threads))
 
 
-def bench_onnx(run_dir: Path, batches: tuple[int, ...] = (1, 64)) -> dict[str, Any]:
-    """ORT FP32 vs ORT fxquant-QDQ on the run's exports (made here if missing)."""
-    from fxquant.deployment import load_deployment
+def ort_runner(model: Any, x: np.ndarray, threads: int) -> Callable[[], Any]:
     from fxquant.export.verify import session
 
-    dep = load_deployment(run_dir)
-    run, graph = dep.run, dep.graph
-    paths = onnx_exports(run.path, graph)
-    x_all, _ = dep.held_out(max(batches))
+    sess = session(model, threads=threads)
+    feed = {sess.get_inputs()[0].name: np.asarray(x, np.float32)}
+    return lambda: sess.run(None, feed)
+
+
+def onnx_engine(target: Any, dep: Any, threads: int, label: str) -> Engine:
+    """ORT on the verified ``onnx-qdq`` / ``qonnx`` artifact (QONNX: its lowered form, as ``run``)."""
+    import onnx
+
+    from fxquant.export.targets import MODEL_FILE
+
+    out_dir, report = verified_artifact_dir(target, dep)
+    runnable = target.runnable(onnx.load(str(out_dir / MODEL_FILE)))
+    return Engine(label, f"{target.name}/{report['artifact']['file']}", report["graph_fingerprint"], True,
+                  lambda x: ort_runner(runnable, x, threads))
+
+
+def time_engines(engines: list[Engine], x_all: np.ndarray, batches: tuple[int, ...],
+                 budget_s: float) -> list[dict[str, Any]]:
+    """One row per engine and batch (the first engine is the ratio's baseline)."""
     rows: list[dict[str, Any]] = []
     for batch in batches:
         x = np.resize(x_all, (batch, *x_all.shape[1:])).astype(np.float32)
-        base = None
-        for flavour, engine in (("fp32", "ORT FP32"), ("qdq", "ORT fxquant QDQ")):
-            sess = session(paths[flavour], threads=os.cpu_count() or 1)
-            feed = {sess.get_inputs()[0].name: x}
-            stats = measure(lambda: sess.run(None, feed), batch)
-            base = base or stats["p50_ms"]
-            rows.append({"engine": engine, "batch": batch, **stats, "ratio": stats["p50_ms"] / base})
-    sizes = {flavour: p.stat().st_size for flavour, p in paths.items()}
-    report = {"machine": machine(), "rows": rows, "sizes_bytes": sizes,
-              "size_ratio_qdq_vs_fp32": sizes["qdq"] / sizes["fp32"],
-              "theoretical_bytes": graph.param_bits() / 8}
-    atomic_write_json(run.path / "bench.json", report)
-    md = render_markdown(f"ONNX Runtime on {report['machine']['cpu']}", rows, "ORT FP32")
-    md += f"\nSizes: FP32 {sizes['fp32']} B, QDQ {sizes['qdq']} B ({report['size_ratio_qdq_vs_fp32']:.3f}x); " \
-          f"Σ params·bits/8 = {report['theoretical_bytes']:.0f} B\n"
-    atomic_write_text(run.path / "bench.md", md)
-    report["markdown"] = md
-    return report
+        times = time_runners({e.name: e.make(x) for e in engines}, budget_s)
+        base = float(np.percentile(times[engines[0].name], 50))
+        for e in engines:
+            p50, p90 = float(np.percentile(times[e.name], 50)), float(np.percentile(times[e.name], 90))
+            rows.append({"engine": e.name, "batch": batch, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3,
+                         "throughput": batch / p50, "runs": len(times[e.name]), "ratio": p50 / base,
+                         "artifact": e.artifact, "graph_fingerprint": e.fingerprint, "verified": e.verified})
+    return rows
+
+
+def render_markdown(title: str, rows: list[dict[str, Any]], threads: int) -> str:
+    """The table of rows, with the thread count every engine ran with and the artifact of each row."""
+    baseline = rows[0]["engine"] if rows else ""
+    lines = [f"## {title}", "", f"Every engine: {threads} thread{'s' if threads != 1 else ''}.", "",
+             f"| engine | batch | p50 ms | p90 ms | inputs/s | vs {baseline} | artifact | verified |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['batch']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
+                     f"{r['throughput']:.0f} | {r['ratio']:.2f}x | `{r['artifact']}` ({r['graph_fingerprint']}) | "
+                     f"{'yes' if r['verified'] else 'no (float baseline)'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_bench(run_dir: Path, target: str, report: dict[str, Any], markdown: str) -> dict[str, Any]:
+    """``RUN/bench-<target>.json`` and ``.md``; the report with ``markdown`` added."""
+    atomic_write_json(Path(run_dir) / f"bench-{target}.json", report)
+    atomic_write_text(Path(run_dir) / f"bench-{target}.md", markdown)
+    return {**report, "markdown": markdown}
+
+
+def bench_onnx(run_dir: Path, target_name: str = "onnx-qdq", batches: tuple[int, ...] = (1, 64), *,
+               threads: int | None = None, budget_s: float = 1.5) -> dict[str, Any]:
+    """ORT FP32 baseline vs ORT on the verified ``onnx-qdq`` (or ``qonnx``) artifact of a run."""
+    from fxquant.backends.registry import get_target
+    from fxquant.deployment import load_deployment
+
+    threads = threads or os.cpu_count() or 1
+    dep = load_deployment(run_dir)
+    target = get_target(target_name)
+    engines = [onnx_engine(target, dep, threads, f"ORT fxquant {target.name}"), baseline_engine(dep, threads)]
+    engines.insert(0, engines.pop())  # the baseline first: it is the ratio's reference
+    x_all, _ = dep.held_out(max(batches))
+    rows = time_engines(engines, x_all, batches, budget_s)
+    sizes = {e.artifact: (dep.run.path / e.artifact).stat().st_size for e in engines}
+    report = {"target": target.name, "machine": machine(threads), "rows": rows, "sizes_bytes": sizes,
+              "size_ratio_vs_fp32": sizes[engines[1].artifact] / sizes[engines[0].artifact],
+              "theoretical_bytes": dep.graph.param_bits() / 8}
+    md = render_markdown(f"ONNX Runtime on {report['machine']['cpu']}", rows, threads)
+    md += (f"\nSizes: " + ", ".join(f"`{k}` {v} B" for k, v in sizes.items())
+           + f" ({report['size_ratio_vs_fp32']:.3f}x); Σ params·bits/8 = {report['theoretical_bytes']:.0f} B\n")
+    return write_bench(dep.run.path, target.name, report, md)
+
+
+__all__ = ["Engine", "bench_onnx", "baseline_engine", "machine", "onnx_engine", "render_markdown", "time_engines",
+           "time_runners", "verified_artifact_dir", "write_bench"]

@@ -19,10 +19,12 @@ the accumulator and ``shift = FL_out - FL_acc`` the requantize shift:
 * ``requantize``: ``acc`` is the input itself.
 * ``maxpool2d``, ``relu``, ``flatten``: act on the integers; the output format is the input's.
 
-Limits (checked here, raised as :mod:`fxquant.errors`): one graph input and one output, value
-widths 2..16 (``BW = 32`` is *off*, i.e. float, and has no integer form), accumulators of at most
-:data:`MAX_ACC_BITS` bits (the reference simulator computes in int64), weights and biases that fit
-their declared widths.
+Limits: one graph input and one output, value widths 2..16 (``BW = 32`` is *off*, i.e. float,
+and has no integer form), accumulators of at most :data:`MAX_ACC_BITS` bits (the reference
+simulator computes in int64), weights and biases that fit their declared widths.
+:func:`graph_problems` lists every limit a graph breaks (the shared rules from
+:mod:`fxquant.legality`, then each remaining layer planned on its own), which is what
+``FpgaTarget.check`` reports; :func:`plan_graph` raises :mod:`fxquant.errors` at the first.
 """
 
 from __future__ import annotations
@@ -33,10 +35,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fxquant.errors import ExportError, PrecisionError, UnsupportedOpError
+from fxquant import legality
+from fxquant.backends.base import Problem
+from fxquant.errors import ExportError, FxquantError, PrecisionError, UnsupportedOpError
 from fxquant.fixed_point import BIAS_BITS, FixedPoint, accumulator_bits, min_signed_bits
 from fxquant.integer_graph import TRANSPARENT_KINDS, IntegerGraph, Op, Value
 
+MAX_BITS = 16
+"""Widest value / weight format generated (``ap_int<2..16>``)."""
 MAX_ACC_BITS = 64
 """Widest accumulator generated: the integer reference (:meth:`IntegerGraph.run`) is int64."""
 SUPPORTED_KINDS = ("conv2d", "linear", "add", "cat", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize")
@@ -108,8 +114,8 @@ def _check_fmt(fmt: FixedPoint, what: str) -> int:
     if fmt.is_off or fmt.frac_bits is None:
         raise PrecisionError(f"{what} has format {fmt}, which has no integer form",
                              "quantize every value and weight (2..16 bits, fixed FL) before FPGA export")
-    if fmt.bits > 16:
-        raise PrecisionError(f"{what} has {fmt.bits} bits, wider than 16", "use 2..16 bits")
+    if fmt.bits > MAX_BITS:
+        raise PrecisionError(f"{what} has {fmt.bits} bits, wider than {MAX_BITS}", f"use 2..{MAX_BITS} bits")
     return fmt.frac_bits
 
 
@@ -204,12 +210,7 @@ def _plan_op(index: int, op: Op, graph: IntegerGraph) -> LayerPlan:
         in_shifts = tuple(out_fl - fl for fl in in_fls)
         acc, acc_fl = max(v.fmt.bits for v in ins), out_fl
     elif kind == "avgpool2d":
-        kh, kw = op.attrs["kernel"]
-        p = int(math.log2(kh * kw))
-        if (1 << p) != kh * kw or tuple(op.attrs.get("padding", (0, 0))) != (0, 0):
-            raise UnsupportedOpError(f"op {op.name!r}: average pooling over {kh}x{kw} with padding "
-                                     f"{op.attrs.get('padding')} is not integer-exact",
-                                     "use a power-of-two window without padding")
+        p = legality.require_avg_window(op.attrs["kernel"], op.attrs.get("padding", (0, 0)), f"op {op.name!r}")
         acc, acc_fl = ins[0].fmt.bits + p, in_fls[0] + p
         iterations = out.shape[1] * out.shape[2]
     elif kind == "requantize":
@@ -240,6 +241,31 @@ def plan_graph(graph: IntegerGraph) -> ModelPlan:
     _check_fmt(graph.inputs[0].fmt, f"input {graph.inputs[0].name!r}")
     layers = tuple(_plan_op(i, op, graph) for i, op in enumerate(graph.ops))
     return ModelPlan(graph=graph, input=graph.inputs[0], output=graph.value(graph.outputs[0]), layers=layers)
+
+
+def graph_problems(graph: IntegerGraph) -> list[Problem]:
+    """Every limit of this module ``graph`` breaks beyond the op kinds, each naming the layer.
+
+    The shared rules (:mod:`fxquant.legality`) first; every layer they leave unflagged is then
+    planned on its own (:func:`_plan_op`), and the error it raises, if any, becomes its problem.
+    """
+    problems = (legality.format_problems(graph)
+                + legality.width_problems(graph, weight_bits=(2, MAX_BITS), act_bits=(2, MAX_BITS))
+                + legality.fit_problems(graph)
+                + legality.shape_problems(graph, groups=True, max_inputs=1, max_outputs=1)
+                + legality.avg_window_problems(graph)
+                + legality.window_problems(graph))
+    if not graph.ops or not graph.outputs:
+        problems.append(Problem("graph", "ops", "graph has no ops or no output; lower a model with at least one layer"))
+    flagged = {p.layer for p in problems}
+    for index, op in enumerate(graph.ops):
+        if op.name in flagged or op.kind not in SUPPORTED_KINDS:
+            continue
+        try:
+            _plan_op(index, op, graph)
+        except FxquantError as exc:  # one layer's limit: reported with the others, not raised
+            problems.append(Problem(op.name, op.kind, exc.message))
+    return problems
 
 
 def check_int_inputs(value: Value, int_inputs: np.ndarray) -> np.ndarray:

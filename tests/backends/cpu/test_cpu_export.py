@@ -7,16 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tvm
 
-tvm = pytest.importorskip("tvm")
+from tests.backends.cpu.cpu_graphs import F, GraphMaker, cnn, mixed_bits, mlp, residual_block
 
-from tests.backends.cpu.cpu_graphs import F, GraphMaker, cnn, mixed_bits, mlp, residual_block  # noqa: E402
-
-from fxquant.backends.cpu import export_cpu  # noqa: E402
-from fxquant.backends.cpu.build import LIBRARY, PARAMS, REPORT, CpuModel, lower  # noqa: E402
-from fxquant.backends.cpu.features import host_cpu, resolve_target  # noqa: E402
-from fxquant.errors import ExportError, ToolchainError, UnsupportedOpError  # noqa: E402
-from fxquant.integer_graph import IntegerGraph  # noqa: E402
+from fxquant.backends.base import REPORT_FILE, export
+from fxquant.backends.cpu.build import ENTRY, LIBRARY, PARAMS, CpuModel, lower
+from fxquant.backends.cpu.features import host_cpu, resolve_target
+from fxquant.backends.cpu.target import CpuTarget
+from fxquant.errors import ExportError, ToolchainError, UnsupportedOpError
+from fxquant.integer_graph import IntegerGraph
 
 GRAPHS = {"mlp": mlp, "cnn": cnn, "residual": residual_block, "mixed": mixed_bits}
 
@@ -77,46 +77,52 @@ def test_low_bit_linear_uses_packed_weights() -> None:
 def test_export_writes_artifacts_and_reloads(tmp_path: Path) -> None:
     graph = cnn()
     x = _inputs(graph, 4)
-    report = export_cpu(graph, tmp_path, verify_inputs=x)
-    assert report["verification"] == {"samples": 4, "bit_exact": True}
-    assert json.loads((tmp_path / REPORT).read_text())["host_cpu"]["model"]
-    assert not list(tmp_path.glob(".*"))  # atomic writes leave no temporaries
-    model = CpuModel.load(tmp_path)  # tvm.runtime only: load_module + VirtualMachine
+    report = export(CpuTarget(), graph, tmp_path / "cpu", [x])
+    out = tmp_path / "cpu"
+    assert report["verification"]["bit_exact"] and report["verification"]["n"] == 4
+    assert json.loads((out / REPORT_FILE).read_text()) == report
+    assert report["artifact"]["host_cpu"]["model"] and report["artifact"]["library"] == LIBRARY
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu"]  # no temporaries beside it
+    assert not list(out.glob(".*"))
+    model = CpuModel.load(out)  # tvm.runtime only: load_module + VirtualMachine
     np.testing.assert_array_equal(model.run(x)[0], graph.run(*graph.quantize_inputs(x))["fc"])
-    with np.load(tmp_path / PARAMS) as params:
+    with np.load(out / PARAMS) as params:
         assert len(params.files) == 6  # packed weight + bias of conv1, conv2, fc
-    assert (tmp_path / LIBRARY).stat().st_size > 0
+    assert json.loads((out / ENTRY).read_text())["inputs"][0]["shape"] == ["n", 1, 8, 8]
+    assert (out / LIBRARY).stat().st_size > 0
 
 
-def test_verification_mismatch_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verification_mismatch_raises_and_places_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     graph = mlp()
-    monkeypatch.setattr(CpuModel, "run", lambda self, x: [np.zeros((len(x), 10), np.int64) + 99])
-    with pytest.raises(ExportError, match="differs"):
-        export_cpu(graph, tmp_path, verify_inputs=_inputs(graph, 2))
+    monkeypatch.setattr(CpuModel, "run", lambda self, *x: [np.zeros((len(x[0]), 10), np.int64) + 99])
+    with pytest.raises(ExportError, match="differs from the integer reference"):
+        export(CpuTarget(), graph, tmp_path / "cpu", [_inputs(graph, 2)])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_vnni_target_compiles_without_running(tmp_path: Path) -> None:
-    report = export_cpu(mlp(), tmp_path, mcpu="znver5")
-    assert report["target"]["vnni"] and report["verification"] is None
+    facts = CpuTarget().build(mlp(), tmp_path, mcpu="znver5")
+    assert facts["llvm"]["vnni"] and facts["llvm"]["mcpu"] == "znver5"
     assert (tmp_path / LIBRARY).stat().st_size > 0
 
 
 @pytest.mark.skipif(host_cpu().has_vnni, reason="the host can run VNNI code")
 def test_verifying_a_target_the_host_cannot_run_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ToolchainError, match="Illegal instruction"):
-        export_cpu(mlp(), tmp_path, mcpu="znver5", verify_inputs=_inputs(mlp(), 2))
-    assert not (tmp_path / LIBRARY).exists()
+        export(CpuTarget(), mlp(), tmp_path / "cpu", [_inputs(mlp(), 2)], mcpu="znver5")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unsupported_op_is_named() -> None:
     m = GraphMaker((4, 4), F(8, 5))
     graph = m.graph(m.matmul("mm", "input", "input", F(8, 4)))
-    with pytest.raises(UnsupportedOpError, match="'mm'.*matmul"):
-        lower(graph, resolve_target("host"))
+    assert [(p.layer, p.kind) for p in CpuTarget().check(graph)] == [("mm", "matmul")]
+    with pytest.raises(UnsupportedOpError, match="mm \\(matmul\\)"):
+        CpuTarget().build(graph, Path("/nonexistent"))
     m = GraphMaker((8,), F(8, 5))
     wide = m.graph(m.linear("fc", "input", 4, F(8, 7), F(12, 6)))
-    with pytest.raises(UnsupportedOpError, match="wider than 8 bits"):
-        lower(wide, resolve_target("host"))
+    (problem,) = CpuTarget().check(wide)
+    assert problem.layer == "fc" and "12-bit output" in problem.reason
 
 
 def test_onnx_qdq_import_entry() -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-tvm = pytest.importorskip("tvm")
+import tvm
 
-from fxquant.backends.cpu import kernels, packing  # noqa: E402
-from fxquant.backends.tvm_epilogue import Requant, Residual  # noqa: E402
-from fxquant.backends.cpu.features import host_cpu, resolve_target  # noqa: E402
-from fxquant.fixed_point import FixedPoint, requantize  # noqa: E402
+from fxquant.backends.cpu import kernels, packing
+from fxquant.backends.tvm_epilogue import Requant, Residual
+from fxquant.backends.cpu.features import host_cpu, resolve_target
+from fxquant.fixed_point import FixedPoint, requantize
 
 HOST = {"kind": "llvm", "mcpu": resolve_target("host").mcpu}
 
@@ -27,10 +27,15 @@ def _ref_requant(acc: np.ndarray, rq: Requant) -> np.ndarray:
     return np.maximum(out, 0) if rq.relu else out
 
 
+def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    """Output positions counted one by one: the last window tap must lie inside the padded input."""
+    return sum(1 for start in range(0, size + 2 * pad, stride) if start + dil * (k - 1) < size + 2 * pad)
+
+
 def _conv_ref(x: np.ndarray, w: np.ndarray, b: np.ndarray, s: kernels.ConvShape) -> np.ndarray:
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.kernel, s.stride, s.padding, s.dilation
     xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    oh, ow = s.out_hw
+    oh, ow = _out_size(x.shape[2], kh, sh, ph, dh), _out_size(x.shape[3], kw, sw, pw, dw)
     acc = np.zeros((x.shape[0], w.shape[0], oh, ow), np.int64)
     for i in range(kh):
         for j in range(kw):
@@ -57,9 +62,25 @@ def test_conv2d(case: tuple[int, ...]) -> None:
     x = rng.integers(-128, 128, (n, c, h, w_)).astype(np.int8)
     w = rng.integers(-128, 128, (oc, c, k, k))
     b = rng.integers(-40000, 40000, oc).astype(np.int32)
-    oh, ow = s.out_hw
+    oh, ow = _out_size(h, k, st, pad, dil), _out_size(w_, k, st, pad, dil)
+    assert s.out_hw == (oh, ow)
     got = _run(kernels.conv2d(s, rq), x, packing.pack_conv_weight(w, s.block[0]), b,
                out=np.zeros((n, oc, oh, ow), np.int8))
+    np.testing.assert_array_equal(got, _ref_requant(_conv_ref(x, w, b, s), rq))
+
+
+def test_conv2d_16_bit_weights() -> None:
+    """int16 weights (incl. -2^15 and 2^15-1) into the same vpmaddwd channel pairs."""
+    rng = np.random.default_rng(12)
+    s = kernels.ConvShape(5, 6, 8, 4, (3, 3), (1, 1), (1, 1))
+    x = rng.integers(-128, 128, (2, 5, 6, 8)).astype(np.int8)
+    w = rng.integers(-(1 << 15), 1 << 15, (4, 5, 3, 3))
+    w[0], w[1] = -(1 << 15), (1 << 15) - 1
+    x[0] = -128
+    b = rng.integers(-40000, 40000, 4).astype(np.int32)
+    rq = Requant(-16, 8)
+    got = _run(kernels.conv2d(s, rq), x, packing.pack_conv_weight(w, s.block[0]), b,
+               out=np.zeros((2, 4, 6, 8), np.int8))
     np.testing.assert_array_equal(got, _ref_requant(_conv_ref(x, w, b, s), rq))
 
 
@@ -77,16 +98,16 @@ def test_conv2d_fused_residual() -> None:
     np.testing.assert_array_equal(got, _ref_requant((y << 1) + r.astype(np.int64), res.out))
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("kind", ["int16", "int8", "int4", "int2"])
 @pytest.mark.parametrize("n,k,o", [(1, 37, 10), (5, 64, 21), (1, 256, 64), (9, 100, 16)])
 def test_linear(kind: str, n: int, k: int, o: int) -> None:
     rng = np.random.default_rng(n * k + o)
-    bits = {"int8": 8, "int4": 4, "int2": 2}[kind]
+    bits = {"int16": 16, "int8": 8, "int4": 4, "int2": 2}[kind]
     x = rng.integers(-128, 128, (n, k)).astype(np.int8)
     w = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), (o, k))
     b = rng.integers(-5000, 5000, o)
-    wp = packing.pack_linear_weight(w) if kind == "int8" else packing.pack_linear_weight_lowbit(w, bits)
-    rq = Requant(-5, 7, relu=True)
+    wp = packing.pack_linear_weight(w, kind) if bits >= 8 else packing.pack_linear_weight_lowbit(w, bits)
+    rq = Requant(-5 - (bits - 8) * (bits > 8), 7, relu=True)
     got = _run(kernels.linear(k, o, rq, kind), x, wp, packing.pad_bias(b, o, packing.LINEAR_LANES),
                out=np.zeros((n, o), np.int8))
     np.testing.assert_array_equal(got, _ref_requant(x.astype(np.int64) @ w.T + b, rq))
