@@ -49,8 +49,7 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("mixed", "cpu"): _ACT8,
     ("fpga_mlp", "cpu"): _ACT8,
     ("fpga_cnn", "cpu"): _ACT8,
-    ("requantize_16_to_2", "cpu"): _ACT8,
-    ("requantize_2_to_16", "cpu"): _ACT8,
+    ("requantize_extremes", "cpu"): _ACT8,
     ("widths_9_to_16", "cpu"): _ACT8,
     ("linear_acc_*_int32", "cpu"): _ACT8,
     ("conv_acc_near_int32", "cpu"): _ACT8,
@@ -65,12 +64,15 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("mixed", "cuda"): _ACT8,
     ("fpga_mlp", "cuda"): _ACT8,
     ("fpga_cnn", "cuda"): _ACT8,
-    ("requantize_16_to_2", "cuda"): _ACT8,
-    ("requantize_2_to_16", "cuda"): _ACT8,
+    ("requantize_extremes", "cuda"): _ACT8,
     ("widths_9_to_16", "cuda"): _ACT8,
     ("linear_acc_*_int32", "cuda"): _ACT8,
     ("conv_acc_near_int32", "cuda"): _ACT8,
     ("linear_w16_acc_*_int32", "cuda"): _W8,
+    # -- fpga: one graph input, no matmul, two-input cat
+    ("matmul_*", "fpga"): r"op kind 'matmul'",
+    ("add_two_inputs", "fpga"): r"2 graph inputs; this target takes 1",
+    ("cat_mixed_formats", "fpga"): r"cat of 3 inputs on dim 1 is not supported",
 }
 """What each target cannot build, as data (like ``onnx.backend.test.BackendTest.exclude``)."""
 

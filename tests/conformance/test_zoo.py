@@ -66,6 +66,25 @@ def test_inputs_saturate_and_tie() -> None:
             assert (scaled - np.floor(scaled) == 0.5).any(), f"{name}: input {v.name} has no rounding tie"
 
 
+def test_some_requantize_rounds_an_exact_tie() -> None:
+    """Round half to even is only tested where an accumulator sits exactly half-way between two steps."""
+    from fxquant.legality import requantize_shift
+
+    ties = set()
+    for name, case in CASES.items():
+        graph, xs = case.build()
+        if name == "avgpool_3x3":
+            continue
+        env = graph.run(*graph.quantize_inputs(*xs), keep_all=True)
+        for op in graph.ops:
+            shift = requantize_shift(graph, op)
+            if op.kind == "requantize" and shift is not None and shift < 0:
+                k = env[op.inputs[0]]
+                if ((k % (1 << -shift)) == (1 << (-shift - 1))).any():
+                    ties.add(name)
+    assert "elementwise" in ties and len(ties) >= 5, ties
+
+
 def test_accumulator_edge_cases() -> None:
     graphs = _graphs()
     for name, g in graphs.items():
