@@ -33,6 +33,8 @@ SETTLE_S = 0.1
 """Pause before each timed block, so the previous engine's spinning threads go to sleep."""
 VERIFY_N = 64
 """Held-out inputs an artifact is re-run on before it is timed."""
+EXPORT_VERIFY_N = 1000
+"""Held-out inputs of an export bench makes itself (as ``fxquant export``'s ``--verify`` default)."""
 ONNX_BENCH_TARGETS = ("onnx-qdq", "qonnx")
 
 
@@ -90,15 +92,23 @@ def verified_artifact_dir(target: Any, dep: Any, n_verify: int = VERIFY_N) -> tu
     matches the reference on ``n_verify`` held-out inputs, raises :class:`ExportError`.
     """
     from fxquant.backends.base import export, graph_fingerprint, read_report, verified_artifact, verify
-    from fxquant.errors import ExportError
+    from fxquant.errors import ExportError, FxquantError
 
     out_dir = dep.run.path / target.name
-    x, _ = dep.held_out(n_verify)
     report = read_report(out_dir)
     if report is None or report.get("graph_fingerprint") != graph_fingerprint(dep.graph):
-        export(target, dep.graph, out_dir, [x], model=dep.model)
+        x_export, _ = dep.held_out(EXPORT_VERIFY_N)
+        export(target, dep.graph, out_dir, [x_export], model=dep.model)
+    x, _ = dep.held_out(n_verify)
     report = verified_artifact(target, dep.graph, out_dir)
-    again = verify(target, out_dir, dep.graph, dep.graph.quantize_inputs(x))
+    try:
+        again = verify(target, out_dir, dep.graph, dep.graph.quantize_inputs(x))
+    except FxquantError:
+        raise
+    except Exception as exc:  # a damaged file: the runtime's own error, named, instead of a traceback
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ExportError(f"the {target.name} export in {out_dir} cannot be run: {type(exc).__name__}: {first} "
+                          "(nothing was timed)", f"run `fxquant export --target {target.name}` again") from exc
     if not again["bit_exact"]:
         raise ExportError(f"the {target.name} export in {out_dir} no longer matches the integer reference: "
                           f"{again['mismatches']} of {again['n']} held-out samples differ (nothing was timed)",
@@ -185,7 +195,7 @@ def bench_onnx(run_dir: Path, target_name: str = "onnx-qdq", batches: tuple[int,
     engines.insert(0, engines.pop())  # the baseline first: it is the ratio's reference
     x_all, _ = dep.held_out(max(batches))
     rows = time_engines(engines, x_all, batches, budget_s)
-    sizes = {e.artifact: (dep.run.path / e.artifact).stat().st_size for e in engines}
+    sizes = {e.artifact: (dep.run.path / e.artifact).stat().st_size for e in engines}  # both are files
     report = {"target": target.name, "machine": machine(threads), "rows": rows, "sizes_bytes": sizes,
               "size_ratio_vs_fp32": sizes[engines[1].artifact] / sizes[engines[0].artifact],
               "theoretical_bytes": dep.graph.param_bits() / 8}

@@ -17,6 +17,12 @@ round-half-even and saturation (:func:`fxquant.fixed_point.requantize`), then ``
 * ``cat``: every input requantized to ``out_fmt``, concatenated on ``attrs["dim"]``.
 * ``avgpool2d``: window sums at ``FL_in + log2(window)`` (power-of-two windows only).
 * ``maxpool2d``, ``relu``, ``flatten``: act on the integers, ``out_fmt`` = input format.
+  ``flatten`` gives ``(N, -1)`` (everything after the batch dimension in one).
+* ``reshape``: ``x.reshape(N, *attrs["shape"])``; ``attrs["shape"]`` is the target shape without
+  the batch dimension, fully resolved (no -1); ``out_fmt`` = input format. The batch dimension is
+  never touched (the lowering refuses reshapes that would).
+* ``mul_pow2``: multiplication by ``2^attrs["exponent"]``, exact: the integers pass unchanged and
+  ``out_fmt = <BW_in, FL_in - exponent>`` (from ``torch.add(a, b, alpha=2^e)``).
 * ``requantize``: change of format of one value.
 
 Shapes exclude the batch dimension; arrays carry it (NCHW for images, NC for vectors).
@@ -36,8 +42,10 @@ from fxquant.legality import require_avg_window
 
 COMPUTE_KINDS = ("conv2d", "linear", "matmul")
 REQUANTIZING_KINDS = COMPUTE_KINDS + ("add", "cat", "avgpool2d", "requantize")
-TRANSPARENT_KINDS = ("relu", "maxpool2d", "flatten")
-OP_KINDS = REQUANTIZING_KINDS + TRANSPARENT_KINDS
+TRANSPARENT_KINDS = ("relu", "maxpool2d", "flatten", "reshape")
+RELABEL_KINDS = ("mul_pow2",)
+"""Ops that keep the integers and change the format (no rounding)."""
+OP_KINDS = REQUANTIZING_KINDS + TRANSPARENT_KINDS + RELABEL_KINDS
 _FLOAT64_EXACT_BITS = 53
 
 
@@ -235,6 +243,14 @@ def _flatten(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
     return xs[0].reshape(xs[0].shape[0], -1)
 
 
+def _reshape(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    return xs[0].reshape(xs[0].shape[0], *op.attrs["shape"])
+
+
+def _mul_pow2(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    return xs[0].copy()
+
+
 def _requantize(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
     return _finish(op, xs[0], vs[0].fmt.frac_bits)
 
@@ -242,5 +258,5 @@ def _requantize(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
 _EXECUTORS = {
     "conv2d": _conv2d, "linear": _linear, "matmul": _matmul, "add": _add, "cat": _cat,
     "avgpool2d": _avgpool2d, "maxpool2d": _maxpool2d, "relu": _relu, "flatten": _flatten,
-    "requantize": _requantize,
+    "reshape": _reshape, "mul_pow2": _mul_pow2, "requantize": _requantize,
 }

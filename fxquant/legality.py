@@ -190,8 +190,9 @@ def format_problems(graph: "IntegerGraph") -> list["Problem"]:
 
 
 def shape_problems(graph: "IntegerGraph", *, groups: bool = False, max_inputs: int | None = None,
-                   max_outputs: int | None = None) -> list["Problem"]:
-    """Grouped convolutions (unless ``groups``), ``linear`` on an input that is not a vector, and
+                   max_outputs: int | None = None, add_arity: int | None = None) -> list["Problem"]:
+    """Grouped convolutions (unless ``groups``), ``linear`` on an input that is not a vector, adds
+    of inputs of different shapes (no kernel broadcasts) or of other than ``add_arity`` inputs, and
     more graph inputs / outputs than a runner takes."""
     from fxquant.backends.base import Problem
 
@@ -205,6 +206,12 @@ def shape_problems(graph: "IntegerGraph", *, groups: bool = False, max_inputs: i
             if len(shape) != 1:
                 problems.append(_problem(op, f"linear on an input of shape {list(shape)} (rank {len(shape) + 1} "
                                              "with the batch); this target's kernel takes [batch, features]"))
+        if op.kind == "add":
+            shapes = [tuple(graph.values[i].shape) for i in op.inputs]
+            if len(set(shapes)) > 1:
+                problems.append(_problem(op, f"add of shapes {[list(s) for s in shapes]}; no kernel broadcasts"))
+            if add_arity is not None and len(op.inputs) != add_arity:
+                problems.append(_problem(op, f"add of {len(op.inputs)} inputs; this target adds {add_arity}"))
     if max_inputs is not None and len(graph.inputs) > max_inputs:
         problems.append(Problem("graph", "inputs", f"{len(graph.inputs)} graph inputs; this target takes "
                                                    f"{max_inputs}"))

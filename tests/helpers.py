@@ -56,3 +56,13 @@ def trained_digits_run(run: Path, weight_bits: int, n_inputs: int) -> tuple[Inte
     dep = load_deployment(run)
     x, _ = dep.held_out(n_inputs)
     return dep.graph, x
+
+
+def assert_lowering_exact(gm: fx.GraphModule, x: torch.Tensor) -> IntegerGraph:
+    """Lower ``gm`` (example ``x[:1]``) and check ``IntegerGraph.run`` against the fx graph in float64, LSB for LSB."""
+    from fxquant.passes import lower_to_integer_graph
+
+    graph = lower_to_integer_graph(gm, x[:1])
+    out = graph.run(*graph.quantize_inputs(x.numpy()))[graph.outputs[0]]
+    np.testing.assert_array_equal(out, fx_integer_outputs(gm, x, graph.values[graph.outputs[0]].fmt.frac_bits))
+    return graph

@@ -19,9 +19,16 @@ requantizes the sum the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from tvm import tirx
-from tvm.script import tirx as T
+if TYPE_CHECKING:
+    from tvm import tirx
+
+
+def _tir():  # noqa: ANN202  (TVMScript's T, imported on first use: planning needs no TVM)
+    from tvm.script import tirx as T
+
+    return T
 
 
 @dataclass(frozen=True)
@@ -42,15 +49,18 @@ class Requant:
 
 
 def _const(value: int, lanes: int) -> tirx.PrimExpr:
+    T = _tir()
     return T.broadcast(T.int32(value), lanes) if lanes > 1 else T.int32(value)
 
 
 def _clamp(v: tirx.PrimExpr, lo: int, hi: int, lanes: int) -> tirx.PrimExpr:
+    T = _tir()
     return T.max(T.min(v, _const(hi, lanes)), _const(lo, lanes))
 
 
 def requantize(v: tirx.PrimExpr, rq: Requant, lanes: int) -> tirx.PrimExpr:
     """``clamp(round_half_even(v * 2^shift))`` (+ ReLU) of an int32 (vector) expression."""
+    T = _tir()
     if rq.shift == 0:
         return _clamp(v, rq.low, rq.high, lanes)
     if rq.shift > 0:

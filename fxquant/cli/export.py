@@ -54,8 +54,8 @@ def resolve(target: str | None, flavour: str | None) -> str | None:
         if target is not None and ALIASES.get(target, target) not in ("onnx-qdq", "qonnx"):
             raise UsageError(f"--flavour is an ONNX option, not one of target {target!r}",
                              "drop --flavour, or use --target onnx")
-        if target == "qonnx" and flavour != "qonnx":
-            raise UsageError(f"--target qonnx with --flavour {flavour}", "give one of them")
+        if target not in (None, "onnx", FLAVOURS[flavour]):  # the alias onnx takes any flavour
+            raise UsageError(f"--target {target} contradicts --flavour {flavour}", "give one of them")
         return FLAVOURS[flavour]
     name = target or "onnx-qdq"
     if ALIASES.get(name, name) not in TARGETS:

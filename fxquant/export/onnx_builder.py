@@ -8,9 +8,8 @@ Nothing here is numeric: the fixed-point math (rounding, saturation, requantizat
 * :func:`float_op`: the float ONNX node of one integer op's *accumulation* (Conv, Gemm, MatMul,
   Add/Sum, Concat, AveragePool, MaxPool, Relu, Flatten, Reshape) on float tensors, without the
   requantization and without the fused ReLU, which each flavour places itself;
-* :func:`exportable_problems` (every value has a fixed ``<BW,FL>``, every op an exact ONNX form;
-  all problems at once, for the targets' ``check``), :func:`check_exportable` (raises them) and
-  :func:`check_opset`;
+* (re-exported from :mod:`fxquant.export.limits`, which imports no onnx) :func:`check_opset`,
+  :func:`exportable_problems`, :func:`check_exportable`;
 * :func:`float32_risks` (from :meth:`IntegerGraph.accumulator_bound`, the worst-case ``|acc|``): the ops
   whose accumulator float32 cannot hold (``> 2^24``), where onnxruntime's float32 requantization
   may round twice.
@@ -23,18 +22,17 @@ two ``2^-FL`` (:func:`fxquant.fixed_point.dequantize` of 1), held in float32, wh
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fxquant.errors import ExportError, UnsupportedOpError, UsageError
-from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
+from fxquant.errors import ExportError, UnsupportedOpError
+from fxquant.export.limits import (FLOAT32_EXACT_BOUND, FLOAT32_MAX_EXP, FLOAT32_MIN_EXP, MIN_OPSET,  # noqa: F401
+                                   check_exportable, check_opset, exportable_problems, float32_risks, raise_problems)
+from fxquant.fixed_point import FixedPoint, dequantize
 from fxquant.integer_graph import IntegerGraph, Op
-
-if TYPE_CHECKING:
-    from fxquant.backends.base import Problem
 
 META_PRECISION_MAP = "fxquant.precision_map"
 """Metadata key: ``json.dumps(graph.layers)``, the precision map's ``layers`` section."""
@@ -45,116 +43,23 @@ META_FLAVOUR = "fxquant.flavour"
 META_FLOAT32_RISKS = "fxquant.float32_risk_ops"
 """Metadata key: JSON list of the ops this model computes in float32 although their accumulator
 may exceed 2^24, so that onnxruntime may round them twice (:func:`float32_risks`)."""
-FLOAT32_EXACT_BOUND = 1 << 24
-"""float32 represents every integer of magnitude <= 2^24."""
 PRODUCER = "fxquant"
 
-_FLOAT32_MIN_EXP, _FLOAT32_MAX_EXP = -126, 127
+
 _ONNX_OP = {"matmul": "MatMul", "avgpool2d": "AveragePool", "maxpool2d": "MaxPool", "relu": "Relu"}
+
+
+def pow2(exponent: int, what: str) -> np.float32:
+    """The float32 factor ``2^e`` of a ``mul_pow2`` op (exact: :func:`scale_of` of ``-e``)."""
+    return scale_of(-int(exponent), what)
 
 
 def scale_of(frac_bits: int, what: str) -> np.float32:
     """The float32 scale ``2^-FL``; raises if it is not a normal float32 (inexact)."""
-    if not _FLOAT32_MIN_EXP <= -frac_bits <= _FLOAT32_MAX_EXP:
+    if not FLOAT32_MIN_EXP <= -frac_bits <= FLOAT32_MAX_EXP:
         raise ExportError(f"{what}: scale 2^{-frac_bits} is outside the float32 normal range",
-                          f"keep frac_bits in [{-_FLOAT32_MAX_EXP}, {-_FLOAT32_MIN_EXP}]")
+                          f"keep frac_bits in [{-FLOAT32_MAX_EXP}, {-FLOAT32_MIN_EXP}]")
     return np.float32(dequantize(np.int64(1), frac_bits))
-
-
-MIN_OPSET = 13
-
-
-def check_opset(opset: int, max_ir_version: int | None = None) -> int:
-    """Return ``opset`` if it is an integer >= 13 (whose IR version is <= ``max_ir_version``)."""
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise UsageError(f"opset={opset!r} is not supported", f"use an integer >= {MIN_OPSET}")
-    ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
-    if max_ir_version is not None and ir_version > max_ir_version:
-        raise UsageError(f"opset={opset} needs ONNX IR version {ir_version}, this format allows {max_ir_version}",
-                         "choose a lower opset")
-    return opset
-
-
-def exportable_problems(graph: IntegerGraph) -> list["Problem"]:
-    """Every reason ``graph`` has no exact ONNX form, one :class:`~fxquant.backends.base.Problem` each.
-
-    Shared by the QDQ and QONNX targets' ``check``: a value or weight without a fixed ``<BW,FL>``,
-    a scale ``2^-FL`` outside float32's normal range (value, weight and bias-accumulator scales),
-    ``linear`` on an N-D input (ONNX Gemm takes ``(N, features)``), a power-of-two-less or padded
-    average window, a max pool whose window can lie wholly in its padding, weights and biases
-    outside their widths, a conv/linear without weights. Never raises.
-    """
-    from fxquant.backends.base import Problem
-    from fxquant.legality import avg_window_problems
-
-    producer = {op.output: op for op in graph.ops}
-    problems: list[Problem] = []
-
-    def at(value: str, reason: str) -> None:
-        op = producer.get(value)
-        problems.append(Problem(op.name if op else value, op.kind if op else "input", reason))
-
-    for v in graph.values.values():
-        if v.fmt.is_off or v.fmt.is_dynamic:
-            at(v.name, f"value {v.name!r} has format {v.fmt}, not a fixed <BW,FL>")
-        elif not _scale_ok(v.fmt.frac_bits):
-            at(v.name, f"value {v.name!r}: scale 2^{-v.fmt.frac_bits} is outside the float32 normal range")
-    problems += avg_window_problems(graph)
-    for op in graph.ops:
-        def bad(reason: str) -> None:
-            problems.append(Problem(op.name, op.kind, reason))
-
-        if op.kind == "linear" and len(graph.values[op.inputs[0]].shape) != 1:
-            bad(f"input {op.inputs[0]!r} has shape {graph.values[op.inputs[0]].shape}, ONNX Gemm needs "
-                "(N, features): flatten the input before the linear layer")
-        if op.kind == "maxpool2d":
-            # TODO(legality): the same rule is being added to fxquant.legality (window_problems)
-            kernel, padding = tuple(op.attrs["kernel"]), tuple(op.attrs.get("padding", (0, 0)))
-            if any(2 * p > k for p, k in zip(padding, kernel)):
-                bad(f"max pooling padding {padding} exceeds half the window {kernel}")
-        if op.kind not in ("conv2d", "linear"):
-            continue
-        if op.weight is None or op.weight_fmt is None:
-            bad("no weight or weight format: lower the model again with fxquant.passes.lower_to_integer_graph")
-            continue
-        wf = op.weight_fmt
-        if wf.is_off or wf.is_dynamic:
-            bad(f"weight format {wf} is not a fixed <BW,FL>")
-            continue
-        if not _scale_ok(wf.frac_bits):
-            bad(f"weight scale 2^{-wf.frac_bits} is outside the float32 normal range")
-        # TODO(legality): fit_problems is being added to fxquant.legality; the same rule, here until then
-        if op.weight.size and min_signed_bits(op.weight) > wf.bits:
-            bad(f"weights need {min_signed_bits(op.weight)} bits, more than their {wf.bits}-bit format")
-        if op.bias is not None and op.bias.size and min_signed_bits(op.bias) > BIAS_BITS:
-            bad(f"biases need {min_signed_bits(op.bias)} bits, more than int{BIAS_BITS}")
-        in_fmt = graph.values[op.inputs[0]].fmt
-        if (op.bias is not None and in_fmt.frac_bits is not None
-                and not _scale_ok(in_fmt.frac_bits + wf.frac_bits)):
-            bad(f"bias scale 2^{-(in_fmt.frac_bits + wf.frac_bits)} is outside the float32 normal range")
-    return problems
-
-
-def raise_problems(problems: list["Problem"], what: str = "no exact ONNX form") -> None:
-    """Raise :class:`UnsupportedOpError` listing every problem (nothing when there are none)."""
-    if problems:
-        raise UnsupportedOpError(f"{what} ({len(problems)} problem{'s' if len(problems) != 1 else ''}): "
-                                 + "; ".join(str(p) for p in problems),
-                                 "see docs/onnx_export.md for what the ONNX exporters support")
-
-
-def check_exportable(graph: IntegerGraph) -> None:
-    """Raise :class:`UnsupportedOpError` listing every :func:`exportable_problems` of ``graph``."""
-    raise_problems(exportable_problems(graph))
-
-
-def _scale_ok(frac_bits: int | None) -> bool:
-    return frac_bits is not None and _FLOAT32_MIN_EXP <= -frac_bits <= _FLOAT32_MAX_EXP
-
-
-def float32_risks(graph: IntegerGraph) -> list[str]:
-    """Ops whose accumulator may exceed float32's exact range (``|acc| > 2^24``)."""
-    return [op.name for op in graph.ops if graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND]
 
 
 def value_formats(graph: IntegerGraph) -> dict[str, dict[str, Any]]:

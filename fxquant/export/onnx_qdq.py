@@ -29,11 +29,13 @@ the grid). ``cat`` requantizes each input to ``out_fmt`` the same way and concat
 onto the integers by :class:`fxquant.export.passes.FoldTransparentQdq`; graph inputs
 are ``QuantizeLinear [→ Clip]``, outputs ``DequantizeLinear`` (float ``k * 2^-FL``).
 
-onnxruntime's QLinear kernels requantize ``float(acc)``: exact only for ``|acc| <= 2^24``. An 8-bit
-Conv/Gemm whose worst-case accumulator is larger is exported instead as
-ConvInteger/MatMulInteger (+ int32 bias) followed by ``Cast(double) → Mul(2^(FL_out-FL_acc)) →
-Round → Add(zero point) → Clip → Cast`` (exact in float64); ops still computed in float32 with
-such accumulators (int16 ones, MatMul) are listed in the ``fxquant.float32_risk_ops`` metadata.
+onnxruntime's QLinear kernels (and float Conv/Gemm) requantize ``float(acc)``: exact only for
+``|acc| <= 2^24``. A Conv/Gemm on <= 8-bit inputs whose worst-case accumulator is larger is
+exported instead as ConvInteger/MatMulInteger (+ int32 bias) followed by ``Cast(double) →
+Mul(2^(FL_out-FL_acc)) → Round → Add(zero point) → Clip → Cast`` (exact in float64); 9..16-bit
+weights are split into 8-bit halves, ``acc = 256 acc(hi) + acc(lo)`` in int32. Ops still computed
+in float32 with such accumulators (on 9..16-bit inputs, MatMul) are listed in the
+``fxquant.float32_risk_ops`` metadata.
 
 With 8-bit activations onnxruntime (``ORT_ENABLE_ALL``) turns the whole graph into
 QLinearConv / QGemm / QLinearMatMul / QLinearAdd / QLinearAveragePool, uint8 Clip, MaxPool,
@@ -50,18 +52,15 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto
 
-from fxquant.backends.base import Problem
 from fxquant.errors import ExportError, UnsupportedOpError
-from fxquant.export.onnx_builder import (FLOAT32_EXACT_BOUND, GraphBuilder, check_exportable,
-                                         check_opset, conv_attrs, exportable_problems, float32_risks, float_io,
-                                         float_op, fmt_bounds, raise_problems, scale_of)
+from fxquant.export.limits import (DEFAULT_OPSET, NARROW_STORAGE_OPSET, check_exportable, check_opset,  # noqa: F401
+                                   float32_risks, needs_integer_accumulation, qdq_problems, raise_problems,
+                                   split_weights)
+from fxquant.export.onnx_builder import GraphBuilder, conv_attrs, float_io, float_op, fmt_bounds, pow2, scale_of
 from fxquant.export.passes import FoldTransparentQdq
 from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
 from fxquant.integer_graph import IntegerGraph, Op
 
-DEFAULT_OPSET = 21
-NARROW_STORAGE_OPSET = 21
-"""INT4 initializers and int16 QuantizeLinear/DequantizeLinear need opset 21."""
 U8_ZERO_POINT = 128
 """``ort_x86`` stores 8-bit integers ``k`` as ``k + 128`` in uint8 with this zero point."""
 AVX2_SAFE_WEIGHT_BITS = 7
@@ -188,21 +187,37 @@ class _QdqBuilder:
     def _zero(self, st: Storage) -> str:
         return self.b.const("zero_point", np.array(st.zero_point, _NUMPY[st.dtype]))
 
-    def needs_integer_accumulation(self, op: Op) -> bool:
+    def integer_accumulation(self, op: Op) -> bool:
         return needs_integer_accumulation(self.graph, op, ort_x86=self.ort_x86)
 
     def integer_op(self, op: Op, relu: bool) -> str:
-        """Exact form of a Conv/Gemm whose ``|acc|`` may exceed 2^24, where QLinearConv/QGemm would
-        requantize ``float(acc)`` and round twice: ConvInteger/MatMulInteger (+ int32 bias) give
-        ``acc``; ``Cast(double) → Mul(2^(FL_out-FL_acc)) → Round`` (half to even, exact in
+        """Exact form of a Conv/Gemm whose ``|acc|`` may exceed 2^24, where QLinearConv/QGemm (or a
+        float Conv/Gemm) would requantize ``float(acc)`` and round twice: ConvInteger/MatMulInteger
+        (+ int32 bias) give ``acc`` (9..16-bit weights: ``256 acc(hi) + acc(lo)`` of the 8-bit halves
+        of :func:`~fxquant.export.limits.split_weights`, all int32 sums within
+        :func:`~fxquant.export.limits.integer_path_bound`); ``Cast(double) → Mul(2^(FL_out-FL_acc)) → Round`` (half to even, exact in
         float64) ``→ Add(zero point) → Clip → Cast`` is :func:`fxquant.fixed_point.requantize`."""
         in_fmt, w_fmt = self.graph.values[op.inputs[0]].fmt, op.weight_fmt
         assert w_fmt is not None and w_fmt.frac_bits is not None and in_fmt.frac_bits is not None  # checked
         assert op.out_fmt.frac_bits is not None
-        w, wst = self.weight_ints(op, transpose=op.kind == "linear")
-        ins = [self.ints[op.inputs[0]], w, self._zero(self.storage(in_fmt, op.inputs[0])), self._zero(wst)]
-        acc = (self.b.node("ConvInteger", ins, f"{op.name}_acc", **conv_attrs(op)) if op.kind == "conv2d"
-               else self.b.node("MatMulInteger", ins, f"{op.name}_acc"))
+        x = [self.ints[op.inputs[0]], self._zero(self.storage(in_fmt, op.inputs[0]))]
+
+        def accumulate(w: str, wst: Storage, base: str) -> str:
+            ins = [x[0], w, x[1], self._zero(wst)]
+            return (self.b.node("ConvInteger", ins, base, **conv_attrs(op)) if op.kind == "conv2d"
+                    else self.b.node("MatMulInteger", ins, base))
+
+        if min_signed_bits(op.weight) <= 8:
+            acc = accumulate(*self.weight_ints(op, transpose=op.kind == "linear"), f"{op.name}_acc")
+        else:  # w = 256 hi + lo: two exact 8-bit sums (uint8 halves: MLAS's exact U8U8 kernel)
+            _check_fits(op.weight, w_fmt.bits, f"op {op.name!r} weight")
+            hi, lo = split_weights(op.weight.T if op.kind == "linear" else op.weight)
+            hi_t = self.b.const(f"{op.name}.weight_hi", (hi + U8_ZERO_POINT).astype(np.uint8))
+            lo_t = self.b.const(f"{op.name}.weight_lo", lo.astype(np.uint8))
+            acc_hi = accumulate(hi_t, Storage(TensorProto.UINT8, U8_ZERO_POINT), f"{op.name}_acc_hi")
+            acc_lo = accumulate(lo_t, Storage(TensorProto.UINT8), f"{op.name}_acc_lo")
+            scaled = self.b.node("Mul", [acc_hi, self.b.const("radix", np.array(256, np.int32))], f"{op.name}_acc_hi256")
+            acc = self.b.node("Add", [scaled, acc_lo], f"{op.name}_acc")
         if op.bias is not None:
             _check_fits(op.bias, BIAS_BITS, f"op {op.name!r} bias")
             shape = (-1, 1, 1) if op.kind == "conv2d" else (-1,)
@@ -230,7 +245,7 @@ class _QdqBuilder:
 
     def emit(self, op: Op) -> str:
         relu = bool(op.attrs.get("relu"))
-        if self.needs_integer_accumulation(op):
+        if self.integer_accumulation(op):
             self.integer_ops.append(op.name)
             return self.integer_op(op, relu)
         if op.kind in ("conv2d", "linear"):
@@ -246,7 +261,9 @@ class _QdqBuilder:
                      else self.quantize(self.dq(i), op.out_fmt, relu, f"{i}_to_{op.output}", requantizing=True)
                      for i in op.inputs]
             return float_op(self.b, op, parts)
-        # transparent: maxpool2d, flatten, relu keep the input format
+        if op.kind == "mul_pow2":  # the same integers read at FL_in - e: same tensor, other scale
+            return self.ints[op.inputs[0]]
+        # transparent: maxpool2d, flatten, reshape, relu keep the input format
         fmt = self.graph.values[op.inputs[0]].fmt
         st = self.storage(fmt, op.output)
         if op.kind == "relu" and st.dtype != TensorProto.INT16:
@@ -267,42 +284,6 @@ class _QdqBuilder:
         return self.b.model(g, [float_io(v.name, v.shape) for v in g.inputs],
                             [float_io(n, g.values[n].shape) for n in g.outputs], {"": self.opset}, "qdq",
                             float32_risk_ops=risks)
-
-
-def needs_integer_accumulation(graph: IntegerGraph, op: Op, *, ort_x86: bool = True) -> bool:
-    """An 8-bit Conv/Gemm whose accumulator float32 may not hold: exported as ConvInteger /
-    MatMulInteger with an int32 accumulator and a float64 requantization (``_QdqBuilder.integer_op``)."""
-    if not ort_x86 or op.kind not in ("conv2d", "linear") or op.weight_fmt is None:
-        return False
-    fmts = (graph.values[op.inputs[0]].fmt, op.weight_fmt, op.out_fmt)
-    return all(f.bits <= 8 for f in fmts) and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
-
-
-def qdq_problems(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = True) -> list[Problem]:
-    """Every reason :func:`to_qdq` cannot write ``graph`` exactly (all at once; never raises).
-
-    :func:`~fxquant.export.onnx_builder.exportable_problems`, plus: 9..16-bit values need int16
-    QuantizeLinear (opset >= 21); an op on the integer path (:func:`needs_integer_accumulation`)
-    needs its worst-case accumulator in int32 (ConvInteger/MatMulInteger accumulate in int32).
-    """
-    from fxquant.legality import int_max
-
-    problems = exportable_problems(graph)
-    if opset < NARROW_STORAGE_OPSET:
-        producer = {op.output: op for op in graph.ops}
-        for v in graph.values.values():
-            if 8 < v.fmt.bits <= 16:
-                op = producer.get(v.name)
-                problems.append(Problem(op.name if op else v.name, op.kind if op else "input",
-                                        f"{v.fmt.bits}-bit value {v.name!r} needs int16 QuantizeLinear, which opset "
-                                        f"{opset} lacks (use opset >= {NARROW_STORAGE_OPSET})"))
-    if not problems:  # the bound needs well-formed weights and formats
-        for op in graph.ops:
-            bound = graph.accumulator_bound(op)
-            if needs_integer_accumulation(graph, op, ort_x86=ort_x86) and bound > int_max(32):
-                problems.append(Problem(op.name, op.kind, f"worst-case accumulator {bound} exceeds the int32 "
-                                                          "accumulator of ConvInteger/MatMulInteger"))
-    return problems
 
 
 def to_qdq(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = True,
@@ -339,6 +320,8 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
         xs = [floats[i] for i in op.inputs]
         if op.kind == "requantize":
             f = xs[0]
+        elif op.kind == "mul_pow2":
+            f = b.node("Mul", [xs[0], b.const("pow2", pow2(op.attrs["exponent"], op.name))], op.name)
         elif op.kind in ("conv2d", "linear"):
             assert op.weight is not None and op.weight_fmt is not None  # check_exportable
             assert op.weight_fmt.frac_bits is not None

@@ -25,18 +25,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fxquant.backends.base import Problem
 from fxquant.errors import ExportError, UnsupportedOpError
-from fxquant.export.onnx_builder import (GraphBuilder, check_opset, exportable_problems, float32_risks, float_io,
-                                         float_op, raise_problems, scale_of)
+from fxquant.export.limits import (QONNX_MAX_IR_VERSION, check_opset, float32_risks, qonnx_problems,  # noqa: F401
+                                   raise_problems)
+from fxquant.export.onnx_builder import GraphBuilder, float_io, float_op, pow2, scale_of
 from fxquant.fixed_point import FixedPoint, dequantize
 from fxquant.integer_graph import IntegerGraph, Op
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 QONNX_OPSET = 13
 QONNX_IR_VERSION = 8
-QONNX_MAX_IR_VERSION = 10
-"""The qonnx tools and hls4ml read IR versions up to 10 (opset 21)."""
 
 
 def _float_const(b: GraphBuilder, base: str, k: np.ndarray, frac_bits: int, what: str) -> str:
@@ -85,6 +83,8 @@ class _QonnxBuilder:
                      else self.quant(self.relu(x, relu, f"{i}_to_{op.output}"), op.out_fmt, f"{i}_to_{op.output}")
                      for i, x in zip(op.inputs, xs)]
             return float_op(self.b, op, parts)
+        if op.kind == "mul_pow2":  # k * 2^-FL_in * 2^e = k * 2^-FL_out, exact in float32
+            return self.b.node("Mul", [xs[0], self.b.const("pow2", pow2(op.attrs["exponent"], op.name))], op.name)
         return float_op(self.b, op, xs)  # maxpool2d, flatten, reshape, relu: the grid is kept
 
     def build(self, opset: int) -> onnx.ModelProto:
@@ -101,22 +101,6 @@ class _QonnxBuilder:
                             [float_io(n, g.values[n].shape) for n in g.outputs],
                             {"": opset, QONNX_DOMAIN: 1}, "qonnx", min_ir_version=QONNX_IR_VERSION,
                             float32_risk_ops=float32_risks(g))
-
-
-def qonnx_problems(graph: IntegerGraph) -> list[Problem]:
-    """Every reason :func:`to_qonnx` cannot write ``graph`` exactly (all at once; never raises):
-    :func:`~fxquant.export.onnx_builder.exportable_problems` and biases float32 cannot hold."""
-    problems = exportable_problems(graph)
-    if problems:
-        return problems
-    for op in graph.ops:
-        if op.bias is not None and op.weight_fmt is not None:
-            fl_acc = graph.values[op.inputs[0]].fmt.frac_bits + op.weight_fmt.frac_bits
-            exact = dequantize(op.bias, fl_acc)
-            if not np.array_equal(exact.astype(np.float32).astype(np.float64), exact):
-                problems.append(Problem(op.name, op.kind, "bias is not exactly representable in float32 (QONNX "
-                                                          "biases are float initializers): keep |b| <= 2^24"))
-    return problems
 
 
 def to_qonnx(graph: IntegerGraph, *, opset: int = QONNX_OPSET) -> onnx.ModelProto:

@@ -41,8 +41,8 @@ FP32_REPORT = "baseline.json"
 SUPPORTED_BITS = (2, 16)
 """Widths the exporters store: int4/int8/uint8 and int16 (``docs/onnx_export.md``)."""
 _HANDLED = ("conv2d", "linear", "matmul", "add", "cat", "avgpool2d", "requantize", "relu", "maxpool2d", "flatten",
-            "reshape")
-"""The op kinds both exporters emit; ``reshape`` counts once the integer graph defines it."""
+            "reshape", "mul_pow2")
+"""The op kinds both exporters emit (each counts where the integer graph defines it)."""
 
 
 def _ort_version() -> str:
@@ -94,6 +94,7 @@ class _OnnxTarget(Target):
     def run(self, out_dir: Path, int_inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         import onnx
 
+        from fxquant.export.onnx_builder import META_VALUE_FORMATS
         from fxquant.export.verify import input_floats, output_integers, session
 
         path = Path(out_dir) / MODEL_FILE
@@ -102,7 +103,11 @@ class _OnnxTarget(Target):
         model = onnx.load(str(path))
         graph_inputs = [i.name for i in model.graph.input]
         graph_outputs = [o.name for o in model.graph.output]
-        values = json.loads(next(p.value for p in model.metadata_props if p.key == "fxquant.value_formats"))
+        props = {p.key: p.value for p in model.metadata_props}
+        if META_VALUE_FORMATS not in props:
+            raise ExportError(f"{path} has no {META_VALUE_FORMATS} metadata: not an fxquant export",
+                              f"run `fxquant export --target {self.name}` again")
+        values = json.loads(props[META_VALUE_FORMATS])
         feed = {name: input_floats(k, values[name]["frac_bits"], f"input {name!r}")
                 for name, k in zip(graph_inputs, int_inputs, strict=True)}
         outs = session(self.runnable(model)).run(graph_outputs, feed)
@@ -117,8 +122,7 @@ class OnnxQdqTarget(_OnnxTarget):
     option_defaults: ClassVar[dict[str, Any]] = {"opset": 21}
 
     def exporter_problems(self, graph: IntegerGraph, **options: Any) -> list[Problem]:
-        from fxquant.export.onnx_builder import check_opset
-        from fxquant.export.onnx_qdq import qdq_problems
+        from fxquant.export.limits import check_opset, qdq_problems
 
         return qdq_problems(graph, opset=check_opset(options["opset"]))
 
@@ -140,8 +144,7 @@ class QonnxTarget(_OnnxTarget):
                           "on lower_quant(model.onnx) (Quant as Div/Round/Clip/Mul)")
 
     def exporter_problems(self, graph: IntegerGraph, **options: Any) -> list[Problem]:
-        from fxquant.export.onnx_builder import check_opset
-        from fxquant.export.qonnx import QONNX_MAX_IR_VERSION, qonnx_problems
+        from fxquant.export.limits import QONNX_MAX_IR_VERSION, check_opset, qonnx_problems
 
         check_opset(options["opset"], QONNX_MAX_IR_VERSION)
         return qonnx_problems(graph)
@@ -163,7 +166,7 @@ class QonnxTarget(_OnnxTarget):
 def write_fp32_baseline(graph: IntegerGraph, out_dir: Path, *, opset: int = 21) -> dict[str, Any]:
     """Write the FP32 ONNX baseline of ``graph`` (not a target: not integer-exact) to
     ``out_dir/model.onnx`` with ``baseline.json`` (build facts + ``graph_fingerprint``)."""
-    from fxquant.export.onnx_builder import exportable_problems, raise_problems
+    from fxquant.export.limits import exportable_problems, raise_problems
     from fxquant.export.onnx_qdq import check_artifact, to_fp32
 
     raise_problems(exportable_problems(graph))

@@ -1,7 +1,8 @@
 """Graph passes: each a ``torch.fx.passes.infra.pass_base.PassBase`` usable in fx's ``PassManager``.
 
-Order: :func:`capture` → :class:`InsertQuantizers` → :class:`FuseReluIntoQuantizers` → (train under a policy) →
-:class:`FoldBatchNorm` → :func:`lower_to_integer_graph` (deployment). :class:`StripQuantizers`
+Order: :func:`capture` → :class:`InsertQuantizers` → :class:`FuseReluIntoQuantizers` → (train under a
+policy) → ``eval()`` → :class:`FoldBatchNorm` → :func:`lower_to_integer_graph` (deployment). Every
+pass reads calls through :func:`fxquant.passes.op_kinds.call_arguments` (keyword form). :class:`StripQuantizers`
 undoes the insertion. ``docs/passes.md`` shows the pipeline with the PassManager.
 """
 

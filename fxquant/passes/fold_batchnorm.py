@@ -24,10 +24,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxquant.fixed_point import FixedPoint, fit_frac_bits
 from fxquant.passes.insert_quantizers import attach_bias_quantizer, is_quantizer_node
-from fxquant.passes.op_kinds import node_kind
-from fxquant.quantizers import FixedPointQuantizer
+from fxquant.passes.op_kinds import call_arguments, node_kind
+from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
 
-_aten = torch.ops.aten
 
 
 def _bn_parameters(gm: fx.GraphModule, bn: fx.Node) -> tuple[torch.Tensor, ...] | None:
@@ -37,23 +36,31 @@ def _bn_parameters(gm: fx.GraphModule, bn: fx.Node) -> tuple[torch.Tensor, ...] 
         gamma = m.weight if m.affine else torch.ones_like(m.running_mean)
         beta = m.bias if m.affine else torch.zeros_like(m.running_mean)
         return gamma, beta, m.running_mean, m.running_var, m.eps
-    # aten.batch_norm(input, weight, bias, mean, var, training, momentum, eps)
-    # aten._native_batch_norm_legit_no_training(input, weight, bias, mean, var, momentum, eps)
-    tensors = bn.args[1:5]
-    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in tensors):
+    a = call_arguments(gm, bn) or {}
+    if a.get("training"):
+        return None  # batch statistics: nothing constant to fold
+    tensors = [a.get(k) for k in ("weight", "bias", "running_mean", "running_var")]
+    if not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in tensors):
         return None
-    eps = bn.args[7] if bn.target == _aten.batch_norm.default else bn.args[6]
-    return (*(operator.attrgetter(str(a.target))(gm) for a in tensors), float(eps))
+    return (*(operator.attrgetter(str(t.target))(gm) for t in tensors), float(a["eps"]))
 
 
-def _conv_params(gm: fx.GraphModule, conv: fx.Node) -> tuple[str, nn.Module | None]:
-    """The owning path of the conv weight (``path.weight``) and the module if any."""
+def _param_path(gm: fx.GraphModule, node: object) -> str | None:
+    """The ``get_attr`` path behind a (weight or bias) quantizer or a plain parameter read."""
+    if isinstance(node, fx.Node) and node.op == "call_module" and \
+            isinstance(gm.get_submodule(str(node.target)), (FixedPointQuantizer, BiasQuantizer)):
+        node = node.args[0]
+    return str(node.target) if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def _conv_params(gm: fx.GraphModule, conv: fx.Node) -> str | None:
+    """The path of the conv's weight parameter, ``None`` unless it is a plain parameter.
+
+    (``addmm``'s transposed weight is not: scaling its rows would scale the wrong axis.)
+    """
     if conv.op == "call_module":
-        return str(conv.target), gm.get_submodule(str(conv.target))
-    weight = conv.args[1]
-    if is_quantizer_node(gm, weight):
-        weight = weight.args[0]
-    return str(weight.target).rsplit(".", 1)[0], None
+        return f"{conv.target}.weight"
+    return _param_path(gm, conv.args[1])
 
 
 class FoldBatchNorm(PassBase):
@@ -69,7 +76,7 @@ class FoldBatchNorm(PassBase):
                     or len(conv.users) != 1:
                 continue
             params = _bn_parameters(gm, bn)
-            if params is None:
+            if params is None or _conv_params(gm, conv) is None:
                 continue
             gamma, beta, mean, var, eps = params
             self._fold(gm, conv, gamma, beta, mean, var, eps)
@@ -85,18 +92,24 @@ class FoldBatchNorm(PassBase):
 
     @staticmethod
     def _fold(gm: fx.GraphModule, conv: fx.Node, gamma, beta, mean, var, eps) -> None:
-        path, _ = _conv_params(gm, conv)
-        owner = gm.get_submodule(path) if path else gm
+        w_path = _conv_params(gm, conv)
+        owner_path, _, _ = w_path.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        bias_arg = conv.args[2] if conv.op != "call_module" and len(conv.args) > 2 else None
+        b_path = f"{conv.target}.bias" if conv.op == "call_module" else _param_path(gm, bias_arg)
         with torch.no_grad():
             scale = gamma / torch.sqrt(var + eps)
-            weight = owner.weight
+            weight = operator.attrgetter(w_path)(gm)
             weight.mul_(scale.reshape(-1, *([1] * (weight.dim() - 1))))
-            bias = owner.bias if getattr(owner, "bias", None) is not None else torch.zeros_like(mean)
+            old_bias = operator.attrgetter(b_path)(gm) if b_path else None
+            bias = old_bias if old_bias is not None else torch.zeros_like(mean)
             new_bias = (bias - mean) * scale + beta
-            if getattr(owner, "bias", None) is not None:
-                owner.bias.copy_(new_bias)
+            if old_bias is not None:
+                old_bias.copy_(new_bias)
             else:
-                owner.bias = nn.Parameter(new_bias.detach().clone())
+                name = "bias" if getattr(owner, "bias", None) is None else f"{w_path.rpartition('.')[2]}_folded_bias"
+                setattr(owner, name, nn.Parameter(new_bias.detach().clone()))
+                b_path = f"{owner_path}.{name}" if owner_path else name
         if conv.op == "call_module":
             return
         wq_node = conv.args[1]
@@ -104,13 +117,11 @@ class FoldBatchNorm(PassBase):
             wq: FixedPointQuantizer = gm.get_submodule(str(wq_node.target))
             if not wq.fmt.is_off:
                 wq.set_format(FixedPoint(wq.fmt.bits, fit_frac_bits(float(weight.detach().abs().max()), wq.fmt.bits)))
-        if len(conv.args) < 3 or conv.args[2] is None:
+        if bias_arg is None:
             with gm.graph.inserting_before(conv):
-                bias_node = gm.graph.get_attr(f"{path}.bias")
+                bias_node = gm.graph.get_attr(b_path)
             args = list(conv.args) + [None] * (3 - len(conv.args))
             args[2] = bias_node
             conv.args = tuple(args)
             if is_quantizer_node(gm, wq_node) and is_quantizer_node(gm, conv.args[0]):
                 attach_bias_quantizer(gm, conv, wq.layer)
-
-

@@ -1,12 +1,18 @@
 """Insert fixed-point quantizers into a captured graph (after :func:`capture`).
 
-* A **weight quantizer** on every Conv2d/Linear weight (and on a parameter operand of a matmul), and a :class:`BiasQuantizer` putting the
-  bias on the accumulator grid ``FL_w + FL_in``. Conv/Linear modules become functional
-  ``aten.conv2d`` / ``aten.linear`` calls on ``get_attr`` weights (parameters keep their names).
+* Every conv/linear form — ``nn.Conv2d``/``nn.Linear``, ``F.conv2d``/``F.linear`` on parameters,
+  export's aten calls, ``torch.addmm(b, x, W)`` (Hugging Face ``Conv1D``) — becomes one canonical
+  call, ``aten.conv2d.default(x, w, b, stride, padding, dilation, groups)`` /
+  ``aten.linear.default(x, w, b)`` with every argument positional, on ``get_attr`` parameters
+  (parameters keep their names; ``addmm``'s ``(in, out)`` weight is read through ``aten.t``).
+* A **weight quantizer** on every conv/linear weight (and on a parameter operand of a matmul),
+  and a :class:`BiasQuantizer` putting the bias on the accumulator grid ``FL_w + FL_in``.
 * An **activation quantizer on every value that enters a quantized op** (conv, linear, matmul,
   residual add, cat, average pooling) and on every graph output. One quantizer per value, shared
-  by all its quantized consumers; named after the value's producer layer (``input`` for a model
-  input). Float consumers keep the float value.
+  by all its quantized consumers; named after the op that produced the value, looking through
+  transparent ops and BatchNorm only (``input`` for a model input, ``sigmoid`` for a value a
+  sigmoid produced). Float consumers keep the float value. Every quantized op's layer name is
+  recorded in ``node.meta[LAYER_META]``.
 
 Before → after (a residual block)::
 
@@ -19,7 +25,9 @@ Idempotent: a graph that already has quantizers is returned unchanged (``modifie
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -27,8 +35,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxquant.errors import UnsupportedOpError
 from fxquant.fixed_point import OFF_BITS, FixedPoint
-from fxquant.passes.op_kinds import (QUANTIZED_KINDS, WEIGHTED_KINDS, layer_name, module_kind,
-                                     node_kind, tensor_inputs)
+from fxquant.passes.op_kinds import (LAYER_META, QUANTIZED_KINDS, TRANSPARENT_KINDS, WEIGHTED_KINDS,
+                                     call_arguments, layer_name, node_kind, short_name, tensor_inputs)
 from fxquant.quantizers import ACT, WEIGHT, BiasQuantizer, FixedPointQuantizer
 
 QUANT_ROOT = "fxq"
@@ -64,21 +72,22 @@ class InsertQuantizers(PassBase):
         if not hasattr(gm, QUANT_ROOT):
             gm.add_module(QUANT_ROOT, nn.ModuleDict())
         graph = gm.graph
+        for node in list(graph.nodes):
+            if node_kind(gm, node) in WEIGHTED_KINDS:
+                _canonicalize_weighted(gm, node)
         names: dict[fx.Node, str] = {}
         layers: set[str] = set()
         for node in graph.nodes:
             kind = node_kind(gm, node)
             if kind in QUANTIZED_KINDS:
                 names[node] = _unique(layer_name(gm, node, kind), layers)
+                node.meta[LAYER_META] = names[node]
         used: set[str] = set()  # act quantizer names: one per value
-        for node in list(graph.nodes):
-            if node.op == "call_module" and module_kind(gm.get_submodule(str(node.target))) in WEIGHTED_KINDS:
-                _functionalize(gm, node, names)
         act_q: dict[fx.Node, fx.Node] = {}
         for node in list(graph.nodes):
             kind = names.get(node) and node_kind(gm, node)
             if kind:
-                for value in tensor_inputs(node):
+                for value in tensor_inputs(node, gm):
                     if kind == "matmul" and value.op == "get_attr":  # x @ W with a parameter W
                         target = self._add_quantizer(gm, names[node], WEIGHT, self.weight_fmt, kind)
                         with graph.inserting_before(node):
@@ -150,7 +159,12 @@ def _unique(name: str, used: set[str]) -> str:
 
 
 def _source_layer(gm: fx.GraphModule, value: fx.Node, names: dict[fx.Node, str]) -> tuple[str, str]:
-    """``(name, kind)`` of the layer that produced ``value``: walk up through non-quantized ops."""
+    """``(name, kind)`` of the op that produced ``value``, looking through transparent ops and BN.
+
+    ReLU, max pooling, flatten/reshape, dropout and BatchNorm (folded into its conv) keep the
+    producer's name (``conv1`` for conv1 → bn → relu → maxpool); any other op (a quantized layer,
+    or a float op such as ``sigmoid``) names the value itself.
+    """
     node = value
     while True:
         if node.op == "placeholder":
@@ -158,31 +172,76 @@ def _source_layer(gm: fx.GraphModule, value: fx.Node, names: dict[fx.Node, str])
             return (INPUT_LAYER if len(placeholders) == 1 else f"{INPUT_LAYER}.{node.name}"), INPUT_LAYER
         if node in names:
             return names[node], node_kind(gm, node) or ""
-        inputs = tensor_inputs(node)
-        if not inputs:
-            return node.name, ""
-        node = inputs[0]
+        kind = node_kind(gm, node)
+        inputs = tensor_inputs(node, gm) if node.op in ("call_module", "call_function", "call_method") else []
+        if (kind in TRANSPARENT_KINDS or kind == "batchnorm") and inputs:
+            node = inputs[0]
+            continue
+        if node.op == "get_attr":
+            return str(node.target), "constant"
+        op = short_name(gm, node)
+        return layer_name(gm, node, op), op
 
 
-def _functionalize(gm: fx.GraphModule, node: fx.Node, names: dict[fx.Node, str]) -> None:
-    """``call_module`` Conv2d/Linear → ``aten.conv2d``/``aten.linear`` on ``get_attr`` parameters."""
-    path = str(node.target)
-    module = gm.get_submodule(path)
+def _padding(padding: Any, kernel: tuple[int, ...], dilation: Any) -> list[int] | None:
+    """Explicit symmetric integer padding, or ``None`` where there is none ('same', even kernel)."""
+    if not isinstance(padding, str):
+        return [int(p) for p in (padding if isinstance(padding, (list, tuple)) else (padding, padding))]
+    if padding == "valid":
+        return [0, 0]
+    dil = dilation if isinstance(dilation, (list, tuple)) else (dilation, dilation)
+    totals = [int(d) * (int(k) - 1) for d, k in zip(dil, kernel)]
+    return [t // 2 for t in totals] if padding == "same" and all(t % 2 == 0 for t in totals) else None
+
+
+def _pair_list(v: Any) -> list[int]:
+    return [int(x) for x in v] * (2 if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else [int(v), int(v)]
+
+
+def _canonicalize_weighted(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Every conv/linear form → ``aten.conv2d.default(x, w, b, stride, padding, dilation, groups)`` /
+    ``aten.linear.default(x, w, b)`` on ``get_attr`` parameters, every argument positional.
+
+    Covers ``nn.Conv2d``/``nn.Linear`` modules (parameters keep their names), ``F.conv2d`` /
+    ``F.linear`` with parameter weights, export's aten calls (keyword or short forms), and
+    ``torch.addmm(b, x, W)`` (Hugging Face ``Conv1D``, ``W`` of shape ``(in, out)``), which becomes
+    ``linear(x, aten.t(W), b)``: the same sum, and the weight quantizer sees the ``(out, in)`` matrix.
+    """
     graph = gm.graph
-    with graph.inserting_before(node):
-        weight = graph.get_attr(f"{path}.weight")
-        bias = graph.get_attr(f"{path}.bias") if module.bias is not None else None
+    a = call_arguments(gm, node)
+    kind = node_kind(gm, node)
+    if a is None:
+        return
+    meta_stack = None
+    if node.op == "call_module":
+        path = str(node.target)
+        module = gm.get_submodule(path)
         if isinstance(module, nn.Conv2d):
-            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            if module.padding_mode != "zeros" or _padding(module.padding, module.kernel_size, module.dilation) is None:
                 raise UnsupportedOpError(f"conv {path!r}: padding {module.padding!r} / mode "
                                          f"{module.padding_mode!r} is not supported",
-                                         "use integer zero padding")
-            new = graph.call_function(_aten.conv2d.default, (node.args[0], weight, bias, list(module.stride),
-                                      list(module.padding), list(module.dilation), module.groups))
+                                         "use integer zero padding (or 'same' with an odd kernel)")
+        with graph.inserting_before(node):
+            a["weight"] = graph.get_attr(f"{path}.weight")
+            a["bias"] = graph.get_attr(f"{path}.bias") if module.bias is not None else None
+        meta_stack = {path: (path, type(module))}
+    with graph.inserting_before(node):
+        if node.target in (torch.addmm, _aten.addmm.default):
+            mat2 = a["mat2"]
+            weight = graph.call_function(_aten.t.default, (mat2,)) if mat2.op == "get_attr" else mat2.args[0]
+            new = graph.call_function(_aten.linear.default, (a["mat1"], weight, a["input"]))
+        elif kind == "conv2d":
+            kernel = tuple(operator.attrgetter(str(a["weight"].target))(gm).shape[2:])
+            padding = _padding(a.get("padding", 0), kernel, a.get("dilation", 1))
+            if padding is None:
+                return  # asymmetric 'same' padding: stays a float op, the lowering names it
+            new = graph.call_function(_aten.conv2d.default, (
+                a["input"], a["weight"], a.get("bias"), _pair_list(a.get("stride", 1)), padding,
+                _pair_list(a.get("dilation", 1)), int(a.get("groups", 1))))
         else:
-            new = graph.call_function(_aten.linear.default, (node.args[0], weight, bias))
+            new = graph.call_function(_aten.linear.default, (a["input"], a["weight"], a.get("bias")))
     new.meta.update(node.meta)
-    new.meta["nn_module_stack"] = {path: (path, type(module))}
+    if meta_stack is not None:
+        new.meta["nn_module_stack"] = meta_stack
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-    names[new] = names.pop(node)

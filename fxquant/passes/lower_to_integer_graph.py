@@ -4,10 +4,32 @@ Must run after :class:`InsertQuantizers`, training, :class:`FoldBatchNorm` (eval
 every quantizer at a fixed format (no 32-bit "off" layer, no dynamic FL). The result holds
 integer weights ``quantize_int(W, fmt_w)`` and int32 biases on ``FL_w + FL_in``.
 
+Every call is read in keyword form (:func:`~fxquant.passes.op_kinds.call_arguments`), so
+``F.max_pool2d(x, 3, stride=1, padding=1)``, the module and the aten overload lower alike.
+
 Requantization is placed on the op that produced a value: ``conv → relu → maxpool → q`` becomes
-``conv(out_fmt=q) → relu → maxpool`` (exact: ``q`` commutes with ReLU and max pooling), and a
-ReLU directly after a compute op is fused into it (``attrs["relu"]``). A quantizer on a value that
-is already on a grid becomes an explicit ``requantize`` op (the fx graph rounds twice there too).
+``conv(out_fmt=q) → relu → maxpool`` (exact: ``q`` commutes with ReLU, max pooling and reshapes),
+and a ReLU directly after a compute op is fused into it (``attrs["relu"]``). The same holds for
+the model input: ``x → flatten → q[input]`` becomes the input ``x`` at ``q``'s format, then
+``flatten``. A quantizer on a value that is already on a grid becomes an explicit ``requantize``
+op (the fx graph rounds twice there too).
+
+**Shapes** come from two shape propagations, at the example batch ``B`` and at ``2B``. Shape
+arithmetic (``x.size(0)``, ``x.shape[1]``, ``aten.sym_size``, int arithmetic) is evaluated there
+and never lowered. A ``view``/``reshape``/``flatten``/``squeeze`` must keep the batch dimension
+(output ``(B, *S)`` and ``(2B, *S)`` with the same ``S``): it lowers to ``flatten`` when ``S`` has one
+dimension, to nothing when ``S`` is the input's shape, else to ``reshape`` with ``attrs["shape"] = S``.
+One batch-touching form is accepted: ``x.view(-1, C)`` of an ``(N, *L, C)`` tensor (Hugging Face's
+``Conv1D``) whose rows only meet row-wise ops before a reshape back to ``(N, *L, …)``; that region
+is lowered on the unmerged tensor (:meth:`_Lowering.track_rows`).
+
+``torch.add(a, b, alpha=2^e)`` is exact in fixed point: ``b``'s integers at ``FL_b - e`` are
+``2^e b``, so the lowering emits ``mul_pow2`` (integers unchanged, FL relabelled) before the add;
+any other ``alpha`` is refused.
+
+Every op that has no integer form is collected and reported in one
+:class:`~fxquant.errors.UnsupportedOpError`, each by its module path, qualified op name and the
+user's source line.
 """
 
 from __future__ import annotations
@@ -15,6 +37,8 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import operator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,36 +46,133 @@ from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxquant.errors import ExportError, ModelFileError, UnsupportedOpError
-from fxquant.fixed_point import FixedPoint, quantize_bias, quantize_int
+from fxquant.fixed_point import FRAC_BITS_LIMIT, FixedPoint, quantize_bias, quantize_int
 from fxquant.integer_graph import IntegerGraph, Op, Value
-from fxquant.passes.op_kinds import layer_name, node_kind
+from fxquant.passes.op_kinds import call_arguments, describe, layer_name, node_kind, table_kind
 from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
 
 _aten = torch.ops.aten
+COVERAGE_HINT = "docs/coverage.md lists the ops and forms each target supports"
+_RESHAPE_HINT = "keep the batch dimension: x.view(x.size(0), ...), torch.flatten(x, 1)"
 
 
 def _pair(v: Any) -> tuple[int, int]:
     if isinstance(v, (list, tuple)):
-        return (int(v[0]), int(v[-1]))
+        return (int(v[0]), int(v[-1])) if v else (0, 0)
     return (int(v), int(v))
 
 
-class _Lowering:
+def _is_shape_like(v: Any) -> bool:
+    """Ints, sizes and tuples of them (shape arithmetic), as opposed to tensors."""
+    if isinstance(v, (bool, int, float, torch.SymInt, type(None), str)):
+        return True
+    if isinstance(v, _TensorShape):
+        return False
+    if isinstance(v, (list, tuple)):  # torch.Size is a tuple
+        return all(_is_shape_like(x) for x in v)
+    return False
+
+
+def _nodes(value: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(value, out.append)
+    return out
+
+
+class _TensorShape(tuple):
+    """The shape of a tensor result (as opposed to a size computed by shape arithmetic)."""
+
+
+class _Recorder(ShapeProp):
+    """ShapeProp that also keeps every non-tensor result (shape arithmetic) and every shape."""
+
     def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.results: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        self.results[n] = _TensorShape(result.shape) if isinstance(result, torch.Tensor) else result
+        return result
+
+
+class _Shapes(fx.Interpreter):
+    """Shapes of every tensor at another batch size."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, tuple[int, ...]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            self.shapes[n] = tuple(result.shape)
+        return result
+
+
+@dataclass
+class _InputRoot:
+    """A model input whose format is set by the first quantizer it reaches (through transparent ops)."""
+
+    output: str
+    out_fmt: FixedPoint | None = None
+    kind: str = "input"
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class _Lowering:
+    def __init__(self, gm: fx.GraphModule, results: dict[fx.Node, Any],
+                 shapes2: dict[fx.Node, tuple[int, ...]] | None, failure2: str | None) -> None:
         self.gm = gm
+        self.results = results
+        self.shapes2 = shapes2
+        self.failure2 = failure2
         self.ops: list[Op] = []
         self.value_of: dict[fx.Node, str] = {}
-        self.root_of: dict[str, Op | None] = {}  # value -> requantizing op still waiting for a format
+        self.root_of: dict[str, Op | _InputRoot | None] = {}  # value -> op still waiting for a format
+        self.input_roots: dict[str, _InputRoot] = {}
         self.fmt_of: dict[str, FixedPoint] = {}
         self.shape_of: dict[str, tuple[int, ...]] = {}
-        self.inputs: list[Value] = []
+        self.constants: set[fx.Node] = set()
+        self.problems: list[tuple[str, str | None]] = []
+        self.rows: dict[fx.Node, tuple[int, ...]] = {}  # row-merged values: their leading dims L
+        self.poisoned: set[fx.Node] = set()
 
+    # ---------------------------------------------------------------- helpers
     def module(self, node: fx.Node) -> torch.nn.Module:
         return self.gm.get_submodule(str(node.target))
 
     def shape(self, node: fx.Node) -> tuple[int, ...]:
+        """Shape without the batch dimension (a row-merged value keeps its leading dims ``L``)."""
         meta = node.meta.get("tensor_meta")
-        return tuple(int(s) for s in meta.shape[1:]) if meta is not None else ()
+        shape = tuple(int(s) for s in meta.shape[1:]) if meta is not None and hasattr(meta, "shape") else ()
+        return self.rows[node] + shape if node in self.rows else shape
+
+    def full_shape(self, node: fx.Node) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.results[node])
+
+    def value(self, arg: Any) -> Any:
+        """A call argument with shape-arithmetic nodes replaced by their propagated values."""
+        return fx.node.map_arg(arg, lambda n: self.results[n])
+
+    def constant(self, node: fx.Node) -> torch.Tensor:
+        """The value of a parameter / buffer, or of an op on parameters only (``aten.t(W)``)."""
+        if node.op == "get_attr":
+            return operator.attrgetter(str(node.target))(self.gm)
+        if node.op == "call_module" and isinstance(self.module(node), FixedPointQuantizer):
+            return self.constant(node.args[0])
+        args = fx.node.map_arg(node.args, self.constant)
+        kwargs = fx.node.map_arg(node.kwargs, self.constant)
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+    def ir(self, node: fx.Node) -> str:
+        """The IR value lowered for ``node``; a parameter or constant used as an activation is refused."""
+        if node not in self.value_of:
+            raise self.refuse(node, "a constant tensor used as an activation",
+                              "make it a parameter of a conv/linear, or compute it outside the model")
+        return self.value_of[node]
 
     def quantizer_fmt(self, q: FixedPointQuantizer) -> FixedPoint:
         fmt = q.fmt
@@ -66,41 +187,94 @@ class _Lowering:
         self.shape_of[op.output] = self.shape(node)
         self.root_of[op.output] = op if pending else None
 
+    def refuse(self, node: fx.Node, reason: str, hint: str | None = None) -> UnsupportedOpError:
+        return UnsupportedOpError(f"{describe(self.gm, node)}: {reason}", hint)
+
+    # ---------------------------------------------------------------- driver
     def lower(self) -> IntegerGraph:
         for node in self.gm.graph.nodes:
-            if node.op in ("get_attr",):
-                continue
             if node.op == "output":
-                outs = node.args[0]
-                flat = outs if isinstance(outs, (tuple, list)) else (outs,)
-                outputs = [self.resolved(n, "graph output") for n in flat]
-                return self.finish(outputs)
+                return self.finish(node)
+            if node.op == "get_attr":
+                self.constants.add(node)
+                continue
             if node.op == "placeholder":
                 self.value_of[node] = node.name
-                self.root_of[node.name] = None
+                self.input_roots[node.name] = self.root_of[node.name] = _InputRoot(node.name)
                 self.shape_of[node.name] = self.shape(node)
                 continue
             if node.op == "call_module" and isinstance(self.module(node), BiasQuantizer):
+                self.constants.add(node)  # read by lower_weighted from the parameter
                 continue
-            if node.op == "call_module" and isinstance(self.module(node), FixedPointQuantizer):
-                self.lower_quantizer(node)
+            inputs = _nodes((node.args, node.kwargs))
+            is_quantizer = node.op == "call_module" and isinstance(self.module(node), FixedPointQuantizer)
+            act_quantizer = is_quantizer and self.module(node).role != "weight"
+            if inputs and all(n in self.constants for n in inputs) and not act_quantizer:
+                self.constants.add(node)  # parameter arithmetic (a weight's transpose)
                 continue
-            self.lower_op(node)
+            if node in self.results and _is_shape_like(self.results[node]):
+                continue  # shape arithmetic: evaluated by shape propagation, never an op
+            if any(n in self.poisoned for n in inputs):
+                self.poisoned.add(node)
+                kind = node_kind(self.gm, node)
+                if not is_quantizer and (kind is None or kind == "batchnorm"):
+                    self.record(self.no_integer_form(node, kind))
+                continue
+            try:
+                self.track_rows(node, inputs, is_quantizer)
+                if is_quantizer:
+                    self.lower_quantizer(node)
+                else:
+                    self.lower_op(node)
+            except UnsupportedOpError as exc:
+                self.record(exc)
+                self.poisoned.add(node)
         raise ExportError("graph has no output node")
 
+    def track_rows(self, node: fx.Node, inputs: list[fx.Node], is_quantizer: bool) -> None:
+        """Row-merged values (``x.view(-1, C)`` of an ``(N, *L, C)`` tensor, as in Hugging Face's
+        ``Conv1D``) may only flow through row-wise ops (quantizers, linear, relu, add, dropout)
+        into a reshape back to ``(N, *L, …)``; they then lower on the unmerged tensor."""
+        merged = [self.rows[n] for n in inputs if n in self.rows]
+        if not merged:
+            return
+        kind = node_kind(self.gm, node)
+        if kind in ("flatten", "reshape"):
+            return  # lower_reshape decides
+        if (is_quantizer or kind in ("linear", "relu", "add", "identity")) and len(set(merged)) == 1 and \
+                len(merged) == len([n for n in inputs if n not in self.constants]):
+            self.rows[node] = merged[0]
+            return
+        raise self.refuse(node, f"reads a reshape that merged the batch into rows ({describe(self.gm, inputs[0])})",
+                          _RESHAPE_HINT)
+
+    def record(self, exc: UnsupportedOpError) -> None:
+        self.problems.append((exc.message, exc.hint))
+
+    def raise_problems(self) -> None:
+        if not self.problems:
+            return
+        messages = [m for m, _ in self.problems]
+        hints = list(dict.fromkeys(h for _, h in self.problems if h))
+        raise UnsupportedOpError(f"{len(messages)} op(s) have no integer form: " + "; ".join(messages),
+                                 "; ".join(hints + [COVERAGE_HINT]))
+
+    def no_integer_form(self, node: fx.Node, kind: str | None) -> UnsupportedOpError:
+        if kind == "batchnorm":
+            return self.refuse(node, "BatchNorm is not folded", "run FoldBatchNorm first (BN must follow a conv/linear)")
+        if node.op in ("call_function", "call_method") and table_kind(node) in ("conv2d", "linear"):
+            return self.refuse(node, "its weight is computed, not a parameter (or addmm has alpha/beta)",
+                               "use an nn.Parameter as the weight")
+        return self.refuse(node, "no integer form")
+
+    # ---------------------------------------------------------------- quantizers
     def lower_quantizer(self, node: fx.Node) -> None:
         q: FixedPointQuantizer = self.module(node)
         fmt = self.quantizer_fmt(q)
-        src = node.args[0]
         if q.role == "weight":
             return
-        if src.op == "placeholder":
-            value = Value(src.name, self.shape(src), fmt)
-            self.inputs.append(value)
-            self.fmt_of[src.name] = fmt
-            self.value_of[node] = src.name
-            return
-        name = self.value_of[src]
+        src = node.args[0]
+        name = self.ir(src)
         root = self.root_of.get(name)
         if root is None:  # already on a grid: an explicit change of format
             op = Op(q.layer, "requantize", (name,), node.name, out_fmt=fmt, attrs={"relu": q.relu})
@@ -113,7 +287,7 @@ class _Lowering:
                               f"for layer {q.layer!r})", "share one quantizer for the value")
         self.value_of[node] = name
         if q.relu:  # a ReLU fused into the quantizer: onto the op itself when nothing else reads it
-            if root.output == name and len(src.users) == 1:
+            if isinstance(root, Op) and root.output == name and len(src.users) == 1:
                 root.attrs["relu"] = True
             else:
                 self.emit(node, Op(node.name, "relu", (name,), node.name, out_fmt=None), pending=False)
@@ -121,7 +295,7 @@ class _Lowering:
 
     def resolved(self, node: fx.Node, what: str) -> str:
         """The IR value of ``node``, which must already be on a fixed-point grid."""
-        name = self.value_of[node]
+        name = self.ir(node)
         if self.fmt(name) is None:
             raise ExportError(f"{what} {node.name!r} is not quantized",
                               "run InsertQuantizers so every value entering a quantized op has a quantizer")
@@ -131,165 +305,270 @@ class _Lowering:
         """Format of a value: its producer's ``out_fmt``, through transparent ops to their source."""
         if name in self.fmt_of:
             return self.fmt_of[name]
+        if name in self.input_roots:
+            return self.input_roots[name].out_fmt
         producer = next((op for op in reversed(self.ops) if op.output == name), None)
         if producer is None:
             return None
         if producer.out_fmt is not None:
             return producer.out_fmt
-        if producer.kind in ("relu", "maxpool2d", "flatten"):
+        if producer.kind in ("relu", "maxpool2d", "flatten", "reshape"):
             return self.fmt(producer.inputs[0])
         return None
 
+    # ---------------------------------------------------------------- ops
     def lower_op(self, node: fx.Node) -> None:
         kind = node_kind(self.gm, node)
-        target = node.target if node.op != "call_module" else type(self.module(node)).__name__
         if kind is None or kind == "batchnorm":
-            hint = ("run FoldBatchNorm first (BN must follow a conv/linear)" if kind == "batchnorm"
-                    else "supported: conv2d, linear, matmul, add, cat, avg/max pooling, relu, flatten")
-            raise UnsupportedOpError(f"node {node.name!r} (op {target}) has no integer form", hint)
+            raise self.no_integer_form(node, kind)
+        a = call_arguments(self.gm, node)
+        if a is None:
+            raise self.refuse(node, "its arguments do not match the op's signature")
         if kind == "identity":
-            src = node.args[0]
-            self.value_of[node] = self.value_of[src]
+            if node.op == "call_function" and node.target is torch.nn.functional.dropout and a.get("training"):
+                raise self.refuse(node, "dropout with training=True in the deployed model",
+                                  "use nn.Dropout or F.dropout(x, p, self.training)")
+            self.value_of[node] = self.ir(a["input"])
             return
         layer = layer_name(self.gm, node, kind)
         if kind in ("conv2d", "linear"):
-            self.lower_weighted(node, kind, layer)
-        elif kind == "matmul" and self.is_weight(node.args[1]):
-            self.lower_weighted(node, "matmul", layer)
-        elif kind in ("add", "matmul"):
-            ins = tuple(self.resolved(a, f"input of {layer}") for a in node.args[:2])
+            self.lower_weighted(node, a, kind, layer)
+        elif kind == "matmul" and self.is_weight(a.get("other")):
+            self.lower_weighted(node, a, "matmul", layer)
+        elif kind == "matmul":
+            ins = tuple(self.resolved(x, f"input of {layer}") for x in (a["input"], a["other"]))
             self.emit(node, Op(layer, kind, ins, node.name, out_fmt=None), pending=True)
+        elif kind == "add":
+            self.lower_add(node, a, layer)
         elif kind == "cat":
-            ins = tuple(self.resolved(a, f"input of {layer}") for a in node.args[0])
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            self.emit(node, Op(layer, kind, ins, node.name, out_fmt=None, attrs={"dim": int(dim)}), pending=True)
+            self.lower_cat(node, a, layer)
         elif kind == "avgpool2d":
-            self.lower_avgpool(node, layer)
+            self.lower_avgpool(node, a, layer)
         elif kind == "maxpool2d":
-            self.lower_maxpool(node)
+            self.lower_maxpool(node, a)
         elif kind == "relu":
-            self.lower_relu(node)
-        elif kind == "flatten":
-            src = self.value_of[node.args[0]]
-            self.emit(node, Op(node.name, "flatten", (src,), node.name, out_fmt=None), pending=False)
-            self.root_of[node.name] = self.root_of.get(src)
+            self.lower_relu(node, a["input"])
+        elif kind in ("flatten", "reshape"):
+            self.lower_reshape(node, a["input"])
+        else:  # pragma: no cover - every kind of op_kinds is handled above
+            raise self.no_integer_form(node, None)
 
     def is_weight(self, arg: object) -> bool:
         return (isinstance(arg, fx.Node) and arg.op == "call_module"
                 and isinstance(self.module(arg), FixedPointQuantizer) and self.module(arg).role == "weight")
 
-    def lower_weighted(self, node: fx.Node, kind: str, layer: str) -> None:
+    def lower_weighted(self, node: fx.Node, a: dict[str, Any], kind: str, layer: str) -> None:
         """Conv2d / linear, or ``x @ W`` with a parameter ``W`` (a linear op on ``W^T``)."""
-        x, wq_node = node.args[0], node.args[1]
-        bias_node = node.args[2] if len(node.args) > 2 and kind != "matmul" else None
-        if not (isinstance(wq_node, fx.Node) and wq_node.op == "call_module"
-                and isinstance(self.module(wq_node), FixedPointQuantizer)):
+        x = a["input"]
+        wq_node = a["other"] if kind == "matmul" else a["weight"]
+        bias_node = a.get("bias") if kind != "matmul" else None
+        if not self.is_weight(wq_node):
             raise ExportError(f"layer {layer!r}: weight is not quantized", "run InsertQuantizers")
         wq: FixedPointQuantizer = self.module(wq_node)
         w_fmt = self.quantizer_fmt(wq)
-        w_float = self.gm.get_parameter(str(wq_node.args[0].target)).detach().double().numpy()
+        w_float = self.constant(wq_node.args[0]).detach().double().numpy()
         if kind == "matmul":
             if w_float.ndim != 2:
-                raise UnsupportedOpError(f"node {node.name!r}: matmul with a {w_float.ndim}-d parameter",
-                                         "use a 2-d weight (x @ W) or nn.Linear")
+                raise self.refuse(node, f"matmul with a {w_float.ndim}-d parameter",
+                                  "use a 2-d weight (x @ W) or nn.Linear")
             kind, w_float = "linear", w_float.T
         in_name = self.resolved(x, f"input of {layer}")
         in_fmt = self.fmt(in_name)
         bias = None
         if isinstance(bias_node, fx.Node):
             b_src = bias_node.args[0] if bias_node.op == "call_module" else bias_node
-            b_float = self.gm.get_parameter(str(b_src.target)).detach().double().numpy()
+            b_float = self.constant(b_src).detach().double().numpy()
             bias = quantize_bias(b_float, w_fmt.frac_bits + in_fmt.frac_bits)
         attrs: dict[str, Any] = {}
         if kind == "conv2d":
-            stride, padding, dilation, groups = (list(node.args[3:7]) + [1, 0, 1, 1][len(node.args[3:7]):])
-            attrs = {"stride": _pair(stride), "padding": _pair(padding), "dilation": _pair(dilation),
-                     "groups": int(groups)}
+            padding = self.value(a.get("padding", 0))
+            if isinstance(padding, str):
+                raise self.refuse(node, f"padding {padding!r}", "use integer zero padding")
+            attrs = {"stride": _pair(self.value(a.get("stride", 1))), "padding": _pair(padding),
+                     "dilation": _pair(self.value(a.get("dilation", 1))), "groups": int(self.value(a.get("groups", 1)))}
         op = Op(layer, kind, (in_name,), node.name, out_fmt=None, weight=quantize_int(w_float, w_fmt),
                 weight_fmt=w_fmt, bias=bias, attrs=attrs)
         self.emit(node, op, pending=True)
 
-    def lower_avgpool(self, node: fx.Node, layer: str) -> None:
-        src = node.args[0]
+    def lower_add(self, node: fx.Node, a: dict[str, Any], layer: str) -> None:
+        ins = [self.resolved(x, f"input of {layer}") for x in (a["input"], a["other"])]
+        alpha = self.value(a.get("alpha", 1))
+        if alpha != 1:
+            mantissa, exp = math.frexp(float(alpha)) if isinstance(alpha, (int, float)) else (0.0, 0)
+            exponent = exp - 1
+            b_fmt = self.fmt(ins[1])
+            if mantissa != 0.5 or abs(b_fmt.frac_bits - exponent) > FRAC_BITS_LIMIT:
+                raise self.refuse(node, f"add with alpha={alpha!r} (only powers of two are exact)",
+                                  "scale by a power of two, or fold alpha into the producing layer")
+            scaled = f"{node.name}_alpha"
+            self.ops.append(Op(f"{layer}.alpha", "mul_pow2", (ins[1],), scaled,
+                               out_fmt=FixedPoint(b_fmt.bits, b_fmt.frac_bits - exponent),
+                               attrs={"exponent": exponent}))
+            self.shape_of[scaled] = self.shape_of[ins[1]]
+            self.root_of[scaled] = None
+            ins[1] = scaled
+        self.emit(node, Op(layer, "add", tuple(ins), node.name, out_fmt=None), pending=True)
+
+    def lower_cat(self, node: fx.Node, a: dict[str, Any], layer: str) -> None:
+        ins = tuple(self.resolved(x, f"input of {layer}") for x in a["tensors"])
+        rank = len(self.full_shape(node))
+        dim = int(self.value(a.get("dim", 0))) % rank
+        if dim == 0:
+            raise self.refuse(node, "concatenation along the batch dimension")
+        self.emit(node, Op(layer, "cat", ins, node.name, out_fmt=None, attrs={"dim": dim}), pending=True)
+
+    def check_window_shape(self, node: fx.Node, src: fx.Node, attrs: dict[str, Any], what: str) -> None:
+        """The pooled shape without ceil_mode (what the integer op computes) must be torch's."""
+        h, w = self.full_shape(src)[2:]
+        (kh, kw), (sh, sw), (ph, pw) = attrs["kernel"], attrs["stride"], attrs["padding"]
+        expect = ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+        if tuple(self.full_shape(node)[2:]) != expect:
+            raise self.refuse(node, f"{what} with ceil_mode leaves partial windows", "use ceil_mode=False")
+
+    def lower_avgpool(self, node: fx.Node, a: dict[str, Any], layer: str) -> None:
+        src = a["input"]
         in_name = self.resolved(src, f"input of {layer}")
         in_shape = self.shape(src)
-        if node.target in (torch.nn.functional.adaptive_avg_pool2d, _aten.adaptive_avg_pool2d.default) or \
-                (node.op == "call_module" and isinstance(self.module(node), torch.nn.AdaptiveAvgPool2d)):
-            out_hw = _pair(node.args[1] if node.op != "call_module" else self.module(node).output_size)
+        if "output_size" in a:
+            out_hw = self.value(a["output_size"])
+            out_hw = _pair(tuple(in_shape[1 + i] if s is None else s for i, s in enumerate(out_hw))
+                           if isinstance(out_hw, (list, tuple)) else out_hw)
             if in_shape[1] % out_hw[0] or in_shape[2] % out_hw[1]:
-                raise UnsupportedOpError(f"node {node.name!r}: adaptive pooling {in_shape[1:]}→{out_hw} "
-                                         "has unequal windows", "use sizes that divide evenly")
+                raise self.refuse(node, f"adaptive pooling {in_shape[1:]}→{out_hw} has unequal windows",
+                                  "use sizes that divide evenly")
             kernel = (in_shape[1] // out_hw[0], in_shape[2] // out_hw[1])
             attrs = {"kernel": kernel, "stride": kernel, "padding": (0, 0)}
         else:
-            m = self.module(node) if node.op == "call_module" else None
-            k = m.kernel_size if m else node.args[1]
-            s = (m.stride if m else (node.args[2] if len(node.args) > 2 else k)) or k
-            p = m.padding if m else (node.args[3] if len(node.args) > 3 else 0)
-            attrs = {"kernel": _pair(k), "stride": _pair(s), "padding": _pair(p)}
+            k = _pair(self.value(a["kernel_size"]))
+            s = self.value(a.get("stride")) or k
+            attrs = {"kernel": k, "stride": _pair(s), "padding": _pair(self.value(a.get("padding", 0)))}
+            divisor = self.value(a.get("divisor_override"))
+            if divisor not in (None, k[0] * k[1]):
+                raise self.refuse(node, f"average pooling with divisor_override={divisor}")
+            self.check_window_shape(node, src, attrs, "average pooling")
         kh, kw = attrs["kernel"]
         if 2 ** int(math.log2(kh * kw)) != kh * kw or attrs["padding"] != (0, 0):
-            raise UnsupportedOpError(f"node {node.name!r}: average pooling over {kh}x{kw} (padding "
-                                     f"{attrs['padding']}) is not integer-exact",
-                                     "use a power-of-two window without padding")
+            raise self.refuse(node, f"average pooling over {kh}x{kw} (padding {attrs['padding']}) is not "
+                                    "integer-exact", "use a power-of-two window without padding")
         self.emit(node, Op(layer, "avgpool2d", (in_name,), node.name, out_fmt=None, attrs=attrs), pending=True)
 
-    def lower_maxpool(self, node: fx.Node) -> None:
-        src = self.value_of[node.args[0]]
-        if node.op == "call_module":
-            m = self.module(node)
-            k, s, p, d, ceil = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
-        else:
-            a = list(node.args) + [None] * 6
-            k, s, p, d, ceil = a[1], a[2] or a[1], a[3] or 0, a[4] or 1, bool(a[5])
-        if _pair(d) != (1, 1) or ceil:
-            raise UnsupportedOpError(f"node {node.name!r}: max pooling with dilation/ceil_mode",
-                                     "use dilation=1, ceil_mode=False")
-        attrs = {"kernel": _pair(k), "stride": _pair(s or k), "padding": _pair(p)}
+    def lower_maxpool(self, node: fx.Node, a: dict[str, Any]) -> None:
+        src_node = a["input"]
+        src = self.ir(src_node)
+        k = _pair(self.value(a["kernel_size"]))
+        s = self.value(a.get("stride")) or k
+        if _pair(self.value(a.get("dilation", 1))) != (1, 1) or self.value(a.get("return_indices", False)):
+            raise self.refuse(node, "max pooling with dilation or return_indices", "use dilation=1")
+        attrs = {"kernel": k, "stride": _pair(s), "padding": _pair(self.value(a.get("padding", 0)))}
+        self.check_window_shape(node, src_node, attrs, "max pooling")
         self.emit(node, Op(node.name, "maxpool2d", (src,), node.name, out_fmt=None, attrs=attrs), pending=False)
         self.root_of[node.name] = self.root_of.get(src)
 
-    def lower_relu(self, node: fx.Node) -> None:
-        src_node = node.args[0]
-        src = self.value_of[src_node]
+    def lower_relu(self, node: fx.Node, src_node: fx.Node) -> None:
+        src = self.ir(src_node)
         root = self.root_of.get(src)
-        if root is not None and root.output == src and len(src_node.users) == 1 and root.kind != "cat":
+        if isinstance(root, Op) and root.output == src and len(src_node.users) == 1 and root.kind != "cat":
             root.attrs["relu"] = True
             self.value_of[node] = src
             return
         self.emit(node, Op(node.name, "relu", (src,), node.name, out_fmt=None), pending=False)
         self.root_of[node.name] = root
 
-    def finish(self, outputs: list[str]) -> IntegerGraph:
+    def lower_reshape(self, node: fx.Node, src_node: fx.Node) -> None:
+        """flatten / view / reshape / squeeze that keep the batch dimension (module docstring)."""
+        src = self.ir(src_node)
+        in1, out1 = self.full_shape(src_node), self.full_shape(node)
+        if self.shapes2 is None or node not in self.shapes2:
+            raise self.refuse(node, f"the model does not run at another batch size ({self.failure2}), so "
+                                    f"reshape {in1} → {out1} may fix the batch", _RESHAPE_HINT)
+        in2, out2 = self.shapes2[src_node], self.shapes2[node]
+        if src_node in self.rows:  # back from rows: (N*prod(L), X) -> (N, *L, X)
+            lead = self.rows[src_node]
+            if out1 == (in1[0] // math.prod(lead), *lead, *in1[1:]) and out2 == (in2[0] // math.prod(lead), *lead, *in2[1:]):
+                self.value_of[node] = src
+                return
+            raise self.refuse(node, f"reshape {in1} → {out1} does not restore the rows' leading dims {lead}",
+                              _RESHAPE_HINT)
+        lead = tuple(in1[1:-1])
+        if lead and len(out1) == 2 and out1 == (math.prod(in1[:-1]), in1[-1]) and \
+                out2 == (math.prod(in2[:-1]), in2[-1]) and tuple(in2[1:-1]) == lead:
+            self.rows[node] = lead  # (N, *L, C) -> (N*prod(L), C): rows, lowered unmerged
+            self.value_of[node] = src
+            return
+        if not (len(out1) >= 1 and out1[0] == in1[0] and out2[0] == in2[0] and out1[1:] == out2[1:]):
+            raise self.refuse(node, f"reshape {in1} → {out1} touches the batch dimension", _RESHAPE_HINT)
+        shape = tuple(out1[1:])
+        if shape == tuple(in1[1:]):
+            self.value_of[node] = src
+            return
+        if len(shape) == 1:
+            op = Op(node.name, "flatten", (src,), node.name, out_fmt=None)
+        else:
+            op = Op(node.name, "reshape", (src,), node.name, out_fmt=None, attrs={"shape": shape})
+        self.emit(node, op, pending=False)
+        self.root_of[node.name] = self.root_of.get(src)
+
+    # ---------------------------------------------------------------- result
+    def finish(self, output: fx.Node) -> IntegerGraph:
+        self.raise_problems()  # nothing poisoned without a problem: every output is lowered
+        outs = output.args[0]
+        flat = outs if isinstance(outs, (tuple, list)) else (outs,)
+        for n in flat:
+            if n in self.rows:
+                self.record(self.refuse(n, "a graph output with the batch merged into rows", _RESHAPE_HINT))
+        self.raise_problems()
+        return self.build([self.resolved(n, "graph output") for n in flat])
+
+    def build(self, outputs: list[str]) -> IntegerGraph:
         for op in self.ops:
-            if op.out_fmt is None and op.kind in ("relu", "maxpool2d", "flatten"):
+            if op.out_fmt is None and op.kind in ("relu", "maxpool2d", "flatten", "reshape"):
                 op.out_fmt = self.fmt(op.inputs[0])
             if op.out_fmt is None:
                 raise ExportError(f"layer {op.name!r} ({op.kind}) output is never quantized",
                                   "its consumer must be a quantized op or the graph output")
             self.fmt_of[op.output] = op.out_fmt
-        values = {v.name: v for v in self.inputs}
+        inputs = [Value(name, self.shape_of[name], root.out_fmt)
+                  for name, root in self.input_roots.items() if root.out_fmt is not None]
+        values = {v.name: v for v in inputs}
         values.update({op.output: Value(op.output, self.shape_of[op.output], op.out_fmt) for op in self.ops})
         layers = {}
         for q in self.gm.modules():
             if isinstance(q, FixedPointQuantizer):
                 layers.setdefault(q.layer, {})[q.role] = q.fmt.to_dict()
-        return IntegerGraph(inputs=self.inputs, ops=self.ops, outputs=outputs, values=values, layers=layers)
+        return IntegerGraph(inputs=inputs, ops=self.ops, outputs=outputs, values=values, layers=layers)
+
+
+def _doubled(x: Any) -> Any:
+    return torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
 
 
 def lower_to_integer_graph(gm: fx.GraphModule, *example_inputs: torch.Tensor) -> IntegerGraph:
     """Lower ``gm`` (deployed, eval mode) using ``example_inputs`` for shape propagation."""
     gm.eval()
+    qs = [m for m in gm.modules() if isinstance(m, FixedPointQuantizer)]
+    saved = [q.amax.clone() for q in qs]
+    recorder = _Recorder(gm)
     try:  # ShapeProp prints the traceback of a failing node itself: keep it off the user's screen
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(gm).propagate(*example_inputs)
+            recorder.propagate(*example_inputs)
     except Exception as exc:  # noqa: BLE001 - any failure here means the inputs do not fit the model
         shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
                            for x in example_inputs)
         cause = exc.__cause__ or exc
         raise ModelFileError(f"example inputs {shapes} do not fit the model: {str(cause).splitlines()[0][:200]}",
                              "make example_inputs() return tensors of the model's input shape (batch 1)") from exc
-    return _Lowering(gm).lower()
+    second = _Shapes(gm)
+    shapes2, failure2 = None, None
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            second.run(*(_doubled(x) for x in example_inputs))
+        shapes2 = second.shapes
+    except Exception as exc:  # noqa: BLE001 - recorded: reshapes then cannot be proven batch-safe
+        failure2 = str(exc.__cause__ or exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+    finally:
+        for q, amax in zip(qs, saved):
+            q.amax.copy_(amax)
+    return _Lowering(gm, recorder.results, shapes2, failure2).lower()
 
 
-__all__ = ["lower_to_integer_graph"]
+__all__ = ["COVERAGE_HINT", "lower_to_integer_graph"]

@@ -4,57 +4,222 @@ One table maps nn modules, torch functions, tensor methods and aten overloads to
 every pass reads the graph the same way whichever capture produced it:
 
 * **quantized** kinds (``conv2d``, ``linear``, ``matmul``, ``add``, ``cat``, ``avgpool2d``): their
-  tensor inputs are quantized values; ``conv2d``/``linear`` also carry a quantized weight.
-* **transparent** kinds (``relu``, ``maxpool2d``, ``flatten``, ``identity``): commute with the
-  quantizer, values keep their grid.
+  tensor inputs are quantized values; ``conv2d``/``linear`` also carry a quantized weight
+  (``F.conv2d``/``F.linear``/``torch.addmm`` count only with a parameter weight).
+* **transparent** kinds (``relu``, ``maxpool2d``, ``flatten``, ``reshape``, ``identity``): commute
+  with the quantizer, values keep their grid.
 * ``batchnorm``: trained in float, folded into the conv before deployment.
 * anything else is ``None`` (a float op: allowed in training, rejected by integer exporters).
+
+**Normalization.** :func:`call_arguments` returns every call's arguments in full keyword form
+(``torch.fx.operator_schemas.normalize_function`` / ``normalize_module`` with argument types from
+the graph; the module's configuration for modules; a small table for tensor methods), so no pass
+reads positional ``args`` of a call: ``F.max_pool2d(x, 3, stride=1, padding=1)`` and
+``aten.max_pool2d.default(x, [3, 3], [1, 1], [1, 1])`` read the same.
+
+**Shape arithmetic** (``x.size(0)``, ``x.shape[1]``, ``aten.sym_size``, ``dim()``, int
+arithmetic on those) is recognised structurally by :func:`is_shape_value`; it is never quantized
+and never lowered (the lowering evaluates it from shape propagation).
 """
 
 from __future__ import annotations
 
 import operator
+import traceback
+import typing
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.node import _get_qualified_name
+from torch.fx.operator_schemas import normalize_function, normalize_module
 
 QUANTIZED_KINDS = frozenset({"conv2d", "linear", "matmul", "add", "cat", "avgpool2d"})
 WEIGHTED_KINDS = frozenset({"conv2d", "linear"})
-TRANSPARENT_KINDS = frozenset({"relu", "maxpool2d", "flatten", "identity"})
+TRANSPARENT_KINDS = frozenset({"relu", "maxpool2d", "flatten", "reshape", "identity"})
+LAYER_META = "fxq_layer"
+"""``node.meta`` key: the layer name :class:`InsertQuantizers` gave a quantized op."""
 
 _aten = torch.ops.aten
 _MODULE_KINDS: tuple[tuple[type, str], ...] = (
     (nn.Conv2d, "conv2d"), (nn.Linear, "linear"), (nn.BatchNorm2d, "batchnorm"),
     (nn.BatchNorm1d, "batchnorm"), (nn.ReLU, "relu"), (nn.MaxPool2d, "maxpool2d"),
     (nn.AvgPool2d, "avgpool2d"), (nn.AdaptiveAvgPool2d, "avgpool2d"), (nn.Flatten, "flatten"),
-    (nn.Dropout, "identity"), (nn.Identity, "identity"),
+    (nn.Unflatten, "reshape"), (nn.Dropout, "identity"), (nn.Identity, "identity"),
 )
 _FUNCTION_KINDS: dict[Any, str] = {
-    _aten.conv2d.default: "conv2d", _aten.linear.default: "linear",
+    _aten.conv2d.default: "conv2d", _aten.conv2d.padding: "conv2d", torch.conv2d: "conv2d",
+    _aten.linear.default: "linear", F.linear: "linear", torch.addmm: "linear", _aten.addmm.default: "linear",
     torch.relu: "relu", F.relu: "relu", _aten.relu.default: "relu", _aten.relu_.default: "relu",
-    operator.add: "add", torch.add: "add", _aten.add.Tensor: "add", operator.iadd: "add",
+    operator.add: "add", torch.add: "add", _aten.add.Tensor: "add", _aten.add_.Tensor: "add", operator.iadd: "add",
     torch.cat: "cat", _aten.cat.default: "cat",
     torch.matmul: "matmul", operator.matmul: "matmul", _aten.matmul.default: "matmul",
-    torch.flatten: "flatten", _aten.flatten.using_ints: "flatten", _aten.view.default: "flatten",
-    _aten.reshape.default: "flatten",
+    torch.flatten: "flatten", _aten.flatten.using_ints: "flatten",
+    _aten.view.default: "reshape", _aten.reshape.default: "reshape", _aten._unsafe_view.default: "reshape",
+    torch.reshape: "reshape", torch.unsqueeze: "reshape", _aten.unsqueeze.default: "reshape",
+    torch.squeeze: "reshape", _aten.squeeze.dim: "reshape", _aten.squeeze.default: "reshape",
+    _aten.squeeze.dims: "reshape",
     F.max_pool2d: "maxpool2d", _aten.max_pool2d.default: "maxpool2d",
     F.avg_pool2d: "avgpool2d", _aten.avg_pool2d.default: "avgpool2d",
     F.adaptive_avg_pool2d: "avgpool2d", _aten.adaptive_avg_pool2d.default: "avgpool2d",
     F.dropout: "identity", _aten.dropout.default: "identity", _aten.clone.default: "identity",
+    _aten.alias.default: "identity", _aten.detach.default: "identity",
     _aten._native_batch_norm_legit_no_training.default: "batchnorm",
     _aten.batch_norm.default: "batchnorm",
 }
-_METHOD_KINDS = {"relu": "relu", "add": "add", "flatten": "flatten", "view": "flatten",
-                 "reshape": "flatten", "contiguous": "identity", "matmul": "matmul"}
+_METHOD_KINDS = {"relu": "relu", "add": "add", "flatten": "flatten", "view": "reshape",
+                 "reshape": "reshape", "unsqueeze": "reshape", "squeeze": "reshape",
+                 "contiguous": "identity", "detach": "identity", "matmul": "matmul"}
+_METHOD_FUNCTIONS = {"relu": torch.relu, "add": torch.add, "flatten": torch.flatten, "matmul": torch.matmul,
+                     "unsqueeze": torch.unsqueeze, "squeeze": torch.squeeze}
+
+# shape arithmetic: what produces an int / a size, never a tensor
+_SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement"})
+_SHAPE_FUNCTIONS = frozenset({_aten.sym_size.int, _aten.sym_numel.default, _aten.sym_size.default,
+                              torch.numel})
+_INT_ARITHMETIC = frozenset({operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+                             operator.mod, operator.neg, operator.pow, operator.getitem, int})
 
 
+# ------------------------------------------------------------------------------------ shape values
+def is_shape_value(node: Any) -> bool:
+    """``True`` for a node that computes an int or a size from shapes (never a tensor)."""
+    return isinstance(node, fx.Node) and _shape_value(node)
+
+
+def _shape_value(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return True
+    if node.op != "call_function":
+        return False
+    if node.target in _SHAPE_FUNCTIONS:
+        return True
+    if node.target is getattr and len(node.args) > 1 and node.args[1] in ("shape", "ndim"):
+        return True
+    if node.target in _INT_ARITHMETIC:
+        nodes = _nodes_in(node.args)
+        return bool(nodes) and all(is_shape_value(a) for a in nodes)
+    return False
+
+
+def _nodes_in(value: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(value, out.append)
+    return out
+
+
+# ------------------------------------------------------------------------------------ normalization
+def _arg_type(value: Any) -> Any:
+    """The static type ``normalize_function`` matches schemas with (tensor, int, list of int…)."""
+    if isinstance(value, fx.Node):
+        return int if is_shape_value(value) else torch.Tensor
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, fx.Node) and not is_shape_value(v) for v in value):
+            return typing.List[torch.Tensor]
+        if all(isinstance(v, int) or is_shape_value(v) for v in value):
+            return typing.List[int]
+        return type(value)
+    return type(value)
+
+
+def _module_config(module: nn.Module) -> dict[str, Any]:
+    """The functional arguments a module passes on (its configuration), by module type."""
+    if isinstance(module, nn.Conv2d):
+        return {"weight": module.weight, "bias": module.bias, "stride": module.stride, "padding": module.padding,
+                "dilation": module.dilation, "groups": module.groups, "padding_mode": module.padding_mode}
+    if isinstance(module, nn.Linear):
+        return {"weight": module.weight, "bias": module.bias}
+    if isinstance(module, nn.MaxPool2d):
+        return {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
+                "dilation": module.dilation, "ceil_mode": module.ceil_mode, "return_indices": module.return_indices}
+    if isinstance(module, nn.AvgPool2d):
+        return {"kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
+                "ceil_mode": module.ceil_mode, "count_include_pad": module.count_include_pad,
+                "divisor_override": module.divisor_override}
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return {"output_size": module.output_size}
+    if isinstance(module, nn.Flatten):
+        return {"start_dim": module.start_dim, "end_dim": module.end_dim}
+    if isinstance(module, nn.Dropout):
+        return {"p": module.p}
+    return {}
+
+
+def call_arguments(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any] | None:
+    """Every argument of a call in keyword form (``input``, ``weight``, ``stride``…), ``None`` if unknown.
+
+    Modules give their functional equivalent's keywords (from the module's configuration);
+    functions and aten overloads are normalized against their schema; tensor methods against the
+    matching ``torch`` function (``view``/``reshape`` give ``shape``).
+    """
+    args, kwargs = node.args, dict(node.kwargs)
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        try:
+            found = normalize_module(gm, str(node.target), args, kwargs, normalize_to_only_use_kwargs=True)
+        except Exception:  # noqa: BLE001 - modules whose forward has no plain signature
+            found = None
+        out = dict(found.kwargs) if found is not None else ({"input": args[0]} if args else {})
+        if "input" not in out and args:
+            out["input"] = args[0]
+        out.update(_module_config(module))
+        return out
+    if node.op == "call_method":
+        name = str(node.target)
+        if name in ("view", "reshape"):
+            rest = args[1:]
+            shape = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+            return {"input": args[0], "shape": kwargs.get("shape", kwargs.get("size", shape))}
+        if name in ("contiguous", "detach", "size", "dim"):
+            return {"input": args[0], **({"dim": args[1]} if len(args) > 1 else {}), **kwargs}
+        target = _METHOD_FUNCTIONS.get(name)
+        return _normalize_function(target, args, kwargs) if target is not None else None
+    if node.op != "call_function":
+        return None
+    if node.target in (operator.add, operator.iadd, operator.matmul):
+        return {"input": args[0], "other": args[1], **({"alpha": 1} if node.target is not operator.matmul else {})}
+    return _normalize_function(node.target, args, kwargs)
+
+
+def _normalize_function(target: Any, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    try:
+        found = normalize_function(target, args, kwargs, arg_types=tuple(_arg_type(a) for a in args),
+                                   kwarg_types={k: _arg_type(v) for k, v in kwargs.items()},
+                                   normalize_to_only_use_kwargs=True)
+    except Exception:  # noqa: BLE001 - an unknown or ambiguous signature: the caller refuses the op
+        return None
+    return dict(found.kwargs) if found is not None else None
+
+
+# ------------------------------------------------------------------------------------ kinds
 def module_kind(module: nn.Module) -> str | None:
     for cls, kind in _MODULE_KINDS:
         if isinstance(module, cls):
             return kind
     return None
+
+
+def table_kind(node: fx.Node) -> str | None:
+    """The kind the tables give a call's target, before any check of its operands."""
+    if node.op == "call_function":
+        return _FUNCTION_KINDS.get(node.target)
+    return _METHOD_KINDS.get(str(node.target)) if node.op == "call_method" else None
+
+
+def _is_parameter(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def _is_transposed_parameter(node: Any) -> bool:
+    """``W.t()`` / ``W.T`` / ``aten.t(W)`` / ``aten.permute(W, [1, 0])`` of a parameter ``W``."""
+    if not isinstance(node, fx.Node):
+        return False
+    transposes = (_aten.t.default, torch.t, _aten.permute.default, _aten.transpose.int)
+    if node.op == "call_function" and node.target in transposes or \
+            node.op == "call_method" and node.target in ("t", "permute", "transpose"):
+        return _is_parameter(node.args[0])
+    return False
 
 
 def node_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -67,34 +232,148 @@ def node_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
         kind = _METHOD_KINDS.get(str(node.target))
     else:
         return None
-    if kind == "add" and sum(isinstance(a, fx.Node) for a in node.args[:2]) < 2:
-        return None  # adding a constant is not a residual add
+    if kind is None:
+        return None
+    if kind == "add":
+        a = call_arguments(gm, node) or {}
+        operands = [a.get("input"), a.get("other")]
+        if not all(isinstance(v, fx.Node) and not is_shape_value(v) for v in operands):
+            return None  # adding a constant is not a residual add
+    if kind in WEIGHTED_KINDS and not _functional_weighted(gm, node):
+        return None  # a conv/linear on a computed weight is a float op
     return kind
 
 
-def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    """The activation inputs of a node (weights and biases of conv/linear excluded)."""
+def _functional_weighted(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``F.conv2d``/``F.linear``/``addmm`` whose weight is a parameter (``addmm``: ``bias + x @ W``)."""
+    a = call_arguments(gm, node)
+    if a is None:
+        return False
+    if node.target in (torch.addmm, _aten.addmm.default):
+        return (a.get("beta", 1) == 1 and a.get("alpha", 1) == 1 and _is_parameter(a.get("input"))
+                and (_is_parameter(a.get("mat2")) or _is_transposed_parameter(a.get("mat2"))))
+    weight, bias = a.get("weight"), a.get("bias")
+    if isinstance(weight, fx.Node) and weight.op == "call_module":  # quantized: the canonical form
+        return True
+    return (_is_parameter(weight) or _is_transposed_parameter(weight)) and (bias is None or _is_parameter(bias))
+
+
+def tensor_inputs(node: fx.Node, gm: fx.GraphModule | None = None) -> list[fx.Node]:
+    """The activation inputs of a node (weights, biases and shape arithmetic excluded)."""
     if node.op == "call_function" and node.target in (_aten.conv2d.default, _aten.linear.default):
         return [node.args[0]]
     if node.target in (torch.cat, _aten.cat.default):
-        return [a for a in node.args[0] if isinstance(a, fx.Node)]
-    return [a for a in node.args if isinstance(a, fx.Node)]
+        seq = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        return [a for a in seq if isinstance(a, fx.Node)]
+    if gm is not None and node.op in ("call_function", "call_method"):
+        a = call_arguments(gm, node)
+        if a is not None:
+            if node.target in (torch.addmm, _aten.addmm.default):
+                return [a["mat1"]]
+            if node.target in (torch.conv2d, F.linear, _aten.conv2d.padding):
+                return [a["input"]]
+    return [a for a in _nodes_in((node.args, node.kwargs)) if not is_shape_value(a)]
 
 
+# ------------------------------------------------------------------------------------ names
 def module_path(node: fx.Node) -> str:
     """The dotted path of the innermost module that issued ``node`` ("" at top level)."""
     if node.op == "call_module":
         return str(node.target)
     stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return path if isinstance(path, str) else ""
+    paths = [v[0] for v in stack.values() if isinstance(v[0], str) and not v[0].startswith("_empty_nn_module")]
+    return paths[-1] if paths else ""
+
+
+def short_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """A short op name for layer names: ``sigmoid``, ``gelu``, ``mul``…"""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__.lower()
+    if node.op == "call_method":
+        return str(node.target)
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._opname.rstrip("_")
+    return getattr(target, "__name__", str(node.name)).rstrip("_")
 
 
 def layer_name(gm: fx.GraphModule, node: fx.Node, kind: str) -> str:
-    """Stable, human-readable layer name: the module path for Conv/Linear, ``<path>.<kind>`` else."""
+    """Stable, human-readable layer name: the module path for Conv/Linear, ``<path>.<kind>`` else.
+
+    A conv/linear issued as a function (``F.conv2d(x, self.conv.weight)``, export's aten form) is
+    named after its weight's owner (``conv``), so both capture paths give the module's name.
+    """
+    if LAYER_META in node.meta:
+        return node.meta[LAYER_META]
     path = module_path(node)
-    if node.op == "call_module" or (kind in WEIGHTED_KINDS and path):
+    if node.op == "call_module":
         return path
+    if kind in WEIGHTED_KINDS:
+        owner = weight_owner(gm, node)
+        if owner:
+            return owner
+        if path:
+            return path
     return f"{path}.{kind}" if path else kind
+
+
+def weight_owner(gm: fx.GraphModule, node: fx.Node) -> str:
+    """The module path owning a weighted call's parameter weight ("" if none)."""
+    a = call_arguments(gm, node) or {}
+    weight = a.get("mat2") if node.target in (torch.addmm, _aten.addmm.default) else a.get("weight")
+    while isinstance(weight, fx.Node) and weight.op != "get_attr" and weight.args:
+        weight = weight.args[0]  # through the weight quantizer / transpose
+    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        return str(weight.target).rpartition(".")[0]
+    return ""
+
+
+def readable_op(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``<module path>: <qualified op>`` (``features.3: torch.nn.functional.glu``), never an object repr."""
+    if node.op == "call_module":
+        cls = type(gm.get_submodule(str(node.target)))
+        public = getattr(nn, cls.__name__, None) is cls
+        what = f"torch.nn.{cls.__name__}" if public else f"{cls.__module__}.{cls.__qualname__}"
+        return f"{node.target}: {what}"
+    if node.op == "call_method":
+        what = f"torch.Tensor.{node.target}"
+    elif isinstance(node.target, torch._ops.OpOverload):
+        what = f"aten.{node.target._opname}.{node.target._overloadname}"
+    else:
+        try:
+            what = _get_qualified_name(node.target)
+        except Exception:  # noqa: BLE001
+            what = getattr(node.target, "__name__", "<unknown>")
+        what = what.replace("torch._C._nn.", "torch.nn.functional.").replace("torch._VariableFunctionsClass.", "torch.")
+        what = what.replace("_operator.", "operator.")
+    path = module_path(node)
+    return f"{path}: {what}" if path else what
+
+
+def source_line(node: fx.Node) -> str | None:
+    """``file:line: code`` of the user's source line that issued ``node`` (fx/export stack trace)."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    best = None
+    lines = trace.splitlines()
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if not line.startswith("File "):
+            continue
+        try:
+            parsed = traceback.FrameSummary(line.split('"')[1], int(line.split(", line ")[1].split(",")[0]), "")
+        except (IndexError, ValueError):
+            continue
+        path = parsed.filename.replace("\\", "/")
+        if "/torch/" in path or "/fxquant/" in path or path.startswith("<"):
+            continue
+        code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].strip().startswith("File ") else ""
+        best = f"{parsed.filename}:{parsed.lineno}: {code}"
+    return best
+
+
+def describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """:func:`readable_op` with the user's source line where fx or export recorded it."""
+    where = source_line(node)
+    return f"{readable_op(gm, node)} ({where})" if where else readable_op(gm, node)

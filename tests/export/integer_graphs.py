@@ -83,6 +83,14 @@ class GraphMaker:
     def requantize(self, name: str, src: str, out_fmt: FixedPoint, relu: bool = False) -> str:
         return self._op(name, "requantize", (src,), self.values[src].shape, out_fmt, attrs={"relu": relu})
 
+    def reshape(self, name: str, src: str, shape: tuple[int, ...]) -> str:
+        return self._op(name, "reshape", (src,), shape, self.values[src].fmt, attrs={"shape": shape})
+
+    def mul_pow2(self, name: str, src: str, exponent: int) -> str:
+        fmt = self.values[src].fmt
+        return self._op(name, "mul_pow2", (src,), self.values[src].shape, F(fmt.bits, fmt.frac_bits - exponent),
+                        attrs={"exponent": exponent})
+
     def matmul(self, name: str, a: str, b: str, out_fmt: FixedPoint) -> str:
         return self._op(name, "matmul", (a, b), (*self.values[a].shape[:-1], self.values[b].shape[-1]), out_fmt)
 
@@ -137,3 +145,15 @@ def matmul_graph(seed: int = 0) -> IntegerGraph:
     m = GraphMaker((4, 4), F(8, 5), seed)
     p = m.matmul("mm", "input", "input", F(8, 4))
     return m.graph(m.flatten("flat", m.requantize("rq", p, F(6, 3))))
+
+
+def reshaped(seed: int = 0) -> IntegerGraph:
+    """conv → [conv] + 4·conv (``mul_pow2``, the front end's ``torch.add(a, b, alpha=4)``) → reshape
+    (4, 4, 4) → (8, 8) → reshape to (64,) (``view``) → linear."""
+    m = GraphMaker((2, 4, 4), F(8, 4), seed)
+    h = m.conv("conv", "input", 4, F(8, 6), F(8, 3))
+    s = m.mul_pow2("conv.alpha", h, 2)
+    h = m.add("add", m.conv("conv2", h, 4, F(8, 7), F(8, 3), relu=False), s, F(8, 1))
+    h = m.reshape("view", h, (8, 8))
+    h = m.reshape("vec", h, (64,))
+    return m.graph(m.linear("fc", h, 10, F(8, 7), F(8, 2)))

@@ -68,3 +68,29 @@ def test_fold_export_captured_graph():
     assert FoldBatchNorm()(gm).modified
     assert not any(node_kind(gm, n) == "batchnorm" for n in gm.graph.nodes)
     assert torch.allclose(gm(x), before, atol=1e-5)
+
+
+class FunctionalConvBn(torch.nn.Module):
+    """``F.conv2d`` on a top-level parameter named ``w`` (no bias), then BN: folding creates the bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 2, 3, 3) * 0.3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(torch.nn.functional.conv2d(x, self.w, padding=1)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_fold_functional_conv_on_any_parameter_and_lower_exactly():
+    from tests.helpers import assert_lowering_exact, deployed
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 2, 6, 6)
+    gm = deployed(FunctionalConvBn(), x, seed=3)
+    assert not any(node_kind(gm, n) == "batchnorm" for n in gm.graph.nodes)
+    assert ("conv2d", "weight") in quantizers(gm)  # a top-level parameter: named after the op
+    graph = assert_lowering_exact(gm, x)
+    assert graph.ops[0].kind == "conv2d" and graph.ops[0].bias is not None

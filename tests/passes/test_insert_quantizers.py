@@ -109,3 +109,39 @@ def test_fused_relu_gradient_matches_unfused(resblock):
         grads.append(resblock.conv1.weight.grad.clone())
         StripQuantizers()(gm)
     assert torch.equal(grads[0], grads[1])
+
+
+class FloatBetween(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.block = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Sigmoid())
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(torch.relu(self.bn(self.conv1(x))))
+        x = torch.nn.functional.max_pool2d(torch.tanh(self.conv2(x)), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_act_quantizer_is_named_after_the_op_producing_the_value():
+    gm = capture(FloatBetween())
+    InsertQuantizers()(gm)
+    acts = sorted(layer for layer, role in quantizers(gm) if role == "act")
+    # sigmoid and tanh produce the values entering conv2 and fc (through max-pool / flatten)
+    assert acts == ["block.1", "fc", "input", "tanh"]
+
+
+def test_functional_weights_idempotent_and_strip_restores(mlp):
+    from tests.passes.test_lower_to_integer_graph import FunctionalConv, HFBlock
+
+    for model, x in ((FunctionalConv(), torch.randn(2, 2, 8, 8)), (HFBlock(), torch.randn(3, 8))):
+        model.eval()
+        gm = capture(model)
+        assert InsertQuantizers(FixedPoint(8, 4), FixedPoint(8, 4))(gm).modified
+        assert not InsertQuantizers()(gm).modified
+        StripQuantizers()(gm)
+        gm.eval()
+        assert torch.allclose(gm(x), model(x), atol=1e-6)

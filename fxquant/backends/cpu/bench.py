@@ -47,23 +47,15 @@ def set_tvm_threads(threads: int) -> int:
     return int(tvm.get_global_func("runtime.NumThreads")())
 
 
-def load_cpu_module(target: Any, out_dir: Path) -> Any:
-    """The verified CPU module in ``out_dir``, loaded by the cpu target."""
-    if hasattr(target, "load"):
-        return target.load(out_dir)
-    from fxquant.backends.cpu.build import CpuModel  # TODO(targets-native): CpuTarget.load
-
-    return CpuModel.load(out_dir)
-
-
 def cpu_engine(dep: Any, threads: int) -> Engine:
+    """fxquant-TVM on the verified ``RUN/cpu`` library (the files the cpu target built and verified)."""
+    from fxquant.backends.cpu.build import CpuModel
     from fxquant.backends.registry import get_target
 
     target = get_target("cpu")
     out_dir, report = verified_artifact_dir(target, dep)
-    model = load_cpu_module(target, out_dir)
-    files = report["artifact"].get("files") or [report["artifact"].get("file", "")]
-    return Engine("fxquant-TVM", f"cpu/{files[0]}" if files and files[0] else "cpu/", report["graph_fingerprint"],
+    model = CpuModel.load(out_dir)  # what CpuTarget.run loads, after its host check
+    return Engine("fxquant-TVM", f"{target.name}/{report['artifact']['library']}", report["graph_fingerprint"],
                   True, lambda x: tvm_runner(model, x))
 
 
@@ -88,7 +80,8 @@ def torch_engine(dep: Any, threads: int) -> Engine:
 
         return run
 
-    return Engine("PyTorch eager FP32", dep.model_file.path.name, graph_fingerprint(dep.graph), False, make)
+    return Engine("PyTorch eager FP32", f"(trained float model of {dep.model_file.path.name})",
+                  graph_fingerprint(dep.graph), False, make)
 
 
 def bench_cpu(run_dir: Path, *, batches: tuple[int, ...] = (1, 64), threads: int | None = None,

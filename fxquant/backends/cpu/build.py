@@ -27,9 +27,19 @@ LIBRARY, PARAMS, ENTRY = "fxquant_cpu.so", "params.npz", "entry.json"
 
 
 def lower(graph: IntegerGraph, target: LlvmCpu) -> tuple[Any, dict[str, np.ndarray]]:
-    """The rewritten Relax module (constants lifted to parameters) and its parameter arrays."""
+    """The rewritten Relax module (constants lifted to parameters) and its parameter arrays.
+
+    Refuses (every problem in one :class:`UnsupportedOpError`) what ``CpuTarget.check`` refuses."""
     from fxquant.backends.cpu.relax_builder import graph_to_relax
     from fxquant.backends.cpu.rewrite_quantized_ops import RewriteQuantizedOps
+    from fxquant.backends.cpu.target import OPS, graph_problems
+    from fxquant.backends.base import Problem
+
+    problems = [Problem(op.name, op.kind, f"op kind {op.kind!r} has no fxquant CPU kernel")
+                for op in graph.ops if op.kind not in OPS] + graph_problems(graph, target.vnni)
+    if problems:
+        raise UnsupportedOpError(f"the CPU kernels cannot build this graph ({len(problems)} problems): "
+                                 + "; ".join(map(str, problems)), "see docs/coverage.md")
 
     return finish_lowering(RewriteQuantizedOps(target)(graph_to_relax(graph)))
 

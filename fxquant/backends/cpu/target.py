@@ -59,6 +59,19 @@ def kernel_problems(graph: IntegerGraph, vnni: bool) -> list[Problem]:
     return problems
 
 
+def graph_problems(graph: IntegerGraph, vnni: bool) -> list[Problem]:
+    """Every reason beyond the op kinds (:data:`OPS`) the CPU kernels cannot build ``graph``."""
+    broken = legality.format_problems(graph)
+    if broken:  # widths and bounds are meaningless without integer formats
+        return broken
+    return (legality.width_problems(graph, weight_bits=LIMITS["weight_bits"], act_bits=LIMITS["act_bits"])
+            + legality.fit_problems(graph)
+            + legality.shape_problems(graph, add_arity=2)
+            + legality.avg_window_problems(graph)
+            + legality.window_problems(graph)
+            + kernel_problems(graph, vnni))
+
+
 class CpuTarget(Target):
     name = "cpu"
     summary = "TVM shared library of fxquant's AVX2 / AVX-512 VNNI integer kernels (x86-64)"
@@ -78,16 +91,7 @@ class CpuTarget(Target):
         return None
 
     def check_graph(self, graph: IntegerGraph, mcpu: str = "host") -> list[Problem]:
-        lo_a, hi_a = LIMITS["act_bits"]
-        broken = legality.format_problems(graph)
-        if broken:  # widths and bounds are meaningless without integer formats
-            return broken
-        return (legality.width_problems(graph, weight_bits=LIMITS["weight_bits"], act_bits=(lo_a, hi_a))
-                + legality.fit_problems(graph)
-                + legality.shape_problems(graph)
-                + legality.avg_window_problems(graph)
-                + legality.window_problems(graph)
-                + kernel_problems(graph, uses_vnni(mcpu)))
+        return graph_problems(graph, uses_vnni(mcpu))
 
     def build(self, graph: IntegerGraph, out_dir: Path, mcpu: str = "host") -> dict[str, Any]:
         from fxquant.backends.cpu.build import ENTRY, LIBRARY, PARAMS, compile_graph, save_params
@@ -128,4 +132,4 @@ class CpuTarget(Target):
         return CpuModel.load(out_dir).run(*xs)
 
 
-__all__ = ["CpuTarget", "kernel_problems"]
+__all__ = ["CpuTarget", "graph_problems", "kernel_problems"]

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     d = args.dir
     if not (d / "reference.npz").is_file():
-        print(f"error: {d / 'reference.npz'} is missing (hint: export with verify_inputs)", file=sys.stderr)
+        print(f"error: {d / 'reference.npz'} is missing (hint: export again: every CUDA build writes it)", file=sys.stderr)
         return 2
     plan = json.loads((d / "plan.json").read_text())
     dev = torch.device("cuda")

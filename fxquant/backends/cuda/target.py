@@ -88,6 +88,8 @@ class CudaTarget(Target):
         except (OSError, json.JSONDecodeError) as exc:
             raise RunDirError(f"{out_dir} holds no CUDA build ({exc})", "run `fxquant export --target cuda` first") from exc
         (name,) = plan["inputs"]
+        if len(int_inputs) != 1:
+            raise UsageError(f"the CUDA build in {out_dir} takes one input, got {len(int_inputs)}")
         (k,) = int_inputs
         x = np.ldexp(np.asarray(k, np.float64), -plan["input_frac_bits"]).astype(np.float32)  # exact: <= 8 bits
         lib = tvm.runtime.load_module(str(out_dir / LLVM_LIBRARY))

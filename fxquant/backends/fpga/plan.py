@@ -252,7 +252,7 @@ def graph_problems(graph: IntegerGraph) -> list[Problem]:
     problems = (legality.format_problems(graph)
                 + legality.width_problems(graph, weight_bits=(2, MAX_BITS), act_bits=(2, MAX_BITS))
                 + legality.fit_problems(graph)
-                + legality.shape_problems(graph, groups=True, max_inputs=1, max_outputs=1)
+                + legality.shape_problems(graph, groups=True, max_inputs=1, max_outputs=1, add_arity=2)
                 + legality.avg_window_problems(graph)
                 + legality.window_problems(graph))
     if not graph.ops or not graph.outputs:

@@ -27,7 +27,7 @@ import numpy as np
 
 from fxquant.backends.base import Problem, Target, refuse
 from fxquant.backends.fpga import plan as fpga_plan
-from fxquant.errors import ExportError, RunDirError
+from fxquant.errors import ExportError, RunDirError, UsageError
 from fxquant.integer_graph import IntegerGraph
 from fxquant.io import atomic_write_json
 
@@ -99,8 +99,9 @@ class FpgaTarget(Target):
         except (OSError, json.JSONDecodeError) as exc:
             raise RunDirError(f"{out_dir} holds no FPGA build ({IO_FILE} unreadable: {exc})",
                               "run `fxquant export --target fpga` first") from exc
-        (x,) = int_inputs
-        x = np.asarray(x, np.int64)
+        if len(int_inputs) != 1:
+            raise UsageError(f"the FPGA build in {out_dir} takes one input, got {len(int_inputs)}")
+        x = np.asarray(int_inputs[0], np.int64)
         y = csim.build(out_dir).run(x, n_outputs=int(np.prod(spec["output"]["shape"])))
         return [y.reshape(len(x), *spec["output"]["shape"])]
 

@@ -123,6 +123,8 @@ def test_unsupported_op_is_named() -> None:
     wide = m.graph(m.linear("fc", "input", 4, F(8, 7), F(12, 6)))
     (problem,) = CpuTarget().check(wide)
     assert problem.layer == "fc" and "12-bit output" in problem.reason
+    with pytest.raises(UnsupportedOpError, match="fc \\(linear\\): 12-bit output"):
+        lower(wide, resolve_target("host"))  # the lowering refuses what check refuses
 
 
 def test_onnx_qdq_import_entry() -> None:

@@ -34,3 +34,10 @@ def test_unrunnable_target_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     features.check_runnable(features.resolve_target("x86-64-v3"))
     with pytest.raises(ToolchainError, match="Illegal instruction"):
         features.check_runnable(features.resolve_target("znver5"))
+
+
+def test_uses_vnni_needs_no_tvm() -> None:
+    assert features.uses_vnni("znver5") and not features.uses_vnni("x86-64-v3")
+    assert features.uses_vnni("host") == features.host_cpu().has_vnni
+    with pytest.raises(UsageError, match="pentium4"):
+        features.uses_vnni("pentium4")

@@ -74,6 +74,14 @@ def test_check_lists_every_problem_at_once() -> None:
     assert f"({len(problems)} problems)" in info.value.message
 
 
+def test_three_input_add_is_refused_not_truncated() -> None:
+    """The Relax builder emits two-input adds: a third input would be dropped silently."""
+    m = GraphMaker((8,), F(8, 4))
+    graph = m.graph(m._op("add3", "add", ("input", "input", "input"), (8,), F(8, 3), attrs={"relu": False}))
+    (problem,) = CpuTarget().check(graph)
+    assert problem.layer == "add3" and "add of 3 inputs" in problem.reason
+
+
 def test_accumulator_beyond_int32_is_refused_by_check() -> None:
     m = GraphMaker((4,), F(8, 4))
     graph = m.graph(m.linear("fc", "input", 3, F(8, 7), F(8, 2)))
@@ -151,3 +159,18 @@ def test_trained_12_bit_weights_export_bit_exact(tmp_path: Path) -> None:
     assert max(int(np.abs(op.weight).max()) for op in graph.ops if op.weight is not None) > 127  # not int8
     report = export(CpuTarget(), graph, tmp_path / "run" / "cpu", [x])
     assert report["bit_exact"] and report["verification"]["n"] == 64
+
+
+def test_two_inputs_and_two_outputs(tmp_path: Path) -> None:
+    """The CPU runner takes any number of graph inputs and outputs (CUDA and FPGA take one)."""
+    m = GraphMaker((16,), F(8, 4))
+    m.inputs.append(Value("y", (16,), F(6, 2)))
+    m.values["y"] = m.inputs[-1]
+    total = m.add("sum", "input", "y", F(8, 3))
+    graph = m.graph(m.linear("fc", total, 8, F(8, 6), F(8, 2)), total)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((5, 16)).astype(np.float32) * 4 for _ in range(2)]
+    report = export(CpuTarget(), graph, tmp_path / "cpu", xs)
+    assert report["bit_exact"] and [v["name"] for v in report["artifact"]["inputs"]] == ["input", "y"]
+    assert [p.kind for p in get_target("cuda").check(graph)] == ["inputs"]
+    assert [p.kind for p in get_target("fpga").check(graph)] == ["inputs", "outputs"]

@@ -1,5 +1,6 @@
-"""CUDA codegen and export: source, nvcc build (sm_90 via export_cuda, sm_80 of the same source),
-artifacts, no-nvcc error; on a CUDA host the GPU run of run_cuda.py (``-m gpu``).
+"""CudaTarget through the contract: source, nvcc build (sm_90 via base.export, sm_80 of the same
+source), artifacts and report, check listing every problem, no-nvcc refusal leaving nothing behind;
+on a CUDA host the GPU run of run_cuda.py (``-m gpu``).
 
 nvcc takes ~15 s per build on the 2-core hosts: one export per module, reused by every test.
 """
@@ -14,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("tvm")
+from tests.backends.cuda.cuda_graphs import F, GraphMaker, mixed_net, residual_net
+from tests.export.integer_graphs import matmul_graph, sample_inputs
 
-from tests.backends.cuda.cuda_graphs import mixed_net, residual_net  # noqa: E402
-from tests.export.integer_graphs import sample_inputs  # noqa: E402
-
-from fxquant.backends.cuda import build  # noqa: E402
-from fxquant.backends.cuda import export_cuda  # noqa: E402
-from fxquant.backends.cuda.plan import plan_graph  # noqa: E402
-from fxquant.errors import ToolchainError  # noqa: E402
+from fxquant.backends.base import REPORT_FILE, export
+from fxquant.backends.cuda import build
+from fxquant.backends.cuda.plan import plan_graph
+from fxquant.backends.cuda.target import CudaTarget
+from fxquant.backends.registry import get_target
+from fxquant.errors import ToolchainError, UnsupportedOpError, UsageError
 
 needs_nvcc = pytest.mark.skipif(build.find_nvcc() is None, reason="nvcc (CUDA toolkit) not installed")
 
@@ -45,8 +46,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     if build.find_nvcc() is None:
         pytest.skip("nvcc (CUDA toolkit) not installed")
     graph = mixed_net()
-    out = tmp_path_factory.mktemp("cuda_export")
-    return out, export_cuda(graph, out, verify_inputs=sample_inputs(graph, 6))
+    out = tmp_path_factory.mktemp("cuda_export") / "cuda"
+    return out, export(CudaTarget(), graph, out, [sample_inputs(graph, 6)])
 
 
 def test_source_has_dp4a_gemms_and_ffi_wrappers(source: str) -> None:
@@ -61,15 +62,52 @@ def test_source_has_dp4a_gemms_and_ffi_wrappers(source: str) -> None:
 @needs_nvcc
 def test_export_writes_every_artifact(exported: tuple[Path, dict]) -> None:
     out, report = exported
-    for name in (build.SOURCE, build.LIBRARY, build.PARAMS, build.BASELINE, build.PLAN, build.REFERENCE,
-                 build.RUNNER, build.ONNX_FP32, build.REPORT):
+    for name in (build.SOURCE, build.LIBRARY, build.LLVM_LIBRARY, build.PARAMS, build.BASELINE, build.PLAN,
+                 build.REFERENCE, build.RUNNER, build.ONNX_FP32, REPORT_FILE):
         assert (out / name).is_file(), name
-    assert json.loads((out / build.REPORT).read_text()) == report
-    assert report["cpu_check"] == {"samples": 6, "bit_exact": True} and report["library"] == build.LIBRARY
+    assert json.loads((out / REPORT_FILE).read_text()) == report and report["target"] == "cuda"
+    ver = report["verification"]
+    assert ver["bit_exact"] and ver["n"] == 6 and ver["mismatches"] == 0
+    assert "not on a GPU" in ver["ran"] and "GPU" not in ver["ran"].replace("not on a GPU", "")
+    art = report["artifact"]
+    assert art["library"] == build.LIBRARY and art["arch"] == "sm_90" and "run_cuda.py" in art["gpu_check"]
     with np.load(out / build.REFERENCE) as ref:
-        assert ref["input"].shape == (6, 3, 9, 7) and ref["output:fc3"].shape == (6, 10)
+        assert ref["input"].shape == (build.GOLDEN_SAMPLES, 3, 9, 7)
+        assert ref["output:fc3"].shape == (build.GOLDEN_SAMPLES, 10)
     plan = json.loads((out / build.PLAN).read_text())
     assert [launch["ops"] for launch in plan["launches"]][1] == ["conv1"] and plan["arch"] == "sm_90"
+
+
+@needs_nvcc
+def test_run_is_relocatable_and_matches_the_reference(exported: tuple[Path, dict], tmp_path: Path) -> None:
+    import shutil
+
+    out, _ = exported
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    graph = mixed_net()
+    ints = graph.quantize_inputs(sample_inputs(graph, 3, seed=7))
+    (got,) = CudaTarget().run(moved, ints)
+    np.testing.assert_array_equal(got, graph.run(*ints)[graph.outputs[0]])
+
+
+def test_check_lists_every_problem_at_once() -> None:
+    m = GraphMaker((4,), F(8, 4))
+    h = m.linear("fc.w12", "input", 6, F(12, 7), F(8, 2))
+    h = m.linear("fc.a12", h, 4, F(8, 7), F(12, 2))
+    graph = m.graph(h)
+    graph.ops += matmul_graph().ops
+    problems = CudaTarget().check(graph)
+    assert [(p.layer, p.kind) for p in problems] == [("mm", "matmul"), ("fc.w12", "linear"), ("fc.a12", "linear")]
+    assert "12-bit weights" in problems[1].reason and "12-bit output" in problems[2].reason
+
+
+def test_two_inputs_are_refused() -> None:
+    m = GraphMaker((4,), F(8, 4))
+    graph = m.graph(m.linear("fc", "input", 4, F(8, 7), F(8, 2)))
+    graph.inputs.append(graph.inputs[0].__class__("second", (4,), F(8, 4)))
+    (problem,) = CudaTarget().check(graph)
+    assert problem.kind == "inputs" and "2 graph inputs" in problem.reason
 
 
 @needs_nvcc
@@ -91,13 +129,14 @@ def test_source_compiles_for_sm80(exported: tuple[Path, dict], tmp_path: Path) -
     assert (tmp_path / "k80.so").stat().st_size > 0
 
 
-def test_missing_nvcc_raises_after_writing_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_nvcc_is_reported_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(build, "find_nvcc", lambda: None)
+    assert "nvcc not found" in get_target("cuda").unavailable()
+    graph = residual_net()
     with pytest.raises(ToolchainError, match="nvcc not found") as info:
-        export_cuda(residual_net(), tmp_path)
+        export(CudaTarget(), graph, tmp_path / "cuda", [sample_inputs(graph, 2)])
     assert "CUDA toolkit" in (info.value.hint or "")
-    assert (tmp_path / build.SOURCE).is_file() and (tmp_path / build.RUNNER).is_file()
-    assert json.loads((tmp_path / build.REPORT).read_text())["library"] is None
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.gpu
@@ -106,7 +145,7 @@ def test_gpu_run_is_bit_exact(exported: tuple[Path, dict]) -> None:
     out, _ = exported
     proc = subprocess.run([sys.executable, str(out / build.RUNNER), "--verify-only"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "bit-exact on 6 samples: True" in proc.stdout
+    assert f"bit-exact on {build.GOLDEN_SAMPLES} samples: True" in proc.stdout
 
 
 def test_torch_baseline_is_the_float_network() -> None:
@@ -129,7 +168,9 @@ def test_torch_baseline_is_the_float_network() -> None:
 
 
 def test_bad_arch_is_a_usage_error(tmp_path: Path) -> None:
-    from fxquant.errors import UsageError
-
+    graph = residual_net()
     with pytest.raises(UsageError, match="arch"):
-        export_cuda(residual_net(), tmp_path, arch="hopper")
+        export(CudaTarget(), graph, tmp_path / "cuda", [sample_inputs(graph, 1)], arch="hopper")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UnsupportedOpError, match="matmul"):
+        CudaTarget().build(matmul_graph(), tmp_path / "never")

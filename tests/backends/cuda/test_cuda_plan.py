@@ -5,13 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("tvm")
+from tests.backends.cuda.cuda_graphs import F, GraphMaker, mixed_net, residual_net
+from tests.export.integer_graphs import matmul_graph
 
-from tests.backends.cuda.cuda_graphs import F, GraphMaker, mixed_net, residual_net  # noqa: E402
-from tests.export.integer_graphs import matmul_graph  # noqa: E402
-
-from fxquant.backends.cuda.plan import GemmSpec, pack_weight, plan_graph, unpack_weight  # noqa: E402
-from fxquant.errors import UnsupportedOpError  # noqa: E402
+from fxquant.backends.cuda.plan import GemmSpec, pack_weight, plan_graph, unpack_weight
+from fxquant.errors import UnsupportedOpError
 
 
 def test_residual_adds_are_fused_into_a_gemm_epilogue() -> None:
@@ -38,6 +36,9 @@ def test_low_bit_weights_are_packed_two_per_byte() -> None:
     w = np.random.default_rng(0).integers(-8, 8, size=(7, 5))
     packed = pack_weight(w, spec)
     assert packed.shape == (16, 8)
+    # byte = nib(w[o, 2j]) | nib(w[o, 2j+1]) << 4 with nib = two's complement nibble, by hand:
+    pair = pack_weight(np.array([[1, -1, -8, 7]]), GemmSpec(4, 1, 1, 1, linear=True, weight_bits=4))
+    assert pair[0, :2].tolist() == [0x01 | 0xF0, 0x08 | 0x70] and not pair[0, 2:].any()
     np.testing.assert_array_equal(unpack_weight(packed)[:7, :5], w)
     assert not unpack_weight(packed)[7:].any() and not unpack_weight(packed)[:, 5:].any()
 
@@ -67,8 +68,9 @@ def test_accumulator_beyond_int32_is_refused() -> None:
 
 
 def test_wide_weights_are_refused() -> None:
+    """dp4a multiplies int8: 12-bit weights are refused by check, never cast."""
     m = GraphMaker((4,), F(8, 4))
-    with pytest.raises(UnsupportedOpError, match="weight format"):
+    with pytest.raises(UnsupportedOpError, match="12-bit weights; this target holds 2-8 bits"):
         plan_graph(m.graph(m.linear("fc", "input", 4, F(12, 7), F(8, 2))))
 
 

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fxquant.backends.fpga import export_fpga, generate_project, run_csim
+from fxquant.backends.base import REPORT_FILE, export
+from fxquant.backends.fpga import generate_project, run_csim
+from fxquant.backends.fpga.target import FpgaTarget
 from fxquant.errors import ExportError
-from fxquant.fixed_point import accumulator_bits
 from fxquant.integer_graph import IntegerGraph
 
 from tests.backends.fpga.fpga_graphs import GraphBuilder, build_cnn, build_mlp, build_residual
@@ -27,14 +28,18 @@ CASES = {  # model -> (builder, generate_project options)
 
 @pytest.fixture(scope="module")
 def projects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[IntegerGraph, GraphBuilder, Path, dict[str, Any]]]:
-    """Generate and C-simulate every case once (one g++ build each); residual goes through export_fpga."""
+    """Generate and C-simulate every case once (one g++ build each); residual goes through the
+    contract (base.export with FpgaTarget, then run_csim on the placed project: a cached build)."""
     out = {}
     for name, (build, opts) in CASES.items():
         graph, builder = build()
         x = builder.inputs(N)
         project = tmp_path_factory.mktemp(name)
         if name == "residual":
-            report = export_fpga(graph, project, int_inputs=x, **opts)["csim"]
+            fl = graph.inputs[0].fmt.frac_bits
+            project = project / "fpga"
+            export(FpgaTarget(), graph, project, [np.ldexp(x.astype(np.float64), -fl)], **opts)
+            report = run_csim(project, graph, x)  # the project export built and moved into place
         else:
             generate_project(graph, project, test_inputs=x[:50], **opts)
             report = run_csim(project, graph, x)
@@ -49,7 +54,8 @@ def test_csim_is_bit_exact(projects: dict, name: str) -> None:
     assert report["mismatches"] == 0 and report["mismatched_elements"] == 0
     assert report["bit_exact"] is True and report["first_mismatch"] is None
     assert report["testbench_ok"] is True
-    assert not report["build_cached"] and report["build_seconds"] < 30
+    # residual: built by export in its temporary directory, reused after the move (relocatable)
+    assert report["build_cached"] == (name == "residual") and report["build_seconds"] < 30
     json.dumps(report)
 
 
@@ -65,13 +71,17 @@ def test_rebuild_is_cached_and_mismatch_is_detected(projects: dict) -> None:
 
 def test_export_report_written_atomically(projects: dict) -> None:
     graph, _, project, _ = projects["residual"]
-    report = json.loads((project / "fpga_report.json").read_text())
-    assert report["csim"]["bit_exact"] and report["part"] == "xc7z020clg400-1"
-    est = report["estimates"]
+    report = json.loads((project / REPORT_FILE).read_text())
+    assert report["verification"]["bit_exact"] and report["verification"]["n"] == N
+    art = report["artifact"]
+    assert art["part"] == "xc7z020clg400-1" and art["testbench_ok"] and art["top"] == "fxq_model"
+    est = art["estimates"]
     assert est["estimate"] is True and "estimate" in est["model"]
-    assert est["weight_memory_bits"] == est["param_bits"] == graph.param_bits()
+    # c1 36 x 8 + 2 x 32, c2 72 x 11 + 4 x 32, fc 48 x 10 (no bias): counted by hand from build_residual
+    assert est["weight_memory_bits"] == est["param_bits"] == 288 + 64 + 792 + 128 + 480
     assert [layer["name"] for layer in est["layers"]] == [op.name for op in graph.ops]
-    assert not list(project.glob(".fpga_report.json.*"))
+    assert sorted(p.name for p in project.parent.iterdir()) == ["fpga"]  # no temporaries beside it
+    assert not list(project.glob(".*"))
 
 
 def test_project_content(projects: dict) -> None:
@@ -79,7 +89,8 @@ def test_project_content(projects: dict) -> None:
     fw = project / "firmware"
     params = (fw / "parameters.h").read_text()
     conv2 = graph.ops[3]
-    acc = accumulator_bits(graph.value(conv2.inputs[0]).fmt.bits, conv2.weight_fmt.bits, 4 * 3 * 3)
+    assert (graph.value(conv2.inputs[0]).fmt.bits, conv2.weight_fmt.bits, conv2.bias) == (6, 7, None)
+    acc = 6 + 7 + 6  # <6,5> activations x <7,-2> weights over fan-in 4*3*3 = 36: + ceil(log2 36) bits
     assert re.search(rf"struct config_l3_conv2 {{\n    typedef l3_conv2_t out_t;\n.*typedef ap_int<{acc}> accum_t;",
                      params, re.S)
     assert "static const unsigned reuse_factor = 4;" in params
@@ -99,21 +110,21 @@ def test_project_content(projects: dict) -> None:
         assert (fw / "nnet_utils" / header).is_file()
 
 
-def test_mismatch_raises_after_report(projects: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fxquant.backends.fpga import export as export_mod
-
-    graph, builder, project, _ = projects["mlp"]  # same options: the cached build is reused
+def test_mismatch_raises_and_places_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    graph, builder = build_mlp()
     x = builder.inputs(10)
-    real = export_mod.run_csim
+    real = FpgaTarget.run
 
-    def tampered(project: Path, g: IntegerGraph, xs: np.ndarray) -> dict[str, Any]:
-        return real(project, build_mlp(seed=99)[0], xs)
+    def tampered(self: FpgaTarget, out_dir: Path, ints: list[np.ndarray]) -> list[np.ndarray]:
+        (y,) = real(self, out_dir, ints)
+        y[3, 0] += 1
+        return [y]
 
-    monkeypatch.setattr(export_mod, "run_csim", tampered)
-    with pytest.raises(ExportError, match="differs from the integer reference"):
-        export_fpga(graph, project, int_inputs=x)
-    report = json.loads((project / "fpga_report.json").read_text())
-    assert report["csim"]["bit_exact"] is False and report["csim"]["build_cached"] is True
+    monkeypatch.setattr(FpgaTarget, "run", tampered)
+    fl = graph.inputs[0].fmt.frac_bits
+    with pytest.raises(ExportError, match="differs from the integer reference.*sample 3"):
+        export(FpgaTarget(), graph, tmp_path / "fpga", [np.ldexp(x.astype(np.float64), -fl)])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_project_for_another_graph_is_refused(projects: dict) -> None:

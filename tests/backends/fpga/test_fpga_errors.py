@@ -63,6 +63,22 @@ def test_weight_outside_its_format(tmp_path: Path) -> None:
         generate_project(graph, tmp_path)
 
 
+def test_check_lists_every_problem_at_once() -> None:
+    from fxquant.backends.fpga.target import FpgaTarget
+
+    g = GraphBuilder("x", (1, 6, 6), fp(8, 4), 0)
+    a = g.add("mm", "matmul", ("x", "x"), (1, 6, 6), fp(8, 4))
+    b = g.add("add3", "add", ("x", "x", "x"), (1, 6, 6), fp(8, 4))
+    c = g.add("avg3", "avgpool2d", ("x",), (1, 2, 2), fp(8, 4), kernel=(3, 3))
+    d = g.add("cat_h", "cat", ("x", "x"), (1, 12, 6), fp(8, 4), dim=2)
+    graph = g.graph(d)
+    graph.outputs += [a, b, c]
+    problems = FpgaTarget().check(graph)
+    assert {(p.layer, p.kind) for p in problems} == {("mm", "matmul"), ("add3", "add"), ("avg3", "avgpool2d"),
+                                                     ("cat_h", "cat"), ("graph", "outputs")}, problems
+    assert all("\n" not in str(p) for p in problems)
+
+
 @pytest.mark.parametrize("opts", [{"io": "axi"}, {"reuse": 0}, {"clock_ns": 0.0}, {"part": ""}])
 def test_bad_options(tmp_path: Path, opts: dict) -> None:
     graph, _ = build_mlp()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hls4ml  # noqa: F401  (hard dependencies: a broken install fails, never skips)
 import pytest
+import qonnx  # noqa: F401
 
 from fxquant.backends.fpga import generate_project
 from fxquant.backends.fpga.hls4ml_route import hls4ml_csim
@@ -12,8 +14,6 @@ from fxquant.errors import ExportError
 
 from tests.backends.fpga.fpga_graphs import build_cnn, build_residual
 
-pytest.importorskip("hls4ml")
-pytest.importorskip("qonnx")
 pytestmark = pytest.mark.slow  # imports hls4ml and compiles two projects (~15 s on an idle machine)
 
 

@@ -7,16 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from fxquant.backends.fpga import export_fpga
+from fxquant.backends.base import REPORT_FILE, export
+from fxquant.backends.fpga.target import FpgaTarget
 from tests.helpers import trained_digits_run
-
 
 
 @pytest.mark.slow  # trains one epoch (~10 s on an idle machine)
 def test_trained_digits_cnn_exports_bit_exact(tmp_path: Path) -> None:
     run = tmp_path / "run"
     graph, x = trained_digits_run(run, 6, 200)
-    report = export_fpga(graph, run / "fpga", reuse=4, int_inputs=graph.quantize_inputs(x)[0])
-    assert report["bit_exact"] and report["n"] == 200 and report["csim"]["testbench_ok"]
-    assert report["estimates"]["weight_memory_bits"] == graph.param_bits()
-    assert (run / "fpga" / "fpga_report.json").is_file()
+    report = export(FpgaTarget(), graph, run / "fpga", [x], reuse=4)
+    assert report["bit_exact"] and report["verification"]["n"] == 200 and report["artifact"]["testbench_ok"]
+    weights = sum(op.weight.size * op.weight_fmt.bits for op in graph.ops if op.weight is not None)
+    biases = sum(op.bias.size * 32 for op in graph.ops if op.bias is not None)
+    assert report["artifact"]["estimates"]["weight_memory_bits"] == weights + biases
+    assert (run / "fpga" / REPORT_FILE).is_file()

@@ -1,0 +1,196 @@
+"""What the ONNX exporters can write exactly, as data: the rules the ``onnx-qdq`` and ``qonnx``
+targets' ``check`` apply (no onnx import, so ``check`` stays cheap).
+
+Every rule returns :class:`~fxquant.backends.base.Problem` records, all at once, each naming the
+layer; the exporters (:func:`fxquant.export.onnx_qdq.to_qdq`, :func:`fxquant.export.qonnx.to_qonnx`)
+raise the same list (:func:`raise_problems`) before building anything. Shared rules come from
+:mod:`fxquant.legality`; the exporters' own limits are here:
+
+* every scale ``2^-FL`` is a normal float32, ``-126 <= -FL <= 127`` (then ``k * 2^-FL`` is exact);
+* QDQ: 9..16-bit values need int16 QuantizeLinear (opset >= 21); a Conv/Gemm on <= 8-bit inputs
+  whose worst-case ``|acc|`` exceeds float32's exact integers (``2^24``) runs as
+  ConvInteger/MatMulInteger (9..16-bit weights as two 8-bit halves), whose int32 sums must hold it;
+* QONNX: biases are float32 initializers, so ``b * 2^-FL_acc`` must be exact in float32.
+
+Ops whose accumulator can exceed ``2^24`` and still run in float32 (ones on 9..16-bit inputs,
+activation matmuls, every such op of the QONNX graph) are not refused: :func:`float32_risks` lists them and
+the build facts carry the list (they are verified on held-out inputs only).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fxquant.errors import UnsupportedOpError, UsageError
+from fxquant.fixed_point import dequantize
+from fxquant.integer_graph import IntegerGraph, Op
+
+if TYPE_CHECKING:
+    from fxquant.backends.base import Problem
+
+FLOAT32_EXACT_BOUND = 1 << 24
+"""float32 represents every integer of magnitude <= 2^24."""
+NARROW_STORAGE_OPSET = 21
+"""INT4 initializers and int16 QuantizeLinear/DequantizeLinear need opset 21."""
+DEFAULT_OPSET = 21
+QONNX_MAX_IR_VERSION = 10
+"""The qonnx tools and hls4ml read IR versions up to 10 (opset 21)."""
+FLOAT32_MIN_EXP, FLOAT32_MAX_EXP = -126, 127
+"""The exponents of normal float32 powers of two (``2^e`` exact)."""
+MIN_OPSET = 13
+
+
+def check_opset(opset: int, max_ir_version: int | None = None) -> int:
+    """Return ``opset`` if it is an integer >= 13 (whose IR version is <= ``max_ir_version``)."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise UsageError(f"opset={opset!r} is not supported", f"use an integer >= {MIN_OPSET}")
+    if max_ir_version is None:
+        return opset
+    from onnx import helper
+
+    ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", opset)])
+    if ir_version > max_ir_version:
+        raise UsageError(f"opset={opset} needs ONNX IR version {ir_version}, this format allows {max_ir_version}",
+                         "choose a lower opset")
+    return opset
+
+
+def exportable_problems(graph: IntegerGraph) -> list["Problem"]:
+    """Every reason ``graph`` has no exact ONNX form, one :class:`~fxquant.backends.base.Problem` each.
+
+    Shared by the QDQ and QONNX targets' ``check``. From :mod:`fxquant.legality`: values and
+    weights without an integer format, weights and biases outside their widths, ``linear`` on an
+    N-D input (ONNX Gemm takes ``(N, features)``; grouped convolutions are fine), average windows
+    that are not a power of two or pad, max pools padding more than half their window. The
+    exporters' own limit: every scale ``2^-FL`` (values, weights, the bias accumulator grid, a
+    ``mul_pow2`` factor) a normal float32. Never raises.
+    """
+    from fxquant import legality
+    from fxquant.backends.base import Problem
+
+    problems: list[Problem] = legality.format_problems(graph)
+    problems += [Problem(op.name, op.kind, "no weight or weight format: lower the model again with "
+                                           "fxquant.passes.lower_to_integer_graph")
+                 for op in graph.ops if op.kind in ("conv2d", "linear") and (op.weight is None or op.weight_fmt is None)]
+    if problems:  # the rules below read formats and weights
+        return problems
+    problems += (legality.fit_problems(graph) + legality.shape_problems(graph, groups=True)
+                 + legality.avg_window_problems(graph) + legality.window_problems(graph))
+    producer = {op.output: op for op in graph.ops}
+    for v in graph.values.values():
+        if not _scale_ok(v.fmt.frac_bits):
+            op = producer.get(v.name)
+            problems.append(Problem(op.name if op else v.name, op.kind if op else "input",
+                                    f"value {v.name!r}: scale 2^{-v.fmt.frac_bits} is outside the float32 normal range"))
+    for op in graph.ops:
+        scales = {"factor": -int(op.attrs["exponent"])} if op.kind == "mul_pow2" else {}
+        if op.kind in ("conv2d", "linear"):
+            scales["weight scale"] = op.weight_fmt.frac_bits
+            if op.bias is not None:
+                scales["bias scale"] = graph.values[op.inputs[0]].fmt.frac_bits + op.weight_fmt.frac_bits
+        problems += [Problem(op.name, op.kind, f"{what} 2^{-fl} is outside the float32 normal range")
+                     for what, fl in scales.items() if not _scale_ok(fl)]
+    return problems
+
+
+def raise_problems(problems: list["Problem"], what: str = "no exact ONNX form") -> None:
+    """Raise :class:`UnsupportedOpError` listing every problem (nothing when there are none)."""
+    if problems:
+        raise UnsupportedOpError(f"{what} ({len(problems)} problem{'s' if len(problems) != 1 else ''}): "
+                                 + "; ".join(str(p) for p in problems),
+                                 "see docs/onnx_export.md for what the ONNX exporters support")
+
+
+def check_exportable(graph: IntegerGraph) -> None:
+    """Raise :class:`UnsupportedOpError` listing every :func:`exportable_problems` of ``graph``."""
+    raise_problems(exportable_problems(graph))
+
+
+def _scale_ok(frac_bits: int | None) -> bool:
+    return frac_bits is not None and FLOAT32_MIN_EXP <= -frac_bits <= FLOAT32_MAX_EXP
+
+
+def float32_risks(graph: IntegerGraph) -> list[str]:
+    """Ops whose accumulator may exceed float32's exact range (``|acc| > 2^24``)."""
+    return [op.name for op in graph.ops if graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND]
+
+
+def needs_integer_accumulation(graph: IntegerGraph, op: Op, *, ort_x86: bool = True) -> bool:
+    """A Conv/Gemm on <= 8-bit inputs whose accumulator float32 may not hold: exported as
+    ConvInteger / MatMulInteger with int32 accumulators and a float64 requantization
+    (``_QdqBuilder.integer_op``; weights of 9..16 bits as two 8-bit halves)."""
+    if not ort_x86 or op.kind not in ("conv2d", "linear") or op.weight_fmt is None:
+        return False
+    fits = (graph.values[op.inputs[0]].fmt.bits <= 8 and op.weight_fmt.bits <= 16 and op.out_fmt.bits <= 16)
+    return fits and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
+
+
+def split_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``w = 256 * hi + lo`` with ``lo`` in ``[0, 255]`` and ``hi`` in ``[-128, 127]`` (16-bit ``w``)."""
+    w = np.asarray(w, dtype=np.int64)
+    lo = w & 0xFF
+    return (w - lo) >> 8, lo
+
+
+def integer_path_bound(graph: IntegerGraph, op: Op) -> int:
+    """Worst case of every int32 sum on the integer path of ``op``: the accumulator bound for 8-bit
+    weights; ``2^(BW_in-1) * sum(256 |hi| + lo) + |b|`` for split 9..16-bit weights (both halves'
+    sums and their combination stay below it)."""
+    from fxquant.fixed_point import min_signed_bits
+    from fxquant.legality import dot_bound
+
+    if min_signed_bits(op.weight) <= 8:
+        return graph.accumulator_bound(op)
+    hi, lo = split_weights(op.weight)
+    return dot_bound(256 * np.abs(hi) + lo, op.bias, 1 << (graph.values[op.inputs[0]].fmt.bits - 1))
+
+
+def qdq_problems(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = True) -> list["Problem"]:
+    """Every reason :func:`to_qdq` cannot write ``graph`` exactly (all at once; never raises).
+
+    :func:`exportable_problems`, plus: 9..16-bit values need int16
+    QuantizeLinear (opset >= 21); an op on the integer path (:func:`needs_integer_accumulation`)
+    needs its worst-case accumulator in int32 (ConvInteger/MatMulInteger accumulate in int32).
+    """
+    from fxquant.backends.base import Problem
+    from fxquant.legality import int_max
+
+    problems = exportable_problems(graph)
+    well_formed = not problems  # the accumulator bound needs integer formats and weights
+    if opset < NARROW_STORAGE_OPSET:
+        producer = {op.output: op for op in graph.ops}
+        for v in graph.values.values():
+            if 8 < v.fmt.bits <= 16:
+                op = producer.get(v.name)
+                problems.append(Problem(op.name if op else v.name, op.kind if op else "input",
+                                        f"{v.fmt.bits}-bit value {v.name!r} needs int16 QuantizeLinear, which opset "
+                                        f"{opset} lacks (use opset >= {NARROW_STORAGE_OPSET})"))
+    if well_formed:
+        for op in graph.ops:
+            if not needs_integer_accumulation(graph, op, ort_x86=ort_x86):
+                continue
+            bound = integer_path_bound(graph, op)
+            if bound > int_max(32):
+                problems.append(Problem(op.name, op.kind, f"worst-case accumulator {bound} exceeds the int32 "
+                                                          "accumulator of ConvInteger/MatMulInteger"))
+    return problems
+
+
+def qonnx_problems(graph: IntegerGraph) -> list["Problem"]:
+    """Every reason :func:`to_qonnx` cannot write ``graph`` exactly (all at once; never raises):
+    :func:`exportable_problems` and biases float32 cannot hold."""
+    from fxquant.backends.base import Problem
+
+    problems = exportable_problems(graph)
+    if problems:
+        return problems
+    for op in graph.ops:
+        if op.bias is not None and op.weight_fmt is not None:
+            fl_acc = graph.values[op.inputs[0]].fmt.frac_bits + op.weight_fmt.frac_bits
+            exact = dequantize(op.bias, fl_acc)
+            if not np.array_equal(exact.astype(np.float32).astype(np.float64), exact):
+                problems.append(Problem(op.name, op.kind, "bias is not exactly representable in float32 (QONNX "
+                                                          "biases are float initializers): keep |b| <= 2^24"))
+    return problems

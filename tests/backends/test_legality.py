@@ -1,0 +1,118 @@
+"""The shared legality rules: each rule on hand-computed cases, every offender listed at once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.export.integer_graphs import F, GraphMaker
+
+from fxquant import legality
+from fxquant.errors import UnsupportedOpError
+from fxquant.integer_graph import Op, Value
+
+
+def test_accumulator_rule_boundary() -> None:
+    assert legality.fits(2**31 - 1) and not legality.fits(2**31)
+    assert legality.fits(2**63 - 1, 64) and not legality.fits(2**15, 16)
+    legality.require_fits(2**31 - 1, "op 'fc'")
+    with pytest.raises(UnsupportedOpError, match="op 'fc': the accumulator can reach 2147483648, beyond int32"):
+        legality.require_fits(2**31, "op 'fc'")
+
+
+def test_dot_and_add_bounds_by_hand() -> None:
+    w = np.array([[1, -2, 3], [-4, 0, 0]])
+    # rows: 6 * 128 + |b| = 768 + 5 ; 4 * 128 + 1000 = 1512
+    assert legality.dot_bound(w, np.array([5, -1000]), 128) == 1512
+    assert legality.dot_bound(w, None, 128) == 768
+    # a packed kernel's offset: (|w| + 8) summed = 6 + 24 = 30 for the first row
+    assert legality.dot_bound(w, None, 128, weight_offset=8) == 30 * 128
+    assert legality.dot_bound(np.ones((2, 3, 2, 2)), None, 2) == 24  # conv weights: fan-in 12
+    assert legality.add_bound((0, 3), (8, 8)) == 128 + 1024
+    assert legality.add_bound((1,), (4,)) == 16
+
+
+def test_avg_window_shift_and_guard() -> None:
+    assert [legality.avg_window_shift(k) for k in [(1, 1), (2, 2), (4, 2), (8, 8), (3, 3), (2, 3)]] == [
+        0, 2, 3, 6, None, None]
+    assert legality.require_avg_window((4, 4), (0, 0), "op 'gap'") == 4
+    with pytest.raises(UnsupportedOpError, match="op 'p': average pooling over \\(3, 3\\)"):
+        legality.require_avg_window((3, 3), (0, 0), "op 'p'")
+    with pytest.raises(UnsupportedOpError, match="padding \\(1, 0\\)"):
+        legality.require_avg_window((2, 2), (1, 0), "op 'p'")
+
+
+def test_reference_refuses_through_the_same_rule() -> None:
+    m = GraphMaker((1, 6, 6), F(8, 4))
+    graph = m.graph(m.pool("avg", "input", kind="avgpool2d", k=3))
+    with pytest.raises(UnsupportedOpError, match="op 'avg': average pooling over \\(3, 3\\)"):
+        graph.run(np.zeros((1, 1, 6, 6), np.int64))
+
+
+def _bad_graph():
+    m = GraphMaker((2, 8, 8), F(8, 4))
+    a = m.conv("conv", "input", 4, F(12, 10), F(8, 3))
+    b = m.pool("avg3", a, kind="avgpool2d", k=3)
+    c = m.pool("max", a, k=2)
+    m.ops[-1].attrs["padding"] = (2, 0)
+    d = m.pool("avg2pad", c, kind="avgpool2d", k=2)
+    m.ops[-1].attrs["padding"] = (1, 1)
+    graph = m.graph(b, d)
+    graph.ops.append(Op("fc", "linear", (a,), "fc", F(10, 4), weight=np.full((3, 4), 300), weight_fmt=F(8, 6)))
+    graph.values["fc"] = Value("fc", (3,), F(10, 4))
+    return graph
+
+
+def test_every_rule_lists_every_offender() -> None:
+    graph = _bad_graph()
+    widths = legality.width_problems(graph, weight_bits=(2, 8), act_bits=(2, 8))
+    assert [(p.layer, p.reason.split(";")[0]) for p in widths] == [("conv", "12-bit weights"), ("fc", "10-bit output")]
+    assert [(p.layer, p.reason) for p in legality.fit_problems(graph)] == [
+        ("fc", "weights need 10 bits, more than their 8-bit format")]
+    assert [(p.layer, p.reason) for p in legality.avg_window_problems(graph)] == [
+        ("avg3", "average window (3, 3) is not a power of two"), ("avg2pad", "average pooling with padding (1, 1)")]
+    assert [p.layer for p in legality.window_problems(graph)] == ["max"]
+    shapes = legality.shape_problems(graph, max_outputs=1)
+    assert [(p.layer, p.kind) for p in shapes] == [("fc", "linear"), ("graph", "outputs")]
+    assert "[4, 8, 8]" in shapes[0].reason
+    assert legality.shape_problems(graph) == shapes[:1]
+
+
+def test_grouped_conv_and_inputs() -> None:
+    m = GraphMaker((4, 4, 4), F(8, 4))
+    m.conv("g", "input", 4, F(8, 6), F(8, 3))
+    m.ops[-1].attrs["groups"] = 2
+    graph = m.graph("g")
+    graph.inputs.append(Value("y", (4,), F(8, 4)))
+    assert [(p.layer, p.kind) for p in legality.shape_problems(graph, max_inputs=1)] == [
+        ("g", "conv2d"), ("graph", "inputs")]
+    assert legality.shape_problems(graph, groups=True) == []
+
+
+def test_accumulator_problems_use_the_graph_bound() -> None:
+    m = GraphMaker((4,), F(8, 4))
+    graph = m.graph(m.linear("fc", "input", 2, F(8, 7), F(8, 2), bias=False))
+    graph.ops[0].weight = np.array([[127, 127, 127, 127], [1, 0, 0, 0]])
+    assert graph.accumulator_bound(graph.ops[0]) == 4 * 127 * 128  # 65024: over int16, under int17
+    (problem,) = legality.accumulator_problems(graph, 16)
+    assert problem.layer == "fc" and "65024 exceeds int16" in problem.reason
+    assert legality.accumulator_problems(graph, 17) == []
+
+
+def test_format_problems_name_the_producer() -> None:
+    m = GraphMaker((4,), F(8, 4))
+    graph = m.graph(m.linear("fc", "input", 3, F(8, 7), F(32, 0)))
+    (problem,) = legality.format_problems(graph)
+    assert problem.layer == "fc" and "no integer form" in problem.reason
+
+
+def test_add_shapes_and_arity() -> None:
+    m = GraphMaker((4,), F(8, 4))
+    m.requantize("q", "input", F(8, 3))
+    graph = m.graph(m._op("add3", "add", ("input", "q", "q"), (4,), F(8, 3)))
+    graph.values["wide"] = Value("wide", (6,), F(8, 4))
+    graph.ops.append(Op("bcast", "add", ("input", "wide"), "bcast", F(8, 3)))
+    graph.values["bcast"] = Value("bcast", (6,), F(8, 3))
+    assert [(p.layer, p.reason) for p in legality.shape_problems(graph, add_arity=2)] == [
+        ("add3", "add of 3 inputs; this target adds 2"), ("bcast", "add of shapes [[4], [6]]; no kernel broadcasts")]
+    assert [p.layer for p in legality.shape_problems(graph)] == ["bcast"]
