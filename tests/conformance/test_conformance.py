@@ -1,0 +1,134 @@
+"""Every zoo case on every registry target, against the integer reference (``IntegerGraph.run``).
+
+The model is ONNX's backend test suite: one set of cases (:mod:`tests.conformance.zoo`), one
+small interface per backend (:class:`fxquant.backends.base.Target`), and what a target cannot do
+declared as data in :data:`EXPECTED_UNSUPPORTED` -- never skipped. For each ``<case>-<target>``:
+
+* not declared: ``check`` finds no problem, ``export`` is bit-exact (report and an independent
+  re-run, :func:`harness.assert_bit_exact`);
+* declared: ``check`` lists problems, one of which matches the declared reason (a regular
+  expression), and ``export`` raises :class:`UnsupportedOpError` leaving nothing behind. A
+  declared case that now builds fails too, so the table stays true.
+
+A target whose ``unavailable()`` is not ``None`` is skipped with that reason, except the targets
+in :data:`MUST_RUN`, whose toolchains this project's machines and CI always have: for them a
+missing toolchain is a failure.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+
+import pytest
+
+from fxquant.backends.registry import TARGETS, get_target
+from tests.conformance.harness import assert_bit_exact, assert_refused
+from tests.conformance.zoo import CASES
+
+MUST_RUN = ("onnx-qdq", "qonnx", "cpu", "cuda", "fpga")
+"""Targets whose ``unavailable()`` must be ``None`` wherever the suite runs (CUDA: codegen + llvm check)."""
+
+_ACT8 = r"-bit (output|input); this target holds 2-8-bit activations"
+_W8 = r"-bit weights; this target holds 2-8 bits"
+_INT32 = r"worst-case accumulator \d+ exceeds int32"
+
+EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
+    # (case name pattern (fnmatch), target name or "*"): regex one of check's problems must match
+    # -- every target: dividing by 9 is not a shift
+    ("avgpool_3x3", "*"): r"average window \(3, 3\) is not a power of two",
+    # -- qonnx: biases are float32 initializers
+    ("linear_wide_bias", "qonnx"): r"bias is not exactly representable in float32",
+    # -- cpu: int8 activations, groups=1, no cat / matmul kernels, int32 accumulators
+    ("residual", "cpu"): r"op kind 'cat'",
+    ("cat_*", "cpu"): r"op kind 'cat'",
+    ("fpga_residual", "cpu"): r"op kind 'cat'",
+    ("matmul_*", "cpu"): r"op kind 'matmul'",
+    ("conv_groups", "cpu"): r"grouped convolution",
+    ("mixed", "cpu"): _ACT8,
+    ("fpga_mlp", "cpu"): _ACT8,
+    ("fpga_cnn", "cpu"): _ACT8,
+    ("requantize_extremes", "cpu"): _ACT8,
+    ("widths_9_to_16", "cpu"): _ACT8,
+    ("linear_acc_*_int32", "cpu"): _ACT8,
+    ("conv_acc_near_int32", "cpu"): _ACT8,
+    ("linear_w16_acc_over_int32", "cpu"): _INT32,
+    # -- cuda: int8 activations and weights, one graph input, groups=1, no cat / matmul kernels
+    ("residual", "cuda"): r"op kind 'cat'",
+    ("cat_*", "cuda"): r"op kind 'cat'",
+    ("fpga_residual", "cuda"): r"op kind 'cat'",
+    ("matmul_*", "cuda"): r"op kind 'matmul'",
+    ("conv_groups", "cuda"): r"grouped convolution",
+    ("add_two_inputs", "cuda"): r"2 graph inputs; this target takes 1",
+    ("mixed", "cuda"): _ACT8,
+    ("fpga_mlp", "cuda"): _ACT8,
+    ("fpga_cnn", "cuda"): _ACT8,
+    ("requantize_extremes", "cuda"): _ACT8,
+    ("widths_9_to_16", "cuda"): _ACT8,
+    ("linear_acc_*_int32", "cuda"): _ACT8,
+    ("conv_acc_near_int32", "cuda"): _ACT8,
+    ("linear_w16_acc_*_int32", "cuda"): _W8,
+    # -- fpga: one graph input, no matmul, two-input cat
+    ("matmul_*", "fpga"): r"op kind 'matmul'",
+    ("add_two_inputs", "fpga"): r"2 graph inputs; this target takes 1",
+    ("cat_mixed_formats", "fpga"): r"cat of 3 inputs on dim 1 is not supported",
+}
+"""What each target cannot build, as data (like ``onnx.backend.test.BackendTest.exclude``)."""
+
+TARGET_OPTIONS: dict[str, dict[str, object]] = {}
+"""Build options the suite passes per target (none: every target is tested as the CLI builds it)."""
+
+
+def declared_refusal(case: str, target: str) -> str | None:
+    """The declared reason regex of ``case`` on ``target`` (several matching entries: joined by ``|``)."""
+    reasons = [why for (pattern, t), why in EXPECTED_UNSUPPORTED.items()
+               if t in (target, "*") and fnmatch.fnmatchcase(case, pattern)]
+    return "|".join(f"(?:{r})" for r in reasons) or None
+
+
+PAIRS = [(case, target) for case in CASES for target in TARGETS]
+
+
+def _target(name: str):
+    target = get_target(name)
+    why = target.unavailable()
+    if why is not None:
+        if name in MUST_RUN:
+            pytest.fail(f"target {name!r} must run here but is unavailable: {why}")
+        pytest.skip(f"target {name!r} unavailable on this machine: {why}")
+    return target
+
+
+@pytest.mark.parametrize(("case", "target_name"), PAIRS, ids=[f"{c}-{t}" for c, t in PAIRS])
+def test_case_on_target(case: str, target_name: str, tmp_path: Path) -> None:
+    target = _target(target_name)
+    graph, inputs = CASES[case].build()
+    options = TARGET_OPTIONS.get(target_name, {})
+    problems = target.check(graph, **options)
+    declared = declared_refusal(case, target_name)
+    if declared is None:
+        assert not problems, (f"{target_name} refuses {case!r}, which EXPECTED_UNSUPPORTED does not declare: "
+                              + "; ".join(map(str, problems)))
+        assert_bit_exact(target, graph, inputs, tmp_path, **options)
+        return
+    assert problems, (f"EXPECTED_UNSUPPORTED declares {case!r} unsupported on {target_name} ({declared}), but "
+                      "check finds no problem: remove the entry")
+    assert any(re.search(declared, str(p), re.IGNORECASE) for p in problems), (
+        f"{target_name} refuses {case!r}, but not for the declared reason /{declared}/: "
+        + "; ".join(map(str, problems)))
+    assert_refused(target, graph, inputs, tmp_path, problems, **options)
+
+
+def test_expected_unsupported_names_real_cases_and_targets() -> None:
+    """Every entry matches at least one zoo case and names a registered target (no dead entries)."""
+    for pattern, target in EXPECTED_UNSUPPORTED:
+        assert target == "*" or target in TARGETS, f"no target {target!r}"
+        assert fnmatch.filter(CASES, pattern), f"pattern {pattern!r} matches no zoo case"
+        re.compile(EXPECTED_UNSUPPORTED[pattern, target])
+
+
+@pytest.mark.parametrize("name", MUST_RUN)
+def test_must_run_targets_are_registered_and_available(name: str) -> None:
+    assert name in TARGETS
+    assert get_target(name).unavailable() is None
