@@ -8,6 +8,13 @@ deployed ``precision_map.json`` (BN folded) with per-epoch history. The policy m
 (:meth:`Policy.loss_terms`) and touch gradients before the step (:meth:`Policy.before_step`).
 ``--policy cpt`` without ``bits_min`` first runs the precision range test
 (:mod:`fxquant.policies.prt`) and records its result in ``prt.json`` and in the run's options.
+Before the first step the trainer states which compute stays in float (:mod:`fxquant.census`:
+one line per float op, or "all compute is quantized") and records it in ``run.json``
+(``census``, also in ``results``), so ``mean bits`` is never read as covering layers it does not.
+
+**Time.** ``metrics.jsonl``'s ``time`` and the results' ``train_seconds`` are the training loop's
+wall time summed over the original run and every resume (a checkpoint carries ``elapsed``); steps
+redone after a ``kill -9`` are counted once, for the attempt that produced the kept metrics.
 
 **Interruptions and resume.** Checkpoints are atomic. SIGINT/SIGTERM stop at the next step
 boundary with a checkpoint of that step; ``kill -9`` leaves the last epoch's checkpoint. A
@@ -21,27 +28,28 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import fx, nn
+from torch import nn
 
 from fxquant.bitops import BitOpsMeter, layer_costs
-from fxquant.errors import CheckpointError, ModelFileError, RunDirError, TrainingError
+from fxquant.census import census_lines, take_census
+from fxquant.errors import CheckpointError, ModelFileError, RunDirError, TrainingError, TrainingInterrupted
 from fxquant.fixed_point import MIN_BITS
 from fxquant.io import atomic_write_json
 from fxquant.model_file import ModelFile, load_model_file
-from fxquant.passes import FoldBatchNorm, FuseReluIntoQuantizers, InsertQuantizers, capture
+from fxquant.passes import FoldBatchNorm
 from fxquant.policies import make_policy
 from fxquant.policies.base import Policy, mean_bits
 from fxquant.precision_map import PrecisionMap
+from fxquant.quantized_graph import build_quantized_graph
 from fxquant.quantizers import ACT, WEIGHT, FixedPointQuantizer, quantizers
+from fxquant.rng import rng_state, seed_everything, set_rng_state
 from fxquant.run_dir import METRICS, PRECISION_MAP, RunDir
 
 
@@ -53,36 +61,6 @@ class TrainOptions:
     seed: int = 0
     weight_decay: float = 5e-4
     progress: bool = True
-
-
-def build_quantized_graph(mf: ModelFile) -> fx.GraphModule:
-    """model.py → captured graph with (initially off) quantizers."""
-    gm = capture(mf.model(), mf.example_inputs())
-    InsertQuantizers()(gm)
-    FuseReluIntoQuantizers()(gm)
-    return gm
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain data (``weights_only``-loadable)."""
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]) + [random.getstate()[2]],
-            "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                      float(np_state[4])]}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((3, tuple(py[:-1]), py[-1]))
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 @torch.no_grad()
@@ -126,10 +104,6 @@ class _StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-class TrainingInterrupted(TrainingError):
-    exit_code = 130
 
 
 PRT_FILE = "prt.json"
@@ -204,7 +178,12 @@ class _Loop:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "policy": self.policy.state_dict(),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "epoch_rng": epoch_rng,
-            "rng": rng_state(), "history": json.dumps(self.pmap_history), "bitops": self.bitops.state_dict()})
+            "rng": rng_state(), "history": json.dumps(self.pmap_history), "bitops": self.bitops.state_dict(),
+            "elapsed": self.elapsed()})
+
+    def elapsed(self) -> float:
+        """Training wall time of this run so far, summed over every resume (seconds)."""
+        return self.elapsed_before + time.perf_counter() - self.t0
 
     def restore(self, state: dict[str, Any]) -> tuple[int, int, int, dict[str, Any]]:
         try:
@@ -214,6 +193,7 @@ class _Loop:
             self.policy.load_state_dict(state["policy"])
             self.pmap_history = json.loads(state["history"])
             self.bitops.load_state_dict(state["bitops"])
+            self.elapsed_before = float(state["elapsed"])
             return state["epoch"], state["step_in_epoch"], state["step"], state["epoch_rng"]
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint in {self.run_dir.path} does not fit this run: {exc}",
@@ -224,6 +204,12 @@ class _Loop:
 
         metrics_path = self.run_dir.file(METRICS)
         first_x, _ = next(iter(self.train_loader))
+        census = take_census(self.model, tuple(self.mf.example_inputs() or (first_x,))).to_dict()
+        self.info["census"] = census
+        self.run_dir.write_info(self.info)
+        for line in census_lines(census):
+            tqdm.write(line)
+        self.elapsed_before = 0.0
         self.bitops = BitOpsMeter(layer_costs(self.model, first_x), self.policy.reference_bits)
         if state is None:
             seed_everything(self.opts.seed)
@@ -236,7 +222,7 @@ class _Loop:
             epoch, skip, step, epoch_rng = self.restore(state)
             lines = metrics_path.read_text().splitlines()[:step] if metrics_path.exists() else []
             metrics_path.write_text("".join(line + "\n" for line in lines))
-        t0 = time.perf_counter()
+        self.t0 = time.perf_counter()
         with _StopRequest() as stop, open(metrics_path, "a") as metrics, \
                 tqdm(total=self.total_steps, initial=step, disable=not self.opts.progress, unit="step",
                      dynamic_ncols=True) as bar:
@@ -270,7 +256,7 @@ class _Loop:
                     w_bits, a_bits = mean_bits(self.model, WEIGHT, self.qs), mean_bits(self.model, ACT, self.qs)
                     metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "acc": acc,
                                               "w_bits": w_bits, "a_bits": a_bits,
-                                              "time": time.perf_counter() - t0,
+                                              "time": self.elapsed(),
                                               **self.bitops.step(len(y)),
                                               "layers": layer_precisions(self.qs)}) + "\n")
                     bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.1f}", bits=f"W{w_bits:.1f}/A{a_bits:.1f}")
@@ -294,7 +280,7 @@ class _Loop:
                 metrics.flush()
                 self.checkpoint(epoch, 0, step, epoch_rng)
                 bar.write(f"epoch {epoch}/{self.opts.epochs}: val acc {val_acc:.2f}%")
-        return self.finish(time.perf_counter() - t0)
+        return self.finish(self.elapsed())
 
     def finish(self, seconds: float) -> dict[str, Any]:
         train_val_acc = evaluate(self.model, self.val_loader)
@@ -309,7 +295,7 @@ class _Loop:
         pmap.save(self.run_dir.file(PRECISION_MAP))
         results = {"val_acc": train_val_acc, "deployed_val_acc": deployed_acc,
                    "mean_weight_bits": mean_bits(deployed, WEIGHT), "mean_act_bits": mean_bits(deployed, ACT),
-                   "train_seconds": seconds}
+                   "train_seconds": seconds, "census": self.info["census"]}
         self.info.update(status="finished", results=results)
         self.run_dir.write_info(self.info)
         return results
