@@ -94,16 +94,16 @@ def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
         return str(target)  # aten.bmm.default
     module = getattr(target, "__module__", None) or ""
     name = getattr(target, "__name__", str(target))
-    if module.startswith("torch.nn.functional"):
+    if getattr(torch.nn.functional, name, None) is target:  # builtins report torch._C._nn as their module
         return f"F.{name}"
-    if module.startswith("torch"):
+    if getattr(torch, name, None) is target:
         return f"torch.{name}"
     return f"{module}.{name}" if module else name
 
 
 def _display_name(gm: fx.GraphModule, node: fx.Node) -> str:
     path = module_path(node)
-    return f"{path or '<top>'}: {_op_name(gm, node)}"
+    return f"{path}: {_op_name(gm, node)}" if path else _op_name(gm, node)
 
 
 def _is_quantizer(gm: fx.GraphModule, node: Any) -> bool:
