@@ -86,6 +86,48 @@ def layer_precisions(qs: dict[tuple[str, str], FixedPointQuantizer]) -> dict[str
     return out
 
 
+def make_optimizer(model: nn.Module, opts: TrainOptions, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """SGD (momentum 0.9, Nesterov, ``opts.weight_decay``) with a cosine schedule over ``total_steps``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=opts.lr, momentum=0.9, nesterov=True,
+                                weight_decay=opts.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    return optimizer, scheduler
+
+
+class _NonFiniteLoss(Exception):
+    def __init__(self, value: float) -> None:
+        super().__init__(value)
+        self.value = value
+
+
+def train_step(model: nn.Module, policy: Policy, optimizer: torch.optim.Optimizer, scheduler: Any,
+               x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[float, torch.Tensor]:
+    """One whole training step as the trainer runs it; returns (task loss, logits).
+
+    ``on_batch_begin`` → forward → cross-entropy (+ ``loss_terms``) → backward → ``before_step`` →
+    SGD step → LR step → ``on_batch_end``. ``benchmarks/policies.py`` times exactly this function
+    for its policy-overhead ratio. A non-finite loss raises before anything is updated.
+    """
+    policy.on_batch_begin(step, model)
+    logits = model(x)
+    loss = nn.functional.cross_entropy(logits, y)
+    loss_value = loss.item()
+    extra = policy.loss_terms(model)
+    if extra is not None:
+        loss = loss + extra
+    total = loss.item()
+    if not math.isfinite(total):
+        raise _NonFiniteLoss(total)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    policy.before_step(model)
+    optimizer.step()
+    scheduler.step()
+    policy.on_batch_end(step, loss_value, model)
+    return loss_value, logits
+
+
 class _StopRequest:
     """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and stops."""
 
@@ -167,10 +209,7 @@ class _Loop:
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = self.steps_per_epoch * opts.epochs
         self.policy.plan(self.total_steps)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=opts.lr, momentum=0.9, nesterov=True,
-                                         weight_decay=opts.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, self.total_steps) / self.total_steps)))
+        self.optimizer, self.scheduler = make_optimizer(self.model, opts, self.total_steps)
         self.pmap_history: list[dict[str, Any]] = []
 
     def checkpoint(self, epoch: int, step_in_epoch: int, step: int, epoch_rng: dict[str, Any]) -> None:
@@ -234,23 +273,13 @@ class _Loop:
                 if skip:
                     set_rng_state(state["rng"])
                 for i, (x, y) in enumerate(batches, start=skip):
-                    self.policy.on_batch_begin(step, self.model)
-                    logits = self.model(x)
-                    loss = nn.functional.cross_entropy(logits, y)
-                    loss_value = loss.item()
-                    extra = self.policy.loss_terms(self.model)
-                    if extra is not None:
-                        loss = loss + extra
-                    if not math.isfinite(loss.item()):
-                        raise TrainingError(f"loss is {loss.item()} at epoch {epoch} step {step}; stopped, "
+                    try:
+                        loss_value, logits = train_step(self.model, self.policy, self.optimizer, self.scheduler,
+                                                        x, y, step)
+                    except _NonFiniteLoss as exc:
+                        raise TrainingError(f"loss is {exc.value} at epoch {epoch} step {step}; stopped, "
                                             f"the last good checkpoint is kept in {self.run_dir.path}",
-                                            "lower --lr or raise the bit widths")
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.policy.before_step(self.model)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.policy.on_batch_end(step, loss_value, self.model)
+                                            "lower --lr or raise the bit widths") from None
                     step += 1
                     acc = 100.0 * float((logits.argmax(1) == y).float().mean())
                     w_bits, a_bits = mean_bits(self.model, WEIGHT, self.qs), mean_bits(self.model, ACT, self.qs)
