@@ -86,3 +86,30 @@ def test_each_module_imports_alone() -> None:
         proc = subprocess.run([sys.executable, "-c", code, module], cwd=ROOT, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, f"{module}: {proc.stderr.strip().splitlines()[-1:]}"
+
+
+DIST_OF = {"sklearn": "scikit-learn", "onnx_ir": "onnx-ir", "tvm": "apache-tvm", "tvm_ffi": "apache-tvm-ffi"}
+"""Import names whose distribution is called otherwise."""
+
+
+def test_pyproject_lists_exactly_what_fxquant_imports() -> None:
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~ \[]", d)[0].lower().replace("_", "-") for d in project["dependencies"]}
+    optional = {re.split(r"[<>=!~ \[]", d)[0].lower().replace("_", "-")
+                for deps in project["optional-dependencies"].values() for d in deps}
+    imported: set[str] = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                tops = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            imported.update(t for t in tops if t != "fxquant" and t not in sys.stdlib_module_names)
+    needed = {DIST_OF.get(t, t).lower().replace("_", "-") for t in imported}
+    assert needed - declared - optional == set(), "imported but not declared"
+    assert declared - needed == set(), "declared but never imported"
