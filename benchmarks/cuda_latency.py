@@ -129,10 +129,9 @@ def run(out: Path, iters: int, only: list[str] | None) -> None:
         sys.path.remove(str(d))
         del sys.modules["run_cuda"]
     summary["acceptance"] = acceptance(summary)
-    text = json.dumps(summary, indent=2) + "\n"
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "summary.json")
+    from fxquant.io import atomic_write_json
+
+    atomic_write_json(out / "summary.json", summary)
     print("| goal | measured | met |\n|---|---|---|")
     for row in summary["acceptance"]:
         print(f"| {row['goal']} | {row['measured']} | {row['met']} |")

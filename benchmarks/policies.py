@@ -32,6 +32,7 @@ from typing import Any
 import click
 import torch
 
+from fxquant.io import atomic_write_json
 from fxquant.model_file import load_model_file
 from fxquant.policies import make_policy
 from fxquant.quantized_graph import build_quantized_graph
@@ -245,8 +246,7 @@ def main(models: str, epochs: int | None, seeds: str, configs: str | None, threa
             new = run_model(name, out, epochs, seed, chosen)
             keys = {(r["model"], r["config"], r["seed"]) for r in new}
             rows = [r for r in rows if (r["model"], r["config"], r["seed"]) not in keys] + new
-            store.parent.mkdir(parents=True, exist_ok=True)
-            store.write_text(json.dumps(rows, indent=2))
+            atomic_write_json(store, rows)
     click.echo(table([r for r in rows if r["model"] in names]))
 
 

@@ -41,7 +41,7 @@ from fxquant.bitops import BitOpsMeter, layer_costs
 from fxquant.census import census_lines, take_census
 from fxquant.errors import CheckpointError, ModelFileError, RunDirError, TrainingError, TrainingInterrupted
 from fxquant.fixed_point import MIN_BITS
-from fxquant.io import atomic_write_json
+from fxquant.io import atomic_write_json, atomic_write_text
 from fxquant.model_file import ModelFile, load_model_file
 from fxquant.passes import FoldBatchNorm
 from fxquant.policies import make_policy
@@ -256,11 +256,11 @@ class _Loop:
             self.bitops = BitOpsMeter(self.bitops.costs, self.policy.reference_bits)  # starting widths
             epoch, skip, step = 0, 0, 0
             epoch_rng = rng_state()
-            metrics_path.write_text("")
+            atomic_write_text(metrics_path, "")
         else:
             epoch, skip, step, epoch_rng = self.restore(state)
             lines = metrics_path.read_text().splitlines()[:step] if metrics_path.exists() else []
-            metrics_path.write_text("".join(line + "\n" for line in lines))
+            atomic_write_text(metrics_path, "".join(line + "\n" for line in lines))  # a kill keeps the old file
         self.t0 = time.perf_counter()
         with _StopRequest() as stop, open(metrics_path, "a") as metrics, \
                 tqdm(total=self.total_steps, initial=step, disable=not self.opts.progress, unit="step",

@@ -27,6 +27,8 @@ def plot_history(metrics_path: Path, png: Path) -> None:
     """Weight (solid) and activation (dashed) bits of every layer against the training step."""
     import matplotlib
 
+    from fxquant.io import atomic_write_via_path
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -52,7 +54,7 @@ def plot_history(metrics_path: Path, png: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=4, loc="upper right")
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    atomic_write_via_path(png, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
