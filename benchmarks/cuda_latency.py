@@ -8,10 +8,13 @@ comparison with ``torch._int_mm``.
     .venv/bin/python benchmarks/cuda_latency.py build --out build/cuda_bench [--arch sm_90]
     python benchmarks/cuda_latency.py run --out build/cuda_bench [--iters 200]
 
-``build`` (needs TVM + nvcc, no GPU) exports each network with
-:func:`fxquant.backends.cuda.export_cuda` (its integer logic checked bit-exact on the CPU) into
-``<out>/<name>/``. ``run`` (needs torch with CUDA, numpy and apache-tvm-ffi; neither TVM nor
-nvcc) runs each directory's ``run_cuda.py`` (GPU bit-exactness, then p50 latency per batch:
+``build`` (needs TVM + nvcc, no GPU) exports each network for the ``cuda`` target through the
+backend contract (``benchmarks/verified.py``: check, build, the kernels' integer logic verified
+bit-exact against ``IntegerGraph.run`` on the CPU, ``report.json``) into ``<out>/<name>/``.
+``run`` (needs torch with CUDA, numpy and apache-tvm-ffi; nvcc not needed) first reads every
+directory back through :func:`fxquant.backends.base.verified_artifact` against the same graph
+(a directory that was never verified, failed, or holds another graph is refused, nothing timed),
+then runs its ``run_cuda.py`` (GPU bit-exactness, then p50 latency per batch:
 fxquant CUDA-graph replay vs torch FP32 / bf16 eager and ORT CUDA EP), times each GEMM kernel
 alone against ``torch._int_mm`` and bf16 / fp32 ``matmul`` (CUDA-graph replay), and writes
 ``<out>/summary.json`` with the acceptance table of ``docs/gpu.md``.
@@ -55,22 +58,22 @@ def networks() -> dict[str, Any]:
 
 
 def build(out: Path, arch: str, only: list[str] | None) -> None:
-    from fxquant.backends.cuda import export_cuda
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from verified import artifact_label, verified_export
 
     rng = np.random.default_rng(0)
     for name, graph in networks().items():
         if only and name not in only:
             continue
         x = (rng.standard_normal((4, *graph.inputs[0].shape)) * 3).astype(np.float32)
-        report = export_cuda(graph, out / name, arch=arch, verify_inputs=x)
+        _, report = verified_export("cuda", graph, out / name, [x], arch=arch)
         # carry-size budget (64 MiB to a GPU session): GEMM dirs time the kernel alone, and the
         # float baselines of mlp-int4 are those of mlp-int8 (same network in float)
         drop = ("fp32.onnx", "baseline_weights.npz") if name.startswith("gemm") else ("fp32.onnx",) \
             if name == "mlp-int4" else ()
         for f in drop:
             (out / name / f).unlink()
-        print(f"{name}: {report['kernels']} kernels, {report['launches']} launches, codegen {report['codegen_s']} s, "
-              f"nvcc {report['nvcc_s']} s, CPU check {report['cpu_check']}")
+        print(f"{name}: built in {report['artifact']['build_seconds']} s; {artifact_label(out / name, report)}")
 
 
 def time_gemm(d: Path, size: int, iters: int) -> dict[str, float]:
@@ -95,10 +98,21 @@ def time_gemm(d: Path, size: int, iters: int) -> dict[str, float]:
 
 
 def run(out: Path, iters: int, only: list[str] | None) -> None:
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from verified import artifact_label
+
+    from fxquant.backends.base import verified_artifact
+    from fxquant.backends.registry import get_target
+
     summary: dict[str, Any] = {"networks": {}, "gemm": {}}
+    nets = networks()
     for d in sorted(p for p in out.iterdir() if (p / "plan.json").is_file()):
         if only and d.name not in only:
             continue
+        # the one gate: only an artifact certified bit-exact for exactly this graph is timed
+        report = verified_artifact(get_target("cuda"), nets[d.name], d)
+        print(f"timing {artifact_label(d, report)}; run_cuda.py checks it on the GPU first")
         sys.path.insert(0, str(d))
         import run_cuda
 
@@ -107,6 +121,7 @@ def run(out: Path, iters: int, only: list[str] | None) -> None:
         args = ["--dir", str(d), "--iters", str(iters), "--batches", *map(str, NET_BATCHES)]
         status = run_cuda.main(args + (["--verify-only"] if is_gemm else []))
         result = json.loads((d / "cuda_bench.json").read_text())
+        result["timed"] = artifact_label(d, report)
         summary["networks"][d.name] = result
         if is_gemm and not status:
             summary["gemm"][d.name] = time_gemm(d, int(d.name[4:]), iters)
@@ -114,10 +129,9 @@ def run(out: Path, iters: int, only: list[str] | None) -> None:
         sys.path.remove(str(d))
         del sys.modules["run_cuda"]
     summary["acceptance"] = acceptance(summary)
-    text = json.dumps(summary, indent=2) + "\n"
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "summary.json")
+    from fxquant.io import atomic_write_json
+
+    atomic_write_json(out / "summary.json", summary)
     print("| goal | measured | met |\n|---|---|---|")
     for row in summary["acceptance"]:
         print(f"| {row['goal']} | {row['measured']} | {row['met']} |")

@@ -3,8 +3,9 @@
 Not a test. Builds two IntegerGraphs with random integer weights (latency does not depend on the
 values): a digits-CNN-shaped net (1x8x8 input) and a ResNet-20-shaped net (3x32x32, 16/32/64
 channels, 1x1 projection shortcuts, 8x8 average pool). For each it exports ``to_fp32`` (float
-baseline) and ``to_qdq`` with 8-bit and with 7-bit weights (fxquant, each checked bit-exact against
-``IntegerGraph.run`` first), and runs ``onnxruntime.quantization.quantize_static`` on the fp32
+baseline) and the ``onnx-qdq`` target with 8-bit and with 7-bit weights through the backend contract
+(``benchmarks/verified.py``: exported, verified bit-exact against ``IntegerGraph.run`` and read
+back through ``verified_artifact``; only that file is timed), and runs ``onnxruntime.quantization.quantize_static`` on the fp32
 model (QDQ format, uint8 activations, int8 weights, per-tensor MinMax calibration on the same
 random inputs); then it times one CPU session per model (``ORT_ENABLE_ALL``, ``--threads``
 intra-op threads) at batch 1 and 64: median of ``--runs`` timed runs after 5 warm-up runs.
@@ -12,7 +13,8 @@ intra-op threads) at batch 1 and 64: median of ``--runs`` timed runs after 5 war
     .venv/bin/python benchmarks/onnx_latency.py --runs 50 --threads 1
 
 prints a Markdown table (milliseconds, serialized bytes with the theoretical ``Σ params·bits/8`` of
-the integer graph, speed-up of each model over fp32).
+the integer graph, speed-up of each model over fp32, and what was timed: the verified artifact's
+directory and its verification, or "float baseline, not verified"). ``--out`` keeps the artifacts.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "export"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from integer_graphs import F, GraphMaker  # noqa: E402  (test helpers build the random graphs)
+from verified import FLOAT_BASELINE, artifact_label, verified_export  # noqa: E402
 
-from fxquant.export.onnx_qdq import to_fp32, to_qdq  # noqa: E402
-from fxquant.export.verify import session, verify_onnx  # noqa: E402
+from fxquant.export.onnx_qdq import to_fp32  # noqa: E402
+from fxquant.export.verify import session  # noqa: E402
 from fxquant.integer_graph import IntegerGraph  # noqa: E402
 
 A8, W8, W7 = F(8, 3), F(8, 7), F(7, 6)
@@ -93,30 +97,39 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, help="keep the exported artifacts here (default: a temporary directory)")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        table(args.out or Path(tmp), args.runs, args.threads)
+
+
+def table(work: Path, runs: int, threads: int) -> None:
     rng = np.random.default_rng(0)
-    print("| network | model | bytes (Σ params·bits/8) | batch 1 ms | batch 64 ms | x fp32 (b1) | x fp32 (b64) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| network | model | bytes (Σ params·bits/8) | batch 1 ms | batch 64 ms | x fp32 (b1) | x fp32 (b64) "
+          "| timed |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     for net, build in (("digits-CNN", digits_cnn), ("ResNet-20", resnet20)):
         graph, graph7 = build(), build(W7)
         name = graph.inputs[0].name
         x64 = rng.standard_normal((64, *graph.inputs[0].shape)).astype(np.float32)
         fp32 = to_fp32(graph)
-        with tempfile.TemporaryDirectory() as tmp:
-            rows = [("ORT fp32", fp32, None),
-                    ("fxquant QDQ, 8-bit weights (u8, U8U8 kernel)", to_qdq(graph), graph),
-                    ("fxquant QDQ, 7-bit weights (s8, U8S8 kernel)", to_qdq(graph7), graph7),
-                    ("ORT quantize_static U8S8", ort_static(fp32, name, x64[:16], Path(tmp)), None)]
+        rows = [("ORT fp32", fp32, str(fp32.ByteSize()), FLOAT_BASELINE)]
+        for label, g, slug in (("fxquant QDQ, 8-bit weights (u8, U8U8 kernel)", graph, "qdq8"),
+                               ("fxquant QDQ, 7-bit weights (s8, U8S8 kernel)", graph7, "qdq7")):
+            out_dir, report = verified_export("onnx-qdq", g, work / net / slug, [x64[:8]])
+            model = onnx.load(str(out_dir / report["artifact"]["file"]))  # the certified file, nothing else
+            rows.append((label, model, f"{model.ByteSize()} ({g.param_bits() // 8})", artifact_label(out_dir, report)))
+        (work / net).mkdir(parents=True, exist_ok=True)
+        ort = ort_static(fp32, name, x64[:16], work / net)
+        rows.append(("ORT quantize_static U8S8", ort, str(ort.ByteSize()),
+                     "onnxruntime's own quantized model, not verified (not fxquant's format)"))
         base = None
-        for label, model, source in rows:
-            size = str(model.ByteSize())
-            if source is not None:
-                verify_onnx(model, source, x64[:8], "qdq")
-                size += f" ({source.param_bits() // 8})"
-            ms = [median_ms(model, name, x, args.runs, args.threads) for x in (x64[:1], x64)]
+        for label, model, size, timed in rows:
+            ms = [median_ms(model, name, x, runs, threads) for x in (x64[:1], x64)]
             base = base or ms
             print(f"| {net} | {label} | {size} | {ms[0]:.3f} | {ms[1]:.3f} | "
-                  f"{base[0] / ms[0]:.2f} | {base[1] / ms[1]:.2f} |")
+                  f"{base[0] / ms[0]:.2f} | {base[1] / ms[1]:.2f} | {timed} |")
+
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fxquant.bench import machine  # noqa: E402
+from fxquant.io import atomic_write_json  # noqa: E402
 from fxquant.model_file import load_model_file  # noqa: E402
 from fxquant.passes import FuseReluIntoQuantizers, InsertQuantizers, capture  # noqa: E402
 from fxquant.policies.static import StaticPolicy  # noqa: E402
@@ -81,7 +81,7 @@ def main() -> None:
     print(f"ResNet-20 train step, batch {args.batch}, {args.threads} threads, median of {args.steps}: "
           f"FP32 {med['fp32'] * 1e3:.1f} ms, {quant} {med[quant] * 1e3:.1f} ms, ratio {result['ratio']:.3f}x")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        atomic_write_json(args.json, result)
 
 
 if __name__ == "__main__":

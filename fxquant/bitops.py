@@ -2,21 +2,29 @@
 
 For every Conv/Linear layer ``l`` with ``M_l`` multiply-accumulates per sample (from one shape
 propagation), weight bits ``w_l``, input activation bits ``a_l`` (the quantizer feeding the
-layer) and gradient bits ``g_l`` (the layer's weight quantizer's ``grad_bits``), one training
-sample costs::
+layer) and error bits ``g_l`` (the width of ``dL/dy_l``, the gradient at the layer's output that
+both backward GEMMs read), one training sample costs::
 
     forward            M_l * w_l * a_l
     backward, errors   M_l * w_l * g_l      (dL/dx = W^T dL/dy)
     backward, grads    M_l * a_l * g_l      (dL/dW = dL/dy x^T)
 
-and a step costs ``batch * sum_l M_l (w_l a_l + w_l g_l + a_l g_l)``. A width of 32 (quantizer
-off) counts as 32 bits, so FP32 training costs ``batch * sum_l 3 * 32^2 * M_l``. This reproduces
+and a step costs ``batch * sum_l M_l (w_l a_l + w_l g_l + a_l g_l)``.
+
+``g_l`` is what the graph really delivers: a quantizer's backward puts the gradient flowing through
+it on a ``grad_bits`` grid, so ``g_l`` is the ``grad_bits`` of the activation quantizer that
+``y_l`` reaches through ops whose backward keeps that grid (ReLU's mask, flatten/view/reshape,
+identity, a non-overlapping max pool's routing). Anything else in between (BatchNorm during
+training, dropout's rescale, several users whose gradients add up, no quantizer at all) leaves
+``dL/dy_l`` in float and it counts as **32 bits**. The weight quantizer's ``grad_bits`` rounds
+``dL/dW``, the *result* of the weight-gradient GEMM, and is not an operand width. A width of 32
+(quantizer off) counts as 32 bits, so FP32 training costs ``batch * sum_l 3 * 32^2 * M_l``. This reproduces
 the paper's ratios (e.g. FW6/BW6 vs FW8/BW8: ``3*36 / 3*64 = 0.5625``, Tab. 2 ResNet-74). The first
 layer's error GEMM is counted too (as the paper's per-layer figures do); element-wise ops,
 BatchNorm and the weight update are not counted.
 
 The **static counterpart** ("vs static B") costs the same with ``w_l = a_l = B`` and the run's own
-gradient widths; ``B`` is the policy's :attr:`~fxquant.policies.base.Policy.reference_bits`
+error widths; ``B`` is the policy's :attr:`~fxquant.policies.base.Policy.reference_bits`
 (CPT: ``B_max``; AdaPT: its initial width), or each layer's starting widths when ``None``.
 """
 
@@ -30,7 +38,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxquant.fixed_point import OFF_BITS
 from fxquant.passes.insert_quantizers import is_quantizer_node
-from fxquant.passes.op_kinds import WEIGHTED_KINDS, node_kind
+from fxquant.passes.op_kinds import WEIGHTED_KINDS, node_kind, tensor_inputs
 from fxquant.quantizers import FixedPointQuantizer
 
 FP32_BITS = OFF_BITS
@@ -42,6 +50,40 @@ class LayerCost:
     macs: int  # per sample
     weight_q: FixedPointQuantizer
     input_q: FixedPointQuantizer | None  # None: the input is not quantized (counts as 32 bits)
+    error_q: FixedPointQuantizer | None = None  # its backward yields dL/dy; None: float error (32 bits)
+
+
+_GRID_KEEPING_BACKWARD = frozenset({"relu", "flatten"})
+
+
+def _keeps_grid_backward(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node``'s backward passes a gradient on and keeps it on its fixed-point grid."""
+    kind = node_kind(gm, node)
+    if kind in _GRID_KEEPING_BACKWARD:
+        return True
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, torch.nn.Identity):
+            return True
+        if isinstance(module, torch.nn.MaxPool2d):  # each input receives at most one output's gradient
+            k, st = module.kernel_size, module.stride or module.kernel_size
+            k, st = (k, k) if isinstance(k, int) else tuple(k), (st, st) if isinstance(st, int) else tuple(st)
+            return module.dilation == 1 and all(s >= kk for s, kk in zip(st, k))
+        return False
+    return kind == "identity" and node.target in (torch.ops.aten.clone.default, "contiguous")
+
+
+def error_quantizer(gm: fx.GraphModule, node: fx.Node) -> FixedPointQuantizer | None:
+    """The activation quantizer whose backward produces ``dL/d node`` (module docstring), or ``None``."""
+    while True:
+        if len(node.users) != 1:
+            return None
+        user = next(iter(node.users))
+        if is_quantizer_node(gm, user):
+            return gm.get_submodule(str(user.target))
+        if not _keeps_grid_backward(gm, user) or tensor_inputs(user)[:1] != [node]:
+            return None
+        node = user
 
 
 @torch.no_grad()
@@ -75,7 +117,7 @@ def layer_costs(gm: fx.GraphModule, example: torch.Tensor) -> list[LayerCost]:
         outputs = 1
         for d in out_shape[1:]:
             outputs *= int(d)
-        costs.append(LayerCost(wq.layer, outputs * per_output, wq, iq))
+        costs.append(LayerCost(wq.layer, outputs * per_output, wq, iq, error_quantizer(gm, node)))
     return costs
 
 
@@ -88,7 +130,7 @@ def step_bitops(costs: list[LayerCost], batch: int, fw_bits: dict[str, tuple[int
     """BitOPs of one training step (module docstring) at the model's current widths.
 
     ``fw_bits`` overrides the (weight, input) widths: one width for all, or ``{layer: (w, a)}``;
-    ``bw_bits`` overrides the gradient widths.
+    ``bw_bits`` overrides the error widths ``g_l``.
     """
     total = 0
     for c in costs:
@@ -98,7 +140,7 @@ def step_bitops(costs: list[LayerCost], batch: int, fw_bits: dict[str, tuple[int
             w, a = fw_bits[c.layer]
         else:
             w = a = fw_bits
-        g = bw_bits if bw_bits is not None else _bits(c.weight_q, "grad_bits")
+        g = bw_bits if bw_bits is not None else _bits(c.error_q, "grad_bits")
         total += c.macs * (w * a + w * g + a * g)
     return batch * total
 

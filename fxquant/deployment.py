@@ -27,7 +27,7 @@ def deployed_model(run: RunDir, model: Path | None = None) -> tuple[fx.GraphModu
     """The trained graph with BN folded and the deployed precision map applied (eval mode)."""
     from fxquant.passes import FoldBatchNorm
     from fxquant.precision_map import PrecisionMap
-    from fxquant.trainer import build_quantized_graph
+    from fxquant.quantized_graph import build_quantized_graph
 
     mf = run.model_file(model)
     gm = build_quantized_graph(mf)

@@ -62,5 +62,11 @@ class TrainingError(FxquantError):
     """Training cannot go on (e.g. NaN/inf loss)."""
 
 
+class TrainingInterrupted(TrainingError):
+    """SIGINT/SIGTERM stopped training at a step boundary; a checkpoint of that step was saved (exit 130)."""
+
+    exit_code = 130
+
+
 class UsageError(FxquantError):
     """Bad option values or combinations (unknown policy, target, flavour, bounds)."""

@@ -132,12 +132,16 @@ class PrecisionMap:
             raise PrecisionMapError(f"{source}: top level must be a JSON object")
         if data.get("format") != FORMAT:
             problems.append(f"format is {data.get('format')!r}, expected {FORMAT!r}")
-        if data.get("schema_version") != SCHEMA_VERSION:
+        version = data.get("schema_version")
+        if isinstance(version, bool) or version != SCHEMA_VERSION:  # JSON true is not 1
             problems.append(f"schema_version is {data.get('schema_version')!r}, this fxquant reads {SCHEMA_VERSION}")
         model = data.get("model", {})
         if not isinstance(model, dict):
             problems.append("model must be an object")
             model = {}
+        for key in ("name", "fingerprint"):
+            if key in model and not isinstance(model[key], str):
+                problems.append(f"model.{key} must be a string")
         layers_raw = data.get("layers")
         layers: dict[str, LayerPrecision] = {}
         if not isinstance(layers_raw, dict) or not layers_raw:
@@ -167,6 +171,9 @@ def _parse_fmt(name: str, role: str, raw: Any, problems: list[str], allow_dynami
     if not isinstance(raw, dict) or "bits" not in raw:
         problems.append(f"layer {name!r}: {role} must be {{bits, frac_bits}} or null")
         return None
+    unknown = set(raw) - {"bits", "frac_bits"}
+    if unknown:  # a misspelt field would otherwise be ignored
+        problems.append(f"layer {name!r}: {role}: unknown field(s) {sorted(unknown)}")
     try:
         bits = check_bits(raw["bits"], f"{role}.bits")
         fl = check_frac_bits(raw.get("frac_bits"), f"{role}.frac_bits")
@@ -186,6 +193,8 @@ def _parse_layer(name: str, entry: Any, problems: list[str]) -> LayerPrecision |
     unknown = set(entry) - {"kind", *ROLES}
     if unknown:
         problems.append(f"layer {name!r}: unknown field(s) {sorted(unknown)}")
+    if "kind" in entry and not isinstance(entry["kind"], str):
+        problems.append(f"layer {name!r}: kind must be a string")
     weight = _parse_fmt(name, WEIGHT, entry.get(WEIGHT), problems, allow_dynamic=False)
     act = _parse_fmt(name, ACT, entry.get(ACT), problems, allow_dynamic=False)
     grad = _parse_fmt(name, "grad", entry.get("grad", {"bits": OFF_BITS, "frac_bits": None}), problems, True)

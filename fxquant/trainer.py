@@ -8,6 +8,13 @@ deployed ``precision_map.json`` (BN folded) with per-epoch history. The policy m
 (:meth:`Policy.loss_terms`) and touch gradients before the step (:meth:`Policy.before_step`).
 ``--policy cpt`` without ``bits_min`` first runs the precision range test
 (:mod:`fxquant.policies.prt`) and records its result in ``prt.json`` and in the run's options.
+Before the first step the trainer states which compute stays in float (:mod:`fxquant.census`:
+one line per float op, or "all compute is quantized") and records it in ``run.json``
+(``census``, also in ``results``), so ``mean bits`` is never read as covering layers it does not.
+
+**Time.** ``metrics.jsonl``'s ``time`` and the results' ``train_seconds`` are the training loop's
+wall time summed over the original run and every resume (a checkpoint carries ``elapsed``); steps
+redone after a ``kill -9`` are counted once, for the attempt that produced the kept metrics.
 
 **Interruptions and resume.** Checkpoints are atomic. SIGINT/SIGTERM stop at the next step
 boundary with a checkpoint of that step; ``kill -9`` leaves the last epoch's checkpoint. A
@@ -21,27 +28,28 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import fx, nn
+from torch import nn
 
 from fxquant.bitops import BitOpsMeter, layer_costs
-from fxquant.errors import CheckpointError, ModelFileError, RunDirError, TrainingError
+from fxquant.census import census_lines, take_census
+from fxquant.errors import CheckpointError, ModelFileError, RunDirError, TrainingError, TrainingInterrupted
 from fxquant.fixed_point import MIN_BITS
-from fxquant.io import atomic_write_json
+from fxquant.io import atomic_write_json, atomic_write_text
 from fxquant.model_file import ModelFile, load_model_file
-from fxquant.passes import FoldBatchNorm, FuseReluIntoQuantizers, InsertQuantizers, capture
+from fxquant.passes import FoldBatchNorm
 from fxquant.policies import make_policy
 from fxquant.policies.base import Policy, mean_bits
 from fxquant.precision_map import PrecisionMap
+from fxquant.quantized_graph import build_quantized_graph
 from fxquant.quantizers import ACT, WEIGHT, FixedPointQuantizer, quantizers
+from fxquant.rng import rng_state, seed_everything, set_rng_state
 from fxquant.run_dir import METRICS, PRECISION_MAP, RunDir
 
 
@@ -53,36 +61,6 @@ class TrainOptions:
     seed: int = 0
     weight_decay: float = 5e-4
     progress: bool = True
-
-
-def build_quantized_graph(mf: ModelFile) -> fx.GraphModule:
-    """model.py → captured graph with (initially off) quantizers."""
-    gm = capture(mf.model(), mf.example_inputs())
-    InsertQuantizers()(gm)
-    FuseReluIntoQuantizers()(gm)
-    return gm
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain data (``weights_only``-loadable)."""
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]) + [random.getstate()[2]],
-            "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                      float(np_state[4])]}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((3, tuple(py[:-1]), py[-1]))
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 @torch.no_grad()
@@ -108,6 +86,48 @@ def layer_precisions(qs: dict[tuple[str, str], FixedPointQuantizer]) -> dict[str
     return out
 
 
+def make_optimizer(model: nn.Module, opts: TrainOptions, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """SGD (momentum 0.9, Nesterov, ``opts.weight_decay``) with a cosine schedule over ``total_steps``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=opts.lr, momentum=0.9, nesterov=True,
+                                weight_decay=opts.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    return optimizer, scheduler
+
+
+class _NonFiniteLoss(Exception):
+    def __init__(self, value: float) -> None:
+        super().__init__(value)
+        self.value = value
+
+
+def train_step(model: nn.Module, policy: Policy, optimizer: torch.optim.Optimizer, scheduler: Any,
+               x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[float, torch.Tensor]:
+    """One whole training step as the trainer runs it; returns (task loss, logits).
+
+    ``on_batch_begin`` → forward → cross-entropy (+ ``loss_terms``) → backward → ``before_step`` →
+    SGD step → LR step → ``on_batch_end``. ``benchmarks/policies.py`` times exactly this function
+    for its policy-overhead ratio. A non-finite loss raises before anything is updated.
+    """
+    policy.on_batch_begin(step, model)
+    logits = model(x)
+    loss = nn.functional.cross_entropy(logits, y)
+    loss_value = loss.item()
+    extra = policy.loss_terms(model)
+    if extra is not None:
+        loss = loss + extra
+    total = loss.item()
+    if not math.isfinite(total):
+        raise _NonFiniteLoss(total)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    policy.before_step(model)
+    optimizer.step()
+    scheduler.step()
+    policy.on_batch_end(step, loss_value, model)
+    return loss_value, logits
+
+
 class _StopRequest:
     """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and stops."""
 
@@ -126,10 +146,6 @@ class _StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-class TrainingInterrupted(TrainingError):
-    exit_code = 130
 
 
 PRT_FILE = "prt.json"
@@ -193,10 +209,7 @@ class _Loop:
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = self.steps_per_epoch * opts.epochs
         self.policy.plan(self.total_steps)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=opts.lr, momentum=0.9, nesterov=True,
-                                         weight_decay=opts.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, self.total_steps) / self.total_steps)))
+        self.optimizer, self.scheduler = make_optimizer(self.model, opts, self.total_steps)
         self.pmap_history: list[dict[str, Any]] = []
 
     def checkpoint(self, epoch: int, step_in_epoch: int, step: int, epoch_rng: dict[str, Any]) -> None:
@@ -204,7 +217,12 @@ class _Loop:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "policy": self.policy.state_dict(),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "epoch_rng": epoch_rng,
-            "rng": rng_state(), "history": json.dumps(self.pmap_history), "bitops": self.bitops.state_dict()})
+            "rng": rng_state(), "history": json.dumps(self.pmap_history), "bitops": self.bitops.state_dict(),
+            "elapsed": self.elapsed()})
+
+    def elapsed(self) -> float:
+        """Training wall time of this run so far, summed over every resume (seconds)."""
+        return self.elapsed_before + time.perf_counter() - self.t0
 
     def restore(self, state: dict[str, Any]) -> tuple[int, int, int, dict[str, Any]]:
         try:
@@ -214,6 +232,7 @@ class _Loop:
             self.policy.load_state_dict(state["policy"])
             self.pmap_history = json.loads(state["history"])
             self.bitops.load_state_dict(state["bitops"])
+            self.elapsed_before = float(state["elapsed"])
             return state["epoch"], state["step_in_epoch"], state["step"], state["epoch_rng"]
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint in {self.run_dir.path} does not fit this run: {exc}",
@@ -224,6 +243,12 @@ class _Loop:
 
         metrics_path = self.run_dir.file(METRICS)
         first_x, _ = next(iter(self.train_loader))
+        census = take_census(self.model, tuple(self.mf.example_inputs() or (first_x,))).to_dict()
+        self.info["census"] = census
+        self.run_dir.write_info(self.info)
+        for line in census_lines(census):
+            tqdm.write(line)
+        self.elapsed_before = 0.0
         self.bitops = BitOpsMeter(layer_costs(self.model, first_x), self.policy.reference_bits)
         if state is None:
             seed_everything(self.opts.seed)
@@ -231,12 +256,12 @@ class _Loop:
             self.bitops = BitOpsMeter(self.bitops.costs, self.policy.reference_bits)  # starting widths
             epoch, skip, step = 0, 0, 0
             epoch_rng = rng_state()
-            metrics_path.write_text("")
+            atomic_write_text(metrics_path, "")
         else:
             epoch, skip, step, epoch_rng = self.restore(state)
             lines = metrics_path.read_text().splitlines()[:step] if metrics_path.exists() else []
-            metrics_path.write_text("".join(line + "\n" for line in lines))
-        t0 = time.perf_counter()
+            atomic_write_text(metrics_path, "".join(line + "\n" for line in lines))  # a kill keeps the old file
+        self.t0 = time.perf_counter()
         with _StopRequest() as stop, open(metrics_path, "a") as metrics, \
                 tqdm(total=self.total_steps, initial=step, disable=not self.opts.progress, unit="step",
                      dynamic_ncols=True) as bar:
@@ -248,29 +273,19 @@ class _Loop:
                 if skip:
                     set_rng_state(state["rng"])
                 for i, (x, y) in enumerate(batches, start=skip):
-                    self.policy.on_batch_begin(step, self.model)
-                    logits = self.model(x)
-                    loss = nn.functional.cross_entropy(logits, y)
-                    loss_value = loss.item()
-                    extra = self.policy.loss_terms(self.model)
-                    if extra is not None:
-                        loss = loss + extra
-                    if not math.isfinite(loss.item()):
-                        raise TrainingError(f"loss is {loss.item()} at epoch {epoch} step {step}; stopped, "
+                    try:
+                        loss_value, logits = train_step(self.model, self.policy, self.optimizer, self.scheduler,
+                                                        x, y, step)
+                    except _NonFiniteLoss as exc:
+                        raise TrainingError(f"loss is {exc.value} at epoch {epoch} step {step}; stopped, "
                                             f"the last good checkpoint is kept in {self.run_dir.path}",
-                                            "lower --lr or raise the bit widths")
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.policy.before_step(self.model)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.policy.on_batch_end(step, loss_value, self.model)
+                                            "lower --lr or raise the bit widths") from None
                     step += 1
                     acc = 100.0 * float((logits.argmax(1) == y).float().mean())
                     w_bits, a_bits = mean_bits(self.model, WEIGHT, self.qs), mean_bits(self.model, ACT, self.qs)
                     metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_value, "acc": acc,
                                               "w_bits": w_bits, "a_bits": a_bits,
-                                              "time": time.perf_counter() - t0,
+                                              "time": self.elapsed(),
                                               **self.bitops.step(len(y)),
                                               "layers": layer_precisions(self.qs)}) + "\n")
                     bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.1f}", bits=f"W{w_bits:.1f}/A{a_bits:.1f}")
@@ -294,7 +309,7 @@ class _Loop:
                 metrics.flush()
                 self.checkpoint(epoch, 0, step, epoch_rng)
                 bar.write(f"epoch {epoch}/{self.opts.epochs}: val acc {val_acc:.2f}%")
-        return self.finish(time.perf_counter() - t0)
+        return self.finish(self.elapsed())
 
     def finish(self, seconds: float) -> dict[str, Any]:
         train_val_acc = evaluate(self.model, self.val_loader)
@@ -309,7 +324,7 @@ class _Loop:
         pmap.save(self.run_dir.file(PRECISION_MAP))
         results = {"val_acc": train_val_acc, "deployed_val_acc": deployed_acc,
                    "mean_weight_bits": mean_bits(deployed, WEIGHT), "mean_act_bits": mean_bits(deployed, ACT),
-                   "train_seconds": seconds}
+                   "train_seconds": seconds, "census": self.info["census"]}
         self.info.update(status="finished", results=results)
         self.run_dir.write_info(self.info)
         return results

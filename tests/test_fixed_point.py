@@ -96,9 +96,14 @@ def test_gradient_quantization_dynamic_frac_bits():
     g = torch.randn(1000) * 1e-3
     y, _ = torch_q(x, 0, 0, grad_bits=4)
     y.backward(g)
-    fl = fit_frac_bits(float(g.abs().max()), 4)
-    expected = np.ldexp(quantize_int(g.double().numpy(), FixedPoint(4, fl)), -fl)
-    assert np.allclose(x.grad.double().numpy(), expected)
+    # by the kernel's rule, written out: FL = grad_bits - 2 - floor(log2 max|g|), then round half to
+    # even on the 2^-FL grid and saturate to the signed 4-bit range [-8, 7]
+    m = float(g.abs().max())
+    floor_log2 = math.frexp(m)[1] - 1  # m = f * 2^e with 0.5 <= f < 1: floor(log2 m) = e - 1
+    fl = 4 - 2 - floor_log2
+    k = np.clip(np.rint(g.double().numpy() * 2.0**fl), -8, 7)  # np.rint rounds halves to even
+    expected = k * 2.0**-fl
+    assert np.array_equal(x.grad.double().numpy(), expected)  # bit-exact, not close
     assert len(torch.unique(x.grad)) <= 16
 
 

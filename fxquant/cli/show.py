@@ -1,7 +1,8 @@
 """``fxquant show RUN_DIR``: per-layer precision table and a PNG of each layer's precision history.
 
 The table is the deployed map (``precision_map.json``, BN folded): weight, activation and gradient
-``<BW,FL>`` per layer, then the run's results and final BitOPs ratios. The PNG
+``<BW,FL>`` per layer, then the census of compute left in float (:mod:`fxquant.census`, from
+``run.json``), the run's results (``mean bits`` says which layers it covers) and final BitOPs ratios. The PNG
 (``RUN_DIR/precision_history.png``) plots every layer's weight and activation bits per training
 step from ``metrics.jsonl``.
 """
@@ -25,6 +26,8 @@ def _fmt(spec: dict | None) -> str:
 def plot_history(metrics_path: Path, png: Path) -> None:
     """Weight (solid) and activation (dashed) bits of every layer against the training step."""
     import matplotlib
+
+    from fxquant.io import atomic_write_via_path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -51,7 +54,7 @@ def plot_history(metrics_path: Path, png: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=4, loc="upper right")
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    atomic_write_via_path(png, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -60,6 +63,7 @@ def plot_history(metrics_path: Path, png: Path) -> None:
 @click.option("--no-plot", is_flag=True, help="Print the table only.")
 def show(run_dir: Path, no_plot: bool) -> None:
     """Print RUN_DIR's per-layer precisions and plot their history."""
+    from fxquant.census import census_lines, mean_bits_line
     from fxquant.errors import RunDirError
     from fxquant.precision_map import PrecisionMap
     from fxquant.run_dir import METRICS, PRECISION_MAP, RunDir
@@ -76,10 +80,13 @@ def show(run_dir: Path, no_plot: bool) -> None:
         d = lp.to_dict()
         click.echo(f"{name:<{width}}  {lp.kind:<9} {_fmt(d['weight']):>9} {_fmt(d['act']):>9} {_fmt(d['grad']):>9}")
     click.echo(f"policy: {json.dumps(info.get('policy', {}))}")
+    census = info.get("census")
+    for line in census_lines(census) if census else ["census: not recorded (run trained before fxquant recorded it)"]:
+        click.echo(line)
     results = info.get("results", {})
     if results:
         click.echo(f"val acc {results['val_acc']:.2f}% (deployed {results['deployed_val_acc']:.2f}%), "
-                   f"mean bits W{results['mean_weight_bits']:.2f}/A{results['mean_act_bits']:.2f}, "
+                   f"{mean_bits_line(results['mean_weight_bits'], results['mean_act_bits'], census)}, "
                    f"{results['train_seconds']:.1f} s")
     metrics = run.file(METRICS)
     if metrics.is_file() and metrics.stat().st_size:

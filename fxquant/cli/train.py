@@ -98,6 +98,9 @@ def train(model_py: Path | None, policy: str, bits: int | None, act_bits: int | 
                              "drop them, or omit --bits-min so the range test runs")
         results = run_training(model_py, out, policy, {k: v for k, v in given.items() if v is not None}, options,
                                force=force, prt_options=prt_options)
+    from fxquant.census import mean_bits_line
+
     click.echo(f"run {out}: val acc {results['val_acc']:.2f}% (deployed, BN folded: "
-               f"{results['deployed_val_acc']:.2f}%), mean bits W{results['mean_weight_bits']:.2f}/"
-               f"A{results['mean_act_bits']:.2f}, {results['train_seconds']:.1f} s")
+               f"{results['deployed_val_acc']:.2f}%), "
+               f"{mean_bits_line(results['mean_weight_bits'], results['mean_act_bits'], results.get('census'))}, "
+               f"{results['train_seconds']:.1f} s")

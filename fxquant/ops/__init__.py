@@ -27,13 +27,13 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from fxquant.errors import ToolchainError
+from fxquant.io import atomic_write_via_path
 
 _SOURCE = Path(__file__).with_name("fixed_point_kernels.c")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
@@ -58,16 +58,16 @@ def _library() -> ctypes.CDLL:
         if compiler is None:
             raise ToolchainError("no C compiler found to build the fused quantize kernel",
                                  "install gcc, or set FXQUANT_KERNELS=torch for the slower torch-ops path")
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            tmp_lib = Path(tmp) / lib_path.name
-            proc = subprocess.run([compiler, *_CFLAGS, str(_SOURCE), "-o", str(tmp_lib), "-lm"],
+
+        def build(tmp_lib: str) -> None:
+            proc = subprocess.run([compiler, *_CFLAGS, str(_SOURCE), "-o", tmp_lib, "-lm"],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 raise ToolchainError(f"building {_SOURCE.name} with {compiler} failed: "
                                      f"{proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}",
                                      "set FXQUANT_KERNELS=torch to use the torch-ops path")
-            os.replace(tmp_lib, lib_path)
+
+        atomic_write_via_path(lib_path, build)  # concurrent first uses each build, one rename wins
     lib = ctypes.CDLL(str(lib_path))
     for suffix, ctype in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         ptr = ctypes.POINTER(ctype)

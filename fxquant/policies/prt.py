@@ -37,6 +37,8 @@ from fxquant.fixed_point import MIN_BITS
 from fxquant.model_file import ModelFile
 from fxquant.policies.base import Policy, calibrate
 from fxquant.policies.cpt import DEFAULT_BITS_MAX, DEFAULT_GRAD_BITS, check_bounds, set_forward_bits
+from fxquant.quantized_graph import build_quantized_graph
+from fxquant.rng import rng_state, seed_everything, set_rng_state
 
 DEFAULT_STEPS_PER_LEVEL = 40
 DEFAULT_WINDOW = 10
@@ -87,8 +89,6 @@ def run_prt(mf: ModelFile, bits_max: int = DEFAULT_BITS_MAX, grad_bits: int = DE
             threshold: float = DEFAULT_THRESHOLD, lr: float = 0.05, batch_size: int = 64, seed: int = 0,
             weight_decay: float = 5e-4) -> PRTResult:
     """Run the test on a fresh copy of ``mf``'s model (module docstring); RNG state is restored."""
-    from fxquant.trainer import build_quantized_graph, rng_state, seed_everything, set_rng_state
-
     check_bounds(None, bits_max)
     check_prt_options(steps_per_level, window, threshold)
     saved_rng = rng_state()

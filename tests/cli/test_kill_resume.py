@@ -42,6 +42,18 @@ def result(out: Path) -> tuple[dict, dict]:
     return state["model"], pmap
 
 
+def times(out: Path) -> list[float]:
+    return [json.loads(line)["time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_time_accumulates(out: Path, before: float) -> None:
+    """Wall time carries on from the interrupted run: no reset to 0 at the resume."""
+    t = times(out)
+    assert t == sorted(t), "metrics time went backwards at the resume"
+    seconds = json.loads((out / "run.json").read_text())["results"]["train_seconds"]
+    assert seconds >= t[-1] > before > 0
+
+
 def resume(out: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "fxquant.cli.main", "train", "--resume", str(out), "--no-progress"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -70,9 +82,12 @@ def test_kill_9_then_resume_is_identical(tmp_path, reference):
     wait_for_steps(out, 23 + 7, proc)  # inside the second epoch: the last checkpoint is epoch 1's
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    torch.load(out / "checkpoint.pt", weights_only=True)  # loadable after kill -9
+    state = torch.load(out / "checkpoint.pt", weights_only=True)  # loadable after kill -9
+    kept = times(out)[state["step"] - 1]  # the last step the epoch checkpoint covers
+    assert state["elapsed"] >= kept
     resume(out)
     assert_identical(result(out), reference)
+    assert_time_accumulates(out, kept)
 
 
 def test_sigterm_checkpoints_mid_epoch_and_resume_is_identical(tmp_path, reference):
@@ -85,8 +100,10 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_is_identical(tmp_path, referen
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step_in_epoch"] > 0
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    before = times(out)[-1]
     resume(out)
     assert_identical(result(out), reference)
+    assert_time_accumulates(out, before)
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path):

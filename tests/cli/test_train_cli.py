@@ -43,6 +43,68 @@ def test_train_writes_run_directory(trained_run):
     assert pmap["layers"]["conv1"]["weight"]["bits"] == 8 and len(pmap["history"]) == 2
     lines = (trained_run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 23 and {"loss", "acc", "layers", "w_bits"} <= set(json.loads(lines[0]))
+    assert info["census"]["float"] == [] and info["census"]["quantized_layers"] == 5  # conv1-3, fc1, fc2
+    assert info["results"]["census"] == info["census"]
+
+
+SEQ_MODEL = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, t):
+        x = self.emb(t)
+        a, _ = self.attn(x, x, x)
+        return self.fc(a.mean(1))
+
+
+def model():
+    return Net()
+
+
+def example_inputs():
+    return (torch.zeros(1, 5, dtype=torch.long),)
+
+
+def data(batch_size=16):
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 10, (32, 5), generator=g)
+    y = t[:, 0] % 3
+    ds = TensorDataset(t, y)
+    return DataLoader(ds, batch_size=batch_size), DataLoader(ds, batch_size=batch_size)
+"""
+
+
+def test_float_compute_is_stated_recorded_and_shown(tmp_path):
+    model_py = tmp_path / "seq.py"
+    model_py.write_text(SEQ_MODEL)
+    out = tmp_path / "run"
+    proc = fxquant("train", "--policy", "static", "--bits", "8", str(model_py), "--out", str(out),
+                   "--epochs", "1", "--batch-size", "16", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    # by hand: fc 16*3 = 48 MACs; attn in-projection 5*16*48 = 3840, Q K^T and A V 2 * 2*5*5*8 = 800,
+    # out-projection 5*16*16 = 1280 -> 5920; 48 / 5968 = 0.8 % quantized, 5920 / 5968 = 99.2 % float
+    assert lines[0] == "census: 1 quantized layer (0.8 % of MACs); left in float (no quantizer):"
+    assert lines[1].startswith("  float emb: nn.Embedding: 160 params")
+    assert lines[2].startswith("  float attn: nn.MultiheadAttention: 1.1 k params") and "(99.2 % of" in lines[2]
+    assert "mean bits W8.00/A8.00 over 1 quantized layer (0.8 % of MACs); float: emb: nn.Embedding (0.0 % of " \
+           "MACs), attn: nn.MultiheadAttention (99.2 % of MACs)" in lines[-1]
+    census = json.loads((out / "run.json").read_text())["census"]
+    assert [(op["name"], op["params"], op["macs"]) for op in census["float"]] == [
+        ("emb: nn.Embedding", 160, 0), ("attn: nn.MultiheadAttention", 1088, 5920)]
+    shown = fxquant("show", str(out), "--no-plot")
+    assert shown.returncode == 0, shown.stderr
+    assert lines[0] in shown.stdout.splitlines() and lines[2] in shown.stdout.splitlines()
+    assert "over 1 quantized layer (0.8 % of MACs); float: emb: nn.Embedding" in shown.stdout
 
 
 def test_existing_run_dir_needs_force(trained_run):

@@ -135,8 +135,6 @@ def test_bad_options(options) -> None:
 
 
 def test_trim_reaches_the_deployed_weights(tiny, batch) -> None:
-    from fxquant.policies.kl import fewest_bits
-
     policy = AdaPTPolicy(trim=True)
     policy.on_train_begin(tiny, batch)
     for (layer, role), q in quantizers(tiny).items():
@@ -146,7 +144,10 @@ def test_trim_reaches_the_deployed_weights(tiny, batch) -> None:
     for (layer, role), q in quantizers(tiny).items():
         if role == WEIGHT:
             w = tiny.get_parameter(f"{layer}.weight").detach().numpy().astype(np.float64)
-            assert q.fmt == FixedPoint(fewest_bits(w, 7), 7) and q.fmt.bits <= 8
+            # fewest signed bits holding every rint(w * 2^7): n >= 0 needs bit_length(n) + 1, n < 0 bit_length(-n - 1) + 1
+            ints = [int(n) for n in np.rint(w * 2.0**7).ravel()]
+            need = max(max(n if n >= 0 else -n - 1 for n in ints).bit_length() + 1, 2)
+            assert q.fmt == FixedPoint(need, 7) and q.fmt.bits <= 8
 
 
 def test_budget_is_enforced_on_the_deployed_model(tiny, batch) -> None:

@@ -7,7 +7,6 @@ import math
 import pytest
 
 from fxquant.errors import UsageError
-from fxquant.fixed_point import fit_frac_bits
 from fxquant.policies import make_policy
 from fxquant.policies.cpt import CPTPolicy, cyclic_bits
 from fxquant.quantizers import WEIGHT, quantizers
@@ -46,11 +45,13 @@ def test_policy_writes_bits_and_fits_ranges(tiny, batch) -> None:
     for step in range(30):
         tiny(batch)
         policy.on_batch_end(step, 1.0, tiny)
-        want = cyclic_bits(step + 1, 100, 3, 8, 2)
+        # Eq. (1) written out: T = 100 steps / 2 cycles = 50, B = round(3 + 5 (1 - cos(pi (t mod T) / T)) / 2)
+        t = step + 1
+        want = round(3 + 5 * (1 - math.cos(math.pi * (t % 50) / 50)) / 2)
         for (layer, role), q in quantizers(tiny).items():
             assert int(q.bits) == (8 if layer == "fc" and role != WEIGHT else want) and int(q.grad_bits) == 8
-            if role == WEIGHT:
-                assert int(q.frac_bits) == fit_frac_bits(float(q.amax), want)
+            if role == WEIGHT:  # FL = BW - 2 - floor(log2 max|w|); frexp: max|w| = f 2^e, 0.5 <= f < 1
+                assert int(q.frac_bits) == want - 2 - (math.frexp(float(q.amax))[1] - 1)
 
 
 def test_reference_bits_is_bits_max() -> None:

@@ -1,0 +1,246 @@
+"""Which compute a quantized graph leaves in float: the census training states and ``show`` prints.
+
+Runs after :class:`~fxquant.passes.InsertQuantizers` (on the graph the trainer trains). Input: the
+GraphModule and example inputs; output: a :class:`Census` listing every **compute op left in
+float**, with its parameter count and multiply-accumulates per sample, and its share of the
+model's parameters and MACs.
+
+What counts as what, per graph node:
+
+* **quantized compute**: a Conv2d/Linear/matmul node whose operands (input and weight, or both
+  matmul inputs) all come out of a :class:`~fxquant.quantizers.FixedPointQuantizer`. These are the
+  layers ``mean bits`` averages over.
+* **float compute**: any other node that does multiply-accumulates (``MACs > 0``:
+  ``F.scaled_dot_product_attention``, ``torch.bmm``, a Conv1d, the GEMMs inside an
+  ``nn.MultiheadAttention`` or ``nn.LSTM``…) or that owns parameters (a leaf module such as
+  ``nn.Embedding`` or ``nn.LayerNorm``, or a function reading a parameter directly). BatchNorm is
+  not listed: it is folded into its conv before deployment (:class:`~fxquant.passes.FoldBatchNorm`).
+* everything else (quantizers, adds, pooling, reshapes, activations) is neither.
+
+The census is structural: a quantizer set to 32 bits (off) still makes its layer "quantized" here;
+its width shows in the precision map and in ``mean bits``.
+
+**MACs** are ``FLOPs / 2`` from :class:`torch.utils.flop_counter.FlopCounterMode`, measured **per
+graph node** rather than per module: after ``InsertQuantizers`` a Conv2d/Linear is a functional
+``aten`` call on the GraphModule (no submodule left to attribute to), and a ``torch.export`` graph
+has no submodules at all; a node's module path comes from its ``nn_module_stack`` instead. The
+example inputs are cut to one sample (MACs per sample). Two settings make the counter see every
+GEMM: autograd stays enabled (``nn.MultiheadAttention``'s inference fast path, taken under
+``no_grad``, is one fused op the counter has no formula for) and oneDNN is off for the run
+(``nn.LSTM`` on CPU otherwise runs as one oneDNN kernel the counter does not see). Buffers the
+forward touches (quantizer ``amax``, BN statistics) are restored afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fxquant.passes.op_kinds import module_kind, module_path, node_kind
+from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
+
+QUANTIZED_COMPUTE_KINDS = frozenset({"conv2d", "linear", "matmul"})
+"""Node kinds that are quantized compute when every operand comes out of a quantizer."""
+
+
+@dataclass(frozen=True)
+class ComputeOp:
+    """One compute op (or a group of nodes with the same module path and op)."""
+
+    name: str  # "<module path>: <op>", e.g. "encoder.self_attn: nn.MultiheadAttention"
+    params: int
+    macs: int  # per sample
+
+
+@dataclass
+class Census:
+    quantized: list[ComputeOp] = field(default_factory=list)
+    float_ops: list[ComputeOp] = field(default_factory=list)
+    total_params: int = 0
+    total_macs: int = 0
+
+    @property
+    def float_macs(self) -> int:
+        return sum(op.macs for op in self.float_ops)
+
+    @property
+    def float_params(self) -> int:
+        return sum(op.params for op in self.float_ops)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON (``run.json``'s ``census``); :func:`census_lines` reads it back."""
+        def share(part: int, whole: int) -> float:
+            return part / whole if whole else 0.0
+
+        return {"quantized_layers": len(self.quantized),
+                "quantized_macs": sum(op.macs for op in self.quantized),
+                "quantized_params": sum(op.params for op in self.quantized),
+                "total_macs": self.total_macs, "total_params": self.total_params,
+                "float": [{**asdict(op), "params_share": share(op.params, self.total_params),
+                           "macs_share": share(op.macs, self.total_macs)} for op in self.float_ops]}
+
+
+def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        cls = type(gm.get_submodule(str(node.target)))
+        return f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else f"{cls.__module__}.{cls.__name__}"
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)  # aten.bmm.default
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__name__", str(target))
+    if getattr(torch.nn.functional, name, None) is target:  # builtins report torch._C._nn as their module
+        return f"F.{name}"
+    if getattr(torch, name, None) is target:
+        return f"torch.{name}"
+    return f"{module}.{name}" if module else name
+
+
+def _display_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    path = module_path(node)
+    return f"{path}: {_op_name(gm, node)}" if path else _op_name(gm, node)
+
+
+def _is_quantizer(gm: fx.GraphModule, node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_module" and \
+        isinstance(gm.get_submodule(str(node.target)), (FixedPointQuantizer, BiasQuantizer))
+
+
+def _node_params(gm: fx.GraphModule, node: fx.Node, params: dict[str, nn.Parameter]) -> dict[str, int]:
+    """Parameters a node computes with: a leaf module's own, or get_attr parameters (through a quantizer)."""
+    if node.op == "call_module":
+        return {f"{node.target}.{n}": p.numel() for n, p in gm.get_submodule(str(node.target)).named_parameters()}
+    found: dict[str, int] = {}
+    for arg in node.all_input_nodes:
+        sources = [arg]
+        if _is_quantizer(gm, arg):
+            sources = [a for a in arg.all_input_nodes]
+        for src in sources:
+            if src.op == "get_attr" and str(src.target) in params:
+                found[str(src.target)] = params[str(src.target)].numel()
+    return found
+
+
+def _is_quantized_compute(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node_kind(gm, node) not in QUANTIZED_COMPUTE_KINDS or len(node.args) < 2:
+        return False
+    return all(_is_quantizer(gm, a) and isinstance(gm.get_submodule(str(a.target)), FixedPointQuantizer)
+               for a in node.args[:2])
+
+
+class _MacCounter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, counter: Any) -> None:
+        super().__init__(gm)
+        self.counter = counter
+        self.macs: dict[fx.Node, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        before = self.counter.get_total_flops()
+        out = super().run_node(n)
+        self.macs[n] = (self.counter.get_total_flops() - before) // 2
+        return out
+
+
+def node_macs(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> dict[fx.Node, int]:
+    """MACs per sample of every node of ``gm`` (eval mode; buffers restored; see module docstring)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in example_inputs)
+    saved = {name: b.clone() for name, b in gm.named_buffers()}
+    was_training = gm.training
+    mkldnn = torch.backends.mkldnn.enabled
+    gm.eval()
+    try:
+        torch.backends.mkldnn.enabled = False
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            interp = _MacCounter(gm, counter)
+            interp.run(*one)
+    finally:
+        torch.backends.mkldnn.enabled = mkldnn
+        gm.train(was_training)
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
+    return interp.macs
+
+
+def take_census(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Census:
+    """The :class:`Census` of ``gm`` (quantizers already inserted) on ``example_inputs``."""
+    macs = node_macs(gm, example_inputs)
+    params = dict(gm.named_parameters())
+    quantized: dict[str, list[int]] = {}
+    floating: dict[str, list[int]] = {}
+    counted: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method") or _is_quantizer(gm, node):
+            continue
+        if node.op == "call_module" and module_kind(gm.get_submodule(str(node.target))) == "batchnorm":
+            continue  # folded into its conv at deployment
+        if node.op == "call_function" and node_kind(gm, node) == "batchnorm":
+            continue
+        node_params = {k: v for k, v in _node_params(gm, node, params).items() if k not in counted}
+        m = macs.get(node, 0)
+        if _is_quantized_compute(gm, node):
+            layer = gm.get_submodule(str(node.args[1].target)).layer
+            bucket, name = quantized, layer
+        elif m > 0 or node_params:
+            bucket, name = floating, _display_name(gm, node)
+        else:
+            continue
+        counted.update(node_params)
+        entry = bucket.setdefault(name, [0, 0])
+        entry[0] += sum(node_params.values())
+        entry[1] += m
+    return Census(quantized=[ComputeOp(n, p, m) for n, (p, m) in quantized.items()],
+                  float_ops=[ComputeOp(n, p, m) for n, (p, m) in floating.items()],
+                  total_params=sum(p.numel() for p in params.values()),
+                  total_macs=sum(macs.values()))
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return str(n)
+
+
+def _layers(n: int) -> str:
+    return f"{n} quantized layer" + ("" if n == 1 else "s")
+
+
+def census_lines(census: dict[str, Any]) -> list[str]:
+    """Human lines for a census dict (:meth:`Census.to_dict`): one per float op, or "all quantized"."""
+    q = census["quantized_layers"]
+    total_macs, total_params = census["total_macs"], census["total_params"]
+    q_share = 100.0 * census["quantized_macs"] / total_macs if total_macs else 0.0
+    if not census["float"]:
+        return [f"census: all compute is quantized ({_layers(q)}, {_count(total_macs)} MACs/sample)"]
+    lines = [f"census: {_layers(q)} ({q_share:.1f} % of MACs); left in float (no quantizer):"]
+    for op in census["float"]:
+        lines.append(f"  float {op['name']}: {_count(op['params'])} params ({100 * op['params_share']:.1f} % of "
+                     f"{_count(total_params)}), {_count(op['macs'])} MACs/sample ({100 * op['macs_share']:.1f} % of "
+                     f"{_count(total_macs)})")
+    return lines
+
+
+def mean_bits_line(weight_bits: float, act_bits: float, census: dict[str, Any] | None) -> str:
+    """``mean bits W…/A… over N quantized layers (x % of MACs); float: …`` (what the mean covers)."""
+    text = f"mean bits W{weight_bits:.2f}/A{act_bits:.2f}"
+    if census is None:
+        return text + " (quantized layers only; no census recorded)"
+    total = census["total_macs"]
+    share = 100.0 * census["quantized_macs"] / total if total else 0.0
+    text += f" over {_layers(census['quantized_layers'])} ({share:.1f} % of MACs)"
+    if census["float"]:
+        text += "; float: " + ", ".join(f"{op['name']} ({100 * op['macs_share']:.1f} % of MACs)"
+                                       for op in census["float"])
+    return text
+
+
+__all__ = ["Census", "ComputeOp", "census_lines", "mean_bits_line", "node_macs", "take_census"]
