@@ -11,7 +11,8 @@ tensors with a fixed-point format; a compute op's result is requantized to ``op.
 round-half-even and saturation (:func:`fxquant.fixed_point.requantize`), then ``relu`` if
 ``op.attrs["relu"]``:
 
-* ``conv2d``/``linear``: ``acc = sum(a*w) + b`` at ``FL_acc = FL_in + FL_w``.
+* ``conv2d``/``linear``: ``acc = sum(a*w) + b`` at ``FL_acc = FL_in + FL_w``; ``linear`` acts on
+  the last dimension (``a @ W^T``), whatever the rank of ``a`` (backends check ranks they support).
 * ``matmul``: ``acc = a @ b`` at ``FL_a + FL_b``.
 * ``add``: both inputs left-shifted to ``max(FL_a, FL_b)`` and added.
 * ``cat``: every input requantized to ``out_fmt``, concatenated on ``attrs["dim"]``.

@@ -195,7 +195,10 @@ def _padding(padding: Any, kernel: tuple[int, ...], dilation: Any) -> list[int] 
 
 
 def _pair_list(v: Any) -> list[int]:
-    return [int(x) for x in v] * (2 if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else [int(v), int(v)]
+    """``1``, ``[1]`` or ``(1, 1)`` as ``[1, 1]``."""
+    if not isinstance(v, (list, tuple)):
+        return [int(v), int(v)]
+    return [int(v[0])] * 2 if len(v) == 1 else [int(x) for x in v]
 
 
 def _canonicalize_weighted(gm: fx.GraphModule, node: fx.Node) -> None:

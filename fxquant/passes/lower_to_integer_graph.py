@@ -14,7 +14,8 @@ the model input: ``x → flatten → q[input]`` becomes the input ``x`` at ``q``
 ``flatten``. A quantizer on a value that is already on a grid becomes an explicit ``requantize``
 op (the fx graph rounds twice there too).
 
-**Shapes** come from two shape propagations, at the example batch ``B`` and at ``2B``. Shape
+**Shapes** come from two shape propagations, at the example batch ``B`` and at ``2B`` (the
+second on fake tensors: shapes only; quantizers' recorded ranges are restored afterwards). Shape
 arithmetic (``x.size(0)``, ``x.shape[1]``, ``aten.sym_size``, int arithmetic) is evaluated there
 and never lowered. A ``view``/``reshape``/``flatten``/``squeeze`` must keep the batch dimension
 (output ``(B, *S)`` and ``(2B, *S)`` with the same ``S``): it lowers to ``flatten`` when ``S`` has one
@@ -542,30 +543,50 @@ def _doubled(x: Any) -> Any:
     return torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
 
 
+def _doubled_batch_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]
+                          ) -> tuple[dict[fx.Node, tuple[int, ...]] | None, str | None]:
+    """Every tensor's shape at twice the example batch (fake tensors: shapes only, no arithmetic),
+    or ``None`` and why the model does not run at that batch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    failure = None
+    for fake in (True, False):  # fake tensors are fast; the real run is the fallback for exotic ops
+        second = _Shapes(gm)
+        try:
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                if fake:
+                    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                        second.run(*(mode.from_tensor(_doubled(x)) if isinstance(x, torch.Tensor) else x
+                                     for x in example_inputs))
+                else:
+                    second.run(*(_doubled(x) for x in example_inputs))
+            return second.shapes, None
+        except Exception as exc:  # noqa: BLE001 - recorded: reshapes then cannot be proven batch-safe
+            cause = exc.__cause__ or exc
+            failure = str(cause).splitlines()[0][:120] if str(cause) else type(cause).__name__
+    return None, failure
+
+
 def lower_to_integer_graph(gm: fx.GraphModule, *example_inputs: torch.Tensor) -> IntegerGraph:
     """Lower ``gm`` (deployed, eval mode) using ``example_inputs`` for shape propagation."""
     gm.eval()
     qs = [m for m in gm.modules() if isinstance(m, FixedPointQuantizer)]
     saved = [q.amax.clone() for q in qs]
     recorder = _Recorder(gm)
-    try:  # ShapeProp prints the traceback of a failing node itself: keep it off the user's screen
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            recorder.propagate(*example_inputs)
-    except Exception as exc:  # noqa: BLE001 - any failure here means the inputs do not fit the model
-        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
-                           for x in example_inputs)
-        cause = exc.__cause__ or exc
-        raise ModelFileError(f"example inputs {shapes} do not fit the model: {str(cause).splitlines()[0][:200]}",
-                             "make example_inputs() return tensors of the model's input shape (batch 1)") from exc
-    second = _Shapes(gm)
-    shapes2, failure2 = None, None
     try:
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            second.run(*(_doubled(x) for x in example_inputs))
-        shapes2 = second.shapes
-    except Exception as exc:  # noqa: BLE001 - recorded: reshapes then cannot be proven batch-safe
-        failure2 = str(exc.__cause__ or exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-    finally:
+        try:  # ShapeProp prints the traceback of a failing node itself: keep it off the user's screen
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                recorder.propagate(*example_inputs)
+        except Exception as exc:  # noqa: BLE001 - any failure here means the inputs do not fit the model
+            shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+                               for x in example_inputs)
+            cause = exc.__cause__ or exc
+            raise ModelFileError(f"example inputs {shapes} do not fit the model: "
+                                 f"{str(cause).splitlines()[0][:200]}",
+                                 "make example_inputs() return tensors of the model's input shape (batch 1)"
+                                 ) from exc
+        shapes2, failure2 = _doubled_batch_shapes(gm, example_inputs)
+    finally:  # shape propagation is no calibration: the quantizers' recorded ranges stay
         for q, amax in zip(qs, saved):
             q.amax.copy_(amax)
     return _Lowering(gm, recorder.results, shapes2, failure2).lower()

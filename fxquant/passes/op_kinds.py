@@ -25,7 +25,7 @@ and never lowered (the lowering evaluates it from shape propagation).
 from __future__ import annotations
 
 import operator
-import traceback
+import re
 import typing
 from typing import Any
 
@@ -350,26 +350,23 @@ def readable_op(gm: fx.GraphModule, node: fx.Node) -> str:
     return f"{path}: {what}" if path else what
 
 
+_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+)')
+
+
 def source_line(node: fx.Node) -> str | None:
-    """``file:line: code`` of the user's source line that issued ``node`` (fx/export stack trace)."""
-    trace = node.meta.get("stack_trace")
-    if not trace:
-        return None
+    """``file:line: code`` of the user's source line that issued ``node`` (fx/export stack trace):
+    the innermost recorded frame outside torch and fxquant."""
+    lines = (node.meta.get("stack_trace") or "").splitlines()
     best = None
-    lines = trace.splitlines()
     for i, line in enumerate(lines):
-        line = line.strip()
-        if not line.startswith("File "):
+        match = _FRAME.match(line)
+        if match is None:
             continue
-        try:
-            parsed = traceback.FrameSummary(line.split('"')[1], int(line.split(", line ")[1].split(",")[0]), "")
-        except (IndexError, ValueError):
-            continue
-        path = parsed.filename.replace("\\", "/")
+        path = match["file"].replace("\\", "/")
         if "/torch/" in path or "/fxquant/" in path or path.startswith("<"):
             continue
-        code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].strip().startswith("File ") else ""
-        best = f"{parsed.filename}:{parsed.lineno}: {code}"
+        code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.match(lines[i + 1]) else ""
+        best = f"{match['file']}:{match['line']}: {code}"
     return best
 
 
