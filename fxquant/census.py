@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxquant.errors import ModelFileError
 from fxquant.passes.op_kinds import module_kind, module_path, node_kind
 from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
 
@@ -141,7 +142,13 @@ class _MacCounter(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
-        out = super().run_node(n)
+        try:
+            out = super().run_node(n)
+        except Exception as exc:  # noqa: BLE001 - the model's own forward failed: name the node, keep the cause
+            raise ModelFileError(f"the model failed on its example inputs at node {n.name!r} "
+                                 f"({_display_name(self.module, n)}): {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}",
+                                 "check example_inputs() (shapes, dtypes) against model()") from exc
         self.macs[n] = (self.counter.get_total_flops() - before) // 2
         return out
 

@@ -125,3 +125,15 @@ def test_unquantized_parametrized_module_is_listed() -> None:
     # conv1d: 6 outputs * 3 channels * (2 * 3) = 108 MACs, 3*2*3 + 3 = 21 params
     assert [(op.name, op.params, op.macs) for op in census.float_ops] == [("0: nn.Conv1d", 21, 108)]
     assert [(op.name, op.macs) for op in census.quantized] == [("2", 36)]
+
+
+def test_a_failing_forward_names_the_node() -> None:
+    import pytest
+
+    from fxquant.errors import ModelFileError
+
+    x = (torch.randn(1, 1, 4, 4),)
+    gm = _quantized(Convs(), x)
+    with pytest.raises(ModelFileError, match=r"at node 'conv2d_default'.*RuntimeError") as err:
+        take_census(gm, (torch.randn(1, 2, 4, 4),))  # 2 channels into a 1-channel conv
+    assert "example_inputs()" in err.value.hint
