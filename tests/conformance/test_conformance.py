@@ -32,12 +32,14 @@ MUST_RUN = ("onnx-qdq", "qonnx", "cpu", "cuda", "fpga")
 
 _ACT8 = r"-bit (output|input); this target holds 2-8-bit activations"
 _W8 = r"-bit weights; this target holds 2-8 bits"
-_INT32 = r"worst-case accumulator \d+ exceeds int32"
+_INT32 = r"worst-case accumulator \d+ exceeds (the )?int32"
 
 EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     # (case name pattern (fnmatch), target name or "*"): regex one of check's problems must match
     # -- every target: dividing by 9 is not a shift
     ("avgpool_3x3", "*"): r"average window \(3, 3\) is not a power of two",
+    # -- onnx-qdq: 8-bit weights run through ConvInteger / MatMulInteger (int32 accumulators)
+    ("linear_w16_acc_over_int32", "onnx-qdq"): _INT32,
     # -- qonnx: biases are float32 initializers
     ("linear_wide_bias", "qonnx"): r"bias is not exactly representable in float32",
     # -- cpu: int8 activations, groups=1, no cat / matmul kernels, int32 accumulators
@@ -54,6 +56,8 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("linear_acc_*_int32", "cpu"): _ACT8,
     ("conv_acc_near_int32", "cpu"): _ACT8,
     ("linear_w16_acc_over_int32", "cpu"): _INT32,
+    ("reshape", "cpu"): r"op kind 'reshape'",
+    ("mul_pow2", "cpu"): r"op kind 'mul_pow2'",
     # -- cuda: int8 activations and weights, one graph input, groups=1, no cat / matmul kernels
     ("residual", "cuda"): r"op kind 'cat'",
     ("cat_*", "cuda"): r"op kind 'cat'",
@@ -69,10 +73,14 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("linear_acc_*_int32", "cuda"): _ACT8,
     ("conv_acc_near_int32", "cuda"): _ACT8,
     ("linear_w16_acc_*_int32", "cuda"): _W8,
+    ("reshape", "cuda"): r"op kind 'reshape'",
+    ("mul_pow2", "cuda"): r"op kind 'mul_pow2'",
     # -- fpga: one graph input, no matmul, two-input cat
     ("matmul_*", "fpga"): r"op kind 'matmul'",
     ("add_two_inputs", "fpga"): r"2 graph inputs; this target takes 1",
     ("cat_mixed_formats", "fpga"): r"cat of 3 inputs on dim 1 is not supported",
+    ("reshape", "fpga"): r"op kind 'reshape'",
+    ("mul_pow2", "fpga"): r"op kind 'mul_pow2'",
 }
 """What each target cannot build, as data (like ``onnx.backend.test.BackendTest.exclude``)."""
 
