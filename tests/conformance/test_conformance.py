@@ -140,3 +140,37 @@ def test_expected_unsupported_names_real_cases_and_targets() -> None:
 def test_must_run_targets_are_registered_and_available(name: str) -> None:
     assert name in TARGETS
     assert get_target(name).unavailable() is None
+
+
+def _two_bad_pools():
+    """Two 3x3 average pools on two branches: every target must name both (check lists all at once)."""
+    from tests.conformance.zoo import F, GraphMaker
+
+    m = GraphMaker((2, 6, 6), F(8, 3), seed=50)
+    a = m.pool("avg_a", "input", "avgpool2d", 3, F(8, 3))
+    b = m.pool("avg_b", m.relu("relu", "input"), "avgpool2d", 3, F(8, 3))
+    return m.graph(m.add("add", a, b, F(8, 3), relu=False))
+
+
+@pytest.mark.parametrize("target_name", list(TARGETS))
+def test_check_names_every_offending_layer(target_name: str) -> None:
+    problems = get_target(target_name).check(_two_bad_pools())
+    assert {"avg_a", "avg_b"} <= {p.layer for p in problems}, problems
+
+
+KNOWN_CHECK_GAPS: dict[str, str] = {
+    "cpu": "CpuTarget.check stops at the activation widths of a 16-bit input and does not list the int32 "
+           "accumulator overflow of the same layer (kernel_problems bounds it as an int8 kernel)",
+}
+"""Targets whose ``check`` misses a problem it should list: strict xfails, so a fix shows up."""
+
+
+@pytest.mark.parametrize("target_name", [n for n in TARGETS if get_target(n).limits.get("acc_bits") == 32])
+def test_check_lists_the_accumulator_beside_the_widths(target_name: str, request: pytest.FixtureRequest) -> None:
+    """A 16-bit x 8-bit linear over int32: a target declaring int32 accumulators lists the
+    accumulator even when it also refuses the widths (``check`` lists *every* problem at once)."""
+    target = get_target(target_name)
+    if target_name in KNOWN_CHECK_GAPS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_CHECK_GAPS[target_name]))
+    graph, _ = CASES["linear_acc_over_int32"].build()
+    assert any(re.search(_INT32, str(p)) and p.layer == "fc" for p in target.check(graph))
