@@ -9,7 +9,8 @@ raise the same list (:func:`raise_problems`) before building anything. Shared ru
 * every scale ``2^-FL`` is a normal float32, ``-126 <= -FL <= 127`` (then ``k * 2^-FL`` is exact);
 * QDQ: 9..16-bit values need int16 QuantizeLinear (opset >= 21); a Conv/Gemm on <= 8-bit inputs
   whose worst-case ``|acc|`` exceeds float32's exact integers (``2^24``) runs as
-  ConvInteger/MatMulInteger (9..16-bit weights as two 8-bit halves), whose int32 sums must hold it;
+  ConvInteger/MatMulInteger (9..16-bit weights as two 8-bit halves, combined in float64), whose
+  int32 sums must hold each half's worst case;
 * QONNX: biases are float32 initializers, so ``b * 2^-FL_acc`` must be exact in float32.
 
 Ops whose accumulator can exceed ``2^24`` and still run in float32 (ones on 9..16-bit inputs,
@@ -135,16 +136,17 @@ def split_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def integer_path_bound(graph: IntegerGraph, op: Op) -> int:
-    """Worst case of every int32 sum on the integer path of ``op``: the accumulator bound for 8-bit
-    weights; ``2^(BW_in-1) * sum(256 |hi| + lo) + |b|`` for split 9..16-bit weights (both halves'
-    sums and their combination stay below it)."""
+    """Worst case of the int32 sums on the integer path of ``op`` (ConvInteger/MatMulInteger, bias
+    excluded: it is added in float64): ``2^(BW_in-1) * max_o sum |w|`` for 8-bit weights, the larger
+    of the two halves' sums for split 9..16-bit weights (:func:`split_weights`)."""
     from fxquant.fixed_point import min_signed_bits
     from fxquant.legality import dot_bound
 
+    top = 1 << (graph.values[op.inputs[0]].fmt.bits - 1)
     if min_signed_bits(op.weight) <= 8:
-        return graph.accumulator_bound(op)
+        return dot_bound(op.weight, None, top)
     hi, lo = split_weights(op.weight)
-    return dot_bound(256 * np.abs(hi) + lo, op.bias, 1 << (graph.values[op.inputs[0]].fmt.bits - 1))
+    return max(dot_bound(hi, None, top), dot_bound(lo, None, top))
 
 
 def qdq_problems(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = True) -> list["Problem"]:
@@ -173,7 +175,7 @@ def qdq_problems(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bo
                 continue
             bound = integer_path_bound(graph, op)
             if bound > int_max(32):
-                problems.append(Problem(op.name, op.kind, f"worst-case accumulator {bound} exceeds the int32 "
+                problems.append(Problem(op.name, op.kind, f"worst-case integer sum {bound} exceeds the int32 "
                                                           "accumulator of ConvInteger/MatMulInteger"))
     return problems
 

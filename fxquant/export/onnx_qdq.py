@@ -33,7 +33,7 @@ onnxruntime's QLinear kernels (and float Conv/Gemm) requantize ``float(acc)``: e
 ``|acc| <= 2^24``. A Conv/Gemm on <= 8-bit inputs whose worst-case accumulator is larger is
 exported instead as ConvInteger/MatMulInteger (+ int32 bias) followed by ``Cast(double) →
 Mul(2^(FL_out-FL_acc)) → Round → Add(zero point) → Clip → Cast`` (exact in float64); 9..16-bit
-weights are split into 8-bit halves, ``acc = 256 acc(hi) + acc(lo)`` in int32. Ops still computed
+weights are split into 8-bit halves, ``acc = 256 acc(hi) + acc(lo) + b`` summed in float64. Ops still computed
 in float32 with such accumulators (on 9..16-bit inputs, MatMul) are listed in the
 ``fxquant.float32_risk_ops`` metadata.
 
@@ -192,46 +192,48 @@ class _QdqBuilder:
 
     def integer_op(self, op: Op, relu: bool) -> str:
         """Exact form of a Conv/Gemm whose ``|acc|`` may exceed 2^24, where QLinearConv/QGemm (or a
-        float Conv/Gemm) would requantize ``float(acc)`` and round twice: ConvInteger/MatMulInteger
-        (+ int32 bias) give ``acc`` (9..16-bit weights: ``256 acc(hi) + acc(lo)`` of the 8-bit halves
-        of :func:`~fxquant.export.limits.split_weights`, all int32 sums within
-        :func:`~fxquant.export.limits.integer_path_bound`); ``Cast(double) → Mul(2^(FL_out-FL_acc)) → Round`` (half to even, exact in
-        float64) ``→ Add(zero point) → Clip → Cast`` is :func:`fxquant.fixed_point.requantize`."""
+        float Conv/Gemm) would requantize ``float(acc)`` and round twice.
+
+        ConvInteger/MatMulInteger give exact int32 sums: one for weights of <= 8 bits, two for
+        9..16-bit weights split as ``w = 256 hi + lo`` (:func:`~fxquant.export.limits.split_weights`;
+        uint8 halves, MLAS's exact U8U8 kernel), each within int32
+        (:func:`~fxquant.export.limits.integer_path_bound`). In float64 (exact below 2^53):
+        ``acc = Σ factor · Cast(sum) + b``, then ``Mul(2^(FL_out-FL_acc)) → Round`` (half to even)
+        ``→ Add(zero point) → Clip → Cast``: :func:`fxquant.fixed_point.requantize`."""
         in_fmt, w_fmt = self.graph.values[op.inputs[0]].fmt, op.weight_fmt
         assert w_fmt is not None and w_fmt.frac_bits is not None and in_fmt.frac_bits is not None  # checked
         assert op.out_fmt.frac_bits is not None
-        x = [self.ints[op.inputs[0]], self._zero(self.storage(in_fmt, op.inputs[0]))]
-
-        def accumulate(w: str, wst: Storage, base: str) -> str:
-            ins = [x[0], w, x[1], self._zero(wst)]
-            return (self.b.node("ConvInteger", ins, base, **conv_attrs(op)) if op.kind == "conv2d"
-                    else self.b.node("MatMulInteger", ins, base))
-
+        x, x_zero = self.ints[op.inputs[0]], self._zero(self.storage(in_fmt, op.inputs[0]))
         if min_signed_bits(op.weight) <= 8:
-            acc = accumulate(*self.weight_ints(op, transpose=op.kind == "linear"), f"{op.name}_acc")
-        else:  # w = 256 hi + lo: two exact 8-bit sums (uint8 halves: MLAS's exact U8U8 kernel)
+            parts = [(*self.weight_ints(op, transpose=op.kind == "linear"), 1, "")]
+        else:
             _check_fits(op.weight, w_fmt.bits, f"op {op.name!r} weight")
             hi, lo = split_weights(op.weight.T if op.kind == "linear" else op.weight)
-            hi_t = self.b.const(f"{op.name}.weight_hi", (hi + U8_ZERO_POINT).astype(np.uint8))
-            lo_t = self.b.const(f"{op.name}.weight_lo", lo.astype(np.uint8))
-            acc_hi = accumulate(hi_t, Storage(TensorProto.UINT8, U8_ZERO_POINT), f"{op.name}_acc_hi")
-            acc_lo = accumulate(lo_t, Storage(TensorProto.UINT8), f"{op.name}_acc_lo")
-            scaled = self.b.node("Mul", [acc_hi, self.b.const("radix", np.array(256, np.int32))], f"{op.name}_acc_hi256")
-            acc = self.b.node("Add", [scaled, acc_lo], f"{op.name}_acc")
+            parts = [(self.b.const(f"{op.name}.weight_hi", (hi + U8_ZERO_POINT).astype(np.uint8)),
+                      Storage(TensorProto.UINT8, U8_ZERO_POINT), 256, "_hi"),
+                     (self.b.const(f"{op.name}.weight_lo", lo.astype(np.uint8)), Storage(TensorProto.UINT8), 1, "_lo")]
+        acc = None
+        for w, wst, factor, tag in parts:
+            ins = [x, w, x_zero, self._zero(wst)]
+            part = (self.b.node("ConvInteger", ins, f"{op.name}_acc{tag}", **conv_attrs(op)) if op.kind == "conv2d"
+                    else self.b.node("MatMulInteger", ins, f"{op.name}_acc{tag}"))
+            part = self.b.node("Cast", [part], f"{op.name}_acc{tag}_f64", to=TensorProto.DOUBLE)
+            if factor != 1:
+                part = self.b.node("Mul", [part, self.b.const("radix", np.float64(factor))], f"{op.name}_acc{tag}_scaled")
+            acc = part if acc is None else self.b.node("Add", [acc, part], f"{op.name}_acc")
         if op.bias is not None:
             _check_fits(op.bias, BIAS_BITS, f"op {op.name!r} bias")
             shape = (-1, 1, 1) if op.kind == "conv2d" else (-1,)
-            bias = self.b.const(f"{op.name}.bias", op.bias.astype(np.int32).reshape(shape))
+            bias = self.b.const(f"{op.name}.bias", op.bias.astype(np.float64).reshape(shape))
             acc = self.b.node("Add", [acc, bias], f"{op.name}_acc_bias")
         fl_acc = in_fmt.frac_bits + w_fmt.frac_bits
-        st, (lo, hi) = self.storage(op.out_fmt, op.output), fmt_bounds(op.out_fmt, relu)
-        d = self.b.node("Cast", [acc], f"{op.name}_acc_f64", to=TensorProto.DOUBLE)
+        st, (lo_k, hi_k) = self.storage(op.out_fmt, op.output), fmt_bounds(op.out_fmt, relu)
         shift = self.b.const("shift", np.float64(dequantize(np.int64(1), fl_acc - op.out_fmt.frac_bits)))
-        d = self.b.node("Mul", [d, shift], f"{op.name}_scaled")
+        d = self.b.node("Mul", [acc, shift], f"{op.name}_scaled")
         d = self.b.node("Add", [self.b.node("Round", [d], f"{op.name}_rounded"),
                                 self.b.const("zero_point_f64", np.float64(st.zero_point))], f"{op.name}_stored")
-        d = self.b.node("Clip", [d, self.b.const("clip_lo", np.float64(lo + st.zero_point)),
-                                 self.b.const("clip_hi", np.float64(hi + st.zero_point))], f"{op.name}_clip")
+        d = self.b.node("Clip", [d, self.b.const("clip_lo", np.float64(lo_k + st.zero_point)),
+                                 self.b.const("clip_hi", np.float64(hi_k + st.zero_point))], f"{op.name}_clip")
         return self.b.node("Cast", [d], op.output, to=st.dtype)
 
     def bias(self, op: Op) -> str | None:
