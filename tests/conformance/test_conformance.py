@@ -38,8 +38,6 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     # (case name pattern (fnmatch), target name or "*"): regex one of check's problems must match
     # -- every target: dividing by 9 is not a shift
     ("avgpool_3x3", "*"): r"average window \(3, 3\) is not a power of two",
-    # -- onnx-qdq: 8-bit weights run through ConvInteger / MatMulInteger (int32 accumulators)
-    ("linear_w16_acc_over_int32", "onnx-qdq"): _INT32,
     # -- qonnx: biases are float32 initializers
     ("linear_wide_bias", "qonnx"): r"bias is not exactly representable in float32",
     # -- cpu: int8 activations, groups=1, no cat / matmul kernels, int32 accumulators
