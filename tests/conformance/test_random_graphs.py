@@ -32,7 +32,7 @@ from tests.conformance.harness import assert_bit_exact, assert_refused
 from tests.conformance.zoo import GraphMaker, format_inputs
 
 SEED = 20261202
-EXAMPLES = {"onnx-qdq": 40, "qonnx": 40, "cpu": 3, "cuda": 3, "fpga": 3}
+EXAMPLES = {"onnx-qdq": 150, "qonnx": 150, "cpu": 3, "cuda": 3, "fpga": 3}
 """Examples per target (cheap ONNX files vs TVM/nvcc/g++ builds); a new target gets the expensive count."""
 EXPENSIVE_EXAMPLES = 3
 MAX_OPS = 4
@@ -96,8 +96,8 @@ def random_graphs(draw, act: tuple[int, int] = (2, 16), weight: tuple[int, int] 
             options = ["conv2d", "avgpool2d", "maxpool2d", "relu", "requantize", "flatten", "add", "cat"]
         elif len(shp) == 1:
             options = ["linear", "relu", "requantize", "add", "cat"]
-        else:
-            options = ["matmul", "relu", "requantize", "flatten"]
+        else:  # a matrix: matmul with a side branch of the same shape needs it square
+            options = ["matmul"] * (shp[0] == shp[1]) + ["relu", "requantize", "flatten"]
         options += [k for k in ("reshape", "mul_pow2") if k in OP_KINDS]
         preferred = [k for k in options if kinds is None or k in kinds] or options
         kind = draw(st.sampled_from(options if draw(st.integers(0, 3)) == 3 else preferred))
