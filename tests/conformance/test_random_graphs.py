@@ -29,6 +29,7 @@ from fxquant.backends.registry import TARGETS, get_target
 from fxquant.fixed_point import FixedPoint
 from fxquant.integer_graph import OP_KINDS, IntegerGraph
 from tests.conformance.harness import assert_bit_exact, assert_refused
+from tests.conformance.test_conformance import MUST_RUN
 from tests.conformance.zoo import GraphMaker, format_inputs
 
 SEED = 20261202
@@ -202,6 +203,8 @@ def _property_test(name: str):
 def test_random_graphs_bit_exact_or_refused(name: str) -> None:
     why = get_target(name).unavailable()
     if why is not None:
+        if name in MUST_RUN:
+            pytest.fail(f"target {name!r} must run here but is unavailable: {why}")
         pytest.skip(f"target {name!r} unavailable on this machine: {why}")
     OUTCOMES.pop(name, None)
     _property_test(name)()
