@@ -4,7 +4,8 @@
   terms, and an independent ``target.run`` of the placed artifact equals ``IntegerGraph.run``
   (the verifier is not the only judge).
 * :func:`assert_refused` — ``target.check`` lists problems that name layers of the graph,
-  ``base.export`` raises :class:`UnsupportedOpError` naming every one, and nothing is left behind.
+  ``base.export`` raises :class:`UnsupportedOpError` naming every one, nothing is left behind and
+  an earlier artifact at the destination is left as it was.
 """
 
 from __future__ import annotations
@@ -94,3 +95,9 @@ def assert_refused(target: Target, graph: IntegerGraph, inputs: Sequence[np.ndar
     missing = [str(p) for p in problems if str(p) not in message]
     assert not missing, f"export's error does not list {missing}: {message}"
     assert not out.exists() and _leftovers(tmp_path) == []
+    # an earlier artifact at out_dir survives a refused export untouched
+    out.mkdir()
+    (out / "earlier").write_text("earlier artifact")
+    with pytest.raises(UnsupportedOpError):
+        base.export(target, graph, out, inputs, **options)
+    assert [p.name for p in out.iterdir()] == ["earlier"] and _leftovers(tmp_path) == []

@@ -27,14 +27,15 @@ from hypothesis import strategies as st
 
 from fxquant.backends.registry import TARGETS, get_target
 from fxquant.fixed_point import FixedPoint
-from fxquant.integer_graph import IntegerGraph
+from fxquant.integer_graph import OP_KINDS, IntegerGraph
 from tests.conformance.harness import assert_bit_exact, assert_refused
+from tests.conformance.test_conformance import MUST_RUN
 from tests.conformance.zoo import GraphMaker, format_inputs
 
 SEED = 20261202
-EXAMPLES = {"onnx-qdq": 40, "qonnx": 40, "cpu": 5, "cuda": 5, "fpga": 5}
+EXAMPLES = {"onnx-qdq": 150, "qonnx": 150, "cpu": 3, "cuda": 3, "fpga": 3}
 """Examples per target (cheap ONNX files vs TVM/nvcc/g++ builds); a new target gets the expensive count."""
-EXPENSIVE_EXAMPLES = 5
+EXPENSIVE_EXAMPLES = 3
 MAX_OPS = 4
 
 
@@ -53,6 +54,14 @@ def _fmt(draw, lo_hi: tuple[int, int], near: int | None = None) -> FixedPoint:
     else:
         fl = near - draw(st.integers(-2, 10))
     return FixedPoint(bits, max(-64, min(64, fl)))
+
+
+def _reshapes(total: int) -> list[tuple[int, ...]]:
+    """Every shape of rank 1..3 with ``total`` elements (rank 3 = an image, rank 2 = a matrix)."""
+    divs = [d for d in range(1, total + 1) if total % d == 0]
+    shapes = [(total,)] + [(d, total // d) for d in divs]
+    shapes += [(c, h, total // (c * h)) for c in divs for h in divs if (total // c) % h == 0]
+    return sorted(set(shapes), key=lambda s: (len(s), s))
 
 
 @st.composite
@@ -88,8 +97,9 @@ def random_graphs(draw, act: tuple[int, int] = (2, 16), weight: tuple[int, int] 
             options = ["conv2d", "avgpool2d", "maxpool2d", "relu", "requantize", "flatten", "add", "cat"]
         elif len(shp) == 1:
             options = ["linear", "relu", "requantize", "add", "cat"]
-        else:
-            options = ["matmul", "relu", "requantize", "flatten"]
+        else:  # a matrix: matmul with a side branch of the same shape needs it square
+            options = ["matmul"] * (shp[0] == shp[1]) + ["relu", "requantize", "flatten"]
+        options += [k for k in ("reshape", "mul_pow2") if k in OP_KINDS]
         preferred = [k for k in options if kinds is None or k in kinds] or options
         kind = draw(st.sampled_from(options if draw(st.integers(0, 3)) == 3 else preferred))
         name, fl_in = f"op{i}", fmt_of(cur).frac_bits
@@ -135,6 +145,13 @@ def random_graphs(draw, act: tuple[int, int] = (2, 16), weight: tuple[int, int] 
             cur = m.requantize(name, cur, _fmt(draw, act, near=fl_in), relu=draw(st.booleans()))
         elif kind == "flatten":
             cur = m.flatten(name, cur)
+        elif kind == "reshape":
+            new_shape = draw(st.sampled_from(_reshapes(math.prod(shp))))
+            cur = m._op(name, "reshape", (cur,), new_shape, fmt_of(cur), attrs={"shape": new_shape})
+        elif kind == "mul_pow2":
+            e = draw(st.integers(-3, 3))
+            cur = m._op(name, "mul_pow2", (cur,), shp, FixedPoint(fmt_of(cur).bits, fl_in - e),
+                        attrs={"exponent": e})
         elif kind == "add":
             other = side_branch(cur)
             fl = max(fl_in, fmt_of(other).frac_bits)
@@ -186,6 +203,8 @@ def _property_test(name: str):
 def test_random_graphs_bit_exact_or_refused(name: str) -> None:
     why = get_target(name).unavailable()
     if why is not None:
+        if name in MUST_RUN:
+            pytest.fail(f"target {name!r} must run here but is unavailable: {why}")
         pytest.skip(f"target {name!r} unavailable on this machine: {why}")
     OUTCOMES.pop(name, None)
     _property_test(name)()
@@ -213,7 +232,5 @@ def test_generator_reaches_every_op_kind_and_format_corner() -> None:
             fls_neg |= v.fmt.frac_bits < 0
             fls_big |= v.fmt.frac_bits > v.fmt.bits
             widths.add(v.fmt.bits)
-    from fxquant.integer_graph import OP_KINDS
-
     assert set(OP_KINDS) <= kinds, set(OP_KINDS) - kinds
     assert fls_neg and fls_big and {2, 16} <= widths

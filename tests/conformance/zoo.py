@@ -492,6 +492,24 @@ def fl_extremes() -> IntegerGraph:
     return m.graph(m.linear("fc2bit", h, 7, F(2, 0), F(2, -1)))
 
 
+def reshape() -> IntegerGraph:
+    """reshape of an image into another image (4x2x4), max pooling on it, reshape into a vector, linear."""
+    m = GraphMaker((2, 4, 4), F(6, 2), seed=41)
+    h = m._op("to_image", "reshape", ("input",), (4, 2, 4), F(6, 2), attrs={"shape": (4, 2, 4)})
+    h = m.pool("pool", h)
+    h = m._op("to_vector", "reshape", (h,), (8,), F(6, 2), attrs={"shape": (8,)})
+    return m.graph(m.linear("fc", h, 5, F(5, 4), F(7, 1)))
+
+
+def mul_pow2() -> IntegerGraph:
+    """``x + 4 x`` as lowered from ``torch.add(x, x, alpha=4)`` (mul_pow2 relabels <7,3> as <7,1>), then
+    a mul_pow2 by 2^-3 (<7,4>) of that sum: the integers pass, only FL moves."""
+    m = GraphMaker((3, 4), F(7, 3), seed=42)
+    x4 = m._op("times4", "mul_pow2", ("input",), (3, 4), F(7, 1), attrs={"exponent": 2})
+    s = m.add("add", "input", x4, F(8, 2), relu=False)
+    return m.graph(m._op("div8", "mul_pow2", (s,), (3, 4), F(8, 5), attrs={"exponent": -3}))
+
+
 # =========================================================================== accumulators at the int32 edge
 def _fixed_weight_linear(fan_in: int, in_fmt: FixedPoint, w_fmt: FixedPoint, out_fmt: FixedPoint) -> IntegerGraph:
     """fan_in weights of qmin: the saturated sample 0 (all qmin) reaches |acc| = fan_in * 2^22."""
@@ -562,6 +580,7 @@ _MAKERS: dict[str, Callable[[], IntegerGraph | tuple[IntegerGraph, object]]] = {
     "elementwise": elementwise, "add_two_inputs": add_two_inputs,
     "cat_mixed_formats": cat_mixed_formats, "cat_vectors": cat_vectors,
     "matmul_two_inputs": matmul_two_inputs, "matmul_branches": matmul_branches,
+    "reshape": reshape, "mul_pow2": mul_pow2,
     # number-format corners
     "widths_2_to_8": widths_2_to_8, "widths_9_to_16": widths_9_to_16, "fl_extremes": fl_extremes,
     "requantize_extremes": requantize_extremes, "linear_wide_bias": linear_wide_bias,
