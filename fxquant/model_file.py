@@ -57,6 +57,24 @@ class ModelFile:
         inputs = self._call("example_inputs")
         return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
+    def check_example_inputs(self) -> None:
+        """Run the eager model on ``example_inputs()`` (eval, no grad): a misfit is one line, before
+        any run directory is written."""
+        net = self.model().eval()
+        example = self.example_inputs()
+        if example is None:
+            return
+        import torch
+
+        try:
+            with torch.no_grad():
+                net(*example)
+        except Exception as exc:  # noqa: BLE001 - any failure means the inputs do not fit the model
+            shapes = ", ".join(str(tuple(x.shape)) if hasattr(x, "shape") else type(x).__name__ for x in example)
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise ModelFileError(f"{self.path}: example inputs {shapes} do not fit the model: {first}",
+                                 "check example_inputs() (shapes, dtypes) against model()") from exc
+
     def _call(self, name: str, **kwargs: Any) -> Any:
         try:
             return getattr(self.module, name)(**kwargs)

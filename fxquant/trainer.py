@@ -179,7 +179,7 @@ def train(model_path: Path, out: Path, policy_name: str = "static", policy_optio
             from fxquant.policies.prt import check_prt_options, run_prt
 
             check_prt_options(**(prt_options or {}))
-        mf.model()  # the factories must work before anything is written
+        mf.check_example_inputs()  # the factories must work, and fit, before anything is written
         if not mf.has("data"):
             raise ModelFileError(f"{mf.path}: no data() factory", "define data(batch_size) -> (train, val)")
         run.create(force)

@@ -143,14 +143,14 @@ def compare(expected: dict[str, np.ndarray], got: Sequence[np.ndarray], outputs:
             first = first or {"output": name, "sample": 0, "index": None,
                               "expected": f"shape {list(want.shape)}", "got": f"shape {list(out.shape)}"}
             continue
-        wrong = out.astype(np.int64) != want
+        wrong = out != want  # no cast: an off-grid (non-integral) value must stay a mismatch
         if wrong.any():
             elements += int(wrong.sum())
             bad_samples |= wrong.reshape(n, -1).any(axis=1)
             if first is None:
                 idx = tuple(int(i) for i in np.argwhere(wrong)[0])
                 first = {"output": name, "sample": idx[0], "index": list(idx[1:]),
-                         "expected": int(want[idx]), "got": int(out[idx])}
+                         "expected": int(want[idx]), "got": out[idx].item()}
     return {"ran": ran, "n": n, "mismatches": int(bad_samples.sum()), "mismatched_elements": elements,
             "first_mismatch": first, "bit_exact": elements == 0}
 

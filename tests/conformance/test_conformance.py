@@ -55,7 +55,6 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("conv_acc_near_int32", "cpu"): _ACT8,
     ("linear_w16_acc_over_int32", "cpu"): _INT32,
     ("reshape", "cpu"): r"op kind 'reshape'",
-    ("mul_pow2", "cpu"): r"op kind 'mul_pow2'",
     # -- cuda: int8 activations and weights, one graph input, groups=1, no cat / matmul kernels
     ("residual", "cuda"): r"op kind 'cat'",
     ("cat_*", "cuda"): r"op kind 'cat'",

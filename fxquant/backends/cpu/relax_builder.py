@@ -107,6 +107,8 @@ class _Emitter:
                                          attrs={"relu": op.kind == "relu" or op.attrs.get("relu", False)}))
         if op.kind == "flatten":
             return bb.emit(relax.op.reshape(self.env[x], (self.batch, -1)))
+        if op.kind == "mul_pow2":  # the same integers read at another scale (DQ uses the output's FL)
+            return self.env[x]
         raise UnsupportedOpError(f"op {op.name!r}: kind {op.kind!r} has no fxquant CPU kernel")
 
 

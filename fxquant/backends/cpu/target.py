@@ -34,7 +34,7 @@ from fxquant.errors import RunDirError
 from fxquant.integer_graph import IntegerGraph
 from fxquant.io import atomic_write_json
 
-OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize"})
+OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize", "mul_pow2"})
 LIMITS: dict[str, Any] = {"act_bits": (2, packing.ACT_BITS), "weight_bits": (2, packing.MAX_WEIGHT_BITS),
                           "acc_bits": 32}
 
