@@ -192,3 +192,45 @@ def min_signed_bits(k: np.ndarray) -> int:
         return 1
     hi, lo = int(k.max()), int(k.min())
     return max(1, (max(hi, -lo - 1)).bit_length() + 1)
+
+
+# ------------------------------------------------------------------------------------ lookup tables
+MAX_LUT_BITS = 12
+"""Widest input of an element-wise table (``2^12`` entries); 8 bits or fewer is the cheap case."""
+
+
+def lut_table(fn, in_fmt: FixedPoint, out_fmt: FixedPoint) -> np.ndarray:
+    """The exact table of an element-wise function: entry ``k - qmin_in`` is
+    ``quantize_int(fn(k * 2^-FL_in), out_fmt)`` for every input integer ``k``, ``fn`` evaluated in
+    float64 (one table per (input format, function, output format); every backend reads it)."""
+    if in_fmt.frac_bits is None or out_fmt.frac_bits is None:
+        raise PrecisionError("a lookup table needs fixed input and output formats")
+    if in_fmt.bits > MAX_LUT_BITS:
+        raise PrecisionError(f"a {in_fmt.bits}-bit input needs a 2^{in_fmt.bits}-entry table",
+                             f"quantize the function's input to at most {MAX_LUT_BITS} bits")
+    ks = np.arange(in_fmt.qmin, in_fmt.qmax + 1, dtype=np.int64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ys = np.asarray(fn(dequantize(ks, in_fmt.frac_bits)), dtype=np.float64)
+    ys = np.nan_to_num(ys, nan=0.0, posinf=np.inf, neginf=-np.inf)
+    return quantize_int(np.clip(ys, -2.0**80, 2.0**80), out_fmt)
+
+
+# ------------------------------------------------------------------------------------ reciprocals
+RECIPROCAL_BITS = 14
+"""A non-power-of-two divisor ``d`` is a multiply by ``M = round_half_even(2^s / d)``,
+``s = RECIPROCAL_BITS + floor(log2 d)`` (so ``2^(RECIPROCAL_BITS-1) < M <= 2^RECIPROCAL_BITS``), then a
+requantize from ``FL + s``; a power of two ``d = 2^p`` is ``M = 1, s = p`` (exact)."""
+
+
+def reciprocal(divisor: int) -> tuple[int, int]:
+    """``(M, s)`` with ``x / divisor ~= x * M * 2^-s`` (:data:`RECIPROCAL_BITS`; exact for powers of two)."""
+    d = int(divisor)
+    if d < 1:
+        raise PrecisionError(f"divisor {d} must be >= 1")
+    p = d.bit_length() - 1
+    if 1 << p == d:
+        return 1, p
+    s = RECIPROCAL_BITS + p  # 2^p < d < 2^(p+1): 2^(RECIPROCAL_BITS-1) < M < 2^RECIPROCAL_BITS
+    q, r = divmod(1 << s, d)  # round half even of 2^s / d
+    m = q + (1 if 2 * r > d or (2 * r == d and q % 2 == 1) else 0)
+    return int(m), int(s)

@@ -25,6 +25,27 @@ round-half-even and saturation (:func:`fxquant.fixed_point.requantize`), then ``
 * ``mul_pow2``: multiplication by ``2^attrs["exponent"]``, exact: the integers pass unchanged and
   ``out_fmt = <BW_in, FL_in - exponent>`` (from ``torch.add(a, b, alpha=2^e)``).
 * ``requantize``: change of format of one value.
+* ``clamp``: requantize to ``out_fmt``, then clip to ``[attrs["lo"], attrs["hi"]]`` (integers on the
+  output grid, ``None`` = unbounded): ReLU6, Hardtanh, ``clamp``. Exact at any width, because
+  rounding is monotone: ``q(clamp(x, lo, hi)) = clamp(q(x), q(lo), q(hi))``.
+* ``lut``: element-wise table, ``out = attrs["table"][x - qmin_in]`` (``2^BW_in`` int64 entries,
+  :func:`fxquant.fixed_point.lut_table` of :data:`fxquant.elementwise.FUNCTIONS`
+  ``[attrs["function"]]`` with ``attrs["params"]``); inputs of at most
+  :data:`~fxquant.fixed_point.MAX_LUT_BITS` bits.
+* ``mul``: element-wise product of two activations with numpy broadcasting (``(C,H,W) * (C,1,1)``
+  for a squeeze-excitation gate), ``acc = a * b`` at ``FL_a + FL_b``.
+* ``avgpool2d`` with a window of ``d = kh*kw`` cells that is not a power of two: the window sum
+  times ``M`` at ``FL_in + s``, ``(M, s) = fixed_point.reciprocal(d)`` (a rounded fixed-point
+  reciprocal; a power of two is ``M = 1, s = p``, exact). ``attrs["ceil_mode"]``: windows as torch
+  counts them, partial windows at the bottom/right edge divide by their in-bounds cell count.
+* ``maxpool2d``: ``attrs["dilation"]`` (default ``(1, 1)``) and ``attrs["ceil_mode"]`` (torch's
+  output size; a last window must start inside the input or its left/top padding).
+* ``transpose``: ``x.transpose(0, *(p + 1 for p in attrs["perm"]))``, ``perm`` over the non-batch
+  dimensions (channel shuffle, permute, ``transpose``).
+* ``upsample_nearest``: every pixel repeated ``attrs["scale"] = (sh, sw)`` times (integer factors).
+* ``conv_transpose2d``: weight ``(C_in, C_out/groups, kh, kw)``; ``stride``, ``padding``,
+  ``output_padding``, ``dilation``, ``groups`` as ``torch.nn.ConvTranspose2d``; ``acc`` at
+  ``FL_in + FL_w`` (+ bias) like ``conv2d``.
 
 Shapes exclude the batch dimension; arrays carry it (NCHW for images, NC for vectors).
 """
@@ -38,12 +59,12 @@ from typing import Any
 import numpy as np
 
 from fxquant.errors import UnsupportedOpError
-from fxquant.fixed_point import FixedPoint, accumulator_bits, requantize, shift_round_half_even
-from fxquant.legality import require_avg_window
+from fxquant.fixed_point import (FixedPoint, accumulator_bits, reciprocal, requantize,
+                                 shift_round_half_even)
 
-COMPUTE_KINDS = ("conv2d", "linear", "matmul")
-REQUANTIZING_KINDS = COMPUTE_KINDS + ("add", "cat", "avgpool2d", "requantize")
-TRANSPARENT_KINDS = ("relu", "maxpool2d", "flatten", "reshape")
+COMPUTE_KINDS = ("conv2d", "linear", "matmul", "conv_transpose2d")
+REQUANTIZING_KINDS = COMPUTE_KINDS + ("add", "mul", "cat", "avgpool2d", "requantize", "clamp", "lut")
+TRANSPARENT_KINDS = ("relu", "maxpool2d", "flatten", "reshape", "transpose", "upsample_nearest")
 RELABEL_KINDS = ("mul_pow2",)
 """Ops that keep the integers and change the format (no rounding)."""
 OP_KINDS = REQUANTIZING_KINDS + TRANSPARENT_KINDS + RELABEL_KINDS
@@ -119,7 +140,13 @@ class IntegerGraph:
         """
         vs = [self.values[i] for i in op.inputs]
         top = [1 << (v.fmt.bits - 1) for v in vs]  # max |k| of each input
-        if op.kind in ("conv2d", "linear") and op.weight is not None:
+        if op.kind in ("conv2d", "linear", "conv_transpose2d") and op.weight is not None:
+            if op.kind == "conv_transpose2d":  # an output sums at most every tap of its group's channels
+                g = op.attrs.get("groups", 1)
+                wa = np.abs(op.weight.astype(np.int64))
+                w = wa.reshape(g, wa.shape[0] // g, *wa.shape[1:]).sum(axis=(1, 3, 4)).reshape(-1)
+                b = np.zeros_like(w) if op.bias is None else np.abs(op.bias.astype(np.int64))
+                return int((w * top[0] + b).max())
             w = np.abs(op.weight.astype(np.int64)).reshape(op.weight.shape[0], -1).sum(axis=1)
             b = np.zeros_like(w) if op.bias is None else np.abs(op.bias.astype(np.int64))
             return int((w * top[0] + b).max())
@@ -129,7 +156,9 @@ class IntegerGraph:
             fls = [int(v.fmt.frac_bits or 0) for v in vs]
             return sum(t << (max(fls) - fl) for t, fl in zip(top, fls))
         if op.kind == "avgpool2d":
-            return top[0] * math.prod(op.attrs["kernel"])
+            return top[0] * math.prod(op.attrs["kernel"]) * reciprocal(math.prod(op.attrs["kernel"]))[0]
+        if op.kind == "mul":
+            return top[0] * top[1]
         return max(top)
 
     def param_bits(self) -> int:
@@ -215,20 +244,57 @@ def _cat(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
     return np.maximum(out, 0) if op.attrs.get("relu") else out
 
 
+def pool_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int = 1, ceil_mode: bool = False) -> int:
+    """torch's pooled size: with ``ceil_mode`` a last window must start inside the input or the left pad."""
+    span = dilation * (kernel - 1) + 1
+    num = size + 2 * pad - span
+    out = (-(-num // stride) if ceil_mode else num // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
 def _windows(x: np.ndarray, op: Op, pad_value: int) -> np.ndarray:
+    """``(n, c, oh, ow, kh, kw)`` windows (padding and ceil-mode overhang filled with ``pad_value``)."""
     kh, kw = op.attrs["kernel"]
     sh, sw = op.attrs.get("stride", (kh, kw))
     ph, pw = op.attrs.get("padding", (0, 0))
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad_value)
-    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))
-    return win[:, :, ::sh, ::sw]
+    dh, dw = op.attrs.get("dilation", (1, 1))
+    ceil = bool(op.attrs.get("ceil_mode", False))
+    h, w = x.shape[2:]
+    oh = pool_output_size(h, kh, sh, ph, dh, ceil)
+    ow = pool_output_size(w, kw, sw, pw, dw, ceil)
+    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    extra_h = max(0, (oh - 1) * sh + eh - (h + 2 * ph))
+    extra_w = max(0, (ow - 1) * sw + ew - (w + 2 * pw))
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph + extra_h), (pw, pw + extra_w)), constant_values=pad_value)
+    win = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))
+    return win[:, :, ::sh, ::sw][:, :, :oh, :ow, ::dh, ::dw]
+
+
+def avg_divisors(op: Op, h: int, w: int) -> np.ndarray:
+    """The ``(oh, ow)`` divisor of every average window, as torch's ``avg_pool2d`` with
+    ``count_include_pad``: a window ``[i*s - p, min(i*s - p + k, n + p))`` per axis counts its
+    padded cells; only a ceil-mode window hanging beyond the padding counts fewer."""
+    def axis(n: int, k: int, s: int, p: int) -> np.ndarray:
+        starts = np.arange(pool_output_size(n, k, s, p, 1, bool(op.attrs.get("ceil_mode")))) * s - p
+        return np.minimum(starts + k, n + p) - starts
+
+    (kh, kw), (ph, pw) = op.attrs["kernel"], op.attrs.get("padding", (0, 0))
+    sh, sw = op.attrs.get("stride", (kh, kw))
+    return np.outer(axis(h, kh, sh, ph), axis(w, kw, sw, pw))
 
 
 def _avgpool2d(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
     (x,), (v,) = xs, vs
-    p = require_avg_window(op.attrs["kernel"], op.attrs.get("padding", (0, 0)), f"op {op.name!r}")
-    acc = _windows(x, op, 0).sum(axis=(-1, -2))
-    return _finish(op, acc, v.fmt.frac_bits + p)
+    sums = _windows(x, op, 0).sum(axis=(-1, -2))
+    divisors = avg_divisors(op, *x.shape[2:])
+    out = np.empty_like(sums)
+    for d in np.unique(divisors):
+        m, s = reciprocal(int(d))
+        sel = divisors == d
+        out[:, :, sel] = _finish(op, sums[:, :, sel] * m, v.fmt.frac_bits + s)
+    return out
 
 
 def _maxpool2d(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
@@ -256,8 +322,69 @@ def _requantize(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
     return _finish(op, xs[0], vs[0].fmt.frac_bits)
 
 
+def _clamp(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    out = requantize(xs[0], vs[0].fmt.frac_bits, op.out_fmt)
+    lo, hi = op.attrs.get("lo"), op.attrs.get("hi")
+    return out if lo is None and hi is None else np.clip(out, lo, hi)
+
+
+def _lut(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    table = np.asarray(op.attrs["table"], dtype=np.int64)
+    if table.size != 1 << vs[0].fmt.bits:
+        raise UnsupportedOpError(f"op {op.name!r}: table of {table.size} entries for a {vs[0].fmt.bits}-bit input")
+    return table[xs[0] - vs[0].fmt.qmin]
+
+
+def _mul(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    (a, b), (va, vb) = xs, vs
+    return _finish(op, a * b, va.fmt.frac_bits + vb.fmt.frac_bits)
+
+
+def _transpose(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    return np.ascontiguousarray(xs[0].transpose(0, *(int(p) + 1 for p in op.attrs["perm"])))
+
+
+def _upsample_nearest(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    sh, sw = op.attrs["scale"]
+    return xs[0].repeat(sh, axis=2).repeat(sw, axis=3)
+
+
+def _conv_transpose2d(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    """Scatter form: every input pixel adds ``x * w`` into a ``(kh, kw)`` patch of the output."""
+    (x,), (v,) = xs, vs
+    w = op.weight.astype(np.int64)
+    assert op.weight_fmt is not None and op.weight_fmt.frac_bits is not None
+    sh, sw = op.attrs.get("stride", (1, 1))
+    ph, pw = op.attrs.get("padding", (0, 0))
+    oph, opw = op.attrs.get("output_padding", (0, 0))
+    dh, dw = op.attrs.get("dilation", (1, 1))
+    g = op.attrs.get("groups", 1)
+    n, c, h, wd = x.shape
+    cin, cog, kh, kw = w.shape
+    co = cog * g
+    full_h = (h - 1) * sh + dh * (kh - 1) + 1 + oph
+    full_w = (wd - 1) * sw + dw * (kw - 1) + 1 + opw
+    acc = np.zeros((n, co, full_h, full_w), dtype=np.int64)
+    cg = c // g
+    for gi in range(g):
+        xg = x[:, gi * cg:(gi + 1) * cg]
+        wg = w[gi * cg:(gi + 1) * cg]  # cg, cog, kh, kw
+        for i in range(kh):
+            for j in range(kw):
+                contrib = np.einsum("nchw,co->nohw", xg, wg[:, :, i, j])
+                acc[:, gi * cog:(gi + 1) * cog, i * dh:i * dh + (h - 1) * sh + 1:sh,
+                    j * dw:j * dw + (wd - 1) * sw + 1:sw] += contrib
+    out_h, out_w = full_h - 2 * ph, full_w - 2 * pw
+    acc = acc[:, :, ph:ph + out_h, pw:pw + out_w]
+    if op.bias is not None:
+        acc = acc + op.bias.reshape(1, -1, 1, 1)
+    return _finish(op, acc, v.fmt.frac_bits + op.weight_fmt.frac_bits)
+
+
 _EXECUTORS = {
     "conv2d": _conv2d, "linear": _linear, "matmul": _matmul, "add": _add, "cat": _cat,
     "avgpool2d": _avgpool2d, "maxpool2d": _maxpool2d, "relu": _relu, "flatten": _flatten,
-    "reshape": _reshape, "mul_pow2": _mul_pow2, "requantize": _requantize,
+    "reshape": _reshape, "mul_pow2": _mul_pow2, "requantize": _requantize, "clamp": _clamp, "lut": _lut,
+    "mul": _mul, "transpose": _transpose, "upsample_nearest": _upsample_nearest,
+    "conv_transpose2d": _conv_transpose2d,
 }

@@ -11,12 +11,16 @@ Rules:
 * **widths** — weight and activation ``BW`` within a target's ``[lo, hi]``.
 * **accumulator** — worst-case ``|acc|`` (:meth:`IntegerGraph.accumulator_bound`) fits a signed
   ``acc_bits`` register: ``bound <= 2^(acc_bits-1) - 1``.
-* **average windows** — an average pool divides by a power of two only:
-  ``window = kh*kw = 2^p``, the window sum is requantized from ``FL_in + p``
-  (:func:`avg_window_shift`).
+* **average windows** — an average pool divides its window sum by ``d`` cells as a multiply by
+  ``M`` and a requantize from ``FL_in + s``, ``(M, s) = fixed_point.reciprocal(d)`` (``M = 1,
+  s = p`` for ``d = 2^p``). A target without the multiply takes power-of-two windows only,
+  unpadded and without ceil-mode edge windows (:func:`avg_window_problems`).
+* **tables** — a ``lut`` input has at most :data:`~fxquant.fixed_point.MAX_LUT_BITS` bits and its
+  table ``2^BW_in`` entries, each within the output format (:func:`lut_problems`).
 * **shifts** — a requantize shift ``FL_out - FL_acc`` within a target's ``[lo, hi]``.
 * **windows** — max pooling pads at most half its window (``2 pad <= kernel``: a window never
-  lies wholly in the padding); pooling has no dilation.
+  lies wholly in the padding); dilation and a ``ceil_mode`` that adds an edge window only where a
+  target implements them (:func:`window_problems`).
 * **shapes** — kernels a target lacks: grouped convolution, ``linear`` on an input of rank other
   than 1 (batch excluded), value formats with no integer form (``BW = 32`` is *off*), more graph
   inputs or outputs than a target's runner takes.
@@ -140,7 +144,8 @@ def fit_problems(graph: "IntegerGraph") -> list["Problem"]:
 
 
 def accumulator_problems(graph: "IntegerGraph", acc_bits: int = 32,
-                         kinds: Iterable[str] = ("conv2d", "linear", "matmul", "add", "avgpool2d")) -> list["Problem"]:
+                         kinds: Iterable[str] = ("conv2d", "linear", "matmul", "add", "avgpool2d", "mul",
+                                                  "conv_transpose2d")) -> list["Problem"]:
     """Ops of ``kinds`` whose worst-case accumulator does not fit a signed ``acc_bits`` register."""
     kinds = set(kinds)
     return [_problem(op, f"worst-case accumulator {bound} exceeds int{acc_bits}")
@@ -148,27 +153,72 @@ def accumulator_problems(graph: "IntegerGraph", acc_bits: int = 32,
             for bound in [graph.accumulator_bound(op)] if not fits(bound, acc_bits)]
 
 
-def avg_window_problems(graph: "IntegerGraph") -> list["Problem"]:
-    """Average pools whose window is not a power of two, or that pad."""
+def ceil_adds_window(graph: "IntegerGraph", op: "Op") -> bool:
+    """Whether ``op``'s ``ceil_mode`` gives it more windows than floor mode (a partial edge window)."""
+    from fxquant.integer_graph import pool_output_size
+
+    if not op.attrs.get("ceil_mode"):
+        return False
+    dims = graph.values[op.inputs[0]].shape[1:]
+    args = zip(dims, op.attrs["kernel"], op.attrs.get("stride", op.attrs["kernel"]), op.attrs.get("padding", (0, 0)),
+               op.attrs.get("dilation", (1, 1)))
+    return any(pool_output_size(n, k, s, p, d, True) != pool_output_size(n, k, s, p, d, False)
+               for n, k, s, p, d in args)
+
+
+def avg_window_problems(graph: "IntegerGraph", *, reciprocal: bool = False) -> list["Problem"]:
+    """Average pools a target cannot build. ``reciprocal``: the target implements the rounded
+    reciprocal multiply (any window, padding, ceil mode: :func:`fxquant.integer_graph.avg_divisors`);
+    without it, a window that is not a power of two, padding, or a ceil-mode edge window."""
     problems = []
     for op in graph.ops:
-        if op.kind != "avgpool2d":
+        if op.kind != "avgpool2d" or reciprocal:
             continue
         if avg_window_shift(op.attrs["kernel"]) is None:
-            problems.append(_problem(op, f"average window {op.attrs['kernel']} is not a power of two"))
+            problems.append(_problem(op, f"average window {tuple(op.attrs['kernel'])} is not a power of two"))
         if tuple(op.attrs.get("padding", (0, 0))) != (0, 0):
-            problems.append(_problem(op, f"average pooling with padding {op.attrs['padding']}"))
+            problems.append(_problem(op, f"average pooling with padding {tuple(op.attrs['padding'])}"))
+        if ceil_adds_window(graph, op):
+            problems.append(_problem(op, "average pooling with a ceil_mode edge window"))
     return problems
 
 
-def window_problems(graph: "IntegerGraph") -> list["Problem"]:
-    """Max pools padding more than half their window."""
+def lut_problems(graph: "IntegerGraph", max_bits: int | None = None) -> list["Problem"]:
+    """Tables on inputs wider than ``max_bits`` (default :data:`~fxquant.fixed_point.MAX_LUT_BITS`),
+    of the wrong size, or with entries outside the output format."""
+    import numpy as np
+
+    from fxquant.fixed_point import MAX_LUT_BITS
+
+    max_bits = MAX_LUT_BITS if max_bits is None else max_bits
+    problems = []
+    for op in graph.ops:
+        if op.kind != "lut":
+            continue
+        bits = graph.values[op.inputs[0]].fmt.bits
+        table = np.asarray(op.attrs.get("table", ()), dtype=np.int64)
+        if bits > max_bits:
+            problems.append(_problem(op, f"table on a {bits}-bit input; this target takes at most {max_bits} bits"))
+        elif table.size != 1 << bits:
+            problems.append(_problem(op, f"table of {table.size} entries for a {bits}-bit input"))
+        elif op.out_fmt is not None and table.size and (table.min() < op.out_fmt.qmin or table.max() > op.out_fmt.qmax):
+            problems.append(_problem(op, f"table entries outside the output format {op.out_fmt}"))
+    return problems
+
+
+def window_problems(graph: "IntegerGraph", *, dilation: bool = False, ceil_mode: bool = False) -> list["Problem"]:
+    """Max pools padding more than half their window; dilated ones (unless ``dilation``) and ones
+    whose ``ceil_mode`` adds an edge window (unless ``ceil_mode``)."""
     problems = []
     for op in graph.ops:
         if op.kind == "maxpool2d":
             kernel, padding = tuple(op.attrs["kernel"]), tuple(op.attrs.get("padding", (0, 0)))
             if any(2 * p > k for p, k in zip(padding, kernel)):
                 problems.append(_problem(op, f"max pooling padding {padding} exceeds half the window {kernel}"))
+            if not dilation and tuple(op.attrs.get("dilation", (1, 1))) != (1, 1):
+                problems.append(_problem(op, f"max pooling with dilation {tuple(op.attrs['dilation'])}"))
+            if not ceil_mode and ceil_adds_window(graph, op):
+                problems.append(_problem(op, "max pooling with a ceil_mode edge window"))
     return problems
 
 
@@ -226,15 +276,17 @@ def requantize_shift(graph: "IntegerGraph", op: "Op") -> int | None:
     ins = [graph.values[i].fmt.frac_bits for i in op.inputs]
     if op.out_fmt is None or not ins:
         return None
-    if op.kind in ("conv2d", "linear"):
+    if op.kind in ("conv2d", "linear", "conv_transpose2d"):
         acc = ins[0] + op.weight_fmt.frac_bits
-    elif op.kind == "matmul":
+    elif op.kind in ("matmul", "mul"):
         acc = ins[0] + ins[1]
     elif op.kind == "add":
         acc = max(ins)
     elif op.kind == "avgpool2d":
-        acc = ins[0] + (avg_window_shift(op.attrs["kernel"]) or 0)
-    elif op.kind == "requantize":
+        from fxquant.fixed_point import reciprocal
+
+        acc = ins[0] + reciprocal(math.prod(op.attrs["kernel"]))[1]
+    elif op.kind in ("requantize", "clamp"):
         acc = ins[0]
     else:
         return None
@@ -247,6 +299,7 @@ def shift_problems(graph: "IntegerGraph", lo: int, hi: int) -> list["Problem"]:
             for op in graph.ops for s in [requantize_shift(graph, op)] if s is not None and not lo <= s <= hi]
 
 
-__all__ = ["accumulator_problems", "add_bound", "avg_window_problems", "avg_window_shift", "dot_bound",
-           "fit_problems", "fits", "format_problems", "int_max", "require_avg_window", "require_fits", "requantize_shift", "shape_problems",
-           "shift_problems", "width_problems", "window_problems"]
+__all__ = ["accumulator_problems", "add_bound", "avg_window_problems", "avg_window_shift", "ceil_adds_window",
+           "dot_bound", "fit_problems", "fits", "format_problems", "int_max", "lut_problems", "require_avg_window",
+           "require_fits", "requantize_shift", "shape_problems", "shift_problems", "width_problems",
+           "window_problems"]

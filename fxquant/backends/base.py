@@ -105,6 +105,10 @@ class Target(ABC):
         """Every reason this target cannot build ``graph`` (see module docstring)."""
         problems = [Problem(op.name, op.kind, f"op kind {op.kind!r} is not supported by target {self.name!r}")
                     for op in graph.ops if op.kind not in self.ops]
+        if "lut" in self.ops:  # the table rule holds for every target that builds tables
+            from fxquant.legality import lut_problems
+
+            problems += lut_problems(graph)
         return problems + self.check_graph(graph, **self.options(**options))
 
     def check_graph(self, graph: IntegerGraph, **options: Any) -> list[Problem]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.export.integer_graphs import F, GraphMaker
+from tests.conformance.zoo import F, GraphMaker
 
 from fxquant import legality
 from fxquant.errors import UnsupportedOpError
@@ -42,11 +42,41 @@ def test_avg_window_shift_and_guard() -> None:
         legality.require_avg_window((2, 2), (1, 0), "op 'p'")
 
 
-def test_reference_refuses_through_the_same_rule() -> None:
+def test_reference_divides_any_window_by_the_one_reciprocal() -> None:
+    """The reference takes a 3x3 window (sum * M at FL + s); targets without the multiply refuse it."""
+    from fxquant.fixed_point import reciprocal, requantize
+
     m = GraphMaker((1, 6, 6), F(8, 4))
     graph = m.graph(m.pool("avg", "input", kind="avgpool2d", k=3))
-    with pytest.raises(UnsupportedOpError, match="op 'avg': average pooling over \\(3, 3\\)"):
-        graph.run(np.zeros((1, 1, 6, 6), np.int64))
+    x = np.arange(36, dtype=np.int64).reshape(1, 1, 6, 6) - 18
+    mult, shift = reciprocal(9)
+    want = requantize(x.reshape(1, 1, 2, 3, 2, 3).sum(axis=(3, 5)) * mult, 4 + shift, F(8, 4))
+    np.testing.assert_array_equal(graph.run(x)["avg"], want)
+    assert legality.avg_window_problems(graph, reciprocal=True) == []
+    assert [p.layer for p in legality.avg_window_problems(graph)] == ["avg"]
+    assert legality.requantize_shift(graph, graph.ops[0]) == -shift
+
+
+def test_pool_dilation_ceil_and_table_rules() -> None:
+    from fxquant.elementwise import lut_attrs
+
+    m = GraphMaker((1, 8, 8), F(8, 4))
+    m.pool_ceil("ceil_same", "input", "maxpool2d", kernel=(2, 2), stride=(2, 2), ceil_mode=True)  # 8 -> 4 either way
+    m.pool_ceil("ceil_edge", "input", "maxpool2d", kernel=(3, 3), stride=(2, 2), ceil_mode=True)  # 3 -> 4 windows
+    m.pool_ceil("dilated", "input", "maxpool2d", kernel=(2, 2), stride=(1, 1), dilation=(2, 2))
+    m.lut("table", "input", "sigmoid", F(8, 7))
+    m.requantize("wide", "input", F(13, 8))
+    m._op("wide_table", "lut", ("wide",), (1, 8, 8), F(8, 7), attrs={"table": np.zeros(1 << 13, np.int64)})
+    m._op("short_table", "lut", ("input",), (1, 8, 8), F(8, 7), attrs={"table": np.zeros(10, np.int64)})
+    bad = lut_attrs("exp", F(8, 4), F(8, 7))["table"] * 4
+    m._op("off_grid", "lut", ("input",), (1, 8, 8), F(8, 7), attrs={"table": bad})
+    graph = m.graph("ceil_same")
+    assert [(p.layer, p.reason) for p in legality.window_problems(graph)] == [
+        ("ceil_edge", "max pooling with a ceil_mode edge window"), ("dilated", "max pooling with dilation (2, 2)")]
+    assert legality.window_problems(graph, dilation=True, ceil_mode=True) == []
+    assert [p.layer for p in legality.lut_problems(graph)] == ["wide_table", "short_table", "off_grid"]
+    assert "13-bit input" in legality.lut_problems(graph)[0].reason
+    assert [p.layer for p in legality.lut_problems(graph, max_bits=16)] == ["short_table", "off_grid"]
 
 
 def _bad_graph():

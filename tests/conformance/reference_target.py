@@ -29,7 +29,7 @@ class ReferenceTarget(Target):
     limits = {}
 
     def check_graph(self, graph: IntegerGraph, **options: Any) -> list[Problem]:
-        return avg_window_problems(graph)
+        return avg_window_problems(graph, reciprocal=True)
 
     def build(self, graph: IntegerGraph, out_dir: Path, **options: Any) -> dict[str, Any]:
         (Path(out_dir) / GRAPH_FILE).write_bytes(pickle.dumps(graph))

@@ -20,12 +20,19 @@ from tests.conformance.zoo import CASES
 def test_reference_target_passes_the_zoo(case: str, tmp_path: Path) -> None:
     target = ReferenceTarget()
     graph, inputs = CASES[case].build()
+    assert target.check(graph) == []
+    assert_bit_exact(target, graph, inputs, tmp_path)
+
+
+def test_reference_target_refuses_through_the_shared_rules(tmp_path: Path) -> None:
+    """The refusal path of the harness on a graph no target may build (tables on 13-bit inputs)."""
+    from tests.conformance.test_conformance import _two_bad_pools
+
+    graph = _two_bad_pools()
+    target = ReferenceTarget()
     problems = target.check(graph)
-    if case == "avgpool_3x3":
-        assert_refused(target, graph, inputs, tmp_path, problems)
-    else:
-        assert problems == []
-        assert_bit_exact(target, graph, inputs, tmp_path)
+    assert {p.layer for p in problems} == {"avg_a", "avg_b"}
+    assert_refused(target, graph, [np.zeros((2, *graph.inputs[0].shape))], tmp_path, problems)
 
 
 def test_off_by_one_is_caught_by_the_verifier(tmp_path: Path) -> None:
@@ -52,6 +59,8 @@ def test_refusal_check_rejects_problems_naming_no_layer(tmp_path: Path) -> None:
     graph, inputs = CASES["avgpool_3x3"].build()
     with pytest.raises(AssertionError, match="naming no layer"):
         assert_refused(ReferenceTarget(), graph, inputs, tmp_path, [base.Problem("nope", "avgpool2d", "x")])
+    with pytest.raises(AssertionError, match="refuses nothing"):
+        assert_refused(ReferenceTarget(), graph, inputs, tmp_path, [])
 
 
 def test_declared_refusal_matches_patterns_and_wildcards(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from fxquant.backends.registry import TARGETS, get_target
-from fxquant.fixed_point import FixedPoint
+from fxquant.elementwise import FUNCTIONS
+from fxquant.fixed_point import MAX_LUT_BITS, FixedPoint, reciprocal
 from fxquant.integer_graph import OP_KINDS, IntegerGraph
 from tests.conformance.harness import assert_bit_exact, assert_refused
 from tests.conformance.test_conformance import MUST_RUN
@@ -94,12 +95,14 @@ def random_graphs(draw, act: tuple[int, int] = (2, 16), weight: tuple[int, int] 
     for i in range(n_ops):
         shp = m.values[cur].shape
         if len(shp) == 3:
-            options = ["conv2d", "avgpool2d", "maxpool2d", "relu", "requantize", "flatten", "add", "cat"]
+            options = ["conv2d", "avgpool2d", "maxpool2d", "relu", "requantize", "flatten", "add", "cat",
+                       "upsample_nearest", "conv_transpose2d"]
         elif len(shp) == 1:
             options = ["linear", "relu", "requantize", "add", "cat"]
         else:  # a matrix: matmul with a side branch of the same shape needs it square
             options = ["matmul"] * (shp[0] == shp[1]) + ["relu", "requantize", "flatten"]
-        options += [k for k in ("reshape", "mul_pow2") if k in OP_KINDS]
+        options += [k for k in ("reshape", "mul_pow2", "clamp", "lut", "mul") if k in OP_KINDS]
+        options += ["transpose"] * (len(shp) > 1)
         preferred = [k for k in options if kinds is None or k in kinds] or options
         kind = draw(st.sampled_from(options if draw(st.integers(0, 3)) == 3 else preferred))
         name, fl_in = f"op{i}", fmt_of(cur).frac_bits
@@ -127,18 +130,63 @@ def random_graphs(draw, act: tuple[int, int] = (2, 16), weight: tuple[int, int] 
             cur = m.matmul(name, *((cur, other) if draw(st.booleans()) else (other, cur)), _fmt(draw, act, near=fl))
         elif kind == "avgpool2d":
             _, h, w = shp
-            kernel = draw(st.sampled_from([k for k in ((1, 2), (2, 1), (2, 2), (1, 1), (3, 1))
+            kernel = draw(st.sampled_from([k for k in ((1, 2), (2, 1), (2, 2), (1, 1), (3, 1), (3, 3), (h, w))
                                            if k[0] <= h and k[1] <= w]))
             stride = kernel if draw(st.booleans()) else (1, 1)
-            p = int(math.log2(kernel[0] * kernel[1])) if kernel != (3, 1) else 0
-            cur = m.pool_general(name, cur, "avgpool2d", kernel=kernel, stride=stride,
-                                 out_fmt=_fmt(draw, act, near=fl_in + p))
+            ceil = draw(st.integers(0, 3)) == 3
+            pad = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2))) if ceil else (0, 0)
+            _, shift = reciprocal(kernel[0] * kernel[1])
+            cur = m.pool_ceil(name, cur, "avgpool2d", kernel=kernel, stride=stride, padding=pad, ceil_mode=ceil,
+                              out_fmt=_fmt(draw, act, near=fl_in + shift))
         elif kind == "maxpool2d":
             _, h, w = shp
             k = (draw(st.integers(1, min(3, h))), draw(st.integers(1, min(3, w))))
             pad = (draw(st.integers(0, k[0] // 2)), draw(st.integers(0, k[1] // 2)))
-            cur = m.pool_general(name, cur, "maxpool2d", kernel=k, padding=pad,
-                                 stride=(draw(st.integers(1, 2)), draw(st.integers(1, 2))))
+            stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+            dil, ceil = (1, 1), False
+            if draw(st.integers(0, 3)) == 3:  # dilation and ceil mode, one draw in four
+                dil = tuple(d if d * (kk - 1) + 1 <= n + 2 * p else 1
+                            for d, kk, n, p in zip((draw(st.integers(1, 2)), draw(st.integers(1, 2))), k, (h, w), pad))
+                ceil = draw(st.booleans())
+            cur = m.pool_ceil(name, cur, "maxpool2d", kernel=k, padding=pad, stride=stride, dilation=dil,
+                              ceil_mode=ceil)
+        elif kind == "clamp":
+            out_fmt = _fmt(draw, act, near=fl_in)
+            lo = draw(st.none() | st.integers(out_fmt.qmin, out_fmt.qmax))
+            hi = draw(st.none() | st.integers(out_fmt.qmin if lo is None else lo, out_fmt.qmax))
+            cur = m._op(name, "clamp", (cur,), shp, out_fmt, attrs={"lo": lo, "hi": hi})
+        elif kind == "lut":
+            if fmt_of(cur).bits > MAX_LUT_BITS:
+                cur = m.requantize(f"to_lut{i}", cur, FixedPoint(draw(st.integers(2, 8)), fl_in))
+            fn = draw(st.sampled_from(sorted(FUNCTIONS)))
+            params = {"elu": {"alpha": 0.5}, "leaky_relu": {"negative_slope": 0.125},
+                      "hardtanh": {"min_val": -2.0, "max_val": 1.5}}.get(fn)
+            cur = m.lut(name, cur, fn, _fmt(draw, act), params)
+        elif kind == "mul":
+            other = side_branch(cur)
+            if len(shp) == 3 and draw(st.booleans()):  # a squeeze-excitation gate: (C,1,1) x (C,H,W)
+                other = m.pool_ceil(f"gate{i}", other, "avgpool2d", kernel=shp[1:], stride=shp[1:],
+                                    out_fmt=fmt_of(other))
+            fl = fl_in + fmt_of(other).frac_bits
+            cur = m.mul(name, *((cur, other) if draw(st.booleans()) else (other, cur)), _fmt(draw, act, near=fl),
+                        relu=draw(st.booleans()))
+        elif kind == "transpose":
+            perm = tuple(draw(st.permutations(range(len(shp)))))
+            cur = m.transpose(name, cur, perm)
+        elif kind == "upsample_nearest":
+            cur = m.upsample(name, cur, (draw(st.integers(1, 2)), draw(st.integers(1, 3))))
+        elif kind == "conv_transpose2d":
+            c = shp[0]
+            groups = draw(st.sampled_from([g for g in (1, 2, 3) if c % g == 0]))
+            k = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+            stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+            pad = tuple(draw(st.integers(0, (kk - 1) // 2)) for kk in k)  # an output of at least the input
+            out_pad = tuple(draw(st.integers(0, s_ - 1)) for s_ in stride)
+            w_fmt = _fmt(draw, weight)
+            cur = m.conv_transpose(name, cur, groups * draw(st.integers(1, 2)), w_fmt,
+                                   _fmt(draw, act, near=fl_in + w_fmt.frac_bits), kernel=k, stride=stride,
+                                   padding=pad, output_padding=out_pad, groups=groups, relu=draw(st.booleans()),
+                                   bias=draw(st.booleans()))
         elif kind == "relu":
             cur = m.relu(name, cur)
         elif kind == "requantize":

@@ -30,8 +30,9 @@ from typing import Callable
 
 import numpy as np
 
-from fxquant.fixed_point import FixedPoint
-from fxquant.integer_graph import OP_KINDS, IntegerGraph, Op, Value
+from fxquant.elementwise import lut_attrs
+from fxquant.fixed_point import FixedPoint, quantize_int
+from fxquant.integer_graph import OP_KINDS, IntegerGraph, Op, Value, pool_output_size
 
 F = FixedPoint
 N_SAMPLES = 8
@@ -149,6 +150,60 @@ class GraphMaker:
         shape = (c, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
         attrs = {"kernel": kernel, "stride": (sh, sw), "padding": padding}
         return self._op(name, kind, (src,), shape, out_fmt or self.values[src].fmt, attrs=attrs)
+
+    def pool_ceil(self, name: str, src: str, kind: str, *, kernel: tuple[int, int], stride: tuple[int, int],
+                  padding: tuple[int, int] = (0, 0), dilation: tuple[int, int] = (1, 1), ceil_mode: bool = False,
+                  out_fmt: FixedPoint | None = None) -> str:
+        """A pool with dilation and ``ceil_mode`` (torch's output size)."""
+        c, h, w = self.values[src].shape
+        oh, ow = (pool_output_size(n, k, s, p, d, ceil_mode)
+                  for n, k, s, p, d in zip((h, w), kernel, stride, padding, dilation))
+        attrs = {"kernel": kernel, "stride": stride, "padding": padding, "ceil_mode": ceil_mode}
+        if dilation != (1, 1):
+            attrs["dilation"] = dilation
+        return self._op(name, kind, (src,), (c, oh, ow), out_fmt or self.values[src].fmt, attrs=attrs)
+
+    def clamp(self, name: str, src: str, out_fmt: FixedPoint, lo: float | None, hi: float | None) -> str:
+        """requantize to ``out_fmt`` and clip to ``[lo, hi]`` (real bounds, rounded onto the output grid)."""
+        def grid(v: float | None) -> int | None:
+            return None if v is None else int(quantize_int(np.array([v]), out_fmt)[0])
+        return self._op(name, "clamp", (src,), self.values[src].shape, out_fmt,
+                        attrs={"lo": grid(lo), "hi": grid(hi)})
+
+    def lut(self, name: str, src: str, function: str, out_fmt: FixedPoint, params: dict | None = None) -> str:
+        return self._op(name, "lut", (src,), self.values[src].shape, out_fmt,
+                        attrs=lut_attrs(function, self.values[src].fmt, out_fmt, params))
+
+    def mul(self, name: str, a: str, b: str, out_fmt: FixedPoint, relu: bool = False) -> str:
+        shape = tuple(np.broadcast_shapes(self.values[a].shape, self.values[b].shape))
+        return self._op(name, "mul", (a, b), shape, out_fmt, attrs={"relu": relu})
+
+    def transpose(self, name: str, src: str, perm: tuple[int, ...]) -> str:
+        shape = self.values[src].shape
+        return self._op(name, "transpose", (src,), tuple(shape[p] for p in perm), self.values[src].fmt,
+                        attrs={"perm": perm})
+
+    def reshape(self, name: str, src: str, shape: tuple[int, ...]) -> str:
+        return self._op(name, "reshape", (src,), shape, self.values[src].fmt, attrs={"shape": shape})
+
+    def upsample(self, name: str, src: str, scale: tuple[int, int]) -> str:
+        c, h, w = self.values[src].shape
+        return self._op(name, "upsample_nearest", (src,), (c, h * scale[0], w * scale[1]), self.values[src].fmt,
+                        attrs={"scale": scale})
+
+    def conv_transpose(self, name: str, src: str, out_ch: int, w_fmt: FixedPoint, out_fmt: FixedPoint, *,
+                       kernel: tuple[int, int], stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                       output_padding: tuple[int, int] = (0, 0), dilation: tuple[int, int] = (1, 1),
+                       groups: int = 1, relu: bool = False, bias: bool = True) -> str:
+        """ConvTranspose2d: weight ``(C_in, C_out/groups, kh, kw)``, torch's output size."""
+        c, h, w = self.values[src].shape
+        oh, ow = ((n - 1) * s - 2 * p + d * (k - 1) + op + 1
+                  for n, s, p, d, k, op in zip((h, w), stride, padding, dilation, kernel, output_padding))
+        return self._op(name, "conv_transpose2d", (src,), (out_ch, oh, ow), out_fmt,
+                        weight=self._rand(w_fmt, (c, out_ch // groups, *kernel)), weight_fmt=w_fmt,
+                        bias=self._bias(src, w_fmt, out_ch) if bias else None,
+                        attrs={"stride": stride, "padding": padding, "output_padding": output_padding,
+                               "dilation": dilation, "groups": groups, "relu": relu})
 
     def flatten(self, name: str, src: str) -> str:
         shape = self.values[src].shape
@@ -442,9 +497,133 @@ def cat_vectors() -> IntegerGraph:
 
 
 def avgpool_3x3() -> IntegerGraph:
-    """A 3x3 window: dividing by 9 is not a shift, so no target can build it integer-exactly."""
+    """A 3x3 window: the sum times M = round(2^18 / 9) at FL + 18 (a rounded reciprocal, not a shift)."""
     m = GraphMaker((2, 6, 6), F(8, 3), seed=29)
     return m.graph(m.pool("avg", "input", "avgpool2d", 3, F(8, 3)))
+
+
+# =========================================================================== vision-zoo ops (issue 13)
+def clamp_family() -> IntegerGraph:
+    """ReLU6 (<8,4> -> [0, 6] on <8,4>, a bound beyond the grid's top saturates), Hardtanh(-1, 1) into
+    a coarser <5,2> (requantize, then clip), and a one-sided clamp(min=-0.5)."""
+    m = GraphMaker((2, 4, 4), F(8, 3), seed=60)
+    a = m.conv("conv", "input", 3, F(6, 5), F(8, 4), relu=False)
+    r6 = m.clamp("relu6", a, F(8, 4), 0.0, 6.0)
+    ht = m.clamp("hardtanh", a, F(5, 2), -1.0, 1.0)
+    lo = m.clamp("clamp_min", "input", F(6, 1), -0.5, None)
+    return m.graph(m.cat("cat", (r6, ht, lo), F(8, 3)))
+
+
+def lut_activations() -> IntegerGraph:
+    """Tables: sigmoid on 8 bits into <8,7>, SiLU on a 12-bit input (4096 entries), Hardswish,
+    GELU and ELU(alpha=0.5) on 6 bits, Hardsigmoid into an unrelated <4,3>."""
+    m = GraphMaker((2, 3, 3), F(8, 4), seed=61)
+    s = m.lut("sigmoid", "input", "sigmoid", F(8, 7))
+    wide = m.requantize("to12", "input", F(12, 8))
+    silu = m.lut("silu", wide, "silu", F(8, 4))
+    six = m.requantize("to6", "input", F(6, 3))
+    hs = m.lut("hardswish", six, "hardswish", F(8, 4))
+    ge = m.lut("gelu", six, "gelu", F(8, 4))
+    el = m.lut("elu", six, "elu", F(7, 4), params={"alpha": 0.5})
+    hsig = m.lut("hardsigmoid", "input", "hardsigmoid", F(4, 3))
+    return m.graph(m.cat("cat", (s, silu, hs, ge, el, hsig), F(8, 4)))
+
+
+def squeeze_excite() -> IntegerGraph:
+    """A squeeze-excitation gate: global 4x4 average -> 1x1 conv (ReLU) -> 1x1 conv -> sigmoid
+    table -> x * gate (a (C,H,W) x (C,1,1) broadcast multiply at FL_x + FL_gate) into <8,4>."""
+    m = GraphMaker((4, 4, 4), F(8, 4), seed=62)
+    x = m.conv("conv", "input", 4, F(6, 5), F(8, 4), relu=True)
+    sq = m.pool("squeeze", x, "avgpool2d", 4, F(8, 5))
+    e = m.conv("reduce", sq, 2, F(6, 5), F(8, 4), k=1, pad=0, relu=True)
+    e = m.conv("expand", e, 4, F(6, 5), F(8, 4), k=1, pad=0, relu=False)
+    gate = m.lut("gate", e, "sigmoid", F(8, 7))
+    return m.graph(m.mul("excite", x, gate, F(8, 4)))
+
+
+def mobilenet_block() -> IntegerGraph:
+    """An inverted residual: 1x1 expand -> ReLU6 -> depthwise 3x3 (groups = channels) -> ReLU6 ->
+    1x1 project, plus the input; then a stride-2 depthwise 3x3 with Hardswish (MobileNetV3)."""
+    m = GraphMaker((4, 6, 6), F(8, 4), seed=63)
+    h = m.conv_general("expand", "input", 8, F(6, 5), F(8, 4), kernel=(1, 1))
+    h = m.clamp("relu6_a", h, F(8, 4), 0.0, 6.0)
+    h = m.conv_general("dw", h, 8, F(6, 5), F(8, 3), kernel=(3, 3), padding=(1, 1), groups=8)
+    h = m.clamp("relu6_b", h, F(8, 4), 0.0, 6.0)
+    h = m.conv_general("project", h, 4, F(6, 5), F(8, 4), kernel=(1, 1))
+    r = m.add("residual", h, "input", F(8, 4), relu=False)
+    d = m.conv_general("dw_s2", r, 4, F(6, 5), F(8, 3), kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=4)
+    return m.graph(m.lut("hardswish", d, "hardswish", F(8, 4)))
+
+
+def batchnorm_depthwise() -> IntegerGraph:
+    """A standalone BatchNorm (DenseNet's pre-activation BN) as a per-channel affine: a depthwise 1x1
+    conv with bias, then ReLU, then a 1x1 conv."""
+    m = GraphMaker((3, 4, 4), F(8, 4), seed=64)
+    h = m.conv_general("bn", "input", 3, F(8, 6), F(8, 4), kernel=(1, 1), groups=3, relu=True)
+    return m.graph(m.conv("conv", h, 4, F(6, 5), F(8, 3), k=1, pad=0, relu=False))
+
+
+def maxpool_ceil() -> IntegerGraph:
+    """SqueezeNet's 3x3 stride-2 max pool with ``ceil_mode`` on 7x7 (3x3 out; floor would give 3x3 too)
+    and on 8x6 (4x3 out: the last row of windows hangs over the edge)."""
+    m = GraphMaker((2, 8, 6), F(7, 3), seed=65)
+    a = m.pool_ceil("pool_a", "input", "maxpool2d", kernel=(3, 3), stride=(2, 2), ceil_mode=True)
+    return m.graph(m.pool_ceil("pool_b", a, "maxpool2d", kernel=(2, 2), stride=(2, 2), ceil_mode=True))
+
+
+def maxpool_dilated() -> IntegerGraph:
+    """A 2x2 max pool with dilation (2, 1), stride 1, and a 3x3 one with dilation 2 and padding 1."""
+    m = GraphMaker((2, 7, 7), F(6, 2), seed=66)
+    a = m.pool_ceil("dil_a", "input", "maxpool2d", kernel=(2, 2), stride=(1, 1), dilation=(2, 1))
+    return m.graph(m.pool_ceil("dil_b", a, "maxpool2d", kernel=(3, 3), stride=(1, 1), padding=(1, 1),
+                               dilation=(2, 2)))
+
+
+def avgpool_any() -> IntegerGraph:
+    """Average pools with every divisor form: 3x3 stride 2 with padding 1 (9 cells, padding counted as
+    torch's count_include_pad), a 2x3 window (6 cells), a ceil-mode 2x2 whose edge windows hold 2 cells."""
+    m = GraphMaker((2, 7, 7), F(8, 3), seed=67)
+    p = m.pool_ceil("pad_3x3", "input", "avgpool2d", kernel=(3, 3), stride=(2, 2), padding=(1, 1), out_fmt=F(7, 3))
+    w = m.pool_ceil("win_2x3", p, "avgpool2d", kernel=(2, 3), stride=(1, 1), out_fmt=F(8, 4))
+    return m.graph(m.pool_ceil("ceil_2x2", w, "avgpool2d", kernel=(2, 2), stride=(2, 2), ceil_mode=True,
+                               out_fmt=F(8, 4)))
+
+
+def avgpool_global_7x7() -> IntegerGraph:
+    """A global 7x7 average (torchvision's adaptive pool at 224 px): the sum of 49 times M at FL + s."""
+    m = GraphMaker((3, 7, 7), F(8, 3), seed=71)
+    g = m.pool_ceil("global", "input", "avgpool2d", kernel=(7, 7), stride=(7, 7), out_fmt=F(8, 5))
+    return m.graph(m.flatten("flat", g))
+
+
+def channel_shuffle() -> IntegerGraph:
+    """ShuffleNet's channel shuffle: (6,H,W) -> view (2,3,H*W) -> transpose -> view (6,H,W), then a
+    spatial transpose (H <-> W) and a grouped 1x1 conv."""
+    m = GraphMaker((6, 3, 4), F(7, 3), seed=68)
+    h = m.reshape("split_groups", "input", (2, 3, 12))
+    h = m.transpose("shuffle", h, (1, 0, 2))
+    h = m.reshape("merge_groups", h, (6, 3, 4))
+    h = m.transpose("swap_hw", h, (0, 2, 1))
+    return m.graph(m.conv_general("gconv", h, 4, F(6, 5), F(8, 3), kernel=(1, 1), groups=2))
+
+
+def upsample_nearest() -> IntegerGraph:
+    """Nearest upsampling by (2, 2) and by (1, 3), then an add with a skip of the same size."""
+    m = GraphMaker((2, 3, 3), F(7, 3), seed=69)
+    u = m.upsample("up2", "input", (2, 2))
+    u3 = m.upsample("up13", u, (1, 3))
+    s = m.conv_general("skip", u3, 2, F(6, 5), F(7, 3), kernel=(1, 1))
+    return m.graph(m.add("merge", u3, s, F(8, 3), relu=False))
+
+
+def conv_transpose() -> IntegerGraph:
+    """ConvTranspose2d 3x3 stride 2, padding 1, output_padding 1 (a 2x decoder step), with bias; then a
+    grouped 2x2 stride-2 one without bias."""
+    m = GraphMaker((3, 3, 3), F(7, 3), seed=70)
+    h = m.conv_transpose("up", "input", 4, F(6, 5), F(8, 3), kernel=(3, 3), stride=(2, 2), padding=(1, 1),
+                         output_padding=(1, 1), relu=True)
+    return m.graph(m.conv_transpose("up_g", h, 4, F(5, 4), F(8, 2), kernel=(2, 2), stride=(2, 2), groups=2,
+                                    bias=False))
 
 
 def requantize_extremes() -> IntegerGraph:
@@ -587,6 +766,11 @@ _MAKERS: dict[str, Callable[[], IntegerGraph | tuple[IntegerGraph, object]]] = {
     "linear_acc_near_int32": linear_acc_near_int32, "linear_acc_over_int32": linear_acc_over_int32,
     "linear_w16_acc_near_int32": linear_w16_acc_near_int32, "linear_w16_acc_over_int32": linear_w16_acc_over_int32,
     "conv_acc_near_int32": conv_acc_near_int32,
+    # vision-zoo ops (issue 13)
+    "clamp_family": clamp_family, "lut_activations": lut_activations, "squeeze_excite": squeeze_excite,
+    "mobilenet_block": mobilenet_block, "batchnorm_depthwise": batchnorm_depthwise, "maxpool_ceil": maxpool_ceil,
+    "maxpool_dilated": maxpool_dilated, "avgpool_any": avgpool_any, "avgpool_global_7x7": avgpool_global_7x7, "channel_shuffle": channel_shuffle,
+    "upsample_nearest": upsample_nearest, "conv_transpose": conv_transpose,
 }
 
 CASES: dict[str, Case] = {
