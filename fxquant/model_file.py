@@ -102,6 +102,9 @@ def load_model_file(path: str | Path) -> ModelFile:
         raise ModelFileError(f"model file {path} cannot be imported", "use a .py file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    from fxquant.torchvision_compat import define_missing_schemas
+
+    define_missing_schemas()  # a model file may `import torchvision` beside the CPU torch
     try:
         spec.loader.exec_module(module)
     except Exception as exc:  # noqa: BLE001
