@@ -37,7 +37,7 @@ from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxquant.fixed_point import OFF_BITS
-from fxquant.passes.insert_quantizers import is_quantizer_node
+from fxquant.passes.insert_quantizers import grid_quantizer, is_quantizer_node
 from fxquant.passes.op_kinds import WEIGHTED_KINDS, node_kind, tensor_inputs
 from fxquant.quantizers import FixedPointQuantizer
 
@@ -108,6 +108,7 @@ def layer_costs(gm: fx.GraphModule, example: torch.Tensor) -> list[LayerCost]:
             continue
         wq = gm.get_submodule(str(node.args[1].target))
         src = node.args[0]
+        src = (grid_quantizer(gm, src) or src) if isinstance(src, fx.Node) else src
         iq = gm.get_submodule(str(src.target)) if isinstance(src, fx.Node) and is_quantizer_node(gm, src) else None
         out_shape = node.meta["tensor_meta"].shape
         weight_shape = node.args[1].meta["tensor_meta"].shape

@@ -43,7 +43,7 @@ from fxquant.errors import ModelFileError
 from fxquant.passes.op_kinds import module_kind, module_path, node_kind
 from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
 
-QUANTIZED_COMPUTE_KINDS = frozenset({"conv2d", "linear", "matmul"})
+QUANTIZED_COMPUTE_KINDS = frozenset({"conv2d", "linear", "matmul", "conv_transpose2d"})
 """Node kinds that are quantized compute when every operand comes out of a quantizer."""
 
 
@@ -130,8 +130,11 @@ def _node_params(gm: fx.GraphModule, node: fx.Node, params: dict[str, nn.Paramet
 def _is_quantized_compute(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node_kind(gm, node) not in QUANTIZED_COMPUTE_KINDS or len(node.args) < 2:
         return False
-    return all(_is_quantizer(gm, a) and isinstance(gm.get_submodule(str(a.target)), FixedPointQuantizer)
-               for a in node.args[:2])
+    from fxquant.passes.insert_quantizers import grid_quantizer
+
+    args = [grid_quantizer(gm, node.args[0]) or node.args[0], node.args[1]]
+    return all(isinstance(a, fx.Node) and _is_quantizer(gm, a) and
+               isinstance(gm.get_submodule(str(a.target)), FixedPointQuantizer) for a in args)
 
 
 class _MacCounter(fx.Interpreter):

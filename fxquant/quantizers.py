@@ -6,6 +6,10 @@ policy changes precision every step by writing buffers: no retrace, no ``torch.c
 recompile, no reallocation, and the precision travels with ``state_dict``. The math is the fused
 op :func:`torch.ops.fxquant.quantize` (formula in :mod:`fxquant.fixed_point`).
 
+``max_bits`` caps the width a policy can set (:meth:`FixedPointQuantizer.set_format`): the input
+quantizer of a lookup table (``lut``) gets ``fxquant.ops.fake_quant.DEFAULT_LUT_INPUT_BITS`` (8),
+so its table has at most 256 entries whatever the policy's width.
+
 ``role`` is ``"weight"`` (a Conv/Linear weight) or ``"act"`` (a value entering quantized ops;
 the output precision of its producer layer). The backward pass of either quantizes the gradient
 flowing through it to ``grad_bits`` (32 = off) with a dynamic FL.
@@ -39,6 +43,7 @@ class FixedPointQuantizer(nn.Module):
         self.role = role
         self.kind = kind  # op kind of the layer (conv2d, linear, add, input, …), for maps and reports
         self.relu = False  # a ReLU fused in by FuseReluIntoQuantizers: y = q(relu(x))
+        self.max_bits: int | None = None  # width cap (a lookup table's input: 2^bits entries)
         self.register_buffer("bits", torch.tensor(fmt.bits, dtype=torch.int32))
         self.register_buffer("frac_bits", torch.tensor(fmt.frac_bits or 0, dtype=torch.int32))
         self.register_buffer("grad_bits", torch.tensor(check_bits(grad_bits, "grad_bits"), dtype=torch.int32))
@@ -51,8 +56,15 @@ class FixedPointQuantizer(nn.Module):
         return FixedPoint(int(self.bits), int(self.frac_bits))
 
     def set_format(self, fmt: FixedPoint) -> None:
-        """Write ``<bits, frac_bits>`` in place (policies call this every step)."""
-        self.bits.fill_(check_bits(fmt.bits))
+        """Write ``<bits, frac_bits>`` in place (policies call this every step).
+
+        A quantizer with ``max_bits`` (the input of a lookup table) keeps at most that width: a
+        policy asking for more gets ``max_bits`` (an off quantizer stays off).
+        """
+        bits = check_bits(fmt.bits)
+        if self.max_bits is not None and bits != OFF_BITS:
+            bits = min(bits, self.max_bits)
+        self.bits.fill_(bits)
         self.frac_bits.fill_(check_frac_bits(fmt.frac_bits) or 0)
 
     def set_grad_bits(self, bits: int) -> None:
@@ -73,7 +85,8 @@ class FixedPointQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         relu = ", relu" if self.relu else ""
-        return f"layer={self.layer!r}, role={self.role}, fmt={self.fmt}, grad_bits={int(self.grad_bits)}{relu}"
+        cap = f", max_bits={self.max_bits}" if self.max_bits is not None else ""
+        return f"layer={self.layer!r}, role={self.role}, fmt={self.fmt}, grad_bits={int(self.grad_bits)}{relu}{cap}"
 
 
 class BiasQuantizer(nn.Module):

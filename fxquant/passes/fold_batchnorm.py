@@ -10,8 +10,16 @@ The BN node is removed and the conv's parameters are replaced in place. Works on
 (``call_module`` conv) and on quantized graphs from :class:`InsertQuantizers` (``aten.conv2d``
 whose weight is a quantizer output); in the latter case the folded weight keeps its bit width and
 gets ``FL = fit(max|W'|)`` (:func:`fxquant.fixed_point.fit_frac_bits`), and a bias quantizer is
-attached when folding creates a bias. Run in eval mode, after training. BN not preceded by a
-single-user conv is left in place (integer exporters then reject it by name). Idempotent.
+attached when folding creates a bias. Run in eval mode, after training. Idempotent.
+
+**Standalone BatchNorm2d** (not after a single-user conv: DenseNet's pre-activation BN, BN after
+a cat or a pool) in a quantized graph becomes the per-channel affine it computes in eval mode, a
+depthwise 1x1 conv: ``aten.conv2d(q_in(x), q_w(s), q_b(beta - mu s), groups=C)``, ``s`` of shape
+``(C, 1, 1, 1)``. Its input quantizer is the one :class:`InsertQuantizers` put before the BN
+(training saw it), its weight quantizer the one it created for the BN's layer (a layer like any
+conv in the precision map: role ``weight``, kind ``batchnorm``; FL refitted here to ``max|s|``), its
+bias an int32 on ``FL_w + FL_in``. The lowering then emits exactly this conv. Other BN (float
+graphs, BatchNorm1d) is left in place (integer exporters then reject it by name).
 """
 
 from __future__ import annotations
@@ -23,9 +31,9 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxquant.fixed_point import FixedPoint, fit_frac_bits
-from fxquant.passes.insert_quantizers import attach_bias_quantizer, is_quantizer_node
-from fxquant.passes.op_kinds import call_arguments, node_kind
-from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
+from fxquant.passes.insert_quantizers import QUANT_ROOT, attach_bias_quantizer, is_quantizer_node, module_key
+from fxquant.passes.op_kinds import LAYER_META, call_arguments, node_kind
+from fxquant.quantizers import WEIGHT, BiasQuantizer, FixedPointQuantizer
 
 
 
@@ -74,6 +82,7 @@ class FoldBatchNorm(PassBase):
             conv = bn.args[0]
             if not isinstance(conv, fx.Node) or node_kind(gm, conv) not in ("conv2d", "linear") \
                     or len(conv.users) != 1:
+                modified |= self._standalone(gm, bn)
                 continue
             params = _bn_parameters(gm, bn)
             if params is None or _conv_params(gm, conv) is None:
@@ -89,6 +98,47 @@ class FoldBatchNorm(PassBase):
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, modified)
+
+    @staticmethod
+    def _standalone(gm: fx.GraphModule, bn: fx.Node) -> bool:
+        """A quantized standalone ``BatchNorm2d`` → ``conv2d(q_in(x), q_w(s), q_b(beta - mu s))``,
+        a depthwise 1x1 conv (``groups = C``) with ``s = gamma / sqrt(var + eps)`` as its
+        ``(C, 1, 1, 1)`` weight; the weight quantizer :class:`InsertQuantizers` made for the BN
+        (layer = the BN's path) gets ``FL = fit(max|s|)`` at its width."""
+        x = bn.args[0] if bn.args else None
+        if bn.op != "call_module" or not isinstance(x, fx.Node) or not is_quantizer_node(gm, x):
+            return False
+        module = gm.get_submodule(str(bn.target))
+        if not isinstance(module, nn.BatchNorm2d):
+            return False
+        layer = bn.meta.get(LAYER_META, str(bn.target))
+        root = gm.get_submodule(QUANT_ROOT) if hasattr(gm, QUANT_ROOT) else {}
+        key = module_key(layer, WEIGHT)
+        if key not in root:
+            return False
+        wq: FixedPointQuantizer = root[key]
+        gamma, beta, mean, var, eps = _bn_parameters(gm, bn)
+        with torch.no_grad():
+            scale = (gamma / torch.sqrt(var + eps)).detach()
+            bias = (beta - mean * scale).detach()
+        module.register_parameter("folded_weight", nn.Parameter(scale.reshape(-1, 1, 1, 1).clone()))
+        module.register_parameter("folded_bias", nn.Parameter(bias.clone()))
+        if not wq.fmt.is_off:
+            wq.set_format(FixedPoint(wq.fmt.bits, fit_frac_bits(float(scale.abs().max()), wq.fmt.bits)))
+        path = str(bn.target)
+        with gm.graph.inserting_before(bn):
+            w = gm.graph.get_attr(f"{path}.folded_weight")
+            b = gm.graph.get_attr(f"{path}.folded_bias")
+            w_q = gm.graph.call_module(f"{QUANT_ROOT}.{key}", (w,))
+            conv = gm.graph.call_function(torch.ops.aten.conv2d.default,
+                                          (x, w_q, b, [1, 1], [0, 0], [1, 1], int(scale.numel())))
+        conv.meta.update({k: v for k, v in bn.meta.items() if k in ("stack_trace",)})
+        conv.meta["nn_module_stack"] = {path: (path, type(module))}
+        conv.meta[LAYER_META] = layer
+        bn.replace_all_uses_with(conv)
+        gm.graph.erase_node(bn)
+        attach_bias_quantizer(gm, conv, layer)
+        return True
 
     @staticmethod
     def _fold(gm: fx.GraphModule, conv: fx.Node, gamma, beta, mean, var, eps) -> None:

@@ -35,8 +35,10 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxquant.errors import UnsupportedOpError
 from fxquant.fixed_point import OFF_BITS, FixedPoint
-from fxquant.passes.op_kinds import (LAYER_META, QUANTIZED_KINDS, TRANSPARENT_KINDS, WEIGHTED_KINDS,
-                                     call_arguments, layer_name, node_kind, short_name, tensor_inputs)
+from fxquant.ops.fake_quant import DEFAULT_LUT_INPUT_BITS, ElementwiseTable, FixedPointAvgPool2d
+from fxquant.passes.op_kinds import (GRID_KEEPING_KINDS, LAYER_META, QUANTIZED_KINDS, TRANSPARENT_KINDS,
+                                     WEIGHTED_KINDS, argument, call_arguments, elementwise_function, layer_name,
+                                     node_kind, short_name, tensor_inputs)
 from fxquant.quantizers import ACT, WEIGHT, BiasQuantizer, FixedPointQuantizer
 
 QUANT_ROOT = "fxq"
@@ -79,14 +81,22 @@ class InsertQuantizers(PassBase):
         layers: set[str] = set()
         for node in graph.nodes:
             kind = node_kind(gm, node)
-            if kind in QUANTIZED_KINDS:
-                names[node] = _unique(layer_name(gm, node, kind), layers)
+            if kind in QUANTIZED_KINDS or is_standalone_batchnorm(gm, node):
+                if kind == "lut":
+                    fn = elementwise_function(gm, node)
+                    label = fn[0] if fn is not None else "lut"
+                else:
+                    label = kind
+                names[node] = _unique(layer_name(gm, node, label), layers)
                 node.meta[LAYER_META] = names[node]
         used: set[str] = set()  # act quantizer names: one per value
         act_q: dict[fx.Node, fx.Node] = {}
+        for node in list(graph.nodes):  # tables first: their outputs carry their own quantizer
+            if node in names and node_kind(gm, node) == "lut":
+                self._lut(gm, node, names, used, act_q)
         for node in list(graph.nodes):
             kind = names.get(node) and node_kind(gm, node)
-            if kind:
+            if kind and kind != "lut":
                 for value in tensor_inputs(node, gm):
                     if kind == "matmul" and value.op == "get_attr":  # x @ W with a parameter W
                         target = self._add_quantizer(gm, names[node], WEIGHT, self.weight_fmt, kind)
@@ -101,11 +111,69 @@ class InsertQuantizers(PassBase):
                     if isinstance(value, fx.Node):
                         node.replace_input_with(value, self._act_quantizer(gm, value, names, used, act_q))
         for node in list(graph.nodes):
-            if node in names and node_kind(gm, node) in WEIGHTED_KINDS:
+            kind = node_kind(gm, node) if node in names else None
+            if kind in WEIGHTED_KINDS:
                 self._quantize_weight_and_bias(gm, node, names[node])
+            elif kind == "avgpool2d":
+                self._avgpool(gm, node, names[node])
+            elif kind == "batchnorm":  # standalone BN: deployed as a depthwise 1x1 conv (FoldBatchNorm)
+                self._add_quantizer(gm, names[node], WEIGHT, self.weight_fmt, "batchnorm")
         graph.lint()
         gm.recompile()
         return PassResult(gm, True)
+
+    def _lut(self, gm: fx.GraphModule, node: fx.Node, names: dict[fx.Node, str], used: set[str],
+             act_q: dict[fx.Node, fx.Node]) -> None:
+        """``f(x)`` → ``q_out(ElementwiseTable(q_in(x), q_in formats, q_out formats))`` (module docstring)."""
+        graph = gm.graph
+        layer = names[node]
+        fn = elementwise_function(gm, node)
+        if fn is None:  # already an ElementwiseTable
+            return
+        name, params = fn
+        x = tensor_inputs(node, gm)[0]
+        q_in = self._act_quantizer(gm, x, names, used, act_q)
+        in_q_node = grid_quantizer(gm, q_in)
+        in_q: FixedPointQuantizer = gm.get_submodule(str(in_q_node.target))
+        in_q.max_bits = min(in_q.max_bits or DEFAULT_LUT_INPUT_BITS, DEFAULT_LUT_INPUT_BITS)
+        in_q.set_format(in_q.fmt)
+        weights: tuple[fx.Node, ...] = ()
+        if name == "prelu":
+            with graph.inserting_before(node):
+                w = graph.get_attr(f"{node.target}.weight") if node.op == "call_module" else \
+                    argument(node, 1, "weight")
+            weights = (w,)
+        key = module_key(layer, "lut")
+        gm.get_submodule(QUANT_ROOT)[key] = ElementwiseTable(layer, name, params)
+        out_target = self._add_quantizer(gm, _unique(layer, used), ACT, self.act_fmt, "lut")
+        with graph.inserting_before(node):
+            formats = [graph.get_attr(f"{q}.{buf}") for q, buf in
+                       ((in_q_node.target, "bits"), (in_q_node.target, "frac_bits"),
+                        (out_target, "bits"), (out_target, "frac_bits"))]
+            table = graph.call_module(f"{QUANT_ROOT}.{key}", (q_in, *formats, *weights))
+            q_out = graph.call_module(out_target, (table,))
+        table.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        table.meta[LAYER_META] = layer
+        names[table] = layer
+        node.replace_all_uses_with(q_out)
+        graph.erase_node(node)
+        act_q[table] = q_out
+
+    def _avgpool(self, gm: fx.GraphModule, node: fx.Node, layer: str) -> None:
+        """Average pooling → :class:`FixedPointAvgPool2d` (window sum times the rounded reciprocal)."""
+        a = call_arguments(gm, node)
+        if a is None:
+            return
+        config = {k: v for k, v in a.items() if k != "input"}
+        if any(_nodes_of(v) for v in config.values()):
+            return  # shape-dependent arguments: stays torch's op (the lowering checks it)
+        key = module_key(layer, "avgpool")
+        gm.get_submodule(QUANT_ROOT)[key] = FixedPointAvgPool2d(layer, config)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(f"{QUANT_ROOT}.{key}", (a["input"],))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
 
     def _add_quantizer(self, gm: fx.GraphModule, layer: str, role: str, fmt: FixedPoint, kind: str) -> str:
         key = module_key(layer, role)
@@ -116,8 +184,8 @@ class InsertQuantizers(PassBase):
                        used: set[str], act_q: dict[fx.Node, fx.Node]) -> fx.Node:
         if value in act_q:
             return act_q[value]
-        if is_quantizer_node(gm, value):
-            return value
+        if grid_quantizer(gm, value) is not None:
+            return value  # a quantizer's output, through ops that keep its grid
         source, kind = _source_layer(gm, value, names)
         layer = _unique(source, used)
         target = self._add_quantizer(gm, layer, ACT, self.act_fmt, kind)
@@ -136,9 +204,40 @@ class InsertQuantizers(PassBase):
             attach_bias_quantizer(gm, node, layer)
 
 
+def grid_quantizer(gm: fx.GraphModule, value: fx.Node) -> fx.Node | None:
+    """The activation quantizer node ``value`` comes from through grid-keeping ops (ReLU, max
+    pooling, reshapes, transposes, upsampling, identity), or ``None``."""
+    node = value
+    while True:
+        if is_quantizer_node(gm, node) and gm.get_submodule(str(node.target)).role != WEIGHT:
+            return node
+        if node.op not in ("call_module", "call_function", "call_method") or \
+                node_kind(gm, node) not in GRID_KEEPING_KINDS:
+            return None
+        inputs = tensor_inputs(node, gm)
+        if not inputs:
+            return None
+        node = inputs[0]
+
+
+def is_standalone_batchnorm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A ``BatchNorm2d`` module that :class:`FoldBatchNorm` cannot fold into a conv (its input is
+    not a conv/linear read by it alone): pre-activation BN, BN after a cat or a pool."""
+    if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), nn.BatchNorm2d):
+        return False
+    src = node.args[0] if node.args else None
+    return not (isinstance(src, fx.Node) and node_kind(gm, src) in ("conv2d", "linear") and len(src.users) == 1)
+
+
+def _nodes_of(value: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(value, out.append)
+    return out
+
+
 def attach_bias_quantizer(gm: fx.GraphModule, node: fx.Node, layer: str) -> None:
     """Quantize ``node``'s bias (arg 2) to ``FL_w + FL_in`` int32; inputs must be quantizer outputs."""
-    wq_node, in_node, bias = node.args[1], node.args[0], node.args[2]
+    wq_node, in_node, bias = node.args[1], grid_quantizer(gm, node.args[0]) or node.args[0], node.args[2]
     key = module_key(layer, "bias")
     gm.get_submodule(QUANT_ROOT)[key] = BiasQuantizer(layer)
     with gm.graph.inserting_before(node):
@@ -219,6 +318,9 @@ def _canonicalize_weighted(gm: fx.GraphModule, node: fx.Node) -> None:
     if node.op == "call_module":
         path = str(node.target)
         module = gm.get_submodule(path)
+        if isinstance(module, nn.ConvTranspose2d) and module.padding_mode != "zeros":
+            raise UnsupportedOpError(f"conv_transpose {path!r}: padding mode {module.padding_mode!r}",
+                                     "use zero padding")
         if isinstance(module, nn.Conv2d):
             if module.padding_mode != "zeros" or _padding(module.padding, module.kernel_size, module.dilation) is None:
                 raise UnsupportedOpError(f"conv {path!r}: padding {module.padding!r} / mode "
@@ -233,6 +335,13 @@ def _canonicalize_weighted(gm: fx.GraphModule, node: fx.Node) -> None:
             mat2 = a["mat2"]
             weight = graph.call_function(_aten.t.default, (mat2,)) if mat2.op == "get_attr" else mat2.args[0]
             new = graph.call_function(_aten.linear.default, (a["mat1"], weight, a["input"]))
+        elif kind == "conv_transpose2d":
+            if _pair_list(a.get("padding", 0)) is None:
+                return
+            new = graph.call_function(_aten.conv_transpose2d.input, (
+                a["input"], a["weight"], a.get("bias"), _pair_list(a.get("stride", 1)),
+                _pair_list(a.get("padding", 0)), _pair_list(a.get("output_padding", 0)),
+                int(a.get("groups", 1)), _pair_list(a.get("dilation", 1))))
         elif kind == "conv2d":
             kernel = tuple(operator.attrgetter(str(a["weight"].target))(gm).shape[2:])
             padding = _padding(a.get("padding", 0), kernel, a.get("dilation", 1))

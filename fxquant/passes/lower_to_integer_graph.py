@@ -46,13 +46,21 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+import numpy as np
+
+from fxquant.elementwise import lut_attrs
 from fxquant.errors import ExportError, ModelFileError, UnsupportedOpError
-from fxquant.fixed_point import FRAC_BITS_LIMIT, FixedPoint, quantize_bias, quantize_int
-from fxquant.integer_graph import IntegerGraph, Op, Value
-from fxquant.passes.op_kinds import call_arguments, describe, layer_name, node_kind, table_kind
+from fxquant.fixed_point import FRAC_BITS_LIMIT, MAX_LUT_BITS, FixedPoint, quantize_bias, quantize_int
+from fxquant.integer_graph import IntegerGraph, Op, Value, pool_output_size
+from fxquant.ops.fake_quant import ElementwiseTable, FixedPointAvgPool2d, avgpool_window, window_factors
+from fxquant.passes.op_kinds import (argument, call_arguments, clamp_bounds, constant_factor, describe,
+                                     layer_name, mul_operands, node_kind, power_of_two_exponent, table_kind,
+                                     tensor_inputs)
 from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
 
 _aten = torch.ops.aten
+_PASS_THROUGH = ("relu", "maxpool2d", "flatten", "reshape", "transpose", "upsample_nearest", "clamp")
+"""Ops that keep their input's format (a clamp after a still-unformatted value: see lower_clamp)."""
 COVERAGE_HINT = "docs/coverage.md lists the ops and forms each target supports"
 _RESHAPE_HINT = "keep the batch dimension: x.view(x.size(0), ...), torch.flatten(x, 1)"
 
@@ -266,6 +274,11 @@ class _Lowering:
         if node.op in ("call_function", "call_method") and table_kind(node) in ("conv2d", "linear"):
             return self.refuse(node, "its weight is computed, not a parameter (or addmm has alpha/beta)",
                                "use an nn.Parameter as the weight")
+        if node.op in ("call_function", "call_method"):
+            factor = constant_factor(self.gm, node)
+            if factor is not None:
+                return self.refuse(node, f"multiply by the constant {factor[1]!r} (only powers of two are exact "
+                                         "in fixed point)", "fold the constant into the producing layer's weights")
         return self.refuse(node, "no integer form")
 
     # ---------------------------------------------------------------- quantizers
@@ -313,7 +326,7 @@ class _Lowering:
             return None
         if producer.out_fmt is not None:
             return producer.out_fmt
-        if producer.kind in ("relu", "maxpool2d", "flatten", "reshape"):
+        if producer.kind in _PASS_THROUGH:
             return self.fmt(producer.inputs[0])
         return None
 
@@ -322,6 +335,12 @@ class _Lowering:
         kind = node_kind(self.gm, node)
         if kind is None or kind == "batchnorm":
             raise self.no_integer_form(node, kind)
+        special = {"clamp": self.lower_clamp, "lut": self.lower_lut, "mul": self.lower_mul,
+                   "mul_pow2": self.lower_mul_pow2, "transpose": self.lower_transpose,
+                   "upsample_nearest": self.lower_upsample}
+        if kind in special:
+            special[kind](node, layer_name(self.gm, node, kind))
+            return
         a = call_arguments(self.gm, node)
         if a is None:
             raise self.refuse(node, "its arguments do not match the op's signature")
@@ -332,7 +351,7 @@ class _Lowering:
             self.value_of[node] = self.ir(a["input"])
             return
         layer = layer_name(self.gm, node, kind)
-        if kind in ("conv2d", "linear"):
+        if kind in ("conv2d", "linear", "conv_transpose2d"):
             self.lower_weighted(node, a, kind, layer)
         elif kind == "matmul" and self.is_weight(a.get("other")):
             self.lower_weighted(node, a, "matmul", layer)
@@ -381,6 +400,10 @@ class _Lowering:
             b_float = self.constant(b_src).detach().double().numpy()
             bias = quantize_bias(b_float, w_fmt.frac_bits + in_fmt.frac_bits)
         attrs: dict[str, Any] = {}
+        if kind == "conv_transpose2d":
+            attrs = {"stride": _pair(self.value(a.get("stride", 1))), "padding": _pair(self.value(a.get("padding", 0))),
+                     "output_padding": _pair(self.value(a.get("output_padding", 0))),
+                     "dilation": _pair(self.value(a.get("dilation", 1))), "groups": int(self.value(a.get("groups", 1)))}
         if kind == "conv2d":
             padding = self.value(a.get("padding", 0))
             if isinstance(padding, str):
@@ -418,39 +441,37 @@ class _Lowering:
             raise self.refuse(node, "concatenation along the batch dimension")
         self.emit(node, Op(layer, "cat", ins, node.name, out_fmt=None, attrs={"dim": dim}), pending=True)
 
-    def check_window_shape(self, node: fx.Node, src: fx.Node, attrs: dict[str, Any], what: str) -> None:
-        """The pooled shape without ceil_mode (what the integer op computes) must be torch's."""
+    def check_pooled_shape(self, node: fx.Node, src: fx.Node, attrs: dict[str, Any], what: str) -> None:
+        """The integer op's pooled size (:func:`~fxquant.integer_graph.pool_output_size`) must be torch's."""
         h, w = self.full_shape(src)[2:]
         (kh, kw), (sh, sw), (ph, pw) = attrs["kernel"], attrs["stride"], attrs["padding"]
-        expect = ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+        dh, dw = attrs.get("dilation", (1, 1))
+        ceil = bool(attrs.get("ceil_mode", False))
+        expect = (pool_output_size(h, kh, sh, ph, dh, ceil), pool_output_size(w, kw, sw, pw, dw, ceil))
         if tuple(self.full_shape(node)[2:]) != expect:
-            raise self.refuse(node, f"{what} with ceil_mode leaves partial windows", "use ceil_mode=False")
+            raise self.refuse(node, f"{what}: torch pools {h}x{w} to {tuple(self.full_shape(node)[2:])}, "
+                                    f"the integer op to {expect}")
 
     def lower_avgpool(self, node: fx.Node, a: dict[str, Any], layer: str) -> None:
+        """Any window, padding (counted) and ceil_mode; adaptive pooling with uniform windows. The
+        integer op multiplies each window sum by the rounded reciprocal of its divisor; the graph
+        must compute the same (:class:`~fxquant.ops.fake_quant.FixedPointAvgPool2d`, which
+        :class:`InsertQuantizers` puts in place of every average pooling), or divide by powers of
+        two only (exact)."""
         src = a["input"]
         in_name = self.resolved(src, f"input of {layer}")
-        in_shape = self.shape(src)
-        if "output_size" in a:
-            out_hw = self.value(a["output_size"])
-            out_hw = _pair(tuple(in_shape[1 + i] if s is None else s for i, s in enumerate(out_hw))
-                           if isinstance(out_hw, (list, tuple)) else out_hw)
-            if in_shape[1] % out_hw[0] or in_shape[2] % out_hw[1]:
-                raise self.refuse(node, f"adaptive pooling {in_shape[1:]}→{out_hw} has unequal windows",
-                                  "use sizes that divide evenly")
-            kernel = (in_shape[1] // out_hw[0], in_shape[2] // out_hw[1])
-            attrs = {"kernel": kernel, "stride": kernel, "padding": (0, 0)}
-        else:
-            k = _pair(self.value(a["kernel_size"]))
-            s = self.value(a.get("stride")) or k
-            attrs = {"kernel": k, "stride": _pair(s), "padding": _pair(self.value(a.get("padding", 0)))}
-            divisor = self.value(a.get("divisor_override"))
-            if divisor not in (None, k[0] * k[1]):
-                raise self.refuse(node, f"average pooling with divisor_override={divisor}")
-            self.check_window_shape(node, src, attrs, "average pooling")
-        kh, kw = attrs["kernel"]
-        if 2 ** int(math.log2(kh * kw)) != kh * kw or attrs["padding"] != (0, 0):
-            raise self.refuse(node, f"average pooling over {kh}x{kw} (padding {attrs['padding']}) is not "
-                                    "integer-exact", "use a power-of-two window without padding")
+        h, w = self.full_shape(src)[2:]
+        config = {k: self.value(v) for k, v in a.items() if k != "input"}
+        attrs = avgpool_window(config, h, w)
+        if isinstance(attrs, str):
+            raise self.refuse(node, attrs, "use count_include_pad=True, or adaptive sizes that divide the input")
+        if not (node.op == "call_module" and isinstance(self.module(node), FixedPointAvgPool2d)) and \
+                not window_factors(attrs, h, w)[1]:
+            raise self.refuse(node, "average pooling by torch's division in a quantized graph "
+                                    "(its divisors are not powers of two)", "run InsertQuantizers on the float graph")
+        self.check_pooled_shape(node, src, attrs, "average pooling")
+        if not attrs["ceil_mode"]:
+            del attrs["ceil_mode"]
         self.emit(node, Op(layer, "avgpool2d", (in_name,), node.name, out_fmt=None, attrs=attrs), pending=True)
 
     def lower_maxpool(self, node: fx.Node, a: dict[str, Any]) -> None:
@@ -458,12 +479,110 @@ class _Lowering:
         src = self.ir(src_node)
         k = _pair(self.value(a["kernel_size"]))
         s = self.value(a.get("stride")) or k
-        if _pair(self.value(a.get("dilation", 1))) != (1, 1) or self.value(a.get("return_indices", False)):
-            raise self.refuse(node, "max pooling with dilation or return_indices", "use dilation=1")
+        if self.value(a.get("return_indices", False)):
+            raise self.refuse(node, "max pooling with return_indices", "use return_indices=False")
         attrs = {"kernel": k, "stride": _pair(s), "padding": _pair(self.value(a.get("padding", 0)))}
-        self.check_window_shape(node, src_node, attrs, "max pooling")
+        dilation = _pair(self.value(a.get("dilation", 1)))
+        if dilation != (1, 1):
+            attrs["dilation"] = dilation
+        if self.value(a.get("ceil_mode", False)):
+            attrs["ceil_mode"] = True
+        self.check_pooled_shape(node, src_node, attrs, "max pooling")
         self.emit(node, Op(node.name, "maxpool2d", (src,), node.name, out_fmt=None, attrs=attrs), pending=False)
         self.root_of[node.name] = self.root_of.get(src)
+
+    def pass_through(self, node: fx.Node, op: Op, src: str) -> None:
+        """Emit an op that keeps its input's integers (and format): the quantizer after it
+        formats its source (``root_of``)."""
+        self.emit(node, op, pending=False)
+        self.root_of[node.name] = self.root_of.get(src)
+
+    def lower_clamp(self, node: fx.Node, layer: str) -> None:
+        """``clamp(x, lo, hi)``: when ``x``'s producer still waits for a format, the clamp commutes
+        with the quantizer after it (``q(clamp(x)) = clamp(q(x), q(lo), q(hi))``, rounding is
+        monotone) and keeps its format; after a value already on a grid, it requantizes to the
+        next quantizer's format. Bounds are rounded onto the output grid when it is known."""
+        src_node = tensor_inputs(node, self.gm)[0]
+        lo, hi = clamp_bounds(self.gm, node)
+        src = self.ir(src_node)
+        root = self.root_of.get(src)
+        attrs = {"_bounds": (lo, hi)}
+        if root is not None and root.out_fmt is None:
+            self.pass_through(node, Op(node.name, "clamp", (src,), node.name, out_fmt=None, attrs=attrs), src)
+        else:
+            src = self.resolved(src_node, f"input of {layer}")
+            self.emit(node, Op(layer, "clamp", (src,), node.name, out_fmt=None, attrs=attrs), pending=True)
+
+    def lower_lut(self, node: fx.Node, layer: str) -> None:
+        module = self.module(node)
+        if not isinstance(module, ElementwiseTable):
+            raise self.refuse(node, "an element-wise function not prepared by InsertQuantizers",
+                              "run InsertQuantizers on the float graph")
+        in_name = self.resolved(node.args[0], f"input of {layer}")
+        in_fmt = self.fmt(in_name)
+        if in_fmt.bits > MAX_LUT_BITS:
+            raise self.refuse(node, f"a {in_fmt.bits}-bit table input (at most {MAX_LUT_BITS} bits)",
+                              "cap the input quantizer's width")
+        weight = self.constant(node.args[5]) if len(node.args) > 5 else None
+        try:
+            function, params = module.table_function(weight)
+        except ValueError as exc:
+            raise self.refuse(node, str(exc), "use nn.PReLU() (one parameter) or LeakyReLU") from None
+        attrs = {"function": function, "params": dict(params)}
+        self.emit(node, Op(layer, "lut", (in_name,), node.name, out_fmt=None, attrs=attrs), pending=True)
+
+    def lower_mul(self, node: fx.Node, layer: str) -> None:
+        ins = mul_operands(self.gm, node)
+        names = tuple(self.resolved(x, f"input of {layer}") for x in ins)
+        batch = self.full_shape(node)[0]
+        if any(self.full_shape(x)[0] != batch for x in ins):
+            raise self.refuse(node, "a product that broadcasts over the batch dimension")
+        self.emit(node, Op(layer, "mul", names, node.name, out_fmt=None), pending=True)
+
+    def lower_mul_pow2(self, node: fx.Node, layer: str) -> None:
+        x, c = constant_factor(self.gm, node)
+        exponent = power_of_two_exponent(c)
+        src = self.resolved(x, f"input of {layer}")
+        fmt = self.fmt(src)
+        if abs(fmt.frac_bits - exponent) > FRAC_BITS_LIMIT:
+            raise self.refuse(node, f"multiply by 2^{exponent} leaves the FL range")
+        op = Op(layer, "mul_pow2", (src,), node.name, out_fmt=FixedPoint(fmt.bits, fmt.frac_bits - exponent),
+                attrs={"exponent": exponent})
+        self.emit(node, op, pending=False)
+
+    def lower_transpose(self, node: fx.Node, layer: str) -> None:
+        src_node = tensor_inputs(node, self.gm)[0]
+        src = self.ir(src_node)
+        rank = len(self.full_shape(src_node))
+        if str(node.target) in ("permute",) and node.op == "call_method":
+            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            dims = self.value(node.kwargs.get("dims", dims))
+            perm = [int(d) % rank for d in dims]
+        elif node.target in (torch.permute, torch.ops.aten.permute.default):
+            perm = [int(d) % rank for d in self.value(argument(node, 1, "dims"))]
+        else:
+            d0 = int(self.value(argument(node, 1, "dim0", argument(node, 1, "axis0")))) % rank
+            d1 = int(self.value(argument(node, 2, "dim1", argument(node, 2, "axis1")))) % rank
+            perm = list(range(rank))
+            perm[d0], perm[d1] = perm[d1], perm[d0]
+        if perm[0] != 0:
+            raise self.refuse(node, f"a transpose {perm} that moves the batch dimension")
+        if perm == list(range(rank)):
+            self.value_of[node] = src
+            return
+        op = Op(node.name, "transpose", (src,), node.name, out_fmt=None, attrs={"perm": tuple(p - 1 for p in perm[1:])})
+        self.pass_through(node, op, src)
+
+    def lower_upsample(self, node: fx.Node, layer: str) -> None:
+        src_node = tensor_inputs(node, self.gm)[0]
+        src = self.ir(src_node)
+        ins, out = self.full_shape(src_node), self.full_shape(node)
+        if len(ins) != 4 or ins[:2] != out[:2] or out[2] % ins[2] or out[3] % ins[3]:
+            raise self.refuse(node, f"nearest upsampling {ins} → {out} by a non-integer factor",
+                              "use an integer scale_factor")
+        scale = (out[2] // ins[2], out[3] // ins[3])
+        self.pass_through(node, Op(node.name, "upsample_nearest", (src,), node.name, out_fmt=None,
+                                   attrs={"scale": scale}), src)
 
     def lower_relu(self, node: fx.Node, src_node: fx.Node) -> None:
         src = self.ir(src_node)
@@ -522,12 +641,19 @@ class _Lowering:
 
     def build(self, outputs: list[str]) -> IntegerGraph:
         for op in self.ops:
-            if op.out_fmt is None and op.kind in ("relu", "maxpool2d", "flatten", "reshape"):
+            if op.out_fmt is None and op.kind in _PASS_THROUGH:
                 op.out_fmt = self.fmt(op.inputs[0])
             if op.out_fmt is None:
                 raise ExportError(f"layer {op.name!r} ({op.kind}) output is never quantized",
                                   "its consumer must be a quantized op or the graph output")
             self.fmt_of[op.output] = op.out_fmt
+            if op.kind == "clamp" and "_bounds" in op.attrs:  # bounds onto the output grid
+                lo, hi = op.attrs.pop("_bounds")
+                op.attrs["lo"] = None if lo is None else int(quantize_int(np.array(lo), op.out_fmt))
+                op.attrs["hi"] = None if hi is None else int(quantize_int(np.array(hi), op.out_fmt))
+            if op.kind == "lut" and "table" not in op.attrs:
+                in_fmt = self.fmt(op.inputs[0])
+                op.attrs.update(lut_attrs(op.attrs["function"], in_fmt, op.out_fmt, op.attrs["params"]))
         inputs = [Value(name, self.shape_of[name], root.out_fmt)
                   for name, root in self.input_roots.items() if root.out_fmt is not None]
         values = {v.name: v for v in inputs}

@@ -24,6 +24,7 @@ and never lowered (the lowering evaluates it from shape propagation).
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 import typing
@@ -35,18 +36,24 @@ from torch import fx, nn
 from torch.fx.node import _get_qualified_name
 from torch.fx.operator_schemas import normalize_function, normalize_module
 
-QUANTIZED_KINDS = frozenset({"conv2d", "linear", "matmul", "add", "cat", "avgpool2d"})
-WEIGHTED_KINDS = frozenset({"conv2d", "linear"})
-TRANSPARENT_KINDS = frozenset({"relu", "maxpool2d", "flatten", "reshape", "identity"})
+QUANTIZED_KINDS = frozenset({"conv2d", "linear", "matmul", "add", "cat", "avgpool2d", "conv_transpose2d",
+                             "mul", "mul_pow2", "lut"})
+WEIGHTED_KINDS = frozenset({"conv2d", "linear", "conv_transpose2d"})
+TRANSPARENT_KINDS = frozenset({"relu", "maxpool2d", "flatten", "reshape", "identity", "transpose",
+                               "upsample_nearest", "clamp"})
+GRID_KEEPING_KINDS = TRANSPARENT_KINDS - {"clamp"}
+"""Transparent kinds whose output stays on its input's grid (a clamp's bounds may be off-grid)."""
 LAYER_META = "fxq_layer"
 """``node.meta`` key: the layer name :class:`InsertQuantizers` gave a quantized op."""
 
 _aten = torch.ops.aten
 _MODULE_KINDS: tuple[tuple[type, str], ...] = (
-    (nn.Conv2d, "conv2d"), (nn.Linear, "linear"), (nn.BatchNorm2d, "batchnorm"),
-    (nn.BatchNorm1d, "batchnorm"), (nn.ReLU, "relu"), (nn.MaxPool2d, "maxpool2d"),
+    (nn.Conv2d, "conv2d"), (nn.ConvTranspose2d, "conv_transpose2d"), (nn.Linear, "linear"),
+    (nn.BatchNorm2d, "batchnorm"), (nn.BatchNorm1d, "batchnorm"), (nn.ReLU, "relu"),
+    (nn.Hardtanh, "clamp"),  # and its subclass nn.ReLU6
+    (nn.MaxPool2d, "maxpool2d"),
     (nn.AvgPool2d, "avgpool2d"), (nn.AdaptiveAvgPool2d, "avgpool2d"), (nn.Flatten, "flatten"),
-    (nn.Unflatten, "reshape"), (nn.Dropout, "identity"), (nn.Identity, "identity"),
+    (nn.Unflatten, "reshape"), (nn.modules.dropout._DropoutNd, "identity"), (nn.Identity, "identity"),
 )
 _FUNCTION_KINDS: dict[Any, str] = {
     _aten.conv2d.default: "conv2d", _aten.conv2d.padding: "conv2d", torch.conv2d: "conv2d",
@@ -68,9 +75,225 @@ _FUNCTION_KINDS: dict[Any, str] = {
     _aten._native_batch_norm_legit_no_training.default: "batchnorm",
     _aten.batch_norm.default: "batchnorm",
 }
+
+def _ops(*names: str) -> list[Any]:
+    """The aten overloads that exist among ``names`` (``"sigmoid_.default"``)."""
+    out = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(_aten, packet, None), overload, None)
+        if op is not None:
+            out.append(op)
+    return out
+
+
+# element-wise functions deployed as a lookup table: target -> (FUNCTIONS name, its parameters as
+# (param name, argument index, argument name, default)); ``gelu``'s ``approximate`` picks the name
+_LUT_FUNCTIONS: dict[Any, tuple[str, tuple[tuple[str, int, str, Any], ...]]] = {}
+for _name, _targets, _params in (
+        ("sigmoid", [torch.sigmoid, F.sigmoid, torch.sigmoid_, *_ops("sigmoid.default", "sigmoid_.default")], ()),
+        ("tanh", [torch.tanh, F.tanh, torch.tanh_, *_ops("tanh.default", "tanh_.default")], ()),
+        ("silu", [F.silu, *_ops("silu.default", "silu_.default")], ()),
+        ("hardswish", [F.hardswish, *_ops("hardswish.default", "hardswish_.default")], ()),
+        ("hardsigmoid", [F.hardsigmoid, *_ops("hardsigmoid.default", "hardsigmoid_.default")], ()),
+        ("gelu", [F.gelu, *_ops("gelu.default", "gelu_.default")], ()),
+        ("mish", [F.mish, *_ops("mish.default", "mish_.default")], ()),
+        ("elu", [F.elu, F.elu_, *_ops("elu.default", "elu_.default")], (("alpha", 1, "alpha", 1.0),)),
+        ("leaky_relu", [F.leaky_relu, F.leaky_relu_, *_ops("leaky_relu.default", "leaky_relu_.default")],
+         (("negative_slope", 1, "negative_slope", 0.01),)),
+        ("softplus", [F.softplus, *_ops("softplus.default")], ()),
+        ("exp", [torch.exp, torch.exp_, *_ops("exp.default", "exp_.default")], ()),
+        ("prelu", [F.prelu, torch.prelu, *_ops("prelu.default", "_prelu_kernel.default")], ()),
+):
+    for _t in _targets:
+        _LUT_FUNCTIONS[_t] = (_name, _params)
+_LUT_METHODS = {"sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh", "tanh_": "tanh",
+                "exp": "exp", "exp_": "exp"}
+_LUT_MODULES: tuple[tuple[type, str], ...] = (
+    (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"), (nn.SiLU, "silu"), (nn.Hardswish, "hardswish"),
+    (nn.Hardsigmoid, "hardsigmoid"), (nn.GELU, "gelu"), (nn.Mish, "mish"), (nn.ELU, "elu"),
+    (nn.LeakyReLU, "leaky_relu"), (nn.Softplus, "softplus"), (nn.PReLU, "prelu"),
+)
+# clamp family: target -> (lo argument (index, name, default), hi argument) or a fixed bound
+_CLAMP_FUNCTIONS: dict[Any, tuple[Any, Any]] = {}
+for _targets, _lo, _hi in (
+        ([F.relu6, *_ops("relu6.default", "relu6_.default")], 0.0, 6.0),
+        ([F.hardtanh, F.hardtanh_, *_ops("hardtanh.default", "hardtanh_.default")],
+         (1, "min_val", -1.0), (2, "max_val", 1.0)),
+        ([torch.clamp, torch.clip, torch.clamp_, *_ops("clamp.default", "clamp_.default", "clip.default")],
+         (1, "min", None), (2, "max", None)),
+        ([torch.clamp_min, *_ops("clamp_min.default")], (1, "min", None), None),
+        ([torch.clamp_max, *_ops("clamp_max.default")], None, (1, "max", None)),
+):
+    for _t in _targets:
+        _CLAMP_FUNCTIONS[_t] = (_lo, _hi)
+_CLAMP_METHODS = {"clamp": ((1, "min", None), (2, "max", None)), "clamp_": ((1, "min", None), (2, "max", None)),
+                  "clip": ((1, "min", None), (2, "max", None)), "clip_": ((1, "min", None), (2, "max", None)),
+                  "clamp_min": ((1, "min", None), None), "clamp_max": (None, (1, "max", None))}
+_MUL_FUNCTIONS = frozenset({operator.mul, operator.imul, torch.mul,
+                            *_ops("mul.Tensor", "mul_.Tensor", "mul.Scalar", "mul_.Scalar")})
+_DIV_FUNCTIONS = frozenset({operator.truediv, operator.itruediv, torch.div,
+                            *_ops("div.Tensor", "div_.Tensor", "div.Scalar", "div_.Scalar")})
+_TRANSPOSE_FUNCTIONS = frozenset({torch.transpose, torch.permute, torch.swapaxes, torch.swapdims,
+                                  *_ops("transpose.int", "permute.default")})
+_UPSAMPLE_FUNCTIONS = frozenset({F.interpolate, F.upsample, F.upsample_nearest,
+                                 *_ops("upsample_nearest2d.vec", "upsample_nearest2d.default")})
+_CONV_TRANSPOSE_FUNCTIONS = frozenset({F.conv_transpose2d, *_ops("conv_transpose2d.input")})
+
+
+def argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """A call's argument by keyword ``name`` or position ``index`` (``default`` if absent)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def elementwise_function(gm: fx.GraphModule, node: fx.Node) -> tuple[str, dict[str, Any]] | None:
+    """``(FUNCTIONS name, params)`` of an element-wise function with a table form, else ``None``.
+
+    PReLU gives ``("prelu", {})``: its slope is a trained parameter, read when the table is built.
+    """
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        for cls, name in _LUT_MODULES:
+            if isinstance(module, cls):
+                return _module_function(module, name)
+        return None
+    if node.op == "call_method":
+        name = _LUT_METHODS.get(str(node.target))
+        return (name, {}) if name else None
+    if node.op != "call_function" or node.target not in _LUT_FUNCTIONS:
+        return None
+    name, spec = _LUT_FUNCTIONS[node.target]
+    params = {p: argument(node, i, a, d) for p, i, a, d in spec}
+    if not all(_number(v) for v in params.values()):
+        return None
+    if name == "gelu":
+        approx = argument(node, 1, "approximate", "none")
+        name = {"none": "gelu", "tanh": "gelu_tanh"}.get(approx)
+    elif name == "elu" and node.target not in (F.elu, F.elu_):
+        if argument(node, 2, "scale", 1) != 1 or argument(node, 3, "input_scale", 1) != 1:
+            return None
+    elif name == "softplus" and argument(node, 1, "beta", 1) != 1:
+        return None
+    return (name, {k: float(v) for k, v in params.items()}) if name else None
+
+
+def _module_function(module: nn.Module, name: str) -> tuple[str, dict[str, Any]] | None:
+    if isinstance(module, nn.GELU):
+        name = {"none": "gelu", "tanh": "gelu_tanh"}.get(module.approximate)
+        return (name, {}) if name else None
+    if isinstance(module, nn.ELU):
+        return name, {"alpha": float(module.alpha)}
+    if isinstance(module, nn.LeakyReLU):
+        return name, {"negative_slope": float(module.negative_slope)}
+    if isinstance(module, nn.Softplus) and module.beta != 1:
+        return None
+    return name, {}
+
+
+def clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float | None, float | None] | None:
+    """``(lo, hi)`` of a clamp-family op with constant bounds (``None`` = unbounded), else ``None``."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return (float(module.min_val), float(module.max_val)) if isinstance(module, nn.Hardtanh) else None
+    if node.op == "call_function":
+        spec = _CLAMP_FUNCTIONS.get(node.target)
+    elif node.op == "call_method":
+        spec = _CLAMP_METHODS.get(str(node.target))
+    else:
+        return None
+    if spec is None:
+        return None
+    bounds = []
+    for b in spec:
+        v = argument(node, *b) if isinstance(b, tuple) else b
+        if v is not None and not _number(v):
+            return None  # a tensor bound: a float op
+        bounds.append(None if v is None else float(v))
+    return bounds[0], bounds[1]
+
+
+def _constant_number(gm: fx.GraphModule, v: Any) -> float | None:
+    """A python number, or a one-element parameter/buffer, as a float; else ``None``."""
+    if _number(v):
+        return float(v)
+    if isinstance(v, fx.Node) and v.op == "get_attr":
+        t = operator.attrgetter(str(v.target))(gm)
+        if isinstance(t, torch.Tensor) and t.numel() == 1:
+            return float(t)
+    return None
+
+
+def mul_operands(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any] | None:
+    """The two operands of a multiply (``operator.mul``, ``torch.mul``, ``Tensor.mul``, aten)."""
+    if node.op == "call_function" and node.target in _MUL_FUNCTIONS or \
+            node.op == "call_method" and str(node.target) in ("mul", "mul_"):
+        return argument(node, 0, "input", argument(node, 0, "self")), argument(node, 1, "other")
+    return None
+
+
+def constant_factor(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, float] | None:
+    """``(activation, c)`` of ``x * c`` / ``c * x`` / ``x / c`` with a constant ``c`` (a number
+    or a one-element parameter), else ``None``."""
+    ops = mul_operands(gm, node)
+    if ops is not None:
+        for x, c in (ops, ops[::-1]):
+            value = _constant_number(gm, c)
+            if value is not None and isinstance(x, fx.Node) and not is_shape_value(x) and x.op != "get_attr":
+                return x, value
+        return None
+    if node.op == "call_function" and node.target in _DIV_FUNCTIONS or \
+            node.op == "call_method" and str(node.target) in ("div", "div_"):
+        x, c = argument(node, 0, "input", argument(node, 0, "self")), argument(node, 1, "other")
+        if argument(node, 2, "rounding_mode", None) is not None:
+            return None
+        value = _constant_number(gm, c)
+        if value and isinstance(x, fx.Node) and not is_shape_value(x):
+            return x, 1.0 / value
+    return None
+
+
+def power_of_two_exponent(c: float) -> int | None:
+    """``e`` with ``c == 2^e`` exactly, else ``None``."""
+    mantissa, exp = math.frexp(c)
+    return exp - 1 if mantissa == 0.5 else None
+
+
+def _special_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Kinds decided by a node's operands, not only by its target."""
+    if elementwise_function(gm, node) is not None:
+        return "lut"
+    if clamp_bounds(gm, node) is not None:
+        return "clamp"
+    if is_shape_value(node):
+        return None
+    factor = constant_factor(gm, node)
+    if factor is not None:
+        return "mul_pow2" if power_of_two_exponent(factor[1]) is not None else None
+    ops = mul_operands(gm, node)
+    if ops is not None:
+        ok = all(isinstance(v, fx.Node) and not is_shape_value(v) for v in ops)
+        return "mul" if ok else None
+    if node.op == "call_function" and node.target in _TRANSPOSE_FUNCTIONS or \
+            node.op == "call_method" and str(node.target) in ("transpose", "permute", "swapaxes", "swapdims"):
+        return "transpose"
+    if node.op == "call_function" and node.target in _UPSAMPLE_FUNCTIONS:
+        if node.target in (F.interpolate, F.upsample) and argument(node, 3, "mode", "nearest") != "nearest":
+            return None
+        return "upsample_nearest"
+    if node.op == "call_function" and node.target in _CONV_TRANSPOSE_FUNCTIONS:
+        return "conv_transpose2d"
+    return None
+
+
 _METHOD_KINDS = {"relu": "relu", "add": "add", "flatten": "flatten", "view": "reshape",
                  "reshape": "reshape", "unsqueeze": "reshape", "squeeze": "reshape",
-                 "contiguous": "identity", "detach": "identity", "matmul": "matmul"}
+                 "contiguous": "identity", "detach": "identity", "matmul": "matmul", "clone": "identity"}
 _METHOD_FUNCTIONS = {"relu": torch.relu, "add": torch.add, "flatten": torch.flatten, "matmul": torch.matmul,
                      "unsqueeze": torch.unsqueeze, "squeeze": torch.squeeze}
 
@@ -141,8 +364,15 @@ def _module_config(module: nn.Module) -> dict[str, Any]:
         return {"output_size": module.output_size}
     if isinstance(module, nn.Flatten):
         return {"start_dim": module.start_dim, "end_dim": module.end_dim}
-    if isinstance(module, nn.Dropout):
+    if isinstance(module, nn.ConvTranspose2d):
+        return {"weight": module.weight, "bias": module.bias, "stride": module.stride, "padding": module.padding,
+                "output_padding": module.output_padding, "groups": module.groups, "dilation": module.dilation}
+    if isinstance(module, nn.Upsample):
+        return {"size": module.size, "scale_factor": module.scale_factor, "mode": module.mode}
+    if isinstance(module, nn.modules.dropout._DropoutNd):
         return {"p": module.p}
+    if hasattr(module, "config"):  # fxquant's fake-quant ops
+        return module.config()
     return {}
 
 
@@ -194,10 +424,26 @@ def _normalize_function(target: Any, args: tuple, kwargs: dict) -> dict[str, Any
 
 # ------------------------------------------------------------------------------------ kinds
 def module_kind(module: nn.Module) -> str | None:
+    fxq_kind = getattr(type(module), "fxq_kind", None)  # fxquant's own fake-quant ops (lut, avgpool)
+    if fxq_kind is not None:
+        return fxq_kind
     for cls, kind in _MODULE_KINDS:
         if isinstance(module, cls):
             return kind
+    for cls, name in _LUT_MODULES:
+        if isinstance(module, cls):
+            return "lut" if _module_function(module, name) is not None else None
+    if isinstance(module, nn.Upsample):
+        return "upsample_nearest" if module.mode == "nearest" else None
+    if is_stochastic_depth(module):
+        return "identity"  # eval: identity (training: torchvision's row/batch drop)
     return None
+
+
+def is_stochastic_depth(module: nn.Module) -> bool:
+    """``torchvision.ops.StochasticDepth`` (recognised without importing torchvision)."""
+    cls = type(module)
+    return cls.__name__ == "StochasticDepth" and cls.__module__.startswith("torchvision")
 
 
 def table_kind(node: fx.Node) -> str | None:
@@ -233,7 +479,10 @@ def node_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     else:
         return None
     if kind is None:
-        return None
+        kind = _special_kind(gm, node)
+        if kind == "conv_transpose2d" and not _functional_weighted(gm, node):
+            return None
+        return kind
     if kind == "add":
         a = call_arguments(gm, node) or {}
         operands = [a.get("input"), a.get("other")]
@@ -260,8 +509,19 @@ def _functional_weighted(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def tensor_inputs(node: fx.Node, gm: fx.GraphModule | None = None) -> list[fx.Node]:
     """The activation inputs of a node (weights, biases and shape arithmetic excluded)."""
-    if node.op == "call_function" and node.target in (_aten.conv2d.default, _aten.linear.default):
+    if node.op == "call_function" and node.target in (_aten.conv2d.default, _aten.linear.default,
+                                                        _aten.conv_transpose2d.input):
         return [node.args[0]]
+    if node.op == "call_module" and gm is not None and \
+            getattr(type(gm.get_submodule(str(node.target))), "fxq_kind", None) is not None:
+        return [node.args[0]]  # fxquant's fake-quant ops: the other arguments are formats
+    if gm is not None and node.op in ("call_function", "call_method", "call_module"):
+        kind = node_kind(gm, node)
+        if kind == "mul_pow2":
+            return [constant_factor(gm, node)[0]]
+        if kind in ("lut", "clamp", "transpose", "upsample_nearest", "conv_transpose2d") and node.args and \
+                isinstance(node.args[0], fx.Node):
+            return [node.args[0]]
     if node.target in (torch.cat, _aten.cat.default):
         seq = node.args[0] if node.args else node.kwargs.get("tensors", ())
         return [a for a in seq if isinstance(a, fx.Node)]
@@ -270,7 +530,7 @@ def tensor_inputs(node: fx.Node, gm: fx.GraphModule | None = None) -> list[fx.No
         if a is not None:
             if node.target in (torch.addmm, _aten.addmm.default):
                 return [a["mat1"]]
-            if node.target in (torch.conv2d, F.linear, _aten.conv2d.padding):
+            if node.target in (torch.conv2d, F.linear, _aten.conv2d.padding, F.conv_transpose2d):
                 return [a["input"]]
     return [a for a in _nodes_in((node.args, node.kwargs)) if not is_shape_value(a)]
 
