@@ -102,9 +102,7 @@ class ElementwiseTable(nn.Module):
         return self.function, self.params
 
     def _torch_fn(self, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
-        if self.function == "prelu":
-            return F.prelu(x, weights[0])
-        return TORCH_FUNCTIONS[self.function](x, **self.params)
+        return float_elementwise(x, self.function, self.params, *weights)
 
     def forward(self, x: torch.Tensor, in_bits: torch.Tensor, in_frac_bits: torch.Tensor,
                 out_bits: torch.Tensor, out_frac_bits: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
@@ -127,6 +125,22 @@ class ElementwiseTable(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer={self.layer!r}, function={self.function}, params={self.params}"
+
+
+def float_elementwise(x: torch.Tensor, function: str, params: dict[str, float], *weights: torch.Tensor) -> torch.Tensor:
+    """The float function of an :class:`ElementwiseTable` (what :class:`StripQuantizers` restores)."""
+    if function == "prelu":
+        return F.prelu(x, weights[0])
+    return TORCH_FUNCTIONS[function](x, **params)
+
+
+def float_avg_pool2d(x: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+    """torch's average pooling with ``config`` (what :class:`StripQuantizers` restores)."""
+    if config.get("output_size") is not None:
+        return F.adaptive_avg_pool2d(x, config["output_size"])
+    return F.avg_pool2d(x, config["kernel_size"], config.get("stride"), config.get("padding", 0),
+                        config.get("ceil_mode", False), config.get("count_include_pad", True),
+                        config.get("divisor_override"))
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -195,11 +209,7 @@ class FixedPointAvgPool2d(nn.Module):
         h, w = int(x.shape[-2]), int(x.shape[-1])
         attrs = avgpool_window(self.pool_config, h, w)
         if isinstance(attrs, str):  # no exact integer form: torch's pooling (the lowering refuses it)
-            c = self.pool_config
-            if c.get("output_size") is not None:
-                return F.adaptive_avg_pool2d(x, c["output_size"])
-            return F.avg_pool2d(x, c["kernel_size"], c.get("stride"), c.get("padding", 0), c.get("ceil_mode", False),
-                                c.get("count_include_pad", True), c.get("divisor_override"))
+            return float_avg_pool2d(x, self.pool_config)
         key = (h, w)
         if key not in self._factors:
             self._factors[key] = window_factors(attrs, h, w)[0]
@@ -212,4 +222,4 @@ class FixedPointAvgPool2d(nn.Module):
 
 
 __all__ = ["DEFAULT_LUT_INPUT_BITS", "ElementwiseTable", "FixedPointAvgPool2d", "TORCH_FUNCTIONS",
-           "avgpool_window", "window_factors"]
+           "avgpool_window", "float_avg_pool2d", "float_elementwise", "window_factors"]

@@ -1,6 +1,8 @@
 """Remove every quantizer from a graph (the inverse of :class:`InsertQuantizers`).
 
-Each quantizer node is replaced by its input (by ``relu(input)`` where a ReLU was fused into it), quantizer modules are deleted; Conv/Linear stay in
+Each quantizer node is replaced by its input (by ``relu(input)`` where a ReLU was fused into it), quantizer modules are deleted;
+fxquant's fake-quant ops go back to their float form (an element-wise table to its function, the
+reciprocal average pooling to torch's); Conv/Linear stay in
 their functional ``aten`` form on the original parameters, so the result computes the float model.
 Idempotent (``modified=False`` when there is nothing to strip).
 """
@@ -11,6 +13,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from fxquant.ops.fake_quant import ElementwiseTable, FixedPointAvgPool2d, float_avg_pool2d, float_elementwise
 from fxquant.passes.insert_quantizers import QUANT_ROOT
 from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
 
@@ -25,6 +28,19 @@ class StripQuantizers(PassBase):
                 if getattr(gm.get_submodule(str(node.target)), "relu", False):  # undo FuseReluIntoQuantizers
                     with gm.graph.inserting_before(node):
                         replacement = gm.graph.call_function(torch.relu, (node.args[0],))
+                node.replace_all_uses_with(replacement)
+                gm.graph.erase_node(node)
+                modified = True
+            elif node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)),
+                                                         (ElementwiseTable, FixedPointAvgPool2d)):
+                module = gm.get_submodule(str(node.target))
+                with gm.graph.inserting_before(node):
+                    if isinstance(module, ElementwiseTable):
+                        replacement = gm.graph.call_function(float_elementwise, (
+                            node.args[0], module.function, dict(module.params), *node.args[5:]))
+                    else:
+                        replacement = gm.graph.call_function(float_avg_pool2d, (node.args[0], module.config()))
+                replacement.meta.update(node.meta)
                 node.replace_all_uses_with(replacement)
                 gm.graph.erase_node(node)
                 modified = True

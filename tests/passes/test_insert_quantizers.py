@@ -130,8 +130,11 @@ def test_act_quantizer_is_named_after_the_op_producing_the_value():
     gm = capture(FloatBetween())
     InsertQuantizers()(gm)
     acts = sorted(layer for layer, role in quantizers(gm) if role == "act")
-    # sigmoid and tanh produce the values entering conv2 and fc (through max-pool / flatten)
-    assert acts == ["block.1", "fc", "input", "tanh"]
+    # sigmoid and tanh produce the values entering conv2 and fc (through max-pool / flatten); as
+    # lookup tables they quantize their own inputs (the values conv1 and conv2 produce)
+    assert acts == ["block.1", "conv1", "conv2", "fc", "input", "tanh"]
+    kinds = {layer: q.kind for (layer, role), q in quantizers(gm).items() if role == "act"}
+    assert kinds["block.1"] == kinds["tanh"] == "lut" and kinds["conv1"] == "conv2d"
 
 
 def test_functional_weights_idempotent_and_strip_restores(mlp):
