@@ -18,6 +18,8 @@ Both are put back as the model's own modules::
 so ``gm.train()`` / ``gm.eval()`` switch batch statistics / running statistics and dropout as in
 eager mode, :class:`FoldBatchNorm` folds the BN modules, and quantizers land where the fx path puts
 them. Other ``if self.training:`` branches stay specialized to training (documented limitation).
+On the fx path, ``torchvision.ops.StochasticDepth`` stays a module (a leaf): it drops rows in
+training and is the identity in eval, and the lowering removes it like dropout.
 In-place adds on activations (``y += z``) become out-of-place adds in both paths, so a quantizer
 output shared by several consumers is never overwritten by one of them.
 """
@@ -32,7 +34,7 @@ import torch
 from torch import fx, nn
 
 from fxquant.errors import CaptureError
-from fxquant.passes.op_kinds import module_path
+from fxquant.passes.op_kinds import is_stochastic_depth, module_path
 
 CAPTURED_BY = "fxquant_captured_by"
 _aten = torch.ops.aten
@@ -52,8 +54,16 @@ def _user_frame(exc: BaseException) -> str | None:
     return best
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping ``torchvision.ops.StochasticDepth`` a module: traced through, its
+    ``if not self.training`` would be frozen to the mode at capture (a random drop in eval)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_stochastic_depth(m) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
-    tracer = fx.Tracer()
+    tracer = _Tracer()
     tracer.record_stack_traces = True
     graph = tracer.trace(model)
     name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__

@@ -141,17 +141,33 @@ def set_bits(model: nn.Module, weight_bits: int | None = None, act_bits: int | N
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batch: torch.Tensor) -> None:
-    """One float forward (quantizers temporarily off) to record every tensor's range in ``amax``."""
+    """One float forward (quantizers temporarily off) to record every tensor's range in ``amax``.
+
+    The forward runs **in the model's own mode**: a model about to train (the trainer, the range
+    test) is calibrated with BatchNorm's *batch* statistics, the ranges its training steps see.
+    (Calibrating a training model in eval mode normalizes with the running statistics BN starts
+    with, mean 0 and variance 1: no normalization at all, so every range after a BN is the raw
+    conv output's, 1e-13 or 1e9 deep in a torchvision model, and the first training steps
+    saturate every quantizer — zero straight-through gradients and a flat loss at ln(classes),
+    or values on a grid whose step is larger than they are.) BN's running statistics and the
+    RNG (dropout, stochastic depth) are restored afterwards: calibration changes only ``amax``.
+    """
     qs = list(quantizers(model).values())
     saved = [int(q.bits) for q in qs]
     for q in qs:
         q.bits.fill_(OFF_BITS)
-    was_training = model.training
-    model.eval()
-    model(batch)
-    model.train(was_training)
-    for q, bits in zip(qs, saved):
-        q.bits.fill_(bits)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    buffers = [{k: b.clone() for k, b in m.named_buffers(recurse=False)} for m in bns]
+    rng = torch.random.get_rng_state()
+    try:
+        model(batch)
+    finally:
+        torch.random.set_rng_state(rng)
+        for m, saved_buffers in zip(bns, buffers):
+            for k, b in saved_buffers.items():
+                getattr(m, k).copy_(b)
+        for q, bits in zip(qs, saved):
+            q.bits.fill_(bits)
 
 
 def mean_bits(model: nn.Module, role: str, qs: dict[tuple[str, str], FixedPointQuantizer] | None = None) -> float:
