@@ -41,7 +41,7 @@ def trained(model: nn.Module, x: torch.Tensor, steps: int = 2, bits: int = 8, lr
         opt.zero_grad()
         loss.backward()
         opt.step()
-        policy.on_batch_end(step, float(loss), gm)
+        policy.on_batch_end(step, loss.item(), gm)
     gm.eval()
     FoldBatchNorm()(gm)
     return gm
@@ -502,8 +502,8 @@ def test_torchvision_model_lowers_exactly(name):
     tv = import_torchvision()
     torch.manual_seed(0)
     model = getattr(tv.models, name)(weights=None, num_classes=10)
-    x = torch.randn(4, 3, 32, 32)
-    gm = trained(model, x, steps=2, lr=0.01)
+    x = torch.randn(4 if name != "densenet121" else 2, 3, 32, 32)
+    gm = trained(model, x, steps=2 if name != "densenet121" else 1, lr=0.01)
     graph = lower_to_integer_graph(gm, x[:1])
     record = check_reference(gm, graph, [(x * 2).numpy()])
     assert record["bit_exact"], record
