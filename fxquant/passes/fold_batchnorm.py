@@ -15,7 +15,8 @@ attached when folding creates a bias. Run in eval mode, after training. Idempote
 **Standalone BatchNorm2d** (not after a single-user conv: DenseNet's pre-activation BN, BN after
 a cat or a pool) in a quantized graph becomes the per-channel affine it computes in eval mode, a
 depthwise 1x1 conv: ``aten.conv2d(q_in(x), q_w(s), q_b(beta - mu s), groups=C)``, ``s`` of shape
-``(C, 1, 1, 1)``. Its input quantizer is the one :class:`InsertQuantizers` put before the BN
+``(C, 1, 1, 1)``, stored as the BN module's ``weight`` (and ``bias``), which the graph no longer
+calls. Its input quantizer is the one :class:`InsertQuantizers` put before the BN
 (training saw it), its weight quantizer the one it created for the BN's layer (a layer like any
 conv in the precision map: role ``weight``, kind ``batchnorm``; FL refitted here to ``max|s|``), its
 bias an int32 on ``FL_w + FL_in``. The lowering then emits exactly this conv. Other BN (float
@@ -121,14 +122,16 @@ class FoldBatchNorm(PassBase):
         with torch.no_grad():
             scale = (gamma / torch.sqrt(var + eps)).detach()
             bias = (beta - mean * scale).detach()
-        module.register_parameter("folded_weight", nn.Parameter(scale.reshape(-1, 1, 1, 1).clone()))
-        module.register_parameter("folded_bias", nn.Parameter(bias.clone()))
+        # the affine replaces the (now unused) module's weight and bias, so ``<layer>.weight`` is the
+        # deployed weight for every reader of parameters by layer name (policies, bitops, census)
+        module.weight = nn.Parameter(scale.reshape(-1, 1, 1, 1).clone())
+        module.bias = nn.Parameter(bias.clone())
         if not wq.fmt.is_off:
             wq.set_format(FixedPoint(wq.fmt.bits, fit_frac_bits(float(scale.abs().max()), wq.fmt.bits)))
         path = str(bn.target)
         with gm.graph.inserting_before(bn):
-            w = gm.graph.get_attr(f"{path}.folded_weight")
-            b = gm.graph.get_attr(f"{path}.folded_bias")
+            w = gm.graph.get_attr(f"{path}.weight")
+            b = gm.graph.get_attr(f"{path}.bias")
             w_q = gm.graph.call_module(f"{QUANT_ROOT}.{key}", (w,))
             conv = gm.graph.call_function(torch.ops.aten.conv2d.default,
                                           (x, w_q, b, [1, 1], [0, 0], [1, 1], int(scale.numel())))

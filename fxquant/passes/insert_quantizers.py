@@ -7,12 +7,29 @@
   (parameters keep their names; ``addmm``'s ``(in, out)`` weight is read through ``aten.t``).
 * A **weight quantizer** on every conv/linear weight (and on a parameter operand of a matmul),
   and a :class:`BiasQuantizer` putting the bias on the accumulator grid ``FL_w + FL_in``.
-* An **activation quantizer on every value that enters a quantized op** (conv, linear, matmul,
-  residual add, cat, average pooling) and on every graph output. One quantizer per value, shared
+* An **activation quantizer on every value that enters a quantized op** (conv, linear,
+  conv_transpose, matmul, residual add, cat, average pooling, mul, mul_pow2, lookup table,
+  standalone BatchNorm) and on every graph output; a value that already comes out of a quantizer
+  through grid-keeping ops (ReLU, max pooling, reshapes, transposes, upsampling) keeps it. One quantizer per value, shared
   by all its quantized consumers; named after the op that produced the value, looking through
   transparent ops and BatchNorm only (``input`` for a model input, ``sigmoid`` for a value a
   sigmoid produced). Float consumers keep the float value. Every quantized op's layer name is
   recorded in ``node.meta[LAYER_META]``.
+
+* **Element-wise functions** (kind ``lut``) become
+  ``q_out(ElementwiseTable(q_in(x), <q_in's bits, FL>, <q_out's bits, FL>))``
+  (:class:`~fxquant.ops.fake_quant.ElementwiseTable`: forward = the integer graph's table, backward
+  = the function's derivative). ``q_in`` is the value's activation quantizer with its width capped
+  at :data:`~fxquant.ops.fake_quant.DEFAULT_LUT_INPUT_BITS` (8: a 256-entry table; the cap is the
+  quantizer's ``max_bits``, so a policy asking for more gets 8, and a value shared with other
+  quantized consumers shares the cap); ``q_out`` is the table's own output quantizer (layer =
+  the function's layer name, kind ``lut``: in the precision map and set by the policy like any
+  activation), read by every consumer.
+* **Average pooling** becomes :class:`~fxquant.ops.fake_quant.FixedPointAvgPool2d` (window sum
+  times the rounded reciprocal of its divisor, exactly the integer op).
+* A **standalone BatchNorm2d** (not after a single-user conv) gets an input quantizer and a weight
+  quantizer (layer = the BN's path, kind ``batchnorm``, unused in training) for the depthwise 1x1
+  conv :class:`~fxquant.passes.FoldBatchNorm` makes of it.
 
 Before → after (a residual block)::
 

@@ -24,6 +24,20 @@ One batch-touching form is accepted: ``x.view(-1, C)`` of an ``(N, *L, C)`` tens
 ``Conv1D``) whose rows only meet row-wise ops before a reshape back to ``(N, *L, …)``; that region
 is lowered on the unmerged tensor (:meth:`_Lowering.track_rows`).
 
+**Vision ops.** ``clamp`` (ReLU6, Hardtanh, ``torch.clamp``…; bounds rounded onto the output
+grid, see :meth:`_Lowering.lower_clamp`); ``lut`` from an
+:class:`~fxquant.ops.fake_quant.ElementwiseTable` (the table is built once the output format is
+known; a per-channel PReLU is refused); ``mul`` of two activations (broadcast gates
+``(C,H,W) x (C,1,1)``); ``mul_pow2`` for a constant power of two (another constant is refused by
+name); ``transpose`` (perm over the non-batch dims); ``upsample_nearest`` (integer factors, read
+from the shapes); ``conv_transpose2d`` (weight ``(C_in, C_out/g, kh, kw)``); ``conv2d`` with any
+``groups`` (depthwise, and the standalone BN's 1x1 affine); max pooling with ``dilation`` and
+``ceil_mode``; average pooling with any window, padding (``count_include_pad=True``) and
+``ceil_mode``, adaptive to any size whose windows are uniform (each divisor a rounded reciprocal
+multiply, :func:`~fxquant.ops.fake_quant.avgpool_window`). Pooled sizes are checked against
+torch's. Which targets build each op is legality's business (``fxquant/legality.py``), not the
+lowering's: nothing here refuses a window for not being a power of two.
+
 ``torch.add(a, b, alpha=2^e)`` is exact in fixed point: ``b``'s integers at ``FL_b - e`` are
 ``2^e b``, so the lowering emits ``mul_pow2`` (integers unchanged, FL relabelled) before the add;
 any other ``alpha`` is refused.

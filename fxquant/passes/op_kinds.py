@@ -3,13 +3,29 @@
 One table maps nn modules, torch functions, tensor methods and aten overloads to an op kind, so
 every pass reads the graph the same way whichever capture produced it:
 
-* **quantized** kinds (``conv2d``, ``linear``, ``matmul``, ``add``, ``cat``, ``avgpool2d``): their
-  tensor inputs are quantized values; ``conv2d``/``linear`` also carry a quantized weight
-  (``F.conv2d``/``F.linear``/``torch.addmm`` count only with a parameter weight).
-* **transparent** kinds (``relu``, ``maxpool2d``, ``flatten``, ``reshape``, ``identity``): commute
-  with the quantizer, values keep their grid.
-* ``batchnorm``: trained in float, folded into the conv before deployment.
-* anything else is ``None`` (a float op: allowed in training, rejected by integer exporters).
+* **quantized** kinds: their tensor inputs are quantized values.
+  ``conv2d``/``linear``/``conv_transpose2d`` also carry a quantized weight (``F.conv2d``,
+  ``F.linear``, ``F.conv_transpose2d``, ``torch.addmm`` count only with a parameter weight);
+  ``matmul``, ``add``, ``cat``, ``avgpool2d`` (``nn.AvgPool2d``, ``nn.AdaptiveAvgPool2d``, ``F.*``,
+  aten); ``mul`` (a product of two activations: ``operator.mul``, ``torch.mul``, ``Tensor.mul``,
+  ``aten.mul.Tensor``, in-place forms); ``mul_pow2`` (times a constant power of two, a number or a
+  one-element parameter; ``x / c`` too); ``lut`` (an element-wise function of
+  :data:`fxquant.elementwise.FUNCTIONS` — Sigmoid, Tanh, SiLU, Hardswish, Hardsigmoid, GELU exact
+  and tanh, Mish, ELU(alpha), LeakyReLU(slope), Softplus(beta=1), exp, PReLU — as module,
+  ``F.*``, ``torch.*``, tensor method, aten overload or in-place variant; :func:`elementwise_function`
+  gives its name and parameters).
+* **transparent** kinds (``relu``, ``maxpool2d``, ``flatten``, ``reshape`` (view, reshape,
+  squeeze, unsqueeze), ``transpose`` (permute, transpose, swapaxes), ``upsample_nearest``
+  (``nn.Upsample``/``F.interpolate`` in mode ``nearest``, aten ``upsample_nearest2d``),
+  ``identity`` (dropout of every kind, ``nn.Identity``, torchvision's ``StochasticDepth``,
+  ``contiguous``/``clone``/``detach``), and ``clamp`` (``nn.ReLU6``, ``nn.Hardtanh``, ``F.relu6``,
+  ``F.hardtanh``, ``torch.clamp``/``clip``/``clamp_min``/``clamp_max`` with constant bounds,
+  :func:`clamp_bounds`)): they commute with the quantizer after them; all but ``clamp`` also keep
+  their input's grid (:data:`GRID_KEEPING_KINDS`).
+* ``batchnorm``: trained in float, folded into the conv before deployment (or, standalone, made a
+  depthwise conv by :class:`~fxquant.passes.FoldBatchNorm`).
+* anything else is ``None`` (a float op: allowed in training, rejected by integer exporters, which
+  name it by :func:`readable_op` and :func:`source_line`).
 
 **Normalization.** :func:`call_arguments` returns every call's arguments in full keyword form
 (``torch.fx.operator_schemas.normalize_function`` / ``normalize_module`` with argument types from
