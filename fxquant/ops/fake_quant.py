@@ -207,7 +207,7 @@ class FixedPointAvgPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = int(x.shape[-2]), int(x.shape[-1])
-        attrs = avgpool_window(self.pool_config, h, w)
+        attrs = avgpool_window(self.pool_config, h, w) if x.dim() == 4 else "not an NCHW tensor"
         if isinstance(attrs, str):  # no exact integer form: torch's pooling (the lowering refuses it)
             return float_avg_pool2d(x, self.pool_config)
         key = (h, w)

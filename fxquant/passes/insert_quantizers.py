@@ -55,7 +55,7 @@ from fxquant.fixed_point import OFF_BITS, FixedPoint
 from fxquant.ops.fake_quant import DEFAULT_LUT_INPUT_BITS, ElementwiseTable, FixedPointAvgPool2d
 from fxquant.passes.op_kinds import (GRID_KEEPING_KINDS, LAYER_META, QUANTIZED_KINDS, TRANSPARENT_KINDS,
                                      WEIGHTED_KINDS, argument, call_arguments, elementwise_function, layer_name,
-                                     node_kind, short_name, tensor_inputs)
+                                     node_kind, short_name, spatial_mean, tensor_inputs)
 from fxquant.quantizers import ACT, WEIGHT, BiasQuantizer, FixedPointQuantizer
 
 QUANT_ROOT = "fxq"
@@ -178,7 +178,12 @@ class InsertQuantizers(PassBase):
 
     def _avgpool(self, gm: fx.GraphModule, node: fx.Node, layer: str) -> None:
         """Average pooling → :class:`FixedPointAvgPool2d` (window sum times the rounded reciprocal)."""
-        a = call_arguments(gm, node)
+        keepdim = spatial_mean(node)
+        if keepdim is not None:  # x.mean([2, 3]): global pooling, then (N, C) unless keepdim
+            a: dict[str, Any] | None = {"input": node.args[0] if node.args else node.kwargs["input"],
+                                        "output_size": 1}
+        else:
+            a = call_arguments(gm, node)
         if a is None:
             return
         config = {k: v for k, v in a.items() if k != "input"}
@@ -188,6 +193,9 @@ class InsertQuantizers(PassBase):
         gm.get_submodule(QUANT_ROOT)[key] = FixedPointAvgPool2d(layer, config)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(f"{QUANT_ROOT}.{key}", (a["input"],))
+            if keepdim is False:
+                new.meta.update(node.meta)
+                new = gm.graph.call_function(torch.flatten, (new, 1))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

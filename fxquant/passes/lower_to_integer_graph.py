@@ -474,6 +474,8 @@ class _Lowering:
         two only (exact)."""
         src = a["input"]
         in_name = self.resolved(src, f"input of {layer}")
+        if len(self.full_shape(src)) != 4:
+            raise self.refuse(node, f"average pooling of a {len(self.full_shape(src))}-d tensor (NCHW only)")
         h, w = self.full_shape(src)[2:]
         config = {k: self.value(v) for k, v in a.items() if k != "input"}
         attrs = avgpool_window(config, h, w)

@@ -7,7 +7,7 @@ every pass reads the graph the same way whichever capture produced it:
   ``conv2d``/``linear``/``conv_transpose2d`` also carry a quantized weight (``F.conv2d``,
   ``F.linear``, ``F.conv_transpose2d``, ``torch.addmm`` count only with a parameter weight);
   ``matmul``, ``add``, ``cat``, ``avgpool2d`` (``nn.AvgPool2d``, ``nn.AdaptiveAvgPool2d``, ``F.*``,
-  aten); ``mul`` (a product of two activations: ``operator.mul``, ``torch.mul``, ``Tensor.mul``,
+  aten, and ``x.mean([2, 3])``: :func:`spatial_mean`); ``mul`` (a product of two activations: ``operator.mul``, ``torch.mul``, ``Tensor.mul``,
   ``aten.mul.Tensor``, in-place forms); ``mul_pow2`` (times a constant power of two, a number or a
   one-element parameter; ``x / c`` too); ``lut`` (an element-wise function of
   :data:`fxquant.elementwise.FUNCTIONS` — Sigmoid, Tanh, SiLU, Hardswish, Hardsigmoid, GELU exact
@@ -280,8 +280,25 @@ def power_of_two_exponent(c: float) -> int | None:
     return exp - 1 if mantissa == 0.5 else None
 
 
+def spatial_mean(node: fx.Node) -> bool | None:
+    """``keepdim`` of ``x.mean([2, 3])`` / ``torch.mean(x, (2, 3), keepdim)`` (a global
+    average pooling of an NCHW tensor), ``None`` for any other call."""
+    if not (node.op == "call_method" and node.target == "mean" or
+            node.op == "call_function" and node.target in (torch.mean, _aten.mean.dim)):
+        return None
+    dims = argument(node, 1, "dim")
+    # positive dims only: (-2, -1) of a 3-d tensor would read as pooling too
+    if not isinstance(dims, (list, tuple)) or sorted(d for d in dims if isinstance(d, int)) != [2, 3] \
+            or argument(node, 3, "dtype") is not None:
+        return None
+    keepdim = argument(node, 2, "keepdim", False)
+    return bool(keepdim) if isinstance(keepdim, bool) else None
+
+
 def _special_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """Kinds decided by a node's operands, not only by its target."""
+    if spatial_mean(node) is not None:
+        return "avgpool2d"
     if elementwise_function(gm, node) is not None:
         return "lut"
     if clamp_bounds(gm, node) is not None:

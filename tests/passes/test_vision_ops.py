@@ -281,6 +281,7 @@ POOLS = {
     "adaptive_3": nn.AdaptiveAvgPool2d(3),
     "adaptive_global": lambda x: F.adaptive_avg_pool2d(x, (1, 1)),
     "adaptive_2x3": nn.AdaptiveAvgPool2d((2, 3)),
+    "mean": lambda x: x.mean([2, 3]), "mean_keepdim": lambda x: torch.mean(x, (2, 3), keepdim=True),
 }
 
 
