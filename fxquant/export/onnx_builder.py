@@ -171,6 +171,23 @@ def pool_pads(op: Op, in_shape: tuple[int, ...]) -> list[int]:
     return [ph, pw, *ends]
 
 
+def pad_node_needed(op: Op, in_shape: tuple[int, ...]) -> bool:
+    """Whether a max pool's :func:`pool_pads` need a ``Pad`` node before it: onnxruntime's MaxPool
+    takes only pads smaller than the kernel, and a dilated ceil-mode overhang can be larger."""
+    if op.kind != "maxpool2d":
+        return False
+    kh, kw = op.attrs["kernel"]
+    return any(p >= k for p, k in zip(pool_pads(op, in_shape), (kh, kw, kh, kw)))
+
+
+def pad_node(b: GraphBuilder, op: Op, x: str, in_shape: tuple[int, ...], value: np.ndarray) -> str:
+    """``Pad`` of an NCHW tensor by :func:`pool_pads` with the constant ``value`` (a max pool's
+    lowest value: every window holds an input cell, so the maximum is unchanged)."""
+    ph, pw, eh, ew = pool_pads(op, in_shape)
+    pads = b.const(f"{op.name}.pads", np.array([0, 0, ph, pw, 0, 0, eh, ew], np.int64))
+    return b.node("Pad", [x, pads, b.const(f"{op.name}.pad_value", value)], f"{op.name}_pad", mode="constant")
+
+
 def window_sums(b: GraphBuilder, op: Op, x: str, in_shape: tuple[int, ...]) -> str:
     """Float32 window sums of an average pool: a depthwise ``Conv`` of ones over ``x`` (zero
     padding, :func:`pool_pads`), exact while every sum stays within 2^24 (``check``)."""
@@ -199,7 +216,8 @@ def float_op(b: GraphBuilder, op: Op, xs: list[str], weight: str | None = None,
     """The float node computing ``op``'s accumulation (before requantization and fused ReLU).
 
     ``xs`` are float input tensors, ``weight``/``bias`` float weight and bias tensors, ``in_shape``
-    the first input's shape (without the batch; pools need it). ``cat`` is a plain Concat of its
+    the first input's shape (without the batch; pools need it; a max pool whose
+    :func:`pad_node_needed` takes its input already padded). ``cat`` is a plain Concat of its
     (already requantized) inputs along ``attrs["dim"]``; ``avgpool2d`` here is the power-of-two
     ``AveragePool`` (:func:`~fxquant.export.limits.uses_reciprocal` pools are built by each flavour
     from :func:`window_sums`); ``upsample_nearest`` is ``Resize`` nearest with integer scales
@@ -221,8 +239,9 @@ def float_op(b: GraphBuilder, op: Op, xs: list[str], weight: str | None = None,
             raise ExportError(f"op {op.name!r}: a pool needs its input shape", "report this as an exporter bug")
         kernel = list(a["kernel"])
         extra = {"dilations": list(a["dilation"])} if op.kind == "maxpool2d" and "dilation" in a else {}
+        pads = [0, 0, 0, 0] if pad_node_needed(op, in_shape) else pool_pads(op, in_shape)  # padded by the caller
         return b.node(_ONNX_OP[op.kind], xs, op.name, kernel_shape=kernel,
-                      strides=list(a.get("stride", kernel)), pads=pool_pads(op, in_shape), **extra)
+                      strides=list(a.get("stride", kernel)), pads=pads, **extra)
     if op.kind == "transpose":
         return b.node("Transpose", xs, op.name, perm=[0, *(int(p) + 1 for p in a["perm"])])
     if op.kind == "upsample_nearest":

@@ -57,8 +57,8 @@ from fxquant.export.limits import (DEFAULT_OPSET, FLOAT32_EXACT_BOUND, NARROW_ST
                                    WEIGHTED_KINDS, check_exportable, check_opset, clamp_bounds, float32_risks,
                                    needs_integer_accumulation, qdq_problems, raise_problems, split_weights,
                                    uses_reciprocal)
-from fxquant.export.onnx_builder import (GraphBuilder, conv_attrs, float_io, float_op, fmt_bounds, pow2,
-                                         reciprocal_factors, scale_of, window_sums)
+from fxquant.export.onnx_builder import (GraphBuilder, conv_attrs, float_io, float_op, fmt_bounds, pad_node,
+                                         pad_node_needed, pow2, reciprocal_factors, scale_of, window_sums)
 from fxquant.export.passes import FoldTransparentQdq
 from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
 from fxquant.integer_graph import IntegerGraph, Op, avg_divisors
@@ -342,7 +342,14 @@ class _QdqBuilder:
         st = self.storage(fmt, op.output)
         if op.kind == "relu" and st.dtype != TensorProto.INT16:
             return self._clip_ints(self.ints[op.inputs[0]], st, *fmt_bounds(fmt, True), op.output)
-        return self._q(float_op(self.b, op, [self.dq(op.inputs[0])], in_shape=in_shape), fmt.frac_bits, st, op.output)
+        x = self.dq(op.inputs[0])
+        if pad_node_needed(op, in_shape) and st.dtype == TensorProto.INT16:  # onnxruntime has no int16 Pad
+            x = pad_node(self.b, op, x, in_shape, np.float32(fmt.qmin * scale_of(fmt.frac_bits, op.name)))
+        elif pad_node_needed(op, in_shape):  # pad the stored integers with the format's lowest one
+            lowest = np.array(fmt.qmin + st.zero_point, _NUMPY[st.dtype])
+            padded = pad_node(self.b, op, self.ints[op.inputs[0]], in_shape, lowest)
+            x = self._dq(padded, fmt.frac_bits, st, f"{op.inputs[0]}_padded_dq")
+        return self._q(float_op(self.b, op, [x], in_shape=in_shape), fmt.frac_bits, st, op.output)
 
     def build(self) -> onnx.ModelProto:
         g = self.graph
@@ -427,6 +434,8 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
                                                         dequantize(op.bias, fl_acc).astype(np.float32))
             f = float_op(b, op, xs, w, bias)
         else:
+            if pad_node_needed(op, v.shape):
+                xs = [pad_node(b, op, xs[0], v.shape, np.float32(-np.inf))]
             f = float_op(b, op, xs, in_shape=v.shape)
         floats[op.output] = b.node("Relu", [f], f"{op.output}_relu") if op.attrs.get("relu") else f
     for name in graph.outputs:

@@ -38,8 +38,8 @@ from onnx import helper, numpy_helper
 from fxquant.errors import ExportError, UnsupportedOpError
 from fxquant.export.limits import (QONNX_MAX_IR_VERSION, WEIGHTED_KINDS, check_opset, clamp_bounds,  # noqa: F401
                                    float32_risks, qonnx_problems, raise_problems, uses_reciprocal)
-from fxquant.export.onnx_builder import (GraphBuilder, float_io, float_op, pow2, reciprocal_factors, scale_of,
-                                         window_sums)
+from fxquant.export.onnx_builder import (GraphBuilder, float_io, float_op, pad_node, pad_node_needed, pow2,
+                                         reciprocal_factors, scale_of, window_sums)
 from fxquant.fixed_point import FixedPoint, dequantize
 from fxquant.integer_graph import IntegerGraph, Op
 
@@ -136,6 +136,10 @@ class _QonnxBuilder:
         if op.kind == "mul_pow2":  # k * 2^-FL_in * 2^e = k * 2^-FL_out, exact in float32
             return self.b.node("Mul", [xs[0], self.b.const("pow2", pow2(op.attrs["exponent"], op.name))], op.name)
         # maxpool2d, flatten, reshape, transpose, upsample_nearest, relu: the grid is kept
+        if pad_node_needed(op, in_shape):  # padded with the format's lowest value (on the grid)
+            fmt = self.graph.values[op.inputs[0]].fmt
+            lowest = np.float32(fmt.qmin * scale_of(fmt.frac_bits, op.name))
+            xs = [pad_node(self.b, op, xs[0], in_shape, lowest)]
         return float_op(self.b, op, xs, in_shape=in_shape)
 
     def build(self, opset: int) -> onnx.ModelProto:

@@ -211,9 +211,10 @@ def test_unsupported_graphs_raise() -> None:
     with pytest.raises(UnsupportedOpError, match="fc2 \\(linear\\): 12-bit value 'fc2' needs int16 QuantizeLinear, "
                                                 "which opset 13 lacks"):
         to_qdq(mixed(), opset=13)
-    m = GraphMaker((4, 8, 8), F(8, 4))
-    with pytest.raises(UnsupportedOpError, match=r"avg \(avgpool2d\): average window \(3, 3\) is not a power of two"):
-        to_qdq(m.graph(m.pool("avg", "input", "avgpool2d", 3)))
+    m = GraphMaker((1, 24, 24), F(16, 4))
+    with pytest.raises(UnsupportedOpError, match=r"avg \(avgpool2d\): average window sum can reach 17334272, "
+                                                r"beyond float32's exact 2\^24"):
+        to_qdq(m.graph(m.pool("avg", "input", "avgpool2d", 23)))
     m = GraphMaker((8,), F(8, 4))
     graph = m.graph(m.linear("fc", "input", 2, F(8, 0), F(8, 2)))
     graph.inputs[0] = graph.values["input"] = Value("input", (4, 8), F(8, 4))  # linear over the last axis
