@@ -25,9 +25,26 @@ Math per op: a compute op (Conv, Gemm, MatMul, Add, AveragePool) on dequantized 
 bits) or a fused ReLU (``[0, qmax]``) is a ``Clip`` on the stored integers (int16: a float
 ``DequantizeLinear → Clip(lo·2^-FL, hi·2^-FL) → QuantizeLinear``, exact because the bounds lie on
 the grid). ``cat`` requantizes each input to ``out_fmt`` the same way and concatenates integers;
-``relu`` is an integer Clip; ``maxpool2d``/``flatten`` are built as ``DQ → op → Q`` and folded
-onto the integers by :class:`fxquant.export.passes.FoldTransparentQdq`; graph inputs
-are ``QuantizeLinear [→ Clip]``, outputs ``DequantizeLinear`` (float ``k * 2^-FL``).
+``relu`` is an integer Clip; ``maxpool2d``/``flatten``/``reshape``/``transpose``/``upsample_nearest``
+(``Resize`` nearest) are built as ``DQ → op → Q`` and folded onto the integers by
+:class:`fxquant.export.passes.FoldTransparentQdq` (MaxPool and Resize on 8-bit storage only;
+int16 ones stay float, exact: they copy values); graph inputs are ``QuantizeLinear [→ Clip]``,
+outputs ``DequantizeLinear`` (float ``k * 2^-FL``). The vision-zoo ops:
+
+* ``clamp``: the requantize's ``Q → Clip`` with the clamp's bounds (within the output format);
+* ``lut``: ``Cast(int32) → Add(-zero point - qmin) → Gather`` of the table stored as the output's
+  integers: integers only;
+* ``mul``: ``DQ → Mul → Q`` (onnxruntime fuses QLinearMul) while ``|a b| <= 2^24``; beyond, the
+  int32 product of the integers and the float64 requantization below;
+* ``avgpool2d`` with a window that is not a power of two, padding, or a ceil-mode edge window:
+  exact float32 window sums of the integers (a depthwise Conv of ones; ``check`` keeps them within
+  2^24), ``Cast(double)``, times the per-window ``M_d 2^(FL_out-FL_in-s_d)``, then the float64
+  requantization (``fixed_point.reciprocal``, divisors ``integer_graph.avg_divisors``);
+* ``maxpool2d`` with dilation / ceil mode: ``MaxPool`` with ``dilations`` and torch's ceil-mode
+  windows as extra end padding (a ``Pad`` with the lowest integer where onnxruntime's MaxPool
+  would refuse pads as large as the kernel);
+* ``conv_transpose2d``: ``DQ → ConvTranspose → Q`` in float32 (ONNX has no integer form; ``check``
+  refuses worst-case accumulators beyond 2^24).
 
 onnxruntime's QLinear kernels (and float Conv/Gemm) requantize ``float(acc)``: exact only for
 ``|acc| <= 2^24``. A Conv/Gemm on <= 8-bit inputs whose worst-case accumulator is larger is

@@ -26,7 +26,7 @@ from fxquant.backends.registry import get_target
 from fxquant.errors import UnsupportedOpError
 from fxquant.export.limits import FLOAT32_EXACT_BOUND, float32_risks
 from fxquant.export.onnx_qdq import check_artifact, to_fp32, to_qdq
-from fxquant.export.qonnx import to_qonnx
+from fxquant.export.qonnx import lower_quant, to_qonnx
 from fxquant.export.verify import session, verify_onnx
 from fxquant.integer_graph import IntegerGraph
 from fxquant.legality import ceil_adds_window
@@ -225,3 +225,24 @@ def test_fp32_baseline_builds_the_zoo(case: str) -> None:
     assert not {"QuantizeLinear", "DequantizeLinear"} & set(node_types(model))
     report = verify_onnx(model, graph, inputs[0], "fp32")
     assert report["n"] == inputs[0].shape[0]
+
+
+@pytest.mark.parametrize("out_fmt", [F(8, 7), F(8, 3), F(4, 0), F(8, -2), F(6, 10), F(12, 5)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_every_8_bit_product_requantizes_exactly(out_fmt, relu: bool) -> None:
+    """All 256 x 256 products of two 8-bit activations (``(256, 1) x (1, 256)`` broadcast), as
+    onnxruntime fuses them (QLinearMul) and as QONNX's float Mul computes them."""
+    from fxquant.integer_graph import Op, Value
+
+    a, b = Value("a", (256, 1), F(8, 4)), Value("b", (1, 256), F(8, 3))
+    out = Value("y", (256, 256), out_fmt)
+    graph = IntegerGraph([a, b], [Op("y", "mul", ("a", "b"), "y", out_fmt, attrs={"relu": relu})], ["y"],
+                         {"a": a, "b": b, "y": out})
+    ks = np.arange(-128, 128, dtype=np.int64)
+    ka, kb = ks.reshape(1, 256, 1), ks.reshape(1, 1, 256)
+    want = graph.run(ka, kb)["y"]
+    feed = {"a": np.ldexp(ka, -4).astype(np.float32), "b": np.ldexp(kb, -3).astype(np.float32)}
+    for flavour, model in (("qdq", to_qdq(graph)), ("qonnx", to_qonnx(graph))):
+        runnable = model if flavour == "qdq" else lower_quant(model)
+        (got,) = session(runnable).run(["y"], feed)
+        np.testing.assert_array_equal(np.ldexp(got.astype(np.float64), out_fmt.frac_bits), want, err_msg=flavour)
