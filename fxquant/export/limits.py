@@ -16,8 +16,9 @@ raise the same list (:func:`raise_problems`) before building anything. Shared ru
 * both: an average pool that is not a plain power-of-two window (:func:`uses_reciprocal`) sums its
   windows with a float32 ``Conv`` of ones, exact while the window sum stays within ``2^24``; ONNX
   ``ConvTranspose`` has no integer form and accumulates in float32, so a ``conv_transpose2d``
-  whose worst-case ``|acc|`` exceeds ``2^24`` is refused; a ``clamp`` whose bounds leave its
-  output format has no stored form.
+  whose worst-case ``|acc|`` exceeds ``2^24`` is refused, except that QDQ builds one on <= 8-bit
+  inputs as the equal convolution of the zero-inserted input (ConvInteger, like a Conv); a
+  ``clamp`` whose bounds leave its output format has no stored form.
 
 Ops whose accumulator can exceed ``2^24`` and still run in float32 (ones on 9..16-bit inputs,
 activation matmuls, every such op of the QONNX graph) are not refused: :func:`float32_risks` lists them and
@@ -128,9 +129,8 @@ def window_sum_bound(graph: IntegerGraph, op: Op) -> int:
 
 
 def float32_problems(graph: IntegerGraph) -> list["Problem"]:
-    """Ops both exporters compute in float32 beyond its exact integers (``2^24``): window sums of
-    :func:`uses_reciprocal` pools (a float32 ``Conv`` of ones) and ``conv_transpose2d`` accumulators
-    (ONNX ``ConvTranspose`` has no integer form)."""
+    """Average pools both exporters would sum in float32 beyond its exact integers (``2^24``):
+    window sums of :func:`uses_reciprocal` pools are a float32 ``Conv`` of ones."""
     from fxquant.backends.base import Problem
 
     problems = []
@@ -139,11 +139,30 @@ def float32_problems(graph: IntegerGraph) -> list["Problem"]:
             problems.append(Problem(op.name, op.kind, f"average window sum can reach {window_sum_bound(graph, op)}, "
                                                       "beyond float32's exact 2^24 (the window sums are a float32 "
                                                       "Conv): use a smaller window or fewer input bits"))
-        if op.kind == "conv_transpose2d" and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND:
-            problems.append(Problem(op.name, op.kind, f"worst-case accumulator {graph.accumulator_bound(op)} exceeds "
-                                                      "float32's exact 2^24 (ONNX ConvTranspose has no integer form): "
-                                                      "use fewer weight/activation bits or channels"))
     return problems
+
+
+def conv_transpose_problems(graph: IntegerGraph, *, integer_path: bool, ort_x86: bool = True) -> list["Problem"]:
+    """``conv_transpose2d`` ops whose worst-case ``|acc|`` exceeds float32's exact 2^24 (ONNX
+    ConvTranspose accumulates in float32; it has no integer form) and that are not on the QDQ
+    integer path (``integer_path``: :func:`needs_integer_accumulation`, the equivalent convolution
+    as ConvInteger)."""
+    from fxquant.backends.base import Problem
+
+    return [Problem(op.name, op.kind, f"worst-case accumulator {graph.accumulator_bound(op)} exceeds float32's exact "
+                                      "2^24 (ONNX ConvTranspose has no integer form"
+                                      + ("; the integer path takes <= 8-bit inputs" if integer_path else "")
+                                      + "): use fewer weight/activation bits or channels")
+            for op in graph.ops if op.kind == "conv_transpose2d" and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
+            and not (integer_path and needs_integer_accumulation(graph, op, ort_x86=ort_x86))]
+
+
+def conv_transpose_as_conv(weight: np.ndarray, groups: int) -> np.ndarray:
+    """A ConvTranspose weight ``(C_in, C_out/g, kh, kw)`` as the Conv weight ``(C_out, C_in/g, kh, kw)``
+    of the equal convolution over the zero-inserted input: per group transposed, spatially flipped."""
+    cin, cog, kh, kw = weight.shape
+    w = np.asarray(weight).reshape(groups, cin // groups, cog, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+    return np.ascontiguousarray(w.reshape(groups * cog, cin // groups, kh, kw))
 
 
 def clamp_bounds(op: Op) -> tuple[int, int]:
@@ -199,10 +218,11 @@ def float32_risks(graph: IntegerGraph) -> list[str]:
 
 
 def needs_integer_accumulation(graph: IntegerGraph, op: Op, *, ort_x86: bool = True) -> bool:
-    """A Conv/Gemm on <= 8-bit inputs whose accumulator float32 may not hold: exported as
-    ConvInteger / MatMulInteger with int32 accumulators and a float64 requantization
-    (``_QdqBuilder.integer_op``; weights of 9..16 bits as two 8-bit halves)."""
-    if not ort_x86 or op.kind not in ("conv2d", "linear") or op.weight_fmt is None:
+    """A Conv/Gemm/ConvTranspose on <= 8-bit inputs whose accumulator float32 may not hold:
+    exported as ConvInteger / MatMulInteger with int32 accumulators and a float64 requantization
+    (``_QdqBuilder.integer_op``; weights of 9..16 bits as two 8-bit halves; a ConvTranspose as the
+    convolution of its zero-inserted input, ``_QdqBuilder.integer_conv_transpose``)."""
+    if not ort_x86 or op.kind not in WEIGHTED_KINDS or op.weight_fmt is None:
         return False
     fits = (graph.values[op.inputs[0]].fmt.bits <= 8 and op.weight_fmt.bits <= 16 and op.out_fmt.bits <= 16)
     return fits and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
@@ -223,9 +243,11 @@ def integer_path_bound(graph: IntegerGraph, op: Op) -> int:
     from fxquant.legality import dot_bound
 
     top = 1 << (graph.values[op.inputs[0]].fmt.bits - 1)
-    if min_signed_bits(op.weight) <= 8:
-        return dot_bound(op.weight, None, top)
-    hi, lo = split_weights(op.weight)
+    weight = (conv_transpose_as_conv(op.weight, op.attrs.get("groups", 1)) if op.kind == "conv_transpose2d"
+              else op.weight)
+    if min_signed_bits(weight) <= 8:
+        return dot_bound(weight, None, top)
+    hi, lo = split_weights(weight)
     return max(dot_bound(hi, None, top), dot_bound(lo, None, top))
 
 
@@ -250,6 +272,7 @@ def qdq_problems(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bo
                                         f"{v.fmt.bits}-bit value {v.name!r} needs int16 QuantizeLinear, which opset "
                                         f"{opset} lacks (use opset >= {NARROW_STORAGE_OPSET})"))
     if well_formed:
+        problems += conv_transpose_problems(graph, integer_path=True, ort_x86=ort_x86)
         for op in graph.ops:
             if not needs_integer_accumulation(graph, op, ort_x86=ort_x86):
                 continue
@@ -269,6 +292,7 @@ def qonnx_problems(graph: IntegerGraph) -> list["Problem"]:
     problems = exportable_problems(graph)
     if problems:
         return problems
+    problems += conv_transpose_problems(graph, integer_path=False)
     for op in graph.ops:
         if op.kind == "mul" and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND:
             problems.append(Problem(op.name, op.kind, f"product can reach {graph.accumulator_bound(op)}, beyond "

@@ -71,7 +71,8 @@ from onnx import TensorProto
 
 from fxquant.errors import ExportError, UnsupportedOpError
 from fxquant.export.limits import (DEFAULT_OPSET, FLOAT32_EXACT_BOUND, NARROW_STORAGE_OPSET,  # noqa: F401
-                                   WEIGHTED_KINDS, check_exportable, check_opset, clamp_bounds, float32_risks,
+                                   WEIGHTED_KINDS, check_exportable, check_opset, clamp_bounds, conv_transpose_as_conv,
+                                   float32_risks,
                                    needs_integer_accumulation, qdq_problems, raise_problems, split_weights,
                                    uses_reciprocal)
 from fxquant.export.onnx_builder import (GraphBuilder, conv_attrs, float_io, float_op, fmt_bounds, pad_node,
@@ -211,7 +212,7 @@ class _QdqBuilder:
     def integer_accumulation(self, op: Op) -> bool:
         return needs_integer_accumulation(self.graph, op, ort_x86=self.ort_x86)
 
-    def integer_op(self, op: Op, relu: bool) -> str:
+    def integer_op(self, op: Op, relu: bool, x: str | None = None) -> str:
         """Exact form of a Conv/Gemm whose ``|acc|`` may exceed 2^24, where QLinearConv/QGemm (or a
         float Conv/Gemm) would requantize ``float(acc)`` and round twice.
 
@@ -220,11 +221,13 @@ class _QdqBuilder:
         uint8 halves, MLAS's exact U8U8 kernel), each within int32
         (:func:`~fxquant.export.limits.integer_path_bound`). In float64 (exact below 2^53):
         ``acc = Σ factor · Cast(sum) + b``, then ``Mul(2^(FL_out-FL_acc)) → Round`` (half to even)
-        ``→ Add(zero point) → Clip → Cast``: :func:`fxquant.fixed_point.requantize`."""
+        ``→ Add(zero point) → Clip → Cast``: :func:`fxquant.fixed_point.requantize`. ``x``: stored
+        integers to convolve instead of the op's input (same format; a ``conv_transpose2d``'s
+        zero-inserted input, :meth:`integer_conv_transpose`)."""
         in_fmt, w_fmt = self.graph.values[op.inputs[0]].fmt, op.weight_fmt
         assert w_fmt is not None and w_fmt.frac_bits is not None and in_fmt.frac_bits is not None  # checked
         assert op.out_fmt.frac_bits is not None
-        x, x_zero = self.ints[op.inputs[0]], self._zero(self.storage(in_fmt, op.inputs[0]))
+        x, x_zero = x or self.ints[op.inputs[0]], self._zero(self.storage(in_fmt, op.inputs[0]))
         if min_signed_bits(op.weight) <= 8:
             parts = [(*self.weight_ints(op, transpose=op.kind == "linear"), 1, "")]
         else:
@@ -250,6 +253,39 @@ class _QdqBuilder:
         fl_acc = in_fmt.frac_bits + w_fmt.frac_bits
         shift = self.b.const("shift", np.float64(dequantize(np.int64(1), fl_acc - op.out_fmt.frac_bits)))
         return self.requantize_f64(acc, shift, op, relu)
+
+    def integer_conv_transpose(self, op: Op, relu: bool) -> str:
+        """Exact form of a ``conv_transpose2d`` whose ``|acc|`` may exceed 2^24 (ONNX ConvTranspose
+        has no integer form): the convolution it equals, on the integers through :meth:`integer_op`.
+
+        ``ConvTranspose(x, W)`` with stride ``s``, padding ``p``, output padding ``q``, dilation
+        ``d`` is, per axis, a stride-1 convolution with dilation ``d`` of the zero-inserted input
+        (``s - 1`` zeros after each pixel: ``Reshape → Pad → Reshape``) padded by ``d(k-1) - p``
+        at the start and ``d(k-1) - p + q - (s-1)`` at the end (a negative pad crops; the pads hold
+        the zero point, i.e. integer 0), with the weights
+        :func:`~fxquant.export.limits.conv_transpose_as_conv` (per group transposed, flipped)."""
+        v = self.graph.values[op.inputs[0]]
+        c, h, w = v.shape
+        (sh, sw), (ph, pw) = op.attrs.get("stride", (1, 1)), op.attrs.get("padding", (0, 0))
+        (qh, qw), (dh, dw) = op.attrs.get("output_padding", (0, 0)), op.attrs.get("dilation", (1, 1))
+        kh, kw = op.weight.shape[2:]
+        zero = self._zero(self.storage(v.fmt, op.inputs[0]))
+        x = self.b.node("Reshape", [self.ints[op.inputs[0]], self.b.const(f"{op.name}.split", np.array(
+            [0, c, h, 1, w, 1], np.int64))], f"{op.name}_split")
+        x = self.b.node("Pad", [x, self.b.const(f"{op.name}.zeros", np.array(
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, sh - 1, 0, sw - 1], np.int64)), zero], f"{op.name}_zeros", mode="constant")
+        x = self.b.node("Reshape", [x, self.b.const(f"{op.name}.merge", np.array([0, c, h * sh, w * sw], np.int64))],
+                        f"{op.name}_inserted")
+        begin = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
+        end = (begin[0] + qh - (sh - 1), begin[1] + qw - (sw - 1))
+        if any(begin) or any(end):
+            x = self.b.node("Pad", [x, self.b.const(f"{op.name}.pads", np.array([0, 0, *begin, 0, 0, *end], np.int64)),
+                                    zero], f"{op.name}_padded", mode="constant")
+        conv = Op(op.name, "conv2d", op.inputs, op.output, op.out_fmt,
+                  weight=conv_transpose_as_conv(op.weight, op.attrs.get("groups", 1)), weight_fmt=op.weight_fmt,
+                  bias=op.bias, attrs={"stride": (1, 1), "padding": (0, 0), "dilation": (dh, dw),
+                                       "groups": op.attrs.get("groups", 1)})
+        return self.integer_op(conv, relu, x=x)
 
     def requantize_f64(self, acc: str, factor: str, op: Op, relu: bool) -> str:
         """Stored integers of ``op.out_fmt`` from a float64 accumulator: ``Mul(factor) → Round``
@@ -328,7 +364,7 @@ class _QdqBuilder:
         in_shape = self.graph.values[op.inputs[0]].shape
         if self.integer_accumulation(op):
             self.integer_ops.append(op.name)
-            return self.integer_op(op, relu)
+            return self.integer_conv_transpose(op, relu) if op.kind == "conv_transpose2d" else self.integer_op(op, relu)
         if op.kind == "mul" and self.graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND:
             self.integer_ops.append(op.name)
             return self.integer_mul(op, relu)

@@ -246,3 +246,25 @@ def test_every_8_bit_product_requantizes_exactly(out_fmt, relu: bool) -> None:
         runnable = model if flavour == "qdq" else lower_quant(model)
         (got,) = session(runnable).run(["y"], feed)
         np.testing.assert_array_equal(np.ldexp(got.astype(np.float64), out_fmt.frac_bits), want, err_msg=flavour)
+
+
+@pytest.mark.parametrize(("channels", "w_fmt", "stride", "padding", "output_padding", "dilation", "groups"), [
+    (256, F(8, 7), (2, 2), (1, 1), (1, 1), (1, 1), 1),   # 8-bit weights: one ConvInteger
+    (64, F(12, 10), (2, 1), (0, 2), (1, 0), (1, 2), 2),  # split 12-bit weights, grouped, dilated
+    (384, F(8, 6), (3, 2), (3, 0), (0, 1), (1, 1), 2),   # padding beyond d(k-1): the zero-inserted input is cropped
+])
+def test_conv_transpose_beyond_float32_runs_as_convinteger(channels, w_fmt, stride, padding, output_padding, dilation,
+                                                           groups, tmp_path: Path) -> None:
+    m = GraphMaker((channels, 3, 4), F(8, 4), seed=groups)
+    graph = m.graph(m.conv_transpose("up", "input", 8, w_fmt, F(16, 2), kernel=(3, 2), stride=stride,
+                                     padding=padding, output_padding=output_padding, dilation=dilation,
+                                     groups=groups, relu=groups == 2))
+    op = graph.ops[0]
+    op.weight = np.where(m.rng.random(op.weight.shape) < 0.5, w_fmt.qmin, w_fmt.qmax)  # bound far beyond 2^24
+    assert graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
+    model = to_qdq(graph)
+    assert "ConvTranspose" not in node_types(model) and ("", "ConvInteger") in optimized_ops(model, tmp_path)
+    assert onnx_risks(model) == []
+    assert verify_onnx(model, graph, sample_inputs(graph, spread=40.0), "qdq")["mismatches"] == 0
+    (problem,) = get_target("qonnx").check(graph)
+    assert "ONNX ConvTranspose has no integer form" in problem.reason
