@@ -146,15 +146,27 @@ def conv_transpose_problems(graph: IntegerGraph, *, integer_path: bool, ort_x86:
     """``conv_transpose2d`` ops whose worst-case ``|acc|`` exceeds float32's exact 2^24 (ONNX
     ConvTranspose accumulates in float32; it has no integer form) and that are not on the QDQ
     integer path (``integer_path``: :func:`needs_integer_accumulation`, the equivalent convolution
-    as ConvInteger)."""
+    as ConvInteger); and ones whose ``output_padding`` (torch: below ``max(stride, dilation)``)
+    reaches the stride by more than the padding can absorb (onnxruntime takes ``< stride``)."""
     from fxquant.backends.base import Problem
 
-    return [Problem(op.name, op.kind, f"worst-case accumulator {graph.accumulator_bound(op)} exceeds float32's exact "
-                                      "2^24 (ONNX ConvTranspose has no integer form"
-                                      + ("; the integer path takes <= 8-bit inputs" if integer_path else "")
-                                      + "): use fewer weight/activation bits or channels")
-            for op in graph.ops if op.kind == "conv_transpose2d" and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
-            and not (integer_path and needs_integer_accumulation(graph, op, ort_x86=ort_x86))]
+    problems = [Problem(op.name, op.kind, f"worst-case accumulator {graph.accumulator_bound(op)} exceeds float32's "
+                                          "exact 2^24 (ONNX ConvTranspose has no integer form"
+                                          + ("; the integer path takes <= 8-bit inputs" if integer_path else "")
+                                          + "): use fewer weight/activation bits or channels")
+                for op in graph.ops if op.kind == "conv_transpose2d"
+                and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
+                and not (integer_path and needs_integer_accumulation(graph, op, ort_x86=ort_x86))]
+    for op in graph.ops:
+        if op.kind != "conv_transpose2d":
+            continue
+        stride, pads = op.attrs.get("stride", (1, 1)), op.attrs.get("padding", (0, 0))
+        out_pads = op.attrs.get("output_padding", (0, 0))
+        if any(q >= s and q > p for q, s, p in zip(out_pads, stride, pads)):
+            problems.append(Problem(op.name, op.kind, f"output_padding {tuple(out_pads)} reaches the stride "
+                                                      f"{tuple(stride)} and exceeds the padding {tuple(pads)}: ONNX "
+                                                      "ConvTranspose takes output_padding < stride"))
+    return problems
 
 
 def conv_transpose_as_conv(weight: np.ndarray, groups: int) -> np.ndarray:

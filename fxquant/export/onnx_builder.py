@@ -145,11 +145,18 @@ def conv_attrs(op: Op) -> dict[str, Any]:
 
 def conv_transpose_attrs(op: Op) -> dict[str, Any]:
     """ONNX ConvTranspose attributes of a ``conv_transpose2d`` op (the weight layout
-    ``(C_in, C_out/groups, kh, kw)`` and the output size are torch's and ONNX's alike)."""
+    ``(C_in, C_out/groups, kh, kw)`` and the output size are torch's and ONNX's alike).
+
+    torch takes ``output_padding < max(stride, dilation)``, onnxruntime only ``< stride``; output
+    padding only stops the end padding from cropping (both crop the full output), so an
+    ``output_padding`` of at least the stride is written as end padding ``p - q`` (``q <= p``:
+    :func:`~fxquant.export.limits.conv_transpose_problems` refuses the rest)."""
     assert op.weight is not None  # check_exportable
-    ph, pw = op.attrs.get("padding", (0, 0))
+    pads, out_pads = op.attrs.get("padding", (0, 0)), op.attrs.get("output_padding", (0, 0))
+    ends = [p - q if q >= s else p for p, q, s in zip(pads, out_pads, op.attrs.get("stride", (1, 1)))]
+    out_pads = [0 if q >= s else q for q, s in zip(out_pads, op.attrs.get("stride", (1, 1)))]
     return {"kernel_shape": list(op.weight.shape[2:]), "strides": list(op.attrs.get("stride", (1, 1))),
-            "pads": [ph, pw, ph, pw], "output_padding": list(op.attrs.get("output_padding", (0, 0))),
+            "pads": [*pads, *ends], "output_padding": out_pads,
             "dilations": list(op.attrs.get("dilation", (1, 1))), "group": op.attrs.get("groups", 1)}
 
 

@@ -268,3 +268,16 @@ def test_conv_transpose_beyond_float32_runs_as_convinteger(channels, w_fmt, stri
     assert verify_onnx(model, graph, sample_inputs(graph, spread=40.0), "qdq")["mismatches"] == 0
     (problem,) = get_target("qonnx").check(graph)
     assert "ONNX ConvTranspose has no integer form" in problem.reason
+
+
+def test_output_padding_beyond_the_stride() -> None:
+    """torch allows ``output_padding < max(stride, dilation)``, onnxruntime ``< stride``: within the
+    padding it becomes a smaller end pad (exact); beyond it ``check`` refuses, naming the rule."""
+    m = GraphMaker((2, 4, 5), F(8, 3), seed=11)
+    graph = m.graph(m.conv_transpose("up", "input", 2, F(6, 5), F(8, 2), kernel=(3, 2), stride=(1, 1), padding=(2, 1),
+                                     output_padding=(1, 1), dilation=(2, 2)))
+    exact_both(graph)
+    graph.ops[0].attrs["padding"] = (0, 1)
+    for name in ("onnx-qdq", "qonnx"):
+        (problem,) = get_target(name).check(graph)
+        assert "ONNX ConvTranspose takes output_padding < stride" in problem.reason
