@@ -285,6 +285,14 @@ def qdq_problems(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bo
                                         f"{opset} lacks (use opset >= {NARROW_STORAGE_OPSET})"))
     if well_formed:
         problems += conv_transpose_problems(graph, integer_path=True, ort_x86=ort_x86)
+        if opset < NARROW_STORAGE_OPSET:  # 9..16-bit weights are int16 unless split into 8-bit halves
+            from fxquant.fixed_point import min_signed_bits
+
+            problems += [Problem(op.name, op.kind, f"{op.weight_fmt.bits}-bit weights need int16 DequantizeLinear, "
+                                                   f"which opset {opset} lacks (use opset >= {NARROW_STORAGE_OPSET})")
+                         for op in graph.ops if op.kind in WEIGHTED_KINDS and op.weight_fmt.bits > 8
+                         and not (needs_integer_accumulation(graph, op, ort_x86=ort_x86)
+                                  and min_signed_bits(op.weight) > 8)]
         for op in graph.ops:
             if not needs_integer_accumulation(graph, op, ort_x86=ort_x86):
                 continue
