@@ -209,8 +209,12 @@ def reciprocal_factors(op: Op, in_shape: tuple[int, ...], shift: int) -> np.ndar
     """``(1, 1, oh, ow)`` float64 factors ``M_d 2^(shift - s_d)``, ``(M_d, s_d) =
     fixed_point.reciprocal(d)`` of each window's divisor ``d`` (:func:`fxquant.integer_graph.avg_divisors`):
     ``round(sum * factor)`` is the reference's requantize of ``sum * M_d`` from ``FL_in + s_d`` when
-    ``shift = FL_out - FL_in`` (exact in float64: ``|sum * M_d| < 2^53``)."""
+    ``shift = FL_out - FL_in`` (exact in float64: ``|sum * M_d| < 2^53``). One divisor for every
+    window gives a scalar."""
     divisors = avg_divisors(op, *in_shape[-2:])
+    if np.all(divisors == divisors.flat[0]):
+        m, s = reciprocal(int(divisors.flat[0]))
+        return np.array(np.ldexp(float(m), shift - s), np.float64)
     factors = np.empty(divisors.shape, np.float64)
     for d in np.unique(divisors):
         m, s = reciprocal(int(d))
