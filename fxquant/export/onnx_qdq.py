@@ -43,8 +43,9 @@ outputs ``DequantizeLinear`` (float ``k * 2^-FL``). The vision-zoo ops:
 * ``maxpool2d`` with dilation / ceil mode: ``MaxPool`` with ``dilations`` and torch's ceil-mode
   windows as extra end padding (a ``Pad`` with the lowest integer where onnxruntime's MaxPool
   would refuse pads as large as the kernel);
-* ``conv_transpose2d``: ``DQ → ConvTranspose → Q`` in float32 (ONNX has no integer form; ``check``
-  refuses worst-case accumulators beyond 2^24).
+* ``conv_transpose2d``: ``DQ → ConvTranspose → Q`` in float32 (ONNX has no integer form); beyond
+  2^24 on <= 8-bit inputs, the equal convolution of the zero-inserted input on the integer path
+  below (``check`` refuses the rest).
 
 onnxruntime's QLinear kernels (and float Conv/Gemm) requantize ``float(acc)``: exact only for
 ``|acc| <= 2^24``. A Conv/Gemm on <= 8-bit inputs whose worst-case accumulator is larger is
@@ -72,9 +73,8 @@ from onnx import TensorProto
 from fxquant.errors import ExportError, UnsupportedOpError
 from fxquant.export.limits import (DEFAULT_OPSET, FLOAT32_EXACT_BOUND, NARROW_STORAGE_OPSET,  # noqa: F401
                                    WEIGHTED_KINDS, check_exportable, check_opset, clamp_bounds, conv_transpose_as_conv,
-                                   float32_risks,
-                                   needs_integer_accumulation, qdq_problems, raise_problems, split_weights,
-                                   uses_reciprocal)
+                                   float32_risks, needs_integer_accumulation, qdq_problems, raise_problems,
+                                   split_weights, uses_reciprocal)
 from fxquant.export.onnx_builder import (GraphBuilder, conv_attrs, float_io, float_op, fmt_bounds, pad_node,
                                          pad_node_needed, pow2, reciprocal_factors, scale_of, window_sums)
 from fxquant.export.passes import FoldTransparentQdq
@@ -470,9 +470,9 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
             k = b.node("Add", [k, b.const("index_offset", np.float32(-v.fmt.qmin))], f"{op.name}_shifted")
             k = b.node("Clip", [k, b.const("clip_lo", np.float32(0)),
                                 b.const("clip_hi", np.float32(v.fmt.qmax - v.fmt.qmin))], f"{op.name}_index_f")
-            table = b.const(f"{op.name}.table",
-                            dequantize(np.asarray(op.attrs["table"], np.int64), op.out_fmt.frac_bits).astype(np.float32))
-            f = b.node("Gather", [table, b.node("Cast", [k], f"{op.name}_index", to=TensorProto.INT64)], op.name, axis=0)
+            table = dequantize(np.asarray(op.attrs["table"], np.int64), op.out_fmt.frac_bits).astype(np.float32)
+            idx = b.node("Cast", [k], f"{op.name}_index", to=TensorProto.INT64)
+            f = b.node("Gather", [b.const(f"{op.name}.table", table), idx], op.name, axis=0)
         elif uses_reciprocal(graph, op):
             divisors = 1.0 / avg_divisors(op, *v.shape[-2:]).astype(np.float32)
             f = b.node("Mul", [window_sums(b, op, xs[0], v.shape), b.const(f"{op.name}.inv_divisors",

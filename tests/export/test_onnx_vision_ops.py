@@ -169,7 +169,8 @@ def test_clamp_bounds_and_their_refusal() -> None:
     graph.ops[0].attrs.update(lo=5000, hi=4000)
     for name in ("onnx-qdq", "qonnx"):
         (problem,) = get_target(name).check(graph)
-        assert (problem.layer, problem.kind) == ("relu6", "clamp") and "leave the output format <12,8>" in problem.reason
+        assert (problem.layer, problem.kind) == ("relu6", "clamp")
+        assert "leave the output format <12,8>" in problem.reason
 
 
 @pytest.mark.parametrize("bits", [8, 12])
