@@ -11,7 +11,14 @@ raise the same list (:func:`raise_problems`) before building anything. Shared ru
   whose worst-case ``|acc|`` exceeds float32's exact integers (``2^24``) runs as
   ConvInteger/MatMulInteger (9..16-bit weights as two 8-bit halves, combined in float64), whose
   int32 sums must hold each half's worst case;
-* QONNX: biases are float32 initializers, so ``b * 2^-FL_acc`` must be exact in float32.
+* QONNX: biases are float32 initializers, so ``b * 2^-FL_acc`` must be exact in float32; a
+  ``mul`` of two activations is a float32 ``Mul``, exact only while ``|a*b| <= 2^24``;
+* both: an average pool that is not a plain power-of-two window (:func:`uses_reciprocal`) sums its
+  windows with a float32 ``Conv`` of ones, exact while the window sum stays within ``2^24``; ONNX
+  ``ConvTranspose`` has no integer form and accumulates in float32, so a ``conv_transpose2d``
+  whose worst-case ``|acc|`` exceeds ``2^24`` is refused, except that QDQ builds one on <= 8-bit
+  inputs as the equal convolution of the zero-inserted input (ConvInteger, like a Conv); a
+  ``clamp`` whose bounds leave its output format has no stored form.
 
 Ops whose accumulator can exceed ``2^24`` and still run in float32 (ones on 9..16-bit inputs,
 activation matmuls, every such op of the QONNX graph) are not refused: :func:`float32_risks` lists them and
@@ -63,10 +70,11 @@ def exportable_problems(graph: IntegerGraph) -> list["Problem"]:
 
     Shared by the QDQ and QONNX targets' ``check``. From :mod:`fxquant.legality`: values and
     weights without an integer format, weights and biases outside their widths, ``linear`` on an
-    N-D input (ONNX Gemm takes ``(N, features)``; grouped convolutions are fine), average windows
-    that are not a power of two or pad, max pools padding more than half their window. The
-    exporters' own limit: every scale ``2^-FL`` (values, weights, the bias accumulator grid, a
-    ``mul_pow2`` factor) a normal float32. Never raises.
+    N-D input (ONNX Gemm takes ``(N, features)``; grouped convolutions are fine), max pools
+    padding more than half their window (any average window, dilation and ceil mode are built).
+    The exporters' own limits: every scale ``2^-FL`` (values, weights, the bias accumulator grid,
+    a ``mul`` product, a ``mul_pow2`` factor) a normal float32; :func:`float32_problems` and
+    :func:`clamp_problems`. Never raises.
     """
     from fxquant import legality
     from fxquant.backends.base import Problem
@@ -74,11 +82,12 @@ def exportable_problems(graph: IntegerGraph) -> list["Problem"]:
     problems: list[Problem] = legality.format_problems(graph)
     problems += [Problem(op.name, op.kind, "no weight or weight format: lower the model again with "
                                            "fxquant.passes.lower_to_integer_graph")
-                 for op in graph.ops if op.kind in ("conv2d", "linear") and (op.weight is None or op.weight_fmt is None)]
+                 for op in graph.ops if op.kind in WEIGHTED_KINDS and (op.weight is None or op.weight_fmt is None)]
     if problems:  # the rules below read formats and weights
         return problems
     problems += (legality.fit_problems(graph) + legality.shape_problems(graph, groups=True)
-                 + legality.avg_window_problems(graph) + legality.window_problems(graph))
+                 + legality.avg_window_problems(graph, reciprocal=True)
+                 + legality.window_problems(graph, dilation=True, ceil_mode=True))
     producer = {op.output: op for op in graph.ops}
     for v in graph.values.values():
         if not _scale_ok(v.fmt.frac_bits):
@@ -87,12 +96,111 @@ def exportable_problems(graph: IntegerGraph) -> list["Problem"]:
                                     f"value {v.name!r}: scale 2^{-v.fmt.frac_bits} is outside the float32 normal range"))
     for op in graph.ops:
         scales = {"factor": -int(op.attrs["exponent"])} if op.kind == "mul_pow2" else {}
-        if op.kind in ("conv2d", "linear"):
+        if op.kind in WEIGHTED_KINDS:
             scales["weight scale"] = op.weight_fmt.frac_bits
             if op.bias is not None:
                 scales["bias scale"] = graph.values[op.inputs[0]].fmt.frac_bits + op.weight_fmt.frac_bits
+        if op.kind == "mul":
+            scales["product scale"] = sum(graph.values[i].fmt.frac_bits for i in op.inputs)
         problems += [Problem(op.name, op.kind, f"{what} 2^{-fl} is outside the float32 normal range")
                      for what, fl in scales.items() if not _scale_ok(fl)]
+    return problems + float32_problems(graph) + clamp_problems(graph)
+
+
+WEIGHTED_KINDS = ("conv2d", "linear", "conv_transpose2d")
+"""Op kinds with a weight (and optional bias) the exporters store."""
+
+
+def uses_reciprocal(graph: IntegerGraph, op: Op) -> bool:
+    """An ``avgpool2d`` the exporters build as window sums times ``M_d 2^-s_d`` in float64 (any
+    window, padding, ceil mode); ``False`` for a power-of-two window without padding and without a
+    ceil-mode edge window, which stays one ``AveragePool`` (``sum / 2^p``, exact; onnxruntime fuses
+    it to QLinearAveragePool)."""
+    from fxquant.legality import avg_window_shift, ceil_adds_window
+
+    return op.kind == "avgpool2d" and (avg_window_shift(op.attrs["kernel"]) is None
+                                       or any(op.attrs.get("padding", (0, 0))) or ceil_adds_window(graph, op))
+
+
+def window_sum_bound(graph: IntegerGraph, op: Op) -> int:
+    """Worst case ``|sum|`` of an average window: ``kh * kw * 2^(BW_in-1)``."""
+    kh, kw = op.attrs["kernel"]
+    return kh * kw << (graph.values[op.inputs[0]].fmt.bits - 1)
+
+
+def float32_problems(graph: IntegerGraph) -> list["Problem"]:
+    """Average pools both exporters would sum in float32 beyond its exact integers (``2^24``):
+    window sums of :func:`uses_reciprocal` pools are a float32 ``Conv`` of ones."""
+    from fxquant.backends.base import Problem
+
+    problems = []
+    for op in graph.ops:
+        if uses_reciprocal(graph, op) and window_sum_bound(graph, op) > FLOAT32_EXACT_BOUND:
+            problems.append(Problem(op.name, op.kind, f"average window sum can reach {window_sum_bound(graph, op)}, "
+                                                      "beyond float32's exact 2^24 (the window sums are a float32 "
+                                                      "Conv): use a smaller window or fewer input bits"))
+    return problems
+
+
+def conv_transpose_problems(graph: IntegerGraph, *, integer_path: bool, ort_x86: bool = True) -> list["Problem"]:
+    """``conv_transpose2d`` ops whose worst-case ``|acc|`` exceeds float32's exact 2^24 (ONNX
+    ConvTranspose accumulates in float32; it has no integer form) and that are not on the QDQ
+    integer path (``integer_path``: :func:`needs_integer_accumulation`, the equivalent convolution
+    as ConvInteger); and ones whose ``output_padding`` (torch: below ``max(stride, dilation)``)
+    reaches the stride by more than the padding can absorb (onnxruntime takes ``< stride``)."""
+    from fxquant.backends.base import Problem
+
+    problems = [Problem(op.name, op.kind, f"worst-case accumulator {graph.accumulator_bound(op)} exceeds float32's "
+                                          "exact 2^24 (ONNX ConvTranspose has no integer form"
+                                          + ("; the integer path takes <= 8-bit inputs" if integer_path else "")
+                                          + "): use fewer weight/activation bits or channels")
+                for op in graph.ops if op.kind == "conv_transpose2d"
+                and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
+                and not (integer_path and needs_integer_accumulation(graph, op, ort_x86=ort_x86))]
+    for op in graph.ops:
+        if op.kind != "conv_transpose2d":
+            continue
+        stride, pads = op.attrs.get("stride", (1, 1)), op.attrs.get("padding", (0, 0))
+        out_pads = op.attrs.get("output_padding", (0, 0))
+        if any(q >= s and q > p for q, s, p in zip(out_pads, stride, pads)):
+            problems.append(Problem(op.name, op.kind, f"output_padding {tuple(out_pads)} reaches the stride "
+                                                      f"{tuple(stride)} and exceeds the padding {tuple(pads)}: ONNX "
+                                                      "ConvTranspose takes output_padding < stride"))
+    return problems
+
+
+def conv_transpose_as_conv(weight: np.ndarray, groups: int) -> np.ndarray:
+    """A ConvTranspose weight ``(C_in, C_out/g, kh, kw)`` as the Conv weight ``(C_out, C_in/g, kh, kw)``
+    of the equal convolution over the zero-inserted input: per group transposed, spatially flipped."""
+    cin, cog, kh, kw = weight.shape
+    w = np.asarray(weight).reshape(groups, cin // groups, cog, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+    return np.ascontiguousarray(w.reshape(groups * cog, cin // groups, kh, kw))
+
+
+def clamp_bounds(op: Op) -> tuple[int, int]:
+    """The ``[lo, hi]`` a ``clamp`` clips its requantized integers to, within its output format
+    (``None`` is the format's end): equal to ``np.clip`` of the reference when :func:`clamp_problems`
+    finds nothing."""
+    lo, hi = op.attrs.get("lo"), op.attrs.get("hi")
+    return (op.out_fmt.qmin if lo is None else max(int(lo), op.out_fmt.qmin),
+            op.out_fmt.qmax if hi is None else min(int(hi), op.out_fmt.qmax))
+
+
+def clamp_problems(graph: IntegerGraph) -> list["Problem"]:
+    """Clamps whose bounds leave the output format (``lo > qmax``, ``hi < qmin`` or ``lo > hi``):
+    every output would be a bound the format cannot store."""
+    from fxquant.backends.base import Problem
+
+    problems = []
+    for op in graph.ops:
+        if op.kind != "clamp":
+            continue
+        lo, hi = op.attrs.get("lo"), op.attrs.get("hi")
+        fmt = op.out_fmt
+        if ((lo is not None and lo > fmt.qmax) or (hi is not None and hi < fmt.qmin)
+                or (lo is not None and hi is not None and lo > hi)):
+            problems.append(Problem(op.name, op.kind, f"clamp bounds [{lo}, {hi}] leave the output format {fmt} "
+                                                      f"(integers {fmt.qmin}..{fmt.qmax})"))
     return problems
 
 
@@ -114,15 +222,19 @@ def _scale_ok(frac_bits: int | None) -> bool:
 
 
 def float32_risks(graph: IntegerGraph) -> list[str]:
-    """Ops whose accumulator may exceed float32's exact range (``|acc| > 2^24``)."""
-    return [op.name for op in graph.ops if graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND]
+    """Ops whose accumulator may exceed float32's exact range (``|acc| > 2^24``), except average
+    pools on the reciprocal path (window sums held below 2^24 by :func:`float32_problems`, the
+    multiply by ``M`` in float64)."""
+    return [op.name for op in graph.ops
+            if graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND and not uses_reciprocal(graph, op)]
 
 
 def needs_integer_accumulation(graph: IntegerGraph, op: Op, *, ort_x86: bool = True) -> bool:
-    """A Conv/Gemm on <= 8-bit inputs whose accumulator float32 may not hold: exported as
-    ConvInteger / MatMulInteger with int32 accumulators and a float64 requantization
-    (``_QdqBuilder.integer_op``; weights of 9..16 bits as two 8-bit halves)."""
-    if not ort_x86 or op.kind not in ("conv2d", "linear") or op.weight_fmt is None:
+    """A Conv/Gemm/ConvTranspose on <= 8-bit inputs whose accumulator float32 may not hold:
+    exported as ConvInteger / MatMulInteger with int32 accumulators and a float64 requantization
+    (``_QdqBuilder.integer_op``; weights of 9..16 bits as two 8-bit halves; a ConvTranspose as the
+    convolution of its zero-inserted input, ``_QdqBuilder.integer_conv_transpose``)."""
+    if not ort_x86 or op.kind not in WEIGHTED_KINDS or op.weight_fmt is None:
         return False
     fits = (graph.values[op.inputs[0]].fmt.bits <= 8 and op.weight_fmt.bits <= 16 and op.out_fmt.bits <= 16)
     return fits and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND
@@ -143,9 +255,11 @@ def integer_path_bound(graph: IntegerGraph, op: Op) -> int:
     from fxquant.legality import dot_bound
 
     top = 1 << (graph.values[op.inputs[0]].fmt.bits - 1)
-    if min_signed_bits(op.weight) <= 8:
-        return dot_bound(op.weight, None, top)
-    hi, lo = split_weights(op.weight)
+    weight = (conv_transpose_as_conv(op.weight, op.attrs.get("groups", 1)) if op.kind == "conv_transpose2d"
+              else op.weight)
+    if min_signed_bits(weight) <= 8:
+        return dot_bound(weight, None, top)
+    hi, lo = split_weights(weight)
     return max(dot_bound(hi, None, top), dot_bound(lo, None, top))
 
 
@@ -170,6 +284,15 @@ def qdq_problems(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bo
                                         f"{v.fmt.bits}-bit value {v.name!r} needs int16 QuantizeLinear, which opset "
                                         f"{opset} lacks (use opset >= {NARROW_STORAGE_OPSET})"))
     if well_formed:
+        problems += conv_transpose_problems(graph, integer_path=True, ort_x86=ort_x86)
+        if opset < NARROW_STORAGE_OPSET:  # 9..16-bit weights are int16 unless split into 8-bit halves
+            from fxquant.fixed_point import min_signed_bits
+
+            problems += [Problem(op.name, op.kind, f"{op.weight_fmt.bits}-bit weights need int16 DequantizeLinear, "
+                                                   f"which opset {opset} lacks (use opset >= {NARROW_STORAGE_OPSET})")
+                         for op in graph.ops if op.kind in WEIGHTED_KINDS and op.weight_fmt.bits > 8
+                         and not (needs_integer_accumulation(graph, op, ort_x86=ort_x86)
+                                  and min_signed_bits(op.weight) > 8)]
         for op in graph.ops:
             if not needs_integer_accumulation(graph, op, ort_x86=ort_x86):
                 continue
@@ -182,13 +305,19 @@ def qdq_problems(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bo
 
 def qonnx_problems(graph: IntegerGraph) -> list["Problem"]:
     """Every reason :func:`to_qonnx` cannot write ``graph`` exactly (all at once; never raises):
-    :func:`exportable_problems` and biases float32 cannot hold."""
+    :func:`exportable_problems`, biases float32 cannot hold, and ``mul`` ops whose product can
+    exceed 2^24 (a float32 ``Mul``; the QDQ exporter multiplies in int32 instead)."""
     from fxquant.backends.base import Problem
 
     problems = exportable_problems(graph)
     if problems:
         return problems
+    problems += conv_transpose_problems(graph, integer_path=False)
     for op in graph.ops:
+        if op.kind == "mul" and graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND:
+            problems.append(Problem(op.name, op.kind, f"product can reach {graph.accumulator_bound(op)}, beyond "
+                                                      "float32's exact 2^24 (QONNX multiplies in float32): use "
+                                                      "fewer input bits"))
         if op.bias is not None and op.weight_fmt is not None:
             fl_acc = graph.values[op.inputs[0]].fmt.frac_bits + op.weight_fmt.frac_bits
             exact = dequantize(op.bias, fl_acc)

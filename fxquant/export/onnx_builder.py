@@ -5,9 +5,14 @@ Nothing here is numeric: the fixed-point math (rounding, saturation, requantizat
 
 * :class:`GraphBuilder`: unique tensor names, deduplicated constants, node creation, model
   assembly with the ``fxquant.*`` metadata;
-* :func:`float_op`: the float ONNX node of one integer op's *accumulation* (Conv, Gemm, MatMul,
-  Add/Sum, Concat, AveragePool, MaxPool, Relu, Flatten, Reshape) on float tensors, without the
-  requantization and without the fused ReLU, which each flavour places itself;
+* :func:`float_op`: the float ONNX node of one integer op's *accumulation* (Conv, ConvTranspose,
+  Gemm, MatMul, Add/Sum, Mul, Concat, AveragePool, MaxPool, Relu, Flatten, Reshape, Transpose,
+  Resize) on float tensors, without the requantization and without the fused ReLU, which each
+  flavour places itself;
+* :func:`window_sums` and :func:`reciprocal_factors`: an average pool on the reciprocal path
+  (:func:`fxquant.export.limits.uses_reciprocal`) as exact window sums (a depthwise float32 Conv of
+  ones, padding and ceil-mode overhang as zero padding) and the per-window factor
+  ``M_d 2^(shift - s_d)`` of :func:`fxquant.fixed_point.reciprocal` (float64, exact);
 * (re-exported from :mod:`fxquant.export.limits`, which imports no onnx) :func:`check_opset`,
   :func:`exportable_problems`, :func:`check_exportable`;
 * :func:`float32_risks` (from :meth:`IntegerGraph.accumulator_bound`, the worst-case ``|acc|``): the ops
@@ -31,8 +36,8 @@ from onnx import TensorProto, helper, numpy_helper
 from fxquant.errors import ExportError, UnsupportedOpError
 from fxquant.export.limits import (FLOAT32_EXACT_BOUND, FLOAT32_MAX_EXP, FLOAT32_MIN_EXP, MIN_OPSET,  # noqa: F401
                                    check_exportable, check_opset, exportable_problems, float32_risks, raise_problems)
-from fxquant.fixed_point import FixedPoint, dequantize
-from fxquant.integer_graph import IntegerGraph, Op
+from fxquant.fixed_point import FixedPoint, dequantize, reciprocal
+from fxquant.integer_graph import IntegerGraph, Op, avg_divisors, pool_output_size
 
 META_PRECISION_MAP = "fxquant.precision_map"
 """Metadata key: ``json.dumps(graph.layers)``, the precision map's ``layers`` section."""
@@ -138,25 +143,123 @@ def conv_attrs(op: Op) -> dict[str, Any]:
             "dilations": list(op.attrs.get("dilation", (1, 1))), "group": op.attrs.get("groups", 1)}
 
 
+def conv_transpose_attrs(op: Op) -> dict[str, Any]:
+    """ONNX ConvTranspose attributes of a ``conv_transpose2d`` op (the weight layout
+    ``(C_in, C_out/groups, kh, kw)`` and the output size are torch's and ONNX's alike).
+
+    torch takes ``output_padding < max(stride, dilation)``, onnxruntime only ``< stride``; output
+    padding only stops the end padding from cropping (both crop the full output), so an
+    ``output_padding`` of at least the stride is written as end padding ``p - q`` (``q <= p``:
+    :func:`~fxquant.export.limits.conv_transpose_problems` refuses the rest)."""
+    assert op.weight is not None  # check_exportable
+    pads, out_pads = op.attrs.get("padding", (0, 0)), op.attrs.get("output_padding", (0, 0))
+    ends = [p - q if q >= s else p for p, q, s in zip(pads, out_pads, op.attrs.get("stride", (1, 1)))]
+    out_pads = [0 if q >= s else q for q, s in zip(out_pads, op.attrs.get("stride", (1, 1)))]
+    return {"kernel_shape": list(op.weight.shape[2:]), "strides": list(op.attrs.get("stride", (1, 1))),
+            "pads": [*pads, *ends], "output_padding": out_pads,
+            "dilations": list(op.attrs.get("dilation", (1, 1))), "group": op.attrs.get("groups", 1)}
+
+
+def pool_pads(op: Op, in_shape: tuple[int, ...]) -> list[int]:
+    """ONNX ``pads`` (begin h, w, end h, w) of a pool: its padding, plus, at the end, the overhang
+    of torch's ``ceil_mode`` windows (:func:`fxquant.integer_graph.pool_output_size`), so that floor
+    mode gives torch's windows. (ONNX's own ``ceil_mode`` output size differs from torch's where a
+    last window would start in the end padding.)"""
+    h, w = in_shape[-2:]
+    kh, kw = op.attrs["kernel"]
+    sh, sw = op.attrs.get("stride", (kh, kw))
+    ph, pw = op.attrs.get("padding", (0, 0))
+    dh, dw = op.attrs.get("dilation", (1, 1))
+    ceil = bool(op.attrs.get("ceil_mode", False))
+    ends = []
+    for n, k, s, p, d in ((h, kh, sh, ph, dh), (w, kw, sw, pw, dw)):
+        out = pool_output_size(n, k, s, p, d, ceil)
+        ends.append(p + max(0, (out - 1) * s + d * (k - 1) + 1 - (n + 2 * p)))
+    return [ph, pw, *ends]
+
+
+def pad_node_needed(op: Op, in_shape: tuple[int, ...]) -> bool:
+    """Whether a max pool's :func:`pool_pads` need a ``Pad`` node before it: onnxruntime's MaxPool
+    takes only pads smaller than the kernel, and a dilated ceil-mode overhang can be larger."""
+    if op.kind != "maxpool2d":
+        return False
+    kh, kw = op.attrs["kernel"]
+    return any(p >= k for p, k in zip(pool_pads(op, in_shape), (kh, kw, kh, kw)))
+
+
+def pad_node(b: GraphBuilder, op: Op, x: str, in_shape: tuple[int, ...], value: np.ndarray) -> str:
+    """``Pad`` of an NCHW tensor by :func:`pool_pads` with the constant ``value`` (a max pool's
+    lowest value: every window holds an input cell, so the maximum is unchanged)."""
+    ph, pw, eh, ew = pool_pads(op, in_shape)
+    pads = b.const(f"{op.name}.pads", np.array([0, 0, ph, pw, 0, 0, eh, ew], np.int64))
+    return b.node("Pad", [x, pads, b.const(f"{op.name}.pad_value", value)], f"{op.name}_pad", mode="constant")
+
+
+def window_sums(b: GraphBuilder, op: Op, x: str, in_shape: tuple[int, ...]) -> str:
+    """Float32 window sums of an average pool: a depthwise ``Conv`` of ones over ``x`` (zero
+    padding, :func:`pool_pads`), exact while every sum stays within 2^24 (``check``)."""
+    c = in_shape[0]
+    kh, kw = op.attrs["kernel"]
+    ones = b.const(f"{op.name}.ones", np.ones((c, 1, kh, kw), np.float32))
+    return b.node("Conv", [x, ones], f"{op.name}_sum", kernel_shape=[kh, kw],
+                  strides=list(op.attrs.get("stride", (kh, kw))), pads=pool_pads(op, in_shape), group=c)
+
+
+def reciprocal_factors(op: Op, in_shape: tuple[int, ...], shift: int) -> np.ndarray:
+    """``(1, 1, oh, ow)`` float64 factors ``M_d 2^(shift - s_d)``, ``(M_d, s_d) =
+    fixed_point.reciprocal(d)`` of each window's divisor ``d`` (:func:`fxquant.integer_graph.avg_divisors`):
+    ``round(sum * factor)`` is the reference's requantize of ``sum * M_d`` from ``FL_in + s_d`` when
+    ``shift = FL_out - FL_in`` (exact in float64: ``|sum * M_d| < 2^53``). One divisor for every
+    window gives a scalar."""
+    divisors = avg_divisors(op, *in_shape[-2:])
+    if np.all(divisors == divisors.flat[0]):
+        m, s = reciprocal(int(divisors.flat[0]))
+        return np.array(np.ldexp(float(m), shift - s), np.float64)
+    factors = np.empty(divisors.shape, np.float64)
+    for d in np.unique(divisors):
+        m, s = reciprocal(int(d))
+        factors[divisors == d] = np.ldexp(float(m), shift - s)
+    return factors.reshape(1, 1, *factors.shape)
+
+
 def float_op(b: GraphBuilder, op: Op, xs: list[str], weight: str | None = None,
-             bias: str | None = None) -> str:
+             bias: str | None = None, in_shape: tuple[int, ...] | None = None) -> str:
     """The float node computing ``op``'s accumulation (before requantization and fused ReLU).
 
-    ``xs`` are float input tensors, ``weight``/``bias`` float weight and bias tensors. ``cat`` is
-    a plain Concat of its (already requantized) inputs along ``attrs["dim"]``.
+    ``xs`` are float input tensors, ``weight``/``bias`` float weight and bias tensors, ``in_shape``
+    the first input's shape (without the batch; pools need it; a max pool whose
+    :func:`pad_node_needed` takes its input already padded). ``cat`` is a plain Concat of its
+    (already requantized) inputs along ``attrs["dim"]``; ``avgpool2d`` here is the power-of-two
+    ``AveragePool`` (:func:`~fxquant.export.limits.uses_reciprocal` pools are built by each flavour
+    from :func:`window_sums`); ``upsample_nearest`` is ``Resize`` nearest with integer scales
+    (``asymmetric``/``floor``: output pixel ``i`` reads ``floor(i / s)``, exact).
     """
     a = op.attrs
     if op.kind == "conv2d":
         return b.node("Conv", xs + [weight] + ([bias] if bias else []), op.name, **conv_attrs(op))
+    if op.kind == "conv_transpose2d":
+        return b.node("ConvTranspose", xs + [weight] + ([bias] if bias else []), op.name, **conv_transpose_attrs(op))
     if op.kind == "linear":
         return b.node("Gemm", xs + [weight] + ([bias] if bias else []), op.name, transB=1)
     if op.kind == "add":
         return b.node("Add" if len(xs) == 2 else "Sum", xs, op.name)
+    if op.kind == "mul":
+        return b.node("Mul", xs, op.name)
     if op.kind in ("avgpool2d", "maxpool2d"):
+        if in_shape is None:
+            raise ExportError(f"op {op.name!r}: a pool needs its input shape", "report this as an exporter bug")
         kernel = list(a["kernel"])
-        ph, pw = a.get("padding", (0, 0))
+        extra = {"dilations": list(a["dilation"])} if op.kind == "maxpool2d" and "dilation" in a else {}
+        pads = [0, 0, 0, 0] if pad_node_needed(op, in_shape) else pool_pads(op, in_shape)  # padded by the caller
         return b.node(_ONNX_OP[op.kind], xs, op.name, kernel_shape=kernel,
-                      strides=list(a.get("stride", kernel)), pads=[ph, pw, ph, pw])
+                      strides=list(a.get("stride", kernel)), pads=pads, **extra)
+    if op.kind == "transpose":
+        return b.node("Transpose", xs, op.name, perm=[0, *(int(p) + 1 for p in a["perm"])])
+    if op.kind == "upsample_nearest":
+        sh, sw = a["scale"]
+        scales = b.const(f"{op.name}.scales", np.array([1, 1, sh, sw], np.float32))
+        return b.node("Resize", [*xs, "", scales], op.name, mode="nearest",
+                      coordinate_transformation_mode="asymmetric", nearest_mode="floor")
     if op.kind == "flatten":
         return b.node("Flatten", xs, op.name, axis=1)
     if op.kind == "reshape":  # attrs["shape"] excludes the batch; ONNX 0 copies the batch dimension

@@ -25,9 +25,27 @@ Math per op: a compute op (Conv, Gemm, MatMul, Add, AveragePool) on dequantized 
 bits) or a fused ReLU (``[0, qmax]``) is a ``Clip`` on the stored integers (int16: a float
 ``DequantizeLinear → Clip(lo·2^-FL, hi·2^-FL) → QuantizeLinear``, exact because the bounds lie on
 the grid). ``cat`` requantizes each input to ``out_fmt`` the same way and concatenates integers;
-``relu`` is an integer Clip; ``maxpool2d``/``flatten`` are built as ``DQ → op → Q`` and folded
-onto the integers by :class:`fxquant.export.passes.FoldTransparentQdq`; graph inputs
-are ``QuantizeLinear [→ Clip]``, outputs ``DequantizeLinear`` (float ``k * 2^-FL``).
+``relu`` is an integer Clip; ``maxpool2d``/``flatten``/``reshape``/``transpose``/``upsample_nearest``
+(``Resize`` nearest) are built as ``DQ → op → Q`` and folded onto the integers by
+:class:`fxquant.export.passes.FoldTransparentQdq` (MaxPool and Resize on 8-bit storage only;
+int16 ones stay float, exact: they copy values); graph inputs are ``QuantizeLinear [→ Clip]``,
+outputs ``DequantizeLinear`` (float ``k * 2^-FL``). The vision-zoo ops:
+
+* ``clamp``: the requantize's ``Q → Clip`` with the clamp's bounds (within the output format);
+* ``lut``: ``Cast(int32) → Add(-zero point - qmin) → Gather`` of the table stored as the output's
+  integers: integers only;
+* ``mul``: ``DQ → Mul → Q`` (onnxruntime fuses QLinearMul) while ``|a b| <= 2^24``; beyond, the
+  int32 product of the integers and the float64 requantization below;
+* ``avgpool2d`` with a window that is not a power of two, padding, or a ceil-mode edge window:
+  exact float32 window sums of the integers (a depthwise Conv of ones; ``check`` keeps them within
+  2^24), ``Cast(double)``, times the per-window ``M_d 2^(FL_out-FL_in-s_d)``, then the float64
+  requantization (``fixed_point.reciprocal``, divisors ``integer_graph.avg_divisors``);
+* ``maxpool2d`` with dilation / ceil mode: ``MaxPool`` with ``dilations`` and torch's ceil-mode
+  windows as extra end padding (a ``Pad`` with the lowest integer where onnxruntime's MaxPool
+  would refuse pads as large as the kernel);
+* ``conv_transpose2d``: ``DQ → ConvTranspose → Q`` in float32 (ONNX has no integer form); beyond
+  2^24 on <= 8-bit inputs, the equal convolution of the zero-inserted input on the integer path
+  below (``check`` refuses the rest).
 
 onnxruntime's QLinear kernels (and float Conv/Gemm) requantize ``float(acc)``: exact only for
 ``|acc| <= 2^24``. A Conv/Gemm on <= 8-bit inputs whose worst-case accumulator is larger is
@@ -53,13 +71,15 @@ import onnx_ir as ir
 from onnx import TensorProto
 
 from fxquant.errors import ExportError, UnsupportedOpError
-from fxquant.export.limits import (DEFAULT_OPSET, NARROW_STORAGE_OPSET, check_exportable, check_opset,  # noqa: F401
+from fxquant.export.limits import (DEFAULT_OPSET, FLOAT32_EXACT_BOUND, NARROW_STORAGE_OPSET,  # noqa: F401
+                                   WEIGHTED_KINDS, check_exportable, check_opset, clamp_bounds, conv_transpose_as_conv,
                                    float32_risks, needs_integer_accumulation, qdq_problems, raise_problems,
-                                   split_weights)
-from fxquant.export.onnx_builder import GraphBuilder, conv_attrs, float_io, float_op, fmt_bounds, pow2, scale_of
+                                   split_weights, uses_reciprocal)
+from fxquant.export.onnx_builder import (GraphBuilder, conv_attrs, float_io, float_op, fmt_bounds, pad_node,
+                                         pad_node_needed, pow2, reciprocal_factors, scale_of, window_sums)
 from fxquant.export.passes import FoldTransparentQdq
 from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
-from fxquant.integer_graph import IntegerGraph, Op
+from fxquant.integer_graph import IntegerGraph, Op, avg_divisors
 
 U8_ZERO_POINT = 128
 """``ort_x86`` stores 8-bit integers ``k`` as ``k + 128`` in uint8 with this zero point."""
@@ -70,7 +90,7 @@ saturation: exact only while 2 * 255 * |w| <= 32767, i.e. for weights of at most
 _NUMPY = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
           TensorProto.INT32: np.int32}
 _TYPE_RANGE = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255), TensorProto.INT16: (-32768, 32767)}
-_COMPUTE = ("conv2d", "linear", "matmul", "add", "avgpool2d")
+_COMPUTE = ("conv2d", "linear", "conv_transpose2d", "matmul", "add", "mul", "avgpool2d")
 
 
 @dataclass(frozen=True)
@@ -137,7 +157,8 @@ class _QdqBuilder:
         fmt = self.graph.values[value].fmt
         return self._dq(self.ints[value], fmt.frac_bits, self.storage(fmt, f"value {value!r}"), f"{value}_dq", output)
 
-    def quantize(self, f: str, fmt: FixedPoint, relu: bool, base: str, *, requantizing: bool = False) -> str:
+    def quantize(self, f: str, fmt: FixedPoint, relu: bool, base: str, *, requantizing: bool = False,
+                 bounds: tuple[int, int] | None = None) -> str:
         """Integers of float ``f`` at ``fmt``: QuantizeLinear, then a Clip to ``[lo, hi]`` if needed.
 
         QuantizeLinear saturates to its storage type only; a narrower range (``BW`` below the
@@ -146,9 +167,10 @@ class _QdqBuilder:
         hi·s) → QuantizeLinear`` for int16 (onnxruntime has no int16 Clip kernel). A
         ``requantizing`` Q→DQ→Q chain always gets the Clip (a no-op one at full range), because
         onnxruntime otherwise merges the two Q/DQ pairs into one and rounds once instead of twice.
+        ``bounds`` replaces ``[lo, hi]`` (a ``clamp``'s, within ``fmt``).
         """
         st = self.storage(fmt, base)
-        lo, hi = fmt_bounds(fmt, relu)
+        lo, hi = bounds if bounds is not None else fmt_bounds(fmt, relu)
         if (lo, hi) == st.k_range and not requantizing:
             return self._q(f, fmt.frac_bits, st, base)
         q = self._q(f, fmt.frac_bits, st, f"{base}_wide")
@@ -190,7 +212,7 @@ class _QdqBuilder:
     def integer_accumulation(self, op: Op) -> bool:
         return needs_integer_accumulation(self.graph, op, ort_x86=self.ort_x86)
 
-    def integer_op(self, op: Op, relu: bool) -> str:
+    def integer_op(self, op: Op, relu: bool, x: str | None = None) -> str:
         """Exact form of a Conv/Gemm whose ``|acc|`` may exceed 2^24, where QLinearConv/QGemm (or a
         float Conv/Gemm) would requantize ``float(acc)`` and round twice.
 
@@ -199,11 +221,13 @@ class _QdqBuilder:
         uint8 halves, MLAS's exact U8U8 kernel), each within int32
         (:func:`~fxquant.export.limits.integer_path_bound`). In float64 (exact below 2^53):
         ``acc = Σ factor · Cast(sum) + b``, then ``Mul(2^(FL_out-FL_acc)) → Round`` (half to even)
-        ``→ Add(zero point) → Clip → Cast``: :func:`fxquant.fixed_point.requantize`."""
+        ``→ Add(zero point) → Clip → Cast``: :func:`fxquant.fixed_point.requantize`. ``x``: stored
+        integers to convolve instead of the op's input (same format; a ``conv_transpose2d``'s
+        zero-inserted input, :meth:`integer_conv_transpose`)."""
         in_fmt, w_fmt = self.graph.values[op.inputs[0]].fmt, op.weight_fmt
         assert w_fmt is not None and w_fmt.frac_bits is not None and in_fmt.frac_bits is not None  # checked
         assert op.out_fmt.frac_bits is not None
-        x, x_zero = self.ints[op.inputs[0]], self._zero(self.storage(in_fmt, op.inputs[0]))
+        x, x_zero = x or self.ints[op.inputs[0]], self._zero(self.storage(in_fmt, op.inputs[0]))
         if min_signed_bits(op.weight) <= 8:
             parts = [(*self.weight_ints(op, transpose=op.kind == "linear"), 1, "")]
         else:
@@ -227,14 +251,104 @@ class _QdqBuilder:
             bias = self.b.const(f"{op.name}.bias", op.bias.astype(np.float64).reshape(shape))
             acc = self.b.node("Add", [acc, bias], f"{op.name}_acc_bias")
         fl_acc = in_fmt.frac_bits + w_fmt.frac_bits
-        st, (lo_k, hi_k) = self.storage(op.out_fmt, op.output), fmt_bounds(op.out_fmt, relu)
         shift = self.b.const("shift", np.float64(dequantize(np.int64(1), fl_acc - op.out_fmt.frac_bits)))
-        d = self.b.node("Mul", [acc, shift], f"{op.name}_scaled")
+        return self.requantize_f64(acc, shift, op, relu)
+
+    def integer_conv_transpose(self, op: Op, relu: bool) -> str:
+        """Exact form of a ``conv_transpose2d`` whose ``|acc|`` may exceed 2^24 (ONNX ConvTranspose
+        has no integer form): the convolution it equals, on the integers through :meth:`integer_op`.
+
+        ``ConvTranspose(x, W)`` with stride ``s``, padding ``p``, output padding ``q``, dilation
+        ``d`` is, per axis, a stride-1 convolution with dilation ``d`` of the zero-inserted input
+        (``s - 1`` zeros after each pixel: ``Reshape → Pad → Reshape``) padded by ``d(k-1) - p``
+        at the start and ``d(k-1) - p + q - (s-1)`` at the end (a negative pad crops; the pads hold
+        the zero point, i.e. integer 0), with the weights
+        :func:`~fxquant.export.limits.conv_transpose_as_conv` (per group transposed, flipped)."""
+        v = self.graph.values[op.inputs[0]]
+        c, h, w = v.shape
+        (sh, sw), (ph, pw) = op.attrs.get("stride", (1, 1)), op.attrs.get("padding", (0, 0))
+        (qh, qw), (dh, dw) = op.attrs.get("output_padding", (0, 0)), op.attrs.get("dilation", (1, 1))
+        kh, kw = op.weight.shape[2:]
+        zero = self._zero(self.storage(v.fmt, op.inputs[0]))
+        x = self.b.node("Reshape", [self.ints[op.inputs[0]], self.b.const(f"{op.name}.split", np.array(
+            [0, c, h, 1, w, 1], np.int64))], f"{op.name}_split")
+        x = self.b.node("Pad", [x, self.b.const(f"{op.name}.zeros", np.array(
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, sh - 1, 0, sw - 1], np.int64)), zero], f"{op.name}_zeros", mode="constant")
+        x = self.b.node("Reshape", [x, self.b.const(f"{op.name}.merge", np.array([0, c, h * sh, w * sw], np.int64))],
+                        f"{op.name}_inserted")
+        begin = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
+        end = (begin[0] + qh - (sh - 1), begin[1] + qw - (sw - 1))
+        if any(begin) or any(end):
+            x = self.b.node("Pad", [x, self.b.const(f"{op.name}.pads", np.array([0, 0, *begin, 0, 0, *end], np.int64)),
+                                    zero], f"{op.name}_padded", mode="constant")
+        conv = Op(op.name, "conv2d", op.inputs, op.output, op.out_fmt,
+                  weight=conv_transpose_as_conv(op.weight, op.attrs.get("groups", 1)), weight_fmt=op.weight_fmt,
+                  bias=op.bias, attrs={"stride": (1, 1), "padding": (0, 0), "dilation": (dh, dw),
+                                       "groups": op.attrs.get("groups", 1)})
+        return self.integer_op(conv, relu, x=x)
+
+    def requantize_f64(self, acc: str, factor: str, op: Op, relu: bool) -> str:
+        """Stored integers of ``op.out_fmt`` from a float64 accumulator: ``Mul(factor) → Round``
+        (half to even) ``→ Add(zero point) → Clip → Cast``, :func:`fxquant.fixed_point.requantize`
+        exactly while ``|acc * factor|`` needs at most 53 bits (``factor`` a power of two, or an
+        average pool's ``M_d 2^-k``)."""
+        st, (lo_k, hi_k) = self.storage(op.out_fmt, op.output), fmt_bounds(op.out_fmt, relu)
+        d = self.b.node("Mul", [acc, factor], f"{op.name}_scaled")
         d = self.b.node("Add", [self.b.node("Round", [d], f"{op.name}_rounded"),
                                 self.b.const("zero_point_f64", np.float64(st.zero_point))], f"{op.name}_stored")
         d = self.b.node("Clip", [d, self.b.const("clip_lo", np.float64(lo_k + st.zero_point)),
                                  self.b.const("clip_hi", np.float64(hi_k + st.zero_point))], f"{op.name}_clip")
         return self.b.node("Cast", [d], op.output, to=st.dtype)
+
+    def as_float(self, value: str) -> str:
+        """The integers ``k`` of a value as float32 (``DequantizeLinear`` with scale 1)."""
+        fmt = self.graph.values[value].fmt
+        st = self.storage(fmt, f"value {value!r}")
+        return self.b.node("DequantizeLinear", [self.ints[value], self.b.const("unit_scale", np.float32(1.0)),
+                                                self._zero(st)], f"{value}_k")
+
+    def as_int32(self, value: str) -> str:
+        """The integers ``k`` of a value as int32 (``Cast``, minus the zero point)."""
+        fmt = self.graph.values[value].fmt
+        st = self.storage(fmt, f"value {value!r}")
+        k = self.b.node("Cast", [self.ints[value]], f"{value}_i32", to=TensorProto.INT32)
+        if st.zero_point:
+            k = self.b.node("Sub", [k, self.b.const("zero_point_i32", np.int32(st.zero_point))], f"{value}_k32")
+        return k
+
+    def integer_mul(self, op: Op, relu: bool) -> str:
+        """A ``mul`` whose product may exceed 2^24: ``Mul`` in int32 (``|a b| <= 2^30`` for 16-bit
+        inputs), then :meth:`requantize_f64` from ``FL_a + FL_b``."""
+        acc = self.b.node("Mul", [self.as_int32(i) for i in op.inputs], f"{op.name}_acc")
+        acc = self.b.node("Cast", [acc], f"{op.name}_acc_f64", to=TensorProto.DOUBLE)
+        fl_acc = sum(self.graph.values[i].fmt.frac_bits for i in op.inputs)
+        shift = self.b.const("shift", np.float64(dequantize(np.int64(1), fl_acc - op.out_fmt.frac_bits)))
+        return self.requantize_f64(acc, shift, op, relu)
+
+    def reciprocal_avgpool(self, op: Op, relu: bool) -> str:
+        """An average pool on the reciprocal path: exact window sums of the integers
+        (:func:`~fxquant.export.onnx_builder.window_sums`), ``Cast`` to float64, times each window's
+        ``M_d 2^(FL_out - FL_in - s_d)`` (:func:`~fxquant.export.onnx_builder.reciprocal_factors`),
+        then :meth:`requantize_f64`: ``requantize(sum * M_d, FL_in + s_d, out_fmt)`` per window."""
+        v = self.graph.values[op.inputs[0]]
+        sums = window_sums(self.b, op, self.as_float(op.inputs[0]), v.shape)
+        acc = self.b.node("Cast", [sums], f"{op.name}_sum_f64", to=TensorProto.DOUBLE)
+        factors = self.b.const(f"{op.name}.reciprocal",
+                               reciprocal_factors(op, v.shape, op.out_fmt.frac_bits - v.fmt.frac_bits))
+        return self.requantize_f64(acc, factors, op, relu)
+
+    def lut(self, op: Op) -> str:
+        """``Gather`` of the table (stored as the output's integers) on ``k - qmin_in``: the stored
+        input ``Cast`` to int32 plus ``-(zero point) - qmin``. Integers only."""
+        v = self.graph.values[op.inputs[0]]
+        st_in, st_out = self.storage(v.fmt, op.inputs[0]), self.storage(op.out_fmt, op.output)
+        table = np.asarray(op.attrs["table"], np.int64)
+        _check_fits(table, op.out_fmt.bits, f"op {op.name!r} table")
+        stored = self.b.const(f"{op.name}.table", (table + st_out.zero_point).astype(_NUMPY[st_out.dtype]))
+        idx = self.b.node("Cast", [self.ints[op.inputs[0]]], f"{op.name}_i32", to=TensorProto.INT32)
+        idx = self.b.node("Add", [idx, self.b.const("index_offset", np.int32(-st_in.zero_point - v.fmt.qmin))],
+                          f"{op.name}_index")
+        return self.b.node("Gather", [stored, idx], op.output, axis=0)
 
     def bias(self, op: Op) -> str | None:
         if op.bias is None:
@@ -247,17 +361,28 @@ class _QdqBuilder:
 
     def emit(self, op: Op) -> str:
         relu = bool(op.attrs.get("relu"))
+        in_shape = self.graph.values[op.inputs[0]].shape
         if self.integer_accumulation(op):
             self.integer_ops.append(op.name)
-            return self.integer_op(op, relu)
-        if op.kind in ("conv2d", "linear"):
+            return self.integer_conv_transpose(op, relu) if op.kind == "conv_transpose2d" else self.integer_op(op, relu)
+        if op.kind == "mul" and self.graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND:
+            self.integer_ops.append(op.name)
+            return self.integer_mul(op, relu)
+        if uses_reciprocal(self.graph, op):
+            return self.reciprocal_avgpool(op, relu)
+        if op.kind == "lut":
+            return self.lut(op)
+        if op.kind in WEIGHTED_KINDS:
             f = float_op(self.b, op, [self.dq(op.inputs[0])], self.weight(op), self.bias(op))
             return self.quantize(f, op.out_fmt, relu, op.output)
         if op.kind in _COMPUTE:
-            f = float_op(self.b, op, [self.dq(i) for i in op.inputs])
+            f = float_op(self.b, op, [self.dq(i) for i in op.inputs], in_shape=in_shape)
             return self.quantize(f, op.out_fmt, relu, op.output)
         if op.kind == "requantize":
             return self.quantize(self.dq(op.inputs[0]), op.out_fmt, relu, op.output, requantizing=True)
+        if op.kind == "clamp":
+            return self.quantize(self.dq(op.inputs[0]), op.out_fmt, False, op.output, requantizing=True,
+                                 bounds=clamp_bounds(op))
         if op.kind == "cat":
             parts = [self.ints[i] if self.graph.values[i].fmt == op.out_fmt and not relu
                      else self.quantize(self.dq(i), op.out_fmt, relu, f"{i}_to_{op.output}", requantizing=True)
@@ -265,12 +390,19 @@ class _QdqBuilder:
             return float_op(self.b, op, parts)
         if op.kind == "mul_pow2":  # the same integers read at FL_in - e: same tensor, other scale
             return self.ints[op.inputs[0]]
-        # transparent: maxpool2d, flatten, reshape, relu keep the input format
+        # transparent: maxpool2d, flatten, reshape, transpose, upsample_nearest, relu keep the input format
         fmt = self.graph.values[op.inputs[0]].fmt
         st = self.storage(fmt, op.output)
         if op.kind == "relu" and st.dtype != TensorProto.INT16:
             return self._clip_ints(self.ints[op.inputs[0]], st, *fmt_bounds(fmt, True), op.output)
-        return self._q(float_op(self.b, op, [self.dq(op.inputs[0])]), fmt.frac_bits, st, op.output)
+        x = self.dq(op.inputs[0])
+        if pad_node_needed(op, in_shape) and st.dtype == TensorProto.INT16:  # onnxruntime has no int16 Pad
+            x = pad_node(self.b, op, x, in_shape, np.float32(fmt.qmin * scale_of(fmt.frac_bits, op.name)))
+        elif pad_node_needed(op, in_shape):  # pad the stored integers with the format's lowest one
+            lowest = np.array(fmt.qmin + st.zero_point, _NUMPY[st.dtype])
+            padded = pad_node(self.b, op, self.ints[op.inputs[0]], in_shape, lowest)
+            x = self._dq(padded, fmt.frac_bits, st, f"{op.inputs[0]}_padded_dq")
+        return self._q(float_op(self.b, op, [x], in_shape=in_shape), fmt.frac_bits, st, op.output)
 
     def build(self) -> onnx.ModelProto:
         g = self.graph
@@ -310,8 +442,10 @@ def to_qdq(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = T
 def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """Float ONNX model: dequantized weights and biases, float activations, no quantizers.
 
-    The float baseline of the same network (``requantize`` ops become identities); its outputs
-    approximate, not reproduce, the integer reference.
+    The float baseline of the same network (``requantize`` ops become identities, a ``clamp`` a
+    float ``Clip`` to its real bounds, an average pool the window sums over the true divisors); its
+    outputs approximate, not reproduce, the integer reference. A ``lut`` has no float formula in
+    ONNX: it reads its table at the input rounded onto the input grid (the float network's table).
     """
     check_exportable(graph)
     b, floats = GraphBuilder(), {}
@@ -320,11 +454,31 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
     floats.update({v.name: v.name for v in graph.inputs})
     for op in graph.ops:
         xs = [floats[i] for i in op.inputs]
+        v = graph.values[op.inputs[0]]
         if op.kind == "requantize":
             f = xs[0]
         elif op.kind == "mul_pow2":
             f = b.node("Mul", [xs[0], b.const("pow2", pow2(op.attrs["exponent"], op.name))], op.name)
-        elif op.kind in ("conv2d", "linear"):
+        elif op.kind == "clamp":
+            lo, hi = clamp_bounds(op)
+            s = scale_of(op.out_fmt.frac_bits, op.name)
+            f = b.node("Clip", [xs[0], b.const("clip_lo", np.float32(lo * s)), b.const("clip_hi", np.float32(hi * s))],
+                       op.name)
+        elif op.kind == "lut":
+            k = b.node("Round", [b.node("Mul", [xs[0], b.const("inv_scale", scale_of(-v.fmt.frac_bits, op.name))],
+                                        f"{op.name}_k")], f"{op.name}_k_rounded")
+            k = b.node("Add", [k, b.const("index_offset", np.float32(-v.fmt.qmin))], f"{op.name}_shifted")
+            k = b.node("Clip", [k, b.const("clip_lo", np.float32(0)),
+                                b.const("clip_hi", np.float32(v.fmt.qmax - v.fmt.qmin))], f"{op.name}_index_f")
+            table = dequantize(np.asarray(op.attrs["table"], np.int64), op.out_fmt.frac_bits).astype(np.float32)
+            idx = b.node("Cast", [k], f"{op.name}_index", to=TensorProto.INT64)
+            f = b.node("Gather", [b.const(f"{op.name}.table", table), idx], op.name, axis=0)
+        elif uses_reciprocal(graph, op):
+            divisors = 1.0 / avg_divisors(op, *v.shape[-2:]).astype(np.float32)
+            f = b.node("Mul", [window_sums(b, op, xs[0], v.shape), b.const(f"{op.name}.inv_divisors",
+                                                                           divisors.reshape(1, 1, *divisors.shape))],
+                       op.name)
+        elif op.kind in WEIGHTED_KINDS:
             assert op.weight is not None and op.weight_fmt is not None  # check_exportable
             assert op.weight_fmt.frac_bits is not None
             w = b.const(f"{op.name}.weight", dequantize(op.weight, op.weight_fmt.frac_bits).astype(np.float32))
@@ -333,7 +487,9 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
                                                         dequantize(op.bias, fl_acc).astype(np.float32))
             f = float_op(b, op, xs, w, bias)
         else:
-            f = float_op(b, op, xs)
+            if pad_node_needed(op, v.shape):
+                xs = [pad_node(b, op, xs[0], v.shape, np.float32(-np.inf))]
+            f = float_op(b, op, xs, in_shape=v.shape)
         floats[op.output] = b.node("Relu", [f], f"{op.output}_relu") if op.attrs.get("relu") else f
     for name in graph.outputs:
         b.node("Identity", [floats[name]], f"{name}_out", output=name)

@@ -9,8 +9,9 @@ itself) or on any QDQ model. Before → after::
 Exact by the commutation rule of ``docs/number_format.md``: with the same scale ``s > 0`` and zero
 point ``z``, ``DQ`` is monotone and affine, so ``Q(maxpool(DQ(x))) = maxpool(x)`` and
 ``Q(flatten(DQ(x))) = flatten(x)`` bit for bit (``Q(DQ(k)) = k`` for every storable ``k``).
-Folded ops: MaxPool (int8/uint8 only, the types ONNX MaxPool accepts), Flatten, Reshape,
-Transpose, Squeeze, Unsqueeze. Only per-tensor (scalar) constant scales and zero points with
+Folded ops: MaxPool and Resize (int8/uint8 only: the types ONNX MaxPool accepts, and the integer
+types onnxruntime's Resize takes; nearest Resize copies pixels), Flatten, Reshape, Transpose,
+Squeeze, Unsqueeze. Only per-tensor (scalar) constant scales and zero points with
 equal values and types are folded; a ``Q`` whose output is a graph output is kept.
 """
 
@@ -20,7 +21,9 @@ import numpy as np
 import onnx_ir as ir
 
 _LAYOUT_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
-_MAXPOOL_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8))
+_INT8_OPS = ("MaxPool", "Resize")
+"""Folded only onto int8/uint8 tensors."""
+_INT8_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8))
 
 
 def _scalar_const(value: ir.Value | None) -> np.ndarray | None:
@@ -47,7 +50,7 @@ class FoldTransparentQdq(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for node in list(model.graph):
-            if node.domain != "" or node.op_type not in _LAYOUT_OPS + ("MaxPool",) or len(node.outputs) != 1:
+            if node.domain != "" or node.op_type not in _LAYOUT_OPS + _INT8_OPS or len(node.outputs) != 1:
                 continue
             dq = node.inputs[0].producer() if node.inputs[0] is not None else None
             out = node.outputs[0]
@@ -58,7 +61,7 @@ class FoldTransparentQdq(ir.passes.InPlacePass):
             int_in = dq.inputs[0]
             if (q.op_type != "QuantizeLinear" or q.inputs[0] is not out or q.outputs[0].is_graph_output()
                     or not _same_quantization(dq, q) or int_in is None
-                    or (node.op_type == "MaxPool" and _scalar_const(dq.inputs[2]).dtype not in _MAXPOOL_DTYPES)):
+                    or (node.op_type in _INT8_OPS and _scalar_const(dq.inputs[2]).dtype not in _INT8_DTYPES)):
                 continue
             node.replace_input_with(0, int_in)
             out.type = int_in.type

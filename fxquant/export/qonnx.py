@@ -10,9 +10,19 @@ to even, so ``Quant`` is exactly :func:`fxquant.fixed_point.quantize_int` follow
 :func:`fxquant.fixed_point.dequantize`. Placement: one ``Quant`` on each graph input, on each
 Conv/Gemm weight (float initializer ``w * 2^-FL_w``, exact), and on the output of every
 requantizing op *after* its fused ReLU (``q(relu(y)) = relu(q(y))``); the bias is a float
-initializer ``b * 2^-(FL_w+FL_in)`` (exact in float32 or the export fails). MaxPool, Flatten and
-Relu ops keep the grid and get no ``Quant``. ``ir_version`` 8, opset 13, as the qonnx tools and
-hls4ml's QONNX front end read it.
+initializer ``b * 2^-(FL_w+FL_in)`` (exact in float32 or the export fails). MaxPool, Flatten,
+Reshape, Transpose, Resize (nearest upsampling) and Relu ops keep the grid and get no ``Quant``.
+``ir_version`` 8, opset 13, as the qonnx tools and hls4ml's QONNX front end read it.
+
+The ops beyond a float layer and a ``Quant`` (each exact, see its builder method):
+
+* ``clamp``: ``Quant(out_fmt)`` then a float ``Clip`` to bounds on the output grid;
+* ``lut``: ``Gather`` of the float table on the integer index ``x 2^FL_in - qmin_in`` (``Cast``
+  to int64): no function is evaluated in float;
+* ``mul``: float ``Mul``, ``Quant`` (exact while ``|a b| <= 2^24``; ``check`` refuses larger);
+* ``avgpool2d`` with any window, padding or ceil mode: float32 window sums, the reciprocal
+  multiply and ``Round`` in float64, then ``Quant``;
+* ``conv_transpose2d``: ``ConvTranspose`` like ``Conv`` (exact while ``|acc| <= 2^24``).
 
 onnxruntime has no ``Quant`` kernel; :func:`lower_quant` rewrites each ``Quant`` into standard
 ``Div → Round → Clip → Mul`` (ONNX ``Round`` is half-to-even too) so that the same graph can be
@@ -26,9 +36,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from fxquant.errors import ExportError, UnsupportedOpError
-from fxquant.export.limits import (QONNX_MAX_IR_VERSION, check_opset, float32_risks, qonnx_problems,  # noqa: F401
-                                   raise_problems)
-from fxquant.export.onnx_builder import GraphBuilder, float_io, float_op, pow2, scale_of
+from fxquant.export.limits import (QONNX_MAX_IR_VERSION, WEIGHTED_KINDS, check_opset, clamp_bounds,  # noqa: F401
+                                   float32_risks, qonnx_problems, raise_problems, uses_reciprocal)
+from fxquant.export.onnx_builder import (GraphBuilder, float_io, float_op, pad_node, pad_node_needed, pow2,
+                                         reciprocal_factors, scale_of, window_sums)
 from fxquant.fixed_point import FixedPoint, dequantize
 from fxquant.integer_graph import IntegerGraph, Op
 
@@ -62,10 +73,48 @@ class _QonnxBuilder:
     def relu(self, x: str, relu: bool, base: str) -> str:
         return self.b.node("Relu", [x], f"{base}_relu") if relu else x
 
+    def lut(self, op: Op, x: str) -> str:
+        """``Gather`` of the table (float32 initializer ``table * 2^-FL_out``, exact) on the shifted
+        integer ``k - qmin_in = x * 2^FL_in - qmin_in`` (exact float32 integers below 2^12, then
+        ``Cast`` to int64); the ``Quant`` after it carries the output format (the entries are on its grid)."""
+        v = self.graph.values[op.inputs[0]]
+        k = self.b.node("Mul", [x, self.b.const("inv_scale", scale_of(-v.fmt.frac_bits, op.name))], f"{op.name}_k")
+        k = self.b.node("Add", [k, self.b.const("index_offset", np.float32(-v.fmt.qmin))], f"{op.name}_index_f")
+        idx = self.b.node("Cast", [k], f"{op.name}_index", to=onnx.TensorProto.INT64)
+        table = _float_const(self.b, f"{op.name}.table", np.asarray(op.attrs["table"], np.int64),
+                             op.out_fmt.frac_bits, f"op {op.name!r} table")
+        return self.quant(self.b.node("Gather", [table, idx], f"{op.name}_gather", axis=0), op.out_fmt, op.output)
+
+    def reciprocal_avgpool(self, op: Op, x: str, relu: bool) -> str:
+        """Window sums (a float32 ``Conv`` of ones on ``k 2^-FL_in``, exact below 2^24), ``Cast`` to
+        float64, times each window's ``M_d 2^(FL_out - s_d)``, ``Round`` (half to even) there:
+        ``round(sum * M_d 2^(FL_out - FL_in - s_d))``; back to float32 ``r 2^-FL_out`` (an integer
+        beyond 2^24 rounds monotonically, so the saturation below is unchanged), the ``Quant`` of
+        ``out_fmt`` saturates."""
+        v = self.graph.values[op.inputs[0]]
+        sums = self.b.node("Cast", [window_sums(self.b, op, x, v.shape)], f"{op.name}_sum_f64",
+                           to=onnx.TensorProto.DOUBLE)
+        factors = self.b.const(f"{op.name}.reciprocal", reciprocal_factors(op, v.shape, op.out_fmt.frac_bits))
+        r = self.b.node("Round", [self.b.node("Mul", [sums, factors], f"{op.name}_scaled")], f"{op.name}_rounded")
+        r = self.b.node("Cast", [r], f"{op.name}_rounded_f32", to=onnx.TensorProto.FLOAT)
+        y = self.b.node("Mul", [r, self.b.const("scale", scale_of(op.out_fmt.frac_bits, op.name))], f"{op.name}_avg")
+        return self.quant(self.relu(y, relu, op.output), op.out_fmt, op.output)
+
     def emit(self, op: Op) -> str:
         relu = bool(op.attrs.get("relu"))
         xs = [self.vals[i] for i in op.inputs]
-        if op.kind in ("conv2d", "linear"):
+        in_shape = self.graph.values[op.inputs[0]].shape
+        if uses_reciprocal(self.graph, op):
+            return self.reciprocal_avgpool(op, xs[0], relu)
+        if op.kind == "lut":
+            return self.lut(op, xs[0])
+        if op.kind == "clamp":  # the bounds lie on the output grid: a float Clip after the Quant is exact
+            lo, hi = clamp_bounds(op)
+            s = scale_of(op.out_fmt.frac_bits, op.name)
+            q = self.quant(xs[0], op.out_fmt, f"{op.output}_quant")
+            return self.b.node("Clip", [q, self.b.const("clip_lo", np.float32(lo * s)),
+                                        self.b.const("clip_hi", np.float32(hi * s))], op.output)
+        if op.kind in WEIGHTED_KINDS:
             w, wf = op.weight, op.weight_fmt
             assert w is not None and wf is not None and wf.frac_bits is not None  # check_exportable
             wq = self.quant(_float_const(self.b, f"{op.name}.weight", w, wf.frac_bits, f"op {op.name!r} weight"),
@@ -74,8 +123,9 @@ class _QonnxBuilder:
             bias = None if op.bias is None else _float_const(self.b, f"{op.name}.bias", op.bias, fl_acc,
                                                              f"op {op.name!r} bias")
             return self.quant(self.relu(float_op(self.b, op, xs, wq, bias), relu, op.output), op.out_fmt, op.output)
-        if op.kind in ("matmul", "add", "avgpool2d"):
-            return self.quant(self.relu(float_op(self.b, op, xs), relu, op.output), op.out_fmt, op.output)
+        if op.kind in ("matmul", "add", "mul", "avgpool2d"):
+            return self.quant(self.relu(float_op(self.b, op, xs, in_shape=in_shape), relu, op.output), op.out_fmt,
+                              op.output)
         if op.kind == "requantize":
             return self.quant(self.relu(xs[0], relu, op.output), op.out_fmt, op.output)
         if op.kind == "cat":
@@ -85,7 +135,12 @@ class _QonnxBuilder:
             return float_op(self.b, op, parts)
         if op.kind == "mul_pow2":  # k * 2^-FL_in * 2^e = k * 2^-FL_out, exact in float32
             return self.b.node("Mul", [xs[0], self.b.const("pow2", pow2(op.attrs["exponent"], op.name))], op.name)
-        return float_op(self.b, op, xs)  # maxpool2d, flatten, reshape, relu: the grid is kept
+        # maxpool2d, flatten, reshape, transpose, upsample_nearest, relu: the grid is kept
+        if pad_node_needed(op, in_shape):  # padded with the format's lowest value (on the grid)
+            fmt = self.graph.values[op.inputs[0]].fmt
+            lowest = np.float32(fmt.qmin * scale_of(fmt.frac_bits, op.name))
+            xs = [pad_node(self.b, op, xs[0], in_shape, lowest)]
+        return float_op(self.b, op, xs, in_shape=in_shape)
 
     def build(self, opset: int) -> onnx.ModelProto:
         g = self.graph

@@ -41,7 +41,7 @@ FP32_REPORT = "baseline.json"
 SUPPORTED_BITS = (2, 16)
 """Widths the exporters store: int4/int8/uint8 and int16 (``docs/onnx_export.md``)."""
 _HANDLED = ("conv2d", "linear", "matmul", "add", "cat", "avgpool2d", "requantize", "relu", "maxpool2d", "flatten",
-            "reshape", "mul_pow2")
+            "reshape", "mul_pow2", "clamp", "lut", "mul", "transpose", "upsample_nearest", "conv_transpose2d")
 """The op kinds both exporters emit (each counts where the integer graph defines it)."""
 
 

@@ -39,32 +39,6 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     # (case name pattern (fnmatch), target name or "*"): regex one of check's problems must match
     # -- dividing by 9 where a target has no reciprocal multiply, and the vision-zoo ops (issue 13) a
     # -- target does not build yet: one block per target, so each backend edits only its own lines
-    # onnx-qdq
-    ("avgpool_3x3", "onnx-qdq"): r"average window \(3, 3\) is not a power of two",
-    ("avgpool_any", "onnx-qdq"): r"average window \(3, 3\) is not a power of two",
-    ("avgpool_global_7x7", "onnx-qdq"): r"average window \(7, 7\) is not a power of two",
-    ("clamp_family", "onnx-qdq"): r"op kind 'clamp'",
-    ("lut_activations", "onnx-qdq"): r"op kind 'lut'",
-    ("squeeze_excite", "onnx-qdq"): r"op kind 'lut'|op kind 'mul'",
-    ("mobilenet_block", "onnx-qdq"): r"op kind 'clamp'",
-    ("maxpool_ceil", "onnx-qdq"): r"max pooling with a ceil_mode edge window",
-    ("maxpool_dilated", "onnx-qdq"): r"max pooling with dilation",
-    ("channel_shuffle", "onnx-qdq"): r"op kind 'transpose'",
-    ("upsample_nearest", "onnx-qdq"): r"op kind 'upsample_nearest'",
-    ("conv_transpose", "onnx-qdq"): r"op kind 'conv_transpose2d'",
-    # qonnx
-    ("avgpool_3x3", "qonnx"): r"average window \(3, 3\) is not a power of two",
-    ("avgpool_any", "qonnx"): r"average window \(3, 3\) is not a power of two",
-    ("avgpool_global_7x7", "qonnx"): r"average window \(7, 7\) is not a power of two",
-    ("clamp_family", "qonnx"): r"op kind 'clamp'",
-    ("lut_activations", "qonnx"): r"op kind 'lut'",
-    ("squeeze_excite", "qonnx"): r"op kind 'lut'|op kind 'mul'",
-    ("mobilenet_block", "qonnx"): r"op kind 'clamp'",
-    ("maxpool_ceil", "qonnx"): r"max pooling with a ceil_mode edge window",
-    ("maxpool_dilated", "qonnx"): r"max pooling with dilation",
-    ("channel_shuffle", "qonnx"): r"op kind 'transpose'",
-    ("upsample_nearest", "qonnx"): r"op kind 'upsample_nearest'",
-    ("conv_transpose", "qonnx"): r"op kind 'conv_transpose2d'",
     # cpu
     ("avgpool_3x3", "cpu"): r"average window \(3, 3\) is not a power of two",
     ("avgpool_any", "cpu"): r"average window \(3, 3\) is not a power of two",

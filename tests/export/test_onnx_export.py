@@ -98,22 +98,23 @@ def test_unknown_options_and_bad_opsets_are_usage_errors(tmp_path: Path) -> None
 
 def test_check_lists_every_problem_at_once() -> None:
     m = GraphMaker((4, 8, 8), F(8, 4))
-    h = m.pool("avg", "input", "avgpool2d", 3)
+    h = m.pool("pool", "input", "maxpool2d", 3)
+    h = m._op("clip", "clamp", (h,), (4, 2, 2), F(8, 4), attrs={"lo": 200, "hi": None})  # above qmax
     h = m.flatten("flat", h)
     graph = m.graph(m.linear("fc", h, 2, F(8, 0), F(12, 2)))
     graph.ops[-1].weight = graph.ops[-1].weight * 4  # outside its 8-bit format
     problems = get_target("onnx-qdq").check(graph, opset=20)
-    assert sorted((p.layer, p.kind) for p in problems) == [("avg", "avgpool2d"), ("fc", "linear"), ("fc", "linear")]
+    assert sorted((p.layer, p.kind) for p in problems) == [("clip", "clamp"), ("fc", "linear"), ("fc", "linear")]
     reasons = " | ".join(p.reason for p in problems)
-    assert "average window (3, 3) is not a power of two" in reasons
+    assert "clamp bounds [200, None] leave the output format <8,4>" in reasons
     assert "weights need 10 bits, more than their 8-bit format" in reasons
     assert "12-bit value 'fc' needs int16 QuantizeLinear, which opset 20 lacks" in reasons
     assert get_target("onnx-qdq").check(mixed()) == [] and get_target("qonnx").check(mixed()) == []
 
 
 def test_a_refused_graph_leaves_nothing(tmp_path: Path) -> None:
-    m = GraphMaker((4, 8, 8), F(8, 4))
-    graph = m.graph(m.pool("avg", "input", "avgpool2d", 3))
+    m = GraphMaker((1, 24, 24), F(16, 4))
+    graph = m.graph(m.pool("avg", "input", "avgpool2d", 23))  # window sums beyond float32's 2^24
     with pytest.raises(UnsupportedOpError, match=r"'onnx-qdq' cannot build .*avg \(avgpool2d\)"):
         base.export(get_target("onnx-qdq"), graph, tmp_path / "q", [sample_inputs(graph)])
     assert list(tmp_path.iterdir()) == []

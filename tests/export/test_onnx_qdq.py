@@ -13,7 +13,7 @@ from tests.export.integer_graphs import (F, GraphMaker, cnn, matmul_graph, mixed
 
 from fxquant.errors import ExportError, UnsupportedOpError, UsageError
 from fxquant.export.onnx_builder import META_PRECISION_MAP, META_VALUE_FORMATS
-from fxquant.export.onnx_qdq import check_artifact, to_fp32, to_qdq
+from fxquant.export.onnx_qdq import check_artifact, qdq_problems, to_fp32, to_qdq
 from fxquant.export.qonnx import to_qonnx
 from fxquant.export.onnx_builder import float32_risks
 from fxquant.export.verify import session, verify_onnx
@@ -211,9 +211,10 @@ def test_unsupported_graphs_raise() -> None:
     with pytest.raises(UnsupportedOpError, match="fc2 \\(linear\\): 12-bit value 'fc2' needs int16 QuantizeLinear, "
                                                 "which opset 13 lacks"):
         to_qdq(mixed(), opset=13)
-    m = GraphMaker((4, 8, 8), F(8, 4))
-    with pytest.raises(UnsupportedOpError, match=r"avg \(avgpool2d\): average window \(3, 3\) is not a power of two"):
-        to_qdq(m.graph(m.pool("avg", "input", "avgpool2d", 3)))
+    m = GraphMaker((1, 24, 24), F(16, 4))
+    with pytest.raises(UnsupportedOpError, match=r"avg \(avgpool2d\): average window sum can reach 17334272, "
+                                                r"beyond float32's exact 2\^24"):
+        to_qdq(m.graph(m.pool("avg", "input", "avgpool2d", 23)))
     m = GraphMaker((8,), F(8, 4))
     graph = m.graph(m.linear("fc", "input", 2, F(8, 0), F(8, 2)))
     graph.inputs[0] = graph.values["input"] = Value("input", (4, 8), F(8, 4))  # linear over the last axis
@@ -296,3 +297,18 @@ def test_wide_weights_with_large_accumulators_are_split_and_exact(tmp_path: Path
     (out,) = session(model).run(None, {"input": x})
     np.testing.assert_array_equal(out.astype(np.float64) * 2.0, graph.run(*graph.quantize_inputs(x))["flat"])
     assert ("", "ConvInteger") in optimized_ops(model, tmp_path)
+
+
+def test_wide_weights_need_opset_21_unless_split() -> None:
+    """12-bit weights are int16 initializers before opset 21 has int16 DequantizeLinear, except on
+    the integer path, where they are two uint8 halves."""
+    m = GraphMaker((8,), F(8, 4))
+    small = m.graph(m.linear("fc", "input", 2, F(12, 10), F(8, 2)))
+    (problem,) = qdq_problems(small, opset=17)
+    assert (problem.layer, problem.kind) == ("fc", "linear")
+    assert "12-bit weights need int16 DequantizeLinear, which opset 17 lacks" in problem.reason
+    m = GraphMaker((1024,), F(8, 4))
+    big = m.graph(m.linear("fc", "input", 2, F(12, 10), F(8, -8), bias=False))
+    big.ops[0].weight = np.full((2, 1024), 2047)  # |acc| beyond 2^24: split halves on ConvInteger/MatMulInteger
+    assert qdq_problems(big, opset=17) == []
+    assert verify_onnx(to_qdq(big, opset=17), big, sample_inputs(big), "qdq")["mismatches"] == 0
