@@ -65,20 +65,7 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("channel_shuffle", "qonnx"): r"op kind 'transpose'",
     ("upsample_nearest", "qonnx"): r"op kind 'upsample_nearest'",
     ("conv_transpose", "qonnx"): r"op kind 'conv_transpose2d'",
-    # cpu
-    ("avgpool_3x3", "cpu"): r"average window \(3, 3\) is not a power of two",
-    ("avgpool_any", "cpu"): r"average window \(3, 3\) is not a power of two",
-    ("avgpool_global_7x7", "cpu"): r"average window \(7, 7\) is not a power of two",
-    ("clamp_family", "cpu"): r"op kind 'clamp'",
-    ("lut_activations", "cpu"): r"op kind 'lut'",
-    ("squeeze_excite", "cpu"): r"op kind 'lut'|op kind 'mul'",
-    ("mobilenet_block", "cpu"): r"op kind 'clamp'",
-    ("maxpool_ceil", "cpu"): r"max pooling with a ceil_mode edge window",
-    ("maxpool_dilated", "cpu"): r"max pooling with dilation",
-    ("channel_shuffle", "cpu"): r"op kind 'transpose'",
-    ("upsample_nearest", "cpu"): r"op kind 'upsample_nearest'",
-    ("conv_transpose", "cpu"): r"op kind 'conv_transpose2d'",
-    ("batchnorm_depthwise", "cpu"): r"grouped convolution",
+    # cpu: every vision-zoo op has a kernel
     # cuda
     ("avgpool_3x3", "cuda"): r"average window \(3, 3\) is not a power of two",
     ("avgpool_any", "cuda"): r"average window \(3, 3\) is not a power of two",
@@ -108,13 +95,11 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("conv_transpose", "fpga"): r"op kind 'conv_transpose2d'",
     # -- qonnx: biases are float32 initializers
     ("linear_wide_bias", "qonnx"): r"bias is not exactly representable in float32",
-    # -- cpu: int8 activations, groups=1, no cat / matmul kernels, int32 accumulators
-    ("residual", "cpu"): r"op kind 'cat'",
-    ("cat_*", "cpu"): r"op kind 'cat'",
-    ("fpga_residual", "cpu"): r"op kind 'cat'",
+    # -- cpu: int8 activations, no matmul kernel, int32 accumulators
     ("matmul_*", "cpu"): r"op kind 'matmul'",
-    ("conv_groups", "cpu"): r"grouped convolution",
     ("mixed", "cpu"): _ACT8,
+    ("fpga_residual", "cpu"): _ACT8,
+    ("lut_activations", "cpu"): _ACT8,
     ("fpga_mlp", "cpu"): _ACT8,
     ("fpga_cnn", "cpu"): _ACT8,
     ("requantize_extremes", "cpu"): _ACT8,
@@ -122,7 +107,6 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("linear_acc_*_int32", "cpu"): _ACT8,
     ("conv_acc_near_int32", "cpu"): _ACT8,
     ("linear_w16_acc_over_int32", "cpu"): _INT32,
-    ("reshape", "cpu"): r"op kind 'reshape'",
     # -- cuda: int8 activations and weights, one graph input, groups=1, no cat / matmul kernels
     ("residual", "cuda"): r"op kind 'cat'",
     ("cat_*", "cuda"): r"op kind 'cat'",
