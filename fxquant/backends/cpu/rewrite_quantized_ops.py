@@ -174,7 +174,7 @@ class RewriteQuantizedOps:
                                                        _static(w.shape[2:]), _static(attrs.strides), (pad[0], pad[1]),
                                                        _static(attrs.dilation))
                 gv = add_kernel(vision_kernels.grouped_conv2d(gshape, rq, res_spec), "gconv2d")
-                args = [x, relax.const(w.astype(np.int32)), relax.const(bias.astype(np.int32))] + res_args
+                args = [x, relax.const(packing.pack_tap_pairs(w)), relax.const(bias.astype(np.int32))] + res_args
                 return relax.call_tir(gv, args, relax.TensorType(_shape(m[conv]), "int8"))
             shape = kernels.ConvShape(int(c), int(h), int(wd), int(w.shape[0]), _static(w.shape[2:]),
                                       _static(attrs.strides), (pad[0], pad[1]), _static(attrs.dilation))

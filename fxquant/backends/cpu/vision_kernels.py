@@ -8,9 +8,11 @@ batch ``n``, cached on their hashable arguments, and the requantize epilogue of
 * :func:`grouped_conv2d` (depthwise when ``groups == channels``):
   ``y[b,o,p] = sum_{c in group(o), kh, kw} x[b,c,h(p,kh),w(p,kw)] w[o,c,kh,kw] + bias[o]``.
   One task per ``(b, group)``: the group's input planes are copied once, zero padded, into int16
-  planes; then per output channel and row, 8 output columns per int32x8 accumulator, one
-  ``vpmulld`` + add per tap against a broadcast weight (strided taps read ``ramp(., SW, 8)``).
-  No zeros are multiplied: a depthwise 3x3 does 9 multiply-adds per output.
+  planes, then into int32 words holding the column pair ``(x[col], x[col + DW])``; per output
+  channel and row, ``RV`` int32x8 accumulators of 8 output columns each take one ``vpmaddwd``
+  per tap pair ``(kw, kw+1)`` against the broadcast weight pair (an odd last tap pairs with a
+  zero weight; strided convs read the words at ``ramp(., SW, 8)``). Only the group's own
+  channels are multiplied: a depthwise 3x3 is 6 ``vpmaddwd`` per 8 outputs.
 * :func:`concat2` ``y = cat(requant_a(a), requant_b(b), axis)`` (a ``cat`` of ``k`` inputs is
   ``k - 1`` of these, the running result already in the output format).
 * :func:`clamp` ``clip(requantize(x), lo, hi)``; :func:`lut` ``y = table[x - qmin]``;
@@ -34,6 +36,7 @@ from functools import lru_cache
 from tvm import tirx
 from tvm.script import tirx as T
 
+from fxquant.backends.cpu.intrinsics import broadcast_word, pmaddwd
 from fxquant.backends.cpu.kernels import PARALLEL_MIN_WORK, VEC, _finish
 from fxquant.backends.tvm_epilogue import Requant, Residual, requantize, residual_add
 from fxquant.integer_graph import pool_output_size
@@ -81,28 +84,60 @@ class GroupConvShape:
 @lru_cache(maxsize=None)
 def grouped_conv2d(s: GroupConvShape, rq: Requant, residual: Residual | None = None,
                    name: str = "fxq_gconv2d") -> tirx.PrimFunc:
-    """int8 NCHW grouped / depthwise conv2d + bias + requantize (+ ReLU, + fused residual add)."""
+    """int8 NCHW grouped / depthwise conv2d + bias + requantize (+ ReLU, + fused residual add).
+
+    Weights: :func:`.packing.pack_tap_pairs` ``[OC, C/groups, KH, ceil(KW/2)]`` int16 pair words."""
     C, H, W, OC, G = s.channels, s.height, s.width, s.out_channels, s.groups
     (KH, KW), (SH, SW), (PH, PW), (DH, DW) = s.kernel, s.stride, s.padding, s.dilation
     CG, OG = C // G, OC // G
     OH, OW = s.out_hw
+    KP = (KW + 1) // 2
     OWV = math.ceil(OW / VEC)
+    RV = min((4, 3, 2, 1), key=lambda r: (math.ceil(OWV / r) * r, -r)) if OWV > 1 else 1
+    VB = math.ceil(OWV / RV)
+    OWPP = VB * RV * VEC
+    # stride 1: one word row per input row, tap pair p read at column ow + 2p*DW; strided: one word
+    # row per (tap pair, input row), the columns ow*SW + 2p*DW gathered once, read contiguously
+    SHARED = SW == 1
+    NPH = 1 if SHARED else KP
+    WCOLS = math.ceil((OWPP + 2 * (KP - 1) * DW) / VEC) * VEC if SHARED else OWPP
+    SPAN = WCOLS + DW if SHARED else OWPP * SW + 2 * (KP - 1) * DW + DW
+    COLS = math.ceil(max(SPAN, W + PW) / (2 * VEC)) * 2 * VEC
     HP = max(H + 2 * PH, (OH - 1) * SH + (KH - 1) * DH + 1)
-    COLS = math.ceil(max((OWV * VEC - 1) * SW + (KW - 1) * DW + 1, W + 2 * PW) / (2 * VEC)) * 2 * VEC
     PLANE = CG * HP * COLS
-    FULL = OW % VEC == 0
+    WORDS = CG * NPH * HP * WCOLS
     VECTOR_COPY = W % VEC == 0
     TASK_WORK = OG * OH * OW * CG * KH * KW
     has_res = residual is not None
 
-    def tap(xp, ci, oh, v, kh, kw):
-        return T.Cast("int32x8", xp[T.ramp((ci * HP + oh * SH + kh * DH) * COLS + v * VEC * SW + kw * DW, SW, VEC)])
+    def word(xw, ci, oh, v, kh, p):
+        if SHARED:
+            return T.reinterpret("int16x16", xw[T.ramp((ci * HP + oh * SH + kh * DH) * WCOLS + v * VEC + 2 * p * DW,
+                                                       1, VEC)])
+        return T.reinterpret("int16x16", xw[T.ramp(((ci * KP + p) * HP + oh * SH + kh * DH) * WCOLS + v * VEC, 1, VEC)])
+
+    def columns(xp, base, stride):
+        """``xp[base + i*stride]``, i < 8: a contiguous load and a shuffle (no gather)."""
+        if stride == 1:
+            return xp[T.ramp(base, 1, VEC)]
+        return T.Shuffle([xp[T.ramp(base, 1, VEC * stride)]], [i * stride for i in range(VEC)])
+
+    def pair(xp, base, stride):
+        return (T.Cast("int32x8", columns(xp, base, stride)) & T.broadcast(T.int32(0xFFFF), VEC)) | (
+            T.Cast("int32x8", columns(xp, base + DW, stride)) << T.broadcast(T.int32(16), VEC))
+
+    def store(res, b, o, oh, v, acc):
+        if has_res:
+            return T.Cast("int8x8", residual_add(requantize(acc, rq, VEC), T.Cast(
+                "int32x8", res[b, o, oh, T.ramp(v * VEC, 1, VEC)]), residual, VEC))
+        return T.Cast("int8x8", requantize(acc, rq, VEC))
 
     @T.macro
-    def task(x, w, bias, res, y, t):
+    def task(x, wp, bias, res, y, t):
         b = T.meta_var(t // G)
         g = T.meta_var(t % G)
         xp = T.decl_buffer((PLANE,), "int16")
+        xw = T.decl_buffer((WORDS,), "int32")
         for i in range(PLANE // (2 * VEC)):
             xp[T.ramp(i * 2 * VEC, 1, 2 * VEC)] = T.broadcast(T.int16(0), 2 * VEC)
         for ci, h in T.grid(CG, H):
@@ -113,58 +148,66 @@ def grouped_conv2d(s: GroupConvShape, rq: Requant, residual: Residual | None = N
             else:
                 for col in range(W):
                     xp[(ci * HP + h + PH) * COLS + PW + col] = T.Cast("int16", x[b, g * CG + ci, h, col])
-        for og, oh, v in T.grid(OG, OH, OWV):
-            acc = T.decl_buffer((1,), "int32x8")
-            acc[0] = T.broadcast(bias[g * OG + og], VEC)
+        if SHARED:  # word = (x[col], x[col + DW]) as an int16 pair
+            for r, c0 in T.grid(CG * HP, WCOLS // VEC):
+                xw[T.ramp(r * WCOLS + c0 * VEC, 1, VEC)] = pair(xp, r * COLS + c0 * VEC, 1)
+        else:
+            for ci, p, h, c0 in T.grid(CG, KP, HP, WCOLS // VEC):
+                xw[T.ramp(((ci * KP + p) * HP + h) * WCOLS + c0 * VEC, 1, VEC)] = pair(
+                    xp, (ci * HP + h) * COLS + c0 * VEC * SW + 2 * p * DW, SW)
+        for og, oh, vb in T.grid(OG, OH, VB):
+            acc = T.decl_buffer((RV,), "int32x8")
+            for i in T.unroll(RV):
+                acc[i] = T.broadcast(bias[g * OG + og], VEC)
             for ci in range(CG):
                 for kh in T.unroll(KH):
-                    for kw in T.unroll(KW):
-                        acc[0] = acc[0] + tap(xp, ci, oh, v, kh, kw) * T.broadcast(w[g * OG + og, ci, kh, kw], VEC)
-            if FULL:
-                if has_res:
-                    y[b, g * OG + og, oh, T.ramp(v * VEC, 1, VEC)] = T.Cast("int8x8", residual_add(
-                        requantize(acc[0], rq, VEC), T.Cast("int32x8", res[b, g * OG + og, oh, T.ramp(v * VEC, 1, VEC)]),
-                        residual, VEC))
-                else:
-                    y[b, g * OG + og, oh, T.ramp(v * VEC, 1, VEC)] = T.Cast("int8x8", requantize(acc[0], rq, VEC))
-            else:
-                part = T.decl_buffer((VEC,), "int32")
-                part[T.ramp(0, 1, VEC)] = requantize(acc[0], rq, VEC)
-                for lane in range(VEC):
-                    if v * VEC + lane < OW:
-                        if has_res:
-                            y[b, g * OG + og, oh, v * VEC + lane] = T.Cast("int8", residual_add(
-                                part[lane], T.Cast("int32", res[b, g * OG + og, oh, v * VEC + lane]), residual, 1))
-                        else:
-                            y[b, g * OG + og, oh, v * VEC + lane] = T.Cast("int8", part[lane])
+                    for p in T.unroll(KP):
+                        for i in T.unroll(RV):
+                            acc[i] = acc[i] + pmaddwd(word(xw, ci, oh, vb * RV + i, kh, p),
+                                                      broadcast_word(wp[g * OG + og, ci, kh, p], VEC, "int16x16"))
+            for i in T.unroll(RV):
+                if (vb * RV + i + 1) * VEC <= OW:
+                    y[b, g * OG + og, oh, T.ramp((vb * RV + i) * VEC, 1, VEC)] = store(
+                        res, b, g * OG + og, oh, vb * RV + i, acc[i])
+                elif (vb * RV + i) * VEC < OW:
+                    part = T.decl_buffer((VEC,), "int32")
+                    part[T.ramp(0, 1, VEC)] = requantize(acc[i], rq, VEC)
+                    for lane in range(VEC):
+                        if (vb * RV + i) * VEC + lane < OW:
+                            if has_res:
+                                y[b, g * OG + og, oh, (vb * RV + i) * VEC + lane] = T.Cast("int8", residual_add(
+                                    part[lane], T.Cast("int32", res[b, g * OG + og, oh, (vb * RV + i) * VEC + lane]),
+                                    residual, 1))
+                            else:
+                                y[b, g * OG + og, oh, (vb * RV + i) * VEC + lane] = T.Cast("int8", part[lane])
 
     @T.macro
-    def body(x, w, bias, res, y, n):
+    def body(x, wp, bias, res, y, n):
         if n * (G * TASK_WORK) >= PARALLEL_MIN_WORK:
             for t in T.parallel(n * G):
-                task(x, w, bias, res, y, t)
+                task(x, wp, bias, res, y, t)
         else:
             for t in range(n * G):
-                task(x, w, bias, res, y, t)
+                task(x, wp, bias, res, y, t)
 
     @T.prim_func
     def kernel(x_h: T.handle, w_h: T.handle, bias_h: T.handle, res_h: T.handle, y_h: T.handle):
         n = T.int64()
         x = T.match_buffer(x_h, (n, C, H, W), "int8")
-        w = T.match_buffer(w_h, (OC, CG, KH, KW), "int32")
+        wp = T.match_buffer(w_h, (OC, CG, KH, KP), "int32")
         bias = T.match_buffer(bias_h, (OC,), "int32")
         res = T.match_buffer(res_h, (n, OC, OH, OW), "int8")
         y = T.match_buffer(y_h, (n, OC, OH, OW), "int8")
-        body(x, w, bias, res, y, n)
+        body(x, wp, bias, res, y, n)
 
     @T.prim_func
     def kernel_nores(x_h: T.handle, w_h: T.handle, bias_h: T.handle, y_h: T.handle):
         n = T.int64()
         x = T.match_buffer(x_h, (n, C, H, W), "int8")
-        w = T.match_buffer(w_h, (OC, CG, KH, KW), "int32")
+        wp = T.match_buffer(w_h, (OC, CG, KH, KP), "int32")
         bias = T.match_buffer(bias_h, (OC,), "int32")
         y = T.match_buffer(y_h, (n, OC, OH, OW), "int8")
-        body(x, w, bias, y, y, n)  # res is never read without a residual
+        body(x, wp, bias, y, y, n)  # res is never read without a residual
 
     return _finish(kernel if has_res else kernel_nores, name)
 
