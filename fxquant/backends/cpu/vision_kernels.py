@@ -156,22 +156,22 @@ def grouped_conv2d(s: GroupConvShape, rq: Requant, residual: Residual | None = N
                 xw[T.ramp(((ci * KP + p) * HP + h) * WCOLS + c0 * VEC, 1, VEC)] = pair(
                     xp, (ci * HP + h) * COLS + c0 * VEC * SW + 2 * p * DW, SW)
         for og, oh, vb in T.grid(OG, OH, VB):
-            acc = T.decl_buffer((RV,), "int32x8")
+            acc = T.decl_buffer((RV * VEC,), "int32")  # flat: an int32x8 buffer of RV trips StorageRewrite
             for i in T.unroll(RV):
-                acc[i] = T.broadcast(bias[g * OG + og], VEC)
+                acc[T.ramp(i * VEC, 1, VEC)] = T.broadcast(bias[g * OG + og], VEC)
             for ci in range(CG):
                 for kh in T.unroll(KH):
                     for p in T.unroll(KP):
                         for i in T.unroll(RV):
-                            acc[i] = acc[i] + pmaddwd(word(xw, ci, oh, vb * RV + i, kh, p),
+                            acc[T.ramp(i * VEC, 1, VEC)] = acc[T.ramp(i * VEC, 1, VEC)] + pmaddwd(word(xw, ci, oh, vb * RV + i, kh, p),
                                                       broadcast_word(wp[g * OG + og, ci, kh, p], VEC, "int16x16"))
             for i in T.unroll(RV):
                 if (vb * RV + i + 1) * VEC <= OW:
                     y[b, g * OG + og, oh, T.ramp((vb * RV + i) * VEC, 1, VEC)] = store(
-                        res, b, g * OG + og, oh, vb * RV + i, acc[i])
+                        res, b, g * OG + og, oh, vb * RV + i, acc[T.ramp(i * VEC, 1, VEC)])
                 elif (vb * RV + i) * VEC < OW:
                     part = T.decl_buffer((VEC,), "int32")
-                    part[T.ramp(0, 1, VEC)] = requantize(acc[i], rq, VEC)
+                    part[T.ramp(0, 1, VEC)] = requantize(acc[T.ramp(i * VEC, 1, VEC)], rq, VEC)
                     for lane in range(VEC):
                         if (vb * RV + i) * VEC + lane < OW:
                             if has_res:
