@@ -39,56 +39,17 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     # (case name pattern (fnmatch), target name or "*"): regex one of check's problems must match
     # -- dividing by 9 where a target has no reciprocal multiply, and the vision-zoo ops (issue 13) a
     # -- target does not build yet: one block per target, so each backend edits only its own lines
-    # cpu
-    ("avgpool_3x3", "cpu"): r"average window \(3, 3\) is not a power of two",
-    ("avgpool_any", "cpu"): r"average window \(3, 3\) is not a power of two",
-    ("avgpool_global_7x7", "cpu"): r"average window \(7, 7\) is not a power of two",
-    ("clamp_family", "cpu"): r"op kind 'clamp'",
-    ("lut_activations", "cpu"): r"op kind 'lut'",
-    ("squeeze_excite", "cpu"): r"op kind 'lut'|op kind 'mul'",
-    ("mobilenet_block", "cpu"): r"op kind 'clamp'",
-    ("maxpool_ceil", "cpu"): r"max pooling with a ceil_mode edge window",
-    ("maxpool_dilated", "cpu"): r"max pooling with dilation",
-    ("channel_shuffle", "cpu"): r"op kind 'transpose'",
-    ("upsample_nearest", "cpu"): r"op kind 'upsample_nearest'",
-    ("conv_transpose", "cpu"): r"op kind 'conv_transpose2d'",
-    ("batchnorm_depthwise", "cpu"): r"grouped convolution",
+    # cpu: every vision-zoo op has a kernel
     # cuda
-    ("avgpool_3x3", "cuda"): r"average window \(3, 3\) is not a power of two",
-    ("avgpool_any", "cuda"): r"average window \(3, 3\) is not a power of two",
-    ("avgpool_global_7x7", "cuda"): r"average window \(7, 7\) is not a power of two",
-    ("clamp_family", "cuda"): r"op kind 'clamp'",
-    ("lut_activations", "cuda"): r"op kind 'lut'",
-    ("squeeze_excite", "cuda"): r"op kind 'lut'|op kind 'mul'",
-    ("mobilenet_block", "cuda"): r"op kind 'clamp'",
-    ("maxpool_ceil", "cuda"): r"max pooling with a ceil_mode edge window",
-    ("maxpool_dilated", "cuda"): r"max pooling with dilation",
-    ("channel_shuffle", "cuda"): r"op kind 'transpose'",
-    ("upsample_nearest", "cuda"): r"op kind 'upsample_nearest'",
-    ("conv_transpose", "cuda"): r"op kind 'conv_transpose2d'",
-    ("batchnorm_depthwise", "cuda"): r"grouped convolution",
-    # fpga
-    ("avgpool_3x3", "fpga"): r"average window \(3, 3\) is not a power of two",
-    ("avgpool_any", "fpga"): r"average window \(3, 3\) is not a power of two",
-    ("avgpool_global_7x7", "fpga"): r"average window \(7, 7\) is not a power of two",
-    ("clamp_family", "fpga"): r"op kind 'clamp'",
-    ("lut_activations", "fpga"): r"op kind 'lut'",
-    ("squeeze_excite", "fpga"): r"op kind 'lut'|op kind 'mul'",
-    ("mobilenet_block", "fpga"): r"op kind 'clamp'",
-    ("maxpool_ceil", "fpga"): r"max pooling with a ceil_mode edge window",
-    ("maxpool_dilated", "fpga"): r"max pooling with dilation",
-    ("channel_shuffle", "fpga"): r"op kind 'transpose'",
-    ("upsample_nearest", "fpga"): r"op kind 'upsample_nearest'",
-    ("conv_transpose", "fpga"): r"op kind 'conv_transpose2d'",
+    ("lut_activations", "cuda"): _ACT8,
+    # fpga (none)
     # -- qonnx: biases are float32 initializers
     ("linear_wide_bias", "qonnx"): r"bias is not exactly representable in float32",
-    # -- cpu: int8 activations, groups=1, no cat / matmul kernels, int32 accumulators
-    ("residual", "cpu"): r"op kind 'cat'",
-    ("cat_*", "cpu"): r"op kind 'cat'",
-    ("fpga_residual", "cpu"): r"op kind 'cat'",
+    # -- cpu: int8 activations, no matmul kernel, int32 accumulators
     ("matmul_*", "cpu"): r"op kind 'matmul'",
-    ("conv_groups", "cpu"): r"grouped convolution",
     ("mixed", "cpu"): _ACT8,
+    ("fpga_residual", "cpu"): _ACT8,
+    ("lut_activations", "cpu"): _ACT8,
     ("fpga_mlp", "cpu"): _ACT8,
     ("fpga_cnn", "cpu"): _ACT8,
     ("requantize_extremes", "cpu"): _ACT8,
@@ -96,14 +57,8 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("linear_acc_*_int32", "cpu"): _ACT8,
     ("conv_acc_near_int32", "cpu"): _ACT8,
     ("linear_w16_acc_over_int32", "cpu"): _INT32,
-    ("reshape", "cpu"): r"op kind 'reshape'",
-    # -- cuda: int8 activations and weights, one graph input, groups=1, no cat / matmul kernels
-    ("residual", "cuda"): r"op kind 'cat'",
-    ("cat_*", "cuda"): r"op kind 'cat'",
-    ("fpga_residual", "cuda"): r"op kind 'cat'",
-    ("matmul_*", "cuda"): r"op kind 'matmul'",
-    ("conv_groups", "cuda"): r"grouped convolution",
-    ("add_two_inputs", "cuda"): r"2 graph inputs; this target takes 1",
+    # -- cuda: int8 activations and weights
+    ("fpga_residual", "cuda"): _ACT8,
     ("mixed", "cuda"): _ACT8,
     ("fpga_mlp", "cuda"): _ACT8,
     ("fpga_cnn", "cuda"): _ACT8,
@@ -112,14 +67,9 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("linear_acc_*_int32", "cuda"): _ACT8,
     ("conv_acc_near_int32", "cuda"): _ACT8,
     ("linear_w16_acc_*_int32", "cuda"): _W8,
-    ("reshape", "cuda"): r"op kind 'reshape'",
-    ("mul_pow2", "cuda"): r"op kind 'mul_pow2'",
-    # -- fpga: one graph input, no matmul, two-input cat
+    # -- fpga: one graph input, no matmul
     ("matmul_*", "fpga"): r"op kind 'matmul'",
     ("add_two_inputs", "fpga"): r"2 graph inputs; this target takes 1",
-    ("cat_mixed_formats", "fpga"): r"cat of 3 inputs on dim 1 is not supported",
-    ("reshape", "fpga"): r"op kind 'reshape'",
-    ("mul_pow2", "fpga"): r"op kind 'mul_pow2'",
 }
 """What each target cannot build, as data (like ``onnx.backend.test.BackendTest.exclude``)."""
 

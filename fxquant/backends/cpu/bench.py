@@ -118,4 +118,86 @@ def markdown(result: dict[str, Any]) -> str:
     return table + "\n".join(lines) + "\n"
 
 
-__all__ = ["bench_cpu", "set_tvm_threads", "time_runners", "tvm_runner"]
+
+
+
+def bench_depthwise(channels: int = 144, size: int = 56, stride: int = 1, batch: int = 1, threads: int = 1,
+                    budget_s: float = 3.0, seed: int = 0) -> dict[str, Any]:
+    """One MobileNetV2-like depthwise 3x3 layer (``channels`` x ``size``^2, padding 1, + bias + ReLU),
+    three engines timed in turns in this process with ``threads`` threads each:
+
+    * ``depthwise`` -- :func:`.vision_kernels.grouped_conv2d` (groups = channels);
+    * ``dense zeros`` -- the groups=1 :func:`.kernels.conv2d` on the same layer written as a dense
+      ``[C, C, 3, 3]`` weight that is zero off the diagonal (what a backend without grouped
+      kernels would run);
+    * ``ORT FP32`` -- onnxruntime ``Conv(group=C)`` on float32 (the reference of the ratios).
+
+    Both TVM kernels are checked bit-exact against ``IntegerGraph.run`` of the layer first.
+    """
+    import onnx
+    import onnxruntime as ort
+    import tvm
+    from onnx import TensorProto, helper
+
+    from fxquant.backends.cpu import kernels, packing, vision_kernels
+    from fxquant.backends.cpu.features import resolve_target
+    from fxquant.backends.tvm_epilogue import Requant
+    from fxquant.fixed_point import FixedPoint
+    from fxquant.integer_graph import IntegerGraph, Op, Value
+
+    rng = np.random.default_rng(seed)
+    c, k = channels, 3
+    x = rng.integers(-128, 128, (batch, c, size, size)).astype(np.int8)
+    w = rng.integers(-128, 128, (c, 1, k, k))
+    bias = rng.integers(-4000, 4000, c)
+    rq = Requant(-9, 8, True)
+    graph_in = Value("x", (c, size, size), FixedPoint(8, 4))
+    oh = (size + 2 - k) // stride + 1
+    op = Op("dw", "conv2d", ("x",), "y", FixedPoint(8, 4 + 7 - 9), weight=w, weight_fmt=FixedPoint(8, 7), bias=bias,
+            attrs={"stride": (stride, stride), "padding": (1, 1), "groups": c, "relu": True})
+    graph = IntegerGraph([graph_in], [op], ["y"], {"x": graph_in, "y": Value("y", (c, oh, oh), op.out_fmt)})
+    expected = graph.run(x.astype(np.int64))["y"]
+
+    target = {"kind": "llvm", "mcpu": resolve_target("host").mcpu, "num-cores": threads}
+    set_tvm_threads(threads)
+    y = tvm.runtime.empty((batch, c, oh, oh), "int8")
+    xt = tvm.runtime.tensor(x)
+    dshape = vision_kernels.GroupConvShape(c, size, size, c, c, (k, k), (stride, stride), (1, 1))
+    dw = tvm.compile(vision_kernels.grouped_conv2d(dshape, rq), target=target)
+    dw_args = [xt, tvm.runtime.tensor(packing.pack_tap_pairs(w)), tvm.runtime.tensor(bias.astype(np.int32)), y]
+    dense_w = np.zeros((c, c, k, k), np.int64)
+    dense_w[np.arange(c), np.arange(c)] = w[:, 0]
+    cshape = kernels.ConvShape(c, size, size, c, (k, k), (stride, stride), (1, 1))
+    dense = tvm.compile(kernels.conv2d(cshape, rq), target=target)
+    dense_args = [xt, tvm.runtime.tensor(packing.pack_conv_weight(dense_w, cshape.block[0])),
+                  tvm.runtime.tensor(bias.astype(np.int32)), y]
+    for lib, args, name in ((dw, dw_args, "fxq_gconv2d"), (dense, dense_args, "fxq_conv2d")):
+        lib[name](*args)
+        if not np.array_equal(y.numpy().astype(np.int64), expected):
+            raise AssertionError(f"{name} differs from IntegerGraph.run")
+
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], group=c, pads=[1, 1, 1, 1], strides=[stride, stride],
+                            kernel_shape=[k, k])
+    model = helper.make_model(helper.make_graph(
+        [node, helper.make_node("Relu", ["y"], ["z"])], "dw",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, size, size])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [helper.make_tensor("w", TensorProto.FLOAT, [c, 1, k, k], (w / 128.0).astype(np.float32).ravel()),
+         helper.make_tensor("b", TensorProto.FLOAT, [c], (bias / 2**11).astype(np.float32))]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString(),
+                                opts, providers=["CPUExecutionProvider"])
+    xf = (x / 16.0).astype(np.float32)
+    runners = {"ORT FP32": lambda: sess.run(None, {"x": xf}),
+               "depthwise": lambda: dw["fxq_gconv2d"](*dw_args),
+               "dense zeros": lambda: dense["fxq_conv2d"](*dense_args)}
+    times = time_runners(runners, budget_s)
+    p50 = {name: float(np.percentile(t, 50)) for name, t in times.items()}
+    return {"layer": {"channels": c, "size": size, "stride": stride, "kernel": k, "batch": batch},
+            "machine": machine(threads), "tvm_threads": threads, "ort_intra_op_threads": threads,
+            "p50_us": {n: v * 1e6 for n, v in p50.items()},
+            "ratio_vs_ort_fp32": {n: v / p50["ORT FP32"] for n, v in p50.items()},
+            "depthwise_speedup_vs_dense": p50["dense zeros"] / p50["depthwise"]}
+__all__ = ["bench_cpu", "bench_depthwise", "set_tvm_threads", "time_runners", "tvm_runner"]

@@ -106,7 +106,7 @@ def compile_graph(graph: IntegerGraph, target: LlvmCpu) -> tuple[Any, dict[str, 
     mod, params = lower(graph, target)
     try:
         ex = relax.build(mod, tvm.target.Target(target.tvm_target()), relax_pipeline=vm_pipeline())
-    except tvm.error.TVMError as exc:  # a compiler failure, not the user's input
+    except (tvm.error.InternalError, tvm.error.DiagnosticError, tvm.error.OpError) as exc:  # the compiler failed
         raise ToolchainError(f"TVM failed to build the CPU module for mcpu={target.mcpu}: {exc}") from exc
     return ex, params
 

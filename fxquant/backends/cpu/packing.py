@@ -138,3 +138,12 @@ def pack_linear_weight_vnni(w: np.ndarray) -> np.ndarray:
 def pad_bias(bias: np.ndarray | None, out_features: int, multiple: int) -> np.ndarray:
     b = np.zeros(out_features, np.int64) if bias is None else np.asarray(bias, np.int64)
     return _pad_to(b, 0, multiple).astype(np.int32)
+
+
+def pack_tap_pairs(w: np.ndarray) -> np.ndarray:
+    """``[OC, CG, KH, KW]`` int -> int32 ``[OC, CG, KH, ceil(KW/2)]`` words of the int16 tap pairs
+    ``(w[.., 2p], w[.., 2p+1])`` (a zero weight completes an odd ``KW``), for the grouped conv."""
+    if min_signed_bits(w) > MAX_WEIGHT_BITS:
+        raise UnsupportedOpError(f"conv weights need {min_signed_bits(w)} bits, more than int16",
+                                 f"weights of up to {MAX_WEIGHT_BITS} bits are supported")
+    return _int16_pairs(w, axis=3)

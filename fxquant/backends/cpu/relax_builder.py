@@ -26,12 +26,17 @@ import math
 import numpy as np
 from tvm import relax, tirx
 
+from fxquant.backends.tvm_epilogue import Requant
 from fxquant.errors import UnsupportedOpError
-from fxquant.fixed_point import FixedPoint
-from fxquant.integer_graph import IntegerGraph, Op
+from fxquant.fixed_point import FixedPoint, reciprocal
+from fxquant.integer_graph import IntegerGraph, Op, avg_divisors
 
 ACT_DTYPE = "int8"
 MAX_ACT_BITS = 8
+DIRECT_KINDS = ("cat", "clamp", "lut", "mul", "transpose", "upsample_nearest", "maxpool2d", "avgpool2d",
+                "conv_transpose2d")
+"""Kinds emitted as ``call_tir`` of a :mod:`.vision_kernels` kernel (no QDQ pattern expresses them:
+an any-window average is a reciprocal multiply, not the float average ``R.quantize`` would round)."""
 
 
 def _scale(frac_bits: int) -> relax.Constant:
@@ -81,7 +86,8 @@ class _Emitter:
         if op.kind == "conv2d":
             y = bb.emit(relax.op.nn.conv2d(self.dq(x), self.weight(op), strides=op.attrs.get("stride", (1, 1)),
                                            padding=op.attrs.get("padding", (0, 0)),
-                                           dilation=op.attrs.get("dilation", (1, 1))))
+                                           dilation=op.attrs.get("dilation", (1, 1)),
+                                           groups=op.attrs.get("groups", 1)))
             b = self.bias(op, x)
             if b is not None:
                 y = bb.emit(relax.op.add(y, bb.emit(relax.op.reshape(b, (1, -1, 1, 1)))))
@@ -92,23 +98,94 @@ class _Emitter:
             return self.q(bb.emit(relax.op.add(y, b)) if b is not None else y, op)
         if op.kind == "add":
             return self.q(bb.emit(relax.op.add(self.dq(op.inputs[0]), self.dq(op.inputs[1]))), op)
-        if op.kind == "avgpool2d":
-            kernel = tuple(op.attrs["kernel"])
-            return self.q(bb.emit(relax.op.nn.avg_pool2d(self.dq(x), kernel, op.attrs.get("stride", kernel),
-                                                         op.attrs.get("padding", (0, 0)))), op)
-        if op.kind == "maxpool2d":
-            kernel = tuple(op.attrs["kernel"])
-            pooled = bb.emit(relax.op.nn.max_pool2d(self.dq(x), kernel, op.attrs.get("stride", kernel),
-                                                    op.attrs.get("padding", (0, 0))))
-            return self.q(pooled, Op(op.name, "requantize", op.inputs, op.output, self.fmt(x)))
+        if op.kind in DIRECT_KINDS:
+            return self.direct(op)
         if op.kind in ("relu", "requantize"):
             out_fmt = self.fmt(x) if op.kind == "relu" else op.out_fmt
             return self.q(self.dq(x), Op(op.name, "requantize", op.inputs, op.output, out_fmt,
                                          attrs={"relu": op.kind == "relu" or op.attrs.get("relu", False)}))
         if op.kind == "flatten":
             return bb.emit(relax.op.reshape(self.env[x], (self.batch, -1)))
+        if op.kind == "reshape":
+            return bb.emit(relax.op.reshape(self.env[x], (self.batch, *(int(d) for d in op.attrs["shape"]))))
         if op.kind == "mul_pow2":  # the same integers read at another scale (DQ uses the output's FL)
             return self.env[x]
+        raise UnsupportedOpError(f"op {op.name!r}: kind {op.kind!r} has no fxquant CPU kernel")
+
+    def call(self, func: "tirx.PrimFunc", kind: str, args: list, shape: tuple[int, ...]) -> relax.Expr:
+        """``call_tir`` of an fxquant kernel (added once per distinct kernel, named by
+        ``AttachGlobalSymbol`` after its GlobalVar, as the rewrite pass adds its kernels)."""
+        gv = self.bb.add_func(func.without_attr("global_symbol"), f"fxq_{kind}")
+        return self.bb.emit(relax.call_tir(gv, args, relax.TensorType((self.batch,) + tuple(shape), ACT_DTYPE)))
+
+    def rq(self, acc_frac_bits: int, op: Op) -> Requant:
+        return Requant(op.out_fmt.frac_bits - acc_frac_bits, op.out_fmt.bits, bool(op.attrs.get("relu", False)))
+
+    def direct(self, op: Op) -> relax.Expr:
+        """The ops with no QDQ form the rewrite pass reads: one fxquant kernel each, emitted here."""
+        from fxquant.backends.cpu import vision_kernels as vk
+
+        x, out_shape = op.inputs[0], tuple(self.graph.value(op.output).shape)
+        shape, fl = tuple(self.graph.value(x).shape), self.fmt(x).frac_bits
+        if op.kind == "cat":  # k inputs: k - 1 two-input kernels, the running result already in out_fmt
+            axis = (op.attrs.get("dim", 1) % (len(shape) + 1)) - 1
+            keep = Requant(0, op.out_fmt.bits, bool(op.attrs.get("relu", False)))
+            cur, cur_shape, left = self.env[x], shape, self.rq(fl, op)
+            for name in op.inputs[1:]:
+                other = tuple(self.graph.value(name).shape)
+                new_shape = cur_shape[:axis] + (cur_shape[axis] + other[axis],) + cur_shape[axis + 1:]
+                cur = self.call(vk.concat2(cur_shape, other, axis, left, self.rq(self.fmt(name).frac_bits, op)),
+                                "cat", [cur, self.env[name]], new_shape)
+                cur_shape, left = new_shape, keep
+            if len(op.inputs) == 1:
+                return self.call(vk.clamp(shape, left, None, None), "requantize", [cur], out_shape)
+            return cur
+        if op.kind == "clamp":
+            rq = Requant(op.out_fmt.frac_bits - fl, op.out_fmt.bits, False)
+            return self.call(vk.clamp(shape, rq, op.attrs.get("lo"), op.attrs.get("hi")), "clamp", [self.env[x]],
+                             out_shape)
+        if op.kind == "lut":
+            table = np.asarray(op.attrs["table"], np.int64)
+            return self.call(vk.lut(shape, int(table.size), self.fmt(x).qmin), "lut",
+                             [self.env[x], relax.const(table.astype(np.int8))], out_shape)
+        if op.kind == "mul":
+            a, b = op.inputs
+            sa, sb = tuple(self.graph.value(a).shape), tuple(self.graph.value(b).shape)
+            rq = self.rq(self.fmt(a).frac_bits + self.fmt(b).frac_bits, op)
+            return self.call(vk.mul(sa, sb, rq), "mul", [self.env[a], self.env[b]], out_shape)
+        if op.kind == "transpose":
+            perm = tuple(int(p) for p in op.attrs["perm"])
+            return self.call(vk.transpose(shape, perm), "transpose", [self.env[x]], out_shape)
+        if op.kind == "upsample_nearest":
+            scale = tuple(int(v) for v in op.attrs["scale"])
+            return self.call(vk.upsample_nearest(shape, scale), "upsample", [self.env[x]], out_shape)
+        if op.kind in ("maxpool2d", "avgpool2d"):
+            kernel = tuple(op.attrs["kernel"])
+            ws = vk.WindowShape(*shape, kernel=kernel, stride=tuple(op.attrs.get("stride", kernel)),
+                                padding=tuple(op.attrs.get("padding", (0, 0))),
+                                dilation=tuple(op.attrs.get("dilation", (1, 1))),
+                                ceil_mode=bool(op.attrs.get("ceil_mode", False)))
+            if op.kind == "maxpool2d":
+                return self.call(vk.window_pool(ws, None), "max_pool2d", [self.env[x]], out_shape)
+            divisors = avg_divisors(op, shape[1], shape[2]).reshape(-1)
+            recips = [reciprocal(int(d)) for d in divisors]
+            mult = np.array([m for m, _ in recips], np.int32)
+            rshift = np.array([fl + s - op.out_fmt.frac_bits for _, s in recips], np.int32)
+            return self.call(vk.window_pool(ws, (op.out_fmt.bits, bool(op.attrs.get("relu", False)))), "avg_pool2d",
+                             [self.env[x], relax.const(mult), relax.const(rshift)], out_shape)
+        if op.kind == "conv_transpose2d":
+            assert op.weight is not None and op.weight_fmt is not None
+            groups = int(op.attrs.get("groups", 1))
+            cs = vk.ConvTransposeShape(shape[0], shape[1], shape[2], out_shape[0], groups,
+                                       tuple(op.weight.shape[2:]), tuple(op.attrs.get("stride", (1, 1))),
+                                       tuple(op.attrs.get("padding", (0, 0))),
+                                       tuple(op.attrs.get("output_padding", (0, 0))),
+                                       tuple(op.attrs.get("dilation", (1, 1))))
+            bias = np.zeros(out_shape[0], np.int64) if op.bias is None else np.asarray(op.bias, np.int64)
+            rq = self.rq(fl + op.weight_fmt.frac_bits, op)
+            return self.call(vk.conv_transpose2d(cs, rq), "conv_transpose2d",
+                             [self.env[x], relax.const(op.weight.astype(np.int32)), relax.const(bias.astype(np.int32))],
+                             out_shape)
         raise UnsupportedOpError(f"op {op.name!r}: kind {op.kind!r} has no fxquant CPU kernel")
 
 

@@ -34,7 +34,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, is_tuple, rewrite_call, wildcard
 
 from fxquant import legality
-from fxquant.backends.cpu import kernels, packing
+from fxquant.backends.cpu import kernels, packing, vision_kernels
 from fxquant.backends.tvm_epilogue import Requant, Residual
 from fxquant.backends.cpu.features import LlvmCpu
 from fxquant.errors import UnsupportedOpError
@@ -156,10 +156,10 @@ class RewriteQuantizedOps:
             call = m[conv]
             attrs = call.attrs
             what = "conv2d"
-            if int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
-                raise UnsupportedOpError(f"{what}: groups={attrs.groups}, "
-                                         f"layout {attrs.data_layout}/{attrs.kernel_layout}",
-                                         "the CPU backend supports NCHW/OIHW convolutions with groups=1")
+            groups = int(attrs.groups)
+            if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW":
+                raise UnsupportedOpError(f"{what}: layout {attrs.data_layout}/{attrs.kernel_layout}",
+                                         "the CPU backend supports NCHW/OIHW convolutions")
             pad = [int(p) for p in attrs.padding]
             if pad[0] != pad[2] or pad[1] != pad[3]:
                 raise UnsupportedOpError(f"{what}: asymmetric padding {pad}")
@@ -168,6 +168,14 @@ class RewriteQuantizedOps:
             rq = out.requant(m, fl_x + fl_w, what)
             legality.require_fits(packing.conv_bound(w, bias), what)
             n, c, h, wd = _shape(x)
+            res_args, res_spec = ([residual[0]], residual[1]) if residual is not None else ([], None)
+            if groups != 1:  # grouped / depthwise: the direct kernel, no zero weights
+                gshape = vision_kernels.GroupConvShape(int(c), int(h), int(wd), int(w.shape[0]), groups,
+                                                       _static(w.shape[2:]), _static(attrs.strides), (pad[0], pad[1]),
+                                                       _static(attrs.dilation))
+                gv = add_kernel(vision_kernels.grouped_conv2d(gshape, rq, res_spec), "gconv2d")
+                args = [x, relax.const(packing.pack_tap_pairs(w)), relax.const(bias.astype(np.int32))] + res_args
+                return relax.call_tir(gv, args, relax.TensorType(_shape(m[conv]), "int8"))
             shape = kernels.ConvShape(int(c), int(h), int(wd), int(w.shape[0]), _static(w.shape[2:]),
                                       _static(attrs.strides), (pad[0], pad[1]), _static(attrs.dilation))
             ro, _ = shape.block
@@ -321,6 +329,8 @@ class RewriteQuantizedOps:
             outer = is_op("relax.call_tir")(wildcard(), is_tuple([inner, hi]))
 
             def rewrite(expr: relax.Expr, m: dict) -> relax.Expr:
+                if not (isinstance(m[inner], relax.Call) and isinstance(expr, relax.Call)):  # kernel outputs bound to vars
+                    return expr
                 names = (m[inner].args[0].name_hint, expr.args[0].name_hint)
                 if not (names[0].startswith("maximum") and names[1].startswith("minimum")):
                     return expr

@@ -14,8 +14,11 @@ integers of at most 8 bits it takes), so the module's own input quantizer return
 
 Limits: activations (and graph inputs) 2..8 bits, stored as int8; weights 2..16 bits (int8, or
 int16 into the same ``vpmaddwd``; the 4/2-bit packed and the VNNI paths take the weights whose
-integers fit them); int32 accumulators; groups=1 convolutions; ``linear`` on ``[batch, features]``;
-no ``matmul`` or ``cat`` kernel.
+integers fit them); int32 accumulators (average pools: window sum times the reciprocal ``M``); ``linear`` on
+``[batch, features]``; ``mul`` broadcasting equal-rank shapes; no ``matmul`` kernel. Grouped and
+depthwise convolutions, ``cat``, ``clamp``, ``lut``, ``mul``, ``reshape``, ``transpose``,
+``upsample_nearest``, ``conv_transpose2d`` and pools with any window, dilation and ceil mode have
+their own kernels (:mod:`.vision_kernels`).
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from fxquant.backends.base import Problem, Target, refuse
 from fxquant.backends.cpu import packing
 from fxquant.backends.cpu.features import host_cpu, uses_vnni
 from fxquant.errors import RunDirError
-from fxquant.integer_graph import IntegerGraph
+from fxquant.fixed_point import reciprocal
+from fxquant.integer_graph import IntegerGraph, avg_divisors
 from fxquant.io import atomic_write_json
 
-OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize", "mul_pow2"})
+OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize", "mul_pow2",
+                 "cat", "clamp", "lut", "mul", "reshape", "transpose", "upsample_nearest", "conv_transpose2d"})
 LIMITS: dict[str, Any] = {"act_bits": (2, packing.ACT_BITS), "weight_bits": (2, packing.MAX_WEIGHT_BITS),
                           "acc_bits": 32}
 
@@ -49,6 +54,12 @@ def kernel_problems(graph: IntegerGraph, vnni: bool) -> list[Problem]:
             w = np.asarray(op.weight).reshape(op.weight.shape[0], -1)
             kind = packing.linear_kind(w, vnni)
             bound = packing.linear_bound(kind, w, op.bias)
+        elif op.kind in ("conv_transpose2d", "mul"):
+            bound = graph.accumulator_bound(op)
+        elif op.kind == "avgpool2d":  # the in-bounds sum of every window times its reciprocal M
+            bits = graph.values[op.inputs[0]].fmt.bits
+            h, w = graph.values[op.inputs[0]].shape[1:]
+            bound = max((1 << (bits - 1)) * int(d) * reciprocal(int(d))[0] for d in np.unique(avg_divisors(op, h, w)))
         elif op.kind == "add":
             fl = max(graph.values[i].fmt.frac_bits or 0 for i in op.inputs)
             bound = packing.add_bound(tuple(fl - (graph.values[i].fmt.frac_bits or 0) for i in op.inputs))
@@ -66,10 +77,33 @@ def graph_problems(graph: IntegerGraph, vnni: bool) -> list[Problem]:
         return broken
     return (legality.width_problems(graph, weight_bits=LIMITS["weight_bits"], act_bits=LIMITS["act_bits"])
             + legality.fit_problems(graph)
-            + legality.shape_problems(graph, add_arity=2)
-            + legality.avg_window_problems(graph)
-            + legality.window_problems(graph)
+            + legality.shape_problems(graph, groups=True, add_arity=2)
+            + legality.avg_window_problems(graph, reciprocal=True)
+            + legality.window_problems(graph, dilation=True, ceil_mode=True)
+            + layout_problems(graph)
             + kernel_problems(graph, vnni))
+
+
+def layout_problems(graph: IntegerGraph) -> list[Problem]:
+    """Shapes the element-wise and window kernels do not take: a ``mul`` broadcasting across ranks
+    or along mismatched axes, a ``cat`` along the batch axis, windows on a value that is not an image."""
+    problems = []
+    for op in graph.ops:
+        shapes = [tuple(graph.values[i].shape) for i in op.inputs]
+        if op.kind == "mul":
+            a, b = shapes
+            if len(a) != len(b) or any(p != q and 1 not in (p, q) for p, q in zip(a, b)):
+                problems.append(Problem(op.name, op.kind, f"mul of shapes {list(a)} x {list(b)}; this target "
+                                                          "broadcasts equal-rank shapes only"))
+        elif op.kind == "cat":
+            dim = op.attrs.get("dim", 1) % (len(shapes[0]) + 1)
+            if dim == 0:
+                problems.append(Problem(op.name, op.kind, "cat along the batch axis"))
+        elif op.kind in ("maxpool2d", "avgpool2d", "upsample_nearest", "conv_transpose2d", "conv2d") \
+                and len(shapes[0]) != 3:
+            problems.append(Problem(op.name, op.kind, f"{op.kind} on a value of shape {list(shapes[0])}; "
+                                                      "this target's kernel takes [batch, C, H, W]"))
+    return problems
 
 
 class CpuTarget(Target):
