@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fxquant.backends.cuda.plan import Plan
-from fxquant.errors import ToolchainError
+from fxquant.errors import ExportError, ToolchainError, UnsupportedOpError
 from fxquant.integer_graph import IntegerGraph
 from fxquant.io import atomic_write, atomic_write_json, atomic_write_text, atomic_write_via_path
 
@@ -98,15 +98,31 @@ def nvcc_compile(source: Path, library: Path, arch: str) -> float:
     return time.perf_counter() - t0
 
 
+FLOAT_ATTRS = ("stride", "padding", "dilation", "kernel", "relu", "groups", "ceil_mode", "output_padding", "dim",
+               "lo", "hi", "function", "params", "perm", "scale", "shape", "exponent")
+"""The op attributes the runner's torch float baseline reads (``lut`` tables stay in params.npz)."""
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def float_graph(graph: IntegerGraph) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """The float network of the torch baselines: quantizers removed, weights ``w * 2^-FL_w`` and
     biases ``b * 2^-(FL_in + FL_w)``, stored as their integers (int8 / int32, 4x smaller than
     float32) with the frac bits in the op entry; the runner dequantizes them exactly."""
     ops, params = [], {}
     for op in graph.ops:
+        attrs = {k: _jsonable(v) for k, v in op.attrs.items() if k in FLOAT_ATTRS}
+        shape = graph.value(op.output).shape
+        if op.kind in ("clamp", "mul_pow2"):  # real bounds / factor: the float op needs the grid's LSB
+            attrs["frac_bits"] = op.out_fmt.frac_bits
         entry: dict[str, Any] = {"kind": op.kind, "inputs": list(op.inputs), "output": op.output, "weight": None,
-                                 "bias": None, "attrs": {k: v for k, v in op.attrs.items() if k in
-                                                         ("stride", "padding", "dilation", "kernel", "relu")}}
+                                 "bias": None, "attrs": attrs, "shape": list(shape)}
         if op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None:
             entry["weight"], entry["weight_frac_bits"] = f"{op.name}.weight", op.weight_fmt.frac_bits
             params[entry["weight"]] = np.asarray(op.weight).astype(np.int8)  # <= 8 bits: CudaTarget.check
@@ -150,7 +166,12 @@ def write_artifact(graph: IntegerGraph, plan: Plan, out_dir: Path, arch: str) ->
     x = golden_inputs(graph)
     ref = graph.run(*graph.quantize_inputs(x))
     save_npz(out_dir / REFERENCE, {"input": x, **{f"output:{k}": o for k, o in ref.items()}})
-    atomic_write(out_dir / ONNX_FP32, lambda f: f.write(to_fp32(graph).SerializeToString()))
+    try:  # the ORT baseline of run_cuda.py's latency table: skipped where the ONNX exporter lacks an op
+        fp32 = to_fp32(graph)
+    except (ExportError, UnsupportedOpError):
+        fp32 = None
+    else:
+        atomic_write(out_dir / ONNX_FP32, lambda f: f.write(fp32.SerializeToString()))
     atomic_write_text(out_dir / RUNNER, (Path(__file__).parent / RUNNER).read_text())
     atomic_write_via_path(out_dir / LLVM_LIBRARY, build_llvm(plan).export_library)
     nvcc_s = nvcc_compile(out_dir / SOURCE, out_dir / LIBRARY, arch)
@@ -162,5 +183,6 @@ def write_artifact(graph: IntegerGraph, plan: Plan, out_dir: Path, arch: str) ->
         "entry": "tvm_ffi.load_module('kernels.so')[kernel](*args, out) per plan.json launch; run_cuda.py runs it",
         "inputs": [{"name": v.name, "shape": ["n", *v.shape], "frac_bits": v.fmt.frac_bits} for v in graph.inputs],
         "outputs": list(graph.outputs), "golden_samples": int(len(x)),
+        "fp32_onnx": ONNX_FP32 if fp32 is not None else None,
         "gpu_check": f"not run here: `python {RUNNER}` on a CUDA host compares kernels.so with {REFERENCE}",
     }

@@ -85,6 +85,20 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _float_function(name: str | None, params: dict[str, Any]) -> Callable[[Any], Any]:
+    """The float function a ``lut`` op tabulates (torch's definition), identity for an unknown name."""
+    import torch
+    import torch.nn.functional as F
+
+    known: dict[str, Callable[[Any], Any]] = {
+        "sigmoid": torch.sigmoid, "tanh": torch.tanh, "silu": F.silu, "hardsigmoid": F.hardsigmoid,
+        "hardswish": F.hardswish, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "mish": F.mish, "softplus": F.softplus, "elu": lambda x: F.elu(x, **params),
+        "leaky_relu": lambda x: F.leaky_relu(x, **params), "exp": torch.exp, "relu6": F.relu6,
+        "hardtanh": lambda x: F.hardtanh(x, **params)}
+    return known.get(name or "", lambda x: x)
+
+
 def torch_float_model(plan: dict[str, Any], ints: dict[str, Any], dtype: Any) -> Callable[[Any], list[Any]]:
     """The float network of ``plan["float_graph"]`` in ``dtype``, weights ``k * 2^-FL`` from their integers."""
     import torch
@@ -103,17 +117,39 @@ def torch_float_model(plan: dict[str, Any], ints: dict[str, Any], dtype: Any) ->
             kind = op["kind"]
             if kind == "conv2d":
                 y = F.conv2d(xs[0], params[op["weight"]], params.get(op["bias"]), a.get("stride", 1),
-                             a.get("padding", 0), a.get("dilation", 1))
+                             a.get("padding", 0), a.get("dilation", 1), a.get("groups", 1))
+            elif kind == "conv_transpose2d":
+                y = F.conv_transpose2d(xs[0], params[op["weight"]], params.get(op["bias"]), a.get("stride", 1),
+                                       a.get("padding", 0), a.get("output_padding", 0), a.get("groups", 1),
+                                       a.get("dilation", 1))
             elif kind == "linear":
                 y = F.linear(xs[0], params[op["weight"]], params.get(op["bias"]))
             elif kind == "add":
                 y = xs[0] + xs[1]
+            elif kind == "mul":
+                y = xs[0] * xs[1]
+            elif kind == "cat":
+                y = torch.cat(xs, a.get("dim", 1))
             elif kind == "maxpool2d":
-                y = F.max_pool2d(xs[0], a["kernel"], a.get("stride", a["kernel"]), a.get("padding", 0))
+                y = F.max_pool2d(xs[0], a["kernel"], a.get("stride", a["kernel"]), a.get("padding", 0),
+                                 a.get("dilation", 1), bool(a.get("ceil_mode", False)))
             elif kind == "avgpool2d":
-                y = F.avg_pool2d(xs[0], a["kernel"], a.get("stride", a["kernel"]), a.get("padding", 0))
-            elif kind == "flatten":
-                y = torch.flatten(xs[0], 1)
+                y = F.avg_pool2d(xs[0], a["kernel"], a.get("stride", a["kernel"]), a.get("padding", 0),
+                                 bool(a.get("ceil_mode", False)))
+            elif kind == "clamp":
+                lsb = 2.0 ** -a["frac_bits"]
+                y = torch.clamp(xs[0], None if a.get("lo") is None else a["lo"] * lsb,
+                                None if a.get("hi") is None else a["hi"] * lsb)
+            elif kind == "lut":
+                y = _float_function(a.get("function"), a.get("params") or {})(xs[0])
+            elif kind == "mul_pow2":
+                y = xs[0] * 2.0 ** a["exponent"]
+            elif kind == "transpose":
+                y = xs[0].permute(0, *(p + 1 for p in a["perm"]))
+            elif kind == "upsample_nearest":
+                y = F.interpolate(xs[0], scale_factor=tuple(float(f) for f in a["scale"]), mode="nearest")
+            elif kind in ("flatten", "reshape"):
+                y = xs[0].reshape(xs[0].shape[0], *op["shape"])
             else:  # relu, requantize
                 y = xs[0]
             env[op["output"]] = torch.relu(y) if a.get("relu") or kind == "relu" else y
