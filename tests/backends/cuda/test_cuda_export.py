@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.backends.cuda.cuda_graphs import F, GraphMaker, mixed_net, residual_net
+from tests.backends.cuda.cuda_graphs import F, GraphMaker, mixed_net, residual_net, vision_net
 from tests.export.integer_graphs import matmul_graph, sample_inputs
 
 from fxquant.backends.base import REPORT_FILE, export
@@ -57,6 +57,32 @@ def test_source_has_dp4a_gemms_and_ffi_wrappers(source: str) -> None:
     for name in plan.kernels:
         assert f'extern "C" __global__' in source and f"{name}_kernel(" in source
     assert "__shared__" in source and "blockIdx.x" in source
+
+
+@pytest.fixture(scope="module")
+def vision_exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    if build.find_nvcc() is None:
+        pytest.skip("nvcc (CUDA toolkit) not installed")
+    graph = vision_net()
+    out = tmp_path_factory.mktemp("cuda_vision") / "cuda"
+    return out, export(CudaTarget(), graph, out, [sample_inputs(graph, 4)])
+
+
+def test_vision_kernels_are_one_thread_per_output_with_a_register_accumulator() -> None:
+    """Grouped and transposed convs: the reduction runs in the thread into one int32 register."""
+    plan = plan_graph(vision_net())
+    src = build.cuda_source(plan, "sm_90")
+    for prefix in ("fxq_conv2d_grouped", "fxq_conv_transpose2d", "fxq_mul", "fxq_lut", "fxq_cat", "fxq_transpose",
+                   "fxq_upsample", "fxq_pool2d"):
+        names = [name for name in plan.kernels if name.startswith(prefix)]
+        assert names, prefix
+        for name in names:
+            assert f"{name}_kernel(" in src
+    lines = src.splitlines()
+    for prefix in ("fxq_conv2d_grouped", "fxq_conv_transpose2d"):
+        start = next(i for i, line in enumerate(lines) if "__global__" in line and prefix in line and line.endswith("{"))
+        body = lines[start:lines.index("}", start)]
+        assert "  alignas(64) int acc_local_ptr[1];" in body and not any("__shared__" in line for line in body)
 
 
 @needs_nvcc
@@ -146,6 +172,42 @@ def test_gpu_run_is_bit_exact(exported: tuple[Path, dict]) -> None:
     proc = subprocess.run([sys.executable, str(out / build.RUNNER), "--verify-only"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"bit-exact on {build.GOLDEN_SAMPLES} samples: True" in proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_device(), reason="needs a CUDA device")
+def test_gpu_run_of_the_vision_ops_is_bit_exact(vision_exported: tuple[Path, dict]) -> None:
+    out, _ = vision_exported
+    proc = subprocess.run([sys.executable, str(out / build.RUNNER), "--verify-only"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"bit-exact on {build.GOLDEN_SAMPLES} samples: True" in proc.stdout
+
+
+def test_torch_baseline_of_the_exact_index_ops_equals_the_integer_reference() -> None:
+    """Ops that move integers without rounding (ceil-mode and dilated max pools, nearest upsampling,
+    transpose, reshape, mul_pow2): the torch float model on on-grid inputs gives the reference's
+    integers times 2^-FL exactly."""
+    import torch
+
+    from fxquant.backends.cuda.run_cuda import torch_float_model
+    from tests.conformance.zoo import GraphMaker as ZooMaker
+
+    m = ZooMaker((2, 7, 6), F(7, 3), seed=3)
+    h = m.pool_ceil("ceil", "input", "maxpool2d", kernel=(3, 3), stride=(2, 2), ceil_mode=True)
+    h = m.pool_ceil("dil", h, "maxpool2d", kernel=(2, 2), stride=(1, 1), padding=(1, 1), dilation=(2, 1))
+    h = m.upsample("up", h, (2, 3))
+    h = m.transpose("swap", h, (2, 0, 1))
+    w, c, hh = m.values[h].shape
+    h = m.reshape("view", h, (w, 2, c * hh // 2))
+    h = m._op("x4", "mul_pow2", (h,), m.values[h].shape, F(7, 1), attrs={"exponent": 2})
+    graph = m.graph(h)
+    ops, ints = build.float_graph(graph)
+    plan = {**plan_graph(graph).to_json(), "float_graph": ops}
+    model = torch_float_model(plan, {k: torch.from_numpy(v) for k, v in ints.items()}, torch.float64)
+    q = graph.quantize_inputs(sample_inputs(graph, 3))
+    (got,) = model(torch.from_numpy(np.ldexp(q[0].astype(np.float64), -3)))
+    want = np.ldexp(graph.run(*q)["x4"].astype(np.float64), -1)
+    np.testing.assert_array_equal(got.numpy(), want)
 
 
 def test_torch_baseline_is_the_float_network() -> None:
