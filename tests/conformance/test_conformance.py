@@ -111,10 +111,9 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("conv_acc_near_int32", "cpu"): _ACT8,
     ("linear_w16_acc_over_int32", "cpu"): _INT32,
     ("reshape", "cpu"): r"op kind 'reshape'",
-    # -- cuda: int8 activations and weights, one graph input, no matmul kernel
+    # -- cuda: int8 activations and weights, no matmul kernel
     ("fpga_residual", "cuda"): _ACT8,
     ("matmul_*", "cuda"): r"op kind 'matmul'",
-    ("add_two_inputs", "cuda"): r"2 graph inputs; this target takes 1",
     ("mixed", "cuda"): _ACT8,
     ("fpga_mlp", "cuda"): _ACT8,
     ("fpga_cnn", "cuda"): _ACT8,

@@ -139,11 +139,14 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def golden_inputs(graph: IntegerGraph, n: int = GOLDEN_SAMPLES, seed: int = 0) -> np.ndarray:
-    """``n`` seeded float32 inputs ``k * 2^-FL`` over the input format's whole integer range."""
-    v = graph.inputs[0]
-    k = np.random.default_rng(seed).integers(v.fmt.qmin, v.fmt.qmax + 1, size=(n, *v.shape))
-    return np.ldexp(k.astype(np.float64), -v.fmt.frac_bits).astype(np.float32)
+def golden_inputs(graph: IntegerGraph, n: int = GOLDEN_SAMPLES, seed: int = 0) -> list[np.ndarray]:
+    """Per graph input, ``n`` seeded float32 inputs ``k * 2^-FL`` over its format's whole integer range."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for v in graph.inputs:
+        k = rng.integers(v.fmt.qmin, v.fmt.qmax + 1, size=(n, *v.shape))
+        out.append(np.ldexp(k.astype(np.float64), -v.fmt.frac_bits).astype(np.float32))
+    return out
 
 
 def write_artifact(graph: IntegerGraph, plan: Plan, out_dir: Path, arch: str) -> dict[str, Any]:
@@ -156,16 +159,17 @@ def write_artifact(graph: IntegerGraph, plan: Plan, out_dir: Path, arch: str) ->
     codegen_s = time.perf_counter() - t0
     atomic_write_text(out_dir / SOURCE, source)
     ops, fparams = float_graph(graph)
-    v = graph.inputs[0]
-    plan_json = {**plan.to_json(), "input_shape": list(v.shape), "input_frac_bits": v.fmt.frac_bits,
-                 "float_graph": ops, "arch": arch,
+    plan_json = {**plan.to_json(), "float_graph": ops, "arch": arch,
+                 "input_specs": [{"name": v.name, "shape": list(v.shape), "frac_bits": v.fmt.frac_bits}
+                                 for v in graph.inputs],
                  "kernels": {name: repr(spec) for name, spec in plan.kernels.items()}}
     atomic_write_json(out_dir / PLAN, plan_json)
     save_npz(out_dir / PARAMS, plan.params)
     save_npz(out_dir / BASELINE, fparams)
-    x = golden_inputs(graph)
-    ref = graph.run(*graph.quantize_inputs(x))
-    save_npz(out_dir / REFERENCE, {"input": x, **{f"output:{k}": o for k, o in ref.items()}})
+    xs = golden_inputs(graph)
+    ref = graph.run(*graph.quantize_inputs(*xs))
+    save_npz(out_dir / REFERENCE, {**{f"input:{v.name}": x for v, x in zip(graph.inputs, xs)},
+                                   **{f"output:{k}": o for k, o in ref.items()}})
     try:  # the ORT baseline of run_cuda.py's latency table: skipped where the ONNX exporter lacks an op
         fp32 = to_fp32(graph)
     except (ExportError, UnsupportedOpError):
@@ -182,7 +186,7 @@ def write_artifact(graph: IntegerGraph, plan: Plan, out_dir: Path, arch: str) ->
         "param_bytes": int(sum(p.nbytes for p in plan.params.values())),
         "entry": "tvm_ffi.load_module('kernels.so')[kernel](*args, out) per plan.json launch; run_cuda.py runs it",
         "inputs": [{"name": v.name, "shape": ["n", *v.shape], "frac_bits": v.fmt.frac_bits} for v in graph.inputs],
-        "outputs": list(graph.outputs), "golden_samples": int(len(x)),
+        "outputs": list(graph.outputs), "golden_samples": int(len(xs[0])),
         "fp32_onnx": ONNX_FP32 if fp32 is not None else None,
         "gpu_check": f"not run here: `python {RUNNER}` on a CUDA host compares kernels.so with {REFERENCE}",
     }

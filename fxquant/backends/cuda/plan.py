@@ -349,7 +349,7 @@ def graph_problems(graph: IntegerGraph) -> list[Problem]:
         return broken
     return (legality.width_problems(graph, weight_bits=(2, MAX_WEIGHT_BITS), act_bits=(2, MAX_ACT_BITS))
             + legality.fit_problems(graph)
-            + legality.shape_problems(graph, groups=True, max_inputs=1)
+            + legality.shape_problems(graph, groups=True)
             + legality.accumulator_problems(graph, 32, kinds=("conv2d", "linear", "add", "avgpool2d", "mul",
                                                               "conv_transpose2d"))
             + legality.avg_window_problems(graph, reciprocal=True)

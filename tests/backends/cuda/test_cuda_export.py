@@ -98,7 +98,7 @@ def test_export_writes_every_artifact(exported: tuple[Path, dict]) -> None:
     art = report["artifact"]
     assert art["library"] == build.LIBRARY and art["arch"] == "sm_90" and "run_cuda.py" in art["gpu_check"]
     with np.load(out / build.REFERENCE) as ref:
-        assert ref["input"].shape == (build.GOLDEN_SAMPLES, 3, 9, 7)
+        assert ref["input:input"].shape == (build.GOLDEN_SAMPLES, 3, 9, 7)
         assert ref["output:fc3"].shape == (build.GOLDEN_SAMPLES, 10)
     plan = json.loads((out / build.PLAN).read_text())
     assert [launch["ops"] for launch in plan["launches"]][1] == ["conv1"] and plan["arch"] == "sm_90"
@@ -128,12 +128,21 @@ def test_check_lists_every_problem_at_once() -> None:
     assert "12-bit weights" in problems[1].reason and "12-bit output" in problems[2].reason
 
 
-def test_two_inputs_are_refused() -> None:
-    m = GraphMaker((4,), F(8, 4))
-    graph = m.graph(m.linear("fc", "input", 4, F(8, 7), F(8, 2)))
-    graph.inputs.append(graph.inputs[0].__class__("second", (4,), F(8, 4)))
-    (problem,) = CudaTarget().check(graph)
-    assert problem.kind == "inputs" and "2 graph inputs" in problem.reason
+def test_every_graph_input_is_quantized_on_the_device(tmp_path: Path) -> None:
+    """Two inputs of different formats: one quantize launch each; ``run`` takes them in graph order."""
+    from fxquant.backends.cuda.cpu_check import build_llvm, run_plan
+    from tests.conformance.zoo import GraphMaker as ZooMaker
+
+    m = ZooMaker((2, 3, 3), F(8, 3), name="x")
+    m.input("y", (2, 3, 3), F(5, -1))
+    graph = m.graph(m.add("add", "x", "y", F(6, 1), relu=False))
+    assert CudaTarget().check(graph) == []
+    plan = plan_graph(graph)
+    assert [launch.args for launch in plan.launches[:2]] == [("float:x",), ("float:y",)]
+    ints = graph.quantize_inputs(*(sample_inputs(graph, 3, seed=s) for s in (1, 2)))
+    xs = {v.name: np.ldexp(k.astype(np.float64), -v.fmt.frac_bits).astype(np.float32) for v, k in zip(graph.inputs, ints)}
+    (got,) = run_plan(plan.to_json(), plan.params, build_llvm(plan), xs)
+    np.testing.assert_array_equal(got, graph.run(*ints)["add"])
 
 
 @needs_nvcc
@@ -205,7 +214,7 @@ def test_torch_baseline_of_the_exact_index_ops_equals_the_integer_reference() ->
     plan = {**plan_graph(graph).to_json(), "float_graph": ops}
     model = torch_float_model(plan, {k: torch.from_numpy(v) for k, v in ints.items()}, torch.float64)
     q = graph.quantize_inputs(sample_inputs(graph, 3))
-    (got,) = model(torch.from_numpy(np.ldexp(q[0].astype(np.float64), -3)))
+    (got,) = model({"input": torch.from_numpy(np.ldexp(q[0].astype(np.float64), -3))})
     want = np.ldexp(graph.run(*q)["x4"].astype(np.float64), -1)
     np.testing.assert_array_equal(got.numpy(), want)
 
@@ -223,7 +232,7 @@ def test_torch_baseline_is_the_float_network() -> None:
     plan = {**plan_graph(graph).to_json(), "float_graph": ops}
     model = torch_float_model(plan, {k: torch.from_numpy(v) for k, v in ints.items()}, torch.float32)
     x = sample_inputs(graph, 3)
-    (got,) = model(torch.from_numpy(x))
+    (got,) = model({"input": torch.from_numpy(x)})
     sess = ort.InferenceSession(to_fp32(graph).SerializeToString(), providers=["CPUExecutionProvider"])
     (want,) = sess.run(None, {"input": x})
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-3)
