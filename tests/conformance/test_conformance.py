@@ -111,9 +111,8 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("conv_acc_near_int32", "cpu"): _ACT8,
     ("linear_w16_acc_over_int32", "cpu"): _INT32,
     ("reshape", "cpu"): r"op kind 'reshape'",
-    # -- cuda: int8 activations and weights, no matmul kernel
+    # -- cuda: int8 activations and weights
     ("fpga_residual", "cuda"): _ACT8,
-    ("matmul_*", "cuda"): r"op kind 'matmul'",
     ("mixed", "cuda"): _ACT8,
     ("fpga_mlp", "cuda"): _ACT8,
     ("fpga_cnn", "cuda"): _ACT8,

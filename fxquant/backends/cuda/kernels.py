@@ -14,6 +14,7 @@ argument is the output.
   :mod:`fxquant.backends.tvm_epilogue` (round half to even, saturate, ReLU), written NCHW.
   The schedule inlines ``im2col``/``unpack`` into the shared-memory loads, so neither exists in
   global memory.
+* :func:`matmul` (``MatmulSpec``, two activations) has the same two blocks, reducing over ``K``.
 * :func:`direct_conv` (``DirectConvSpec``: grouped / depthwise conv, transposed conv): two blocks,
   ``acc`` (an int32 reduction over the group's channels and the window taps, padding and the
   transposed conv's off-stride taps contribute 0) and ``out`` (bias + requantize epilogue).
@@ -31,7 +32,7 @@ from tvm.script import tirx as T
 
 from fxquant.backends.tvm_epilogue import requantize, residual_add
 from fxquant.backends.cuda.plan import (CatSpec, DirectConvSpec, EltwiseSpec, GemmSpec, KernelSpec, LutSpec,
-                                        MulSpec, PoolSpec, QuantizeSpec, TransposeSpec, UpsampleSpec)
+                                        MatmulSpec, MulSpec, PoolSpec, QuantizeSpec, TransposeSpec, UpsampleSpec)
 
 ACT = "int8"
 
@@ -184,6 +185,23 @@ def direct_conv(s: DirectConvSpec) -> tirx.PrimFunc:
     y = te.compute((n, O, *s.out_hw), lambda b, o, i, j: _to_int8(requantize(acc[b, o, i, j] + bias[o], s.rq, 1)),
                    name="out")
     return te.create_prim_func([x, w, bias, y])
+
+
+@lru_cache(maxsize=None)
+def matmul(s: MatmulSpec) -> tirx.PrimFunc:
+    """``acc[b, .., m, j] = sum_k a[b, .., m, k] b[b, .., k, j]`` (int32), then requantize (+ ReLU)."""
+    n = _batch()
+    a = te.placeholder((n, *s.a_shape), ACT, name="a")
+    b = te.placeholder((n, *s.b_shape), ACT, name="b")
+    rk = te.reduce_axis((0, s.a_shape[-1]), name="rk")
+
+    def f(bi: tirx.PrimExpr, *idx: tirx.PrimExpr) -> tirx.PrimExpr:
+        *lead, i, j = idx
+        return te.sum(_int32(a[(bi, *lead, i, rk)]) * _int32(b[(bi, *lead, rk, j)]), axis=rk)
+
+    acc = te.compute((n, *s.shape), f, name="acc")
+    y = te.compute((n, *s.shape), lambda *idx: _to_int8(requantize(acc[idx], s.rq, 1)), name="out")
+    return te.create_prim_func([a, b, y])
 
 
 @lru_cache(maxsize=None)
@@ -344,10 +362,10 @@ def quantize(s: QuantizeSpec) -> tirx.PrimFunc:
 
 def primfunc(spec: KernelSpec) -> tirx.PrimFunc:
     """The unscheduled PrimFunc of ``spec``."""
-    builders = {GemmSpec: gemm, DirectConvSpec: direct_conv, EltwiseSpec: eltwise, MulSpec: mul, LutSpec: lut,
+    builders = {GemmSpec: gemm, DirectConvSpec: direct_conv, MatmulSpec: matmul, EltwiseSpec: eltwise, MulSpec: mul, LutSpec: lut,
                 CatSpec: cat, TransposeSpec: transpose, UpsampleSpec: upsample, PoolSpec: pool2d, QuantizeSpec: quantize}
     return builders[type(spec)](spec)  # type: ignore[operator]
 
 
-__all__ = ["cat", "direct_conv", "eltwise", "gemm", "lut", "mul", "pool2d", "primfunc", "quantize", "transpose",
+__all__ = ["cat", "direct_conv", "eltwise", "gemm", "lut", "matmul", "mul", "pool2d", "primfunc", "quantize", "transpose",
            "upsample"]

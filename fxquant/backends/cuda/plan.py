@@ -22,6 +22,8 @@ Math (``docs/number_format.md``): activations are integers of at most 8 bits sto
   ``clamp``: ``min(max(requantize(x), lo), hi)`` (numpy's ``clip`` order, ``None`` = no bound).
 * ``mul``: ``requantize(a * b)`` from ``FL_a + FL_b`` (int32: ``|a b| <= 2^14``), a size-1 dim of
   either input broadcast (same rank).
+* ``matmul`` of two activations ``[.., M, K] x [.., K, N]`` (equal leading dims): one thread per
+  output, ``acc = sum_k a[.., m, k] b[.., k, n]`` in int32, requantize from ``FL_a + FL_b``.
 * ``lut``: ``y = table[x - qmin_in]`` (the op's int8 table of ``2^BW_in`` entries, a parameter).
 * ``cat``: every input requantized to ``out_fmt`` (ReLU after) and written at its offset on ``dim``.
 * ``maxpool2d`` on the integers (dilation, torch's ``ceil_mode`` output size; cells outside the
@@ -62,7 +64,8 @@ MAX_WEIGHT_BITS = 8
 """``__dp4a`` multiplies int8 quads: weights wider than 8 bits have no CUDA kernel (refused)."""
 PACKED_WEIGHT_BITS = 4
 OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize", "reshape",
-                 "mul_pow2", "clamp", "lut", "mul", "cat", "transpose", "upsample_nearest", "conv_transpose2d"})
+                 "mul_pow2", "clamp", "lut", "mul", "cat", "transpose", "upsample_nearest", "conv_transpose2d",
+                 "matmul"})
 VIEW_KINDS = ("flatten", "reshape", "mul_pow2")
 """Ops whose output is their input's integers in another shape or format: a view, no kernel."""
 K_TILE = 16
@@ -191,6 +194,19 @@ class MulSpec:
 
 
 @dataclass(frozen=True)
+class MatmulSpec:
+    """``y = requantize(a @ b)`` of int8 ``[n, *lead, M, K]`` and ``[n, *lead, K, N]``, one thread per output."""
+
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    rq: Requant
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.a_shape[:-1], self.b_shape[-1])
+
+
+@dataclass(frozen=True)
 class LutSpec:
     """``y = table[x - qmin]`` over int8 ``[n, *shape]``, the int8 table of ``entries`` a parameter."""
 
@@ -268,7 +284,7 @@ class QuantizeSpec:
     bits: int
 
 
-KernelSpec = (GemmSpec | DirectConvSpec | EltwiseSpec | MulSpec | LutSpec | CatSpec | TransposeSpec
+KernelSpec = (GemmSpec | DirectConvSpec | MatmulSpec | EltwiseSpec | MulSpec | LutSpec | CatSpec | TransposeSpec
               | UpsampleSpec | PoolSpec | QuantizeSpec)
 
 
@@ -305,7 +321,7 @@ class Plan:
                 return name
         kind = {GemmSpec: "linear" if getattr(spec, "linear", False) else "conv2d",
                 DirectConvSpec: "conv_transpose2d" if getattr(spec, "transpose", False) else "conv2d_grouped",
-                EltwiseSpec: "eltwise", MulSpec: "mul", LutSpec: "lut", CatSpec: "cat", TransposeSpec: "transpose",
+                MatmulSpec: "matmul", EltwiseSpec: "eltwise", MulSpec: "mul", LutSpec: "lut", CatSpec: "cat", TransposeSpec: "transpose",
                 UpsampleSpec: "upsample", PoolSpec: "pool2d", QuantizeSpec: "quantize"}[type(spec)]
         if isinstance(spec, GemmSpec):
             kind += "_int4" * spec.packed + "_large" * spec.large
@@ -350,8 +366,8 @@ def graph_problems(graph: IntegerGraph) -> list[Problem]:
     return (legality.width_problems(graph, weight_bits=(2, MAX_WEIGHT_BITS), act_bits=(2, MAX_ACT_BITS))
             + legality.fit_problems(graph)
             + legality.shape_problems(graph, groups=True)
-            + legality.accumulator_problems(graph, 32, kinds=("conv2d", "linear", "add", "avgpool2d", "mul",
-                                                              "conv_transpose2d"))
+            + legality.accumulator_problems(graph, 32, kinds=("conv2d", "linear", "matmul", "add", "avgpool2d",
+                                                              "mul", "conv_transpose2d"))
             + legality.avg_window_problems(graph, reciprocal=True)
             + legality.window_problems(graph, dilation=True, ceil_mode=True)
             + _kernel_problems(graph))
@@ -393,6 +409,11 @@ def _kernel_problems(graph: IntegerGraph) -> list[Problem]:
             if len(a) != len(b) or any(x != y and 1 not in (x, y) for x, y in zip(a, b)):
                 problems.append(_problem(op, f"mul of shapes {list(a)} and {list(b)}; this target broadcasts "
                                              "size-1 dimensions of inputs of equal rank only"))
+        elif op.kind == "matmul":
+            a, b = (graph.value(i).shape for i in op.inputs)
+            if len(a) < 2 or len(a) != len(b) or a[:-2] != b[:-2] or a[-1] != b[-2]:
+                problems.append(_problem(op, f"matmul of shapes {list(a)} and {list(b)}; this target multiplies "
+                                             "[.., M, K] x [.., K, N] with equal leading dimensions only"))
         elif op.kind == "cat" and cat_axis(graph, op) < 0:
             problems.append(_problem(op, "cat on the batch dimension; this target concatenates per sample"))
     return problems
@@ -536,6 +557,13 @@ class _Planner:
                        self.requant(op, self.fl(a) + self.fl(b)))
         self.launch(spec, op.inputs, op.output, (op.name,))
 
+    def matmul(self, op: Op) -> None:
+        a, b = op.inputs
+        legality.require_fits(self.graph.accumulator_bound(op), f"op {op.name!r}")
+        spec = MatmulSpec(self.graph.value(a).shape, self.graph.value(b).shape, self.requant(op, self.fl(a) + self.fl(b)))
+        assert spec.shape == self.graph.value(op.output).shape, (op.name, spec.shape)
+        self.launch(spec, op.inputs, op.output, (op.name,))
+
     def lut(self, op: Op) -> None:
         (src,) = op.inputs
         v = self.graph.value(src)
@@ -575,6 +603,8 @@ class _Planner:
                 self.plan.views[op.output] = (op.inputs[0], self.graph.value(op.output).shape)
             elif op.kind == "mul":
                 self.mul(op)
+            elif op.kind == "matmul":
+                self.matmul(op)
             elif op.kind == "lut":
                 self.lut(op)
             elif op.kind == "cat":

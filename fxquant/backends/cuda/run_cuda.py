@@ -129,6 +129,8 @@ def torch_float_model(plan: dict[str, Any], ints: dict[str, Any], dtype: Any) ->
                 y = xs[0] + xs[1]
             elif kind == "mul":
                 y = xs[0] * xs[1]
+            elif kind == "matmul":
+                y = torch.matmul(xs[0], xs[1])
             elif kind == "cat":
                 y = torch.cat(xs, a.get("dim", 1))
             elif kind == "maxpool2d":

@@ -12,7 +12,7 @@ same algorithm the GPU runs (the dp4a intrinsic computes the same exact int32 su
   into the load) in shared memory; each thread accumulates ``TM x 4`` int32 in registers with
   ``__dp4a`` (4 int8 products per instruction). The requantize epilogue (bias, shift, round half
   to even, saturation, ReLU, residual add) runs on the registers and writes int8 NCHW directly.
-* Direct convolutions (grouped / depthwise, transposed): one thread per output element (the four
+* Direct convolutions (grouped / depthwise, transposed) and ``matmul``: one thread per output element (the four
   output loops fused, 256 threads per block), the reduction over the group's channels and taps
   serial in the thread into an int32 register, the requantize epilogue on that register.
 * Every other kernel (one spatial block): all loops fused, 256 threads per block.
@@ -24,7 +24,7 @@ import tvm
 from tvm import s_tir, tirx
 
 from fxquant.backends.cuda.intrinsics import DP4A
-from fxquant.backends.cuda.plan import K_TILE, DirectConvSpec, GemmSpec, KernelSpec, out_tile
+from fxquant.backends.cuda.plan import K_TILE, DirectConvSpec, GemmSpec, KernelSpec, MatmulSpec, out_tile
 
 THREADS = 256
 THREAD_TILE_O = 4
@@ -67,10 +67,12 @@ def _gemm(sch: s_tir.Schedule, spec: GemmSpec) -> None:
     sch.tensorize(k4, DP4A)
 
 
-def _direct_conv(sch: s_tir.Schedule) -> None:
+def _reduction(sch: s_tir.Schedule, spatial: int) -> None:
+    """An ``acc`` reduction block and its ``out`` epilogue: the ``spatial`` output loops fused and
+    bound, the reduction serial in the thread, the accumulator in a register."""
     acc = sch.get_sblock("acc")
     loops = sch.get_loops(acc)
-    bx, tx = sch.split(sch.fuse(*loops[:4]), [None, THREADS])
+    bx, tx = sch.split(sch.fuse(*loops[:spatial]), [None, THREADS])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
     sch.reverse_compute_at("out", tx)
@@ -90,7 +92,9 @@ def schedule(func: tirx.PrimFunc, spec: KernelSpec) -> tirx.PrimFunc:
     if isinstance(spec, GemmSpec):
         _gemm(sch, spec)
     elif isinstance(spec, DirectConvSpec):
-        _direct_conv(sch)
+        _reduction(sch, 4)
+    elif isinstance(spec, MatmulSpec):
+        _reduction(sch, len(spec.shape) + 1)
     else:
         _elementwise(sch)
     return sch.mod["main"]

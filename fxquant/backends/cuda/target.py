@@ -22,7 +22,7 @@ result is claimed** (``ran`` says so); the GPU check is ``python run_cuda.py`` o
 Limits: activations and weights 2..8 bits (``__dp4a`` multiplies int8 quads; weights of at most 4
 bits are packed two per byte), int32 accumulators (average pools: every window divisor's
 ``sum * M``), ``linear`` on ``[batch, features]``, ``mul`` broadcasting size-1 dims of equal-rank
-inputs, undilated average pools, no ``matmul`` kernel. Any number of graph inputs (each quantized
+inputs, ``matmul`` of ``[.., M, K] x [.., K, N]`` with equal leading dims, undilated average pools. Any number of graph inputs (each quantized
 on the device). Kernels per op: :mod:`.plan`.
 """
 

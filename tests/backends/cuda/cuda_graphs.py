@@ -64,3 +64,11 @@ def vision_net(seed: int = 0) -> IntegerGraph:
     t = m.pool_ceil("dilated", t, "maxpool2d", kernel=(2, 2), stride=(2, 2), dilation=(2, 2))  # 8x8 -> 3x3
     t = m.pool_ceil("avg6", t, "avgpool2d", kernel=(2, 3), stride=(1, 1), out_fmt=F(8, 4))
     return m.graph(m.linear("fc", m.flatten("flat", t), 10, F(8, 7), F(8, 2)))
+
+
+def linear_on_matrix(seed: int = 0) -> IntegerGraph:
+    """A ``linear`` over the last axis of a [4, 6] matrix: the GEMM kernel takes [batch, features] only."""
+    m = GraphMaker((4, 6), F(8, 4), seed)
+    m._op("fc", "linear", ("input",), (4, 3), F(8, 2), weight=m._rand(F(6, 5), (3, 6)), weight_fmt=F(6, 5),
+          attrs={"relu": False})
+    return m.graph("fc")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.backends.cuda.cuda_graphs import F, GraphMaker, mixed_net, residual_net, vision_net
+from tests.backends.cuda.cuda_graphs import F, GraphMaker, linear_on_matrix, mixed_net, residual_net, vision_net
 from tests.export.integer_graphs import matmul_graph
 
-from fxquant.backends.cuda.plan import (CatSpec, DirectConvSpec, GemmSpec, LutSpec, MulSpec, PoolSpec, pack_weight,
+from fxquant.backends.cuda.plan import (CatSpec, DirectConvSpec, GemmSpec, LutSpec, MatmulSpec, MulSpec, PoolSpec, pack_weight,
                                         plan_graph, unpack_weight)
 from fxquant.backends.cuda.target import CudaTarget
 from fxquant.errors import UnsupportedOpError
@@ -54,8 +54,11 @@ def test_equal_layers_share_a_kernel() -> None:
 
 
 def test_unsupported_graphs_are_named() -> None:
-    with pytest.raises(UnsupportedOpError, match="matmul"):
-        plan_graph(matmul_graph())
+    with pytest.raises(UnsupportedOpError, match=r"fc \(linear\): linear on an input of shape \[4, 6\]"):
+        plan_graph(linear_on_matrix())
+    plan = plan_graph(matmul_graph())  # two activations: the reduction kernel, one thread per output
+    (spec,) = [k for k in plan.kernels.values() if isinstance(k, MatmulSpec)]
+    assert (spec.a_shape, spec.b_shape, spec.shape, spec.rq.shift) == ((4, 4), (4, 4), (4, 4), -6)
     m = GraphMaker((4,), F(12, 4))
     with pytest.raises(UnsupportedOpError, match="input"):
         plan_graph(m.graph(m.linear("fc", "input", 4, F(8, 7), F(8, 2))))
