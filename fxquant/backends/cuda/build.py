@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fxquant.backends.cuda.plan import Plan
-from fxquant.errors import ToolchainError
+from fxquant.errors import ExportError, ToolchainError, UnsupportedOpError
 from fxquant.integer_graph import IntegerGraph
 from fxquant.io import atomic_write, atomic_write_json, atomic_write_text, atomic_write_via_path
 
@@ -98,15 +98,31 @@ def nvcc_compile(source: Path, library: Path, arch: str) -> float:
     return time.perf_counter() - t0
 
 
+FLOAT_ATTRS = ("stride", "padding", "dilation", "kernel", "relu", "groups", "ceil_mode", "output_padding", "dim",
+               "lo", "hi", "function", "params", "perm", "scale", "shape", "exponent")
+"""The op attributes the runner's torch float baseline reads (``lut`` tables stay in params.npz)."""
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def float_graph(graph: IntegerGraph) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """The float network of the torch baselines: quantizers removed, weights ``w * 2^-FL_w`` and
     biases ``b * 2^-(FL_in + FL_w)``, stored as their integers (int8 / int32, 4x smaller than
     float32) with the frac bits in the op entry; the runner dequantizes them exactly."""
     ops, params = [], {}
     for op in graph.ops:
+        attrs = {k: _jsonable(v) for k, v in op.attrs.items() if k in FLOAT_ATTRS}
+        shape = graph.value(op.output).shape
+        if op.kind in ("clamp", "mul_pow2"):  # real bounds / factor: the float op needs the grid's LSB
+            attrs["frac_bits"] = op.out_fmt.frac_bits
         entry: dict[str, Any] = {"kind": op.kind, "inputs": list(op.inputs), "output": op.output, "weight": None,
-                                 "bias": None, "attrs": {k: v for k, v in op.attrs.items() if k in
-                                                         ("stride", "padding", "dilation", "kernel", "relu")}}
+                                 "bias": None, "attrs": attrs, "shape": list(shape)}
         if op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None:
             entry["weight"], entry["weight_frac_bits"] = f"{op.name}.weight", op.weight_fmt.frac_bits
             params[entry["weight"]] = np.asarray(op.weight).astype(np.int8)  # <= 8 bits: CudaTarget.check
@@ -123,11 +139,14 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def golden_inputs(graph: IntegerGraph, n: int = GOLDEN_SAMPLES, seed: int = 0) -> np.ndarray:
-    """``n`` seeded float32 inputs ``k * 2^-FL`` over the input format's whole integer range."""
-    v = graph.inputs[0]
-    k = np.random.default_rng(seed).integers(v.fmt.qmin, v.fmt.qmax + 1, size=(n, *v.shape))
-    return np.ldexp(k.astype(np.float64), -v.fmt.frac_bits).astype(np.float32)
+def golden_inputs(graph: IntegerGraph, n: int = GOLDEN_SAMPLES, seed: int = 0) -> list[np.ndarray]:
+    """Per graph input, ``n`` seeded float32 inputs ``k * 2^-FL`` over its format's whole integer range."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for v in graph.inputs:
+        k = rng.integers(v.fmt.qmin, v.fmt.qmax + 1, size=(n, *v.shape))
+        out.append(np.ldexp(k.astype(np.float64), -v.fmt.frac_bits).astype(np.float32))
+    return out
 
 
 def write_artifact(graph: IntegerGraph, plan: Plan, out_dir: Path, arch: str) -> dict[str, Any]:
@@ -140,17 +159,23 @@ def write_artifact(graph: IntegerGraph, plan: Plan, out_dir: Path, arch: str) ->
     codegen_s = time.perf_counter() - t0
     atomic_write_text(out_dir / SOURCE, source)
     ops, fparams = float_graph(graph)
-    v = graph.inputs[0]
-    plan_json = {**plan.to_json(), "input_shape": list(v.shape), "input_frac_bits": v.fmt.frac_bits,
-                 "float_graph": ops, "arch": arch,
+    plan_json = {**plan.to_json(), "float_graph": ops, "arch": arch,
+                 "input_specs": [{"name": v.name, "shape": list(v.shape), "frac_bits": v.fmt.frac_bits}
+                                 for v in graph.inputs],
                  "kernels": {name: repr(spec) for name, spec in plan.kernels.items()}}
     atomic_write_json(out_dir / PLAN, plan_json)
     save_npz(out_dir / PARAMS, plan.params)
     save_npz(out_dir / BASELINE, fparams)
-    x = golden_inputs(graph)
-    ref = graph.run(*graph.quantize_inputs(x))
-    save_npz(out_dir / REFERENCE, {"input": x, **{f"output:{k}": o for k, o in ref.items()}})
-    atomic_write(out_dir / ONNX_FP32, lambda f: f.write(to_fp32(graph).SerializeToString()))
+    xs = golden_inputs(graph)
+    ref = graph.run(*graph.quantize_inputs(*xs))
+    save_npz(out_dir / REFERENCE, {**{f"input:{v.name}": x for v, x in zip(graph.inputs, xs)},
+                                   **{f"output:{k}": o for k, o in ref.items()}})
+    try:  # the ORT baseline of run_cuda.py's latency table: skipped where the ONNX exporter lacks an op
+        fp32 = to_fp32(graph)
+    except (ExportError, UnsupportedOpError):
+        fp32 = None
+    else:
+        atomic_write(out_dir / ONNX_FP32, lambda f: f.write(fp32.SerializeToString()))
     atomic_write_text(out_dir / RUNNER, (Path(__file__).parent / RUNNER).read_text())
     atomic_write_via_path(out_dir / LLVM_LIBRARY, build_llvm(plan).export_library)
     nvcc_s = nvcc_compile(out_dir / SOURCE, out_dir / LIBRARY, arch)
@@ -161,6 +186,7 @@ def write_artifact(graph: IntegerGraph, plan: Plan, out_dir: Path, arch: str) ->
         "param_bytes": int(sum(p.nbytes for p in plan.params.values())),
         "entry": "tvm_ffi.load_module('kernels.so')[kernel](*args, out) per plan.json launch; run_cuda.py runs it",
         "inputs": [{"name": v.name, "shape": ["n", *v.shape], "frac_bits": v.fmt.frac_bits} for v in graph.inputs],
-        "outputs": list(graph.outputs), "golden_samples": int(len(x)),
+        "outputs": list(graph.outputs), "golden_samples": int(len(xs[0])),
+        "fp32_onnx": ONNX_FP32 if fp32 is not None else None,
         "gpu_check": f"not run here: `python {RUNNER}` on a CUDA host compares kernels.so with {REFERENCE}",
     }

@@ -12,9 +12,27 @@ Math (``docs/number_format.md``): activations are integers of at most 8 bits sto
 * A residual ``add`` whose one input is a conv/linear output read by nothing else is fused into
   that GEMM's epilogue: ``requantize((y << (FL - FL_y)) + (r << (FL - FL_r)))``,
   ``FL = max(FL_y, FL_r)``; the fused launch sits where the add was (the residual exists there).
-* ``add`` / ``requantize`` / ``relu``: element-wise ``requantize(sum_i x_i << left_i)``.
-* ``maxpool2d`` on the integers; ``avgpool2d`` sums a ``2^p`` window and requantizes from
-  ``FL_in + p``. ``flatten`` is a view of its (contiguous NCHW) input: no kernel.
+* ``conv2d`` with ``groups > 1`` (depthwise, grouped): a direct kernel, one thread per output,
+  ``acc[o] = sum_{c<C/g, kh, kw} x[g(o) C/g + c, ...] w[o, c, kh, kw] + b[o]``, same requantize.
+* ``conv_transpose2d``: the gather form of the reference's scatter, one thread per output:
+  ``acc[o, y, x] = sum_{c, i, j} x[c, Y/s_h, X/s_w] w[c, o', i, j]`` over the taps with
+  ``Y = y + p_h - i d_h`` (and ``X``) a non-negative multiple of the stride inside the input
+  (``c`` over the group of ``o``, ``o' = o mod C_out/g``), + bias, requantize.
+* ``add`` / ``requantize`` / ``relu``: element-wise ``requantize(sum_i x_i << left_i)``;
+  ``clamp``: ``min(max(requantize(x), lo), hi)`` (numpy's ``clip`` order, ``None`` = no bound).
+* ``mul``: ``requantize(a * b)`` from ``FL_a + FL_b`` (int32: ``|a b| <= 2^14``), a size-1 dim of
+  either input broadcast (same rank).
+* ``matmul`` of two activations ``[.., M, K] x [.., K, N]`` (equal leading dims): one thread per
+  output, ``acc = sum_k a[.., m, k] b[.., k, n]`` in int32, requantize from ``FL_a + FL_b``.
+* ``lut``: ``y = table[x - qmin_in]`` (the op's int8 table of ``2^BW_in`` entries, a parameter).
+* ``cat``: every input requantized to ``out_fmt`` (ReLU after) and written at its offset on ``dim``.
+* ``maxpool2d`` on the integers (dilation, torch's ``ceil_mode`` output size; cells outside the
+  input read as ``-128`` and never win); ``avgpool2d``: the window sum over the cells inside the
+  input times ``M`` at ``FL_in + s``, ``(M, s) = fixed_point.reciprocal(d)`` with ``d`` the
+  window's divisor (:func:`fxquant.integer_graph.avg_divisors`: padding counted, only a
+  ceil-mode edge window counts fewer), one requantize per distinct ``d``.
+* ``transpose`` and ``upsample_nearest``: index maps (gathers). ``flatten``, ``reshape`` and
+  ``mul_pow2`` (same integers, another FL) are views of their (contiguous) input: no kernel.
 * The float32 model input is quantized on the device: ``clamp(round_half_even(x * 2^FL))``.
 
 Weights: int8 ``[OP, KP]`` (``k = (c, kh, kw)`` row-major, zero-padded to the tile multiples);
@@ -36,15 +54,20 @@ import numpy as np
 from fxquant import legality
 from fxquant.backends.base import Problem
 from fxquant.backends.tvm_epilogue import Requant, Residual
-from fxquant.backends.pool_shape import PoolShape, window_out_hw
+from fxquant.backends.pool_shape import window_out_hw
 from fxquant.errors import UnsupportedOpError
-from fxquant.integer_graph import IntegerGraph, Op
+from fxquant.fixed_point import reciprocal
+from fxquant.integer_graph import IntegerGraph, Op, avg_divisors, pool_output_size
 
 MAX_ACT_BITS = 8
 MAX_WEIGHT_BITS = 8
 """``__dp4a`` multiplies int8 quads: weights wider than 8 bits have no CUDA kernel (refused)."""
 PACKED_WEIGHT_BITS = 4
-OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize"})
+OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize", "reshape",
+                 "mul_pow2", "clamp", "lut", "mul", "cat", "transpose", "upsample_nearest", "conv_transpose2d",
+                 "matmul"})
+VIEW_KINDS = ("flatten", "reshape", "mul_pow2")
+"""Ops whose output is their input's integers in another shape or format: a view, no kernel."""
 K_TILE = 16
 """Reduction tile (4 dp4a steps): K is zero-padded to a multiple of it."""
 LARGE_BATCH = 64
@@ -115,19 +138,141 @@ class GemmSpec:
 
 
 @dataclass(frozen=True)
+class DirectConvSpec:
+    """Direct int8 conv (``transpose=False``: grouped / depthwise ``conv2d``, weight
+    ``[O, C/g, KH, KW]``) or ``conv_transpose2d`` (weight ``[C, O/g, KH, KW]``), NCHW, one thread
+    per output, int32 accumulator, bias, requantize (+ ReLU)."""
+
+    channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    rq: Requant
+    transpose: bool = False
+    output_padding: tuple[int, int] = (0, 0)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        if not self.transpose:
+            return window_out_hw(self.height, self.width, self.kernel, self.stride, self.padding, self.dilation)
+        return tuple((n - 1) * s - 2 * p + d * (k - 1) + q + 1  # type: ignore[return-value]
+                     for n, s, p, d, k, q in zip((self.height, self.width), self.stride, self.padding,
+                                                 self.dilation, self.kernel, self.output_padding))
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        if self.transpose:
+            return (self.channels, self.out_channels // self.groups, *self.kernel)
+        return (self.out_channels, self.channels // self.groups, *self.kernel)
+
+
+@dataclass(frozen=True)
 class EltwiseSpec:
-    """``y = requantize(sum_i x_i << lefts[i])`` over int8 ``[n, *shape]`` tensors."""
+    """``y = clip(requantize(sum_i x_i << lefts[i]), *clip)`` over int8 ``[n, *shape]`` tensors."""
 
     shape: tuple[int, ...]
     lefts: tuple[int, ...]
     rq: Requant
+    clip: tuple[int | None, int | None] = (None, None)
+    """``clamp``'s bounds on the output grid: ``min(max(y, lo), hi)``, ``None`` = unbounded."""
 
 
 @dataclass(frozen=True)
-class PoolSpec(PoolShape):
-    """Max pooling (``rq is None``) or window sum + requantize over int8 ``[n, C, H, W]``."""
+class MulSpec:
+    """``y = requantize(a * b)`` over int8 ``[n, *shape]``; ``a``/``b`` of the same rank, size-1
+    dims broadcast."""
 
-    rq: Requant | None = None
+    shape: tuple[int, ...]
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    rq: Requant
+
+
+@dataclass(frozen=True)
+class MatmulSpec:
+    """``y = requantize(a @ b)`` of int8 ``[n, *lead, M, K]`` and ``[n, *lead, K, N]``, one thread per output."""
+
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    rq: Requant
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.a_shape[:-1], self.b_shape[-1])
+
+
+@dataclass(frozen=True)
+class LutSpec:
+    """``y = table[x - qmin]`` over int8 ``[n, *shape]``, the int8 table of ``entries`` a parameter."""
+
+    shape: tuple[int, ...]
+    qmin: int
+    entries: int
+
+
+@dataclass(frozen=True)
+class CatSpec:
+    """Inputs ``[n, *shapes[i]]`` each requantized (``rqs[i]``) and concatenated on axis ``dim``
+    (``0`` = the first non-batch axis)."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    dim: int
+    rqs: tuple[Requant, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        first = self.shapes[0]
+        return (*first[:self.dim], sum(s[self.dim] for s in self.shapes), *first[self.dim + 1:])
+
+
+@dataclass(frozen=True)
+class TransposeSpec:
+    """``y = x.transpose(0, *(p + 1 for p in perm))`` of int8 ``[n, *shape]``."""
+
+    shape: tuple[int, ...]
+    perm: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class UpsampleSpec:
+    """Nearest upsampling ``y[b, c, i, j] = x[b, c, i // sh, j // sw]`` of int8 ``[n, C, H, W]``."""
+
+    channels: int
+    height: int
+    width: int
+    scale: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Max pooling (``divisors`` empty) or average pooling over int8 ``[n, C, H, W]``: torch's
+    output size (``ceil_mode``), dilated windows (max only); per distinct window divisor ``d``
+    ``(d, M, Requant)``: ``requantize(sum * M)`` with the shift ``FL_out - FL_in - s``."""
+
+    channels: int
+    height: int
+    width: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    ceil_mode: bool = False
+    divisors: tuple[tuple[int, int, Requant], ...] = ()
+
+    @property
+    def average(self) -> bool:
+        return bool(self.divisors)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return tuple(pool_output_size(n, k, s, p, d, self.ceil_mode)  # type: ignore[return-value]
+                     for n, k, s, p, d in zip((self.height, self.width), self.kernel, self.stride, self.padding,
+                                              self.dilation))
 
 
 @dataclass(frozen=True)
@@ -139,7 +284,8 @@ class QuantizeSpec:
     bits: int
 
 
-KernelSpec = GemmSpec | EltwiseSpec | PoolSpec | QuantizeSpec
+KernelSpec = (GemmSpec | DirectConvSpec | MatmulSpec | EltwiseSpec | MulSpec | LutSpec | CatSpec | TransposeSpec
+              | UpsampleSpec | PoolSpec | QuantizeSpec)
 
 
 @dataclass(frozen=True)
@@ -173,8 +319,10 @@ class Plan:
         for name, known in self.kernels.items():
             if known == spec:
                 return name
-        kind = {GemmSpec: "linear" if getattr(spec, "linear", False) else "conv2d", EltwiseSpec: "eltwise",
-                PoolSpec: "pool2d", QuantizeSpec: "quantize"}[type(spec)]
+        kind = {GemmSpec: "linear" if getattr(spec, "linear", False) else "conv2d",
+                DirectConvSpec: "conv_transpose2d" if getattr(spec, "transpose", False) else "conv2d_grouped",
+                MatmulSpec: "matmul", EltwiseSpec: "eltwise", MulSpec: "mul", LutSpec: "lut", CatSpec: "cat", TransposeSpec: "transpose",
+                UpsampleSpec: "upsample", PoolSpec: "pool2d", QuantizeSpec: "quantize"}[type(spec)]
         if isinstance(spec, GemmSpec):
             kind += "_int4" * spec.packed + "_large" * spec.large
         name = f"fxq_{kind}_{len(self.kernels)}"
@@ -217,10 +365,58 @@ def graph_problems(graph: IntegerGraph) -> list[Problem]:
         return broken
     return (legality.width_problems(graph, weight_bits=(2, MAX_WEIGHT_BITS), act_bits=(2, MAX_ACT_BITS))
             + legality.fit_problems(graph)
-            + legality.shape_problems(graph, max_inputs=1)
-            + legality.accumulator_problems(graph, 32, kinds=("conv2d", "linear", "add", "avgpool2d"))
-            + legality.avg_window_problems(graph)
-            + legality.window_problems(graph))
+            + legality.shape_problems(graph, groups=True)
+            + legality.accumulator_problems(graph, 32, kinds=("conv2d", "linear", "matmul", "add", "avgpool2d",
+                                                              "mul", "conv_transpose2d"))
+            + legality.avg_window_problems(graph, reciprocal=True)
+            + legality.window_problems(graph, dilation=True, ceil_mode=True)
+            + _kernel_problems(graph))
+
+
+def _problem(op: Op, reason: str) -> Problem:
+    return Problem(op.name, op.kind, reason)
+
+
+def cat_axis(graph: IntegerGraph, op: Op) -> int:
+    """``op``'s ``cat`` axis counted from the first non-batch axis (``-1``: the batch axis)."""
+    rank = len(graph.value(op.output).shape) + 1
+    dim = int(op.attrs.get("dim", 1))
+    return (dim + rank if dim < 0 else dim) - 1
+
+
+def avg_divisor_terms(graph: IntegerGraph, op: Op) -> list[tuple[int, int, int]]:
+    """``(d, M, s)`` for every distinct window divisor ``d`` of an average pool, ``(M, s) = reciprocal(d)``."""
+    _, h, w = graph.value(op.inputs[0]).shape
+    return [(int(d), *reciprocal(int(d))) for d in np.unique(avg_divisors(op, h, w))]
+
+
+def _kernel_problems(graph: IntegerGraph) -> list[Problem]:
+    """What the CUDA kernels themselves lack (beyond the shared legality rules)."""
+    problems = []
+    for op in graph.ops:
+        if op.kind == "avgpool2d":
+            if tuple(op.attrs.get("dilation", (1, 1))) != (1, 1):
+                problems.append(_problem(op, f"average pooling with dilation {tuple(op.attrs['dilation'])}; this "
+                                             "target has undilated average windows only"))
+            full = math.prod(op.attrs["kernel"])
+            top = 1 << (graph.value(op.inputs[0]).fmt.bits - 1)
+            for d, m, _ in avg_divisor_terms(graph, op):  # the full window is accumulator_problems' rule
+                if d != full and not legality.fits(top * d * m):
+                    problems.append(_problem(op, f"worst-case accumulator {top * d * m} of the {d}-cell edge "
+                                                 "windows exceeds int32"))
+        elif op.kind == "mul":
+            a, b = (graph.value(i).shape for i in op.inputs)
+            if len(a) != len(b) or any(x != y and 1 not in (x, y) for x, y in zip(a, b)):
+                problems.append(_problem(op, f"mul of shapes {list(a)} and {list(b)}; this target broadcasts "
+                                             "size-1 dimensions of inputs of equal rank only"))
+        elif op.kind == "matmul":
+            a, b = (graph.value(i).shape for i in op.inputs)
+            if len(a) < 2 or len(a) != len(b) or a[:-2] != b[:-2] or a[-1] != b[-2]:
+                problems.append(_problem(op, f"matmul of shapes {list(a)} and {list(b)}; this target multiplies "
+                                             "[.., M, K] x [.., K, N] with equal leading dimensions only"))
+        elif op.kind == "cat" and cat_axis(graph, op) < 0:
+            problems.append(_problem(op, "cat on the batch dimension; this target concatenates per sample"))
+    return problems
 
 
 class _Planner:
@@ -247,6 +443,11 @@ class _Planner:
         users = self.users.get(name, [])
         return (name not in self.graph.outputs and len(users) == 1 and users[0].kind == "add"
                 and len(set(users[0].inputs)) == 2)
+
+    @staticmethod
+    def is_gemm(op: Op) -> bool:
+        """``linear`` and ``groups=1`` ``conv2d``: the dp4a implicit GEMM (residual adds fuse into it)."""
+        return op.kind == "linear" or (op.kind == "conv2d" and op.attrs.get("groups", 1) == 1)
 
     def requant(self, op: Op, frac_bits_in: int) -> Requant:
         assert op.out_fmt.frac_bits is not None  # check_graph
@@ -300,36 +501,122 @@ class _Planner:
         self.deferred.discard(fused)
         self.gemm(self.producer[fused], (other, spec, op))
 
+    def direct_conv(self, op: Op) -> None:
+        """Grouped / depthwise ``conv2d`` and ``conv_transpose2d``: int8 weights as they are, int32 biases."""
+        (src,) = op.inputs
+        assert op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None
+        c, h, w = self.graph.value(src).shape
+        transpose = op.kind == "conv_transpose2d"
+        out_channels = op.weight.shape[1] * op.attrs.get("groups", 1) if transpose else op.weight.shape[0]
+        legality.require_fits(self.graph.accumulator_bound(op), f"op {op.name!r}")
+        spec = DirectConvSpec(c, h, w, out_channels, tuple(op.weight.shape[2:]), tuple(op.attrs.get("stride", (1, 1))),
+                              tuple(op.attrs.get("padding", (0, 0))), tuple(op.attrs.get("dilation", (1, 1))),
+                              int(op.attrs.get("groups", 1)), self.requant(op, self.fl(src) + op.weight_fmt.frac_bits),
+                              transpose, tuple(op.attrs.get("output_padding", (0, 0))))
+        assert spec.out_hw == tuple(self.graph.value(op.output).shape[1:]), (op.name, spec.out_hw)
+        bias = np.zeros(out_channels, np.int64) if op.bias is None else np.asarray(op.bias, np.int64)
+        self.plan.params[f"{op.name}.weight"] = np.asarray(op.weight, np.int64).astype(np.int8)
+        self.plan.params[f"{op.name}.bias"] = bias.astype(np.int32)
+        self.launch(spec, (src, f"param:{op.name}.weight", f"param:{op.name}.bias"), op.output, (op.name,))
+
     def pool(self, op: Op) -> None:
         (src,) = op.inputs
         c, h, w = self.graph.value(src).shape
         kernel = tuple(op.attrs["kernel"])
-        stride, padding = tuple(op.attrs.get("stride", kernel)), tuple(op.attrs.get("padding", (0, 0)))
-        rq = None
+        divisors: tuple[tuple[int, int, Requant], ...] = ()
         if op.kind == "avgpool2d":
-            p = legality.require_avg_window(kernel, padding, f"op {op.name!r}")
-            rq = self.requant(op, self.fl(src) + p)
-        self.launch(PoolSpec(c, h, w, kernel, stride, padding, rq), op.inputs, op.output, (op.name,))
+            terms = avg_divisor_terms(self.graph, op)
+            top = 1 << (self.bits(src) - 1)
+            for d, m, _ in terms:
+                legality.require_fits(top * d * m, f"op {op.name!r} ({d}-cell windows)")
+            divisors = tuple((d, m, self.requant(op, self.fl(src) + sh)) for d, m, sh in terms)
+        spec = PoolSpec(c, h, w, kernel, tuple(op.attrs.get("stride", kernel)), tuple(op.attrs.get("padding", (0, 0))),
+                        tuple(op.attrs.get("dilation", (1, 1))), bool(op.attrs.get("ceil_mode", False)), divisors)
+        assert spec.out_hw == tuple(self.graph.value(op.output).shape[1:]), (op.name, spec.out_hw)
+        self.launch(spec, op.inputs, op.output, (op.name,))
+
+    def eltwise(self, op: Op) -> None:
+        """``requantize`` / ``relu`` / ``clamp``: one input, requantize (+ ReLU, + clip)."""
+        (src,) = op.inputs
+        shape = self.graph.value(src).shape
+        if op.kind == "relu":
+            spec = EltwiseSpec(shape, (0,), Requant(0, op.out_fmt.bits, True))
+        elif op.kind == "clamp":  # the reference's clamp ignores a relu attribute: clip only
+            assert op.out_fmt.frac_bits is not None  # check_graph
+            lo, hi = op.attrs.get("lo"), op.attrs.get("hi")
+            spec = EltwiseSpec(shape, (0,), Requant(op.out_fmt.frac_bits - self.fl(src), op.out_fmt.bits),
+                               (None if lo is None else int(lo), None if hi is None else int(hi)))
+        else:
+            spec = EltwiseSpec(shape, (0,), self.requant(op, self.fl(src)))
+        self.launch(spec, op.inputs, op.output, (op.name,))
+
+    def mul(self, op: Op) -> None:
+        a, b = op.inputs
+        legality.require_fits(self.graph.accumulator_bound(op), f"op {op.name!r}")
+        spec = MulSpec(self.graph.value(op.output).shape, self.graph.value(a).shape, self.graph.value(b).shape,
+                       self.requant(op, self.fl(a) + self.fl(b)))
+        self.launch(spec, op.inputs, op.output, (op.name,))
+
+    def matmul(self, op: Op) -> None:
+        a, b = op.inputs
+        legality.require_fits(self.graph.accumulator_bound(op), f"op {op.name!r}")
+        spec = MatmulSpec(self.graph.value(a).shape, self.graph.value(b).shape, self.requant(op, self.fl(a) + self.fl(b)))
+        assert spec.shape == self.graph.value(op.output).shape, (op.name, spec.shape)
+        self.launch(spec, op.inputs, op.output, (op.name,))
+
+    def lut(self, op: Op) -> None:
+        (src,) = op.inputs
+        v = self.graph.value(src)
+        table = np.asarray(op.attrs["table"], np.int64)
+        if table.size != 1 << v.fmt.bits or table.min() < op.out_fmt.qmin or table.max() > op.out_fmt.qmax:
+            raise UnsupportedOpError(f"op {op.name!r}: table of {table.size} entries does not map the "
+                                     f"{v.fmt.bits}-bit input into {op.out_fmt}")
+        self.plan.params[f"{op.name}.table"] = table.astype(np.int8)  # entries in the <= 8-bit output format
+        self.launch(LutSpec(v.shape, v.fmt.qmin, int(table.size)), (src, f"param:{op.name}.table"), op.output,
+                    (op.name,))
+
+    def cat(self, op: Op) -> None:
+        assert op.out_fmt.frac_bits is not None  # check_graph
+        relu = bool(op.attrs.get("relu"))
+        rqs = tuple(Requant(op.out_fmt.frac_bits - self.fl(i), op.out_fmt.bits, relu) for i in op.inputs)
+        spec = CatSpec(tuple(self.graph.value(i).shape for i in op.inputs), cat_axis(self.graph, op), rqs)
+        assert spec.shape == self.graph.value(op.output).shape, (op.name, spec.shape)
+        self.launch(spec, op.inputs, op.output, (op.name,))
 
     def run(self) -> Plan:
         for v in self.graph.inputs:
             self.launch_input(v.name)
         for op in self.graph.ops:
-            if op.kind in ("conv2d", "linear"):
+            shape = self.graph.value(op.inputs[0]).shape
+            if self.is_gemm(op):
                 if self.fusable(op.output):
                     self.deferred.add(op.output)
                 else:
                     self.gemm(op, None)
+            elif op.kind in ("conv2d", "conv_transpose2d"):
+                self.direct_conv(op)
             elif op.kind == "add":
                 self.add(op)
             elif op.kind in ("maxpool2d", "avgpool2d"):
                 self.pool(op)
-            elif op.kind == "flatten":
+            elif op.kind in VIEW_KINDS:
                 self.plan.views[op.output] = (op.inputs[0], self.graph.value(op.output).shape)
-            else:  # requantize, relu
-                (src,) = op.inputs
-                rq = Requant(0, op.out_fmt.bits, True) if op.kind == "relu" else self.requant(op, self.fl(src))
-                self.launch(EltwiseSpec(self.graph.value(src).shape, (0,), rq), op.inputs, op.output, (op.name,))
+            elif op.kind == "mul":
+                self.mul(op)
+            elif op.kind == "matmul":
+                self.matmul(op)
+            elif op.kind == "lut":
+                self.lut(op)
+            elif op.kind == "cat":
+                self.cat(op)
+            elif op.kind == "transpose":
+                self.launch(TransposeSpec(shape, tuple(int(p) for p in op.attrs["perm"])), op.inputs, op.output,
+                            (op.name,))
+            elif op.kind == "upsample_nearest":
+                self.launch(UpsampleSpec(*shape, tuple(int(f) for f in op.attrs["scale"])), op.inputs, op.output,
+                            (op.name,))
+            else:  # requantize, relu, clamp
+                self.eltwise(op)
         return self.plan
 
     def launch_input(self, name: str) -> None:
@@ -340,8 +627,8 @@ class _Planner:
 
 def plan_graph(graph: IntegerGraph) -> Plan:
     """The launch plan of ``graph``; :class:`UnsupportedOpError` listing every :func:`graph_problems`."""
-    problems = [Problem(op.name, op.kind, f"op kind {op.kind!r} has no fxquant CUDA kernel")
-                for op in graph.ops if op.kind not in OPS] + graph_problems(graph)
+    problems = ([Problem(op.name, op.kind, f"op kind {op.kind!r} has no fxquant CUDA kernel")
+                 for op in graph.ops if op.kind not in OPS] + legality.lut_problems(graph) + graph_problems(graph))
     if problems:
         raise UnsupportedOpError(f"the CUDA kernels cannot build this graph ({len(problems)} problems): "
                                  + "; ".join(map(str, problems)), "see docs/coverage.md")

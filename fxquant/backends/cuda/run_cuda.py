@@ -6,7 +6,7 @@ latency table also ``baseline_weights.npz`` and, optionally, ``fp32.onnx``)::
 
     python run_cuda.py [--batches 1 64 256] [--iters 200] [--json cuda_bench.json] [--verify-only]
 
-1. **Bit-exactness**: runs ``reference.npz``'s float32 inputs through the kernels (as they are,
+1. **Bit-exactness**: runs ``reference.npz``'s float32 inputs (``input:<name>`` per graph input) through the kernels (as they are,
    and repeated up to ``plan["large_batch"]`` for the large-batch kernels) and compares the int8
    outputs with the integer reference (``IntegerGraph.run``) saved at export; any difference
    exits with status 1.
@@ -85,8 +85,23 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def torch_float_model(plan: dict[str, Any], ints: dict[str, Any], dtype: Any) -> Callable[[Any], list[Any]]:
-    """The float network of ``plan["float_graph"]`` in ``dtype``, weights ``k * 2^-FL`` from their integers."""
+def _float_function(name: str | None, params: dict[str, Any]) -> Callable[[Any], Any]:
+    """The float function a ``lut`` op tabulates (torch's definition), identity for an unknown name."""
+    import torch
+    import torch.nn.functional as F
+
+    known: dict[str, Callable[[Any], Any]] = {
+        "sigmoid": torch.sigmoid, "tanh": torch.tanh, "silu": F.silu, "hardsigmoid": F.hardsigmoid,
+        "hardswish": F.hardswish, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "mish": F.mish, "softplus": F.softplus, "elu": lambda x: F.elu(x, **params),
+        "leaky_relu": lambda x: F.leaky_relu(x, **params), "exp": torch.exp, "relu6": F.relu6,
+        "hardtanh": lambda x: F.hardtanh(x, **params)}
+    return known.get(name or "", lambda x: x)
+
+
+def torch_float_model(plan: dict[str, Any], ints: dict[str, Any], dtype: Any) -> Callable[[dict[str, Any]], list[Any]]:
+    """The float network of ``plan["float_graph"]`` in ``dtype``, weights ``k * 2^-FL`` from their
+    integers; called with the float inputs by name."""
     import torch
     import torch.nn.functional as F
 
@@ -96,24 +111,48 @@ def torch_float_model(plan: dict[str, Any], ints: dict[str, Any], dtype: Any) ->
             if op[key] is not None:
                 params[op[key]] = (ints[op[key]].double() * 2.0 ** -op[f"{key}_frac_bits"]).to(dtype)
 
-    def forward(x: Any) -> list[Any]:
-        env = {plan["inputs"][0]: x}
+    def forward(inputs: dict[str, Any]) -> list[Any]:
+        env = dict(inputs)
         for op in plan["float_graph"]:
             xs, a = [env[i] for i in op["inputs"]], op["attrs"]
             kind = op["kind"]
             if kind == "conv2d":
                 y = F.conv2d(xs[0], params[op["weight"]], params.get(op["bias"]), a.get("stride", 1),
-                             a.get("padding", 0), a.get("dilation", 1))
+                             a.get("padding", 0), a.get("dilation", 1), a.get("groups", 1))
+            elif kind == "conv_transpose2d":
+                y = F.conv_transpose2d(xs[0], params[op["weight"]], params.get(op["bias"]), a.get("stride", 1),
+                                       a.get("padding", 0), a.get("output_padding", 0), a.get("groups", 1),
+                                       a.get("dilation", 1))
             elif kind == "linear":
                 y = F.linear(xs[0], params[op["weight"]], params.get(op["bias"]))
             elif kind == "add":
                 y = xs[0] + xs[1]
+            elif kind == "mul":
+                y = xs[0] * xs[1]
+            elif kind == "matmul":
+                y = torch.matmul(xs[0], xs[1])
+            elif kind == "cat":
+                y = torch.cat(xs, a.get("dim", 1))
             elif kind == "maxpool2d":
-                y = F.max_pool2d(xs[0], a["kernel"], a.get("stride", a["kernel"]), a.get("padding", 0))
+                y = F.max_pool2d(xs[0], a["kernel"], a.get("stride", a["kernel"]), a.get("padding", 0),
+                                 a.get("dilation", 1), bool(a.get("ceil_mode", False)))
             elif kind == "avgpool2d":
-                y = F.avg_pool2d(xs[0], a["kernel"], a.get("stride", a["kernel"]), a.get("padding", 0))
-            elif kind == "flatten":
-                y = torch.flatten(xs[0], 1)
+                y = F.avg_pool2d(xs[0], a["kernel"], a.get("stride", a["kernel"]), a.get("padding", 0),
+                                 bool(a.get("ceil_mode", False)))
+            elif kind == "clamp":
+                lsb = 2.0 ** -a["frac_bits"]
+                y = torch.clamp(xs[0], None if a.get("lo") is None else a["lo"] * lsb,
+                                None if a.get("hi") is None else a["hi"] * lsb)
+            elif kind == "lut":
+                y = _float_function(a.get("function"), a.get("params") or {})(xs[0])
+            elif kind == "mul_pow2":
+                y = xs[0] * 2.0 ** a["exponent"]
+            elif kind == "transpose":
+                y = xs[0].permute(0, *(p + 1 for p in a["perm"]))
+            elif kind == "upsample_nearest":
+                y = F.interpolate(xs[0], scale_factor=tuple(float(f) for f in a["scale"]), mode="nearest")
+            elif kind in ("flatten", "reshape"):
+                y = xs[0].reshape(xs[0].shape[0], *op["shape"])
             else:  # relu, requantize
                 y = xs[0]
             env[op["output"]] = torch.relu(y) if a.get("relu") or kind == "relu" else y
@@ -156,8 +195,8 @@ def graph_replay(fn: Callable[[], Any]) -> Callable[[], Any]:
     return graph.replay
 
 
-def ort_cuda(path: Path, name: str) -> Callable[[Any], Callable[[], Any]] | None:
-    """ORT CUDA-EP runner factory over torch CUDA tensors (IO binding), or None without it."""
+def ort_cuda(path: Path) -> Callable[[dict[str, Any]], Callable[[], Any]] | None:
+    """ORT CUDA-EP runner factory over torch CUDA tensors by input name (IO binding), or None without it."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -167,9 +206,10 @@ def ort_cuda(path: Path, name: str) -> Callable[[Any], Callable[[], Any]] | None
     sess = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
     out_names = [o.name for o in sess.get_outputs()]
 
-    def make(x: Any) -> Callable[[], Any]:
+    def make(xs: dict[str, Any]) -> Callable[[], Any]:
         binding = sess.io_binding()
-        binding.bind_input(name, "cuda", 0, np.float32, list(x.shape), x.data_ptr())
+        for name, x in xs.items():
+            binding.bind_input(name, "cuda", 0, np.float32, list(x.shape), x.data_ptr())
         for o in out_names:
             binding.bind_output(o, "cuda")
         return lambda: sess.run_with_iobinding(binding)
@@ -200,23 +240,24 @@ def main(argv: list[str] | None = None) -> int:
     lib = tvm_ffi.load_module(str(d / "kernels.so"))
     runner = PlanRunner(plan, lambda name: lib[name], lambda shape: torch.empty(shape, dtype=torch.int8, device=dev),
                         params)
-    (in_name,) = plan["inputs"]
+    specs = plan["input_specs"]
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
 
     with np.load(d / "reference.npz") as ref:
-        x = torch.from_numpy(ref["input"]).to(dev)
+        x = {s["name"]: torch.from_numpy(ref[f"input:{s['name']}"]).to(dev) for s in specs}
+        samples = int(next(iter(x.values())).shape[0])
         # the samples as they are, and repeated up to the large-batch kernels' batch size
         mismatches = {}
-        for reps in (1, -(-plan["large_batch"] // x.shape[0])):
-            xs = x.repeat(reps, *[1] * (x.dim() - 1))
-            got = runner.run({in_name: xs}, runner.buffers(xs.shape[0]))
+        for reps in (1, -(-plan["large_batch"] // samples)):
+            xs = {k: v.repeat(reps, *[1] * (v.dim() - 1)) for k, v in x.items()}
+            got = runner.run(xs, runner.buffers(samples * reps))
             torch.cuda.synchronize()
             for name, g in zip(plan["outputs"], got):
                 want = np.tile(ref[f"output:{name}"], (reps,) + (1,) * (g.dim() - 1))
-                mismatches[f"{name}@batch{xs.shape[0]}"] = int((g.cpu().numpy().astype(np.int64) != want).sum())
-    result["verification"] = {"samples": int(x.shape[0]), "mismatches": mismatches,
+                mismatches[f"{name}@batch{samples * reps}"] = int((g.cpu().numpy().astype(np.int64) != want).sum())
+    result["verification"] = {"samples": samples, "mismatches": mismatches,
                               "bit_exact": not any(mismatches.values())}
-    print(f"bit-exact on {x.shape[0]} samples: {result['verification']['bit_exact']} {mismatches}")
+    print(f"bit-exact on {samples} samples: {result['verification']['bit_exact']} {mismatches}")
     out = args.json or d / "cuda_bench.json"
     if not result["verification"]["bit_exact"] or args.verify_only:
         _atomic_write_text(out, json.dumps(result, indent=2) + "\n")
@@ -225,17 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     with np.load(d / "baseline_weights.npz") as f:
         ints = {k: torch.from_numpy(f[k]).to(dev) for k in f.files}
     fp32, bf16 = torch_float_model(plan, ints, torch.float32), torch_float_model(plan, ints, torch.bfloat16)
-    ort_make = ort_cuda(d / "fp32.onnx", in_name)
-    shape = plan["input_shape"]
+    ort_make = ort_cuda(d / "fp32.onnx")
     print("| batch | backend | p50 us | x torch fp32 eager |\n|---|---|---|---|")
     with torch.inference_mode():
         for n in args.batches:
-            xb = torch.randn((n, *shape), device=dev)
-            xh = xb.to(torch.bfloat16)
+            xb = {s["name"]: torch.randn((n, *s["shape"]), device=dev) for s in specs}
+            xh = {k: v.to(torch.bfloat16) for k, v in xb.items()}
             bufs = runner.buffers(n)
             cases: dict[str, Callable[[], Any]] = {
                 "torch fp32 eager": lambda: fp32(xb), "torch bf16 eager": lambda: bf16(xh),
-                "fxquant eager": lambda: runner.run({in_name: xb}, bufs)}
+                "fxquant eager": lambda: runner.run(xb, bufs)}
             cases["fxquant graph"] = graph_replay(cases["fxquant eager"])
             cases["torch fp32 graph"] = graph_replay(cases["torch fp32 eager"])
             cases["torch bf16 graph"] = graph_replay(cases["torch bf16 eager"])

@@ -12,6 +12,9 @@ same algorithm the GPU runs (the dp4a intrinsic computes the same exact int32 su
   into the load) in shared memory; each thread accumulates ``TM x 4`` int32 in registers with
   ``__dp4a`` (4 int8 products per instruction). The requantize epilogue (bias, shift, round half
   to even, saturation, ReLU, residual add) runs on the registers and writes int8 NCHW directly.
+* Direct convolutions (grouped / depthwise, transposed) and ``matmul``: one thread per output element (the four
+  output loops fused, 256 threads per block), the reduction over the group's channels and taps
+  serial in the thread into an int32 register, the requantize epilogue on that register.
 * Every other kernel (one spatial block): all loops fused, 256 threads per block.
 """
 
@@ -21,7 +24,7 @@ import tvm
 from tvm import s_tir, tirx
 
 from fxquant.backends.cuda.intrinsics import DP4A
-from fxquant.backends.cuda.plan import K_TILE, GemmSpec, KernelSpec, out_tile
+from fxquant.backends.cuda.plan import K_TILE, DirectConvSpec, GemmSpec, KernelSpec, MatmulSpec, out_tile
 
 THREADS = 256
 THREAD_TILE_O = 4
@@ -64,6 +67,18 @@ def _gemm(sch: s_tir.Schedule, spec: GemmSpec) -> None:
     sch.tensorize(k4, DP4A)
 
 
+def _reduction(sch: s_tir.Schedule, spatial: int) -> None:
+    """An ``acc`` reduction block and its ``out`` epilogue: the ``spatial`` output loops fused and
+    bound, the reduction serial in the thread, the accumulator in a register."""
+    acc = sch.get_sblock("acc")
+    loops = sch.get_loops(acc)
+    bx, tx = sch.split(sch.fuse(*loops[:spatial]), [None, THREADS])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    sch.reverse_compute_at("out", tx)
+    sch.set_scope(acc, 0, "local")
+
+
 def _elementwise(sch: s_tir.Schedule) -> None:
     (block,) = sch.get_child_blocks(sch.get_sblock("root"))
     bx, tx = sch.split(sch.fuse(*sch.get_loops(block)), [None, THREADS])
@@ -76,6 +91,10 @@ def schedule(func: tirx.PrimFunc, spec: KernelSpec) -> tirx.PrimFunc:
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     if isinstance(spec, GemmSpec):
         _gemm(sch, spec)
+    elif isinstance(spec, DirectConvSpec):
+        _reduction(sch, 4)
+    elif isinstance(spec, MatmulSpec):
+        _reduction(sch, len(spec.shape) + 1)
     else:
         _elementwise(sch)
     return sch.mod["main"]

@@ -10,16 +10,20 @@ limits); ``build`` plans, generates and compiles (:mod:`.build`) and writes, all
     kernels_llvm.so       the same kernels' unscheduled TIR built for llvm (the CPU check)
     plan.json             launch sequence, views, input shape / frac bits, float graph, arch
     params.npz            packed int8 / int4 weights, int32 biases
-    reference.npz         seeded golden inputs and their IntegerGraph.run outputs (GPU-side check)
-    baseline_weights.npz  integer weights of the torch float baselines; fp32.onnx for ORT
+    reference.npz         seeded golden inputs (``input:<name>``) and their IntegerGraph.run outputs
+                          (``output:<name>``), for the GPU-side check
+    baseline_weights.npz  integer weights of the torch float baselines; fp32.onnx for ORT (where the
+                          ONNX exporter has every op's float form)
     run_cuda.py           the GPU-host runner: bit-exactness on reference.npz, latency table
 
 ``run`` executes ``kernels_llvm.so`` through the runner's own ``PlanRunner`` on the CPU: **no GPU
 result is claimed** (``ran`` says so); the GPU check is ``python run_cuda.py`` on a CUDA host.
 
 Limits: activations and weights 2..8 bits (``__dp4a`` multiplies int8 quads; weights of at most 4
-bits are packed two per byte), int32 accumulators, one graph input, groups=1 convolutions,
-``linear`` on ``[batch, features]``, no ``matmul`` or ``cat`` kernel.
+bits are packed two per byte), int32 accumulators (average pools: every window divisor's
+``sum * M``), ``linear`` on ``[batch, features]``, ``mul`` broadcasting size-1 dims of equal-rank
+inputs, ``matmul`` of ``[.., M, K] x [.., K, N]`` with equal leading dims, undilated average pools. Any number of graph inputs (each quantized
+on the device). Kernels per op: :mod:`.plan`.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ class CudaTarget(Target):
     ran = "the CUDA kernels' TIR built for llvm and run on the CPU (not on a GPU)"
     ops = cuda_plan.OPS
     limits = {"act_bits": (2, cuda_plan.MAX_ACT_BITS), "weight_bits": (2, cuda_plan.MAX_WEIGHT_BITS),
-              "acc_bits": 32, "inputs": 1}
+              "acc_bits": 32}
     option_defaults = {"arch": "sm_90"}
 
     def unavailable(self) -> str | None:
@@ -87,13 +91,13 @@ class CudaTarget(Target):
                 params = {k: f[k] for k in f.files}
         except (OSError, json.JSONDecodeError) as exc:
             raise RunDirError(f"{out_dir} holds no CUDA build ({exc})", "run `fxquant export --target cuda` first") from exc
-        (name,) = plan["inputs"]
-        if len(int_inputs) != 1:
-            raise UsageError(f"the CUDA build in {out_dir} takes one input, got {len(int_inputs)}")
-        (k,) = int_inputs
-        x = np.ldexp(np.asarray(k, np.float64), -plan["input_frac_bits"]).astype(np.float32)  # exact: <= 8 bits
+        specs = plan["input_specs"]
+        if len(int_inputs) != len(specs):
+            raise UsageError(f"the CUDA build in {out_dir} takes {len(specs)} input(s), got {len(int_inputs)}")
+        xs = {spec["name"]: np.ldexp(np.asarray(k, np.float64), -spec["frac_bits"]).astype(np.float32)  # exact: <= 8 bits
+              for spec, k in zip(specs, int_inputs)}
         lib = tvm.runtime.load_module(str(out_dir / LLVM_LIBRARY))
-        return run_plan(plan, params, lib, {name: x})
+        return run_plan(plan, params, lib, xs)
 
 
 __all__ = ["CudaTarget"]

@@ -34,3 +34,41 @@ def mixed_net(seed: int = 0) -> IntegerGraph:
     h = m.linear("fc1", m.flatten("flat", s), 33, F(3, 1), F(5, 3), relu=True)
     h = m.linear("fc2", h, 20, F(8, 9), F(8, 3), relu=True)
     return m.graph(m.linear("fc3", h, 10, F(8, 7), F(8, 4)))
+
+
+def vision_net(seed: int = 0) -> IntegerGraph:
+    """Every vision-zoo op the CUDA kernels build, chained: 1x1 expand -> ReLU6 (clamp) -> depthwise
+    3x3 -> squeeze-excitation (global 8x8 average, 1x1 convs, sigmoid table, broadcast mul) ->
+    ceil-mode 3x3/2 max pool -> nearest upsampling x2 -> cat with the expand output (mixed formats)
+    -> padded 3x3/2 average (a divisor of 9) -> channel shuffle (reshape, transpose, reshape) ->
+    grouped 2x2/2 transposed conv -> dilated max pool -> 2x3 average (6) -> flatten -> linear."""
+    from tests.conformance.zoo import GraphMaker as ZooMaker
+
+    m = ZooMaker((4, 8, 8), F(8, 4), seed)
+    e = m.conv_general("expand", "input", 8, F(6, 5), F(8, 4), kernel=(1, 1))
+    e = m.clamp("relu6", e, F(8, 4), 0.0, 6.0)
+    d = m.conv_general("dw", e, 8, F(6, 5), F(8, 3), kernel=(3, 3), padding=(1, 1), groups=8)
+    g = m.pool_ceil("squeeze", d, "avgpool2d", kernel=(8, 8), stride=(8, 8), out_fmt=F(8, 5))
+    g = m.conv_general("se.reduce", g, 4, F(6, 5), F(8, 4), kernel=(1, 1), relu=True)
+    g = m.conv_general("se.expand", g, 8, F(6, 5), F(8, 4), kernel=(1, 1))
+    g = m.lut("se.gate", g, "sigmoid", F(8, 7))
+    x = m.mul("se.excite", d, g, F(8, 4))
+    p = m.pool_ceil("pool", x, "maxpool2d", kernel=(3, 3), stride=(2, 2), ceil_mode=True)   # 8x8 -> 4x4
+    u = m.upsample("up", p, (2, 2))
+    c = m.cat("cat", (u, e), F(7, 3))                                                      # 16 x 8 x 8
+    a = m.pool_ceil("avg", c, "avgpool2d", kernel=(3, 3), stride=(2, 2), padding=(1, 1), out_fmt=F(8, 4))
+    s = m.reshape("shuffle.split", a, (2, 8, 16))
+    s = m.transpose("shuffle.swap", s, (1, 0, 2))
+    s = m.reshape("shuffle.merge", s, (16, 4, 4))
+    t = m.conv_transpose("deconv", s, 8, F(5, 4), F(8, 3), kernel=(2, 2), stride=(2, 2), groups=2, relu=True)
+    t = m.pool_ceil("dilated", t, "maxpool2d", kernel=(2, 2), stride=(2, 2), dilation=(2, 2))  # 8x8 -> 3x3
+    t = m.pool_ceil("avg6", t, "avgpool2d", kernel=(2, 3), stride=(1, 1), out_fmt=F(8, 4))
+    return m.graph(m.linear("fc", m.flatten("flat", t), 10, F(8, 7), F(8, 2)))
+
+
+def linear_on_matrix(seed: int = 0) -> IntegerGraph:
+    """A ``linear`` over the last axis of a [4, 6] matrix: the GEMM kernel takes [batch, features] only."""
+    m = GraphMaker((4, 6), F(8, 4), seed)
+    m._op("fc", "linear", ("input",), (4, 3), F(8, 2), weight=m._rand(F(6, 5), (3, 6)), weight_fmt=F(6, 5),
+          attrs={"relu": False})
+    return m.graph("fc")

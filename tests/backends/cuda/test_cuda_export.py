@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.backends.cuda.cuda_graphs import F, GraphMaker, mixed_net, residual_net
-from tests.export.integer_graphs import matmul_graph, sample_inputs
+from tests.backends.cuda.cuda_graphs import F, GraphMaker, linear_on_matrix, mixed_net, residual_net, vision_net
+from tests.export.integer_graphs import sample_inputs
 
 from fxquant.backends.base import REPORT_FILE, export
 from fxquant.backends.cuda import build
@@ -59,6 +59,32 @@ def test_source_has_dp4a_gemms_and_ffi_wrappers(source: str) -> None:
     assert "__shared__" in source and "blockIdx.x" in source
 
 
+@pytest.fixture(scope="module")
+def vision_exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    if build.find_nvcc() is None:
+        pytest.skip("nvcc (CUDA toolkit) not installed")
+    graph = vision_net()
+    out = tmp_path_factory.mktemp("cuda_vision") / "cuda"
+    return out, export(CudaTarget(), graph, out, [sample_inputs(graph, 4)])
+
+
+def test_vision_kernels_are_one_thread_per_output_with_a_register_accumulator() -> None:
+    """Grouped and transposed convs: the reduction runs in the thread into one int32 register."""
+    plan = plan_graph(vision_net())
+    src = build.cuda_source(plan, "sm_90")
+    for prefix in ("fxq_conv2d_grouped", "fxq_conv_transpose2d", "fxq_mul", "fxq_lut", "fxq_cat", "fxq_transpose",
+                   "fxq_upsample", "fxq_pool2d"):
+        names = [name for name in plan.kernels if name.startswith(prefix)]
+        assert names, prefix
+        for name in names:
+            assert f"{name}_kernel(" in src
+    lines = src.splitlines()
+    for prefix in ("fxq_conv2d_grouped", "fxq_conv_transpose2d"):
+        start = next(i for i, line in enumerate(lines) if "__global__" in line and prefix in line and line.endswith("{"))
+        body = lines[start:lines.index("}", start)]
+        assert "  alignas(64) int acc_local_ptr[1];" in body and not any("__shared__" in line for line in body)
+
+
 @needs_nvcc
 def test_export_writes_every_artifact(exported: tuple[Path, dict]) -> None:
     out, report = exported
@@ -72,7 +98,7 @@ def test_export_writes_every_artifact(exported: tuple[Path, dict]) -> None:
     art = report["artifact"]
     assert art["library"] == build.LIBRARY and art["arch"] == "sm_90" and "run_cuda.py" in art["gpu_check"]
     with np.load(out / build.REFERENCE) as ref:
-        assert ref["input"].shape == (build.GOLDEN_SAMPLES, 3, 9, 7)
+        assert ref["input:input"].shape == (build.GOLDEN_SAMPLES, 3, 9, 7)
         assert ref["output:fc3"].shape == (build.GOLDEN_SAMPLES, 10)
     plan = json.loads((out / build.PLAN).read_text())
     assert [launch["ops"] for launch in plan["launches"]][1] == ["conv1"] and plan["arch"] == "sm_90"
@@ -95,19 +121,28 @@ def test_check_lists_every_problem_at_once() -> None:
     m = GraphMaker((4,), F(8, 4))
     h = m.linear("fc.w12", "input", 6, F(12, 7), F(8, 2))
     h = m.linear("fc.a12", h, 4, F(8, 7), F(12, 2))
-    graph = m.graph(h)
-    graph.ops += matmul_graph().ops
-    problems = CudaTarget().check(graph)
-    assert [(p.layer, p.kind) for p in problems] == [("mm", "matmul"), ("fc.w12", "linear"), ("fc.a12", "linear")]
-    assert "12-bit weights" in problems[1].reason and "12-bit output" in problems[2].reason
+    h = m._op("mm", "matmul", (h, h), (4,), F(8, 2))  # vectors: no [M, K] x [K, N] form
+    problems = CudaTarget().check(m.graph(h))
+    assert [(p.layer, p.kind) for p in problems] == [("fc.w12", "linear"), ("fc.a12", "linear"), ("mm", "matmul")]
+    assert "12-bit weights" in problems[0].reason and "12-bit output" in problems[1].reason
+    assert "matmul of shapes [4] and [4]" in problems[2].reason
 
 
-def test_two_inputs_are_refused() -> None:
-    m = GraphMaker((4,), F(8, 4))
-    graph = m.graph(m.linear("fc", "input", 4, F(8, 7), F(8, 2)))
-    graph.inputs.append(graph.inputs[0].__class__("second", (4,), F(8, 4)))
-    (problem,) = CudaTarget().check(graph)
-    assert problem.kind == "inputs" and "2 graph inputs" in problem.reason
+def test_every_graph_input_is_quantized_on_the_device(tmp_path: Path) -> None:
+    """Two inputs of different formats: one quantize launch each; ``run`` takes them in graph order."""
+    from fxquant.backends.cuda.cpu_check import build_llvm, run_plan
+    from tests.conformance.zoo import GraphMaker as ZooMaker
+
+    m = ZooMaker((2, 3, 3), F(8, 3), name="x")
+    m.input("y", (2, 3, 3), F(5, -1))
+    graph = m.graph(m.add("add", "x", "y", F(6, 1), relu=False))
+    assert CudaTarget().check(graph) == []
+    plan = plan_graph(graph)
+    assert [launch.args for launch in plan.launches[:2]] == [("float:x",), ("float:y",)]
+    ints = graph.quantize_inputs(*(sample_inputs(graph, 3, seed=s) for s in (1, 2)))
+    xs = {v.name: np.ldexp(k.astype(np.float64), -v.fmt.frac_bits).astype(np.float32) for v, k in zip(graph.inputs, ints)}
+    (got,) = run_plan(plan.to_json(), plan.params, build_llvm(plan), xs)
+    np.testing.assert_array_equal(got, graph.run(*ints)["add"])
 
 
 @needs_nvcc
@@ -148,6 +183,42 @@ def test_gpu_run_is_bit_exact(exported: tuple[Path, dict]) -> None:
     assert f"bit-exact on {build.GOLDEN_SAMPLES} samples: True" in proc.stdout
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_device(), reason="needs a CUDA device")
+def test_gpu_run_of_the_vision_ops_is_bit_exact(vision_exported: tuple[Path, dict]) -> None:
+    out, _ = vision_exported
+    proc = subprocess.run([sys.executable, str(out / build.RUNNER), "--verify-only"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"bit-exact on {build.GOLDEN_SAMPLES} samples: True" in proc.stdout
+
+
+def test_torch_baseline_of_the_exact_index_ops_equals_the_integer_reference() -> None:
+    """Ops that move integers without rounding (ceil-mode and dilated max pools, nearest upsampling,
+    transpose, reshape, mul_pow2): the torch float model on on-grid inputs gives the reference's
+    integers times 2^-FL exactly."""
+    import torch
+
+    from fxquant.backends.cuda.run_cuda import torch_float_model
+    from tests.conformance.zoo import GraphMaker as ZooMaker
+
+    m = ZooMaker((2, 7, 6), F(7, 3), seed=3)
+    h = m.pool_ceil("ceil", "input", "maxpool2d", kernel=(3, 3), stride=(2, 2), ceil_mode=True)
+    h = m.pool_ceil("dil", h, "maxpool2d", kernel=(2, 2), stride=(1, 1), padding=(1, 1), dilation=(2, 1))
+    h = m.upsample("up", h, (2, 3))
+    h = m.transpose("swap", h, (2, 0, 1))
+    w, c, hh = m.values[h].shape
+    h = m.reshape("view", h, (w, 2, c * hh // 2))
+    h = m._op("x4", "mul_pow2", (h,), m.values[h].shape, F(7, 1), attrs={"exponent": 2})
+    graph = m.graph(h)
+    ops, ints = build.float_graph(graph)
+    plan = {**plan_graph(graph).to_json(), "float_graph": ops}
+    model = torch_float_model(plan, {k: torch.from_numpy(v) for k, v in ints.items()}, torch.float64)
+    q = graph.quantize_inputs(sample_inputs(graph, 3))
+    (got,) = model({"input": torch.from_numpy(np.ldexp(q[0].astype(np.float64), -3))})
+    want = np.ldexp(graph.run(*q)["x4"].astype(np.float64), -1)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
 def test_torch_baseline_is_the_float_network() -> None:
     """run_cuda.py's torch FP32 baseline computes what the fp32 ONNX export computes."""
     import onnxruntime as ort
@@ -161,7 +232,7 @@ def test_torch_baseline_is_the_float_network() -> None:
     plan = {**plan_graph(graph).to_json(), "float_graph": ops}
     model = torch_float_model(plan, {k: torch.from_numpy(v) for k, v in ints.items()}, torch.float32)
     x = sample_inputs(graph, 3)
-    (got,) = model(torch.from_numpy(x))
+    (got,) = model({"input": torch.from_numpy(x)})
     sess = ort.InferenceSession(to_fp32(graph).SerializeToString(), providers=["CPUExecutionProvider"])
     (want,) = sess.run(None, {"input": x})
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-3)
@@ -172,5 +243,5 @@ def test_bad_arch_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="arch"):
         export(CudaTarget(), graph, tmp_path / "cuda", [sample_inputs(graph, 1)], arch="hopper")
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(UnsupportedOpError, match="matmul"):
-        CudaTarget().build(matmul_graph(), tmp_path / "never")
+    with pytest.raises(UnsupportedOpError, match="linear on an input of shape"):
+        CudaTarget().build(linear_on_matrix(), tmp_path / "never")

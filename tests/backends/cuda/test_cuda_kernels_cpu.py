@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.backends.cuda.cuda_graphs import cnn, mixed_net, mlp, residual_net
+from tests.backends.cuda.cuda_graphs import cnn, mixed_net, mlp, residual_net, vision_net
 from tests.export.integer_graphs import sample_inputs
 
 from fxquant.backends.cuda.cpu_check import build_llvm, run_llvm
 from fxquant.backends.cuda.plan import plan_graph
 
-GRAPHS = {"mlp": mlp, "cnn": cnn, "residual": residual_net, "mixed": mixed_net}
+GRAPHS = {"mlp": mlp, "cnn": cnn, "residual": residual_net, "mixed": mixed_net, "vision": vision_net}
 
 
 @pytest.fixture(scope="module")

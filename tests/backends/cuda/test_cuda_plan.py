@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.backends.cuda.cuda_graphs import F, GraphMaker, mixed_net, residual_net
+from tests.backends.cuda.cuda_graphs import F, GraphMaker, linear_on_matrix, mixed_net, residual_net, vision_net
 from tests.export.integer_graphs import matmul_graph
 
-from fxquant.backends.cuda.plan import GemmSpec, pack_weight, plan_graph, unpack_weight
+from fxquant.backends.cuda.plan import (CatSpec, DirectConvSpec, GemmSpec, LutSpec, MatmulSpec, MulSpec, PoolSpec, pack_weight,
+                                        plan_graph, unpack_weight)
+from fxquant.backends.cuda.target import CudaTarget
 from fxquant.errors import UnsupportedOpError
 
 
@@ -52,8 +54,11 @@ def test_equal_layers_share_a_kernel() -> None:
 
 
 def test_unsupported_graphs_are_named() -> None:
-    with pytest.raises(UnsupportedOpError, match="matmul"):
-        plan_graph(matmul_graph())
+    with pytest.raises(UnsupportedOpError, match=r"fc \(linear\): linear on an input of shape \[4, 6\]"):
+        plan_graph(linear_on_matrix())
+    plan = plan_graph(matmul_graph())  # two activations: the reduction kernel, one thread per output
+    (spec,) = [k for k in plan.kernels.values() if isinstance(k, MatmulSpec)]
+    assert (spec.a_shape, spec.b_shape, spec.shape, spec.rq.shift) == ((4, 4), (4, 4), (4, 4), -6)
     m = GraphMaker((4,), F(12, 4))
     with pytest.raises(UnsupportedOpError, match="input"):
         plan_graph(m.graph(m.linear("fc", "input", 4, F(8, 7), F(8, 2))))
@@ -80,3 +85,69 @@ def test_linear_layers_get_a_large_batch_variant() -> None:
     small, large = plan.kernels[fc1.kernel], plan.kernels[fc1.kernel_large]
     assert (small.m_tile, large.m_tile) == (16, 64) and fc1.kernel_large.startswith("fxq_linear_int4_large")
     assert all(launch.kernel_large is None for launch in plan.launches if launch.ops == ("conv1",))
+
+
+def test_vision_ops_have_one_launch_or_view() -> None:
+    graph = vision_net()
+    plan = plan_graph(graph)
+    covered = [op for launch in plan.launches for op in launch.ops] + list(plan.views)
+    assert sorted(covered) == sorted(op.name for op in graph.ops)
+    assert set(plan.views) == {"shuffle.split", "shuffle.merge", "flat"}
+    kinds = {launch.ops[0]: plan.kernels[launch.kernel] for launch in plan.launches if launch.ops}
+    assert isinstance(kinds["dw"], DirectConvSpec) and not kinds["dw"].transpose and kinds["dw"].groups == 8
+    assert isinstance(kinds["deconv"], DirectConvSpec) and kinds["deconv"].transpose
+    assert isinstance(kinds["expand"], GemmSpec)  # groups=1 convs stay on the dp4a GEMM
+    assert isinstance(kinds["se.excite"], MulSpec) and kinds["se.excite"].b_shape == (8, 1, 1)
+    assert isinstance(kinds["cat"], CatSpec) and kinds["cat"].dim == 0
+    assert [rq.shift for rq in kinds["cat"].rqs] == [-1, -1]  # <8,4> -> <7,3>
+    assert isinstance(kinds["se.gate"], LutSpec) and plan.params["se.gate.table"].shape == (256,)
+    np.testing.assert_array_equal(plan.params["se.gate.table"], graph.ops[6].attrs["table"])
+    # grouped weights as they are: [O, C/g, kh, kw] and the transposed conv's [C, O/g, kh, kw]
+    assert plan.params["dw.weight"].shape == (8, 1, 3, 3) and plan.params["deconv.weight"].shape == (16, 4, 2, 2)
+
+
+def test_a_grouped_conv_is_never_fused_with_an_add() -> None:
+    from tests.conformance.zoo import GraphMaker as ZooMaker
+
+    m = ZooMaker((4, 5, 5), F(8, 4))
+    h = m.conv_general("dw", "input", 4, F(6, 5), F(8, 4), kernel=(3, 3), padding=(1, 1), groups=4)
+    plan = plan_graph(m.graph(m.add("add", h, "input", F(8, 4), relu=False)))
+    assert [launch.ops for launch in plan.launches[1:]] == [("dw",), ("add",)]
+
+
+def test_average_divisors_by_hand() -> None:
+    """A 2x2/2 ceil-mode average on 3x3: windows of 2x2, 2x1, 1x2 and 1x1 cells (no padding)."""
+    from tests.conformance.zoo import GraphMaker as ZooMaker
+
+    m = ZooMaker((1, 3, 3), F(8, 4))
+    graph = m.graph(m.pool_ceil("avg", "input", "avgpool2d", kernel=(2, 2), stride=(2, 2), ceil_mode=True,
+                                out_fmt=F(8, 4)))
+    (spec,) = [k for k in plan_graph(graph).kernels.values() if isinstance(k, PoolSpec)]
+    assert spec.out_hw == (2, 2)
+    assert [(d, m_, rq.shift) for d, m_, rq in spec.divisors] == [(1, 1, 0), (2, 1, -1), (4, 1, -2)]
+    m = ZooMaker((1, 6, 6), F(8, 3))
+    graph = m.graph(m.pool_ceil("avg", "input", "avgpool2d", kernel=(3, 3), stride=(3, 3), out_fmt=F(8, 3)))
+    (spec,) = [k for k in plan_graph(graph).kernels.values() if isinstance(k, PoolSpec)]
+    # 9 cells: M = round(2^(14+3) / 9) = 14564 at FL + 17
+    assert [(d, m_, rq.shift) for d, m_, rq in spec.divisors] == [(9, 14564, -17)]
+
+
+def test_check_refuses_what_the_kernels_lack() -> None:
+    from tests.conformance.zoo import GraphMaker as ZooMaker
+
+    m = ZooMaker((2, 3, 3), F(8, 4))
+    row = m.linear("row", m.flatten("flat", "input"), 3, F(6, 5), F(8, 4))
+    graph = m.graph(m._op("mul", "mul", ("input", row), (2, 3, 3), F(8, 4)))  # (2,3,3) x (3,): ranks differ
+    m2 = ZooMaker((2, 4, 4), F(8, 4))
+    avg = m2.pool_ceil("avg", "input", "avgpool2d", kernel=(2, 2), stride=(1, 1), out_fmt=F(8, 4))
+    g2 = m2.graph(avg)
+    g2.ops[0].attrs["dilation"] = (2, 2)
+    g2.values["avg"] = g2.values["avg"].__class__("avg", (2, 2, 2), F(8, 4))
+    m3 = ZooMaker((2, 4, 4), F(8, 4))
+    g3 = m3.graph(m3.cat("cat", ("input", "input"), F(8, 4)))
+    g3.ops[0].attrs["dim"] = 0
+    problems = [p for g in (graph, g2, g3) for p in CudaTarget().check(g)]
+    assert [(p.layer, p.kind) for p in problems] == [("mul", "mul"), ("avg", "avgpool2d"), ("cat", "cat")]
+    assert "broadcasts size-1 dimensions of inputs of equal rank only" in problems[0].reason
+    assert "average pooling with dilation (2, 2)" in problems[1].reason
+    assert "cat on the batch dimension" in problems[2].reason
