@@ -93,19 +93,7 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("upsample_nearest", "cuda"): r"op kind 'upsample_nearest'",
     ("conv_transpose", "cuda"): r"op kind 'conv_transpose2d'",
     ("batchnorm_depthwise", "cuda"): r"grouped convolution",
-    # fpga
-    ("avgpool_3x3", "fpga"): r"average window \(3, 3\) is not a power of two",
-    ("avgpool_any", "fpga"): r"average window \(3, 3\) is not a power of two",
-    ("avgpool_global_7x7", "fpga"): r"average window \(7, 7\) is not a power of two",
-    ("clamp_family", "fpga"): r"op kind 'clamp'",
-    ("lut_activations", "fpga"): r"op kind 'lut'",
-    ("squeeze_excite", "fpga"): r"op kind 'lut'|op kind 'mul'",
-    ("mobilenet_block", "fpga"): r"op kind 'clamp'",
-    ("maxpool_ceil", "fpga"): r"max pooling with a ceil_mode edge window",
-    ("maxpool_dilated", "fpga"): r"max pooling with dilation",
-    ("channel_shuffle", "fpga"): r"op kind 'transpose'",
-    ("upsample_nearest", "fpga"): r"op kind 'upsample_nearest'",
-    ("conv_transpose", "fpga"): r"op kind 'conv_transpose2d'",
+    # fpga (none)
     # -- qonnx: biases are float32 initializers
     ("linear_wide_bias", "qonnx"): r"bias is not exactly representable in float32",
     # -- cpu: int8 activations, groups=1, no cat / matmul kernels, int32 accumulators
@@ -140,12 +128,9 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("linear_w16_acc_*_int32", "cuda"): _W8,
     ("reshape", "cuda"): r"op kind 'reshape'",
     ("mul_pow2", "cuda"): r"op kind 'mul_pow2'",
-    # -- fpga: one graph input, no matmul, two-input cat
+    # -- fpga: one graph input, no matmul
     ("matmul_*", "fpga"): r"op kind 'matmul'",
     ("add_two_inputs", "fpga"): r"2 graph inputs; this target takes 1",
-    ("cat_mixed_formats", "fpga"): r"cat of 3 inputs on dim 1 is not supported",
-    ("reshape", "fpga"): r"op kind 'reshape'",
-    ("mul_pow2", "fpga"): r"op kind 'mul_pow2'",
 }
 """What each target cannot build, as data (like ``onnx.backend.test.BackendTest.exclude``)."""
 
