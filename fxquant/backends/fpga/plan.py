@@ -8,16 +8,31 @@ Every value is an ``ap_int<BW>`` holding the integer ``k`` of ``k * 2^-FL`` (the
 shifts that extreme ``FL`` produce; see ``docs/fpga.md``). Per op kind, with ``FL_acc`` the grid of
 the accumulator and ``shift = FL_out - FL_acc`` the requantize shift:
 
-* ``conv2d``/``linear``: ``acc = sum(a*w) + b`` in ``ap_int<accumulator_bits(BW_in, BW_w, fan_in,
-  32 if bias)>`` (exact, :func:`fxquant.fixed_point.accumulator_bits`), ``FL_acc = FL_in + FL_w``.
+* ``conv2d``/``linear``/``conv_transpose2d``: ``acc = sum(a*w) + b`` in
+  ``ap_int<accumulator_bits(BW_in, BW_w, fan_in, 32 if bias)>`` (exact,
+  :func:`fxquant.fixed_point.accumulator_bits`; a transposed conv's fan-in is every tap of its
+  group, ``C_in/groups * kh * kw``), ``FL_acc = FL_in + FL_w``. Grouped / depthwise conv included.
 * ``add`` (two inputs): ``acc = (a << (FL - FL_a)) + (b << (FL - FL_b))`` with ``FL = max(FL_a,
   FL_b)``; width ``max(BW_i + FL - FL_i) + 1``.
-* ``avgpool2d`` (window ``2^p``, no padding): window sum in ``ap_int<BW_in + p>`` at ``FL_in + p``.
-* ``cat`` (two inputs, channel axis): each input requantized to the output format on its own
-  (``in_shifts[i] = FL_out - FL_i``) and written to its slice; in CHW order that is a
-  concatenation of the flat arrays.
-* ``requantize``: ``acc`` is the input itself.
-* ``maxpool2d``, ``relu``, ``flatten``: act on the integers; the output format is the input's.
+* ``mul`` (two inputs, numpy broadcasting over at most :data:`MUL_RANK` dims): ``acc = a * b`` in
+  ``ap_int<BW_a + BW_b>`` (exact) at ``FL_a + FL_b``; ``detail`` holds the output dims and each
+  input's strides (0 on a broadcast dim).
+* ``avgpool2d`` (any window, padding, ``ceil_mode``; no dilation): a window of divisor ``d``
+  (:func:`fxquant.integer_graph.avg_divisors`) is ``sum * M_d`` at ``FL_in + s_d``,
+  ``(M_d, s_d) = reciprocal(d)``; on the common grid ``FL_acc = FL_in + S``, ``S = max s_d`` over
+  the divisors that occur, that is ``sum * m[d]`` with ``m[d] = M_d << (S - s_d)`` (an exact left
+  shift, so the requantize is the reference's). Widths: ``sum`` ``bitlen(kh*kw * 2^(BW_in-1)) + 1``,
+  ``acc`` ``bitlen(max_d d * 2^(BW_in-1) * m[d]) + 1``.
+* ``cat`` (any number of inputs, any non-batch dim): each input requantized to the output format
+  on its own (``in_shifts[i] = FL_out - FL_i``) and written to its slice: ``outer`` blocks (the
+  dims before the axis) of ``inner[i]`` integers at ``offsets[i]`` in a row of ``out_inner``.
+* ``requantize``, ``clamp``: ``acc`` is the input itself; ``clamp`` then clips to ``lo``/``hi``.
+* ``lut``: ``y = table[x - qmin_in]`` (a ROM of ``2^BW_in`` entries, ``BW_in <= MAX_LUT_BITS``,
+  each entry inside the output format).
+* ``maxpool2d`` (padding, dilation, ``ceil_mode``; every window must hold an input cell),
+  ``relu``, ``flatten``, ``reshape``, ``transpose`` and ``upsample_nearest`` (a strided gather over
+  at most :data:`GATHER_RANK` dims), ``mul_pow2`` (``FL_out = FL_in - exponent``, same ``BW``): act
+  on the integers; the output format is the input's (``mul_pow2``: relabelled).
 
 Limits: one graph input and one output, value widths 2..16 (``BW = 32`` is *off*, i.e. float,
 and has no integer form), accumulators of at most :data:`MAX_ACC_BITS` bits (the reference
