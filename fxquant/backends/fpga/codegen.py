@@ -262,7 +262,7 @@ def _top_cpp(plan: ModelPlan, reuse: int, io: str) -> str:
     if io == "stream":
         sig = f"void {TOP}(hls::stream<input_t> &in_stream, hls::stream<result_t> &out_stream) {{"
         body += ["#pragma HLS INTERFACE axis port = in_stream", "#pragma HLS INTERFACE axis port = out_stream",
-                 "#pragma HLS DATAFLOW", "    input_t in[N_INPUT];", _partition("in", plan.in_size, reuse),
+                 "#pragma HLS DATAFLOW", "    FXQ_BUFFER input_t in[N_INPUT];", _partition("in", plan.in_size, reuse),
                  "    for (unsigned i = 0; i < N_INPUT; i++) {", "#pragma HLS PIPELINE II = 1",
                  "        in[i] = in_stream.read();", "    }"]
     else:
@@ -272,7 +272,7 @@ def _top_cpp(plan: ModelPlan, reuse: int, io: str) -> str:
     for layer in plan.layers:
         out = f"{layer.ident}_out"
         body += [f"    // {layer.op.name}: {layer.kind} -> {layer.output.fmt} {layer.output.shape}",
-                 f"    {value_type(layer.output.name, plan)} {out}[{layer.out_size}];",
+                 f"    FXQ_BUFFER {value_type(layer.output.name, plan)} {out}[{layer.out_size}];",
                  _partition(out, layer.out_size, reuse), f"    {_call(layer, plan)}"]
     if io == "stream":
         body += ["    for (unsigned i = 0; i < N_OUTPUT; i++) {", "#pragma HLS PIPELINE II = 1",

@@ -359,6 +359,10 @@ def _plan_op(index: int, op: Op, graph: IntegerGraph) -> LayerPlan:
         iterations = out.shape[1] * out.shape[2]
     elif kind in ("requantize", "clamp"):
         acc, acc_fl = ins[0].fmt.bits, in_fls[0]
+        lo, hi = op.attrs.get("lo"), op.attrs.get("hi")
+        if kind == "clamp" and ((lo is not None and lo > out.fmt.qmax) or (hi is not None and hi < out.fmt.qmin)):
+            raise ExportError(f"op {op.name!r}: clamp bounds [{lo}, {hi}] leave the output format {out.fmt}",
+                              "re-lower the graph (bounds are integers on the output grid)")
     elif kind == "lut":
         bits = ins[0].fmt.bits
         table = np.asarray(op.attrs.get("table", ()), dtype=np.int64)

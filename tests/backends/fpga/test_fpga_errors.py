@@ -142,6 +142,14 @@ def test_inconsistent_graphs(tmp_path: Path) -> None:
     graph.ops[1].out_fmt = fp(12, 0)
     with pytest.raises(ExportError, match="'fc2': out_fmt <12,0> differs from its value's format <12,-1>"):
         generate_project(graph, tmp_path)
+    g = GraphBuilder("x", (4,), fp(8, 4), 0)
+    h = g.add("relu6", "clamp", ("x",), (4,), fp(4, 0), lo=9, hi=None)  # <4,0> tops out at 7
+    with pytest.raises(ExportError, match=r"'relu6': clamp bounds \[9, None\] leave the output format <4,0>"):
+        generate_project(g.graph(h), tmp_path)
+    g = GraphBuilder("x", (4,), fp(8, 4), 0)
+    h = g.add("half", "mul_pow2", ("x",), (4,), fp(8, 4), exponent=-1)  # FL must move to 5
+    with pytest.raises(ExportError, match=r"'half': mul_pow2 by 2\^-1 of <8,4> gives <8,4>"):
+        generate_project(g.graph(h), tmp_path)
 
 
 def test_csim_without_a_project(tmp_path: Path) -> None:
