@@ -31,7 +31,7 @@ from fxquant.errors import ExportError, UsageError
 from fxquant.fixed_point import FixedPoint
 from fxquant.integer_graph import IntegerGraph
 
-from .plan import LayerPlan, ModelPlan, check_int_inputs, plan_graph
+from .plan import LayerPlan, ModelPlan, pool_attrs, check_int_inputs, plan_graph
 
 TOP = "fxq_model"
 TEMPLATES = Path(__file__).parent / "templates"
@@ -39,9 +39,12 @@ IO_MODES = ("parallel", "stream")
 GOLDEN_SAMPLES = 16
 """Random golden vectors written when ``generate_project`` gets no ``test_inputs``."""
 CXX_STD = "-std=c++14"
-KERNEL_HEADERS = {"conv2d": "fxq_conv2d.h", "linear": "fxq_dense.h", "maxpool2d": "fxq_pool.h",
-                  "avgpool2d": "fxq_pool.h", "relu": "fxq_activation.h", "requantize": "fxq_activation.h",
-                  "add": "fxq_merge.h", "cat": "fxq_merge.h", "flatten": "fxq_common.h"}
+KERNEL_HEADERS = {"conv2d": "fxq_conv2d.h", "linear": "fxq_dense.h", "conv_transpose2d": "fxq_conv_transpose2d.h",
+                  "maxpool2d": "fxq_pool.h", "avgpool2d": "fxq_pool.h", "relu": "fxq_activation.h",
+                  "requantize": "fxq_activation.h", "clamp": "fxq_activation.h", "lut": "fxq_activation.h",
+                  "add": "fxq_merge.h", "mul": "fxq_merge.h", "cat": "fxq_merge.h", "flatten": "fxq_common.h",
+                  "reshape": "fxq_common.h", "mul_pow2": "fxq_common.h", "transpose": "fxq_layout.h",
+                  "upsample_nearest": "fxq_layout.h"}
 
 
 def raw_ctype(bits: int) -> str:
@@ -84,72 +87,146 @@ def _int_lines(values: Iterable[int], per_line: int = 24) -> str:
     return ",\n".join("    " + ", ".join(vals[i:i + per_line]) for i in range(0, len(vals), per_line))
 
 
-def _config(layer: LayerPlan, plan: ModelPlan, reuse: int) -> str:
-    op, out = layer.op, layer.output
-    types = [("out_t", value_type(out.name, plan))]
-    if op.kind in ("add", "cat"):
-        types += [("in0_t", value_type(op.inputs[0], plan)), ("in1_t", value_type(op.inputs[1], plan))]
-    else:
-        types.append(("in_t", value_type(op.inputs[0], plan)))
-    consts: list[tuple[str, str, object]] = []
-    if op.kind == "cat":
-        consts += [("int", "out_bits", out.fmt.bits), ("bool", "relu", bool(op.attrs.get("relu")))]
-    elif op.kind not in ("relu", "flatten", "maxpool2d"):
-        types.append(("accum_t", f"ap_int<{layer.acc_bits}>"))
-        consts += [("int", "out_bits", out.fmt.bits), ("int", "shift", layer.shift),
-                   ("bool", "relu", bool(op.attrs.get("relu")))]
-    if op.kind in ("conv2d", "linear"):
-        assert op.weight_fmt is not None and op.weight is not None  # checked by plan_graph
-        types += [("weight_t", f"ap_int<{op.weight_fmt.bits}>"),
-                  ("weight_raw_t", raw_ctype(op.weight_fmt.bits)), ("bias_raw_t", "int32_t")]
-        consts += [("bool", "has_bias", op.bias is not None),
-                   ("unsigned", "n_bias", op.weight.shape[0] if op.bias is not None else 1),
-                   ("unsigned", "reuse_factor", reuse), ("unsigned", "n_mult", math.ceil(layer.mults / reuse))]
-    if op.kind == "linear":
-        consts += [("unsigned", "n_in", op.weight.shape[1]), ("unsigned", "n_out", op.weight.shape[0])]
-    elif op.kind in ("conv2d", "maxpool2d", "avgpool2d"):
-        c, h, w = layer.inputs[0].shape
-        _, oh, ow = out.shape
-        consts += [("unsigned", "in_c", c), ("unsigned", "in_h", h), ("unsigned", "in_w", w),
-                   ("unsigned", "out_h", oh), ("unsigned", "out_w", ow)]
-        if op.kind == "conv2d":
-            kh, kw = op.weight.shape[2:]
-            stride, pad = op.attrs.get("stride", (1, 1)), op.attrs.get("padding", (0, 0))
-            dil = op.attrs.get("dilation", (1, 1))
-            consts += [("unsigned", "out_c", op.weight.shape[0]), ("unsigned", "groups", op.attrs.get("groups", 1)),
-                       ("unsigned", "dil_h", dil[0]), ("unsigned", "dil_w", dil[1])]
-        else:
-            kh, kw = op.attrs["kernel"]
-            stride, pad = op.attrs.get("stride", (kh, kw)), op.attrs.get("padding", (0, 0))
-            consts.append(("int", "in_bits", layer.inputs[0].fmt.bits))
-        consts += [("unsigned", "k_h", kh), ("unsigned", "k_w", kw), ("unsigned", "stride_h", stride[0]),
-                   ("unsigned", "stride_w", stride[1]), ("unsigned", "pad_h", pad[0]), ("unsigned", "pad_w", pad[1])]
-    elif op.kind == "cat":
-        consts += [("unsigned", "n0", math.prod(layer.inputs[0].shape)),
-                   ("unsigned", "n1", math.prod(layer.inputs[1].shape))]
-    else:
-        consts.append(("unsigned", "n", layer.out_size))
-    if op.kind in ("add", "cat"):
-        consts += [("int", "shift0", layer.in_shifts[0]), ("int", "shift1", layer.in_shifts[1])]
-    math_line = (f"accumulator ap_int<{layer.acc_bits}> on FL {layer.acc_frac_bits}, output {out.fmt}"
-                 if any(n == "accum_t" for n, _ in types) else f"integers pass through, format {out.fmt}")
-    lines = [f"// {op.name} ({op.kind}): {math_line}", f"struct config_{layer.ident} {{"]
+def _struct(ident: str, comment: str, types: list[tuple[str, str]], consts: list[tuple[str, str, object]]) -> str:
+    lines = [comment, f"struct config_{ident} {{"]
     lines += [f"    typedef {t} {n};" for n, t in types]
     lines += [f"    static const {ct} {n} = {str(v).lower() if isinstance(v, bool) else v};" for ct, n, v in consts]
     return "\n".join(lines + ["};"])
 
 
+def _window_consts(layer: LayerPlan, kernel: tuple[int, int], stride, pad, dil=None) -> list[tuple[str, str, object]]:
+    c, h, w = layer.inputs[0].shape
+    _, oh, ow = layer.output.shape
+    consts: list[tuple[str, str, object]] = [("unsigned", "in_c", c), ("unsigned", "in_h", h), ("unsigned", "in_w", w),
+                                             ("unsigned", "out_h", oh), ("unsigned", "out_w", ow)]
+    consts += [("unsigned", "k_h", kernel[0]), ("unsigned", "k_w", kernel[1]), ("unsigned", "stride_h", stride[0]),
+               ("unsigned", "stride_w", stride[1]), ("unsigned", "pad_h", pad[0]), ("unsigned", "pad_w", pad[1])]
+    if dil is not None:
+        consts += [("unsigned", "dil_h", dil[0]), ("unsigned", "dil_w", dil[1])]
+    return consts
+
+
+def _config(layer: LayerPlan, plan: ModelPlan, reuse: int) -> str:
+    """The configuration struct(s) of one layer (a ``cat`` has one per input)."""
+    op, out, kind = layer.op, layer.output, layer.kind
+    out_t = ("out_t", value_type(out.name, plan))
+    ins = [value_type(i, plan) for i in op.inputs]
+    acc_t = ("accum_t", f"ap_int<{layer.acc_bits}>")
+    requant = [("int", "out_bits", out.fmt.bits), ("int", "shift", layer.shift)]
+    relu = [("bool", "relu", bool(op.attrs.get("relu")))]
+    comment = f"// {op.name} ({kind}): accumulator ap_int<{layer.acc_bits}> on FL {layer.acc_frac_bits}, output {out.fmt}"
+    if kind == "cat":
+        d = layer.detail
+        return "\n\n".join(_struct(
+            f"{layer.ident}_{i}", f"// {op.name} (cat) input {i}: {layer.inputs[i].fmt} -> {out.fmt}, "
+                                  f"slice {d['offsets'][i]}..+{d['inner'][i]} of {d['out_inner']}",
+            [out_t, ("in_t", t)],
+            [("int", "out_bits", out.fmt.bits), ("int", "shift", layer.in_shifts[i]), *relu,
+             ("unsigned", "outer", d["outer"]), ("unsigned", "inner", d["inner"][i]),
+             ("unsigned", "out_inner", d["out_inner"]), ("unsigned", "offset", d["offsets"][i])])
+            for i, t in enumerate(ins))
+    types: list[tuple[str, str]] = [out_t]
+    types += [(f"in{i}_t", t) for i, t in enumerate(ins)] if len(ins) > 1 else [("in_t", ins[0])]
+    consts: list[tuple[str, str, object]] = []
+    if kind in ("conv2d", "linear", "conv_transpose2d"):
+        assert op.weight_fmt is not None and op.weight is not None  # checked by plan_graph
+        types += [acc_t, ("weight_t", f"ap_int<{op.weight_fmt.bits}>"),
+                  ("weight_raw_t", raw_ctype(op.weight_fmt.bits)), ("bias_raw_t", "int32_t")]
+        n_out = op.weight.shape[0] if kind != "conv_transpose2d" else out.shape[0]
+        consts += requant + relu + [("bool", "has_bias", op.bias is not None),
+                                    ("unsigned", "n_bias", n_out if op.bias is not None else 1),
+                                    ("unsigned", "reuse_factor", reuse),
+                                    ("unsigned", "n_mult", math.ceil(layer.mults / reuse))]
+        if kind == "linear":
+            consts += [("unsigned", "n_in", op.weight.shape[1]), ("unsigned", "n_out", op.weight.shape[0])]
+        else:
+            consts += [("unsigned", "out_c", out.shape[0]), ("unsigned", "groups", op.attrs.get("groups", 1))]
+            consts += _window_consts(layer, op.weight.shape[2:], op.attrs.get("stride", (1, 1)),
+                                     op.attrs.get("padding", (0, 0)), op.attrs.get("dilation", (1, 1)))
+    elif kind == "maxpool2d":
+        comment = f"// {op.name} (maxpool2d): integers pass through, format {out.fmt}"
+        kernel, stride, pad, dil = pool_attrs(op)
+        consts += [("int", "in_bits", layer.inputs[0].fmt.bits)] + _window_consts(layer, kernel, stride, pad, dil)
+    elif kind == "avgpool2d":
+        kernel, stride, pad, _ = pool_attrs(op)
+        d = layer.detail
+        comment += f"; window sum * m[d], divisors d in {list(d['divisors'])}"
+        types += [acc_t, ("sum_t", f"ap_int<{d['sum_bits']}>"), ("mult_t", f"ap_int<{d['mult_bits']}>"),
+                  ("mult_raw_t", "int64_t")]
+        consts += requant + relu + _window_consts(layer, kernel, stride, pad)
+    elif kind in ("requantize", "clamp"):
+        types.append(acc_t)
+        consts += requant + ([] if kind == "clamp" else relu) + [("unsigned", "n", layer.out_size)]
+        if kind == "clamp":
+            lo, hi = op.attrs.get("lo"), op.attrs.get("hi")
+            consts += [("bool", "has_lo", lo is not None), ("long long", "lo", int(lo or 0)),
+                       ("bool", "has_hi", hi is not None), ("long long", "hi", int(hi or 0))]
+    elif kind == "lut":
+        comment = f"// {op.name} (lut): ROM of {layer.detail['table'].size} entries, {layer.inputs[0].fmt} -> {out.fmt}"
+        types.append(("table_raw_t", raw_ctype(out.fmt.bits)))
+        consts += [("int", "in_bits", layer.inputs[0].fmt.bits), ("unsigned", "table_size", layer.detail["table"].size),
+                   ("unsigned", "n", layer.out_size)]
+    elif kind == "add":
+        types.append(acc_t)
+        consts += requant + relu + [("unsigned", "n", layer.out_size), ("int", "shift0", layer.in_shifts[0]),
+                                    ("int", "shift1", layer.in_shifts[1])]
+    elif kind == "mul":
+        d = layer.detail
+        types.append(acc_t)
+        consts += requant + relu + [("unsigned", "n0", math.prod(layer.inputs[0].shape)),
+                                    ("unsigned", "n1", math.prod(layer.inputs[1].shape))]
+        consts += [("unsigned", f"d{i}", n) for i, n in enumerate(d["dims"])]
+        consts += [("unsigned", f"{ab}{i}", n) for ab, st in zip("ab", d["strides"]) for i, n in enumerate(st)]
+    elif kind in ("transpose", "upsample_nearest"):
+        comment = f"// {op.name} ({kind}): integers move, format {out.fmt}"
+        d = layer.detail
+        consts += [("unsigned", "n_in", math.prod(layer.inputs[0].shape))]
+        consts += [("unsigned", f"d{i}", n) for i, n in enumerate(d["dims"])]
+        consts += [("unsigned", f"s{i}", n) for i, n in enumerate(d["strides"])]
+    else:  # relu
+        comment = f"// {op.name} ({kind}): integers pass through, format {out.fmt}"
+        consts.append(("unsigned", "n", layer.out_size))
+    return _struct(layer.ident, comment, types, consts)
+
+
+COPY_KINDS = ("flatten", "reshape", "mul_pow2")
+"""Kinds whose integers keep their flat CHW order: a copy (no configuration struct)."""
+TABLE_KINDS = ("conv2d", "linear", "conv_transpose2d", "avgpool2d", "lut")
+"""Kinds with a constant array header in ``firmware/weights/``."""
+
+
 def _weights_header(layer: LayerPlan) -> str:
     op = layer.op
-    assert op.weight is not None and op.weight_fmt is not None  # checked by plan_graph
-    bias = op.bias if op.bias is not None else np.zeros(1, dtype=np.int64)
     guard = f"FXQ_W_{layer.ident.upper()}_H_"
-    return (f"// {op.name}: weight {op.weight_fmt} shape {tuple(op.weight.shape)}; bias int32 on FL "
-            f"{layer.acc_frac_bits}{'' if op.bias is not None else ' (none: one unused zero)'}\n"
-            f"#ifndef {guard}\n#define {guard}\n#include <cstdint>\n"
-            f"static const {raw_ctype(op.weight_fmt.bits)} w_{layer.ident}[{op.weight.size}] = {{\n"
-            f"{_int_lines(op.weight.ravel())}\n}};\n"
-            f"static const int32_t b_{layer.ident}[{bias.size}] = {{\n{_int_lines(bias.ravel())}\n}};\n#endif\n")
+    if layer.kind == "lut":
+        table = layer.detail["table"]
+        ctype = raw_ctype(layer.output.fmt.bits)
+        body = (f"// {op.name}: table of {op.attrs.get('function', 'a function')} on {layer.inputs[0].fmt} -> "
+                f"{layer.output.fmt}, entry k - qmin_in for input integer k (a ROM)\n"
+                f"static const {ctype} t_{layer.ident}[{table.size}] = {{\n{_int_lines(table)}\n}};\n")
+    elif layer.kind == "avgpool2d":
+        mults = layer.detail["mults"]
+        body = (f"// {op.name}: m[d] = M_d * 2^(S - s_d) for every window divisor d (0: no window has it)\n"
+                f"static const int64_t m_{layer.ident}[{len(mults)}] = {{\n{_int_lines(mults)}\n}};\n")
+    else:
+        assert op.weight is not None and op.weight_fmt is not None  # checked by plan_graph
+        bias = op.bias if op.bias is not None else np.zeros(1, dtype=np.int64)
+        body = (f"// {op.name}: weight {op.weight_fmt} shape {tuple(op.weight.shape)}; bias int32 on FL "
+                f"{layer.acc_frac_bits}{'' if op.bias is not None else ' (none: one unused zero)'}\n"
+                f"static const {raw_ctype(op.weight_fmt.bits)} w_{layer.ident}[{op.weight.size}] = {{\n"
+                f"{_int_lines(op.weight.ravel())}\n}};\n"
+                f"static const int32_t b_{layer.ident}[{bias.size}] = {{\n{_int_lines(bias.ravel())}\n}};\n")
+    return f"#ifndef {guard}\n#define {guard}\n#include <cstdint>\n{body}#endif\n"
+
+
+def _cat_function(layer: LayerPlan, plan: ModelPlan) -> str:
+    """A ``cat`` of any number of inputs: one function (one producer of its output), one call per slice."""
+    args = [f"const {value_type(i, plan)} x{k}[{math.prod(v.shape)}]"
+            for k, (i, v) in enumerate(zip(layer.op.inputs, layer.inputs))]
+    args.append(f"{value_type(layer.output.name, plan)} y[{layer.out_size}]")
+    calls = [f"    fxq::cat_part<config_{layer.ident}_{k}>(x{k}, y);" for k in range(len(layer.inputs))]
+    return "\n".join([f"// {layer.op.name}: cat of {len(layer.inputs)} inputs", f"static void cat_{layer.ident}({', '.join(args)}) {{",
+                      "#pragma HLS PIPELINE II = 1", *calls, "}", ""])
 
 
 def _call(layer: LayerPlan, plan: ModelPlan) -> str:
@@ -157,13 +234,19 @@ def _call(layer: LayerPlan, plan: ModelPlan) -> str:
     out = f"{layer.ident}_out"
     cfg = f"config_{layer.ident}"
     kind = layer.kind
-    if kind in ("conv2d", "linear"):
-        fn = "conv2d" if kind == "conv2d" else "dense"
+    if kind in ("conv2d", "linear", "conv_transpose2d"):
+        fn = "dense" if kind == "linear" else kind
         return f"fxq::{fn}<{cfg}>({ins[0]}, {out}, w_{layer.ident}, b_{layer.ident});"
-    if kind == "flatten":
+    if kind == "avgpool2d":
+        return f"fxq::avgpool2d<{cfg}>({ins[0]}, {out}, m_{layer.ident});"
+    if kind == "lut":
+        return f"fxq::lut<{cfg}>({ins[0]}, {out}, t_{layer.ident});"
+    if kind == "cat":
+        return f"cat_{layer.ident}({', '.join(ins)}, {out});"
+    if kind in COPY_KINDS:
         t_in = value_type(layer.op.inputs[0], plan)
         return f"fxq::copy<{t_in}, {value_type(layer.output.name, plan)}, {layer.out_size}>({ins[0]}, {out});"
-    fn = "requantize_layer" if kind == "requantize" else kind
+    fn = {"requantize": "requantize_layer", "transpose": "gather", "upsample_nearest": "gather"}.get(kind, kind)
     return f"fxq::{fn}<{cfg}>({', '.join(ins)}, {out});"
 
 
@@ -179,7 +262,7 @@ def _top_cpp(plan: ModelPlan, reuse: int, io: str) -> str:
     if io == "stream":
         sig = f"void {TOP}(hls::stream<input_t> &in_stream, hls::stream<result_t> &out_stream) {{"
         body += ["#pragma HLS INTERFACE axis port = in_stream", "#pragma HLS INTERFACE axis port = out_stream",
-                 "#pragma HLS DATAFLOW", "    input_t in[N_INPUT];", _partition("in", plan.in_size, reuse),
+                 "#pragma HLS DATAFLOW", "    FXQ_BUFFER input_t in[N_INPUT];", _partition("in", plan.in_size, reuse),
                  "    for (unsigned i = 0; i < N_INPUT; i++) {", "#pragma HLS PIPELINE II = 1",
                  "        in[i] = in_stream.read();", "    }"]
     else:
@@ -189,7 +272,7 @@ def _top_cpp(plan: ModelPlan, reuse: int, io: str) -> str:
     for layer in plan.layers:
         out = f"{layer.ident}_out"
         body += [f"    // {layer.op.name}: {layer.kind} -> {layer.output.fmt} {layer.output.shape}",
-                 f"    {value_type(layer.output.name, plan)} {out}[{layer.out_size}];",
+                 f"    FXQ_BUFFER {value_type(layer.output.name, plan)} {out}[{layer.out_size}];",
                  _partition(out, layer.out_size, reuse), f"    {_call(layer, plan)}"]
     if io == "stream":
         body += ["    for (unsigned i = 0; i < N_OUTPUT; i++) {", "#pragma HLS PIPELINE II = 1",
@@ -197,10 +280,11 @@ def _top_cpp(plan: ModelPlan, reuse: int, io: str) -> str:
     else:
         body.append(f"    fxq::copy<result_t, result_t, N_OUTPUT>({last}, out);")
     includes = sorted({KERNEL_HEADERS[layer.kind] for layer in plan.layers})
-    weights = [f'#include "weights/w_{layer.ident}.h"' for layer in plan.layers if layer.kind in ("conv2d", "linear")]
+    weights = [f'#include "weights/w_{layer.ident}.h"' for layer in plan.layers if layer.kind in TABLE_KINDS]
+    cats = [_cat_function(layer, plan) for layer in plan.layers if layer.kind == "cat"]
     return "\n".join([f"// Generated by fxquant: top function {TOP}; all math is in nnet_utils/fxq_*.h.",
                       f'#include "{TOP}.h"', '#include "parameters.h"'] + [f'#include "{h}"' for h in includes]
-                     + weights + ["", sig] + body + ["}", ""])
+                     + weights + [""] + cats + [sig] + body + ["}", ""])
 
 
 def _top_h(plan: ModelPlan, io: str) -> str:
@@ -240,7 +324,8 @@ def _defines_h(plan: ModelPlan) -> str:
 def _parameters_h(plan: ModelPlan, reuse: int) -> str:
     return "\n\n".join(["// Generated by fxquant: one configuration struct per layer.\n#ifndef FXQ_PARAMETERS_H_\n"
                         '#define FXQ_PARAMETERS_H_\n#include "defines.h"']
-                       + [_config(layer, plan, reuse) for layer in plan.layers] + ["#endif\n"])
+                       + [_config(layer, plan, reuse) for layer in plan.layers if layer.kind not in COPY_KINDS]
+                       + ["#endif\n"])
 
 
 _BRIDGE = f"""// Generated by fxquant: extern "C" entry points for Python (ctypes) C-simulation.
@@ -349,7 +434,7 @@ def generate_project(graph: IntegerGraph, out_dir: Path, *, part: str = "xcu250-
     (fw / "defines.h").write_text(_defines_h(plan))
     (fw / "parameters.h").write_text(_parameters_h(plan, reuse))
     for layer in plan.layers:
-        if layer.kind in ("conv2d", "linear"):
+        if layer.kind in TABLE_KINDS:
             (fw / "weights" / f"w_{layer.ident}.h").write_text(_weights_header(layer))
     (fw / f"{TOP}.h").write_text(_top_h(plan, io))
     (fw / f"{TOP}.cpp").write_text(_top_cpp(plan, reuse, io))

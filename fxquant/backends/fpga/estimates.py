@@ -18,7 +18,18 @@ input/weight widths ``a``/``b``, accumulator width ``A``, ``O`` outputs per iter
   (``ceil(bits / 294912)``);
 * latency: ``iterations * R + ceil(log2(fan_in + 1)) + 3`` cycles (multiply, adder tree,
   requantize, register), layer II ``iterations * R``. Pooling: one output pixel per cycle;
-  element-wise ops (relu, requantize, cat) 1 cycle (add: 2), flatten 0.
+  element-wise ops (relu, requantize, clamp, cat, lut) 1 cycle (add: 2, mul: 3); ops that only
+  move integers (flatten, reshape, transpose, upsample_nearest, mul_pow2) are wiring: 0 LUTs, 0 cycles.
+* ``conv_transpose2d`` is sized as a conv (every weight one multiplier per output pixel, an upper
+  bound: a stride-s layer uses about 1/s^2 of them per pixel).
+* ``mul`` (all elements in parallel): ``n_out`` multipliers of ``BW_a x BW_b`` (DSP or LUTs as above)
+  and a requantize each. Average pooling: per channel a window adder tree and one multiplier
+  ``sum x m[d]`` (the divisor's reciprocal), the ``m`` table a small ROM.
+* ``lut``: the table is a ROM of ``2^BW_in x BW_out`` bits (``rom_bits``, one copy). All elements are
+  looked up in the same cycle, so the design holds ``n`` copies: a table of at most 1024 bits as
+  LUT ROM (``ceil(2^BW_in / 64) * BW_out`` LUTs per copy), a larger one in dual-port BRAM18
+  (``ceil(n / 2)`` copies of ``ceil(BW_out / 18) * ceil(2^BW_in / 1024)``) -- hls4ml's
+  ``io_parallel`` activation tables, whose cost grows with both width and parallelism.
 * whole model (``DATAFLOW``): latency = Σ layer latencies, II = max layer II; ``io="stream"``
   adds ``N_INPUT + N_OUTPUT`` cycles to the latency for the stream read/write loops.
 """
@@ -38,7 +49,9 @@ DSP_A, DSP_B = 27, 18
 LUTRAM_MAX_BITS = 1024
 BRAM_DEPTH, BRAM_WIDTH = 1024, 18
 URAM_MIN_BITS, URAM_BITS = 1 << 20, 4096 * 72
-MODEL = "fxquant analytic v1 (docs/fpga.md); estimate, not synthesis"
+MOVE_KINDS = ("flatten", "reshape", "transpose", "upsample_nearest", "mul_pow2")
+"""Kinds that only move (or relabel) integers: wiring in hardware."""
+MODEL = "fxquant analytic v2 (docs/fpga.md); estimate, not synthesis"
 PART_CAPACITY: dict[str, dict[str, int]] = {
     "xcu250-figd2104-2L-e": {"dsp": 12288, "lut": 1728000, "bram_18k": 5376, "uram": 1280},
     "xc7z020clg400-1": {"dsp": 220, "lut": 53200, "bram_18k": 280, "uram": 0},
@@ -72,7 +85,8 @@ def estimate_layer(layer: LayerPlan, reuse: int) -> dict[str, Any]:
     op, out_bits = layer.op, layer.output.fmt.bits
     dsp = lut = bram = uram = 0
     n_mult = 0
-    if layer.kind in ("conv2d", "linear"):
+    rom_bits = 0
+    if layer.kind in ("conv2d", "linear", "conv_transpose2d"):
         assert op.weight_fmt is not None  # checked by plan_graph
         n_mult = math.ceil(layer.mults / reuse)
         a, b = layer.inputs[0].fmt.bits, op.weight_fmt.bits
@@ -87,23 +101,45 @@ def estimate_layer(layer: LayerPlan, reuse: int) -> dict[str, Any]:
     elif layer.kind in ("maxpool2d", "avgpool2d"):
         kh, kw = op.attrs["kernel"]
         channels = layer.output.shape[0]
-        width = layer.acc_bits if layer.kind == "avgpool2d" else layer.inputs[0].fmt.bits
-        lut = channels * (kh * kw - 1) * width
         if layer.kind == "avgpool2d":
-            lut += channels * (layer.acc_bits + out_bits)
+            sum_bits, mult_bits = layer.detail["sum_bits"], layer.detail["mult_bits"]
+            n_mult = channels
+            mult_dsp, mult_lut = _multiplier(sum_bits, mult_bits)
+            dsp = n_mult * mult_dsp
+            rom_bits = len(layer.detail["mults"]) * mult_bits
+            lut = (channels * ((kh * kw - 1) * sum_bits + mult_lut + layer.acc_bits + out_bits)
+                   + math.ceil(rom_bits / 64))
+        else:
+            lut = channels * (kh * kw - 1) * layer.inputs[0].fmt.bits
         ii = layer.iterations
-        latency = ii + math.ceil(math.log2(kh * kw)) + 1
-    elif layer.kind == "flatten":
+        latency = ii + math.ceil(math.log2(kh * kw)) + 1 + (layer.kind == "avgpool2d")
+    elif layer.kind in MOVE_KINDS:
         ii, latency = 1, 0
-    else:  # relu, requantize, add, cat: one unit per element
+    elif layer.kind == "lut":
+        entries = layer.detail["table"].size
+        rom_bits = entries * out_bits
+        if rom_bits <= LUTRAM_MAX_BITS:
+            lut = layer.out_size * math.ceil(entries / 64) * out_bits
+        else:
+            bram = math.ceil(layer.out_size / 2) * math.ceil(out_bits / BRAM_WIDTH) * math.ceil(entries / BRAM_DEPTH)
+        ii, latency = 1, 1
+    elif layer.kind == "mul":
+        n_mult = layer.out_size
+        mult_dsp, mult_lut = _multiplier(*(v.fmt.bits for v in layer.inputs))
+        dsp = n_mult * mult_dsp
+        lut = n_mult * (mult_lut + layer.acc_bits + out_bits)
+        ii, latency = 1, 3
+    else:  # relu, requantize, clamp, add, cat: one unit per element
         per_element = out_bits if layer.kind == "relu" else layer.acc_bits + out_bits
         if layer.kind == "add":
             per_element += layer.acc_bits
+        if layer.kind == "clamp":  # the two bound comparators
+            per_element += 2 * out_bits
         lut = layer.out_size * per_element
         ii, latency = 1, 2 if layer.kind == "add" else 1
     return {"name": op.name, "kind": layer.kind, "out_bits": out_bits, "acc_bits": layer.acc_bits,
             "multipliers": n_mult, "dsp": dsp, "lut": lut, "bram_18k": bram, "uram": uram,
-            "weight_bits": layer.weight_bits, "latency_cycles": latency, "ii": ii}
+            "weight_bits": layer.weight_bits, "rom_bits": rom_bits, "latency_cycles": latency, "ii": ii}
 
 
 def estimate(plan: ModelPlan, *, part: str, clock_ns: float, reuse: int, io: str) -> dict[str, Any]:
@@ -118,6 +154,7 @@ def estimate(plan: ModelPlan, *, part: str, clock_ns: float, reuse: int, io: str
         "estimate": True, "model": MODEL, "part": part, "clock_ns": clock_ns, "reuse": reuse, "io": io,
         "layers": layers, "total": total,
         "weight_memory_bits": sum(layer["weight_bits"] for layer in layers),
+        "rom_bits": sum(layer["rom_bits"] for layer in layers),
         "param_bits": plan.graph.param_bits(),
         "latency_cycles": latency, "latency_ns": latency * clock_ns, "ii_cycles": ii,
         "throughput_per_s": 1e9 / (ii * clock_ns),

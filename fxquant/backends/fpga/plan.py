@@ -8,16 +8,31 @@ Every value is an ``ap_int<BW>`` holding the integer ``k`` of ``k * 2^-FL`` (the
 shifts that extreme ``FL`` produce; see ``docs/fpga.md``). Per op kind, with ``FL_acc`` the grid of
 the accumulator and ``shift = FL_out - FL_acc`` the requantize shift:
 
-* ``conv2d``/``linear``: ``acc = sum(a*w) + b`` in ``ap_int<accumulator_bits(BW_in, BW_w, fan_in,
-  32 if bias)>`` (exact, :func:`fxquant.fixed_point.accumulator_bits`), ``FL_acc = FL_in + FL_w``.
+* ``conv2d``/``linear``/``conv_transpose2d``: ``acc = sum(a*w) + b`` in
+  ``ap_int<accumulator_bits(BW_in, BW_w, fan_in, 32 if bias)>`` (exact,
+  :func:`fxquant.fixed_point.accumulator_bits`; a transposed conv's fan-in is every tap of its
+  group, ``C_in/groups * kh * kw``), ``FL_acc = FL_in + FL_w``. Grouped / depthwise conv included.
 * ``add`` (two inputs): ``acc = (a << (FL - FL_a)) + (b << (FL - FL_b))`` with ``FL = max(FL_a,
   FL_b)``; width ``max(BW_i + FL - FL_i) + 1``.
-* ``avgpool2d`` (window ``2^p``, no padding): window sum in ``ap_int<BW_in + p>`` at ``FL_in + p``.
-* ``cat`` (two inputs, channel axis): each input requantized to the output format on its own
-  (``in_shifts[i] = FL_out - FL_i``) and written to its slice; in CHW order that is a
-  concatenation of the flat arrays.
-* ``requantize``: ``acc`` is the input itself.
-* ``maxpool2d``, ``relu``, ``flatten``: act on the integers; the output format is the input's.
+* ``mul`` (two inputs, numpy broadcasting over at most :data:`MUL_RANK` dims): ``acc = a * b`` in
+  ``ap_int<BW_a + BW_b>`` (exact) at ``FL_a + FL_b``; ``detail`` holds the output dims and each
+  input's strides (0 on a broadcast dim).
+* ``avgpool2d`` (any window, padding, ``ceil_mode``; no dilation): a window of divisor ``d``
+  (:func:`fxquant.integer_graph.avg_divisors`) is ``sum * M_d`` at ``FL_in + s_d``,
+  ``(M_d, s_d) = reciprocal(d)``; on the common grid ``FL_acc = FL_in + S``, ``S = max s_d`` over
+  the divisors that occur, that is ``sum * m[d]`` with ``m[d] = M_d << (S - s_d)`` (an exact left
+  shift, so the requantize is the reference's). Widths: ``sum`` ``bitlen(kh*kw * 2^(BW_in-1)) + 1``,
+  ``acc`` ``bitlen(max_d d * 2^(BW_in-1) * m[d]) + 1``.
+* ``cat`` (any number of inputs, any non-batch dim): each input requantized to the output format
+  on its own (``in_shifts[i] = FL_out - FL_i``) and written to its slice: ``outer`` blocks (the
+  dims before the axis) of ``inner[i]`` integers at ``offsets[i]`` in a row of ``out_inner``.
+* ``requantize``, ``clamp``: ``acc`` is the input itself; ``clamp`` then clips to ``lo``/``hi``.
+* ``lut``: ``y = table[x - qmin_in]`` (a ROM of ``2^BW_in`` entries, ``BW_in <= MAX_LUT_BITS``,
+  each entry inside the output format).
+* ``maxpool2d`` (padding, dilation, ``ceil_mode``; every window must hold an input cell),
+  ``relu``, ``flatten``, ``reshape``, ``transpose`` and ``upsample_nearest`` (a strided gather over
+  at most :data:`GATHER_RANK` dims), ``mul_pow2`` (``FL_out = FL_in - exponent``, same ``BW``): act
+  on the integers; the output format is the input's (``mul_pow2``: relabelled).
 
 Limits: one graph input and one output, value widths 2..16 (``BW = 32`` is *off*, i.e. float,
 and has no integer form), accumulators of at most :data:`MAX_ACC_BITS` bits (the reference
@@ -31,21 +46,27 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fxquant import legality
 from fxquant.backends.base import Problem
 from fxquant.errors import ExportError, FxquantError, PrecisionError, UnsupportedOpError
-from fxquant.fixed_point import BIAS_BITS, FixedPoint, accumulator_bits, min_signed_bits
-from fxquant.integer_graph import TRANSPARENT_KINDS, IntegerGraph, Op, Value
+from fxquant.fixed_point import (BIAS_BITS, MAX_LUT_BITS, FixedPoint, accumulator_bits, min_signed_bits,
+                                 reciprocal)
+from fxquant.integer_graph import TRANSPARENT_KINDS, IntegerGraph, Op, Value, avg_divisors, pool_output_size
 
 MAX_BITS = 16
 """Widest value / weight format generated (``ap_int<2..16>``)."""
 MAX_ACC_BITS = 64
 """Widest accumulator generated: the integer reference (:meth:`IntegerGraph.run`) is int64."""
-SUPPORTED_KINDS = ("conv2d", "linear", "add", "cat", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize")
+SUPPORTED_KINDS = ("conv2d", "linear", "conv_transpose2d", "add", "mul", "cat", "avgpool2d", "maxpool2d", "relu",
+                   "clamp", "lut", "flatten", "reshape", "transpose", "upsample_nearest", "mul_pow2", "requantize")
+MUL_RANK = 4
+"""Dims (batch excluded) of a broadcast ``mul``."""
+GATHER_RANK = 6
+"""Dims of the strided read that moves a ``transpose`` (rank <= 6) or an ``upsample_nearest`` (5)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,9 @@ class LayerPlan:
     mults: int
     iterations: int
     fan_in: int
+    detail: dict = field(default_factory=dict, compare=False)
+    """Per kind: ``avgpool2d`` divisor multipliers, ``mul`` / ``transpose`` / ``upsample_nearest``
+    dims and strides, ``cat`` slices, ``lut`` table."""
 
     @property
     def kind(self) -> str:
@@ -137,35 +161,138 @@ def _window_out(size: int, kernel: int, stride: int, pad: int, dilation: int = 1
     return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def pool_attrs(op: Op) -> tuple[tuple[int, int], ...]:
+    """``(kernel, stride, padding, dilation)`` of a pool op, torch's defaults filled in."""
+    kernel = tuple(int(k) for k in op.attrs["kernel"])
+    return (kernel, tuple(int(s) for s in op.attrs.get("stride", kernel)),
+            tuple(int(p) for p in op.attrs.get("padding", (0, 0))),
+            tuple(int(d) for d in op.attrs.get("dilation", (1, 1))))
+
+
+def row_major_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Element strides of a C-contiguous array of ``shape``."""
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return tuple(reversed(strides))
+
+
+def broadcast_strides(shape: tuple[int, ...], out_shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    """Strides reading ``shape`` broadcast (numpy rules) onto ``out_shape``, both padded to ``rank``
+    dims with leading 1s: 0 on a dim of size 1."""
+    padded = (1,) * (rank - len(shape)) + tuple(shape)
+    return tuple(0 if d == 1 else s for d, s in zip(padded, row_major_strides(padded)))
+
+
+def _cat_axis(op: Op, rank: int) -> int:
+    """The non-batch axis of a ``cat`` on ``attrs["dim"]`` (batch included, negative counts from the end)."""
+    dim = int(op.attrs.get("dim", 1))
+    if not -(rank + 1) <= dim <= rank or dim % (rank + 1) == 0:
+        raise UnsupportedOpError(f"op {op.name!r}: cat on dim {dim} of a rank-{rank + 1} tensor (with the batch)"
+                                 " is not supported by the FPGA backend", "concatenate along a non-batch dim")
+    return dim % (rank + 1) - 1
+
+
+def _empty_windows(op: Op, size: tuple[int, ...], out: tuple[int, ...]) -> list[int]:
+    """Axes on which some max-pool window holds no input cell (only padding or ceil-mode overhang)."""
+    kernel, stride, pad, dil = pool_attrs(op)
+    bad = []
+    for axis, (n, o, k, s, p, d) in enumerate(zip(size, out, kernel, stride, pad, dil)):
+        cells = (np.arange(o)[:, None] * s - p) + np.arange(k)[None, :] * d
+        if not ((cells >= 0) & (cells < n)).any(axis=1).all():
+            bad.append(axis)
+    return bad
+
+
 def _expected_shape(op: Op, ins: tuple[Value, ...]) -> tuple[int, ...]:
     """The output shape the reference produces for ``op`` (the generated C indexes by it)."""
     shape = ins[0].shape
-    if op.kind == "linear":
+    kind = op.kind
+    if kind in ("conv2d", "maxpool2d", "avgpool2d", "conv_transpose2d", "upsample_nearest") and len(shape) != 3:
+        raise UnsupportedOpError(f"op {op.name!r}: {kind} on an input of shape {list(shape)}; "
+                                 "the FPGA kernel takes images (C, H, W)")
+    if kind == "linear":
         if shape != (op.weight.shape[1],):
             raise ExportError(f"op {op.name!r}: linear weight {tuple(op.weight.shape)} does not fit input {shape}")
         return (op.weight.shape[0],)
-    if op.kind in ("conv2d", "maxpool2d", "avgpool2d"):
-        if op.kind == "conv2d":
-            kh, kw = op.weight.shape[2:]
-            stride, dil = op.attrs.get("stride", (1, 1)), op.attrs.get("dilation", (1, 1))
-            channels = op.weight.shape[0]
-            groups = op.attrs.get("groups", 1)
-            if shape[0] != op.weight.shape[1] * groups or channels % groups:
-                raise ExportError(f"op {op.name!r}: conv weight {tuple(op.weight.shape)} with groups={groups} "
-                                  f"does not fit input {shape}")
-        else:
-            kh, kw = op.attrs["kernel"]
-            stride, dil, channels = op.attrs.get("stride", (kh, kw)), (1, 1), shape[0]
+    if kind == "conv2d":
+        kh, kw = op.weight.shape[2:]
+        stride, dil = op.attrs.get("stride", (1, 1)), op.attrs.get("dilation", (1, 1))
+        channels = op.weight.shape[0]
+        groups = op.attrs.get("groups", 1)
+        if shape[0] != op.weight.shape[1] * groups or channels % groups:
+            raise ExportError(f"op {op.name!r}: conv weight {tuple(op.weight.shape)} with groups={groups} "
+                              f"does not fit input {shape}")
         pad = op.attrs.get("padding", (0, 0))
         return (channels, _window_out(shape[1], kh, stride[0], pad[0], dil[0]),
                 _window_out(shape[2], kw, stride[1], pad[1], dil[1]))
-    if op.kind == "flatten":
+    if kind == "conv_transpose2d":
+        cin, cog, kh, kw = op.weight.shape
+        groups = op.attrs.get("groups", 1)
+        if shape[0] != cin or cin % groups:
+            raise ExportError(f"op {op.name!r}: transposed conv weight {tuple(op.weight.shape)} with "
+                              f"groups={groups} does not fit input {shape}")
+        stride, pad = op.attrs.get("stride", (1, 1)), op.attrs.get("padding", (0, 0))
+        opad, dil = op.attrs.get("output_padding", (0, 0)), op.attrs.get("dilation", (1, 1))
+        return (cog * groups, *((n - 1) * s - 2 * p + d * (k - 1) + q + 1
+                                for n, s, p, d, k, q in zip(shape[1:], stride, pad, dil, (kh, kw), opad)))
+    if kind in ("maxpool2d", "avgpool2d"):
+        kernel, stride, pad, dil = pool_attrs(op)
+        ceil = bool(op.attrs.get("ceil_mode", False))
+        return (shape[0], *(pool_output_size(n, k, s, p, d, ceil)
+                            for n, k, s, p, d in zip(shape[1:], kernel, stride, pad, dil)))
+    if kind == "flatten":
         return (math.prod(shape),)
-    if op.kind == "cat":
-        return (ins[0].shape[0] + ins[1].shape[0], *shape[1:])
-    if op.kind == "add" and ins[1].shape != shape:
+    if kind == "reshape":
+        target = tuple(int(d) for d in op.attrs["shape"])
+        if math.prod(target) != math.prod(shape):
+            raise ExportError(f"op {op.name!r}: reshape of {list(shape)} into {list(target)}", "re-lower the graph")
+        return target
+    if kind == "transpose":
+        perm = tuple(int(p) for p in op.attrs["perm"])
+        if sorted(perm) != list(range(len(shape))):
+            raise ExportError(f"op {op.name!r}: perm {perm} of a rank-{len(shape)} value", "re-lower the graph")
+        return tuple(shape[p] for p in perm)
+    if kind == "upsample_nearest":
+        sh, sw = (int(s) for s in op.attrs["scale"])
+        if sh < 1 or sw < 1:
+            raise ExportError(f"op {op.name!r}: upsampling scale {(sh, sw)}", "use integer factors >= 1")
+        return (shape[0], shape[1] * sh, shape[2] * sw)
+    if kind == "cat":
+        axis = _cat_axis(op, len(shape))
+        rest = {tuple(d for i, d in enumerate(v.shape) if i != axis) for v in ins}
+        if len({len(v.shape) for v in ins}) != 1 or len(rest) != 1:
+            raise ExportError(f"op {op.name!r}: cat of shapes {[list(v.shape) for v in ins]} on dim {axis + 1}")
+        return (*shape[:axis], sum(v.shape[axis] for v in ins), *shape[axis + 1:])
+    if kind == "mul":
+        try:
+            return tuple(np.broadcast_shapes(ins[0].shape, ins[1].shape))
+        except ValueError:
+            raise ExportError(f"op {op.name!r}: mul of shapes {list(ins[0].shape)} and {list(ins[1].shape)}, "
+                              "which do not broadcast") from None
+    if kind == "add" and ins[1].shape != shape:
         raise ExportError(f"op {op.name!r}: add of shapes {shape} and {ins[1].shape}")
     return shape
+
+
+def _avg_plan(op: Op, v: Value, out: Value) -> tuple[int, int, dict]:
+    """``(acc_bits, S, detail)`` of an average pool: the divisor multipliers ``m[d] = M_d 2^(S - s_d)``."""
+    kernel, _, _, dil = pool_attrs(op)
+    if dil != (1, 1):
+        raise UnsupportedOpError(f"op {op.name!r}: average pooling with dilation {dil}", "average pools are undilated")
+    divisors = sorted(int(d) for d in np.unique(avg_divisors(op, *v.shape[1:])))
+    recips = {d: reciprocal(d) for d in divisors}
+    top = max(s for _, s in recips.values())
+    mults = {d: m << (top - s) for d, (m, s) in recips.items()}
+    table = [0] * (math.prod(kernel) + 1)
+    for d, m in mults.items():
+        table[d] = m
+    big = 1 << (v.fmt.bits - 1)
+    acc = max(d * big * m for d, m in mults.items()).bit_length() + 1
+    detail = {"mults": tuple(table), "mult_bits": max(mults.values()).bit_length() + 1,
+              "sum_bits": (math.prod(kernel) * big).bit_length() + 1, "divisors": tuple(divisors)}
+    return acc, top, detail
 
 
 def _plan_op(index: int, op: Op, graph: IntegerGraph) -> LayerPlan:
@@ -177,58 +304,110 @@ def _plan_op(index: int, op: Op, graph: IntegerGraph) -> LayerPlan:
     in_fls = [_check_fmt(v.fmt, f"value {v.name!r}") for v in ins]
     out_fl = _check_fmt(out.fmt, f"value {out.name!r}")
     kind = op.kind
+    arity = {"add": 2, "mul": 2}.get(kind, None if kind == "cat" else 1)
+    if (arity is not None and len(ins) != arity) or not ins:
+        raise UnsupportedOpError(f"op {op.name!r}: {kind} of {len(ins)} inputs is not supported by the FPGA "
+                                 "backend", f"use {arity or 'one or more'}-input {kind}s")
     if kind not in TRANSPARENT_KINDS and op.out_fmt != out.fmt:
         raise ExportError(f"op {op.name!r}: out_fmt {op.out_fmt} differs from its value's format {out.fmt}",
                           "re-lower the graph")
-    mults, iterations, fan_in, in_shifts = 0, 1, 1, ()
-    if kind in ("conv2d", "linear"):
+    expected = _expected_shape(op, ins)
+    if tuple(out.shape) != expected:
+        raise ExportError(f"op {op.name!r}: output value {out.name!r} has shape {tuple(out.shape)}, "
+                          f"but {kind} computes {expected}", "re-lower the graph")
+    mults, iterations, fan_in, in_shifts, detail = 0, 1, 1, (), {}
+    if kind in ("conv2d", "linear", "conv_transpose2d"):
         if op.weight is None or op.weight_fmt is None:
             raise ExportError(f"op {op.name!r}: {kind} has no weight")
         w_fl = _check_fmt(op.weight_fmt, f"weight of op {op.name!r}")
         _check_ints(op, op.weight, op.weight_fmt.bits, "a weight")
         if op.bias is not None:
             _check_ints(op, op.bias, BIAS_BITS, "a bias")
-        fan_in = int(np.prod(op.weight.shape[1:]))
+        if kind == "conv_transpose2d":  # an output pixel sums at most every tap of its group's inputs
+            fan_in = op.weight.shape[0] // op.attrs.get("groups", 1) * op.weight.shape[2] * op.weight.shape[3]
+        else:
+            fan_in = int(np.prod(op.weight.shape[1:]))
         acc = accumulator_bits(ins[0].fmt.bits, op.weight_fmt.bits, fan_in,
                                BIAS_BITS if op.bias is not None else None)
         acc_fl = in_fls[0] + w_fl
         mults = op.weight.size
-        if kind == "conv2d":
+        if kind != "linear":
             iterations = out.shape[1] * out.shape[2]
     elif kind == "add":
-        if len(ins) != 2:
-            raise UnsupportedOpError(f"op {op.name!r}: add of {len(ins)} inputs is not supported by "
-                                     "the FPGA backend", "use two-input adds")
         acc_fl = max(in_fls)
         in_shifts = tuple(acc_fl - fl for fl in in_fls)
         acc = max(v.fmt.bits + s for v, s in zip(ins, in_shifts)) + 1
+    elif kind == "mul":
+        if len(out.shape) > MUL_RANK:
+            raise UnsupportedOpError(f"op {op.name!r}: mul of rank-{len(out.shape)} values (batch excluded)",
+                                     f"the FPGA kernel takes at most {MUL_RANK} dims")
+        acc, acc_fl = ins[0].fmt.bits + ins[1].fmt.bits, in_fls[0] + in_fls[1]
+        mults = math.prod(out.shape)
+        detail = {"dims": (1,) * (MUL_RANK - len(out.shape)) + tuple(out.shape),
+                  "strides": tuple(broadcast_strides(v.shape, out.shape, MUL_RANK) for v in ins)}
     elif kind == "cat":
-        dim = op.attrs.get("dim", 1)
-        if len(ins) != 2 or dim % (len(out.shape) + 1) != 1:
-            raise UnsupportedOpError(f"op {op.name!r}: cat of {len(ins)} inputs on dim {dim} is not supported by "
-                                     "the FPGA backend", "concatenate two tensors on the channel dim (1)")
+        axis = _cat_axis(op, len(out.shape))
         in_shifts = tuple(out_fl - fl for fl in in_fls)
         acc, acc_fl = max(v.fmt.bits for v in ins), out_fl
+        inner = [math.prod(v.shape[axis:]) for v in ins]
+        detail = {"outer": math.prod(out.shape[:axis]), "inner": tuple(inner),
+                  "offsets": tuple(int(o) for o in np.cumsum([0] + inner[:-1])), "out_inner": sum(inner)}
     elif kind == "avgpool2d":
-        p = legality.require_avg_window(op.attrs["kernel"], op.attrs.get("padding", (0, 0)), f"op {op.name!r}")
-        acc, acc_fl = ins[0].fmt.bits + p, in_fls[0] + p
+        acc, top, detail = _avg_plan(op, ins[0], out)
+        acc_fl = in_fls[0] + top
+        mults = out.shape[0]
         iterations = out.shape[1] * out.shape[2]
-    elif kind == "requantize":
+    elif kind in ("requantize", "clamp"):
         acc, acc_fl = ins[0].fmt.bits, in_fls[0]
-    else:  # maxpool2d, relu, flatten: the integers pass through
+        lo, hi = op.attrs.get("lo"), op.attrs.get("hi")
+        if kind == "clamp" and ((lo is not None and lo > out.fmt.qmax) or (hi is not None and hi < out.fmt.qmin)):
+            raise ExportError(f"op {op.name!r}: clamp bounds [{lo}, {hi}] leave the output format {out.fmt}",
+                              "re-lower the graph (bounds are integers on the output grid)")
+    elif kind == "lut":
+        bits = ins[0].fmt.bits
+        table = np.asarray(op.attrs.get("table", ()), dtype=np.int64)
+        if bits > MAX_LUT_BITS or table.size != 1 << bits:
+            raise UnsupportedOpError(f"op {op.name!r}: table of {table.size} entries on a {bits}-bit input",
+                                     f"tables take inputs of at most {MAX_LUT_BITS} bits, 2^BW_in entries")
+        _check_ints(op, table, out.fmt.bits, "a table entry")
+        acc, acc_fl = bits, in_fls[0]
+        detail = {"table": table}
+    elif kind == "mul_pow2":
+        if out.fmt.bits != ins[0].fmt.bits or out_fl != in_fls[0] - int(op.attrs["exponent"]):
+            raise ExportError(f"op {op.name!r}: mul_pow2 by 2^{op.attrs['exponent']} of {ins[0].fmt} gives "
+                              f"{out.fmt}", "re-lower the graph (only FL moves, by -exponent)")
+        acc, acc_fl = ins[0].fmt.bits, in_fls[0]
+    else:  # maxpool2d, relu, flatten, reshape, transpose, upsample_nearest: the integers move
         if out.fmt != ins[0].fmt:
             raise ExportError(f"op {op.name!r}: {kind} changes the format {ins[0].fmt} -> {out.fmt}",
                               "transparent ops keep their input format")
         acc, acc_fl = ins[0].fmt.bits, in_fls[0]
         if kind == "maxpool2d":
             iterations = out.shape[1] * out.shape[2]
-    expected = _expected_shape(op, ins)
-    if tuple(out.shape) != expected:
-        raise ExportError(f"op {op.name!r}: output value {out.name!r} has shape {tuple(out.shape)}, "
-                          f"but {kind} computes {expected}", "re-lower the graph")
+            empty = _empty_windows(op, ins[0].shape[1:], out.shape[1:])
+            if empty:
+                raise UnsupportedOpError(f"op {op.name!r}: a max pooling window along {'HW'[empty[0]]} holds no "
+                                         "input cell (only padding or ceil-mode overhang)",
+                                         "use less padding or dilation")
+        elif kind == "transpose":
+            perm = tuple(int(p) for p in op.attrs["perm"])
+            src = row_major_strides(ins[0].shape)
+            detail = _gather(op, out.shape, tuple(src[p] for p in perm))
+        elif kind == "upsample_nearest":
+            (c, h, w), (sh, sw) = ins[0].shape, op.attrs["scale"]
+            detail = _gather(op, (c, h, int(sh), w, int(sw)), (h * w, w, 0, 1, 0))
     return LayerPlan(op=op, ident=c_ident(index, op.name), inputs=ins, output=out,
                      acc_bits=_check_acc(op, acc), acc_frac_bits=acc_fl, shift=out_fl - acc_fl,
-                     in_shifts=in_shifts, mults=mults, iterations=iterations, fan_in=fan_in)
+                     in_shifts=in_shifts, mults=mults, iterations=iterations, fan_in=fan_in, detail=detail)
+
+
+def _gather(op: Op, dims: tuple[int, ...], strides: tuple[int, ...]) -> dict:
+    """An ``fxq::gather`` over ``dims`` read with ``strides``, padded to :data:`GATHER_RANK` dims."""
+    if len(dims) > GATHER_RANK:
+        raise UnsupportedOpError(f"op {op.name!r}: a {op.kind} over {len(dims)} dims (batch excluded)",
+                                 f"the FPGA kernel moves at most {GATHER_RANK} dims")
+    pad = GATHER_RANK - len(dims)
+    return {"dims": (1,) * pad + tuple(dims), "strides": (0,) * pad + tuple(strides)}
 
 
 def plan_graph(graph: IntegerGraph) -> ModelPlan:
@@ -253,8 +432,8 @@ def graph_problems(graph: IntegerGraph) -> list[Problem]:
                 + legality.width_problems(graph, weight_bits=(2, MAX_BITS), act_bits=(2, MAX_BITS))
                 + legality.fit_problems(graph)
                 + legality.shape_problems(graph, groups=True, max_inputs=1, max_outputs=1, add_arity=2)
-                + legality.avg_window_problems(graph)
-                + legality.window_problems(graph))
+                + legality.avg_window_problems(graph, reciprocal=True)
+                + legality.window_problems(graph, dilation=True, ceil_mode=True))
     if not graph.ops or not graph.outputs:
         problems.append(Problem("graph", "ops", "graph has no ops or no output; lower a model with at least one layer"))
     flagged = {p.layer for p in problems}

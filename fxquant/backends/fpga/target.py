@@ -13,7 +13,8 @@ resource estimates (:func:`.estimates.estimate`) with the project facts. Everyth
 hash of them), calls ``fxq_run_batch`` through ctypes on the integers and reshapes the output.
 
 Limits: one input and one output, values and weights 2..16 bits (``ap_int<BW>``), accumulators of
-at most 64 bits, two-input ``add`` and channel ``cat``, power-of-two average windows, no ``matmul``.
+at most 64 bits, two-input ``add`` and ``mul``, tables on at most 12-bit inputs, no ``matmul``
+(:mod:`.plan` lists every op kind's form and limits).
 """
 
 from __future__ import annotations

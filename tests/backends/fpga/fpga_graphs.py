@@ -31,6 +31,12 @@ class GraphBuilder:
         self.values[name] = Value(name, shape, out_fmt)
         return name
 
+    def reshape(self, name: str, src: str, shape: tuple[int, ...]) -> str:
+        fmt = self.values[src].fmt
+        self.ops.append(Op(name, "reshape", (src,), name, fmt, attrs={"shape": shape}))
+        self.values[name] = Value(name, shape, fmt)
+        return name
+
     def graph(self, output: str) -> IntegerGraph:
         return IntegerGraph([self.input], self.ops, [output], self.values)
 
@@ -79,4 +85,39 @@ def build_residual(seed: int = 3) -> tuple[IntegerGraph, GraphBuilder]:
     h = g.add("flat", "flatten", (h,), (16,), fp(5, -1))
     h = g.add("fc", "linear", (h,), (3,), fp(12, 6), (3, 16), fp(10, 12))
     h = g.add("out.q", "requantize", (h,), (3,), fp(3, -1))
+    return g.graph(h), g
+
+
+def build_vision(seed: int = 4) -> tuple[IntegerGraph, GraphBuilder]:
+    """The vision-zoo kinds in one graph, mixed formats (FL < 0, FL > BW, 2..16 bits):
+    conv -> ReLU6 clamp -> depthwise conv -> hardswish table -> SE gate (global 3x3 average, 1x1 conv,
+    sigmoid table, broadcast mul) -> cat of 3 -> channel shuffle (reshape, transpose, reshape) ->
+    ceil-mode dilated max pool -> nearest upsample -> transposed conv -> 3x3 padded average (9 cells,
+    padding counted) -> mul_pow2 -> flatten."""
+    from fxquant.elementwise import lut_attrs
+
+    g = GraphBuilder("x", (2, 6, 6), fp(8, 4), seed)
+    h = g.add("conv", "conv2d", ("x",), (4, 6, 6), fp(9, 3), (4, 2, 3, 3), fp(7, 6), bias=True, padding=(1, 1))
+    h = g.add("relu6", "clamp", (h,), (4, 6, 6), fp(8, 4), lo=0, hi=96)
+    h = g.add("dw", "conv2d", (h,), (4, 3, 3), fp(10, 5), (4, 1, 3, 3), fp(6, 5), bias=True, padding=(1, 1),
+              stride=(2, 2), groups=4)
+    act = g.add("hswish", "lut", (h,), (4, 3, 3), fp(7, 3), **lut_attrs("hardswish", fp(10, 5), fp(7, 3)))
+    sq = g.add("squeeze", "avgpool2d", (act,), (4, 1, 1), fp(8, 4), kernel=(3, 3))
+    e = g.add("expand", "conv2d", (sq,), (4, 1, 1), fp(6, 2), (4, 4, 1, 1), fp(5, 4), bias=True)
+    gate = g.add("gate", "lut", (e,), (4, 1, 1), fp(8, 8), **lut_attrs("sigmoid", fp(6, 2), fp(8, 8)))
+    se = g.add("excite", "mul", (act, gate), (4, 3, 3), fp(8, 9), relu=True)
+    lo = g.add("lo", "clamp", (act,), (4, 3, 3), fp(5, -1), lo=None, hi=3)
+    cat = g.add("cat", "cat", (se, act, lo), (12, 3, 3), fp(9, 5), dim=1)
+    h = g.reshape("split", cat, (3, 4, 9))
+    h = g.add("shuffle", "transpose", (h,), (4, 3, 9), fp(9, 5), perm=(1, 0, 2))
+    h = g.reshape("merge", h, (12, 3, 3))
+    h = g.add("mp", "maxpool2d", (h,), (12, 2, 2), fp(9, 5), kernel=(2, 2), stride=(2, 2), dilation=(1, 1),
+              ceil_mode=True)
+    h = g.add("up", "upsample_nearest", (h,), (12, 4, 6), fp(9, 5), scale=(2, 3))
+    h = g.add("deconv", "conv_transpose2d", (h,), (6, 8, 12), fp(12, 4), (12, 2, 3, 3), fp(5, 3), bias=True,
+              stride=(2, 2), padding=(1, 1), output_padding=(1, 1), groups=3)
+    g.ops[-1].bias = g.rng.integers(-(1 << 12), 1 << 12, size=6)  # one per output channel (weight: C_in first)
+    h = g.add("avg", "avgpool2d", (h,), (6, 4, 6), fp(10, 5), kernel=(3, 3), stride=(2, 2), padding=(1, 1))
+    h = g.add("half", "mul_pow2", (h,), (6, 4, 6), fp(10, 6), exponent=-1)
+    h = g.add("flat", "flatten", (h,), (144,), fp(10, 6))
     return g.graph(h), g

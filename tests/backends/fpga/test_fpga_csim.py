@@ -16,13 +16,14 @@ from fxquant.backends.fpga.target import FpgaTarget
 from fxquant.errors import ExportError
 from fxquant.integer_graph import IntegerGraph
 
-from tests.backends.fpga.fpga_graphs import GraphBuilder, build_cnn, build_mlp, build_residual
+from tests.backends.fpga.fpga_graphs import GraphBuilder, build_cnn, build_mlp, build_residual, build_vision
 
 N = 1000
 CASES = {  # model -> (builder, generate_project options)
     "mlp": (build_mlp, {"reuse": 1, "io": "parallel"}),
     "cnn": (build_cnn, {"reuse": 4, "io": "stream"}),
     "residual": (build_residual, {"reuse": 2, "io": "parallel", "part": "xc7z020clg400-1", "clock_ns": 10.0}),
+    "vision": (build_vision, {"reuse": 3, "io": "stream"}),
 }
 
 
@@ -132,3 +133,23 @@ def test_project_for_another_graph_is_refused(projects: dict) -> None:
     graph, builder = build_cnn()
     with pytest.raises(ExportError, match="maps 32 inputs to 10 outputs, not 64 to 10"):
         run_csim(project, graph, builder.inputs(3))
+
+
+def test_vision_project_content(projects: dict) -> None:
+    """Tables are ROMs in weights headers, a cat of three is one function, layout ops gather."""
+    graph, _, project, _ = projects["vision"]
+    fw = project / "firmware"
+    hswish = (fw / "weights" / "w_l3_hswish.h").read_text()
+    assert "static const int8_t t_l3_hswish[1024]" in hswish  # 2^10 entries of the <7,3> output
+    table = graph.ops[3].attrs["table"]
+    assert re.search(r"t_l3_hswish\[1024\] = \{\n    " + ", ".join(map(str, table[:24])) + ",", hswish)
+    avg = (fw / "weights" / "w_l16_avg.h").read_text()
+    assert "static const int64_t m_l16_avg[10]" in avg  # divisors 0..9 of a 3x3 window
+    top = (fw / "fxq_model.cpp").read_text()
+    assert "static void cat_l9_cat(" in top and top.count("fxq::cat_part<config_l9_cat_") == 3
+    assert "fxq::gather<config_l11_shuffle>(l10_split_out, l11_shuffle_out);" in top
+    params = (fw / "parameters.h").read_text()
+    # the SE gate (4,3,3) x (4,1,1): the gate's H and W strides are 0; product exact in 7 + 8 bits
+    assert re.search(r"struct config_l7_excite \{.*typedef ap_int<15> accum_t;.*b1 = 1;\n.*b2 = 0;\n.*b3 = 0;",
+                     params, re.S)
+    assert "static const long long hi = 96;" in params and "static const bool has_lo = false;" in params

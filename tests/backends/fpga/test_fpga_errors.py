@@ -27,17 +27,36 @@ def test_unsupported_op_is_named(tmp_path: Path) -> None:
     _one_line(exc)
 
 
-@pytest.mark.parametrize("case", ["add3", "cat_h", "avg3x3"])
-def test_unsupported_shapes_of_supported_ops(tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize(("case", "why"), [
+    ("add3", "add of 3 inputs"), ("cat_batch", "cat on dim 0"), ("avg_dilated", "average pooling with dilation"),
+    ("max_empty", "a max pooling window along H holds no input cell"), ("mul_rank5", "mul of rank-5 values"),
+    ("lut_13bit", "table of 8192 entries on a 13-bit input"), ("conv_vector", "conv2d on an input of shape")])
+def test_unsupported_shapes_of_supported_ops(tmp_path: Path, case: str, why: str) -> None:
     g = GraphBuilder("x", (1, 6, 6), fp(8, 4), 0)
     if case == "add3":
         h = g.add("add", "add", ("x", "x", "x"), (1, 6, 6), fp(8, 4))
-    elif case == "cat_h":
-        h = g.add("cat", "cat", ("x", "x"), (1, 12, 6), fp(8, 4), dim=2)
+    elif case == "cat_batch":
+        h = g.add("cat", "cat", ("x", "x"), (1, 6, 6), fp(8, 4), dim=0)
+    elif case == "avg_dilated":
+        h = g.add("avg", "avgpool2d", ("x",), (1, 4, 4), fp(8, 4), kernel=(2, 2), stride=(1, 1), dilation=(2, 2))
+    elif case == "max_empty":  # dilation 2, padding 1: the one window reads rows -1 and 1 of a 1-row input
+        g = GraphBuilder("x", (1, 1, 4), fp(8, 4), 0)
+        h = g.add("mp", "maxpool2d", ("x",), (1, 1, 5), fp(8, 4), kernel=(2, 2), stride=(1, 1), padding=(1, 1),
+                  dilation=(2, 1))
+    elif case == "mul_rank5":
+        g = GraphBuilder("x", (1, 2, 1, 2, 2), fp(8, 4), 0)
+        h = g.add("m", "mul", ("x", "x"), (1, 2, 1, 2, 2), fp(8, 4))
+    elif case == "lut_13bit":
+        g = GraphBuilder("x", (4,), fp(13, 4), 0)
+        h = g.add("t", "lut", ("x",), (4,), fp(8, 4), table=np.zeros(8192, np.int64))
     else:
-        h = g.add("avg", "avgpool2d", ("x",), (1, 2, 2), fp(8, 4), kernel=(3, 3))
-    with pytest.raises(UnsupportedOpError, match=f"op '{h}'"):
+        g = GraphBuilder("x", (6,), fp(8, 4), 0)
+        h = g.add("conv", "conv2d", ("x",), (1, 6, 1), fp(8, 4), (1, 1, 1, 1), fp(4, 3))
+    with pytest.raises(UnsupportedOpError, match=f"op '{h}': {why}"):
         generate_project(g.graph(h), tmp_path)
+    from fxquant.backends.fpga.target import FpgaTarget
+
+    assert any(p.layer == h for p in FpgaTarget().check(g.graph(h)))
 
 
 def test_off_format_is_rejected(tmp_path: Path) -> None:
@@ -69,8 +88,8 @@ def test_check_lists_every_problem_at_once() -> None:
     g = GraphBuilder("x", (1, 6, 6), fp(8, 4), 0)
     a = g.add("mm", "matmul", ("x", "x"), (1, 6, 6), fp(8, 4))
     b = g.add("add3", "add", ("x", "x", "x"), (1, 6, 6), fp(8, 4))
-    c = g.add("avg3", "avgpool2d", ("x",), (1, 2, 2), fp(8, 4), kernel=(3, 3))
-    d = g.add("cat_h", "cat", ("x", "x"), (1, 12, 6), fp(8, 4), dim=2)
+    c = g.add("avg3", "avgpool2d", ("x",), (1, 2, 2), fp(8, 4), kernel=(3, 3), dilation=(2, 2))
+    d = g.add("cat_h", "cat", ("x", "x"), (1, 12, 6), fp(8, 4), dim=0)
     graph = g.graph(d)
     graph.outputs += [a, b, c]
     problems = FpgaTarget().check(graph)
@@ -123,6 +142,14 @@ def test_inconsistent_graphs(tmp_path: Path) -> None:
     graph.ops[1].out_fmt = fp(12, 0)
     with pytest.raises(ExportError, match="'fc2': out_fmt <12,0> differs from its value's format <12,-1>"):
         generate_project(graph, tmp_path)
+    g = GraphBuilder("x", (4,), fp(8, 4), 0)
+    h = g.add("relu6", "clamp", ("x",), (4,), fp(4, 0), lo=9, hi=None)  # <4,0> tops out at 7
+    with pytest.raises(ExportError, match=r"'relu6': clamp bounds \[9, None\] leave the output format <4,0>"):
+        generate_project(g.graph(h), tmp_path)
+    g = GraphBuilder("x", (4,), fp(8, 4), 0)
+    h = g.add("half", "mul_pow2", ("x",), (4,), fp(8, 4), exponent=-1)  # FL must move to 5
+    with pytest.raises(ExportError, match=r"'half': mul_pow2 by 2\^-1 of <8,4> gives <8,4>"):
+        generate_project(g.graph(h), tmp_path)
 
 
 def test_csim_without_a_project(tmp_path: Path) -> None:

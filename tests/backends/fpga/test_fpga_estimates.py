@@ -61,3 +61,24 @@ def test_stream_io_adds_the_stream_loops() -> None:
     parallel, stream = _est(digits_cnn(8)), _est(digits_cnn(8), io="stream")
     assert stream["latency_cycles"] == parallel["latency_cycles"] + 64 + 10
     assert stream["estimate"] is True and "utilization_pct" in stream
+
+
+def test_tables_and_products_are_counted() -> None:
+    """A table is a ROM of 2^BW_in x BW_out bits, replicated per parallel lookup; a mul is one
+    BW_a x BW_b multiplier per output; a 3x3 average multiplies each channel's sum by m[d]."""
+    from tests.backends.fpga.fpga_graphs import build_vision
+
+    graph, _ = build_vision()
+    layers = {layer["name"]: layer for layer in _est(graph)["layers"]}
+    hswish = layers["hswish"]  # 10-bit input, <7,3> out: 1024 x 7 bits, 36 lookups in dual-port BRAM18
+    assert hswish["rom_bits"] == 1024 * 7 and hswish["bram_18k"] == 18 * 1 * 1 and hswish["lut"] == 0
+    gate = layers["gate"]  # 6-bit input, 8-bit out: 512 bits, LUT ROM (1 x 8 LUTs per copy, 4 copies)
+    assert gate["rom_bits"] == 64 * 8 and gate["lut"] == 4 * 8 and gate["bram_18k"] == 0
+    excite = layers["excite"]  # (4,3,3) outputs of <7,3> x <8,8>: fabric multipliers
+    assert excite["multipliers"] == 36 and excite["dsp"] == 0 and excite["lut"] == 36 * (7 * 8 + 15 + 8)
+    avg = layers["avg"]
+    assert avg["multipliers"] == 6 and avg["rom_bits"] > 0
+    assert all(layers[k]["lut"] == 0 and layers[k]["latency_cycles"] == 0 for k in ("split", "shuffle", "up", "half"))
+    est = _est(graph)
+    assert est["rom_bits"] == sum(layer["rom_bits"] for layer in est["layers"])
+    assert est["weight_memory_bits"] == est["param_bits"] == graph.param_bits()  # tables are not params

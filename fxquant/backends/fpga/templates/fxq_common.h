@@ -12,6 +12,15 @@
 
 #include "ap_int.h"
 
+// The top function's intermediate arrays: local buffers under synthesis; static in the C
+// simulation, so that a large model's activations do not overflow the host thread's stack (every
+// element is written before it is read, so no state carries from one call to the next).
+#ifdef __SYNTHESIS__
+#define FXQ_BUFFER
+#else
+#define FXQ_BUFFER static
+#endif
+
 namespace fxq {
 
 // 2^n as a 64-bit integer for 0 <= n <= 62 (larger n are clamped; callers only use them on 0).
