@@ -56,6 +56,8 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     **{("efficientnet_b0", t): f"{_LOWERING}: features\\.0\\.2: torch\\.nn\\.SiLU" for t in TARGETS},
     **{("densenet121", t): f"{_LOWERING}: features\\.denseblock1\\.denselayer1\\.norm1: torch\\.nn\\.BatchNorm2d "
        ".*BatchNorm is not folded" for t in TARGETS},
+    **{("squeezenet1_1", t): f"target '{t}' cannot build this graph .*: features\\.3\\.cat \\(cat\\): op kind 'cat' "
+       f"is not supported by target '{t}'" for t in ("cpu", "cuda")},
 }
 """(model, target) -> regex of the refusal (the first line of the CLI's error). Delete an entry when
 its pair exports bit-exact (the test fails until you do)."""
@@ -169,3 +171,30 @@ def test_export_is_bit_exact(trained, target):
     assert report["reference_check"] is not None and report["reference_check"]["bit_exact"], report["reference_check"]
     assert report["reference_check"]["n"] == VAL
     assert report["verification"]["bit_exact"] and report["bit_exact"], report
+
+
+def test_unknown_architecture_is_a_one_line_error(tmp_path):
+    code, _, err = cli(*train_args(8, tmp_path / "run"), env=model_env("no_such_net"))
+    line = one_line_error(code, err)
+    assert "FXQUANT_TV_ARCH='no_such_net' is not a torchvision.models classifier" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_models_table_renders_the_measured_file_only(tmp_path):
+    from fxquant.backends.coverage import ZOO_SCHEMA, render_models
+
+    results = {"schema": ZOO_SCHEMA, "command": "python benchmarks/zoo.py --models a,b", "date": "2026-01-02 03:04 UTC",
+               "commit": "abc1234", "machine": {"cpu": "Some CPU", "flags": ["avx2"]}, "targets": ["onnx-qdq", "cpu"],
+               "models": {"a": {"train": {"status": "ok"}, "targets": {
+                   "onnx-qdq": {"status": "bit-exact", "n": 16},
+                   "cpu": {"status": "refused", "reason": "layer x: op kind | lut"}}},
+                   "b": {"train": {"status": "error", "reason": "TrainingError: loss is nan"}, "targets": {}}}}
+    path = tmp_path / "zoo_results.json"
+    path.write_text(json.dumps(results))
+    text = render_models(path)
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| model | train | `onnx-qdq` | `cpu` |"
+    assert rows[2] == "| a | ok | bit-exact (n=16) | refused: layer x: op kind \\| lut |"
+    assert rows[3] == "| b | error: TrainingError: loss is nan | not run | not run |"
+    assert "python benchmarks/zoo.py --models a,b" in text and "Some CPU (avx2)" in text and "abc1234" in text
+    assert "No measured results" in render_models(tmp_path / "missing.json")
