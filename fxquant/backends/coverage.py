@@ -13,6 +13,7 @@ The op kinds are :data:`fxquant.integer_graph.OP_KINDS`, in that order; targets 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from fxquant.backends.registry import TARGETS, get_target
@@ -69,6 +70,56 @@ def render() -> str:
         lines += [f"### `{t.name}`", "", t.summary + ".", "", f"- verified by running: {t.ran}",
                   f"- build options (defaults): {options}", ""]
     return "\n".join(lines)
+
+
+ZOO_RESULTS = "docs/zoo_results.json"
+"""The measured model x target results ``benchmarks/zoo.py`` writes (checked in; see ``docs/zoo.md``)."""
+ZOO_SCHEMA = "fxquant.zoo_results"
+
+
+def _model_cell(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "not run"
+    status = entry.get("status", "not run")
+    if status == "bit-exact":
+        return f"bit-exact (n={entry.get('n', '?')})"
+    reason = str(entry.get("reason", "")).replace("|", "\\|").replace("\n", " ")
+    return f"{status}: {reason}" if reason else status
+
+
+def render_models(results_path: str | Path | None = None) -> str:
+    """The "Models" section: model x target as measured by ``benchmarks/zoo.py``.
+
+    Every cell comes from the results file (default :data:`ZOO_RESULTS` under the repository root):
+    ``bit-exact (n=N)`` where ``fxquant export`` exited 0 with a bit-exact ``report.json`` on N
+    held-out inputs, ``refused: <first reason>`` for an ``UnsupportedOpError`` (the lowering's or
+    the target's check), ``error: <message>`` for any other failure, ``not run`` where the file has
+    no entry; the header states when, where and by which command the file was measured. Nothing
+    here is a hand-written claim: a missing or foreign file renders as a line saying so.
+    """
+    import json
+
+    path = Path(results_path) if results_path is not None else Path(__file__).resolve().parents[2] / ZOO_RESULTS
+    lines = ["## Models", ""]
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        results = None
+    if not isinstance(results, dict) or results.get("schema") != ZOO_SCHEMA:
+        return "\n".join([*lines, f"No measured results in `{ZOO_RESULTS}`: run `python benchmarks/zoo.py`.", ""])
+    machine = results.get("machine", {})
+    targets = list(results.get("targets", []))
+    lines += [f"Measured by `{results.get('command', '?')}` on {results.get('date', '?')} (commit "
+              f"`{results.get('commit', '?')}`), CPU {machine.get('cpu', '?')} "
+              f"({' '.join(machine.get('flags', [])) or 'no flags recorded'}): `fxquant train --policy static "
+              "--bits 8` then `fxquant export --target T` per target (`docs/zoo.md`). Regenerate the file with "
+              "the benchmark, then this page.", "",
+              _row(["model", "train", *[f"`{t}`" for t in targets]]), _row(["---"] * (len(targets) + 2))]
+    for model, entry in results.get("models", {}).items():
+        train = entry.get("train", {})
+        lines.append(_row([model, _model_cell(train) if train.get("status") != "ok" else "ok",
+                           *[_model_cell(entry.get("targets", {}).get(t)) for t in targets]]))
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
