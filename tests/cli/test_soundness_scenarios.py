@@ -31,7 +31,6 @@ CASES = {
 REFUSED = {
     # (case, target): the fragment of the one-line refusal. Declared as data: a refusal not listed
     # here fails, and a listed one that now exports fails too (the table stays true).
-    ("add_alpha", "fpga"): "add.alpha (mul_pow2): op kind 'mul_pow2' is not supported by target 'fpga'",
     ("flatten_shapes", "onnx-qdq"): "rows (linear): linear on an input of shape [8, 8]",
     ("flatten_shapes", "cpu"): "rows (linear)",
     ("flatten_shapes", "fpga"): "rows (linear)",

@@ -69,5 +69,5 @@ def test_declared_refusal_matches_patterns_and_wildcards(monkeypatch: pytest.Mon
     assert declared_refusal("conv_groups", "fpga") == "(?:groups)|(?:dilation)"
     assert declared_refusal("conv_dilation", "fpga") == "(?:groups)"
     assert declared_refusal("xconv_groups", "fpga") is None
-    assert declared_refusal("avgpool_3x3", "qonnx") == f"(?:{EXPECTED_UNSUPPORTED['avgpool_3x3', 'qonnx']})"
+    assert declared_refusal("linear_wide_bias", "qonnx") == f"(?:{EXPECTED_UNSUPPORTED['linear_wide_bias', 'qonnx']})"
     assert declared_refusal("mlp", "cpu") is None
