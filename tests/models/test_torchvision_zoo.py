@@ -3,7 +3,7 @@
 Each model of :data:`MODELS` (torchvision's own definition, ``weights=None``, 10 classes, digits
 upsampled to 3x32x32: ``examples/torchvision_model.py``, architecture chosen by
 ``FXQUANT_TV_ARCH``) is trained once per module with ``fxquant train --policy static --bits 8``
-for :data:`STEPS` steps at the CLI's default learning rate, then exported with
+for :data:`STEPS` steps at learning rate :data:`LR`, then exported with
 ``fxquant export --target T --verify N`` to every registered target. An export passes when it
 exits 0 and its ``report.json`` says ``bit_exact`` for both comparisons (the integer graph
 against the trained fake-quant model, the artifact against ``IntegerGraph.run``), on ``N`` inputs.
@@ -18,7 +18,7 @@ What does not reach a target yet is data, not a skip:
   run here with ``FXQUANT_ZOO_ALL=1``, and always by ``benchmarks/zoo.py`` (``docs/zoo.md``).
 
 :func:`test_static_8bit_training_stays_finite` asserts the 8-bit training loss stays finite and
-bounded (a diverging quantized training is a bug, issue 13 item 2); when it does not, the same
+bounded at :data:`LR` (a diverging quantized training is a bug, issue 13 item 2); when it does not, the same
 steps are trained in FP32 (``--bits 32``) so the failure says whether FP32 trains there.
 """
 
@@ -46,23 +46,24 @@ STEPS = 3
 VAL = 16
 """Validation samples: the trainer's evaluations and the export's ``--verify`` inputs."""
 ENV = {"FXQUANT_TV_TRAIN": str(BATCH * STEPS), "FXQUANT_TV_VAL": str(VAL)}
+LR = 0.01
+"""Below the CLI's default 0.05, where FP32 efficientnet_b0 itself rises on these few samples
+(measured: losses 7.2, 11.7, 24.4 in FP32; 7.4, 9.1, 28.9 at 8 bits): the stability test must run
+where FP32 trains, so that a quantized divergence is the quantizer's."""
 LOSS_BOUND = 10 * math.log(10)
 """Ten times a 10-class classifier's loss at chance: a loss above it after a few steps has blown up."""
 
-_LOWERING = "op\\(s\\) have no integer form"
-EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
-    **{("mobilenet_v2", t): f"{_LOWERING}: features\\.0\\.2: torch\\.nn\\.ReLU6" for t in TARGETS},
-    **{("mobilenet_v3_small", t): f"{_LOWERING}: features\\.0\\.2: torch\\.nn\\.Hardswish" for t in TARGETS},
-    **{("efficientnet_b0", t): f"{_LOWERING}: features\\.0\\.2: torch\\.nn\\.SiLU" for t in TARGETS},
-    **{("densenet121", t): f"{_LOWERING}: features\\.denseblock1\\.denselayer1\\.norm1: torch\\.nn\\.BatchNorm2d "
-       ".*BatchNorm is not folded" for t in TARGETS},
-    **{("squeezenet1_1", t): f"target '{t}' cannot build this graph .*: features\\.3\\.cat \\(cat\\): op kind 'cat' "
-       f"is not supported by target '{t}'" for t in ("cpu", "cuda")},
-}
+EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {}
 """(model, target) -> regex of the refusal (the first line of the CLI's error). Delete an entry when
 its pair exports bit-exact (the test fails until you do)."""
 
-TOO_SLOW_FOR_CI: dict[tuple[str, str], str] = {}
+_BUILT_TARGETS = ("cpu", "cuda", "fpga")
+TOO_SLOW_FOR_CI: dict[tuple[str, str], str] = {
+    **{("resnet18", t): f"{t} build of 11M parameters: {s} s measured here" for t, s in
+       (("cpu", 118), ("cuda", 122), ("fpga", 176))},
+    **{(m, t): "a TVM / nvcc / g++ build of a full-size torchvision model (resnet18's: 118-176 s measured here)"
+       for m in ("mobilenet_v2", "efficientnet_b0", "densenet121") for t in _BUILT_TARGETS},
+}
 """(model, target) -> why the pair runs only in ``benchmarks/zoo.py`` (and with ``FXQUANT_ZOO_ALL=1``)."""
 
 EXPECTED_DIVERGENCE: dict[str, str] = {}
@@ -98,7 +99,7 @@ def model_env(model: str) -> dict[str, str]:
 
 def train_args(bits: int, out: Path) -> list[str]:
     return ["train", "--policy", "static", "--bits", str(bits), str(MODEL_FILE), "--out", str(out),
-            "--epochs", "1", "--batch-size", str(BATCH), "--no-progress"]
+            "--epochs", "1", "--batch-size", str(BATCH), "--lr", str(LR), "--no-progress"]
 
 
 def losses(run: Path) -> list[float]:
@@ -142,7 +143,7 @@ def test_static_8bit_training_stays_finite(trained, tmp_path):
     code, _, err = cli(*train_args(32, fp32), env=model_env(model))
     fp32_losses = losses(fp32)
     fp32_ok = code == 0 and all(math.isfinite(v) and v < LOSS_BOUND for v in fp32_losses)
-    pytest.fail(f"{model}: 8-bit static training at the default lr diverges (exit {trained['code']}, losses "
+    pytest.fail(f"{model}: 8-bit static training at lr {LR} diverges (exit {trained['code']}, losses "
                 f"{seen}): {trained['err'].strip()[-500:]}\nFP32, same steps: "
                 + (f"trains (losses {fp32_losses})" if fp32_ok else
                    f"diverges too (exit {code}, losses {fp32_losses}: {err.strip()[-300:]}): the test's setting is wrong"))
