@@ -155,8 +155,8 @@ class IntegerGraph:
         if op.kind == "add":
             fls = [int(v.fmt.frac_bits or 0) for v in vs]
             return sum(t << (max(fls) - fl) for t, fl in zip(top, fls))
-        if op.kind == "avgpool2d":
-            return top[0] * math.prod(op.attrs["kernel"]) * reciprocal(math.prod(op.attrs["kernel"]))[0]
+        if op.kind == "avgpool2d":  # every window: a ceil-mode edge window's M can exceed the full one's
+            return top[0] * max(d * m for d, m, _ in avg_terms(op, *vs[0].shape[1:]))
         if op.kind == "mul":
             return top[0] * top[1]
         return max(top)
@@ -283,6 +283,12 @@ def avg_divisors(op: Op, h: int, w: int) -> np.ndarray:
     (kh, kw), (ph, pw) = op.attrs["kernel"], op.attrs.get("padding", (0, 0))
     sh, sw = op.attrs.get("stride", (kh, kw))
     return np.outer(axis(h, kh, sh, ph), axis(w, kw, sw, pw))
+
+
+def avg_terms(op: Op, h: int, w: int) -> list[tuple[int, int, int]]:
+    """``(d, M, s)`` for every distinct window divisor ``d`` of an average pool on ``h x w``,
+    ``(M, s) = fixed_point.reciprocal(d)``."""
+    return [(int(d), *reciprocal(int(d))) for d in np.unique(avg_divisors(op, h, w))]
 
 
 def _avgpool2d(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:

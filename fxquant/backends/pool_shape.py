@@ -1,24 +1,29 @@
 """Window geometry shared by the TVM CPU and CUDA backends (no TVM import).
 
-``out = (in + 2*pad - dilation*(kernel-1) - 1) // stride + 1`` per spatial axis (no ceil mode:
-the integer graph rejects it); pooling has no dilation.
+Output sizes are :func:`fxquant.integer_graph.pool_output_size` per spatial axis (torch's rule:
+``(in + 2*pad - dilation*(kernel-1) - 1) // stride + 1``, rounded up with ``ceil_mode`` as long as
+the last window starts inside the input or its left padding).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fxquant.integer_graph import pool_output_size
+
 
 def window_out_hw(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
-                  padding: tuple[int, int], dilation: tuple[int, int] = (1, 1)) -> tuple[int, int]:
-    """Output height and width of a conv or pooling window (formula in the module docstring)."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+                  padding: tuple[int, int], dilation: tuple[int, int] = (1, 1),
+                  ceil_mode: bool = False) -> tuple[int, int]:
+    """Output height and width of a conv or pooling window (rule in the module docstring)."""
+    oh, ow = (pool_output_size(n, k, s, p, d, ceil_mode)
+              for n, k, s, p, d in zip((height, width), kernel, stride, padding, dilation))
+    return oh, ow
 
 
 @dataclass(frozen=True)
 class PoolShape:
-    """A 2-D pooling window over int8 ``[n, C, H, W]``."""
+    """A 2-D pooling window over int8 ``[n, C, H, W]`` with torch's dilation and ``ceil_mode``."""
 
     channels: int
     height: int
@@ -26,7 +31,10 @@ class PoolShape:
     kernel: tuple[int, int]
     stride: tuple[int, int]
     padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    ceil_mode: bool = False
 
     @property
     def out_hw(self) -> tuple[int, int]:
-        return window_out_hw(self.height, self.width, self.kernel, self.stride, self.padding)
+        return window_out_hw(self.height, self.width, self.kernel, self.stride, self.padding, self.dilation,
+                             self.ceil_mode)

@@ -146,3 +146,21 @@ def test_add_shapes_and_arity() -> None:
     assert [(p.layer, p.reason) for p in legality.shape_problems(graph, add_arity=2)] == [
         ("add3", "add of 3 inputs; this target adds 2"), ("bcast", "add of shapes [[4], [6]]; no kernel broadcasts")]
     assert [p.layer for p in legality.shape_problems(graph)] == ["bcast"]
+
+
+def test_average_pool_bound_covers_ceil_mode_edge_windows() -> None:
+    """A 4x4 window (M = 1) whose ceil-mode edge windows hold 12 and 9 cells (M ~ 2^17/12): the
+    worst case is an edge window's sum times its M, which an all-qmin input reaches exactly."""
+    from fxquant.fixed_point import reciprocal
+
+    m = GraphMaker((1, 6, 6), F(8, 4))
+    graph = m.graph(m.pool_ceil("avg", "input", "avgpool2d", kernel=(4, 4), stride=(3, 3), ceil_mode=True))
+    op = graph.ops[0]
+    bound = graph.accumulator_bound(op)
+    assert bound == 128 * 12 * reciprocal(12)[0] > 128 * 16
+    x = np.full((1, 1, 6, 6), -128, np.int64)
+    from fxquant.integer_graph import _windows, avg_divisors
+
+    sums = _windows(x, op, 0).sum(axis=(-1, -2))[0, 0]
+    reached = max(abs(int(s)) * reciprocal(int(d))[0] for s, d in zip(sums.ravel(), avg_divisors(op, 6, 6).ravel()))
+    assert reached == bound

@@ -26,6 +26,7 @@ import math
 import numpy as np
 from tvm import relax, tirx
 
+from fxquant.backends.pool_shape import PoolShape
 from fxquant.backends.tvm_epilogue import Requant
 from fxquant.errors import UnsupportedOpError
 from fxquant.fixed_point import FixedPoint, reciprocal
@@ -161,10 +162,10 @@ class _Emitter:
             return self.call(vk.upsample_nearest(shape, scale), "upsample", [self.env[x]], out_shape)
         if op.kind in ("maxpool2d", "avgpool2d"):
             kernel = tuple(op.attrs["kernel"])
-            ws = vk.WindowShape(*shape, kernel=kernel, stride=tuple(op.attrs.get("stride", kernel)),
-                                padding=tuple(op.attrs.get("padding", (0, 0))),
-                                dilation=tuple(op.attrs.get("dilation", (1, 1))),
-                                ceil_mode=bool(op.attrs.get("ceil_mode", False)))
+            ws = PoolShape(*shape, kernel=kernel, stride=tuple(op.attrs.get("stride", kernel)),
+                           padding=tuple(op.attrs.get("padding", (0, 0))),
+                           dilation=tuple(op.attrs.get("dilation", (1, 1))),
+                           ceil_mode=bool(op.attrs.get("ceil_mode", False)))
             if op.kind == "maxpool2d":
                 return self.call(vk.window_pool(ws, None), "max_pool2d", [self.env[x]], out_shape)
             divisors = avg_divisors(op, shape[1], shape[2]).reshape(-1)

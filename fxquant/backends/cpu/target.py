@@ -34,8 +34,7 @@ from fxquant.backends.base import Problem, Target, refuse
 from fxquant.backends.cpu import packing
 from fxquant.backends.cpu.features import host_cpu, uses_vnni
 from fxquant.errors import RunDirError
-from fxquant.fixed_point import reciprocal
-from fxquant.integer_graph import IntegerGraph, avg_divisors
+from fxquant.integer_graph import IntegerGraph
 from fxquant.io import atomic_write_json
 
 OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize", "mul_pow2",
@@ -54,12 +53,8 @@ def kernel_problems(graph: IntegerGraph, vnni: bool) -> list[Problem]:
             w = np.asarray(op.weight).reshape(op.weight.shape[0], -1)
             kind = packing.linear_kind(w, vnni)
             bound = packing.linear_bound(kind, w, op.bias)
-        elif op.kind in ("conv_transpose2d", "mul"):
+        elif op.kind in ("conv_transpose2d", "mul", "avgpool2d"):  # avgpool: every window's sum times its M
             bound = graph.accumulator_bound(op)
-        elif op.kind == "avgpool2d":  # the in-bounds sum of every window times its reciprocal M
-            bits = graph.values[op.inputs[0]].fmt.bits
-            h, w = graph.values[op.inputs[0]].shape[1:]
-            bound = max((1 << (bits - 1)) * int(d) * reciprocal(int(d))[0] for d in np.unique(avg_divisors(op, h, w)))
         elif op.kind == "add":
             fl = max(graph.values[i].fmt.frac_bits or 0 for i in op.inputs)
             bound = packing.add_bound(tuple(fl - (graph.values[i].fmt.frac_bits or 0) for i in op.inputs))

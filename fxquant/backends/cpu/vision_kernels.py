@@ -38,8 +38,8 @@ from tvm.script import tirx as T
 
 from fxquant.backends.cpu.intrinsics import broadcast_word, pmaddwd
 from fxquant.backends.cpu.kernels import PARALLEL_MIN_WORK, VEC, _finish
+from fxquant.backends.pool_shape import PoolShape
 from fxquant.backends.tvm_epilogue import Requant, Residual, requantize, residual_add
-from fxquant.integer_graph import pool_output_size
 
 
 def _lanes(size: int) -> int:
@@ -406,26 +406,6 @@ def upsample_nearest(shape: tuple[int, int, int], scale: tuple[int, int],
 
 
 # ----------------------------------------------------------------------------------------- pools
-@dataclass(frozen=True)
-class WindowShape:
-    """A pooling window over int8 ``[n, C, H, W]`` with torch's dilation and ``ceil_mode``."""
-
-    channels: int
-    height: int
-    width: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    ceil_mode: bool = False
-
-    @property
-    def out_hw(self) -> tuple[int, int]:
-        return tuple(pool_output_size(n, k, s, p, d, self.ceil_mode)  # type: ignore[return-value]
-                     for n, k, s, p, d in zip((self.height, self.width), self.kernel, self.stride,
-                                              self.padding, self.dilation))
-
-
 def _shift_round_even_i64(v, r):  # noqa: ANN001, ANN202
     """``round_half_even(v * 2^-r)`` of an int64 ``v`` for a run-time ``1 <= r <= 62``."""
     q = v >> T.Cast("int64", r)
@@ -446,7 +426,7 @@ def _requantize_dynamic(v, r, bits: int, relu: bool):  # noqa: ANN001, ANN202
 
 
 @lru_cache(maxsize=None)
-def window_pool(s: WindowShape, average: tuple[int, bool] | None, name: str = "fxq_pool") -> tirx.PrimFunc:
+def window_pool(s: PoolShape, average: tuple[int, bool] | None, name: str = "fxq_pool") -> tirx.PrimFunc:
     """Max pooling (``average is None``; padding and the ceil-mode overhang never win) or average
     pooling (``average = (bits, relu)`` of the output): the in-bounds window sum times ``mult[p]``,
     requantized by the per-window right shift ``rshift[p] = FL_in + s_p - FL_out``
@@ -577,4 +557,4 @@ def conv_transpose2d(s: ConvTransposeShape, rq: Requant, name: str = "fxq_conv_t
 
 
 __all__ = ["GroupConvShape", "grouped_conv2d", "concat2", "clamp", "lut", "mul", "transpose", "upsample_nearest",
-           "WindowShape", "window_pool", "ConvTransposeShape", "conv_transpose2d"]
+           "window_pool", "ConvTransposeShape", "conv_transpose2d"]

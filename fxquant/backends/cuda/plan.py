@@ -54,10 +54,9 @@ import numpy as np
 from fxquant import legality
 from fxquant.backends.base import Problem
 from fxquant.backends.tvm_epilogue import Requant, Residual
-from fxquant.backends.pool_shape import window_out_hw
+from fxquant.backends.pool_shape import PoolShape, window_out_hw
 from fxquant.errors import UnsupportedOpError
-from fxquant.fixed_point import reciprocal
-from fxquant.integer_graph import IntegerGraph, Op, avg_divisors, pool_output_size
+from fxquant.integer_graph import IntegerGraph, Op, avg_terms
 
 MAX_ACT_BITS = 8
 MAX_WEIGHT_BITS = 8
@@ -249,30 +248,17 @@ class UpsampleSpec:
 
 
 @dataclass(frozen=True)
-class PoolSpec:
-    """Max pooling (``divisors`` empty) or average pooling over int8 ``[n, C, H, W]``: torch's
-    output size (``ceil_mode``), dilated windows (max only); per distinct window divisor ``d``
-    ``(d, M, Requant)``: ``requantize(sum * M)`` with the shift ``FL_out - FL_in - s``."""
+class PoolSpec(PoolShape):
+    """Max pooling (``divisors`` empty) or average pooling over int8 ``[n, C, H, W]``: the window
+    geometry of :class:`~fxquant.backends.pool_shape.PoolShape` (torch's output size, dilated
+    windows for max only); per distinct window divisor ``d`` ``(d, M, Requant)``:
+    ``requantize(sum * M)`` with the shift ``FL_out - FL_in - s``."""
 
-    channels: int
-    height: int
-    width: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    ceil_mode: bool = False
     divisors: tuple[tuple[int, int, Requant], ...] = ()
 
     @property
     def average(self) -> bool:
         return bool(self.divisors)
-
-    @property
-    def out_hw(self) -> tuple[int, int]:
-        return tuple(pool_output_size(n, k, s, p, d, self.ceil_mode)  # type: ignore[return-value]
-                     for n, k, s, p, d in zip((self.height, self.width), self.kernel, self.stride, self.padding,
-                                              self.dilation))
 
 
 @dataclass(frozen=True)
@@ -384,12 +370,6 @@ def cat_axis(graph: IntegerGraph, op: Op) -> int:
     return (dim + rank if dim < 0 else dim) - 1
 
 
-def avg_divisor_terms(graph: IntegerGraph, op: Op) -> list[tuple[int, int, int]]:
-    """``(d, M, s)`` for every distinct window divisor ``d`` of an average pool, ``(M, s) = reciprocal(d)``."""
-    _, h, w = graph.value(op.inputs[0]).shape
-    return [(int(d), *reciprocal(int(d))) for d in np.unique(avg_divisors(op, h, w))]
-
-
 def _kernel_problems(graph: IntegerGraph) -> list[Problem]:
     """What the CUDA kernels themselves lack (beyond the shared legality rules)."""
     problems = []
@@ -398,12 +378,6 @@ def _kernel_problems(graph: IntegerGraph) -> list[Problem]:
             if tuple(op.attrs.get("dilation", (1, 1))) != (1, 1):
                 problems.append(_problem(op, f"average pooling with dilation {tuple(op.attrs['dilation'])}; this "
                                              "target has undilated average windows only"))
-            full = math.prod(op.attrs["kernel"])
-            top = 1 << (graph.value(op.inputs[0]).fmt.bits - 1)
-            for d, m, _ in avg_divisor_terms(graph, op):  # the full window is accumulator_problems' rule
-                if d != full and not legality.fits(top * d * m):
-                    problems.append(_problem(op, f"worst-case accumulator {top * d * m} of the {d}-cell edge "
-                                                 "windows exceeds int32"))
         elif op.kind == "mul":
             a, b = (graph.value(i).shape for i in op.inputs)
             if len(a) != len(b) or any(x != y and 1 not in (x, y) for x, y in zip(a, b)):
@@ -525,7 +499,7 @@ class _Planner:
         kernel = tuple(op.attrs["kernel"])
         divisors: tuple[tuple[int, int, Requant], ...] = ()
         if op.kind == "avgpool2d":
-            terms = avg_divisor_terms(self.graph, op)
+            terms = avg_terms(op, h, w)
             top = 1 << (self.bits(src) - 1)
             for d, m, _ in terms:
                 legality.require_fits(top * d * m, f"op {op.name!r} ({d}-cell windows)")

@@ -53,9 +53,8 @@ import numpy as np
 from fxquant import legality
 from fxquant.backends.base import Problem
 from fxquant.errors import ExportError, FxquantError, PrecisionError, UnsupportedOpError
-from fxquant.fixed_point import (BIAS_BITS, MAX_LUT_BITS, FixedPoint, accumulator_bits, min_signed_bits,
-                                 reciprocal)
-from fxquant.integer_graph import TRANSPARENT_KINDS, IntegerGraph, Op, Value, avg_divisors, pool_output_size
+from fxquant.fixed_point import BIAS_BITS, MAX_LUT_BITS, FixedPoint, accumulator_bits, min_signed_bits
+from fxquant.integer_graph import TRANSPARENT_KINDS, IntegerGraph, Op, Value, avg_terms, pool_output_size
 
 MAX_BITS = 16
 """Widest value / weight format generated (``ap_int<2..16>``)."""
@@ -281,8 +280,8 @@ def _avg_plan(op: Op, v: Value, out: Value) -> tuple[int, int, dict]:
     kernel, _, _, dil = pool_attrs(op)
     if dil != (1, 1):
         raise UnsupportedOpError(f"op {op.name!r}: average pooling with dilation {dil}", "average pools are undilated")
-    divisors = sorted(int(d) for d in np.unique(avg_divisors(op, *v.shape[1:])))
-    recips = {d: reciprocal(d) for d in divisors}
+    recips = {d: (m, s) for d, m, s in avg_terms(op, *v.shape[1:])}  # ascending d
+    divisors = list(recips)
     top = max(s for _, s in recips.values())
     mults = {d: m << (top - s) for d, (m, s) in recips.items()}
     table = [0] * (math.prod(kernel) + 1)
