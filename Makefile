@@ -6,6 +6,8 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 RUN ?= runs/demo
+# pytest-xdist workers for `make test` (CI has 2 cores); JOBS=1 runs it serially
+JOBS ?= 2
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +27,6 @@ demo: $(VENV)/.installed
 	$(BIN)/fxquant bench $(RUN) --target cpu
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(JOBS) --dist loadgroup tests
 
 .PHONY: venv demo test

@@ -11,10 +11,23 @@ from torch import nn
 
 import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs the suite on pytest-xdist workers (``-n``): the cores are split between them, as
+# oversubscribed intra-op threads only slow every worker down.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 # CI machines are small and shared: wall-clock deadlines would make property tests flaky.
 settings.register_profile("fxquant", deadline=None, max_examples=50)
 settings.load_profile("fxquant")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that share a module-scoped fixture (a training run, a build) form one pytest-xdist group
+    (``--dist loadgroup``): one worker sets the fixture up once, as a serial run does, instead of
+    every worker repeating it. Other tests are spread one by one."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is not None and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 class MLP(nn.Module):

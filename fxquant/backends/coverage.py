@@ -5,7 +5,9 @@ from the registry (:data:`fxquant.backends.registry.TARGETS`) and each target cl
 ``limits``, ``option_defaults``, ``summary`` and ``ran``: nothing here is a hand-written support
 claim, so a target that changes what it declares changes the table, and
 ``tests/conformance/test_coverage.py`` fails until ``docs/coverage.md`` is regenerated. Whether a
-target *meets* its declaration is the conformance suite's job (``tests/conformance``).
+target *meets* its declaration is the conformance suite's job (``tests/conformance``). The last
+section, "Models", is :func:`render_models` of the measured ``docs/zoo_results.json`` (real
+torchvision models through the CLI, written by ``benchmarks/zoo.py``).
 
 The op kinds are :data:`fxquant.integer_graph.OP_KINDS`, in that order; targets in registry order.
 """
@@ -69,7 +71,7 @@ def render() -> str:
         options = ", ".join(f"`{k}={v!r}`" for k, v in t.option_defaults.items()) or "none"
         lines += [f"### `{t.name}`", "", t.summary + ".", "", f"- verified by running: {t.ran}",
                   f"- build options (defaults): {options}", ""]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n" + render_models()
 
 
 ZOO_RESULTS = "docs/zoo_results.json"
