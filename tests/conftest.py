@@ -21,13 +21,20 @@ settings.load_profile("fxquant")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that share a module-scoped fixture (a training run, a build) form one pytest-xdist group
-    (``--dist loadgroup``): one worker sets the fixture up once, as a serial run does, instead of
-    every worker repeating it. Other tests are spread one by one."""
+    """Tests that share a module-scoped fixture instance (a training run, a build) form one
+    pytest-xdist group (``--dist loadgroup``): one worker sets the instance up once, as a serial run
+    does, instead of every worker repeating it. A parametrized module fixture (one trained model per
+    parameter) is one group per parameter; other tests are spread one by one."""
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
-        if info is not None and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        if info is None:
+            continue
+        shared = [name for name, defs in info.name2fixturedefs.items() if any(d.scope == "module" for d in defs)]
+        if not shared:
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        keys = [f"{name}={params[name]}" for name in shared if name in params]
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__ + (f"[{','.join(keys)}]" if keys else "")))
 
 
 class MLP(nn.Module):
