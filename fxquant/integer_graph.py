@@ -123,10 +123,26 @@ class IntegerGraph:
         return self.values[name]
 
     def quantize_inputs(self, *xs: np.ndarray) -> list[np.ndarray]:
-        """Real model inputs to integer inputs: ``clamp(round_half_even(x * 2^FL))``."""
+        """Real model inputs to integer inputs: ``clamp(round_half_even(x * 2^FL))``; token ids (an
+        input an ``embedding`` reads) must be integers in ``[0, V)`` already: never rounded or clipped
+        (:class:`~fxquant.errors.InputRangeError` naming the op otherwise)."""
+        from fxquant.errors import InputRangeError
         from fxquant.fixed_point import quantize_int
 
-        return [quantize_int(x, v.fmt) for v, x in zip(self.inputs, xs, strict=True)]
+        vocab = {op.inputs[0]: op for op in self.ops if op.kind == "embedding" and op.weight is not None}
+        out = []
+        for v, x in zip(self.inputs, xs, strict=True):
+            op = vocab.get(v.name)
+            if op is not None:
+                ids = np.asarray(x)
+                n_rows = op.weight.shape[0]
+                bad = (ids != np.floor(ids)) | (ids < 0) | (ids >= n_rows) if ids.size else np.zeros(0, bool)
+                if bad.any():
+                    raise InputRangeError(f"op {op.name!r} (embedding): input {v.name!r} holds "
+                                          f"{ids[bad].reshape(-1)[0]!r}, not a token id in [0, {n_rows})",
+                                          "feed integer ids of this vocabulary; ids are never rounded or clipped")
+            out.append(quantize_int(x, v.fmt))
+        return out
 
     def run(self, *int_inputs: np.ndarray, keep_all: bool = False) -> dict[str, np.ndarray]:
         """Integer reference execution. Returns the output integers (every value with ``keep_all``)."""

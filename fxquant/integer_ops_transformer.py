@@ -145,6 +145,12 @@ def _layernorm(op: "Op", xs: list[np.ndarray], vs: list["Value"]) -> np.ndarray:
     if isinstance(eps, bool) or not isinstance(eps, (int, np.integer)) or eps < 0:
         raise _bad(op, f"eps {eps!r} is not a non-negative integer on the variance grid",
                    "use fixed_point.layernorm_eps(eps, n, in_fmt)")
+    from fxquant.fixed_point import LAYERNORM_NORM_BITS
+    from fxquant.legality import LAYERNORM_MAX_ROW, layernorm_d_bound
+
+    if n > LAYERNORM_MAX_ROW or layernorm_d_bound(n, v.fmt.bits, int(eps)) >= 1 << LAYERNORM_NORM_BITS:
+        raise _bad(op, f"rows of {n} at {v.fmt.bits} bits overflow the int64 variance sum",
+                   "normalize narrower inputs or shorter rows (legality.transformer_problems)")
     h = layernorm_rows(x, int(eps))
     acc = gamma.astype(np.int64) * h
     if op.bias is not None:

@@ -215,6 +215,17 @@ def test_embedding_refuses_out_of_range_ids_naming_the_op(bad) -> None:
         g.run(np.array([[bad, 0, 0]]))
 
 
+def test_quantize_inputs_refuses_ids_it_would_round_or_clip() -> None:
+    """Token ids from the host are integers in [0, V): 300 would saturate to a valid id 127 and 2.5
+    would round; both are refused naming the op (other inputs still saturate as usual)."""
+    op = Op("tok", "embedding", ("ids",), "out", F(8, 6), weight=np.zeros((128, 2), np.int64), weight_fmt=F(8, 6))
+    g = _graph([Value("ids", (2,), F(8, 0))], op, (2, 2))
+    np.testing.assert_array_equal(g.quantize_inputs(np.array([[0.0, 127.0]]))[0], [[0, 127]])
+    for bad in (300.0, 2.5, -1.0):
+        with pytest.raises(InputRangeError, match=r"op 'tok' \(embedding\): input 'ids' holds"):
+            g.quantize_inputs(np.array([[0.0, bad]]))
+
+
 # ------------------------------------------------------------------------------- softmax
 def _softmax_bound(out_fmt: FixedPoint, length: int, exp_bits: int = SOFTMAX_EXP_BITS) -> float:
     """Half an output LSB + the table error (L+1) 2^-(E+1) + the reciprocal's 2^-(FL_out+G+1)."""
