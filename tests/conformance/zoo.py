@@ -926,6 +926,7 @@ CASES: dict[str, Case] = {
 }
 """Every zoo case by name (the conformance suite's parameter ids are ``<case>-<target>``)."""
 
-__all__ = ["CASES", "TRANSFORMER_CASES", "Case", "F", "GraphBuilder", "GraphMaker", "OP_KINDS", "build_cnn", "build_mlp",
+__all__ = ["CASES", "TRANSFORMER_CASES", "Case", "F",
+           "GraphBuilder", "GraphMaker", "OP_KINDS", "build_cnn", "build_mlp",
            "build_residual", "cnn", "format_inputs", "fp", "matmul_graph", "mixed", "mixed_bits", "mixed_net",
            "mlp", "residual", "residual_block", "residual_net", "sample_inputs", "token_inputs"]
