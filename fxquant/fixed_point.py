@@ -392,7 +392,7 @@ def layernorm_rows(k: np.ndarray, eps_d: int) -> np.ndarray:
         c = n k - sum(k)                       (exact: n (x - mean) 2^FL_in; |c| < n 2^BW)
         D = sum(c^2) + eps_D                   (exact: n^3 (var + eps) 2^(2 FL_in); < 2^62 by legality)
         t = (62 - bit_length(D)) // 2          (D 4^t in [2^60, 2^62); t = 31 for D = 0)
-        sigma = isqrt((D << 2t) // n)          (= floor(2^t sqrt(D / n)) exactly; >= 2^30 / sqrt(n))
+        sigma = isqrt((D << 2t) // n)          (= floor(2^t sqrt(D / n)) exactly; >= floor(2^30 / sqrt(n)))
         r = (2^(Y+1) + sigma) // (2 sigma)     (0 when sigma == 0)
         h = round_half_even((c << t) r 2^(FL_h - Y))   (|c| 2^t < 2^31, r < 2^(Y-29) sqrt(n))
 

@@ -241,7 +241,7 @@ def _float_softmax(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 
 @settings(max_examples=120, deadline=None)
-@given(seed=st.integers(0, 2**16), bits=st.integers(2, 12), fl=st.integers(-2, 8), heads=st.integers(1, 3),
+@given(seed=st.integers(0, 2**16), bits=st.integers(2, 16), fl=st.integers(-2, 8), heads=st.integers(1, 3),
        q=st.integers(1, 5), length=st.integers(1, 40), out=st.sampled_from([F(8, 7), F(9, 8), F(8, 6), F(16, 15),
                                                                             F(6, 4), F(4, 5), F(12, 11)]),
        masked=st.booleans(), causal=st.booleans())
@@ -372,6 +372,27 @@ def test_layernorm_constant_rows_give_beta_and_eps_matters() -> None:
     y = _graph([Value("x", (2,), in_fmt)], op, (2,)).run(np.array([[0, 1]]))["out"]
     assert np.abs(y[0] * 2.0 ** -14 - np.array([-1, 1]) / math.sqrt(2)).max() <= 2.0 ** -14
     assert layernorm_eps(1e-5, 64, F(8, 4)) == round(Fraction(1e-5) * 64**3 * 256)
+
+
+@pytest.mark.parametrize(("n", "bits"), [(1625, 16), (1 << 16, 8)])
+def test_layernorm_rows_at_the_legality_limits(n: int, bits: int) -> None:
+    """The widest rows legality admits (D just under 2^62): random, one spike over a constant row,
+    and one-LSB variations near qmax (tiny variance), each within the stated x_hat error of torch."""
+    from fxquant.fixed_point import layernorm_rows
+    from fxquant.legality import layernorm_d_bound
+
+    fmt = F(bits, 4)
+    assert layernorm_d_bound(n, bits, layernorm_eps(1e-5, n, fmt)) < 2**62
+    rng = np.random.default_rng(n)
+    spike = np.full((1, n), fmt.qmin)
+    spike[0, 0] = fmt.qmax
+    rows = np.concatenate([_ints(rng, fmt, (1, n)), spike, fmt.qmax - rng.integers(0, 2, size=(1, n))])
+    for eps in (0.0, 1e-5):
+        eps_d = layernorm_eps(eps, n, fmt)
+        h = layernorm_rows(rows, eps_d) * 2.0 ** -LAYERNORM_FRAC_BITS
+        ref = F_.layer_norm(torch.from_numpy(rows / 16.0), (n,), eps=eps_d / (n**3 * 256.0)).numpy()
+        bound = 2.0 ** -(LAYERNORM_FRAC_BITS + 1) + math.sqrt(n - 1) * (math.sqrt(n) * 2.0 ** -29 + 2.0 ** -20)
+        assert np.abs(h - ref).max() <= bound
 
 
 def test_layernorm_h_bound_holds_at_the_extreme_row() -> None:
