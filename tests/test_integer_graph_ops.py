@@ -244,12 +244,12 @@ def _float_softmax(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
 @given(seed=st.integers(0, 2**16), bits=st.integers(2, 16), fl=st.integers(-2, 8), heads=st.integers(1, 3),
        q=st.integers(1, 5), length=st.integers(1, 40), out=st.sampled_from([F(8, 7), F(9, 8), F(8, 6), F(16, 15),
                                                                             F(6, 4), F(4, 5), F(12, 11)]),
-       masked=st.booleans(), causal=st.booleans())
+       masked=st.booleans(), causal=st.booleans(), exp_bits=st.sampled_from([SOFTMAX_EXP_BITS, 8, 20]))
 def test_softmax_is_float_softmax_within_the_stated_bound(seed, bits, fl, heads, q, length, out, masked,
-                                                          causal) -> None:
+                                                          causal, exp_bits) -> None:
     rng = np.random.default_rng(seed)
     in_fmt = F(bits, fl)
-    if exp_table_size(in_fmt) > 4096:
+    if exp_table_size(in_fmt, exp_bits) > 4096:
         return
     x = _ints(rng, in_fmt, (2, heads, q, length))
     inputs = [Value("x", x.shape[1:], in_fmt)]
@@ -262,12 +262,14 @@ def test_softmax_is_float_softmax_within_the_stated_bound(seed, bits, fl, heads,
         keep &= mask != 0
     if causal:
         keep &= np.tril(np.ones((q, length), bool))
-    op = Op("sm", "softmax", tuple(v.name for v in inputs), "out", out, attrs={"dim": 3, "causal": causal})
+    op = Op("sm", "softmax", tuple(v.name for v in inputs), "out", out,
+            attrs={"dim": 3, "causal": causal, "exp_bits": exp_bits})
     y = _graph(inputs, op, x.shape[1:]).run(*args)["out"]
     p = _float_softmax(np.ldexp(x.astype(np.float64), -fl), keep)
     top = out.qmax * 2.0 ** -out.frac_bits
     err = np.abs(y * 2.0 ** -out.frac_bits - np.minimum(p, top))  # saturation of 1.0 is exact clipping
-    assert err.max() <= _softmax_bound(out, length) + 1e-12, (err.max(), _softmax_bound(out, length))
+    bound = _softmax_bound(out, length, exp_bits)
+    assert err.max() <= bound + 1e-12, (err.max(), bound)
     assert (y[~keep] == 0).all() and (y >= 0).all()
 
 
