@@ -70,3 +70,7 @@ class TrainingInterrupted(TrainingError):
 
 class UsageError(FxquantError):
     """Bad option values or combinations (unknown policy, target, flavour, bounds)."""
+
+
+class InputRangeError(FxquantError, ValueError):
+    """A run-time input outside what the graph defines (a token id outside ``[0, V)``): never clipped."""

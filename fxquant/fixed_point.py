@@ -18,6 +18,7 @@ contract every backend reproduces.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -234,3 +235,174 @@ def reciprocal(divisor: int) -> tuple[int, int]:
     q, r = divmod(1 << s, d)  # round half even of 2^s / d
     m = q + (1 if 2 * r > d or (2 * r == d and q % 2 == 1) else 0)
     return int(m), int(s)
+
+
+# ------------------------------------------------------------------------------------ bounded integer helpers
+def bit_length64(x: np.ndarray) -> np.ndarray:
+    """``int.bit_length`` of every non-negative int64 (0 for 0), in a fixed 6-step binary search
+    (what a backend without a count-leading-zeros instruction unrolls; ``64 - clz(x)`` otherwise)."""
+    y = np.asarray(x, dtype=np.int64).copy()
+    n = np.zeros_like(y)
+    for s in (32, 16, 8, 4, 2, 1):
+        big = (y >> np.int64(s)) > 0
+        n += np.where(big, s, 0)
+        y = np.where(big, y >> np.int64(s), y)
+    return n + (y > 0)
+
+
+def isqrt64(x: np.ndarray) -> np.ndarray:
+    """``floor(sqrt(x))`` of every int64 in ``[0, 2^62]``: the bitwise restoring square root, 32 fixed
+    steps of compare / subtract / shift (no multiply, no division; equal to :func:`math.isqrt`)."""
+    num = np.asarray(x, dtype=np.int64).copy()
+    if num.size and (num.min() < 0 or num.max() > 1 << 62):
+        raise PrecisionError("isqrt64 takes integers in [0, 2^62]")
+    res = np.zeros_like(num)
+    bit = np.int64(1) << np.int64(62)
+    for _ in range(32):
+        trial = res + bit
+        ge = num >= trial
+        num = np.where(ge, num - trial, num)
+        res = np.where(ge, (res >> np.int64(1)) + bit, res >> np.int64(1))
+        bit >>= np.int64(2)
+    return res
+
+
+def row_reciprocal(s: np.ndarray, k: int) -> np.ndarray:
+    """``floor(2^k / s + 1/2) = (2^(k+1) + s) // (2 s)`` for every ``s >= 1`` (round half up: one
+    integer division, no remainder test), ``0`` where ``s == 0``. ``k <= 60`` and ``s < 2^61`` keep
+    the numerator within int64. A tie needs ``2^(k+1) = s (2r + 1)``, i.e. ``s = 2^(k+1)``, ``r = 0``
+    -> 1: half up and half even differ only there."""
+    s = np.asarray(s, dtype=np.int64)
+    if not 0 <= k <= 60:
+        raise PrecisionError(f"row reciprocal of 2^{k}: use 0 <= k <= 60")
+    safe = np.maximum(s, 1)
+    return np.where(s > 0, ((np.int64(1) << np.int64(k + 1)) + safe) // (2 * safe), 0)
+
+
+# ------------------------------------------------------------------------------------ softmax
+SOFTMAX_EXP_BITS = 15
+"""``E``: the exponential table holds ``exp(-i 2^-FL_in)`` at ``E`` fractional bits (entry 0 is
+``2^E``), so a row of ``L`` entries sums to at most ``L 2^E`` (int32 for ``L < 2^16``)."""
+SOFTMAX_GUARD_BITS = 4
+"""``G``: the row reciprocal is ``r = round(2^K / s)`` at ``K = E + FL_out + G``; its error is at most
+``2^-(G+1)`` of an output LSB."""
+
+
+def _ln2(prec: int = 60):
+    import decimal
+
+    with decimal.localcontext() as ctx:
+        ctx.prec = prec
+        return decimal.Decimal(2).ln()
+
+
+def exp_table_size(in_fmt: FixedPoint, exp_bits: int = SOFTMAX_EXP_BITS) -> int:
+    """``T``: entries of the softmax exponential table of ``in_fmt``: ``min(2^BW_in, i0 + 1)`` where
+    ``i0 = floor((E + 1) ln2 2^FL_in) + 1`` is the first index whose entry rounds to 0
+    (``exp(-i 2^-FL) 2^E < 1/2``; equality is impossible, ``ln 2`` being irrational)."""
+    import decimal
+
+    if in_fmt.frac_bits is None:
+        raise PrecisionError("a softmax table needs a fixed input format")
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        i0 = int(((exp_bits + 1) * _ln2() * decimal.Decimal(2) ** in_fmt.frac_bits).to_integral_value(
+            decimal.ROUND_FLOOR)) + 1
+    return min(1 << in_fmt.bits, i0 + 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _exp_table(bits: int, frac_bits: int, exp_bits: int) -> bytes:
+    import decimal
+
+    size = exp_table_size(FixedPoint(bits, frac_bits), exp_bits)
+    out = np.empty(size, dtype=np.int64)
+    with decimal.localcontext() as ctx:
+        ctx.prec = 50
+        step = decimal.Decimal(2) ** -frac_bits
+        top = decimal.Decimal(2) ** exp_bits
+        for i in range(size):  # Decimal.exp is correctly rounded: the same table on every machine
+            v = (-(i * step)).exp() * top
+            out[i] = int(v.to_integral_value(decimal.ROUND_HALF_EVEN))
+    return out.tobytes()
+
+
+def softmax_exp_table(in_fmt: FixedPoint, exp_bits: int = SOFTMAX_EXP_BITS) -> np.ndarray:
+    """The softmax exponential table: entry ``i`` is ``round_half_even(exp(-i 2^-FL_in) 2^E)`` for
+    ``i < T = exp_table_size(in_fmt, E)`` (unsigned, ``<= 2^E``; the last entry is 0 when ``T < 2^BW_in``),
+    computed in exact decimal arithmetic (deterministic on every machine; every backend reads it)."""
+    if in_fmt.frac_bits is None:
+        raise PrecisionError("a softmax table needs a fixed input format")
+    return np.frombuffer(_exp_table(in_fmt.bits, in_fmt.frac_bits, int(exp_bits)), dtype=np.int64).copy()
+
+
+def softmax_recip_bits(out_fmt: FixedPoint, exp_bits: int = SOFTMAX_EXP_BITS) -> int:
+    """``K = E + FL_out + G``: the row reciprocal's scale (:data:`SOFTMAX_GUARD_BITS`)."""
+    return int(exp_bits) + int(out_fmt.frac_bits) + SOFTMAX_GUARD_BITS
+
+
+def softmax_rows(k: np.ndarray, keep: np.ndarray, in_fmt: FixedPoint, out_fmt: FixedPoint,
+                 exp_bits: int = SOFTMAX_EXP_BITS) -> np.ndarray:
+    """Integer softmax over the last axis of ``k`` (integers at ``in_fmt``); ``keep`` (bool,
+    broadcastable) is False where an entry is masked. Per row (``L`` entries, ``T`` the table size):
+
+        m = max(k over kept entries)                 (qmin when none is kept)
+        e = keep ? TABLE[min(m - k, T - 1)] : 0      (0 <= e <= 2^E; masked entries exactly 0)
+        s = sum(e)                                   (0 or 2^E <= s <= L 2^E)
+        r = (2^(K+1) + s) // (2 s), 0 when s == 0    (K = E + FL_out + G; r <= 2^(K-E))
+        y = saturate(round_half_even(e r 2^(FL_out - K)), out_fmt)   (e r <= 2^K)
+
+    so an all-masked row gives 0. Error against float softmax of the (dequantized) input:
+    ``|y 2^-FL_out - p| <= 2^-FL_out + (L + 1) 2^-(E+1) + 2^-(FL_out+G+1)`` (see docs/number_format.md).
+    """
+    k = np.asarray(k, dtype=np.int64)
+    keep = np.broadcast_to(np.asarray(keep, dtype=bool), k.shape)
+    table = softmax_exp_table(in_fmt, exp_bits)
+    m = np.where(keep, k, in_fmt.qmin).max(axis=-1, keepdims=True) if k.shape[-1] else k
+    idx = np.minimum(np.where(keep, m - k, 0), table.size - 1)
+    e = np.where(keep, table[idx], 0)
+    s = e.sum(axis=-1, keepdims=True)
+    big_k = softmax_recip_bits(out_fmt, exp_bits)
+    r = row_reciprocal(s, big_k)
+    return saturate(shift_round_half_even(e * r, int(out_fmt.frac_bits) - big_k), out_fmt.bits)
+
+
+# ------------------------------------------------------------------------------------ layernorm
+LAYERNORM_FRAC_BITS = 16
+"""``FL_h``: the normalized value ``x_hat`` is an integer at 16 fractional bits before ``gamma``."""
+LAYERNORM_RECIP_BITS = 50
+"""``Y``: the row reciprocal of the normalized standard deviation is ``round(2^Y / sigma)``."""
+LAYERNORM_NORM_BITS = 62
+"""Each row's ``D`` is scaled by ``4^t`` into ``[2^60, 2^62)`` before the square root."""
+
+
+def layernorm_eps(eps: float, n: int, in_fmt: FixedPoint) -> int:
+    """The integer ``eps_D = round_half_even(eps n^3 2^(2 FL_in))``: ``eps`` on the grid of ``D``
+    (exact rational arithmetic; the op honours ``eps_D / (n^3 2^(2 FL_in))``)."""
+    from fractions import Fraction
+
+    if in_fmt.frac_bits is None or eps < 0 or not math.isfinite(eps):
+        raise PrecisionError(f"layernorm eps {eps!r} on {in_fmt}: needs eps >= 0 and a fixed input format")
+    return int(round(Fraction(eps) * n ** 3 * Fraction(2) ** (2 * in_fmt.frac_bits)))
+
+
+def layernorm_rows(k: np.ndarray, eps_d: int) -> np.ndarray:
+    """``h = round(x_hat 2^FL_h)`` over the last axis of ``k`` (``n`` entries, any input FL):
+
+        c = n k - sum(k)                       (exact: n (x - mean) 2^FL_in; |c| < n 2^BW)
+        D = sum(c^2) + eps_D                   (exact: n^3 (var + eps) 2^(2 FL_in); < 2^62 by legality)
+        t = (62 - bit_length(D)) // 2          (D 4^t in [2^60, 2^62); t = 31 for D = 0)
+        sigma = isqrt((D << 2t) // n)          (= floor(2^t sqrt(D / n)) exactly; >= floor(2^30 / sqrt(n)))
+        r = (2^(Y+1) + sigma) // (2 sigma)     (0 when sigma == 0)
+        h = round_half_even((c << t) r 2^(FL_h - Y))   (|c| 2^t < 2^31, r < 2^(Y-29) sqrt(n))
+
+    ``x_hat = c / sqrt(D / n)``; ``|h 2^-FL_h - x_hat| <= 2^-(FL_h+1) + sqrt(n) |x_hat| 2^-29 + |x_hat| 2^(30-Y)``.
+    """
+    k = np.asarray(k, dtype=np.int64)
+    n = k.shape[-1]
+    c = n * k - k.sum(axis=-1, keepdims=True)
+    d = (c * c).sum(axis=-1, keepdims=True) + np.int64(eps_d)
+    t = (LAYERNORM_NORM_BITS - bit_length64(d)) // 2
+    sigma = isqrt64((d << (2 * t)) // n)
+    r = row_reciprocal(sigma, LAYERNORM_RECIP_BITS)
+    return shift_round_half_even((c << t) * r, LAYERNORM_FRAC_BITS - LAYERNORM_RECIP_BITS)

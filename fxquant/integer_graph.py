@@ -46,6 +46,12 @@ round-half-even and saturation (:func:`fxquant.fixed_point.requantize`), then ``
 * ``conv_transpose2d``: weight ``(C_in, C_out/groups, kh, kw)``; ``stride``, ``padding``,
   ``output_padding``, ``dilation``, ``groups`` as ``torch.nn.ConvTranspose2d``; ``acc`` at
   ``FL_in + FL_w`` (+ bias) like ``conv2d``.
+* ``embedding``, ``softmax``, ``layernorm``, ``slice`` (transformers): run by
+  :mod:`fxquant.integer_ops_transformer`, whose docstring states them (token ids at ``<BW,0>``,
+  masks, ``eps``, slice attributes); the row arithmetic is :func:`fxquant.fixed_point.softmax_rows`
+  and :func:`fxquant.fixed_point.layernorm_rows`.
+* ``matmul`` takes operands of any rank with numpy broadcasting of the leading (batch and head)
+  dims, ``(H, S, d) @ (H, d, S)`` or ``(H, S, d) @ (1, d, S)``; its bound is per output entry.
 
 Shapes exclude the batch dimension; arrays carry it (NCHW for images, NC for vectors).
 """
@@ -59,12 +65,14 @@ from typing import Any
 import numpy as np
 
 from fxquant.errors import UnsupportedOpError
-from fxquant.fixed_point import (FixedPoint, accumulator_bits, reciprocal, requantize,
-                                 shift_round_half_even)
+from fxquant.fixed_point import (LAYERNORM_FRAC_BITS, SOFTMAX_EXP_BITS, FixedPoint, accumulator_bits,
+                                 reciprocal, requantize, shift_round_half_even)
+from fxquant.integer_ops_transformer import EXECUTORS as _TRANSFORMER_EXECUTORS
 
 COMPUTE_KINDS = ("conv2d", "linear", "matmul", "conv_transpose2d")
-REQUANTIZING_KINDS = COMPUTE_KINDS + ("add", "mul", "cat", "avgpool2d", "requantize", "clamp", "lut")
-TRANSPARENT_KINDS = ("relu", "maxpool2d", "flatten", "reshape", "transpose", "upsample_nearest")
+REQUANTIZING_KINDS = COMPUTE_KINDS + ("add", "mul", "cat", "avgpool2d", "requantize", "clamp", "lut", "embedding",
+                                      "softmax", "layernorm")
+TRANSPARENT_KINDS = ("relu", "maxpool2d", "flatten", "reshape", "transpose", "upsample_nearest", "slice")
 RELABEL_KINDS = ("mul_pow2",)
 """Ops that keep the integers and change the format (no rounding)."""
 OP_KINDS = REQUANTIZING_KINDS + TRANSPARENT_KINDS + RELABEL_KINDS
@@ -115,10 +123,26 @@ class IntegerGraph:
         return self.values[name]
 
     def quantize_inputs(self, *xs: np.ndarray) -> list[np.ndarray]:
-        """Real model inputs to integer inputs: ``clamp(round_half_even(x * 2^FL))``."""
+        """Real model inputs to integer inputs: ``clamp(round_half_even(x * 2^FL))``; token ids (an
+        input an ``embedding`` reads) must be integers in ``[0, V)`` already: never rounded or clipped
+        (:class:`~fxquant.errors.InputRangeError` naming the op otherwise)."""
+        from fxquant.errors import InputRangeError
         from fxquant.fixed_point import quantize_int
 
-        return [quantize_int(x, v.fmt) for v, x in zip(self.inputs, xs, strict=True)]
+        vocab = {op.inputs[0]: op for op in self.ops if op.kind == "embedding" and op.weight is not None}
+        out = []
+        for v, x in zip(self.inputs, xs, strict=True):
+            op = vocab.get(v.name)
+            if op is not None:
+                ids = np.asarray(x)
+                n_rows = op.weight.shape[0]
+                bad = (ids != np.floor(ids)) | (ids < 0) | (ids >= n_rows) if ids.size else np.zeros(0, bool)
+                if bad.any():
+                    raise InputRangeError(f"op {op.name!r} (embedding): input {v.name!r} holds "
+                                          f"{ids[bad].reshape(-1)[0]!r}, not a token id in [0, {n_rows})",
+                                          "feed integer ids of this vocabulary; ids are never rounded or clipped")
+            out.append(quantize_int(x, v.fmt))
+        return out
 
     def run(self, *int_inputs: np.ndarray, keep_all: bool = False) -> dict[str, np.ndarray]:
         """Integer reference execution. Returns the output integers (every value with ``keep_all``)."""
@@ -136,7 +160,10 @@ class IntegerGraph:
 
         conv/linear: ``max_o(sum|w_o| * 2^(BW_in-1) + |b_o|)``; matmul: ``2^(BW_a-1) 2^(BW_b-1) K``;
         add: inputs' ``2^(BW-1)`` shifted to the common FL and summed; avgpool: window size times
-        ``2^(BW_in-1)``; other ops: the largest input magnitude.
+        ``2^(BW_in-1)``; embedding: ``max|table|`` (a gather, no sum); softmax: the row sum
+        ``L 2^E`` (``E`` = ``exp_bits``); layernorm: ``max_i |gamma_i| h_max + |beta_i|`` with
+        ``h_max = isqrt((n-1) 4^FL_h) + 1`` plus the normalization's relative error (``2^-18``) and
+        one rounding; other ops: the largest input magnitude.
         """
         vs = [self.values[i] for i in op.inputs]
         top = [1 << (v.fmt.bits - 1) for v in vs]  # max |k| of each input
@@ -159,6 +186,14 @@ class IntegerGraph:
             return top[0] * max(d * m for d, m, _ in avg_terms(op, *vs[0].shape[1:]))
         if op.kind == "mul":
             return top[0] * top[1]
+        if op.kind == "embedding" and op.weight is not None:
+            return int(np.abs(op.weight.astype(np.int64)).max(initial=0))
+        if op.kind == "softmax":
+            return vs[0].shape[-1] << int(op.attrs.get("exp_bits", SOFTMAX_EXP_BITS))
+        if op.kind == "layernorm" and op.weight is not None:
+            h = layernorm_h_bound(vs[0].shape[-1])
+            b = np.zeros(op.weight.shape, np.int64) if op.bias is None else np.abs(op.bias.astype(np.int64))
+            return int((np.abs(op.weight.astype(np.int64)) * h + b).max(initial=0))
         return max(top)
 
     def param_bits(self) -> int:
@@ -170,6 +205,13 @@ class IntegerGraph:
             if op.bias is not None:
                 total += op.bias.size * 32
         return total
+
+
+def layernorm_h_bound(n: int) -> int:
+    """Worst ``|h|`` of :func:`fxquant.fixed_point.layernorm_rows` on rows of ``n``: ``|x_hat| <=
+    sqrt(n - 1)``, at ``FL_h`` bits, times ``1 + 2^-18`` (the normalization's relative error), plus one."""
+    top = math.isqrt((n - 1) << (2 * LAYERNORM_FRAC_BITS)) + 1
+    return top + (top >> 18) + 2
 
 
 def _finish(op: Op, acc: np.ndarray, acc_frac_bits: int) -> np.ndarray:
@@ -392,5 +434,5 @@ _EXECUTORS = {
     "avgpool2d": _avgpool2d, "maxpool2d": _maxpool2d, "relu": _relu, "flatten": _flatten,
     "reshape": _reshape, "mul_pow2": _mul_pow2, "requantize": _requantize, "clamp": _clamp, "lut": _lut,
     "mul": _mul, "transpose": _transpose, "upsample_nearest": _upsample_nearest,
-    "conv_transpose2d": _conv_transpose2d,
+    "conv_transpose2d": _conv_transpose2d, **_TRANSFORMER_EXECUTORS,
 }

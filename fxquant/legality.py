@@ -21,6 +21,11 @@ Rules:
 * **windows** — max pooling pads at most half its window (``2 pad <= kernel``: a window never
   lies wholly in the padding); dilation and a ``ceil_mode`` that adds an edge window only where a
   target implements them (:func:`window_problems`).
+* **transformer kinds** — the bounds of ``embedding``, ``softmax``, ``layernorm`` and ``slice``
+  (:func:`transformer_problems`; every target that builds one of them applies it): ids at ``<BW,0>``
+  addressing every row, the softmax table at most ``2^MAX_LUT_BITS`` entries and its row sum within
+  int32, the layernorm ``D`` within ``2^62`` and rows of at most :data:`LAYERNORM_MAX_ROW`, resolved
+  slices and last-axis normalizations.
 * **shapes** — kernels a target lacks: grouped convolution, ``linear`` on an input of rank other
   than 1 (batch excluded), value formats with no integer form (``BW = 32`` is *off*), more graph
   inputs or outputs than a target's runner takes.
@@ -288,6 +293,16 @@ def requantize_shift(graph: "IntegerGraph", op: "Op") -> int | None:
         acc = ins[0] + reciprocal(math.prod(op.attrs["kernel"]))[1]
     elif op.kind in ("requantize", "clamp"):
         acc = ins[0]
+    elif op.kind == "embedding":
+        acc = op.weight_fmt.frac_bits
+    elif op.kind == "softmax":  # e * r at K = E + FL_out + G, shifted down by E + G
+        from fxquant.fixed_point import SOFTMAX_EXP_BITS, SOFTMAX_GUARD_BITS as SOFTMAX_GUARD
+
+        return -(int(op.attrs.get("exp_bits", SOFTMAX_EXP_BITS)) + SOFTMAX_GUARD)
+    elif op.kind == "layernorm":
+        from fxquant.fixed_point import LAYERNORM_FRAC_BITS
+
+        acc = op.weight_fmt.frac_bits + LAYERNORM_FRAC_BITS
     else:
         return None
     return op.out_fmt.frac_bits - acc
@@ -299,7 +314,98 @@ def shift_problems(graph: "IntegerGraph", lo: int, hi: int) -> list["Problem"]:
             for op in graph.ops for s in [requantize_shift(graph, op)] if s is not None and not lo <= s <= hi]
 
 
+# ------------------------------------------------------------------------------------ transformer kinds
+LAYERNORM_MAX_ROW = 1 << 16
+"""Longest layernorm row: keeps ``sigma >= 2^30 / sqrt(n) >= 2^22`` and ``(c << t) r < 2^60``."""
+SOFTMAX_SUM_BITS = 32
+"""The softmax row sum ``s <= L 2^E`` is held in a signed int32."""
+INT64_BITS = 64
+
+
+def layernorm_d_bound(n: int, bits: int, eps_d: int) -> int:
+    """Worst ``D = sum(c^2) + eps_D`` of a layernorm row of ``n`` ``bits``-bit integers:
+    ``sum(c^2) = n^3 var(k) <= n^3 (2^BW - 1)^2 / 4`` (the variance of values in an interval of
+    width ``w`` is at most ``w^2 / 4``), taken as ``floor`` of it plus ``eps_D``."""
+    return (n ** 3 * ((1 << bits) - 1) ** 2) // 4 + int(eps_d)
+
+
+def transformer_problems(graph: "IntegerGraph") -> list["Problem"]:
+    """The bounds of the transformer kinds (module docstring), one problem per offending op and rule."""
+    import numpy as np
+
+    from fxquant.errors import UnsupportedOpError
+    from fxquant.fixed_point import (LAYERNORM_NORM_BITS, MAX_LUT_BITS, SOFTMAX_EXP_BITS, exp_table_size,
+                                     softmax_recip_bits)
+    from fxquant.integer_ops_transformer import slice_shape
+
+    problems = []
+    for op in graph.ops:
+        vs = [graph.values[i] for i in op.inputs]
+        if op.kind == "embedding":
+            (v,) = vs
+            if op.weight is None or op.weight.ndim != 2 or op.weight_fmt is None:
+                problems.append(_problem(op, "embedding without a (V, D) table and its weight format"))
+                continue
+            rows = op.weight.shape[0]
+            if v.fmt.frac_bits != 0:
+                problems.append(_problem(op, f"token ids at {v.fmt}; ids are integers <BW,0>"))
+            elif rows - 1 > v.fmt.qmax:
+                problems.append(_problem(op, f"ids at {v.fmt} reach {v.fmt.qmax}; the table has {rows} rows "
+                                             f"(ids need {(rows - 1).bit_length() + 1} bits)"))
+        elif op.kind == "softmax":
+            v, e_bits = vs[0], int(op.attrs.get("exp_bits", SOFTMAX_EXP_BITS))
+            if op.attrs.get("dim", len(v.shape)) != len(v.shape) or not v.shape:
+                problems.append(_problem(op, f"softmax over axis {op.attrs.get('dim')!r}, not the last "
+                                             f"({len(v.shape)})"))
+            if not 1 <= e_bits <= 24:
+                problems.append(_problem(op, f"exp_bits {e_bits} outside 1..24"))
+                continue
+            if v.fmt.frac_bits is None or op.out_fmt.frac_bits is None:
+                continue  # format_problems names it
+            size = exp_table_size(v.fmt, e_bits)
+            if size > 1 << MAX_LUT_BITS:
+                problems.append(_problem(op, f"exponential table of {size} entries for scores at {v.fmt}; "
+                                             f"at most 2^{MAX_LUT_BITS} (fewer score frac bits)"))
+            if v.shape and not fits(v.shape[-1] << e_bits, SOFTMAX_SUM_BITS):
+                problems.append(_problem(op, f"row sum {v.shape[-1]} * 2^{e_bits} exceeds int{SOFTMAX_SUM_BITS}"))
+            if not 0 <= softmax_recip_bits(op.out_fmt, e_bits) <= 60:
+                problems.append(_problem(op, f"output {op.out_fmt}: reciprocal scale 2^"
+                                             f"{softmax_recip_bits(op.out_fmt, e_bits)} outside 2^0..2^60"))
+            if op.attrs.get("causal") and len(v.shape) < 2:
+                problems.append(_problem(op, "causal mask on scores without (query, key) axes"))
+            if len(vs) > 1:
+                m = vs[1]
+                if m.fmt.frac_bits != 0 or len(m.shape) != len(v.shape) or any(
+                        a not in (1, b) for a, b in zip(m.shape, v.shape)):
+                    problems.append(_problem(op, f"mask {list(m.shape)} at {m.fmt} does not broadcast to scores "
+                                                 f"{list(v.shape)} (integer <BW,0>, same rank, dims equal or 1)"))
+        elif op.kind == "layernorm":
+            v = vs[0]
+            if op.attrs.get("dim", len(v.shape)) != len(v.shape) or not v.shape:
+                problems.append(_problem(op, f"layernorm over axis {op.attrs.get('dim')!r}, not the last "
+                                             f"({len(v.shape)})"))
+                continue
+            n, eps = v.shape[-1], op.attrs.get("eps")
+            if op.weight is None or op.weight.shape != (n,) or op.weight_fmt is None:
+                problems.append(_problem(op, f"layernorm without gamma of shape ({n},) and its format"))
+            if isinstance(eps, bool) or not isinstance(eps, (int, np.integer)) or eps < 0:
+                problems.append(_problem(op, f"eps {eps!r} is not a non-negative integer (fixed_point.layernorm_eps)"))
+                continue
+            if n > LAYERNORM_MAX_ROW:
+                problems.append(_problem(op, f"row of {n} entries; at most {LAYERNORM_MAX_ROW}"))
+            d = layernorm_d_bound(n, v.fmt.bits, eps)
+            if d >= 1 << LAYERNORM_NORM_BITS:
+                problems.append(_problem(op, f"variance sum can reach {d}, beyond 2^{LAYERNORM_NORM_BITS} "
+                                             f"(rows of {n} at {v.fmt.bits} bits)"))
+        elif op.kind == "slice":
+            try:
+                slice_shape(op, vs[0].shape)
+            except UnsupportedOpError as err:
+                problems.append(_problem(op, err.message))
+    return problems
+
+
 __all__ = ["accumulator_problems", "add_bound", "avg_window_problems", "avg_window_shift", "ceil_adds_window",
            "dot_bound", "fit_problems", "fits", "format_problems", "int_max", "lut_problems", "require_avg_window",
-           "require_fits", "requantize_shift", "shape_problems", "shift_problems", "width_problems",
-           "window_problems"]
+           "require_fits", "requantize_shift", "shape_problems", "shift_problems", "transformer_problems",
+           "width_problems", "window_problems"]

@@ -109,6 +109,10 @@ class Target(ABC):
             from fxquant.legality import lut_problems
 
             problems += lut_problems(graph)
+        if self.ops & {"embedding", "softmax", "layernorm", "slice"}:  # their bounds, for every target with one
+            from fxquant.legality import transformer_problems
+
+            problems += transformer_problems(graph)
         return problems + self.check_graph(graph, **self.options(**options))
 
     def check_graph(self, graph: IntegerGraph, **options: Any) -> list[Problem]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import numpy as np
 import pytest
 
@@ -164,3 +167,77 @@ def test_average_pool_bound_covers_ceil_mode_edge_windows() -> None:
     sums = _windows(x, op, 0).sum(axis=(-1, -2))[0, 0]
     reached = max(abs(int(s)) * reciprocal(int(d))[0] for s, d in zip(sums.ravel(), avg_divisors(op, 6, 6).ravel()))
     assert reached == bound
+
+
+# ------------------------------------------------------------------------------------ transformer kinds
+def _transformer_graph():
+    """One offender per transformer rule, on separate branches: every one is listed at once."""
+    from fxquant.fixed_point import layernorm_eps
+
+    m = GraphMaker((4,), F(4, 0), name="ids")  # ids reach 7: a 9-row table is not addressable
+    m.embedding("emb_rows", "ids", 9, 2, F(8, 6))
+    frac = m.input("frac_ids", (4,), F(8, 1))
+    m.embedding("emb_frac", frac, 3, 2, F(8, 6))
+    s16 = m.input("scores16", (2, 4), F(16, 12))  # exp table of ~45,000 entries
+    m.softmax("sm_table", s16, F(8, 7))
+    long = m.input("long", (1, 1 << 17), F(4, 0))  # row sum 2^17 * 2^15 > int32
+    m.softmax("sm_sum", long, F(8, 7))
+    m.softmax("sm_mask", s16, F(8, 7), mask=m.input("mask", (3, 4), F(2, 0)))
+    wide = m.input("wide", (2, 2048), F(16, 8))  # 2048^3 2^32 / 4 > 2^62
+    m._op("ln_d", "layernorm", (wide,), (2, 2048), F(8, 4), weight=np.ones(2048, np.int64), weight_fmt=F(8, 6),
+          attrs={"dim": 2, "eps": layernorm_eps(1e-5, 2048, F(16, 8))})
+    m._op("ln_eps", "layernorm", ("ids",), (4,), F(8, 4), weight=np.ones(4, np.int64), weight_fmt=F(8, 6),
+          attrs={"dim": 1, "eps": 1e-5})
+    m._op("sl", "slice", ("ids",), (0,), F(4, 0), attrs={"dim": 1, "start": 3, "stop": 3})
+    return m.graph("emb_rows")
+
+
+def test_transformer_rules_list_every_offender() -> None:
+    graph = _transformer_graph()
+    problems = {p.layer: str(p) for p in legality.transformer_problems(graph)}
+    assert set(problems) == {"emb_rows", "emb_frac", "sm_table", "sm_sum", "sm_mask", "ln_d", "ln_eps", "sl"}
+    assert "the table has 9 rows (ids need 5 bits)" in problems["emb_rows"]
+    assert "token ids at <8,1>" in problems["emb_frac"]
+    assert re.search(r"exponential table of \d+ entries for scores at <16,12>", problems["sm_table"])
+    assert "row sum 131072 * 2^15 exceeds int32" in problems["sm_sum"]
+    assert "does not broadcast" in problems["sm_mask"]
+    assert "beyond 2^62" in problems["ln_d"]
+    assert "eps 1e-05 is not a non-negative integer" in problems["ln_eps"]
+    assert "slice 3:3:1 of an axis of 4 is not resolved" in problems["sl"]
+
+
+def test_transformer_bounds_by_hand() -> None:
+    from fxquant.fixed_point import exp_table_size
+    from fxquant.integer_graph import layernorm_h_bound
+
+    # <8,4>: (E + 1) ln2 2^4 = 177.4...: entries 0..178 (index 178 is the first zero)
+    assert exp_table_size(F(8, 4)) == 179 and exp_table_size(F(6, 4)) == 64 and exp_table_size(F(8, -2)) == 4
+    assert legality.layernorm_d_bound(768, 16, 0) == 768**3 * 65535**2 // 4 < 2**62
+    assert legality.layernorm_d_bound(1626, 16, 0) >= 2**62 > legality.layernorm_d_bound(1625, 16, 0)
+    m = GraphMaker((4, 8), F(8, 4))
+    sm = m.softmax("sm", "input", F(8, 7))
+    ln = m.layernorm("ln", sm, F(8, 6), F(8, 4), bias=False)
+    emb_ids = m.input("ids", (4,), F(5, 0))
+    m.embedding("emb", emb_ids, 10, 3, F(8, 6), out_fmt=F(8, 3))
+    g = m.graph(ln, "emb")
+    ops = {op.name: op for op in g.ops}
+    assert g.accumulator_bound(ops["sm"]) == 8 << 15
+    gamma_max = int(np.abs(ops["ln"].weight).max())
+    assert g.accumulator_bound(ops["ln"]) == gamma_max * layernorm_h_bound(8)
+    assert layernorm_h_bound(8) >= math.isqrt(7 << 32) + 1  # sqrt(n - 1) at 16 fractional bits
+    assert g.accumulator_bound(ops["emb"]) == int(np.abs(ops["emb"].weight).max())
+    assert legality.requantize_shift(g, ops["sm"]) == -(15 + 4)  # e * r at K = E + FL_out + G
+    assert legality.requantize_shift(g, ops["ln"]) == 4 - (6 + 16)
+    assert legality.requantize_shift(g, ops["emb"]) == 3 - 6
+    assert legality.transformer_problems(g) == []
+
+
+@pytest.mark.parametrize("target_name", ["onnx-qdq", "qonnx", "cpu", "cuda", "fpga"])
+def test_targets_refuse_the_transformer_kinds_by_kind(target_name: str) -> None:
+    """A target without the kinds names each op by kind (its check must not crash on them)."""
+    from fxquant.backends.registry import get_target
+
+    graph = _transformer_graph()
+    problems = get_target(target_name).check(graph)
+    by_kind = {p.layer for p in problems if "is not supported by target" in p.reason}
+    assert by_kind == {op.name for op in graph.ops}, problems

@@ -7,6 +7,12 @@ Hypothesis draws a chain (with side branches, so a DAG) of the op kinds on a ran
 bit-exact and an independent ``target.run`` equals ``IntegerGraph.run``
 (:func:`harness.assert_bit_exact`).
 
+The transformer kinds (``embedding`` from a token-id input, ``softmax`` with an optional padding
+mask input and ``causal``, ``layernorm``, ``slice``/select) are drawn only for a target that
+declares them, or for no target: a target's draws stay exactly those it was tuned on until it adds
+a kind. No registry target has them yet, so they run on the in-test reference target
+(:func:`test_random_graphs_with_the_transformer_kinds_on_the_reference`).
+
 Formats are drawn inside the target's declared ``limits`` three times in four (so the expensive
 targets build what they draw more often than not) and anywhere in 2..16 otherwise. Cheap targets
 (ONNX files run by onnxruntime / qonnx) get many examples, TVM and g++ builds a few. Reproducible
@@ -31,7 +37,8 @@ from fxquant.fixed_point import MAX_LUT_BITS, FixedPoint, reciprocal
 from fxquant.integer_graph import OP_KINDS, IntegerGraph
 from tests.conformance.harness import assert_bit_exact, assert_refused
 from tests.conformance.test_conformance import MUST_RUN
-from tests.conformance.zoo import GraphMaker, format_inputs
+from tests.conformance.reference_target import ReferenceTarget
+from tests.conformance.zoo import GraphMaker, token_inputs
 
 SEED = 20261202
 EXAMPLES = {"onnx-qdq": 150, "qonnx": 150, "cpu": 3, "cuda": 3, "fpga": 3}
@@ -70,18 +77,29 @@ def random_graphs(draw, act: tuple[int, int] = (2, 16), weight: tuple[int, int] 
                   kinds: frozenset[str] | None = None) -> tuple[IntegerGraph, list[np.ndarray]]:
     """A random (graph, float inputs); op kinds mostly from ``kinds`` (a target's ``ops``)."""
     seed = draw(st.integers(0, 2**16))
-    rank = draw(st.sampled_from(["image", "vector", "matrix"]))
-    if rank == "image":
+
+    def allowed(kind: str) -> bool:  # the transformer kinds only where the target has them (or no target):
+        return kinds is None or kind in kinds  # a target's draws stay those it was tuned on
+
+    rank = draw(st.sampled_from(["image", "vector", "matrix"] + ["tokens"] * allowed("embedding")))
+    if rank == "tokens":  # integer ids <BW,0> (valid ids: token_inputs) into an embedding, then a matrix
+        shape = (draw(st.integers(1, 4)),)
+    elif rank == "image":
         shape = (draw(st.integers(1, 3)), draw(st.integers(2, 6)), draw(st.integers(2, 6)))
     elif rank == "vector":
         shape = (draw(st.integers(1, 8)),)
     else:
         s = draw(st.integers(2, 4))
         shape = (s, s)
-    m = GraphMaker(shape, _fmt(draw, act), seed=seed)
+    m = GraphMaker(shape, _fmt(draw, act) if rank != "tokens" else FixedPoint(max(2, _bits(draw, act)), 0), seed=seed)
     # drawn as "MAX_OPS minus k": hypothesis starts from the simplest draw, which is then the longest
     # chain -- the expensive targets run a few examples only, and each should exercise several ops
     cur, n_ops = "input", MAX_OPS - draw(st.integers(0, MAX_OPS - 1))
+    if rank == "tokens":
+        w_fmt = _fmt(draw, weight)
+        vocab = draw(st.integers(1, min(12, m.values[cur].fmt.qmax + 1)))
+        cur = m.embedding("embed", cur, vocab, draw(st.integers(1, 4)), w_fmt,
+                          w_fmt if draw(st.booleans()) else _fmt(draw, act, near=w_fmt.frac_bits))
 
     def fmt_of(name: str) -> FixedPoint:
         return m.values[name].fmt
@@ -103,6 +121,7 @@ def random_graphs(draw, act: tuple[int, int] = (2, 16), weight: tuple[int, int] 
             options = ["matmul"] * (shp[0] == shp[1]) + ["relu", "requantize", "flatten"]
         options += [k for k in ("reshape", "mul_pow2", "clamp", "lut", "mul") if k in OP_KINDS]
         options += ["transpose"] * (len(shp) > 1)
+        options += [k for k in ("softmax", "layernorm", "slice") if allowed(k)]
         preferred = [k for k in options if kinds is None or k in kinds] or options
         kind = draw(st.sampled_from(options if draw(st.integers(0, 3)) == 3 else preferred))
         name, fl_in = f"op{i}", fmt_of(cur).frac_bits
@@ -170,6 +189,24 @@ def random_graphs(draw, act: tuple[int, int] = (2, 16), weight: tuple[int, int] 
             fl = fl_in + fmt_of(other).frac_bits
             cur = m.mul(name, *((cur, other) if draw(st.booleans()) else (other, cur)), _fmt(draw, act, near=fl),
                         relu=draw(st.booleans()))
+        elif kind == "softmax":
+            if fmt_of(cur).bits > MAX_LUT_BITS:
+                cur = m.requantize(f"to_softmax{i}", cur, FixedPoint(draw(st.integers(2, 8)), fl_in))
+            mask = None
+            if draw(st.booleans()):  # a padding mask input: the scores' rank, some dims broadcast
+                mask = m.input(f"mask{i}", tuple(d if draw(st.booleans()) else 1 for d in shp), FixedPoint(2, 0))
+            cur = m.softmax(name, cur, _fmt(draw, act), mask=mask, causal=len(shp) > 1 and draw(st.booleans()))
+        elif kind == "layernorm":
+            cur = m.layernorm(name, cur, _fmt(draw, weight), _fmt(draw, act),
+                              eps=draw(st.sampled_from([0.0, 1e-5, 1e-2])), bias=draw(st.booleans()))
+        elif kind == "slice":
+            dim = draw(st.integers(1, len(shp)))
+            size = shp[dim - 1]
+            if len(shp) > 1 and draw(st.booleans()):
+                cur = m.select(name, cur, dim, draw(st.integers(0, size - 1)))
+            else:
+                start = draw(st.integers(0, size - 1))
+                cur = m.slice(name, cur, dim, start, draw(st.integers(start + 1, size)), draw(st.integers(1, 2)))
         elif kind == "transpose":
             perm = tuple(draw(st.permutations(range(len(shp)))))
             cur = m.transpose(name, cur, perm)
@@ -215,7 +252,7 @@ def random_graphs(draw, act: tuple[int, int] = (2, 16), weight: tuple[int, int] 
         if op.bias is not None:
             op.bias = np.clip(op.bias, -(1 << 31), (1 << 31) - 1)
     graph = m.graph(cur)
-    return graph, format_inputs(graph, n=4, seed=seed)
+    return graph, token_inputs(graph, seed=seed, n=4)
 
 
 OUTCOMES: dict[str, list[str]] = {}
@@ -282,3 +319,25 @@ def test_generator_reaches_every_op_kind_and_format_corner() -> None:
             widths.add(v.fmt.bits)
     assert set(OP_KINDS) <= kinds, set(OP_KINDS) - kinds
     assert fls_neg and fls_big and {2, 16} <= widths
+
+
+TRANSFORMER_KINDS = {"embedding", "softmax", "layernorm", "slice"}
+
+
+def test_random_graphs_with_the_transformer_kinds_on_the_reference() -> None:
+    """The reference target (every op kind) on random graphs: the new kinds' graphs pass the shared
+    legality rules and run (no target builds them yet, so this is where the generator's draws of them run)."""
+    target, drawn = ReferenceTarget(), []
+
+    @seed(SEED)
+    @settings(max_examples=80, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(case=random_graphs(kinds=target.ops))
+    def check(case: tuple[IntegerGraph, list[np.ndarray]]) -> None:
+        drawn.append({op.kind for op in case[0].ops})
+        _conforms(target, *case)
+
+    OUTCOMES.pop(target.name, None)
+    check()
+    assert "refused" not in OUTCOMES[target.name], "a generated graph breaks a legality rule of the reference"
+    assert TRANSFORMER_KINDS <= set().union(*drawn), TRANSFORMER_KINDS - set().union(*drawn)

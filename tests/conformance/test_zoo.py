@@ -57,10 +57,16 @@ def test_every_width_and_frac_bits_corner() -> None:
 
 
 def test_inputs_saturate_and_tie() -> None:
+    """Every input saturates and ties, except token ids: they are checked, never clipped, so they
+    span their valid range ``[0, V)`` exactly (both ends) as integers instead."""
     for name, case in CASES.items():
         graph, xs = case.build()
         assert len(xs) == len(graph.inputs), name
+        vocab = {op.inputs[0]: op.weight.shape[0] for op in graph.ops if op.kind == "embedding"}
         for v, x, k in zip(graph.inputs, xs, graph.quantize_inputs(*xs)):
+            if v.name in vocab:
+                assert np.array_equal(x, k) and k.min() == 0 and k.max() == vocab[v.name] - 1, f"{name}: {v.name}"
+                continue
             assert (k == v.fmt.qmin).any() and (k == v.fmt.qmax).any(), f"{name}: input {v.name} never saturates"
             scaled = np.ldexp(x, v.fmt.frac_bits)
             assert (scaled - np.floor(scaled) == 0.5).any(), f"{name}: input {v.name} has no rounding tie"
@@ -115,9 +121,15 @@ def test_names_make_unambiguous_ids_and_builds_are_reproducible() -> None:
         assert all(x.shape[0] >= 3 for x in x1), name
 
 
+MAX_OPS = 12
+MORE_OPS = {"transformer_block": 14}
+"""Cases allowed more ops, by name: an encoder block is LN, q/k/v, K^T, two matmuls, softmax, two adds,
+LN and a three-op MLP (14); every target refuses it by op kind before building anything."""
+
+
 def test_graphs_are_tiny() -> None:
     """TVM, nvcc and g++ builds dominate the suite's runtime: no case may grow big unnoticed."""
     for name, g in _graphs().items():
-        assert len(g.ops) <= 12, name
+        assert len(g.ops) <= MORE_OPS.get(name, MAX_OPS), name
         assert sum(op.weight.size for op in g.ops if op.weight is not None) <= 20_000, name
         assert max(math.prod(v.shape) for v in g.values.values()) <= 4096, name

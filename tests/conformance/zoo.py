@@ -226,6 +226,51 @@ class GraphMaker:
     def matmul(self, name: str, a: str, b: str, out_fmt: FixedPoint) -> str:
         return self._op(name, "matmul", (a, b), (*self.values[a].shape[:-1], self.values[b].shape[-1]), out_fmt)
 
+    def dense(self, name: str, src: str, out_f: int, w_fmt: FixedPoint, out_fmt: FixedPoint, *, relu: bool = False,
+              bias: bool = True, weight: np.ndarray | None = None) -> str:
+        """``linear`` on the last dimension of a value of any rank (a transformer's projections)."""
+        shape = self.values[src].shape
+        w = self._rand(w_fmt, (out_f, shape[-1])) if weight is None else weight
+        return self._op(name, "linear", (src,), (*shape[:-1], w.shape[0]), out_fmt, weight=w, weight_fmt=w_fmt,
+                        bias=self._bias(src, w_fmt, w.shape[0]) if bias else None, attrs={"relu": relu})
+
+    def embedding(self, name: str, ids: str, vocab: int, dim: int, w_fmt: FixedPoint,
+                  out_fmt: FixedPoint | None = None) -> str:
+        """A ``(vocab, dim)`` table gathered by the token ids ``ids`` (exact unless ``out_fmt`` differs)."""
+        return self._op(name, "embedding", (ids,), (*self.values[ids].shape, dim), out_fmt or w_fmt,
+                        weight=self._rand(w_fmt, (vocab, dim)), weight_fmt=w_fmt)
+
+    def softmax(self, name: str, src: str, out_fmt: FixedPoint, *, mask: str | None = None,
+                causal: bool = False) -> str:
+        shape = self.values[src].shape
+        return self._op(name, "softmax", (src,) + ((mask,) if mask else ()), shape, out_fmt,
+                        attrs={"dim": len(shape), "causal": causal})
+
+    def layernorm(self, name: str, src: str, w_fmt: FixedPoint, out_fmt: FixedPoint, *, eps: float = 1e-5,
+                  bias: bool = True) -> str:
+        """gamma random in ``w_fmt``; beta int32 on ``FL_w + LAYERNORM_FRAC_BITS``, real values in (-2, 2)."""
+        from fxquant.fixed_point import LAYERNORM_FRAC_BITS, layernorm_eps
+
+        shape, fmt = self.values[src].shape, self.values[src].fmt
+        span = 1 << (w_fmt.frac_bits + LAYERNORM_FRAC_BITS + 1)
+        beta = self.rng.integers(-span, span, size=shape[-1], dtype=np.int64) if bias else None
+        return self._op(name, "layernorm", (src,), shape, out_fmt, weight=self._rand(w_fmt, (shape[-1],)),
+                        weight_fmt=w_fmt, bias=beta,
+                        attrs={"dim": len(shape), "eps": layernorm_eps(eps, shape[-1], fmt)})
+
+    def slice(self, name: str, src: str, dim: int, start: int, stop: int, step: int = 1) -> str:
+        """``x[..., start:stop:step, ...]`` on array axis ``dim`` (the batch is axis 0)."""
+        shape = list(self.values[src].shape)
+        shape[dim - 1] = len(range(start, stop, step))
+        return self._op(name, "slice", (src,), tuple(shape), self.values[src].fmt,
+                        attrs={"dim": dim, "start": start, "stop": stop, "step": step})
+
+    def select(self, name: str, src: str, dim: int, index: int) -> str:
+        """``x.select(dim, index)``: the axis removed (``x[:, 0]`` is ``dim=1, index=0``)."""
+        shape = self.values[src].shape
+        return self._op(name, "slice", (src,), shape[:dim - 1] + shape[dim:], self.values[src].fmt,
+                        attrs={"dim": dim, "index": index})
+
     def graph(self, *outputs: str) -> IntegerGraph:
         return IntegerGraph(list(self.inputs), list(self.ops), list(outputs), dict(self.values), dict(self.layers))
 
@@ -726,6 +771,105 @@ def conv_acc_near_int32() -> IntegerGraph:
     return m.graph("conv")
 
 
+# =========================================================================== transformers (issue 14)
+def token_inputs(graph: IntegerGraph, seed: int = 0, n: int = N_SAMPLES) -> list[np.ndarray]:
+    """:func:`format_inputs`, except that every input read by an ``embedding`` gets token ids in
+    ``[0, V)`` (integral floats; sample 0 all ``0``, sample 1 all ``V - 1``): ids are checked, never clipped,
+    so they cannot saturate as other inputs do."""
+    xs = format_inputs(graph, n=n, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for op in graph.ops:
+        if op.kind == "embedding" and op.inputs[0] in [v.name for v in graph.inputs]:
+            i = [v.name for v in graph.inputs].index(op.inputs[0])
+            vocab = op.weight.shape[0]
+            ids = rng.integers(0, vocab, size=xs[i].shape).astype(np.float64)
+            ids[0], ids[1 % n] = 0, vocab - 1
+            xs[i] = ids
+    return xs
+
+
+def embedding_lookup() -> IntegerGraph:
+    """Token + position embeddings (ids <6,0> into a 20 x 8 table, exact; positions <4,0> into a 6 x 8
+    table requantized <6,5> -> <6,4>), their sum, and a tied output head (linear with the token table)."""
+    m = GraphMaker((6,), F(6, 0), seed=80, name="ids")
+    pos = m.input("pos", (6,), F(4, 0))
+    tok = m.embedding("tok_emb", "ids", 20, 8, F(8, 6))
+    pe = m.embedding("pos_emb", pos, 6, 8, F(6, 5), out_fmt=F(6, 4))
+    h = m.add("embed_sum", tok, pe, F(8, 5), relu=False)
+    table = next(op.weight for op in m.ops if op.name == "tok_emb")
+    return m.graph(m.dense("lm_head", h, 20, F(8, 6), F(10, 3), weight=table, bias=False))
+
+
+def attention_head() -> IntegerGraph:
+    """One attention head on (S=4, D=8): q/k/v projections, Q K^T (a matmul of two activations), a
+    1/2 = 1/sqrt(d) scale (mul_pow2), a softmax with a padding mask (1, S) (nonzero = keep) into
+    <8,7>, and attention x V."""
+    m = GraphMaker((4, 8), F(8, 4), seed=81)
+    mask = m.input("mask", (1, 4), F(2, 0))
+    q = m.dense("q", "input", 4, F(6, 5), F(8, 4))
+    k = m.dense("k", "input", 4, F(6, 5), F(8, 4))
+    v = m.dense("v", "input", 4, F(6, 5), F(8, 4))
+    kt = m.transpose("k_t", k, (1, 0))
+    s = m.matmul("scores", q, kt, F(8, 3))
+    s = m._op("scale", "mul_pow2", (s,), m.values[s].shape, F(8, 4), attrs={"exponent": -1})
+    p = m.softmax("softmax", s, F(8, 7), mask=mask)
+    return m.graph(m.matmul("context", p, v, F(8, 4)))
+
+
+def causal_attention() -> IntegerGraph:
+    """Two causal heads (GPT style) on (S=4, D=8): projections reshaped (4, 2, 4) and permuted to heads
+    (2, 4, 4) / (2, 4, 4)^T, batched matmuls over the head axis, a causal softmax with a (1, 1, S)
+    padding mask broadcast over heads and queries, into <9,8> (unsigned-range storage)."""
+    m = GraphMaker((4, 8), F(8, 4), seed=82)
+    mask = m.input("mask", (1, 1, 4), F(2, 0))
+    q = m.transpose("q_heads", m.reshape("q_split", m.dense("q", "input", 8, F(6, 5), F(8, 4)), (4, 2, 4)), (1, 0, 2))
+    k = m.transpose("k_heads", m.reshape("k_split", m.dense("k", "input", 8, F(6, 5), F(8, 4)), (4, 2, 4)), (1, 2, 0))
+    v = m.transpose("v_heads", m.reshape("v_split", "input", (4, 2, 4)), (1, 0, 2))
+    s = m.matmul("scores", q, k, F(8, 2))
+    p = m.softmax("softmax", s, F(9, 8), mask=mask, causal=True)
+    return m.graph(m.matmul("context", p, v, F(8, 4)))
+
+
+def layernorm_block() -> IntegerGraph:
+    """LayerNorm over 16 features (<8,3> in, gamma <8,6>, beta, eps 1e-5) into <8,4>; then one on a
+    16-bit input <16,10> with a large eps (1e-2, which dominates small variances) and no beta into <12,8>.
+    Sample 0 saturates every input to qmin: a constant row (variance 0, output beta)."""
+    m = GraphMaker((3, 16), F(8, 3), seed=83)
+    h = m.layernorm("ln", "input", F(8, 6), F(8, 4))
+    w = m.requantize("to16", h, F(16, 10))
+    return m.graph(m.layernorm("ln_eps", w, F(7, 5), F(12, 8), eps=1e-2, bias=False))
+
+
+def slice_cls() -> IntegerGraph:
+    """The CLS token x[:, 0] (select: the axis removed) into a classifier; x[:, 1:5:2] (a strided slice);
+    a split of the features in two halves (two slices) added back together."""
+    m = GraphMaker((5, 6), F(7, 3), seed=84)
+    cls = m.select("cls", "input", 1, 0)
+    logits = m.linear("classifier", cls, 3, F(6, 5), F(8, 3))
+    strided = m.slice("strided", "input", 1, 1, 5, 2)
+    a, b = m.slice("half_a", strided, 2, 0, 3), m.slice("half_b", strided, 2, 3, 6)
+    return m.graph(logits, m.add("halves", a, b, F(8, 3), relu=False))
+
+
+def transformer_block() -> IntegerGraph:
+    """A tiny pre-LN encoder block on (S=4, D=8): LN -> single-head attention (q/k/v, Q K^T, softmax,
+    x V) -> residual add -> LN -> MLP (8 -> 16, GELU table on <8,4>, 16 -> 8) -> residual add."""
+    m = GraphMaker((4, 8), F(8, 4), seed=85)
+    h = m.layernorm("ln1", "input", F(8, 6), F(8, 5))
+    q, k, v = (m.dense(n, h, 8, F(6, 5), F(8, 4)) for n in ("q", "k", "v"))
+    s = m.matmul("scores", q, m.transpose("k_t", k, (1, 0)), F(8, 2))
+    ctx = m.matmul("context", m.softmax("softmax", s, F(8, 7)), v, F(8, 4))
+    r = m.add("residual1", "input", ctx, F(8, 4), relu=False)
+    h = m.layernorm("ln2", r, F(8, 6), F(8, 5))
+    h = m.lut("gelu", m.dense("fc1", h, 16, F(6, 5), F(8, 4)), "gelu", F(8, 4))
+    return m.graph(m.add("residual2", r, m.dense("fc2", h, 8, F(6, 5), F(8, 4)), F(8, 4), relu=False))
+
+
+TRANSFORMER_CASES = ("embedding_lookup", "attention_head", "causal_attention", "layernorm_block", "slice_cls",
+                     "transformer_block")
+"""The transformer cases (issue 14): the reference runs them; targets declare them unsupported."""
+
+
 # =========================================================================== the registry
 @dataclass(frozen=True)
 class Case:
@@ -741,7 +885,7 @@ def _case(make: Callable[[], IntegerGraph | tuple[IntegerGraph, object]], seed: 
         graph = make()
         if isinstance(graph, tuple):  # the fpga builders return (graph, builder)
             graph = graph[0]
-        return graph, format_inputs(graph, seed=seed)
+        return graph, token_inputs(graph, seed=seed)
     return build
 
 
@@ -771,6 +915,9 @@ _MAKERS: dict[str, Callable[[], IntegerGraph | tuple[IntegerGraph, object]]] = {
     "mobilenet_block": mobilenet_block, "batchnorm_depthwise": batchnorm_depthwise, "maxpool_ceil": maxpool_ceil,
     "maxpool_dilated": maxpool_dilated, "avgpool_any": avgpool_any, "avgpool_global_7x7": avgpool_global_7x7, "channel_shuffle": channel_shuffle,
     "upsample_nearest": upsample_nearest, "conv_transpose": conv_transpose,
+    # transformers (issue 14)
+    "embedding_lookup": embedding_lookup, "attention_head": attention_head, "causal_attention": causal_attention,
+    "layernorm_block": layernorm_block, "slice_cls": slice_cls, "transformer_block": transformer_block,
 }
 
 CASES: dict[str, Case] = {
@@ -779,6 +926,7 @@ CASES: dict[str, Case] = {
 }
 """Every zoo case by name (the conformance suite's parameter ids are ``<case>-<target>``)."""
 
-__all__ = ["CASES", "Case", "F", "GraphBuilder", "GraphMaker", "OP_KINDS", "build_cnn", "build_mlp",
+__all__ = ["CASES", "TRANSFORMER_CASES", "Case", "F",
+           "GraphBuilder", "GraphMaker", "OP_KINDS", "build_cnn", "build_mlp",
            "build_residual", "cnn", "format_inputs", "fp", "matmul_graph", "mixed", "mixed_bits", "mixed_net",
-           "mlp", "residual", "residual_block", "residual_net", "sample_inputs"]
+           "mlp", "residual", "residual_block", "residual_net", "sample_inputs", "token_inputs"]
