@@ -65,9 +65,6 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("linear_acc_*_int32", "cuda"): _ACT8,
     ("conv_acc_near_int32", "cuda"): _ACT8,
     ("linear_w16_acc_*_int32", "cuda"): _W8,
-    # -- fpga: one graph input, no matmul
-    ("matmul_*", "fpga"): r"op kind 'matmul'",
-    ("add_two_inputs", "fpga"): r"2 graph inputs; this target takes 1",
     # -- transformers (issue 14): a target that does not build the new kinds refuses them by op kind
     # -- onnx-qdq
     **{(case, "onnx-qdq"): _TRANSFORMER_KIND for case in TRANSFORMER_CASES},
@@ -77,8 +74,7 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     **{(case, "cpu"): _TRANSFORMER_KIND for case in TRANSFORMER_CASES},
     # -- cuda
     **{(case, "cuda"): _TRANSFORMER_KIND for case in TRANSFORMER_CASES},
-    # -- fpga
-    **{(case, "fpga"): _TRANSFORMER_KIND for case in TRANSFORMER_CASES},
+    # -- fpga: builds every transformer case
 }
 """What each target cannot build, as data (like ``onnx.backend.test.BackendTest.exclude``)."""
 

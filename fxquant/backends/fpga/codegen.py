@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from fxquant.errors import ExportError, UsageError
-from fxquant.fixed_point import FixedPoint
+from fxquant.fixed_point import LAYERNORM_FRAC_BITS, LAYERNORM_RECIP_BITS, FixedPoint
 from fxquant.integer_graph import IntegerGraph
 
-from .plan import LayerPlan, ModelPlan, pool_attrs, check_int_inputs, plan_graph
+from .plan import LayerPlan, ModelPlan, check_graph_inputs, plan_graph, pool_attrs
 
 TOP = "fxq_model"
 TEMPLATES = Path(__file__).parent / "templates"
@@ -44,7 +44,8 @@ KERNEL_HEADERS = {"conv2d": "fxq_conv2d.h", "linear": "fxq_dense.h", "conv_trans
                   "requantize": "fxq_activation.h", "clamp": "fxq_activation.h", "lut": "fxq_activation.h",
                   "add": "fxq_merge.h", "mul": "fxq_merge.h", "cat": "fxq_merge.h", "flatten": "fxq_common.h",
                   "reshape": "fxq_common.h", "mul_pow2": "fxq_common.h", "transpose": "fxq_layout.h",
-                  "upsample_nearest": "fxq_layout.h"}
+                  "upsample_nearest": "fxq_layout.h", "slice": "fxq_layout.h", "matmul": "fxq_matmul.h",
+                  "embedding": "fxq_embedding.h", "softmax": "fxq_softmax.h", "layernorm": "fxq_layernorm.h"}
 
 
 def raw_ctype(bits: int) -> str:
@@ -52,8 +53,30 @@ def raw_ctype(bits: int) -> str:
     return "int8_t" if bits <= 8 else "int16_t"
 
 
+def _ports(values: tuple, stem: str, array: str) -> list[tuple[str, str, str, int]]:
+    """``(array, type, size macro, size)`` of each top-level port: ``in`` / ``input_t`` / ``N_INPUT``
+    for a one-input graph, ``in0``, ``in1``, ... / ``input0_t`` / ``N_INPUT0`` otherwise (outputs alike)."""
+    one = len(values) == 1
+    macro = "N_INPUT" if stem == "input" else "N_OUTPUT"
+    return [(array if one else f"{array}{i}", f"{stem}_t" if one else f"{stem}{i}_t", macro if one else f"{macro}{i}",
+             math.prod(v.shape)) for i, v in enumerate(values)]
+
+
+def in_ports(plan: ModelPlan) -> list[tuple[str, str, str, int]]:
+    return _ports(plan.inputs, "input", "in")
+
+
+def out_ports(plan: ModelPlan) -> list[tuple[str, str, str, int]]:
+    return _ports(plan.outputs, "result", "out")
+
+
+def _input_index(name: str, plan: ModelPlan) -> int | None:
+    return next((i for i, v in enumerate(plan.inputs) if v.name == name), None)
+
+
 def value_type(name: str, plan: ModelPlan) -> str:
-    return "input_t" if name == plan.input.name else f"{_value_ident(name, plan)}_t"
+    i = _input_index(name, plan)
+    return in_ports(plan)[i][1] if i is not None else f"{_value_ident(name, plan)}_t"
 
 
 def _value_ident(name: str, plan: ModelPlan) -> str:
@@ -64,7 +87,8 @@ def _value_ident(name: str, plan: ModelPlan) -> str:
 
 
 def _array(name: str, plan: ModelPlan) -> str:
-    return "in" if name == plan.input.name else f"{_value_ident(name, plan)}_out"
+    i = _input_index(name, plan)
+    return in_ports(plan)[i][0] if i is not None else f"{_value_ident(name, plan)}_out"
 
 
 def _fmt_comment(fmt: FixedPoint) -> str:
@@ -125,6 +149,8 @@ def _config(layer: LayerPlan, plan: ModelPlan, reuse: int) -> str:
              ("unsigned", "outer", d["outer"]), ("unsigned", "inner", d["inner"][i]),
              ("unsigned", "out_inner", d["out_inner"]), ("unsigned", "offset", d["offsets"][i])])
             for i, t in enumerate(ins))
+    if kind == "softmax":
+        return _softmax_config(layer, plan, reuse, comment)
     types: list[tuple[str, str]] = [out_t]
     types += [(f"in{i}_t", t) for i, t in enumerate(ins)] if len(ins) > 1 else [("in_t", ins[0])]
     consts: list[tuple[str, str, object]] = []
@@ -138,7 +164,8 @@ def _config(layer: LayerPlan, plan: ModelPlan, reuse: int) -> str:
                                     ("unsigned", "reuse_factor", reuse),
                                     ("unsigned", "n_mult", math.ceil(layer.mults / reuse))]
         if kind == "linear":
-            consts += [("unsigned", "n_in", op.weight.shape[1]), ("unsigned", "n_out", op.weight.shape[0])]
+            consts += [("unsigned", "n_in", op.weight.shape[1]), ("unsigned", "n_out", op.weight.shape[0]),
+                       ("unsigned", "rows", layer.detail["rows"])]
         else:
             consts += [("unsigned", "out_c", out.shape[0]), ("unsigned", "groups", op.attrs.get("groups", 1))]
             consts += _window_consts(layer, op.weight.shape[2:], op.attrs.get("stride", (1, 1)),
@@ -177,10 +204,39 @@ def _config(layer: LayerPlan, plan: ModelPlan, reuse: int) -> str:
                                     ("unsigned", "n1", math.prod(layer.inputs[1].shape))]
         consts += [("unsigned", f"d{i}", n) for i, n in enumerate(d["dims"])]
         consts += [("unsigned", f"{ab}{i}", n) for ab, st in zip("ab", d["strides"]) for i, n in enumerate(st)]
-    elif kind in ("transpose", "upsample_nearest"):
+    elif kind == "matmul":
+        d = layer.detail
+        types.append(acc_t)
+        consts += requant + relu + [("unsigned", "reuse_factor", reuse),
+                                    ("unsigned", "n0", math.prod(layer.inputs[0].shape)),
+                                    ("unsigned", "n1", math.prod(layer.inputs[1].shape)),
+                                    ("unsigned", "d0", d["dims"][0]), ("unsigned", "d1", d["dims"][1]),
+                                    ("unsigned", "m", d["m"]), ("unsigned", "k", d["k"]), ("unsigned", "n", d["n"])]
+        consts += [("unsigned", f"{ab}{i}", n) for ab, st in zip("ab", d["strides"]) for i, n in enumerate(st)]
+    elif kind == "embedding":
+        d = layer.detail
+        comment = (f"// {op.name} (embedding): ROM of {d['vocab']} x {d['dim']} at {op.weight_fmt}, ids "
+                   f"{layer.inputs[0].fmt} in [0, {d['vocab']}), output {out.fmt}")
+        types.append(("table_raw_t", raw_ctype(op.weight_fmt.bits)))
+        consts += [("int", "out_bits", out.fmt.bits), ("int", "shift", layer.shift),
+                   ("int", "weight_bits", op.weight_fmt.bits), ("unsigned", "n_ids", d["n_ids"]),
+                   ("unsigned", "vocab", d["vocab"]), ("unsigned", "dim", d["dim"])]
+    elif kind == "layernorm":
+        d = layer.detail
+        comment += f"; rows of {d['n']}, eps_D {d['eps']}"
+        types += [acc_t, ("weight_t", f"ap_int<{op.weight_fmt.bits}>"), ("weight_raw_t", raw_ctype(op.weight_fmt.bits)),
+                  ("bias_raw_t", "int32_t"), ("sum_t", f"ap_int<{d['sum_bits']}>"),
+                  ("centered_t", f"ap_int<{d['centered_bits']}>"), ("h_t", f"ap_int<{d['h_bits']}>")]
+        consts += requant + relu + [("bool", "has_bias", op.bias is not None),
+                                    ("unsigned", "n_bias", d["n"] if op.bias is not None else 1),
+                                    ("unsigned", "reuse_factor", reuse), ("unsigned", "rows", d["rows"]),
+                                    ("unsigned", "n", d["n"]), ("unsigned long long", "eps", f"{d['eps']}ULL"),
+                                    ("int", "recip_bits", LAYERNORM_RECIP_BITS),
+                                    ("int", "h_frac_bits", LAYERNORM_FRAC_BITS)]
+    elif kind in ("transpose", "upsample_nearest", "slice"):
         comment = f"// {op.name} ({kind}): integers move, format {out.fmt}"
         d = layer.detail
-        consts += [("unsigned", "n_in", math.prod(layer.inputs[0].shape))]
+        consts += [("unsigned", "n_in", math.prod(layer.inputs[0].shape)), ("unsigned", "offset", d["offset"])]
         consts += [("unsigned", f"d{i}", n) for i, n in enumerate(d["dims"])]
         consts += [("unsigned", f"s{i}", n) for i, n in enumerate(d["strides"])]
     else:  # relu
@@ -189,9 +245,29 @@ def _config(layer: LayerPlan, plan: ModelPlan, reuse: int) -> str:
     return _struct(layer.ident, comment, types, consts)
 
 
+def _softmax_config(layer: LayerPlan, plan: ModelPlan, reuse: int, comment: str) -> str:
+    op, out, d = layer.op, layer.output, layer.detail
+    mask_t = value_type(op.inputs[1], plan) if len(op.inputs) > 1 else "ap_int<2>"
+    n_mask = math.prod(layer.inputs[1].shape) if len(op.inputs) > 1 else 1
+    comment += (f"; exp ROM of {d['table'].size} entries at E = {d['exp_bits']}, K = {d['recip_k']}, "
+                f"{'a mask' if len(op.inputs) > 1 else 'no mask'}{', causal' if d['causal'] else ''}")
+    types = [("out_t", value_type(out.name, plan)), ("in_t", value_type(op.inputs[0], plan)), ("mask_t", mask_t),
+             ("table_raw_t", "int32_t"), ("exp_t", f"ap_uint<{d['exp_t_bits']}>"), ("sum_t", f"ap_uint<{d['sum_bits']}>"),
+             ("recip_t", f"ap_uint<{d['recip_bits']}>"), ("accum_t", f"ap_int<{layer.acc_bits}>")]
+    m = d["mask_strides"]
+    consts = [("int", "in_bits", layer.inputs[0].fmt.bits), ("int", "out_bits", out.fmt.bits),
+              ("int", "shift", layer.shift), ("unsigned", "reuse_factor", reuse),
+              ("unsigned", "d0", d["dims"][0]), ("unsigned", "d1", d["dims"][1]), ("unsigned", "d2", d["dims"][2]),
+              ("unsigned", "len", d["len"]), ("unsigned", "n_mask", n_mask), ("unsigned", "m0", m[0]),
+              ("unsigned", "m1", m[1]), ("unsigned", "m2", m[2]), ("unsigned", "mj", m[3]),
+              ("bool", "causal", d["causal"]), ("unsigned", "table_size", d["table"].size),
+              ("int", "recip_k", d["recip_k"]), ("int", "num_bits", d["num_bits"])]
+    return _struct(layer.ident, comment, types, consts)
+
+
 COPY_KINDS = ("flatten", "reshape", "mul_pow2")
 """Kinds whose integers keep their flat CHW order: a copy (no configuration struct)."""
-TABLE_KINDS = ("conv2d", "linear", "conv_transpose2d", "avgpool2d", "lut")
+TABLE_KINDS = ("conv2d", "linear", "conv_transpose2d", "avgpool2d", "lut", "embedding", "softmax", "layernorm")
 """Kinds with a constant array header in ``firmware/weights/``."""
 
 
@@ -204,6 +280,18 @@ def _weights_header(layer: LayerPlan) -> str:
         body = (f"// {op.name}: table of {op.attrs.get('function', 'a function')} on {layer.inputs[0].fmt} -> "
                 f"{layer.output.fmt}, entry k - qmin_in for input integer k (a ROM)\n"
                 f"static const {ctype} t_{layer.ident}[{table.size}] = {{\n{_int_lines(table)}\n}};\n")
+    elif layer.kind == "embedding":
+        table = op.weight
+        body = (f"// {op.name}: embedding table {op.weight_fmt} shape {tuple(table.shape)}, row-major (a ROM)\n"
+                f"static const {raw_ctype(op.weight_fmt.bits)} t_{layer.ident}[{table.size}] = {{\n"
+                f"{_int_lines(table.ravel())}\n}};\n")
+    elif layer.kind == "softmax":
+        table = layer.detail["table"]
+        body = (f"// {op.name}: exp ROM, entry i = round_half_even(exp(-i 2^-{layer.inputs[0].fmt.frac_bits}) "
+                f"2^{layer.detail['exp_bits']}) (fixed_point.softmax_exp_table)\n"
+                f"static const int32_t t_{layer.ident}[{table.size}] = {{\n{_int_lines(table)}\n}};\n")
+        if len(op.inputs) == 1:
+            body += f"// no mask input: every entry kept\nstatic const ap_int<2> nm_{layer.ident}[1] = {{1}};\n"
     elif layer.kind == "avgpool2d":
         mults = layer.detail["mults"]
         body = (f"// {op.name}: m[d] = M_d * 2^(S - s_d) for every window divisor d (0: no window has it)\n"
@@ -211,12 +299,13 @@ def _weights_header(layer: LayerPlan) -> str:
     else:
         assert op.weight is not None and op.weight_fmt is not None  # checked by plan_graph
         bias = op.bias if op.bias is not None else np.zeros(1, dtype=np.int64)
-        body = (f"// {op.name}: weight {op.weight_fmt} shape {tuple(op.weight.shape)}; bias int32 on FL "
+        what = "gamma" if layer.kind == "layernorm" else "weight"
+        body = (f"// {op.name}: {what} {op.weight_fmt} shape {tuple(op.weight.shape)}; bias int32 on FL "
                 f"{layer.acc_frac_bits}{'' if op.bias is not None else ' (none: one unused zero)'}\n"
                 f"static const {raw_ctype(op.weight_fmt.bits)} w_{layer.ident}[{op.weight.size}] = {{\n"
                 f"{_int_lines(op.weight.ravel())}\n}};\n"
                 f"static const int32_t b_{layer.ident}[{bias.size}] = {{\n{_int_lines(bias.ravel())}\n}};\n")
-    return f"#ifndef {guard}\n#define {guard}\n#include <cstdint>\n{body}#endif\n"
+    return f"#ifndef {guard}\n#define {guard}\n#include <cstdint>\n#include \"ap_int.h\"\n{body}#endif\n"
 
 
 def _cat_function(layer: LayerPlan, plan: ModelPlan) -> str:
@@ -239,6 +328,13 @@ def _call(layer: LayerPlan, plan: ModelPlan) -> str:
         return f"fxq::{fn}<{cfg}>({ins[0]}, {out}, w_{layer.ident}, b_{layer.ident});"
     if kind == "avgpool2d":
         return f"fxq::avgpool2d<{cfg}>({ins[0]}, {out}, m_{layer.ident});"
+    if kind == "embedding":
+        return f"fxq::embedding<{cfg}>({ins[0]}, {out}, t_{layer.ident});"
+    if kind == "softmax":
+        mask = ins[1] if len(ins) > 1 else f"nm_{layer.ident}"
+        return f"fxq::softmax<{cfg}>({ins[0]}, {mask}, {out}, t_{layer.ident});"
+    if kind == "layernorm":
+        return f"fxq::layernorm<{cfg}>({ins[0]}, {out}, w_{layer.ident}, b_{layer.ident});"
     if kind == "lut":
         return f"fxq::lut<{cfg}>({ins[0]}, {out}, t_{layer.ident});"
     if kind == "cat":
@@ -246,7 +342,8 @@ def _call(layer: LayerPlan, plan: ModelPlan) -> str:
     if kind in COPY_KINDS:
         t_in = value_type(layer.op.inputs[0], plan)
         return f"fxq::copy<{t_in}, {value_type(layer.output.name, plan)}, {layer.out_size}>({ins[0]}, {out});"
-    fn = {"requantize": "requantize_layer", "transpose": "gather", "upsample_nearest": "gather"}.get(kind, kind)
+    fn = {"requantize": "requantize_layer", "transpose": "gather", "upsample_nearest": "gather",
+          "slice": "gather"}.get(kind, kind)
     return f"fxq::{fn}<{cfg}>({', '.join(ins)}, {out});"
 
 
@@ -257,28 +354,34 @@ def _partition(var: str, size: int, reuse: int) -> str:
 
 
 def _top_cpp(plan: ModelPlan, reuse: int, io: str) -> str:
-    last = _array(plan.output.name, plan)
+    ins, outs = in_ports(plan), out_ports(plan)
     body = []
     if io == "stream":
-        sig = f"void {TOP}(hls::stream<input_t> &in_stream, hls::stream<result_t> &out_stream) {{"
-        body += ["#pragma HLS INTERFACE axis port = in_stream", "#pragma HLS INTERFACE axis port = out_stream",
-                 "#pragma HLS DATAFLOW", "    FXQ_BUFFER input_t in[N_INPUT];", _partition("in", plan.in_size, reuse),
-                 "    for (unsigned i = 0; i < N_INPUT; i++) {", "#pragma HLS PIPELINE II = 1",
-                 "        in[i] = in_stream.read();", "    }"]
+        args = [f"hls::stream<{t}> &{a}_stream" for a, t, _, _ in ins + outs]
+        body += [f"#pragma HLS INTERFACE axis port = {a}_stream" for a, _, _, _ in ins + outs]
+        body.append("#pragma HLS DATAFLOW")
+        for a, t, macro, size in ins:
+            body += [f"    FXQ_BUFFER {t} {a}[{macro}];", _partition(a, size, reuse),
+                     f"    for (unsigned i = 0; i < {macro}; i++) {{", "#pragma HLS PIPELINE II = 1",
+                     f"        {a}[i] = {a}_stream.read();", "    }"]
     else:
-        sig = f"void {TOP}(const input_t in[N_INPUT], result_t out[N_OUTPUT]) {{"
-        body += ["#pragma HLS INTERFACE ap_vld port = in,out", _partition("in", plan.in_size, reuse),
-                 _partition("out", plan.out_size, reuse), "#pragma HLS DATAFLOW"]
+        args = [f"const {t} {a}[{macro}]" for a, t, macro, _ in ins] + [f"{t} {a}[{macro}]" for a, t, macro, _ in outs]
+        body.append(f"#pragma HLS INTERFACE ap_vld port = {','.join(a for a, _, _, _ in ins + outs)}")
+        body += [_partition(a, size, reuse) for a, _, _, size in ins + outs]
+        body.append("#pragma HLS DATAFLOW")
+    sig = f"void {TOP}({', '.join(args)}) {{"
     for layer in plan.layers:
         out = f"{layer.ident}_out"
         body += [f"    // {layer.op.name}: {layer.kind} -> {layer.output.fmt} {layer.output.shape}",
                  f"    FXQ_BUFFER {value_type(layer.output.name, plan)} {out}[{layer.out_size}];",
                  _partition(out, layer.out_size, reuse), f"    {_call(layer, plan)}"]
-    if io == "stream":
-        body += ["    for (unsigned i = 0; i < N_OUTPUT; i++) {", "#pragma HLS PIPELINE II = 1",
-                 f"        out_stream.write({last}[i]);", "    }"]
-    else:
-        body.append(f"    fxq::copy<result_t, result_t, N_OUTPUT>({last}, out);")
+    for (a, t, macro, _), v in zip(outs, plan.outputs):
+        last = _array(v.name, plan)
+        if io == "stream":
+            body += [f"    for (unsigned i = 0; i < {macro}; i++) {{", "#pragma HLS PIPELINE II = 1",
+                     f"        {a}_stream.write({last}[i]);", "    }"]
+        else:
+            body.append(f"    fxq::copy<{t}, {t}, {macro}>({last}, {a});")
     includes = sorted({KERNEL_HEADERS[layer.kind] for layer in plan.layers})
     weights = [f'#include "weights/w_{layer.ident}.h"' for layer in plan.layers if layer.kind in TABLE_KINDS]
     cats = [_cat_function(layer, plan) for layer in plan.layers if layer.kind == "cat"]
@@ -288,23 +391,28 @@ def _top_cpp(plan: ModelPlan, reuse: int, io: str) -> str:
 
 
 def _top_h(plan: ModelPlan, io: str) -> str:
+    ins, outs = in_ports(plan), out_ports(plan)
+    helper = ["    unsigned p = 0;"]
     if io == "stream":
-        decl = f"void {TOP}(hls::stream<input_t> &in_stream, hls::stream<result_t> &out_stream);"
-        helper = ["    hls::stream<input_t> s_in;", "    hls::stream<result_t> s_out;",
-                  "    for (unsigned i = 0; i < N_INPUT; i++) s_in.write(input_t(in[i]));",
-                  f"    {TOP}(s_in, s_out);",
-                  "    for (unsigned i = 0; i < N_OUTPUT; i++) out[i] = s_out.read().to_int64();"]
+        decl = f"void {TOP}({', '.join(f'hls::stream<{t}> &{a}_stream' for a, t, _, _ in ins + outs)});"
+        helper += [f"    hls::stream<{t}> s_{a};" for a, t, _, _ in ins + outs]
+        helper += [f"    for (unsigned i = 0; i < {macro}; i++) s_{a}.write({t}(in[p++]));" for a, t, macro, _ in ins]
+        helper += [f"    {TOP}({', '.join(f's_{a}' for a, _, _, _ in ins + outs)});", "    p = 0;"]
+        helper += [f"    for (unsigned i = 0; i < {macro}; i++) out[p++] = s_{a}.read().to_int64();"
+                   for a, t, macro, _ in outs]
         stream_inc = ["#ifdef FXQ_STREAM_SHIM", '#include "fxq_stream.h"', "#else", '#include "hls_stream.h"', "#endif"]
     else:
-        decl = f"void {TOP}(const input_t in[N_INPUT], result_t out[N_OUTPUT]);"
-        helper = ["    input_t x[N_INPUT];", "    result_t y[N_OUTPUT];",
-                  "    for (unsigned i = 0; i < N_INPUT; i++) x[i] = input_t(in[i]);", f"    {TOP}(x, y);",
-                  "    for (unsigned i = 0; i < N_OUTPUT; i++) out[i] = y[i].to_int64();"]
+        decl = (f"void {TOP}({', '.join([f'const {t} {a}[{m}]' for a, t, m, _ in ins] + [f'{t} {a}[{m}]' for a, t, m, _ in outs])});")
+        helper += [f"    {t} x_{a}[{macro}];" for a, t, macro, _ in ins + outs]
+        helper += [f"    for (unsigned i = 0; i < {macro}; i++) x_{a}[i] = {t}(in[p++]);" for a, t, macro, _ in ins]
+        helper += [f"    {TOP}({', '.join(f'x_{a}' for a, _, _, _ in ins + outs)});", "    p = 0;"]
+        helper += [f"    for (unsigned i = 0; i < {macro}; i++) out[p++] = x_{a}[i].to_int64();" for a, t, macro, _ in outs]
         stream_inc = []
     return "\n".join(["// Generated by fxquant.", "#ifndef FXQ_MODEL_H_", "#define FXQ_MODEL_H_",
                       '#include "defines.h"'] + stream_inc + ["", decl, "",
                       "#ifndef __SYNTHESIS__",
-                      "// Host-side helper for the testbench and the ctypes bridge: one sample, raw integers.",
+                      "// Host-side helper for the testbench and the ctypes bridge: one sample, raw integers, every",
+                      "// input concatenated in graph order (N_INPUT in all), every output likewise (N_OUTPUT).",
                       f"inline void {TOP}_raw(const long long *in, long long *out) {{"] + helper
                      + ["}", "#endif", "#endif", ""])
 
@@ -312,12 +420,19 @@ def _top_h(plan: ModelPlan, io: str) -> str:
 def _defines_h(plan: ModelPlan) -> str:
     lines = ["// Generated by fxquant: one ap_int<BW> per value, holding the integer k of k * 2^-FL.",
              "#ifndef FXQ_DEFINES_H_", "#define FXQ_DEFINES_H_", '#include "ap_int.h"', "#include <cstdint>", "",
-             f"#define N_INPUT {plan.in_size}", f"#define N_OUTPUT {plan.out_size}", "",
-             f"typedef ap_int<{plan.input.fmt.bits}> input_t;  // {plan.input.name}: {_fmt_comment(plan.input.fmt)}"]
+             f"#define N_INPUT {plan.in_size}", f"#define N_OUTPUT {plan.out_size}"]
+    ins, outs = in_ports(plan), out_ports(plan)
+    lines += [f"#define {macro} {size}" for _, _, macro, size in ins + outs if macro not in ("N_INPUT", "N_OUTPUT")]
+    lines.append("")
+    ids = {op.inputs[0] for op in plan.graph.ops if op.kind == "embedding"}
+    for (_, t, _, _), v in zip(ins, plan.inputs):
+        what = "token ids, integers in [0, V)" if v.name in ids else _fmt_comment(v.fmt)
+        lines.append(f"typedef ap_int<{v.fmt.bits}> {t};  // {v.name}: {what}")
     for layer in plan.layers:
         fmt = layer.output.fmt
         lines.append(f"typedef ap_int<{fmt.bits}> {layer.ident}_t;  // {layer.output.name}: {_fmt_comment(fmt)}")
-    lines += [f"typedef {value_type(plan.output.name, plan)} result_t;", "#endif", ""]
+    lines += [f"typedef {value_type(v.name, plan)} {t};" for (_, t, _, _), v in zip(outs, plan.outputs)]
+    lines += ["#endif", ""]
     return "\n".join(lines)
 
 
@@ -398,25 +513,35 @@ exit
 """
 
 
-def write_golden(project_dir: Path, graph: IntegerGraph, int_inputs: np.ndarray) -> None:
-    """Write ``tb_data/tb_input.dat`` and the reference outputs ``tb_output.dat`` (one sample a line)."""
-    x = check_int_inputs(graph.inputs[0], int_inputs)
-    y = graph.run(x)[graph.outputs[0]]
+def write_golden(project_dir: Path, graph: IntegerGraph, int_inputs) -> None:
+    """Write ``tb_data/tb_input.dat`` and the reference outputs ``tb_output.dat`` (one sample a line:
+    every input's integers concatenated in graph order; every output's likewise)."""
+    xs = check_graph_inputs(graph, int_inputs)
+    ref = graph.run(*xs)
     tb = project_dir / "tb_data"
     tb.mkdir(parents=True, exist_ok=True)
-    for name, arr in (("tb_input.dat", x), ("tb_output.dat", y)):
-        rows = arr.reshape(arr.shape[0], -1)
+    for name, arrs in (("tb_input.dat", xs), ("tb_output.dat", [ref[o] for o in graph.outputs])):
+        rows = np.concatenate([a.reshape(a.shape[0], -1) for a in arrs], axis=1)
         (tb / name).write_text("".join(" ".join(map(str, r.tolist())) + "\n" for r in rows))
+
+
+def random_inputs(graph: IntegerGraph, n: int, seed: int = 0) -> list[np.ndarray]:
+    """Seeded integer inputs: token ids in ``[0, V)`` for an input an ``embedding`` reads, anything in
+    the format's range for the others."""
+    rng = np.random.default_rng(seed)
+    vocab = {op.inputs[0]: op.weight.shape[0] for op in graph.ops if op.kind == "embedding" and op.weight is not None}
+    return [rng.integers(0, vocab[v.name], size=(n, *v.shape)) if v.name in vocab
+            else rng.integers(v.fmt.qmin, v.fmt.qmax + 1, size=(n, *v.shape)) for v in graph.inputs]
 
 
 def generate_project(graph: IntegerGraph, out_dir: Path, *, part: str = "xcu250-figd2104-2L-e",
                      clock_ns: float = 5.0, reuse: int = 1, io: str = "parallel",
-                     test_inputs: np.ndarray | None = None) -> Path:
+                     test_inputs=None) -> Path:
     """Write the HLS project for ``graph`` into ``out_dir`` and return ``out_dir``.
 
-    ``test_inputs`` (batch of integer inputs) become the testbench's golden vectors, with outputs
-    from :meth:`IntegerGraph.run`; without them, ``GOLDEN_SAMPLES`` seeded random inputs in the input
-    format's range are used.
+    ``test_inputs`` (one batch of integer inputs per graph input; one array for a one-input graph)
+    become the testbench's golden vectors, with outputs from :meth:`IntegerGraph.run`; without them,
+    ``GOLDEN_SAMPLES`` seeded random inputs (:func:`random_inputs`) are used.
     """
     from .csim import makefile  # the build recipe lives with the builder
 
@@ -444,8 +569,6 @@ def generate_project(graph: IntegerGraph, out_dir: Path, *, part: str = "xcu250-
     (out_dir / "build_prj.tcl").write_text(_tcl(part, clock_ns))
     (out_dir / "Makefile").write_text(makefile())
     if test_inputs is None:
-        fmt = plan.input.fmt
-        rng = np.random.default_rng(0)
-        test_inputs = rng.integers(fmt.qmin, fmt.qmax + 1, size=(GOLDEN_SAMPLES, *plan.input.shape))
+        test_inputs = random_inputs(graph, GOLDEN_SAMPLES)
     write_golden(out_dir, graph, test_inputs)
     return out_dir

@@ -29,7 +29,7 @@ from fxquant.errors import ExportError, ToolchainError
 from fxquant.integer_graph import IntegerGraph
 
 from .codegen import CXX_STD, TOP
-from .plan import check_int_inputs
+from .plan import check_graph_inputs
 
 CXXFLAGS = ("-O2", CXX_STD, "-fPIC", "-w", "-DFXQ_STREAM_SHIM", "-Ifirmware", "-Ifirmware/nnet_utils")
 SOURCES = {"model": f"firmware/{TOP}.cpp", "bridge": "bridge.cpp", "tb": "tb/fxq_tb.cpp"}
@@ -172,22 +172,28 @@ def build(project_dir: Path) -> CsimModel:
 def run_csim(project_dir: Path, graph: IntegerGraph, int_inputs: np.ndarray) -> dict[str, Any]:
     """Build, run ``int_inputs`` through the C model and compare with ``graph.run`` bit for bit.
 
+    ``int_inputs``: one integer batch per graph input (one array for a one-input graph); the
+    outputs are compared concatenated in graph order.
+
     Returns a JSON-able report: ``n``, ``mismatches`` (samples with any differing output),
     ``mismatched_elements``, ``first_mismatch`` (sample index or null), ``bit_exact``,
     ``build_seconds``, ``build_cached``, ``run_seconds`` (C model), ``reference_seconds`` and
     ``testbench_ok`` (the generated testbench on its golden vectors).
     """
-    x = check_int_inputs(graph.inputs[0], int_inputs)
+    xs = check_graph_inputs(graph, int_inputs)
     model = build(project_dir)
+    n = len(xs[0])
     start = time.perf_counter()
-    got = model.run(x, n_outputs=math.prod(graph.value(graph.outputs[0]).shape))
+    got = model.run(np.concatenate([x.reshape(n, -1) for x in xs], axis=1),
+                    n_outputs=sum(math.prod(graph.value(o).shape) for o in graph.outputs))
     run_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    want = graph.run(x)[graph.outputs[0]].reshape(len(x), -1)
+    ref = graph.run(*xs)
+    want = np.concatenate([ref[o].reshape(n, -1) for o in graph.outputs], axis=1)
     reference_seconds = time.perf_counter() - start
     bad = np.any(got != want, axis=1)
     return {
-        "n": int(len(x)),
+        "n": int(n),
         "mismatches": int(bad.sum()),
         "mismatched_elements": int((got != want).sum()),
         "first_mismatch": int(np.argmax(bad)) if bad.any() else None,

@@ -34,7 +34,23 @@ the accumulator and ``shift = FL_out - FL_acc`` the requantize shift:
   at most :data:`GATHER_RANK` dims), ``mul_pow2`` (``FL_out = FL_in - exponent``, same ``BW``): act
   on the integers; the output format is the input's (``mul_pow2``: relabelled).
 
-Limits: one graph input and one output, value widths 2..16 (``BW = 32`` is *off*, i.e. float,
+* ``linear`` on an input of any rank acts on the last axis: ``detail["rows"]`` rows of ``n_in``.
+* ``matmul`` (two activations, equal ranks 2..:data:`MATMUL_RANK`, batch excluded; the leading
+  dims broadcast as numpy's): ``acc = a @ b`` at ``FL_a + FL_b`` in ``ap_int<bitlen(bound) + 1>``,
+  ``bound = 2^(BW_a-1) 2^(BW_b-1) K`` (:meth:`IntegerGraph.accumulator_bound`, exact); ``detail``
+  holds the leading dims padded to two and each operand's block strides (0 on a broadcast dim).
+* ``embedding``: ``y = requantize(table[id])`` from ``FL_w`` (a ROM gather; ``shift = FL_out -
+  FL_w``); ids ``<BW,0>`` are checked against ``[0, V)`` on the host, never clipped.
+* ``softmax`` (scores of rank 1..:data:`SOFTMAX_RANK`, optional mask of the same rank, ``causal``):
+  :func:`fxquant.fixed_point.softmax_rows` with the exp ROM, an exact row sum, one division per
+  row for ``r = (2^(K+1) + s) // (2 s)`` and ``requantize(e r)`` with ``shift = FL_out - K``;
+  ``detail`` holds the widths of ``e``, ``s``, ``r`` (from ``L``, ``E`` and ``K``) and the mask strides.
+* ``layernorm``: :func:`fxquant.fixed_point.layernorm_rows` (exact sums, bit length, ``isqrt64``
+  in 32 steps, one division per row), then ``gamma h + beta`` at ``FL_g + 16`` in
+  ``ap_int<bitlen(bound) + 1>`` (:meth:`IntegerGraph.accumulator_bound`) and a requantize.
+* ``slice`` (and select): a strided gather (``fxq::gather`` with an offset), format kept.
+
+Limits: any number of graph inputs and outputs (an output must be computed by an op), value widths 2..16 (``BW = 32`` is *off*, i.e. float,
 and has no integer form), accumulators of at most :data:`MAX_ACC_BITS` bits (the reference
 simulator computes in int64), weights and biases that fit their declared widths.
 :func:`graph_problems` lists every limit a graph breaks (the shared rules from
@@ -53,15 +69,23 @@ import numpy as np
 from fxquant import legality
 from fxquant.backends.base import Problem
 from fxquant.errors import ExportError, FxquantError, PrecisionError, UnsupportedOpError
-from fxquant.fixed_point import BIAS_BITS, MAX_LUT_BITS, FixedPoint, accumulator_bits, min_signed_bits
-from fxquant.integer_graph import TRANSPARENT_KINDS, IntegerGraph, Op, Value, avg_terms, pool_output_size
+from fxquant.fixed_point import (BIAS_BITS, LAYERNORM_FRAC_BITS, LAYERNORM_RECIP_BITS, MAX_LUT_BITS, SOFTMAX_EXP_BITS,
+                                 FixedPoint, accumulator_bits, min_signed_bits, softmax_exp_table, softmax_recip_bits)
+from fxquant.integer_graph import (TRANSPARENT_KINDS, IntegerGraph, Op, Value, avg_terms, layernorm_h_bound,
+                                   pool_output_size)
+from fxquant.integer_ops_transformer import slice_shape
 
 MAX_BITS = 16
 """Widest value / weight format generated (``ap_int<2..16>``)."""
 MAX_ACC_BITS = 64
 """Widest accumulator generated: the integer reference (:meth:`IntegerGraph.run`) is int64."""
 SUPPORTED_KINDS = ("conv2d", "linear", "conv_transpose2d", "add", "mul", "cat", "avgpool2d", "maxpool2d", "relu",
-                   "clamp", "lut", "flatten", "reshape", "transpose", "upsample_nearest", "mul_pow2", "requantize")
+                   "clamp", "lut", "flatten", "reshape", "transpose", "upsample_nearest", "mul_pow2", "requantize",
+                   "matmul", "embedding", "softmax", "layernorm", "slice")
+MATMUL_RANK = 4
+"""Dims (batch excluded) of a ``matmul`` operand: two leading (batch / head) dims, then the matrix."""
+SOFTMAX_RANK = 4
+"""Dims (batch excluded) of softmax scores: three leading dims, then the row."""
 MUL_RANK = 4
 """Dims (batch excluded) of a broadcast ``mul``."""
 GATHER_RANK = 6
@@ -114,18 +138,32 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class ModelPlan:
+    """The planned graph: its inputs and outputs in graph order, one :class:`LayerPlan` per op.
+
+    The C model's host interface (``fxq_model_raw``, the ctypes bridge, the testbench) takes one
+    sample as every input's integers concatenated in graph order (``in_size`` in all) and returns
+    every output's integers concatenated in graph order (``out_size``)."""
+
     graph: IntegerGraph
-    input: Value
-    output: Value
+    inputs: tuple[Value, ...]
+    outputs: tuple[Value, ...]
     layers: tuple[LayerPlan, ...]
 
     @property
+    def input(self) -> Value:
+        return self.inputs[0]
+
+    @property
+    def output(self) -> Value:
+        return self.outputs[0]
+
+    @property
     def in_size(self) -> int:
-        return math.prod(self.input.shape)
+        return sum(math.prod(v.shape) for v in self.inputs)
 
     @property
     def out_size(self) -> int:
-        return math.prod(self.output.shape)
+        return sum(math.prod(v.shape) for v in self.outputs)
 
 
 def c_ident(index: int, name: str) -> str:
@@ -212,9 +250,20 @@ def _expected_shape(op: Op, ins: tuple[Value, ...]) -> tuple[int, ...]:
         raise UnsupportedOpError(f"op {op.name!r}: {kind} on an input of shape {list(shape)}; "
                                  "the FPGA kernel takes images (C, H, W)")
     if kind == "linear":
-        if shape != (op.weight.shape[1],):
+        if not shape or shape[-1] != op.weight.shape[1]:
             raise ExportError(f"op {op.name!r}: linear weight {tuple(op.weight.shape)} does not fit input {shape}")
-        return (op.weight.shape[0],)
+        return (*shape[:-1], op.weight.shape[0])
+    if kind == "matmul":
+        return _matmul_shape(op, ins)
+    if kind == "embedding":
+        if op.weight is None or op.weight.ndim != 2:
+            raise ExportError(f"op {op.name!r}: embedding without a (V, D) table", "lower nn.Embedding's weight")
+        return (*shape, op.weight.shape[1])
+    if kind == "slice":
+        return slice_shape(op, shape)
+    if kind in ("softmax", "layernorm") and (not shape or op.attrs.get("dim", len(shape)) != len(shape)):
+        raise UnsupportedOpError(f"op {op.name!r}: {kind} over axis {op.attrs.get('dim')!r} of a rank-{len(shape)} "
+                                 "value (batch excluded), not its last axis", "normalize over the last axis")
     if kind == "conv2d":
         kh, kw = op.weight.shape[2:]
         stride, dil = op.attrs.get("stride", (1, 1)), op.attrs.get("dilation", (1, 1))
@@ -275,6 +324,21 @@ def _expected_shape(op: Op, ins: tuple[Value, ...]) -> tuple[int, ...]:
     return shape
 
 
+def _matmul_shape(op: Op, ins: tuple[Value, ...]) -> tuple[int, ...]:
+    a, b = (v.shape for v in ins)
+    if not 2 <= len(a) <= MATMUL_RANK or len(a) != len(b):
+        raise UnsupportedOpError(f"op {op.name!r}: matmul of shapes {list(a)} and {list(b)} (batch excluded)",
+                                 f"the FPGA kernel takes operands of equal rank 2..{MATMUL_RANK}")
+    if a[-1] != b[-2]:
+        raise ExportError(f"op {op.name!r}: matmul of shapes {list(a)} and {list(b)}: inner dims differ")
+    try:
+        lead = tuple(np.broadcast_shapes(a[:-2], b[:-2]))
+    except ValueError:
+        raise ExportError(f"op {op.name!r}: matmul of shapes {list(a)} and {list(b)}, whose leading dims "
+                          "do not broadcast") from None
+    return (*lead, a[-2], b[-1])
+
+
 def _avg_plan(op: Op, v: Value, out: Value) -> tuple[int, int, dict]:
     """``(acc_bits, S, detail)`` of an average pool: the divisor multipliers ``m[d] = M_d 2^(S - s_d)``."""
     kernel, _, _, dil = pool_attrs(op)
@@ -303,7 +367,9 @@ def _plan_op(index: int, op: Op, graph: IntegerGraph) -> LayerPlan:
     in_fls = [_check_fmt(v.fmt, f"value {v.name!r}") for v in ins]
     out_fl = _check_fmt(out.fmt, f"value {out.name!r}")
     kind = op.kind
-    arity = {"add": 2, "mul": 2}.get(kind, None if kind == "cat" else 1)
+    arity = {"add": 2, "mul": 2, "matmul": 2}.get(kind, None if kind == "cat" else 1)
+    if kind == "softmax" and len(ins) == 2:
+        arity = 2
     if (arity is not None and len(ins) != arity) or not ins:
         raise UnsupportedOpError(f"op {op.name!r}: {kind} of {len(ins)} inputs is not supported by the FPGA "
                                  "backend", f"use {arity or 'one or more'}-input {kind}s")
@@ -332,6 +398,32 @@ def _plan_op(index: int, op: Op, graph: IntegerGraph) -> LayerPlan:
         mults = op.weight.size
         if kind != "linear":
             iterations = out.shape[1] * out.shape[2]
+        else:
+            iterations = math.prod(ins[0].shape[:-1])
+            detail = {"rows": iterations}
+    elif kind == "matmul":
+        acc, acc_fl = graph.accumulator_bound(op).bit_length() + 1, in_fls[0] + in_fls[1]
+        lead = out.shape[:-2]
+        (m, k), n = ins[0].shape[-2:], out.shape[-1]
+        pad = (1,) * (MATMUL_RANK - 2 - len(lead))
+        detail = {"dims": pad + tuple(lead), "m": m, "k": k, "n": n,
+                  "strides": tuple(tuple(s * math.prod(v.shape[-2:]) for s in
+                                         broadcast_strides(v.shape[:-2], lead, MATMUL_RANK - 2)) for v in ins)}
+        fan_in, mults = k, math.prod(out.shape) * k
+    elif kind == "embedding":
+        if op.weight_fmt is None:
+            raise ExportError(f"op {op.name!r}: embedding has no weight format")
+        w_fl = _check_fmt(op.weight_fmt, f"table of op {op.name!r}")
+        _check_ints(op, op.weight, op.weight_fmt.bits, "a table entry")
+        acc, acc_fl = op.weight_fmt.bits, w_fl
+        detail = {"n_ids": math.prod(ins[0].shape), "vocab": op.weight.shape[0], "dim": op.weight.shape[1]}
+    elif kind == "softmax":
+        acc, acc_fl, detail = _softmax_plan(op, ins, out)
+        mults = math.prod(out.shape)
+    elif kind == "layernorm":
+        acc, acc_fl, detail = _layernorm_plan(op, ins[0], graph)
+        mults = 3 * math.prod(out.shape)
+        iterations = detail["rows"]
     elif kind == "add":
         acc_fl = max(in_fls)
         in_shifts = tuple(acc_fl - fl for fl in in_fls)
@@ -395,30 +487,102 @@ def _plan_op(index: int, op: Op, graph: IntegerGraph) -> LayerPlan:
         elif kind == "upsample_nearest":
             (c, h, w), (sh, sw) = ins[0].shape, op.attrs["scale"]
             detail = _gather(op, (c, h, int(sh), w, int(sw)), (h * w, w, 0, 1, 0))
+        elif kind == "slice":
+            src, axis = list(row_major_strides(ins[0].shape)), int(op.attrs["dim"]) - 1
+            if "index" in op.attrs:
+                offset = int(op.attrs["index"]) * src.pop(axis)
+            else:
+                offset = int(op.attrs["start"]) * src[axis]
+                src[axis] *= int(op.attrs.get("step", 1))
+            detail = _gather(op, out.shape, tuple(src), offset)
     return LayerPlan(op=op, ident=c_ident(index, op.name), inputs=ins, output=out,
                      acc_bits=_check_acc(op, acc), acc_frac_bits=acc_fl, shift=out_fl - acc_fl,
                      in_shifts=in_shifts, mults=mults, iterations=iterations, fan_in=fan_in, detail=detail)
 
 
-def _gather(op: Op, dims: tuple[int, ...], strides: tuple[int, ...]) -> dict:
-    """An ``fxq::gather`` over ``dims`` read with ``strides``, padded to :data:`GATHER_RANK` dims."""
+def _gather(op: Op, dims: tuple[int, ...], strides: tuple[int, ...], offset: int = 0) -> dict:
+    """An ``fxq::gather`` over ``dims`` read with ``strides`` from ``offset``, padded to :data:`GATHER_RANK` dims."""
     if len(dims) > GATHER_RANK:
         raise UnsupportedOpError(f"op {op.name!r}: a {op.kind} over {len(dims)} dims (batch excluded)",
                                  f"the FPGA kernel moves at most {GATHER_RANK} dims")
     pad = GATHER_RANK - len(dims)
-    return {"dims": (1,) * pad + tuple(dims), "strides": (0,) * pad + tuple(strides)}
+    return {"dims": (1,) * pad + tuple(dims), "strides": (0,) * pad + tuple(strides), "offset": int(offset)}
+
+
+def _softmax_plan(op: Op, ins: tuple[Value, ...], out: Value) -> tuple[int, int, dict]:
+    """``(acc_bits, K, detail)`` of a softmax: the exp ROM and the exact widths of ``e``, ``s``, ``r``, ``e r``.
+
+    ``e <= 2^E``; ``s <= L 2^E``; a row with a kept entry has ``s >= 2^E`` (its maximum's entry is
+    ``table[0] = 2^E``), so ``r <= (2^(K+1) + 2^E) // 2^(E+1)`` and ``e r <= 2^E`` times that."""
+    scores = ins[0]
+    if len(scores.shape) > SOFTMAX_RANK:
+        raise UnsupportedOpError(f"op {op.name!r}: softmax of rank-{len(scores.shape)} scores (batch excluded)",
+                                 f"the FPGA kernel takes at most {SOFTMAX_RANK} dims")
+    e_bits = int(op.attrs.get("exp_bits", SOFTMAX_EXP_BITS))
+    big_k = softmax_recip_bits(out.fmt, e_bits)
+    table = softmax_exp_table(scores.fmt, e_bits)
+    length = scores.shape[-1]
+    r_max = ((1 << (big_k + 1)) + (1 << e_bits)) // (2 << e_bits)
+    lead = (1,) * (SOFTMAX_RANK - len(scores.shape)) + tuple(scores.shape[:-1])
+    if len(ins) > 1:
+        mask = ins[1]
+        if len(mask.shape) != len(scores.shape) or any(m not in (1, s) for m, s in zip(mask.shape, scores.shape)):
+            raise ExportError(f"op {op.name!r}: mask {list(mask.shape)} does not broadcast to scores "
+                              f"{list(scores.shape)}", "use a mask of the scores' rank (dims equal or 1)")
+        strides = broadcast_strides(mask.shape, scores.shape, SOFTMAX_RANK)
+    else:
+        strides = (0,) * SOFTMAX_RANK
+    detail = {"table": table, "exp_bits": e_bits, "recip_k": big_k, "len": length, "dims": lead[:3],
+              "mask_strides": tuple(strides), "causal": bool(op.attrs.get("causal")),
+              "exp_t_bits": e_bits + 1, "sum_bits": max(1, (length << e_bits).bit_length()),
+              "num_bits": ((1 << (big_k + 1)) + (length << e_bits)).bit_length(),
+              "recip_bits": max(1, r_max.bit_length())}
+    return ((r_max << e_bits).bit_length() + 1, big_k, detail)
+
+
+def _layernorm_plan(op: Op, v: Value, graph: IntegerGraph) -> tuple[int, int, dict]:
+    """``(acc_bits, FL_g + FL_h, detail)`` of a layernorm: exact widths of the row sum, ``c`` and ``h``."""
+    if op.weight is None or op.weight_fmt is None:
+        raise ExportError(f"op {op.name!r}: layernorm has no gamma")
+    w_fl = _check_fmt(op.weight_fmt, f"gamma of op {op.name!r}")
+    _check_ints(op, op.weight, op.weight_fmt.bits, "a gamma entry")
+    if op.bias is not None:
+        _check_ints(op, op.bias, BIAS_BITS, "a beta entry")
+    n, bits = v.shape[-1], v.fmt.bits
+    detail = {"rows": math.prod(v.shape[:-1]), "n": n, "eps": int(op.attrs["eps"]),
+              "sum_bits": (n << (bits - 1)).bit_length() + 1,  # |sum k| <= n 2^(BW-1)
+              "centered_bits": ((n - 1) * ((1 << bits) - 1)).bit_length() + 1,  # |c| <= (n-1)(2^BW - 1)
+              "h_bits": layernorm_h_bound(n).bit_length() + 1}
+    return graph.accumulator_bound(op).bit_length() + 1, w_fl + LAYERNORM_FRAC_BITS, detail
+
+
+def _io_problems(graph: IntegerGraph) -> list[str]:
+    """Graph-level limits: at least one input and one output; every output computed by an op, once."""
+    produced = {op.output for op in graph.ops}
+    why = []
+    if not graph.inputs or not graph.outputs:
+        why.append(f"graph has {len(graph.inputs)} inputs and {len(graph.outputs)} outputs; "
+                   "the FPGA backend needs at least one of each")
+    for name in graph.outputs:
+        if name not in produced:
+            why.append(f"graph output {name!r} is not computed by an op (a graph input passed through)")
+    if len(set(graph.outputs)) != len(graph.outputs):
+        why.append(f"graph outputs {graph.outputs} name a value twice")
+    return why
 
 
 def plan_graph(graph: IntegerGraph) -> ModelPlan:
     """Check ``graph`` against the backend's limits and size every layer."""
-    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
-        raise UnsupportedOpError(f"graph has {len(graph.inputs)} inputs and {len(graph.outputs)} outputs; "
-                                 "the FPGA backend supports exactly one of each")
     if not graph.ops:
         raise ExportError("graph has no ops", "lower a model with at least one layer")
-    _check_fmt(graph.inputs[0].fmt, f"input {graph.inputs[0].name!r}")
+    io = _io_problems(graph)
+    if io:
+        raise UnsupportedOpError(io[0], "give the FPGA top function inputs and op outputs")
+    for v in graph.inputs:
+        _check_fmt(v.fmt, f"input {v.name!r}")
     layers = tuple(_plan_op(i, op, graph) for i, op in enumerate(graph.ops))
-    return ModelPlan(graph=graph, input=graph.inputs[0], output=graph.value(graph.outputs[0]), layers=layers)
+    return ModelPlan(graph=graph, inputs=tuple(graph.inputs), outputs=tuple(graph.value(o) for o in graph.outputs),
+                     layers=layers)
 
 
 def graph_problems(graph: IntegerGraph) -> list[Problem]:
@@ -430,11 +594,13 @@ def graph_problems(graph: IntegerGraph) -> list[Problem]:
     problems = (legality.format_problems(graph)
                 + legality.width_problems(graph, weight_bits=(2, MAX_BITS), act_bits=(2, MAX_BITS))
                 + legality.fit_problems(graph)
-                + legality.shape_problems(graph, groups=True, max_inputs=1, max_outputs=1, add_arity=2)
+                # the dense kernel takes rows of any rank: shape_problems' linear-on-a-vector rule is not ours
+                + [p for p in legality.shape_problems(graph, groups=True, add_arity=2) if p.kind != "linear"]
                 + legality.avg_window_problems(graph, reciprocal=True)
                 + legality.window_problems(graph, dilation=True, ceil_mode=True))
     if not graph.ops or not graph.outputs:
         problems.append(Problem("graph", "ops", "graph has no ops or no output; lower a model with at least one layer"))
+    problems += [Problem("graph", "outputs", why) for why in _io_problems(graph)]
     flagged = {p.layer for p in problems}
     for index, op in enumerate(graph.ops):
         if op.name in flagged or op.kind not in SUPPORTED_KINDS:
@@ -461,3 +627,29 @@ def check_int_inputs(value: Value, int_inputs: np.ndarray) -> np.ndarray:
         raise ExportError(f"inputs span [{x.min()}, {x.max()}], outside {value.name!r}'s format {value.fmt}",
                           "quantize real inputs with IntegerGraph.quantize_inputs first")
     return x.astype(np.int64)
+
+
+def check_graph_inputs(graph: IntegerGraph, int_inputs) -> list[np.ndarray]:
+    """Every graph input's integers checked (:func:`check_int_inputs`), one batch size for all, and
+    every token id an ``embedding`` reads inside ``[0, V)`` (:class:`~fxquant.errors.InputRangeError`:
+    ids are never clipped). ``int_inputs``: one array per graph input, or one array for a one-input graph."""
+    from fxquant.errors import InputRangeError
+
+    if isinstance(int_inputs, np.ndarray) and len(graph.inputs) == 1:
+        int_inputs = [int_inputs]
+    int_inputs = list(int_inputs)
+    if len(int_inputs) != len(graph.inputs):
+        raise ExportError(f"{len(int_inputs)} input arrays for a graph of {len(graph.inputs)} inputs "
+                          f"({', '.join(v.name for v in graph.inputs)})", "pass one integer batch per graph input")
+    xs = [check_int_inputs(v, x) for v, x in zip(graph.inputs, int_inputs)]
+    if len({len(x) for x in xs}) > 1:
+        raise ExportError(f"input batches of sizes {[len(x) for x in xs]}", "pass the same number of samples per input")
+    names = [v.name for v in graph.inputs]
+    for op in graph.ops:
+        if op.kind == "embedding" and op.inputs[0] in names and op.weight is not None:
+            ids, rows = xs[names.index(op.inputs[0])], op.weight.shape[0]
+            bad = ids[(ids < 0) | (ids >= rows)]
+            if bad.size:
+                raise InputRangeError(f"op {op.name!r} (embedding): token id {int(bad[0])} outside [0, {rows})",
+                                      "feed ids of this vocabulary; ids are never clipped")
+    return xs

@@ -20,9 +20,34 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 
 
 def test_unsupported_op_is_named(tmp_path: Path) -> None:
+    # the backend builds every IntegerGraph kind; a kind from elsewhere (set past Op's own check) is named
     g = GraphBuilder("x", (2, 4), fp(8, 4), 0)
-    h = g.add("mm", "matmul", ("x", "x"), (2, 4), fp(8, 4))
-    with pytest.raises(UnsupportedOpError, match="'mm': kind 'matmul' is not supported") as exc:
+    h = g.add("act", "relu", ("x",), (2, 4), fp(8, 4))
+    g.ops[0].kind = "gelu_erf"
+    with pytest.raises(UnsupportedOpError, match="'act': kind 'gelu_erf' is not supported") as exc:
+        generate_project(g.graph(h), tmp_path)
+    _one_line(exc)
+
+
+@pytest.mark.parametrize(("case", "why", "error"), [
+    ("inner", r"matmul of shapes \[2, 4\] and \[2, 4\]: inner dims differ", ExportError),
+    ("ranks", r"matmul of shapes \[2, 4\] and \[1, 4, 2\] \(batch excluded\)", UnsupportedOpError),
+    ("heads", r"leading dims do not broadcast", ExportError),
+    ("softmax_axis", r"softmax over axis 1 of a rank-2 value", UnsupportedOpError)])
+def test_unsupported_transformer_shapes(tmp_path: Path, case: str, why: str, error: type) -> None:
+    g = GraphBuilder("x", (2, 4), fp(8, 4), 0)
+    if case == "inner":
+        h = g.add("mm", "matmul", ("x", "x"), (2, 4), fp(8, 4))
+    elif case == "ranks":
+        g.reshape("r", "x", (1, 4, 2))
+        h = g.add("mm", "matmul", ("x", "r"), (2, 2), fp(8, 4))
+    elif case == "heads":
+        g = GraphBuilder("x", (2, 2, 2), fp(8, 4), 0)
+        g.reshape("r", "x", (4, 2, 1))
+        h = g.add("mm", "matmul", ("x", "r"), (4, 2, 1), fp(8, 4))
+    else:
+        h = g.add("sm", "softmax", ("x",), (2, 4), fp(8, 7), dim=1)
+    with pytest.raises(error, match=why) as exc:
         generate_project(g.graph(h), tmp_path)
     _one_line(exc)
 
@@ -86,12 +111,13 @@ def test_check_lists_every_problem_at_once() -> None:
     from fxquant.backends.fpga.target import FpgaTarget
 
     g = GraphBuilder("x", (1, 6, 6), fp(8, 4), 0)
-    a = g.add("mm", "matmul", ("x", "x"), (1, 6, 6), fp(8, 4))
+    g.reshape("r", "x", (1, 4, 9))
+    a = g.add("mm", "matmul", ("x", "r"), (1, 6, 9), fp(8, 4))  # (6 x 6) @ (4 x 9): inner dims differ
     b = g.add("add3", "add", ("x", "x", "x"), (1, 6, 6), fp(8, 4))
     c = g.add("avg3", "avgpool2d", ("x",), (1, 2, 2), fp(8, 4), kernel=(3, 3), dilation=(2, 2))
     d = g.add("cat_h", "cat", ("x", "x"), (1, 12, 6), fp(8, 4), dim=0)
     graph = g.graph(d)
-    graph.outputs += [a, b, c]
+    graph.outputs += [a, b, c, "x"]  # a graph input as an output: not computed by an op
     problems = FpgaTarget().check(graph)
     assert {(p.layer, p.kind) for p in problems} == {("mm", "matmul"), ("add3", "add"), ("avg3", "avgpool2d"),
                                                      ("cat_h", "cat"), ("graph", "outputs")}, problems

@@ -79,6 +79,62 @@ ap_int<BW> relu_if(const ap_int<BW> &v, bool relu) {
     return (relu && v < 0) ? ap_int<BW>(0) : v;
 }
 
+// round_half_even(x * 2^-S) for S >= 1, no saturation (fixed_point.shift_round_half_even):
+// floor((x + 2^(S-1) - 1 + ((x >> S) & 1)) / 2^S) on arithmetic shifts, one bit wider than x.
+template <int S, int W>
+ap_int<W + 1> round_shift(const ap_int<W> &x) {
+#pragma HLS INLINE
+    ap_int<W + 1> t = x;
+    t += ((ap_int<W + 1>(1) << (S - 1)) - 1) + ((x >> S) & 1);
+    return t >> S;
+}
+
+// fixed_point.row_reciprocal: floor(2^K / s + 1/2) = (2^(K+1) + s) / (2 s) for s >= 1, 0 for s == 0;
+// one division of wide unsigned integers (NUM_BITS holds 2^(K+1) + max s).
+template <int K, int NUM_BITS, int W>
+ap_uint<NUM_BITS> row_reciprocal(const ap_uint<W> &s) {
+#pragma HLS INLINE
+    if (s == 0) return ap_uint<NUM_BITS>(0);
+    ap_uint<NUM_BITS> num = (ap_uint<NUM_BITS>(1) << (K + 1)) + s;
+    ap_uint<NUM_BITS> den = ap_uint<NUM_BITS>(s) << 1;
+    return num / den;
+}
+
+// fixed_point.bit_length64: bit length of a non-negative integer below 2^63 (0 for 0), a fixed
+// 6-step binary search.
+inline int bit_length64(const ap_uint<64> &x) {
+#pragma HLS INLINE
+    ap_uint<64> y = x;
+    int n = 0;
+    for (int s = 32; s >= 1; s >>= 1) {
+#pragma HLS UNROLL
+        if ((y >> s) != 0) {
+            n += s;
+            y >>= s;
+        }
+    }
+    return n + (y != 0 ? 1 : 0);
+}
+
+// fixed_point.isqrt64: floor(sqrt(x)) for 0 <= x <= 2^62, the bitwise restoring square root in a
+// fixed 32 steps of compare / subtract / shift (no multiply, no division).
+inline ap_uint<64> isqrt64(const ap_uint<64> &x) {
+#pragma HLS INLINE
+    ap_uint<64> num = x, res = 0, bit = ap_uint<64>(1) << 62;
+    for (int i = 0; i < 32; i++) {
+#pragma HLS UNROLL
+        const ap_uint<64> trial = res + bit;
+        if (num >= trial) {
+            num -= trial;
+            res = (res >> 1) + bit;
+        } else {
+            res >>= 1;
+        }
+        bit >>= 2;
+    }
+    return res;
+}
+
 template <class T_IN, class T_OUT, unsigned N>
 void copy(const T_IN in[N], T_OUT out[N]) {
     for (unsigned i = 0; i < N; i++) {
