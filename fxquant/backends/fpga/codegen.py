@@ -526,10 +526,13 @@ def write_golden(project_dir: Path, graph: IntegerGraph, int_inputs) -> None:
 
 
 def random_inputs(graph: IntegerGraph, n: int, seed: int = 0) -> list[np.ndarray]:
-    """Seeded integer inputs: token ids in ``[0, V)`` for an input an ``embedding`` reads, anything in
-    the format's range for the others."""
+    """Seeded integer inputs: token ids in ``[0, V)`` for an input an ``embedding`` reads (the smallest
+    ``V`` of those reading it), anything in the format's range for the others."""
     rng = np.random.default_rng(seed)
-    vocab = {op.inputs[0]: op.weight.shape[0] for op in graph.ops if op.kind == "embedding" and op.weight is not None}
+    vocab: dict[str, int] = {}
+    for op in graph.ops:  # an input read by several tables: ids valid for every one
+        if op.kind == "embedding" and op.weight is not None:
+            vocab[op.inputs[0]] = min(vocab.get(op.inputs[0], op.weight.shape[0]), op.weight.shape[0])
     return [rng.integers(0, vocab[v.name], size=(n, *v.shape)) if v.name in vocab
             else rng.integers(v.fmt.qmin, v.fmt.qmax + 1, size=(n, *v.shape)) for v in graph.inputs]
 
