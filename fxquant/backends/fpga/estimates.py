@@ -30,6 +30,18 @@ input/weight widths ``a``/``b``, accumulator width ``A``, ``O`` outputs per iter
   LUT ROM (``ceil(2^BW_in / 64) * BW_out`` LUTs per copy), a larger one in dual-port BRAM18
   (``ceil(n / 2)`` copies of ``ceil(BW_out / 18) * ceil(2^BW_in / 1024)``) -- hls4ml's
   ``io_parallel`` activation tables, whose cost grows with both width and parallelism.
+* ``matmul``: ``ceil(out_size K / R)`` multipliers of ``BW_a x BW_b`` and the adder trees at the
+  accumulator width, a requantize per output; latency ``R + ceil(log2(K + 1)) + 3``. ``slice`` is wiring.
+* ``embedding``: the table is a ROM read by every id in the same cycle (``n_ids`` copies, as a
+  ``lut``'s table: LUT ROM up to 1024 bits, dual-port BRAM18 beyond), a requantize per output.
+* ``softmax`` (every row in parallel): per row a max tree and a sum tree over ``L``, one divider of
+  ``num_bits`` (``num_bits^2`` LUTs, ``num_bits`` cycles: restoring division); per element an exp
+  ROM read (copies as a ``lut``'s table) and an ``e x r`` multiplier; latency
+  ``2 ceil(log2 L) + num_bits + 4``.
+* ``layernorm`` (every row in parallel): per element three multipliers (``c^2``, ``(c << t) r``,
+  ``gamma h``, DSP or LUTs as above); per row a sum tree, a 62-bit division by ``n`` and a 52-bit
+  reciprocal division (``bits^2`` LUTs each) and the 32-step square root (``32 x 64`` LUTs); latency
+  ``2 ceil(log2(n + 1)) + 62 + 32 + 52 + 6``.
 * whole model (``DATAFLOW``): latency = Σ layer latencies, II = max layer II; ``io="stream"``
   adds ``N_INPUT + N_OUTPUT`` cycles to the latency for the stream read/write loops.
 """
@@ -49,7 +61,7 @@ DSP_A, DSP_B = 27, 18
 LUTRAM_MAX_BITS = 1024
 BRAM_DEPTH, BRAM_WIDTH = 1024, 18
 URAM_MIN_BITS, URAM_BITS = 1 << 20, 4096 * 72
-MOVE_KINDS = ("flatten", "reshape", "transpose", "upsample_nearest", "mul_pow2")
+MOVE_KINDS = ("flatten", "reshape", "transpose", "upsample_nearest", "mul_pow2", "slice")
 """Kinds that only move (or relabel) integers: wiring in hardware."""
 MODEL = "fxquant analytic v2 (docs/fpga.md); estimate, not synthesis"
 PART_CAPACITY: dict[str, dict[str, int]] = {
@@ -78,6 +90,14 @@ def _memory(layer: LayerPlan, n_mult: int, reuse: int) -> tuple[int, int, int]:
     if depth * width <= LUTRAM_MAX_BITS:
         return 0, 0, n_mult * math.ceil(depth / 64) * width
     return n_mult * math.ceil(width / BRAM_WIDTH) * math.ceil(depth / BRAM_DEPTH), 0, 0
+
+
+def _rom(copies: int, entries: int, bits: int) -> tuple[int, int]:
+    """``(lut, bram_18k)`` of ``copies`` reads per cycle of a ROM of ``entries x bits``: LUT ROM up to
+    :data:`LUTRAM_MAX_BITS` bits, dual-port BRAM18 (``ceil(copies / 2)`` copies) beyond."""
+    if entries * bits <= LUTRAM_MAX_BITS:
+        return copies * math.ceil(entries / 64) * bits, 0
+    return 0, math.ceil(copies / 2) * math.ceil(bits / BRAM_WIDTH) * math.ceil(entries / BRAM_DEPTH)
 
 
 def estimate_layer(layer: LayerPlan, reuse: int) -> dict[str, Any]:
@@ -123,6 +143,43 @@ def estimate_layer(layer: LayerPlan, reuse: int) -> dict[str, Any]:
         else:
             bram = math.ceil(layer.out_size / 2) * math.ceil(out_bits / BRAM_WIDTH) * math.ceil(entries / BRAM_DEPTH)
         ii, latency = 1, 1
+    elif layer.kind == "matmul":
+        d = layer.detail
+        n_mult = math.ceil(layer.mults / reuse)
+        mult_dsp, mult_lut = _multiplier(*(v.fmt.bits for v in layer.inputs))
+        dsp = n_mult * mult_dsp
+        lut = n_mult * (mult_lut + layer.acc_bits) + math.ceil(layer.out_size / reuse) * (layer.acc_bits + out_bits)
+        ii = reuse
+        latency = reuse + math.ceil(math.log2(d["k"] + 1)) + 3
+    elif layer.kind == "embedding":
+        d = layer.detail
+        assert op.weight_fmt is not None  # checked by plan_graph
+        lut, bram = _rom(d["n_ids"], d["vocab"] * d["dim"], op.weight_fmt.bits)
+        lut += layer.out_size * (layer.acc_bits + out_bits)
+        ii, latency = 1, 2
+    elif layer.kind == "softmax":
+        d = layer.detail
+        rows = layer.out_size // d["len"]
+        rom_bits = d["table"].size * d["exp_t_bits"]
+        lut, bram = _rom(layer.out_size, d["table"].size, d["exp_t_bits"])
+        n_mult = layer.out_size
+        mult_dsp, mult_lut = _multiplier(d["exp_t_bits"], d["recip_bits"])
+        dsp = n_mult * mult_dsp
+        lut += (rows * (d["num_bits"] ** 2 + d["len"] * (layer.inputs[0].fmt.bits + d["sum_bits"]))
+                + n_mult * (mult_lut + layer.acc_bits + out_bits))
+        ii = reuse
+        latency = 2 * math.ceil(math.log2(d["len"] + 1)) + d["num_bits"] + 4
+    elif layer.kind == "layernorm":
+        d = layer.detail
+        assert op.weight_fmt is not None  # checked by plan_graph
+        n_mult = math.ceil(layer.mults / reuse)
+        per = [_multiplier(d["centered_bits"], d["centered_bits"]), _multiplier(32, 52),
+               _multiplier(d["h_bits"], op.weight_fmt.bits)]
+        dsp = math.ceil(layer.out_size / reuse) * sum(m[0] for m in per)
+        lut = (math.ceil(layer.out_size / reuse) * (sum(m[1] for m in per) + layer.acc_bits + out_bits)
+               + d["rows"] * (d["n"] * d["sum_bits"] + 62 ** 2 + 52 ** 2 + 32 * 64))
+        ii = reuse
+        latency = 2 * math.ceil(math.log2(d["n"] + 1)) + 62 + 32 + 52 + 6
     elif layer.kind == "mul":
         n_mult = layer.out_size
         mult_dsp, mult_lut = _multiplier(*(v.fmt.bits for v in layer.inputs))
