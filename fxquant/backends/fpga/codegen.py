@@ -247,7 +247,7 @@ def _config(layer: LayerPlan, plan: ModelPlan, reuse: int) -> str:
 
 def _softmax_config(layer: LayerPlan, plan: ModelPlan, reuse: int, comment: str) -> str:
     op, out, d = layer.op, layer.output, layer.detail
-    mask_t = value_type(op.inputs[1], plan) if len(op.inputs) > 1 else "ap_int<2>"
+    mask_t = value_type(op.inputs[1], plan) if len(op.inputs) > 1 else "int8_t"  # no mask: a raw {1}
     n_mask = math.prod(layer.inputs[1].shape) if len(op.inputs) > 1 else 1
     comment += (f"; exp ROM of {d['table'].size} entries at E = {d['exp_bits']}, K = {d['recip_k']}, "
                 f"{'a mask' if len(op.inputs) > 1 else 'no mask'}{', causal' if d['causal'] else ''}")
@@ -291,7 +291,7 @@ def _weights_header(layer: LayerPlan) -> str:
                 f"2^{layer.detail['exp_bits']}) (fixed_point.softmax_exp_table)\n"
                 f"static const int32_t t_{layer.ident}[{table.size}] = {{\n{_int_lines(table)}\n}};\n")
         if len(op.inputs) == 1:
-            body += f"// no mask input: every entry kept\nstatic const ap_int<2> nm_{layer.ident}[1] = {{1}};\n"
+            body += f"// no mask input: every entry kept\nstatic const int8_t nm_{layer.ident}[1] = {{1}};\n"
     elif layer.kind == "avgpool2d":
         mults = layer.detail["mults"]
         body = (f"// {op.name}: m[d] = M_d * 2^(S - s_d) for every window divisor d (0: no window has it)\n"
@@ -305,7 +305,7 @@ def _weights_header(layer: LayerPlan) -> str:
                 f"static const {raw_ctype(op.weight_fmt.bits)} w_{layer.ident}[{op.weight.size}] = {{\n"
                 f"{_int_lines(op.weight.ravel())}\n}};\n"
                 f"static const int32_t b_{layer.ident}[{bias.size}] = {{\n{_int_lines(bias.ravel())}\n}};\n")
-    return f"#ifndef {guard}\n#define {guard}\n#include <cstdint>\n#include \"ap_int.h\"\n{body}#endif\n"
+    return f"#ifndef {guard}\n#define {guard}\n#include <cstdint>\n{body}#endif\n"
 
 
 def _cat_function(layer: LayerPlan, plan: ModelPlan) -> str:

@@ -6,8 +6,9 @@ random integers plus the boundary samples of :func:`boundary_inputs` (every inpu
 rank 4, 16-bit operands at ``qmin`` (the accumulator's worst case), left and right requantize
 shifts; ``embedding`` exact, requantized and saturating, 16-bit tables, a wide vocabulary;
 ``softmax`` without a mask, broadcast and full masks, all-masked rows, ``causal``, ``exp_bits`` 8 /
-15 / 24, 16-bit scores (a 2841-entry table at E = 15), outputs ``<8,7>``, ``<9,8>``, ``<16,15>``, ``<4,-1>``;
-``layernorm`` rows of 1 and 16 and 64, 16-bit inputs, ``eps = 0`` on constant rows (``D = 0``),
+15 / 24, 16-bit scores (a 2841-entry table at E = 15), rows of 127 at E = 24 (the row sum at its
+int32 limit) and ``K = 60`` (the widest reciprocal), outputs ``<8,7>``, ``<9,8>``, ``<16,15>``, ``<4,-1>``;
+``layernorm`` rows of 1, 16, 64 and 1625 (16-bit inputs: the longest whose ``D < 2^62``), ``eps = 0`` on constant rows (``D = 0``),
 16-bit gamma, int32 beta at its limits, ReLU, saturating outputs; ``slice`` / select on every axis.
 """
 
@@ -31,13 +32,14 @@ N = 300
 
 
 def boundary_inputs(graph: IntegerGraph, n: int = N, seed: int = 0) -> list[np.ndarray]:
-    """Random integers for every input, with sample 0 at ``qmin`` (ids 0), 1 at ``qmax`` (ids ``V - 1``), 2 at 0."""
+    """Random integers for every input, with sample 0 at ``qmin`` (ids 0), 1 at ``qmax`` (ids ``V - 1``),
+    2 at 0 and 3 alternating ``qmin`` / ``qmax`` (the widest row variance; ids alternate 0 / ``V - 1``)."""
     xs = random_inputs(graph, n, seed)
     vocab = {op.inputs[0]: op.weight.shape[0] for op in graph.ops if op.kind == "embedding"}
     for v, x in zip(graph.inputs, xs):
-        x[0] = 0 if v.name in vocab else v.fmt.qmin
-        x[1] = vocab[v.name] - 1 if v.name in vocab else v.fmt.qmax
-        x[2] = 0
+        lo, hi = (0, vocab[v.name] - 1) if v.name in vocab else (v.fmt.qmin, v.fmt.qmax)
+        x[0], x[1], x[2] = lo, hi, 0
+        x[3] = np.where(np.indices(v.shape).sum(axis=0) % 2 == 0, lo, hi)
     return xs
 
 
@@ -80,6 +82,7 @@ def _softmax_graph() -> IntegerGraph:
     m.input("rows", (2, 4, 1), F(3, 0))  # masks whole rows (0 = masked)
     m.input("full", (2, 4, 6), F(4, 0))
     m.input("wide", (3, 40), F(16, 8))  # 16-bit scores: a 2841-entry table
+    m.input("long", (2, 127), F(8, 4))  # 127 2^24 < 2^31: the widest row sum
     outs = [m.softmax("plain", "scores", F(8, 7)),
             m.softmax("padded", "scores", F(9, 8), mask="pad"),
             m.softmax("row_masked", "scores", F(8, 6), mask="rows", causal=True),
@@ -87,9 +90,11 @@ def _softmax_graph() -> IntegerGraph:
             m.softmax("coarse", "scores", F(4, -1), causal=True),
             m.softmax("e15_wide", "wide", F(8, 7)),
             m.softmax("e8", "wide", F(8, 7)),
-            m.softmax("e24", "scores", F(16, 15))]
-    m.ops[6].attrs["exp_bits"] = 8
-    m.ops[7].attrs["exp_bits"] = 24
+            m.softmax("e24", "scores", F(16, 15)),
+            m.softmax("sum_limit", "long", F(8, 7)),
+            m.softmax("k60", "long", F(16, 32))]  # K = 24 + 32 + 4 = 60: the widest reciprocal
+    for i, e in ((6, 8), (7, 24), (8, 24), (9, 24)):
+        m.ops[i].attrs["exp_bits"] = e
     return m.graph(*outs)
 
 
@@ -97,7 +102,9 @@ def _layernorm_graph() -> IntegerGraph:
     m = GraphMaker((3, 16), F(8, 3), seed=4, name="x")
     m.input("one", (4, 1), F(6, 2))
     m.input("wide", (2, 64), F(16, 10))
-    outs = [m.layernorm("ln", "x", F(8, 6), F(8, 4)),
+    m.input("limit", (1, 1625), F(16, 10))  # the longest 16-bit row whose D stays below 2^62
+    outs = [m.layernorm("ln_limit", "limit", F(16, 12), F(16, 12)),
+            m.layernorm("ln", "x", F(8, 6), F(8, 4)),
             m.layernorm("ln_eps0", "x", F(16, 14), F(16, 12), eps=0.0),  # constant rows (samples 0-2): D = 0
             m.layernorm("ln_one", "one", F(5, 3), F(6, 2)),  # n = 1: x_hat = 0, the output is beta
             m.layernorm("ln_wide", "wide", F(8, 6), F(12, 8), eps=1e-2, bias=False),
