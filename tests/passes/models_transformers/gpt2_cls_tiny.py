@@ -22,7 +22,8 @@ class GPT2Classifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         config = GPT2Config(vocab_size=_tokens.LEVELS + 1, n_positions=64, n_embd=64, n_layer=2, n_head=2,
-                            n_inner=128, num_labels=10, pad_token_id=PAD)
+                            n_inner=128, num_labels=10, pad_token_id=PAD,
+                            bos_token_id=PAD, eos_token_id=PAD)
         self.gpt2 = GPT2ForSequenceClassification(config)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ class NextTokenClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         config = GPT2Config(vocab_size=_tokens.LEVELS + CLASSES, n_positions=64, n_embd=64, n_layer=2, n_head=2,
-                            n_inner=128)
+                            n_inner=128, bos_token_id=None, eos_token_id=None)
         self.gpt2 = GPT2LMHeadModel(config)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
