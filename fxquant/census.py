@@ -40,7 +40,7 @@ import torch
 from torch import fx, nn
 
 from fxquant.errors import ModelFileError
-from fxquant.passes.op_kinds import module_kind, module_path, node_kind
+from fxquant.passes.op_kinds import LAYER_META, module_kind, module_path, node_kind
 from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
 
 QUANTIZED_COMPUTE_KINDS = frozenset({"conv2d", "linear", "matmul", "conv_transpose2d"})
@@ -211,7 +211,8 @@ def take_census(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Census:
         node_params = {k: v for k, v in _node_params(gm, node, params).items() if k not in counted}
         m = macs.get(node, 0)
         if _is_quantized_compute(gm, node):
-            layer = gm.get_submodule(str(node.args[1].target)).layer
+            # the op's own layer name (a matmul of two activations: not its operand's quantizer's)
+            layer = node.meta.get(LAYER_META) or gm.get_submodule(str(node.args[1].target)).layer
             bucket, name = quantized, layer
         elif m > 0 or node_params:
             bucket, name = floating, _display_name(gm, node)
