@@ -3,13 +3,30 @@
 ``torch.fx`` first (with the user's source lines recorded in ``node.meta["stack_trace"]``): it
 keeps the module hierarchy (``call_module`` nodes) and works without example inputs. Models it
 cannot trace (Python control flow on tensor shapes, for instance) fall back to ``torch.export``
-with the example inputs, which specializes shape-dependent branches. If both fail,
-:class:`~fxquant.errors.CaptureError` names the offending line of the user's code.
+with the example inputs, which specializes shape-dependent branches. **Hugging Face models**
+(any ``transformers`` module inside) go to torch.export directly: ``transformers.utils.fx`` no
+longer exists in transformers 5, and their forward's Python checks are what export evaluates
+faithfully. If both routes fail, :class:`~fxquant.errors.CaptureError` names the offending line of
+the user's code.
+
+**Dynamic sizes.** torch.export runs with a dynamic batch dimension (``Dim.AUTO``; a batch of 1 is
+traced at 2, export's 0/1 rule) and, for integer inputs of two or more dimensions (token ids,
+masks), a dynamic sequence dimension. Training, calibration, evaluation and BitOPs counting all
+feed other batch sizes than ``example_inputs()``, so with example inputs the captured graph is
+run at the example batch and at batch + 1: a graph that fails at the second (a model that fixes
+its batch, ``x.view(4, 16)``) is a :class:`CaptureError` naming the node and the source line,
+never a crash in the first training step.
+
+**Transformer constructs** (both routes): ``nn.MultiheadAttention`` and
+``F.scaled_dot_product_attention`` become explicit linear / matmul / scale / mask / softmax /
+dropout / matmul ops (:mod:`fxquant.passes.decompose_attention`); Hugging Face ``Conv1D``
+(``addmm`` on a ``view(-1, C)``) becomes ``linear(x, aten.t(W), b)`` on the unmerged input
+(:func:`_conv1d_as_linear`); and constant shape arithmetic is folded, only the batch (and
+sequence) sizes staying symbolic as ``aten.sym_size.int`` (:mod:`fxquant.passes.fold_shapes`).
 
 **The export graph is made to train and evaluate like the model.** Export records one mode (it
-captures in training mode, with a dynamic batch dimension where the model allows it, so that
-``x.view(x.size(0), -1)`` stays batch-independent): BatchNorm as ``aten.batch_norm(training=True)``
-plus the ``num_batches_tracked.add_(1)`` bookkeeping, dropout as ``aten.dropout(train=True)``.
+captures in training mode): BatchNorm as ``aten.batch_norm(training=True)`` plus the
+``num_batches_tracked.add_(1)`` bookkeeping, dropout as ``aten.dropout(train=True)``.
 Both are put back as the model's own modules::
 
     add_(bn.num_batches_tracked, 1); batch_norm(x, bn.weight, …, True, …)   →   call_module bn(x)
@@ -19,7 +36,8 @@ so ``gm.train()`` / ``gm.eval()`` switch batch statistics / running statistics a
 eager mode, :class:`FoldBatchNorm` folds the BN modules, and quantizers land where the fx path puts
 them. Other ``if self.training:`` branches stay specialized to training (documented limitation).
 On the fx path, ``torchvision.ops.StochasticDepth`` stays a module (a leaf): it drops rows in
-training and is the identity in eval, and the lowering removes it like dropout.
+training and is the identity in eval, and the lowering removes it like dropout; an
+``F.dropout(x, p, training=True)`` call (the explicit attention's) becomes an ``nn.Dropout`` too.
 In-place adds on activations (``y += z``) become out-of-place adds in both paths, so a quantizer
 output shared by several consumers is never overwritten by one of them.
 """
@@ -38,7 +56,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.errors import CaptureError
-from fxquant.passes.decompose_attention import SDPA_TARGETS, decompose_sdpa, explicit_attention_modules, mha_call_hints
+from fxquant.passes.decompose_attention import (SDPA_TARGETS, SHAPES_RECORDED, decompose_sdpa,
+                                                explicit_attention_modules, mha_call_hints)
 from fxquant.passes.fold_shapes import fold_shapes
 from fxquant.passes.op_kinds import is_stochastic_depth, module_path
 
@@ -319,6 +338,7 @@ def _shape_prop(gm: fx.GraphModule, examples: tuple[Any, ...]) -> None:
     try:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*examples)
+        gm.meta[SHAPES_RECORDED] = True
     finally:
         gm.train(was_training)
         with torch.no_grad():

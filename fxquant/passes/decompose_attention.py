@@ -49,6 +49,8 @@ from torch import fx, nn
 from fxquant.errors import CaptureError
 
 _aten = torch.ops.aten
+SHAPES_RECORDED = "fxq_shapes_recorded"
+"""``gm.meta`` key: ShapeProp ran on the example inputs, so a node without ``tensor_meta`` is no tensor."""
 SDPA_TARGETS = frozenset({F.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default})
 """Call targets :func:`decompose_sdpa` rewrites (the functional form and its aten overload)."""
 
@@ -291,6 +293,8 @@ def decompose_sdpa(gm: fx.GraphModule) -> bool:
                 ones = emit(_aten.ones.default, [tgt, src])
                 above = emit(_aten.ne.Scalar, emit(_aten.triu.default, ones, 1), 0)
             scores = emit(_aten.masked_fill.Scalar, scores, above, float("-inf"))
+        if isinstance(mask, fx.Node) and _dtype(mask) is None and gm.meta.get(SHAPES_RECORDED):
+            mask = None  # a mask argument that is None at the example inputs (fx: an unused default)
         if isinstance(mask, fx.Node):
             if _dtype(mask) is None:
                 raise CaptureError(f"{_describe(node)}: the attn_mask's dtype is unknown (no example inputs)",

@@ -273,3 +273,41 @@ def test_a_fixed_batch_size_is_a_capture_error_naming_the_line(cls):
     message = err.value.message
     assert "test_capture_transformers.py" in message and ("x.view(4, 16)" in message or "x.reshape(4, 16)" in message)
     assert "batch" in message and "x.size(0)" in err.value.hint
+
+
+# ----------------------------------------------------------------------------------------- property: SDPA semantics
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class _Sdpa(nn.Module):
+    def __init__(self, is_causal: bool, scale: float | None) -> None:
+        super().__init__()
+        self.is_causal, self.scale = is_causal, scale
+
+    def forward(self, q, k, v, m=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=self.is_causal, scale=self.scale)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 3), tgt=st.integers(1, 6), src=st.integers(1, 6),
+       dim=st.integers(1, 8), causal=st.booleans(), mask=st.sampled_from([None, "bool", "float"]),
+       scale=st.sampled_from([None, 0.5, 0.1]), seed=st.integers(0, 2**16))
+def test_decomposed_sdpa_equals_torch(batch, heads, tgt, src, dim, causal, mask, scale, seed):
+    """For any shapes, mask kind, causal flag and scale, the explicit ops compute torch's SDPA
+    (rows that every mask position removes excepted: both give NaN there)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=g) for n in (tgt, src, src))
+    m = None
+    if mask == "bool":
+        m = torch.rand(batch, 1, tgt, src, generator=g) > 0.3
+        m[..., 0] = True  # every row keeps a position (causal keeps j = 0 as well)
+    elif mask == "float":
+        m = torch.randn(batch, 1, tgt, src, generator=g)
+    model = _Sdpa(causal, scale)
+    inputs = (q, k, v) if m is None else (q, k, v, m)
+    gm = capture(model, inputs)
+    assert _count(gm, F.scaled_dot_product_attention) == 0
+    with torch.no_grad():
+        want, got = model(*inputs), gm(*inputs)
+    assert torch.allclose(got, want, atol=ATOL, rtol=0, equal_nan=True)
