@@ -40,7 +40,7 @@ import torch
 from torch import fx, nn
 
 from fxquant.errors import ModelFileError
-from fxquant.passes.op_kinds import module_kind, module_path, node_kind
+from fxquant.passes.op_kinds import LAYER_META, module_kind, module_path, node_kind
 from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
 
 QUANTIZED_COMPUTE_KINDS = frozenset({"conv2d", "linear", "matmul", "conv_transpose2d"})
@@ -121,10 +121,22 @@ def _node_params(gm: fx.GraphModule, node: fx.Node, params: dict[str, nn.Paramet
         sources = [arg]
         if _is_quantizer(gm, arg):
             sources = [a for a in arg.all_input_nodes]
+        sources = [src.args[0] if _is_transposed_parameter(src) else src for src in sources]
         for src in sources:
             if src.op == "get_attr" and str(src.target) in params:
                 found[str(src.target)] = params[str(src.target)].numel()
     return found
+
+
+_TRANSPOSES = frozenset({torch.ops.aten.t.default, torch.t, torch.ops.aten.permute.default,
+                         torch.ops.aten.transpose.int})
+
+
+def _is_transposed_parameter(node: fx.Node) -> bool:
+    """``aten.t(W)`` of a parameter: how a Hugging Face ``Conv1D`` weight (stored ``(in, out)``)
+    reaches its linear's weight quantizer; its parameter belongs to that linear."""
+    return node.op == "call_function" and node.target in _TRANSPOSES and bool(node.args) and \
+        isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
 
 
 def _is_quantized_compute(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -194,10 +206,13 @@ def take_census(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Census:
             continue  # folded into its conv at deployment
         if node.op == "call_function" and node_kind(gm, node) == "batchnorm":
             continue
+        if _is_transposed_parameter(node) and node.users and all(_is_quantizer(gm, u) for u in node.users):
+            continue  # a weight on its way to its quantizer: counted with the layer that reads it
         node_params = {k: v for k, v in _node_params(gm, node, params).items() if k not in counted}
         m = macs.get(node, 0)
         if _is_quantized_compute(gm, node):
-            layer = gm.get_submodule(str(node.args[1].target)).layer
+            # the op's own layer name (a matmul of two activations: not its operand's quantizer's)
+            layer = node.meta.get(LAYER_META) or gm.get_submodule(str(node.args[1].target)).layer
             bucket, name = quantized, layer
         elif m > 0 or node_params:
             bucket, name = floating, _display_name(gm, node)

@@ -44,7 +44,8 @@ def deployed_model(run: RunDir, model: Path | None = None) -> tuple[fx.GraphModu
 
 
 def held_out(mf: ModelFile, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``n`` validation inputs and labels from model.py's ``data()``, in order."""
+    """Up to ``n`` validation inputs and labels from model.py's ``data()``, in order (float inputs
+    as float32, integer inputs such as token ids in their own dtype)."""
     _, val = mf.data(batch_size=256)
     xs, ys, count = [], [], 0
     for x, y in val:
@@ -53,7 +54,8 @@ def held_out(mf: ModelFile, n: int) -> tuple[np.ndarray, np.ndarray]:
         count += len(x)
         if count >= n:
             break
-    return np.concatenate(xs)[:n].astype(np.float32), np.concatenate(ys)[:n]
+    x = np.concatenate(xs)[:n]
+    return (x.astype(np.float32) if x.dtype.kind == "f" else x), np.concatenate(ys)[:n]  # token ids stay integers
 
 
 @dataclass

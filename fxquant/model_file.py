@@ -70,7 +70,7 @@ class ModelFile:
             with torch.no_grad():
                 net(*example)
         except Exception as exc:  # noqa: BLE001 - any failure means the inputs do not fit the model
-            shapes = ", ".join(str(tuple(x.shape)) if hasattr(x, "shape") else type(x).__name__ for x in example)
+            shapes = ", ".join(describe_input(x) for x in example)
             first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
             raise ModelFileError(f"{self.path}: example inputs {shapes} do not fit the model: {first}",
                                  "check example_inputs() (shapes, dtypes) against model()") from exc
@@ -81,6 +81,13 @@ class ModelFile:
         except Exception as exc:  # noqa: BLE001 - any user error becomes one line
             raise ModelFileError(f"{self.path}: {name}() raised {type(exc).__name__}: {exc}",
                                  "fix the factory; run with --debug for the traceback") from exc
+
+
+def describe_input(x: Any) -> str:
+    """``(1, 32) int64`` for a tensor (shape and dtype: token ids must stay integers), else its type."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+    return type(x).__name__
 
 
 def file_sha256(path: Path) -> str:

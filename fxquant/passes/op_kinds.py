@@ -501,8 +501,23 @@ def _is_transposed_parameter(node: Any) -> bool:
     return False
 
 
+def integer_valued(node: fx.Node) -> bool:
+    """Whether capture recorded ``node``'s value as an integer or boolean tensor (token ids, index
+    arithmetic such as HF's last-non-padding-token search): export's ``val`` or ShapeProp's
+    ``tensor_meta``. Such values are never fixed-point activations."""
+    val = node.meta.get("val")
+    dtype = val.dtype if isinstance(val, torch.Tensor) else getattr(node.meta.get("tensor_meta"), "dtype", None)
+    return isinstance(dtype, torch.dtype) and not (dtype.is_floating_point or dtype.is_complex)
+
+
 def node_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """The op kind of ``node`` (see module docstring), or ``None`` for other ops."""
+    """The op kind of ``node`` (see module docstring), or ``None`` for other ops (a quantized kind
+    computing on integer tensors, :func:`integer_valued`, is an integer op, not a quantized one)."""
+    kind = _node_kind(gm, node)
+    return None if kind in QUANTIZED_KINDS and integer_valued(node) else kind
+
+
+def _node_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_module":
         return module_kind(gm.get_submodule(str(node.target)))
     if node.op == "call_function":
