@@ -31,10 +31,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fxquant.torchvision_compat import define_missing_schemas
 from fxquant.datasets import PAD_ID, SEQ_LEN, VOCAB_SIZE, digit_tokens, digit_tokens_loaders
 
 DROPOUT = 0.1
-TRAIN = {"epochs": 60, "lr": 0.1, "batch_size": 32}
+TRAIN = {"epochs": 60, "lr": 0.003, "batch_size": 32, "optimizer": "adamw"}
 """Epochs, SGD learning rate and batch size that reach the FP32 accuracy of docs/transformers.md
 (fxquant's recipe: SGD momentum 0.9 Nesterov, weight decay 5e-4, cosine schedule)."""
 
@@ -48,6 +49,7 @@ class BertDigits(nn.Module):
 
     def __init__(self, padded: bool) -> None:
         super().__init__()
+        define_missing_schemas()  # transformers imports torchvision: see fxquant.torchvision_compat
         from transformers import BertConfig, BertForSequenceClassification
 
         config = BertConfig(vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,

@@ -27,7 +27,7 @@ define_missing_schemas()
 import torchvision  # noqa: E402  (after the schemas: see fxquant.torchvision_compat)
 
 SIZE = 32
-TRAIN = {"epochs": 60, "lr": 0.05, "batch_size": 32}
+TRAIN = {"epochs": 40, "lr": 0.05, "batch_size": 32}
 """Epochs, SGD learning rate and batch size that reach the FP32 accuracy of docs/transformers.md
 (fxquant's recipe: SGD momentum 0.9 Nesterov, weight decay 5e-4, cosine schedule)."""
 
