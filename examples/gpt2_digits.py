@@ -23,7 +23,7 @@ Environment (read each time the file is loaded: **export with the same value as 
 
 Training defaults (:data:`TRAIN`), as in ``examples/bert_digits.py``::
 
-    fxquant train --policy static --bits 8 --epochs 60 --lr 0.1 --batch-size 32 examples/gpt2_digits.py --out runs/gpt2
+    fxquant train --policy static --bits 8 --epochs 40 --lr 0.05 --batch-size 32 examples/gpt2_digits.py --out runs/gpt2
 """
 
 from __future__ import annotations

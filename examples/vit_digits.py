@@ -11,7 +11,7 @@ importable beside the CPU torch (:mod:`fxquant.torchvision_compat`); this file a
 Training defaults (:data:`TRAIN`) are the settings ``benchmarks/transformer_fp32.py`` measured
 (docs/transformers.md); ``fxquant train`` does not read them, pass them::
 
-    fxquant train --policy static --bits 8 --epochs 60 --lr 0.05 --batch-size 32 examples/vit_digits.py --out runs/vit
+    fxquant train --policy static --bits 8 --epochs 40 --lr 0.05 --batch-size 32 examples/vit_digits.py --out runs/vit
 """
 
 from __future__ import annotations
