@@ -53,9 +53,13 @@ def id_inputs(graph: IntegerGraph) -> frozenset[str]:
 
 
 def unsigned_values(graph: IntegerGraph) -> frozenset[str]:
-    """Values stored as uint8: the 9-bit outputs of ``softmax`` (``[0, 2^8 - 1]``)."""
-    return frozenset(op.output for op in graph.ops
-                     if op.kind == "softmax" and op.out_fmt.bits == UNSIGNED_SOFTMAX_BITS)
+    """Values stored as uint8: the 9-bit outputs of ``softmax`` (``[0, 2^8 - 1]``) and slices of them."""
+    out: set[str] = set()
+    for op in graph.ops:  # topological order: a slice of a slice follows its source
+        if (op.kind == "softmax" and op.out_fmt.bits == UNSIGNED_SOFTMAX_BITS) or (
+                op.kind == "slice" and op.inputs[0] in out):
+            out.add(op.output)
+    return frozenset(out)
 
 
 def storage_dtype(graph: IntegerGraph, name: str) -> str:

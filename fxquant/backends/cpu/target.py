@@ -84,15 +84,16 @@ def graph_problems(graph: IntegerGraph, vnni: bool) -> list[Problem]:
 
 def storage_width_problems(graph: IntegerGraph) -> list[Problem]:
     """The width rule (:func:`fxquant.legality.width_problems`) on what this target stores as int8
-    activations: token-id inputs are int32 tensors (any ``<BW,0>`` width) and a 9-bit softmax output is
-    a uint8 tensor (``[0, 255]``), which only :data:`UNSIGNED_READERS` kernels (or the graph output) read."""
+    activations: token-id inputs are int32 tensors (any ``<BW,0>`` width) and a 9-bit softmax output
+    (and a slice of it) is a uint8 tensor (``[0, 255]``), which only :data:`UNSIGNED_READERS` kernels
+    (or the graph output) read."""
     from fxquant.backends.cpu.relax_builder import id_inputs, unsigned_values
 
     ids, unsigned = id_inputs(graph), unsigned_values(graph)
     problems = [p for p in legality.width_problems(graph, weight_bits=LIMITS["weight_bits"],
                                                    act_bits=LIMITS["act_bits"])
-                if not (p.kind == "input" and p.layer in ids) and not (p.kind == "softmax" and p.layer in {
-                    op.name for op in graph.ops if op.output in unsigned})]
+                if not (p.kind == "input" and p.layer in ids) and p.layer not in {
+                    op.name for op in graph.ops if op.output in unsigned}]
     for op in graph.ops:
         for i, name in enumerate(op.inputs):
             if name in ids and (op.kind != "embedding" or i != 0):

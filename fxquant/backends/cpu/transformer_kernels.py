@@ -163,7 +163,8 @@ def softmax(shape: tuple[int, ...], mask_shape: tuple[int, ...] | None, causal: 
     qmax = (1 << (out_bits - 1)) - 1
     has_mask = mask_shape is not None
     MM = math.prod(mask_shape) if has_mask else 1
-    mrow = _broadcast_strides(mask_shape[:-1], shape[:-1]) if has_mask else ()
+    # element strides of the mask at the scores' row coordinates (a row of the mask is mask_shape[-1] long)
+    mrow = tuple(st * mask_shape[-1] for st in _broadcast_strides(mask_shape[:-1], shape[:-1])) if has_mask else ()
     mcol = 1 if has_mask and mask_shape[-1] == L else 0
 
     def kept(mf, r, j):
