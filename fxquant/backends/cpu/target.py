@@ -5,20 +5,26 @@ a graph (the rules of :mod:`fxquant.legality` with this target's limits, and the
 of the kernel each layer will take, :mod:`.packing`); ``build`` lowers and compiles it
 (:mod:`.build`) and writes, all relative to ``out_dir``::
 
-    fxquant_cpu.so   main(float32 inputs..., p0, p1, ...) -> int8 output integers (tvm.runtime only)
+    fxquant_cpu.so   main(inputs..., p0, p1, ...) -> int8 output integers (tvm.runtime only)
     params.npz       p0, p1, ...: the packed weights and biases
-    entry.json       the entry signature: inputs (name, shape, frac_bits), outputs, params
+    entry.json       the entry signature: inputs (name, shape, frac_bits, dtype[, vocab]), outputs, params
 
-``run`` loads the library from ``out_dir`` and feeds it ``k * 2^-FL`` (exact in float32 for the
-integers of at most 8 bits it takes), so the module's own input quantizer returns ``k``.
+``run`` loads the library from ``out_dir`` and feeds it ``k * 2^-FL`` in float32 (exact for the
+integers of at most 8 bits it takes), so the module's own input quantizer returns ``k``; token ids
+(a graph input an ``embedding`` reads) are fed as int32, never quantized, and refused outside
+``[0, vocab)`` (:class:`~fxquant.errors.InputRangeError`, as the reference).
 
-Limits: activations (and graph inputs) 2..8 bits, stored as int8; weights 2..16 bits (int8, or
-int16 into the same ``vpmaddwd``; the 4/2-bit packed and the VNNI paths take the weights whose
-integers fit them); int32 accumulators (average pools: window sum times the reciprocal ``M``); ``linear`` on
-``[batch, features]``; ``mul`` broadcasting equal-rank shapes; no ``matmul`` kernel. Grouped and
-depthwise convolutions, ``cat``, ``clamp``, ``lut``, ``mul``, ``reshape``, ``transpose``,
-``upsample_nearest``, ``conv_transpose2d`` and pools with any window, dilation and ceil mode have
-their own kernels (:mod:`.vision_kernels`).
+Limits: activations (and graph inputs) 2..8 bits, stored as int8, except token ids (int32, any
+``<BW,0>``) and a 9-bit softmax output (``[0, 255]``: uint8), which only ``matmul`` and ``slice`` read;
+weights 2..16 bits (int8, or int16 into the same ``vpmaddwd``; the 4/2-bit packed and the VNNI paths
+take the weights whose integers fit them); int32 accumulators (average pools: window sum times the
+reciprocal ``M``; ``matmul``: ``2^(BW_a-1) 2^(BW_b-1) K``); ``linear`` on the last axis of any rank
+(leading dims folded into rows); ``mul`` broadcasting equal-rank shapes; ``matmul`` of equal ranks
+>= 2 whose leading dims are equal or 1. Grouped and depthwise convolutions, ``cat``, ``clamp``,
+``lut``, ``mul``, ``reshape``, ``transpose``, ``upsample_nearest``, ``conv_transpose2d`` and pools
+with any window, dilation and ceil mode have their own kernels (:mod:`.vision_kernels`); ``matmul``,
+``embedding``, ``slice``, ``softmax`` (masks, causal) and ``layernorm`` theirs
+(:mod:`.transformer_kernels`), each a TIR kernel (no default legalization, no float).
 """
 
 from __future__ import annotations
@@ -167,7 +173,7 @@ class CpuTarget(Target):
         ex, params = compile_graph(graph, llvm)
         atomic_write_via_path(out_dir / LIBRARY, ex.export_library)
         save_params(out_dir / PARAMS, params)
-        entry = {"entry": "main(float32 inputs..., p0, p1, ...) -> int8 output integers",
+        entry = {"entry": "main(float32 inputs | int32 token ids..., p0, p1, ...) -> int8 output integers",
                  "llvm": {"mcpu": llvm.mcpu, "vnni": llvm.vnni, "target": llvm.tvm_target()},
                  "inputs": [input_spec(graph, v.name) for v in graph.inputs],
                  "outputs": list(graph.outputs), "params": sorted(params, key=lambda k: int(k[1:]))}

@@ -36,7 +36,7 @@ from functools import lru_cache
 from tvm import tirx
 from tvm.script import tirx as T
 
-from fxquant.backends.cpu.kernels import VEC, _finish
+from fxquant.backends.cpu.kernels import PARALLEL_MIN_WORK, _finish
 from fxquant.backends.cpu.vision_kernels import _flat_offset, _idx, _lanes, _requantize_dynamic, _vt
 from fxquant.backends.tvm_epilogue import Requant, requantize
 from fxquant.fixed_point import LAYERNORM_FRAC_BITS, LAYERNORM_NORM_BITS, LAYERNORM_RECIP_BITS, SOFTMAX_GUARD_BITS
@@ -66,6 +66,18 @@ def matmul(shape_a: tuple[int, ...], shape_b: tuple[int, ...], rq: Requant, dtyp
     L = _lanes(N)
     NV = N // L
 
+    @T.macro
+    def row(af, bf, yf, q, i):
+        for jv in range(NV):
+            acc = T.decl_buffer((L,), "int32")
+            acc[_idx(0, L)] = _vec0(L)
+            for k in range(K):
+                acc[_idx(0, L)] = acc[_idx(0, L)] + _bcast(T.Cast("int32", af[
+                    (q // OUTL) * MA + _flat_offset(q % OUTL, out_lead, SA) + i * K + k]), L) * T.Cast(
+                    _vt("int32", L), bf[_idx((q // OUTL) * MB + _flat_offset(q % OUTL, out_lead, SB) + k * N
+                                             + jv * L, L)])
+            yf[_idx(q * (M * N) + i * N + jv * L, L)] = T.Cast(_vt("int8", L), requantize(acc[_idx(0, L)], rq, L))
+
     @T.prim_func
     def kernel(a_h: T.handle, b_h: T.handle, y_h: T.handle):
         n = T.int64()
@@ -75,16 +87,12 @@ def matmul(shape_a: tuple[int, ...], shape_b: tuple[int, ...], rq: Requant, dtyp
         af = T.decl_buffer((n * MA,), dtype_a, data=a.data)
         bf = T.decl_buffer((n * MB,), dtype_b, data=b.data)
         yf = T.decl_buffer((n * MY,), "int8", data=y.data)
-        for q in range(n * OUTL):
-            for i, jv in T.grid(M, NV):
-                acc = T.decl_buffer((L,), "int32")
-                acc[_idx(0, L)] = _vec0(L)
-                for k in range(K):
-                    acc[_idx(0, L)] = acc[_idx(0, L)] + _bcast(T.Cast("int32", af[
-                        (q // OUTL) * MA + _flat_offset(q % OUTL, out_lead, SA) + i * K + k]), L) * T.Cast(
-                        _vt("int32", L), bf[_idx((q // OUTL) * MB + _flat_offset(q % OUTL, out_lead, SB) + k * N
-                                                 + jv * L, L)])
-                yf[_idx(q * (M * N) + i * N + jv * L, L)] = T.Cast(_vt("int8", L), requantize(acc[_idx(0, L)], rq, L))
+        if n * (OUTL * M * N * K) >= PARALLEL_MIN_WORK:
+            for t in T.parallel(n * OUTL * M):
+                row(af, bf, yf, t // M, t % M)
+        else:
+            for t in range(n * OUTL * M):
+                row(af, bf, yf, t // M, t % M)
 
     return _finish(kernel, name)
 
@@ -208,8 +216,12 @@ def softmax(shape: tuple[int, ...], mask_shape: tuple[int, ...] | None, causal: 
             xf = T.decl_buffer((n * M,), "int8", data=x.data)
             mf = T.decl_buffer((n * MM,), "int8", data=mk.data)
             yf = T.decl_buffer((n * M,), out_dtype, data=y.data)
-            for r in range(n * ROWS):
-                row(xf, mf, table, yf, r)
+            if n * (ROWS * L * 24) >= PARALLEL_MIN_WORK:
+                for r in T.parallel(n * ROWS):
+                    row(xf, mf, table, yf, r)
+            else:
+                for r in range(n * ROWS):
+                    row(xf, mf, table, yf, r)
 
         return _finish(kernel, name)
 
@@ -221,8 +233,12 @@ def softmax(shape: tuple[int, ...], mask_shape: tuple[int, ...] | None, causal: 
         y = T.match_buffer(y_h, (n,) + tuple(shape), out_dtype)
         xf = T.decl_buffer((n * M,), "int8", data=x.data)
         yf = T.decl_buffer((n * M,), out_dtype, data=y.data)
-        for r in range(n * ROWS):
-            row(xf, xf, table, yf, r)
+        if n * (ROWS * L * 24) >= PARALLEL_MIN_WORK:
+            for r in T.parallel(n * ROWS):
+                row(xf, xf, table, yf, r)
+        else:
+            for r in range(n * ROWS):
+                row(xf, xf, table, yf, r)
 
     return _finish(kernel_nomask, name)
 
@@ -289,8 +305,12 @@ def layernorm(shape: tuple[int, ...], eps_d: int, rshift: int, out_bits: int, re
         y = T.match_buffer(y_h, (n,) + tuple(shape), "int8")
         xf = T.decl_buffer((n * M,), "int8", data=x.data)
         yf = T.decl_buffer((n * M,), "int8", data=y.data)
-        for r in range(n * ROWS):
-            row(xf, gamma, beta, yf, r)
+        if n * (ROWS * (N + 32) * 24) >= PARALLEL_MIN_WORK:
+            for r in T.parallel(n * ROWS):
+                row(xf, gamma, beta, yf, r)
+        else:
+            for r in range(n * ROWS):
+                row(xf, gamma, beta, yf, r)
 
     return _finish(kernel, name)
 

@@ -228,3 +228,14 @@ def test_random_inputs_on_one_build(attention_build: tuple[IntegerGraph, Path], 
     got = CpuTarget().run(out, [x, mask])
     ref = graph.run(x, mask)
     assert_same_integers(got, [ref[o] for o in graph.outputs], graph.outputs, "random inputs")
+
+
+def test_large_shapes_take_the_parallel_loops(tmp_path: Path) -> None:
+    """Work beyond ``PARALLEL_MIN_WORK`` at batch 2: the row kernels and the matmul run their
+    ``T.parallel`` loops (8 heads of 64 x 64: Q K^T, a causal softmax, LayerNorm over 64)."""
+    m = GraphMaker((8, 64, 64), F(8, 3), seed=98)
+    s = m.matmul("scores", "input", "input", F(8, 1))
+    p = m.softmax("softmax", s, F(8, 7), causal=True)
+    ln = m.layernorm("ln", "input", F(8, 6), F(8, 4))
+    ctx = m.matmul("context", p, ln, F(8, 4))
+    _exact(m.graph(ctx), tmp_path, n=3)
