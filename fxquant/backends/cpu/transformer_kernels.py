@@ -8,8 +8,11 @@ each is bit-exact with the executor of the same kind in :mod:`fxquant.integer_op
 * :func:`matmul` ``y = requantize(a @ b)`` of two activations (``Q K^T``, ``attention V``): rank 2..4
   operands of equal rank whose leading dims are equal or 1 (broadcast), int8 (or the uint8 of a
   9-bit softmax output) x int8, int32 accumulation (``|acc| <= 2^(BW_a-1) 2^(BW_b-1) K``, checked
-  against int32 by the target), the shift epilogue of :mod:`fxquant.backends.tvm_epilogue`. The
-  8 output columns of a vector share one broadcast ``a`` and one contiguous row of ``b``.
+  against int32 by the target), the shift epilogue of :mod:`fxquant.backends.tvm_epilogue`. With
+  ``N % 8 == 0``: per (batch, head) ``b`` is first packed as int16 k-pairs ``bp[k/2, j, 2]`` (zero past
+  ``K``), then 8 output columns take one ``vpmaddwd`` per k-pair against the broadcast pair
+  ``(a[i, 2k'], a[i, 2k'+1])`` (exact: a pair sum is at most ``2 * 255 * 128``); otherwise one scalar
+  int32 sum per output.
 * :func:`embedding` ``y = requantize(table[ids])``: int32 (graph input) or int8 ids, an int32 copy of
   the table; an id is clamped into ``[0, V)`` for memory safety only -- the runner refuses ids outside
   it before the call (:class:`~fxquant.errors.InputRangeError`), as the reference does.
@@ -36,7 +39,8 @@ from functools import lru_cache
 from tvm import tirx
 from tvm.script import tirx as T
 
-from fxquant.backends.cpu.kernels import PARALLEL_MIN_WORK, _finish
+from fxquant.backends.cpu.intrinsics import broadcast_word, pmaddwd
+from fxquant.backends.cpu.kernels import PARALLEL_MIN_WORK, VEC, _finish
 from fxquant.backends.cpu.vision_kernels import _flat_offset, _idx, _lanes, _requantize_dynamic, _vt
 from fxquant.backends.tvm_epilogue import Requant, requantize
 from fxquant.fixed_point import LAYERNORM_FRAC_BITS, LAYERNORM_NORM_BITS, LAYERNORM_RECIP_BITS, SOFTMAX_GUARD_BITS
@@ -63,20 +67,75 @@ def matmul(shape_a: tuple[int, ...], shape_b: tuple[int, ...], rq: Requant, dtyp
     sb = _broadcast_strides(shape_b[:-2], out_lead)
     SA, SB = tuple(s * M * K for s in sa), tuple(s * K * N for s in sb)
     MA, MB, MY = math.prod(shape_a), math.prod(shape_b), math.prod(out)
-    L = _lanes(N)
-    NV = N // L
+    WORK = OUTL * M * N * K
+    if N % VEC:
+        return _matmul_scalar(shape_a, shape_b, out_lead, SA, SB, rq, dtype_a, dtype_b, name)
+    K2, NV = (K + 1) // 2, N // VEC
+
+    def a_word(af, abase, i, k2):
+        """The int16 pair ``(a[i, 2 k2], a[i, 2 k2 + 1])`` (0 past ``K``) as one 32-bit word."""
+        lo = T.Cast("int32", af[abase + i * K + 2 * k2])
+        hi = T.Select(2 * k2 + 1 < K, T.Cast("int32", af[abase + i * K + T.min(2 * k2 + 1, K - 1)]), T.int32(0))
+        return (lo & T.int32(0xFFFF)) | (hi << T.int32(16))
+
+    @T.macro
+    def task(af, bf, yf, q):
+        abase = T.meta_var((q // OUTL) * MA + _flat_offset(q % OUTL, out_lead, SA))
+        bbase = T.meta_var((q // OUTL) * MB + _flat_offset(q % OUTL, out_lead, SB))
+        bp = T.decl_buffer((K2 * N * 2,), "int16")  # b as int16 k-pairs: bp[k2, j, 2] = b[2k2 + (0, 1), j]
+        for k2, j in T.grid(K2, N):
+            bp[(k2 * N + j) * 2] = T.Cast("int16", bf[bbase + 2 * k2 * N + j])
+            bp[(k2 * N + j) * 2 + 1] = T.Select(2 * k2 + 1 < K, T.Cast("int16", bf[
+                bbase + T.min(2 * k2 + 1, K - 1) * N + j]), T.int16(0))
+        for i, jv in T.grid(M, NV):
+            acc = T.decl_buffer((VEC,), "int32")
+            acc[T.ramp(0, 1, VEC)] = T.broadcast(T.int32(0), VEC)
+            for k2 in range(K2):
+                acc[T.ramp(0, 1, VEC)] = acc[T.ramp(0, 1, VEC)] + pmaddwd(
+                    bp[T.ramp((k2 * N + jv * VEC) * 2, 1, 2 * VEC)], broadcast_word(a_word(af, abase, i, k2), VEC,
+                                                                                     "int16x16"))
+            yf[T.ramp(q * (M * N) + i * N + jv * VEC, 1, VEC)] = T.Cast("int8x8", requantize(
+                acc[T.ramp(0, 1, VEC)], rq, VEC))
+
+    @T.prim_func
+    def kernel(a_h: T.handle, b_h: T.handle, y_h: T.handle):
+        n = T.int64()
+        a = T.match_buffer(a_h, (n,) + tuple(shape_a), dtype_a)
+        b = T.match_buffer(b_h, (n,) + tuple(shape_b), dtype_b)
+        y = T.match_buffer(y_h, (n,) + tuple(out), "int8")
+        af = T.decl_buffer((n * MA,), dtype_a, data=a.data)
+        bf = T.decl_buffer((n * MB,), dtype_b, data=b.data)
+        yf = T.decl_buffer((n * MY,), "int8", data=y.data)
+        if n * WORK >= PARALLEL_MIN_WORK:
+            for q in T.parallel(n * OUTL):
+                task(af, bf, yf, q)
+        else:
+            for q in range(n * OUTL):
+                task(af, bf, yf, q)
+
+    return _finish(kernel, name)
+
+
+def _matmul_scalar(shape_a: tuple[int, ...], shape_b: tuple[int, ...], out_lead: tuple[int, ...],
+                   SA: tuple[int, ...], SB: tuple[int, ...], rq: Requant, dtype_a: str, dtype_b: str,
+                   name: str) -> tirx.PrimFunc:
+    """:func:`matmul` for a column count that is not a multiple of 8: one int32 sum per output."""
+    M, K = shape_a[-2:]
+    N = shape_b[-1]
+    out = out_lead + (M, N)
+    OUTL = math.prod(out_lead)
+    MA, MB, MY = math.prod(shape_a), math.prod(shape_b), math.prod(out)
 
     @T.macro
     def row(af, bf, yf, q, i):
-        for jv in range(NV):
-            acc = T.decl_buffer((L,), "int32")
-            acc[_idx(0, L)] = _vec0(L)
+        for j in range(N):
+            acc = T.decl_buffer((1,), "int32")
+            acc[0] = T.int32(0)
             for k in range(K):
-                acc[_idx(0, L)] = acc[_idx(0, L)] + _bcast(T.Cast("int32", af[
-                    (q // OUTL) * MA + _flat_offset(q % OUTL, out_lead, SA) + i * K + k]), L) * T.Cast(
-                    _vt("int32", L), bf[_idx((q // OUTL) * MB + _flat_offset(q % OUTL, out_lead, SB) + k * N
-                                             + jv * L, L)])
-            yf[_idx(q * (M * N) + i * N + jv * L, L)] = T.Cast(_vt("int8", L), requantize(acc[_idx(0, L)], rq, L))
+                acc[0] = acc[0] + T.Cast("int32", af[(q // OUTL) * MA + _flat_offset(q % OUTL, out_lead, SA) + i * K
+                                                     + k]) * T.Cast("int32", bf[
+                    (q // OUTL) * MB + _flat_offset(q % OUTL, out_lead, SB) + k * N + j])
+            yf[q * (M * N) + i * N + j] = T.Cast("int8", requantize(acc[0], rq, 1))
 
     @T.prim_func
     def kernel(a_h: T.handle, b_h: T.handle, y_h: T.handle):

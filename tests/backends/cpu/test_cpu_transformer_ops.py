@@ -44,7 +44,8 @@ def _floats(graph: IntegerGraph, ints: list[np.ndarray]) -> list[np.ndarray]:
 
 def test_matmul_batched_broadcast_vector_and_scalar_columns(tmp_path: Path) -> None:
     """(2,4,8) @ (1,8,16) (one key matrix for both heads, 16 columns: the vector path) with ReLU;
-    (2,4,16) @ (2,16,3) (3 columns: scalar); rank 4 (2,2,3,4) @ (2,1,4,5) broadcast on the head axis."""
+    (2,4,16) @ (2,16,3) (3 columns: scalar); rank 4 (2,2,3,4) @ (2,1,4,5) broadcast on the head axis;
+    an odd K (3,5) @ (5,8) (the last k-pair of the vpmaddwd path half zero)."""
     m = GraphMaker((2, 4, 8), F(8, 4), seed=90, name="a")
     b = m.input("b", (1, 8, 16), F(7, 3))
     c = m.input("c", (2, 16, 3), F(8, 6))
@@ -53,9 +54,11 @@ def test_matmul_batched_broadcast_vector_and_scalar_columns(tmp_path: Path) -> N
     ab = m._op("ab", "matmul", ("a", b), (2, 4, 16), F(8, 3), attrs={"relu": True})
     abc = m.matmul("abc", ab, c, F(8, 4))
     de = m.matmul("de", d, e, F(8, 7))
-    graph = m.graph(abc, de)
+    f, g = m.input("f", (3, 5), F(8, 5)), m.input("g", (5, 8), F(8, 3))
+    fg = m.matmul("fg", f, g, F(8, 5))
+    graph = m.graph(abc, de, fg)
     names = _kernels(graph)
-    assert sum(n.startswith("fxq_matmul") for n in names) == 3
+    assert sum(n.startswith("fxq_matmul") for n in names) == 4
     _exact(graph, tmp_path)
 
 
