@@ -3,9 +3,8 @@ for a QDQ ONNX model, so :class:`~.rewrite_quantized_ops.RewriteQuantizedOps` se
 
 ``main`` takes the float32 model inputs (quantized by ``R.quantize`` [+ clip], as ONNX's input
 QuantizeLinear) and int32 token ids (an input an ``embedding`` reads: never quantized) and returns
-the int8 output integers (uint8 for a 9-bit softmax output, :func:`storage_dtype`). Every integer value is an int8 tensor with
-a symbolic batch ``n``; a value of format ``<BW,FL>`` is
-read by ``R.dequantize(v, 2^-FL, 0)`` and written by ``R.quantize(y, 2^-FL, 0)`` (plus
+the int8 output integers (uint8 for a 9-bit softmax output, :func:`storage_dtype`). Every other
+integer value is an int8 tensor with a symbolic batch ``n``; a value of format ``<BW,FL>`` is read by ``R.dequantize(v, 2^-FL, 0)`` and written by ``R.quantize(y, 2^-FL, 0)`` (plus
 ``R.clip(., -2^(BW-1), 2^(BW-1)-1)`` when ``BW < 8``). Per op (as the ONNX importer emits it):
 
 * conv2d: ``Q([relu](conv2d(DQ(x), DQ(W)) + reshape(DQ(b), [1,O,1,1])))``
@@ -13,10 +12,14 @@ read by ``R.dequantize(v, 2^-FL, 0)`` and written by ``R.quantize(y, 2^-FL, 0)``
 * add: ``Q([relu](DQ(a) + DQ(b)))``; avgpool2d: ``Q(avg_pool2d(DQ(x)))``;
   requantize / standalone relu: ``Q([relu](DQ(x)))``
 * maxpool2d: ``Q(max_pool2d(DQ(x)))`` with the input scale; flatten: ``reshape`` on the int8 tensor.
+* linear on a value of rank > 2 (with the batch): ``reshape`` to ``[n * lead, K]``, the linear above,
+  ``reshape`` back; ``matmul``, ``embedding``, ``slice``, ``softmax``, ``layernorm``: ``call_tir`` of a
+  :mod:`.transformer_kernels` kernel on the integer tensors.
 
 Weights are int8 constants, int16 for formats of 9..16 bits (never cast narrower than their
 format); biases are int32 constants at ``FL_w + FL_in``. What the CPU kernels cannot build
-(activations wider than 8 bits, ...) is refused before this runs, by :meth:`fxquant.backends.cpu.target.CpuTarget.check`.
+(activations wider than 8 bits, ...) is refused before this runs, by
+:meth:`fxquant.backends.cpu.target.CpuTarget.check`.
 """
 
 from __future__ import annotations

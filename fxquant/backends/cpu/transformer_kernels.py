@@ -156,14 +156,6 @@ def _matmul_scalar(shape_a: tuple[int, ...], shape_b: tuple[int, ...], out_lead:
     return _finish(kernel, name)
 
 
-def _vec0(lanes: int) -> tirx.PrimExpr:
-    return T.broadcast(T.int32(0), lanes) if lanes > 1 else T.int32(0)
-
-
-def _bcast(v: tirx.PrimExpr, lanes: int) -> tirx.PrimExpr:
-    return T.broadcast(v, lanes) if lanes > 1 else v
-
-
 # -------------------------------------------------------------------------------------- embedding
 @lru_cache(maxsize=None)
 def embedding(ids_shape: tuple[int, ...], rows: int, dim: int, rq: Requant, ids_dtype: str = "int32",
