@@ -33,9 +33,9 @@ from fxquant.backends.pool_shape import PoolShape
 from fxquant.backends.tvm_epilogue import Requant
 from fxquant.errors import UnsupportedOpError
 from fxquant.fixed_point import FixedPoint, reciprocal
+from fxquant.backends.cpu.storage import ACT_DTYPE, IDS_DTYPE, id_inputs, storage_dtype, unsigned_values  # noqa: F401
 from fxquant.integer_graph import IntegerGraph, Op, avg_divisors
 
-ACT_DTYPE = "int8"
 MAX_ACT_BITS = 8
 DIRECT_KINDS = ("cat", "clamp", "lut", "mul", "transpose", "upsample_nearest", "maxpool2d", "avgpool2d",
                 "conv_transpose2d")
@@ -43,35 +43,6 @@ DIRECT_KINDS = ("cat", "clamp", "lut", "mul", "transpose", "upsample_nearest", "
 an any-window average is a reciprocal multiply, not the float average ``R.quantize`` would round)."""
 TRANSFORMER_DIRECT_KINDS = ("matmul", "embedding", "slice", "softmax", "layernorm")
 """Kinds emitted as ``call_tir`` of a :mod:`.transformer_kernels` kernel."""
-IDS_DTYPE = "int32"
-"""Storage of token ids (a graph input an ``embedding`` reads): fed as integers, never quantized."""
-UNSIGNED_SOFTMAX_BITS = 9
-"""A softmax output of 9 bits lies in ``[0, 255]`` (never negative): stored as uint8."""
-
-
-def id_inputs(graph: IntegerGraph) -> frozenset[str]:
-    """The graph inputs that are token ids: read by an ``embedding`` as its ids."""
-    names = {v.name for v in graph.inputs}
-    return frozenset(op.inputs[0] for op in graph.ops if op.kind == "embedding" and op.inputs[0] in names)
-
-
-def unsigned_values(graph: IntegerGraph) -> frozenset[str]:
-    """Values stored as uint8: the 9-bit outputs of ``softmax`` (``[0, 2^8 - 1]``) and slices of them."""
-    out: set[str] = set()
-    for op in graph.ops:  # topological order: a slice of a slice follows its source
-        if (op.kind == "softmax" and op.out_fmt.bits == UNSIGNED_SOFTMAX_BITS) or (
-                op.kind == "slice" and op.inputs[0] in out):
-            out.add(op.output)
-    return frozenset(out)
-
-
-def storage_dtype(graph: IntegerGraph, name: str) -> str:
-    """The tensor dtype of value ``name`` in the built module."""
-    if name in id_inputs(graph):
-        return IDS_DTYPE
-    return "uint8" if name in unsigned_values(graph) else ACT_DTYPE
-
-
 def _scale(frac_bits: int) -> relax.Constant:
     return relax.const(math.ldexp(1.0, -frac_bits), "float32")
 

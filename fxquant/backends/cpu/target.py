@@ -93,7 +93,7 @@ def storage_width_problems(graph: IntegerGraph) -> list[Problem]:
     activations: token-id inputs are int32 tensors (any ``<BW,0>`` width) and a 9-bit softmax output
     (and a slice of it) is a uint8 tensor (``[0, 255]``), which only :data:`UNSIGNED_READERS` kernels
     (or the graph output) read."""
-    from fxquant.backends.cpu.relax_builder import id_inputs, unsigned_values
+    from fxquant.backends.cpu.storage import id_inputs, unsigned_values
 
     ids, unsigned = id_inputs(graph), unsigned_values(graph)
     problems = [p for p in legality.width_problems(graph, weight_bits=LIMITS["weight_bits"],
@@ -200,7 +200,7 @@ class CpuTarget(Target):
 def input_spec(graph: IntegerGraph, name: str) -> dict[str, Any]:
     """An input's entry in ``entry.json``: name, shape, format, and the dtype ``main`` takes (float32;
     int32 token ids with the ``vocab`` of the embedding that reads them)."""
-    from fxquant.backends.cpu.relax_builder import IDS_DTYPE, id_inputs
+    from fxquant.backends.cpu.storage import IDS_DTYPE, id_inputs
 
     v = graph.value(name)
     spec: dict[str, Any] = {"name": v.name, "shape": ["n", *v.shape], "frac_bits": v.fmt.frac_bits,

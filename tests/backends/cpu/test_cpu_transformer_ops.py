@@ -242,3 +242,15 @@ def test_large_shapes_take_the_parallel_loops(tmp_path: Path) -> None:
     ln = m.layernorm("ln", "input", F(8, 6), F(8, 4))
     ctx = m.matmul("context", p, ln, F(8, 4))
     _exact(m.graph(ctx), tmp_path, n=3)
+
+
+def test_transformer_block_lowers_to_fxquant_kernels_only() -> None:
+    """The zoo's encoder block: every function of the lowered module is ``main`` or an fxquant
+    kernel (no op left to TVM's default legalization), one per transformer kind it holds."""
+    from tests.conformance.zoo import CASES
+
+    graph, _ = CASES["transformer_block"].build()
+    names = _kernels(graph)
+    assert all(n == "main" or n.startswith("fxq_") for n in names), names
+    for kind in ("layernorm", "matmul", "softmax", "linear", "lut", "add"):
+        assert any(n.startswith(f"fxq_{kind}") for n in names), (kind, names)
