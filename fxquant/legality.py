@@ -245,8 +245,10 @@ def format_problems(graph: "IntegerGraph") -> list["Problem"]:
 
 
 def shape_problems(graph: "IntegerGraph", *, groups: bool = False, max_inputs: int | None = None,
-                   max_outputs: int | None = None, add_arity: int | None = None) -> list["Problem"]:
-    """Grouped convolutions (unless ``groups``), ``linear`` on an input that is not a vector, adds
+                   max_outputs: int | None = None, add_arity: int | None = None,
+                   linear_any_rank: bool = False) -> list["Problem"]:
+    """Grouped convolutions (unless ``groups``), ``linear`` on an input that is not a vector (unless
+    ``linear_any_rank``: the target folds the leading dims into rows, ``a @ W^T`` on the last), adds
     of inputs of different shapes (no kernel broadcasts) or of other than ``add_arity`` inputs, and
     more graph inputs / outputs than a runner takes."""
     from fxquant.backends.base import Problem
@@ -256,7 +258,7 @@ def shape_problems(graph: "IntegerGraph", *, groups: bool = False, max_inputs: i
         if op.kind == "conv2d" and op.attrs.get("groups", 1) != 1 and not groups:
             problems.append(_problem(op, f"grouped convolution (groups={op.attrs['groups']}); this target "
                                          "has groups=1 kernels only"))
-        if op.kind == "linear":
+        if op.kind == "linear" and not linear_any_rank:
             shape = graph.values[op.inputs[0]].shape
             if len(shape) != 1:
                 problems.append(_problem(op, f"linear on an input of shape {list(shape)} (rank {len(shape) + 1} "

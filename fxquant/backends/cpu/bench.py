@@ -35,7 +35,8 @@ TVM_AFFINITY_BIG = 1
 
 
 def tvm_runner(model: Any, x: np.ndarray) -> Callable[[], Any]:
-    """One call of a loaded CPU module on float32 ``x`` (staged once; output read through DLPack)."""
+    """One call of a loaded CPU module on ``x`` (staged once in the input's dtype: float32, or int32 for
+    token ids, which must be integral; output read through DLPack)."""
     return lambda: np.from_dlpack(model.run_tvm(model.staged(0, x)))
 
 

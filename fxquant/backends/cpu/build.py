@@ -114,10 +114,12 @@ def compile_graph(graph: IntegerGraph, target: LlvmCpu) -> tuple[Any, dict[str, 
 class CpuModel:
     """A built model: ``run(*float32 inputs) -> list of int64 output integers`` (any batch size)."""
 
-    def __init__(self, module: Any, params: dict[str, np.ndarray]) -> None:
+    def __init__(self, module: Any, params: dict[str, np.ndarray], input_dtypes: list[str] | None = None) -> None:
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
+        self.input_dtypes = input_dtypes or []
+        """``main``'s dtype per input (float32; int32 token ids); float32 where not listed."""
         self.vm = VirtualMachine(module, tvm.cpu())
         self.params = [tvm.runtime.tensor(params[f"p{i}"]) for i in range(len(params))]
         self._main = self.vm["main"]
@@ -127,30 +129,44 @@ class CpuModel:
     def load(cls, out_dir: Path) -> "CpuModel":
         import tvm
 
+        import json
+
         with np.load(out_dir / PARAMS) as data:
             params = {k: data[k] for k in data.files}
-        return cls(tvm.runtime.load_module(str(out_dir / LIBRARY)), params)
+        entry = json.loads((out_dir / ENTRY).read_text()) if (out_dir / ENTRY).is_file() else {}
+        dtypes = [spec.get("dtype", "float32") for spec in entry.get("inputs", [])]
+        return cls(tvm.runtime.load_module(str(out_dir / LIBRARY)), params, dtypes)
 
     def run_tvm(self, *inputs: Any) -> Any:
         return self._main(*inputs, *self.params)
 
     def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
-        """float32 inputs -> the output integers (int64 copies)."""
+        """float32 inputs (int32 token ids) -> the output integers (int64 copies)."""
         out = self.run_tvm(*[self.staged(i, x) for i, x in enumerate(inputs)])
         outs = list(out) if not hasattr(out, "numpy") else [out]
         return [np.from_dlpack(o).astype(np.int64) for o in outs]
 
     def staged(self, index: int, x: np.ndarray) -> Any:
-        """``x`` copied into a reused TVM input tensor of its shape (a numpy view of it is kept):
-        creating a TVM tensor per call costs 15-30 us, more than a small model's whole run."""
+        """``x`` copied into a reused TVM input tensor of its shape and the input's dtype (a numpy view of
+        it is kept): creating a TVM tensor per call costs 15-30 us, more than a small model's whole run.
+        Token ids (an int32 input) must be integers already (:func:`.target.model_input` checks them)."""
         import tvm
 
+        dtype = self.input_dtypes[index] if index < len(self.input_dtypes) else "float32"
         key = (index, x.shape)
         if key not in self._staging:
-            tensor = tvm.runtime.empty(x.shape, "float32")
+            tensor = tvm.runtime.empty(x.shape, dtype)
             self._staging[key] = (tensor, np.from_dlpack(tensor))
         tensor, view = self._staging[key]
-        np.copyto(view, x, casting="same_kind")
+        if dtype != "float32" and not np.issubdtype(np.asarray(x).dtype, np.integer):
+            if np.any(np.asarray(x) != np.floor(x)):
+                from fxquant.errors import InputRangeError
+
+                raise InputRangeError(f"input {index} of the CPU module: token ids that are not integers",
+                                      "feed integer ids; ids are never rounded")
+            np.copyto(view, np.asarray(x).astype(dtype))
+        else:
+            np.copyto(view, x, casting="same_kind")
         return tensor
 
 

@@ -2,9 +2,9 @@
 for a QDQ ONNX model, so :class:`~.rewrite_quantized_ops.RewriteQuantizedOps` serves both entries.
 
 ``main`` takes the float32 model inputs (quantized by ``R.quantize`` [+ clip], as ONNX's input
-QuantizeLinear) and returns the int8 output integers. Every integer value is an int8 tensor with
-a symbolic batch ``n``; a value of format ``<BW,FL>`` is
-read by ``R.dequantize(v, 2^-FL, 0)`` and written by ``R.quantize(y, 2^-FL, 0)`` (plus
+QuantizeLinear) and int32 token ids (an input an ``embedding`` reads: never quantized) and returns
+the int8 output integers (uint8 for a 9-bit softmax output, :func:`storage_dtype`). Every other
+integer value is an int8 tensor with a symbolic batch ``n``; a value of format ``<BW,FL>`` is read by ``R.dequantize(v, 2^-FL, 0)`` and written by ``R.quantize(y, 2^-FL, 0)`` (plus
 ``R.clip(., -2^(BW-1), 2^(BW-1)-1)`` when ``BW < 8``). Per op (as the ONNX importer emits it):
 
 * conv2d: ``Q([relu](conv2d(DQ(x), DQ(W)) + reshape(DQ(b), [1,O,1,1])))``
@@ -12,11 +12,14 @@ read by ``R.dequantize(v, 2^-FL, 0)`` and written by ``R.quantize(y, 2^-FL, 0)``
 * add: ``Q([relu](DQ(a) + DQ(b)))``; avgpool2d: ``Q(avg_pool2d(DQ(x)))``;
   requantize / standalone relu: ``Q([relu](DQ(x)))``
 * maxpool2d: ``Q(max_pool2d(DQ(x)))`` with the input scale; flatten: ``reshape`` on the int8 tensor.
+* linear on a value of rank > 2 (with the batch): ``reshape`` to ``[n * lead, K]``, the linear above,
+  ``reshape`` back; ``matmul``, ``embedding``, ``slice``, ``softmax``, ``layernorm``: ``call_tir`` of a
+  :mod:`.transformer_kernels` kernel on the integer tensors.
 
 Weights are int8 constants, int16 for formats of 9..16 bits (never cast narrower than their
 format); biases are int32 constants at ``FL_w + FL_in``. What the CPU kernels cannot build
-(activations wider than 8 bits, ``matmul``, ``cat``, grouped convolutions, ...) is refused
-before this runs, by :meth:`fxquant.backends.cpu.target.CpuTarget.check`.
+(activations wider than 8 bits, ...) is refused before this runs, by
+:meth:`fxquant.backends.cpu.target.CpuTarget.check`.
 """
 
 from __future__ import annotations
@@ -30,16 +33,16 @@ from fxquant.backends.pool_shape import PoolShape
 from fxquant.backends.tvm_epilogue import Requant
 from fxquant.errors import UnsupportedOpError
 from fxquant.fixed_point import FixedPoint, reciprocal
+from fxquant.backends.cpu.storage import ACT_DTYPE, IDS_DTYPE, id_inputs, storage_dtype, unsigned_values  # noqa: F401
 from fxquant.integer_graph import IntegerGraph, Op, avg_divisors
 
-ACT_DTYPE = "int8"
 MAX_ACT_BITS = 8
 DIRECT_KINDS = ("cat", "clamp", "lut", "mul", "transpose", "upsample_nearest", "maxpool2d", "avgpool2d",
                 "conv_transpose2d")
 """Kinds emitted as ``call_tir`` of a :mod:`.vision_kernels` kernel (no QDQ pattern expresses them:
 an any-window average is a reciprocal multiply, not the float average ``R.quantize`` would round)."""
-
-
+TRANSFORMER_DIRECT_KINDS = ("matmul", "embedding", "slice", "softmax", "layernorm")
+"""Kinds emitted as ``call_tir`` of a :mod:`.transformer_kernels` kernel."""
 def _scale(frac_bits: int) -> relax.Constant:
     return relax.const(math.ldexp(1.0, -frac_bits), "float32")
 
@@ -48,9 +51,10 @@ class _Emitter:
     def __init__(self, graph: IntegerGraph, bb: relax.BlockBuilder, batch: tirx.Var) -> None:
         self.graph, self.bb, self.batch = graph, bb, batch
         self.env: dict[str, relax.Expr] = {}
+        self.fmts: dict[str, FixedPoint] = {}  # values of the emitter's own (row-folded linear inputs)
 
     def fmt(self, name: str) -> FixedPoint:
-        return self.graph.value(name).fmt
+        return self.fmts[name] if name in self.fmts else self.graph.value(name).fmt
 
     def dq(self, name: str) -> relax.Expr:
         fl = self.fmt(name).frac_bits
@@ -94,6 +98,15 @@ class _Emitter:
                 y = bb.emit(relax.op.add(y, bb.emit(relax.op.reshape(b, (1, -1, 1, 1)))))
             return self.q(y, op)
         if op.kind == "linear":
+            shape = () if x in self.fmts else tuple(self.graph.value(x).shape)
+            if len(shape) > 1:  # leading dims folded into rows: [n * lead, K] through the 2-D kernel
+                rows = Op(op.name, op.kind, (f"{x}#rows",), op.output, op.out_fmt, op.weight, op.weight_fmt, op.bias,
+                          op.attrs)
+                self.env[rows.inputs[0]] = bb.emit(relax.op.reshape(self.env[x], (self.batch * math.prod(shape[:-1]),
+                                                                                   shape[-1])))
+                self.fmts[rows.inputs[0]] = self.fmt(x)
+                y = self.emit(rows)
+                return bb.emit(relax.op.reshape(y, (self.batch, *shape[:-1], op.weight.shape[0])))
             y = bb.emit(relax.op.matmul(self.dq(x), bb.emit(relax.op.permute_dims(self.weight(op), [1, 0]))))
             b = self.bias(op, x)
             return self.q(bb.emit(relax.op.add(y, b)) if b is not None else y, op)
@@ -101,6 +114,8 @@ class _Emitter:
             return self.q(bb.emit(relax.op.add(self.dq(op.inputs[0]), self.dq(op.inputs[1]))), op)
         if op.kind in DIRECT_KINDS:
             return self.direct(op)
+        if op.kind in TRANSFORMER_DIRECT_KINDS:
+            return self.transformer(op)
         if op.kind in ("relu", "requantize"):
             out_fmt = self.fmt(x) if op.kind == "relu" else op.out_fmt
             return self.q(self.dq(x), Op(op.name, "requantize", op.inputs, op.output, out_fmt,
@@ -113,11 +128,62 @@ class _Emitter:
             return self.env[x]
         raise UnsupportedOpError(f"op {op.name!r}: kind {op.kind!r} has no fxquant CPU kernel")
 
-    def call(self, func: "tirx.PrimFunc", kind: str, args: list, shape: tuple[int, ...]) -> relax.Expr:
+    def call(self, func: "tirx.PrimFunc", kind: str, args: list, shape: tuple[int, ...],
+             dtype: str = ACT_DTYPE) -> relax.Expr:
         """``call_tir`` of an fxquant kernel (added once per distinct kernel, named by
         ``AttachGlobalSymbol`` after its GlobalVar, as the rewrite pass adds its kernels)."""
         gv = self.bb.add_func(func.without_attr("global_symbol"), f"fxq_{kind}")
-        return self.bb.emit(relax.call_tir(gv, args, relax.TensorType((self.batch,) + tuple(shape), ACT_DTYPE)))
+        return self.bb.emit(relax.call_tir(gv, args, relax.TensorType((self.batch,) + tuple(shape), dtype)))
+
+    def transformer(self, op: Op) -> relax.Expr:
+        """The transformer kinds: one :mod:`.transformer_kernels` kernel each."""
+        from fxquant.backends.cpu import transformer_kernels as tk
+        from fxquant.fixed_point import (LAYERNORM_FRAC_BITS, SOFTMAX_EXP_BITS, softmax_exp_table,
+                                         softmax_recip_bits)
+
+        x, out_shape = op.inputs[0], tuple(self.graph.value(op.output).shape)
+        shape, fl = tuple(self.graph.value(x).shape), self.fmt(x).frac_bits
+        dtype = storage_dtype(self.graph, x)
+        if op.kind == "matmul":
+            a, b = op.inputs
+            sa, sb = tuple(self.graph.value(a).shape), tuple(self.graph.value(b).shape)
+            rq = self.rq(self.fmt(a).frac_bits + self.fmt(b).frac_bits, op)
+            return self.call(tk.matmul(sa, sb, rq, storage_dtype(self.graph, a), storage_dtype(self.graph, b)),
+                             "matmul", [self.env[a], self.env[b]], out_shape)
+        if op.kind == "embedding":
+            assert op.weight is not None and op.weight_fmt is not None
+            rq = self.rq(op.weight_fmt.frac_bits, op)
+            rows, dim = op.weight.shape
+            return self.call(tk.embedding(shape, int(rows), int(dim), rq, dtype), "embedding",
+                             [self.env[x], relax.const(np.asarray(op.weight, np.int32).reshape(-1))], out_shape)
+        if op.kind == "slice":
+            axis = int(op.attrs["dim"]) - 1
+            if "index" in op.attrs:
+                start, count, step = int(op.attrs["index"]), 1, 1
+            else:
+                start, step = int(op.attrs["start"]), int(op.attrs.get("step", 1))
+                count = len(range(start, int(op.attrs["stop"]), step))
+            return self.call(tk.slice_copy(shape, out_shape, axis, start, count, step, dtype), "slice",
+                             [self.env[x]], out_shape, storage_dtype(self.graph, op.output))
+        if op.kind == "softmax":
+            e_bits = int(op.attrs.get("exp_bits", SOFTMAX_EXP_BITS))
+            table = softmax_exp_table(self.fmt(x), e_bits)
+            mask = tuple(self.graph.value(op.inputs[1]).shape) if len(op.inputs) > 1 else None
+            out_dtype = storage_dtype(self.graph, op.output)
+            func = tk.softmax(shape, mask, bool(op.attrs.get("causal", False)), self.fmt(x).qmin, int(table.size),
+                              e_bits, softmax_recip_bits(op.out_fmt, e_bits), op.out_fmt.bits, out_dtype)
+            args = [self.env[x]] + ([self.env[op.inputs[1]]] if mask is not None else [])
+            return self.call(func, "softmax", args + [relax.const(table.astype(np.int32))], out_shape, out_dtype)
+        if op.kind == "layernorm":
+            assert op.weight is not None and op.weight_fmt is not None
+            n = shape[-1]
+            beta = np.zeros(n, np.int64) if op.bias is None else np.asarray(op.bias, np.int64)
+            rshift = op.weight_fmt.frac_bits + LAYERNORM_FRAC_BITS - op.out_fmt.frac_bits
+            func = tk.layernorm(shape, int(op.attrs["eps"]), int(rshift), op.out_fmt.bits,
+                                bool(op.attrs.get("relu", False)))
+            return self.call(func, "layernorm", [self.env[x], relax.const(np.asarray(op.weight, np.int32)),
+                                                 relax.const(beta.astype(np.int32))], out_shape)
+        raise UnsupportedOpError(f"op {op.name!r}: kind {op.kind!r} has no fxquant CPU kernel")
 
     def rq(self, acc_frac_bits: int, op: Op) -> Requant:
         return Requant(op.out_fmt.frac_bits - acc_frac_bits, op.out_fmt.bits, bool(op.attrs.get("relu", False)))
@@ -195,12 +261,15 @@ def graph_to_relax(graph: IntegerGraph) -> "tvm.IRModule":  # noqa: F821
     (checked by ``CpuTarget.check`` first)."""
     batch = tirx.Var("n", "int64")
     bb = relax.BlockBuilder()
-    params = [relax.Var(v.name, relax.TensorType((batch,) + tuple(v.shape), "float32")) for v in graph.inputs]
+    ids = id_inputs(graph)
+    params = [relax.Var(v.name, relax.TensorType((batch,) + tuple(v.shape), IDS_DTYPE if v.name in ids else "float32"))
+              for v in graph.inputs]
     with bb.function("main", params):
         with bb.dataflow():
             emitter = _Emitter(graph, bb, batch)
             for v, p in zip(graph.inputs, params):
-                emitter.env[v.name] = emitter.q(p, Op(v.name, "requantize", (v.name,), v.name, v.fmt))
+                emitter.env[v.name] = p if v.name in ids else emitter.q(p, Op(v.name, "requantize", (v.name,), v.name,
+                                                                              v.fmt))
             for op in graph.ops:
                 emitter.env[op.output] = emitter.emit(op)
             outs = [emitter.env[name] for name in graph.outputs]

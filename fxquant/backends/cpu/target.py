@@ -5,20 +5,26 @@ a graph (the rules of :mod:`fxquant.legality` with this target's limits, and the
 of the kernel each layer will take, :mod:`.packing`); ``build`` lowers and compiles it
 (:mod:`.build`) and writes, all relative to ``out_dir``::
 
-    fxquant_cpu.so   main(float32 inputs..., p0, p1, ...) -> int8 output integers (tvm.runtime only)
+    fxquant_cpu.so   main(inputs..., p0, p1, ...) -> int8 output integers (tvm.runtime only)
     params.npz       p0, p1, ...: the packed weights and biases
-    entry.json       the entry signature: inputs (name, shape, frac_bits), outputs, params
+    entry.json       the entry signature: inputs (name, shape, frac_bits, dtype[, vocab]), outputs, params
 
-``run`` loads the library from ``out_dir`` and feeds it ``k * 2^-FL`` (exact in float32 for the
-integers of at most 8 bits it takes), so the module's own input quantizer returns ``k``.
+``run`` loads the library from ``out_dir`` and feeds it ``k * 2^-FL`` in float32 (exact for the
+integers of at most 8 bits it takes), so the module's own input quantizer returns ``k``; token ids
+(a graph input an ``embedding`` reads) are fed as int32, never quantized, and refused outside
+``[0, vocab)`` (:class:`~fxquant.errors.InputRangeError`, as the reference).
 
-Limits: activations (and graph inputs) 2..8 bits, stored as int8; weights 2..16 bits (int8, or
-int16 into the same ``vpmaddwd``; the 4/2-bit packed and the VNNI paths take the weights whose
-integers fit them); int32 accumulators (average pools: window sum times the reciprocal ``M``); ``linear`` on
-``[batch, features]``; ``mul`` broadcasting equal-rank shapes; no ``matmul`` kernel. Grouped and
-depthwise convolutions, ``cat``, ``clamp``, ``lut``, ``mul``, ``reshape``, ``transpose``,
-``upsample_nearest``, ``conv_transpose2d`` and pools with any window, dilation and ceil mode have
-their own kernels (:mod:`.vision_kernels`).
+Limits: activations (and graph inputs) 2..8 bits, stored as int8, except token ids (int32, any
+``<BW,0>``) and a 9-bit softmax output (``[0, 255]``: uint8), which only ``matmul`` and ``slice`` read;
+weights 2..16 bits (int8, or int16 into the same ``vpmaddwd``; the 4/2-bit packed and the VNNI paths
+take the weights whose integers fit them); int32 accumulators (average pools: window sum times the
+reciprocal ``M``; ``matmul``: ``2^(BW_a-1) 2^(BW_b-1) K``); ``linear`` on the last axis of any rank
+(leading dims folded into rows); ``mul`` broadcasting equal-rank shapes; ``matmul`` of equal ranks
+>= 2 whose leading dims are equal or 1. Grouped and depthwise convolutions, ``cat``, ``clamp``,
+``lut``, ``mul``, ``reshape``, ``transpose``, ``upsample_nearest``, ``conv_transpose2d`` and pools
+with any window, dilation and ceil mode have their own kernels (:mod:`.vision_kernels`); ``matmul``,
+``embedding``, ``slice``, ``softmax`` (masks, causal) and ``layernorm`` theirs
+(:mod:`.transformer_kernels`), each a TIR kernel (no default legalization, no float).
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ from fxquant.integer_graph import IntegerGraph
 from fxquant.io import atomic_write_json
 
 OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize", "mul_pow2",
-                 "cat", "clamp", "lut", "mul", "reshape", "transpose", "upsample_nearest", "conv_transpose2d"})
+                 "cat", "clamp", "lut", "mul", "reshape", "transpose", "upsample_nearest", "conv_transpose2d",
+                 "matmul", "embedding", "slice", "softmax", "layernorm"})
+UNSIGNED_READERS = ("matmul", "slice")
+"""The kernels that read a uint8-stored (9-bit softmax) value."""
 LIMITS: dict[str, Any] = {"act_bits": (2, packing.ACT_BITS), "weight_bits": (2, packing.MAX_WEIGHT_BITS),
                           "acc_bits": 32}
 
@@ -53,7 +62,7 @@ def kernel_problems(graph: IntegerGraph, vnni: bool) -> list[Problem]:
             w = np.asarray(op.weight).reshape(op.weight.shape[0], -1)
             kind = packing.linear_kind(w, vnni)
             bound = packing.linear_bound(kind, w, op.bias)
-        elif op.kind in ("conv_transpose2d", "mul", "avgpool2d"):  # avgpool: every window's sum times its M
+        elif op.kind in ("conv_transpose2d", "mul", "avgpool2d", "matmul"):  # avgpool: every window's sum times its M
             bound = graph.accumulator_bound(op)
         elif op.kind == "add":
             fl = max(graph.values[i].fmt.frac_bits or 0 for i in op.inputs)
@@ -70,13 +79,37 @@ def graph_problems(graph: IntegerGraph, vnni: bool) -> list[Problem]:
     broken = legality.format_problems(graph)
     if broken:  # widths and bounds are meaningless without integer formats
         return broken
-    return (legality.width_problems(graph, weight_bits=LIMITS["weight_bits"], act_bits=LIMITS["act_bits"])
+    return (storage_width_problems(graph)
             + legality.fit_problems(graph)
-            + legality.shape_problems(graph, groups=True, add_arity=2)
+            + legality.shape_problems(graph, groups=True, add_arity=2, linear_any_rank=True)
             + legality.avg_window_problems(graph, reciprocal=True)
             + legality.window_problems(graph, dilation=True, ceil_mode=True)
             + layout_problems(graph)
             + kernel_problems(graph, vnni))
+
+
+def storage_width_problems(graph: IntegerGraph) -> list[Problem]:
+    """The width rule (:func:`fxquant.legality.width_problems`) on what this target stores as int8
+    activations: token-id inputs are int32 tensors (any ``<BW,0>`` width) and a 9-bit softmax output
+    (and a slice of it) is a uint8 tensor (``[0, 255]``), which only :data:`UNSIGNED_READERS` kernels
+    (or the graph output) read."""
+    from fxquant.backends.cpu.storage import id_inputs, unsigned_values
+
+    ids, unsigned = id_inputs(graph), unsigned_values(graph)
+    problems = [p for p in legality.width_problems(graph, weight_bits=LIMITS["weight_bits"],
+                                                   act_bits=LIMITS["act_bits"])
+                if not (p.kind == "input" and p.layer in ids) and p.layer not in {
+                    op.name for op in graph.ops if op.output in unsigned}]
+    for op in graph.ops:
+        for i, name in enumerate(op.inputs):
+            if name in ids and (op.kind != "embedding" or i != 0):
+                problems.append(Problem(op.name, op.kind, f"reads the token ids {name!r} (int32 on this target); "
+                                                          "only an embedding reads ids"))
+            elif name in unsigned and op.kind not in UNSIGNED_READERS:
+                problems.append(Problem(op.name, op.kind, f"reads the 9-bit softmax output {name!r} (uint8 on this "
+                                                          f"target); only {', '.join(UNSIGNED_READERS)} read it: "
+                                                          "use an output of at most 8 bits"))
+    return problems
 
 
 def layout_problems(graph: IntegerGraph) -> list[Problem]:
@@ -90,6 +123,11 @@ def layout_problems(graph: IntegerGraph) -> list[Problem]:
             if len(a) != len(b) or any(p != q and 1 not in (p, q) for p, q in zip(a, b)):
                 problems.append(Problem(op.name, op.kind, f"mul of shapes {list(a)} x {list(b)}; this target "
                                                           "broadcasts equal-rank shapes only"))
+        elif op.kind == "matmul":
+            a, b = shapes
+            if len(a) != len(b) or len(a) < 2 or any(p != q and 1 not in (p, q) for p, q in zip(a[:-2], b[:-2])):
+                problems.append(Problem(op.name, op.kind, f"matmul of shapes {list(a)} x {list(b)}; this target "
+                                                          "takes equal ranks >= 2 (leading dims equal or 1)"))
         elif op.kind == "cat":
             dim = op.attrs.get("dim", 1) % (len(shapes[0]) + 1)
             if dim == 0:
@@ -135,10 +173,9 @@ class CpuTarget(Target):
         ex, params = compile_graph(graph, llvm)
         atomic_write_via_path(out_dir / LIBRARY, ex.export_library)
         save_params(out_dir / PARAMS, params)
-        entry = {"entry": "main(float32 inputs..., p0, p1, ...) -> int8 output integers",
+        entry = {"entry": "main(float32 inputs | int32 token ids..., p0, p1, ...) -> int8 output integers",
                  "llvm": {"mcpu": llvm.mcpu, "vnni": llvm.vnni, "target": llvm.tvm_target()},
-                 "inputs": [{"name": v.name, "shape": ["n", *v.shape], "frac_bits": v.fmt.frac_bits,
-                             "bits": v.fmt.bits} for v in graph.inputs],
+                 "inputs": [input_spec(graph, v.name) for v in graph.inputs],
                  "outputs": list(graph.outputs), "params": sorted(params, key=lambda k: int(k[1:]))}
         atomic_write_json(out_dir / ENTRY, entry)
         return {"library": LIBRARY, "params": PARAMS, "entry_file": ENTRY, **entry,
@@ -156,9 +193,40 @@ class CpuTarget(Target):
                               "run `fxquant export --target cpu` first") from exc
         # code for a CPU this host lacks would die with SIGILL: refuse it first
         check_runnable(LlvmCpu(entry["llvm"]["mcpu"], entry["llvm"]["vnni"]))
-        xs = [np.ldexp(np.asarray(k, np.float64), -spec["frac_bits"]).astype(np.float32)
-              for k, spec in zip(int_inputs, entry["inputs"], strict=True)]
+        xs = [model_input(k, spec) for k, spec in zip(int_inputs, entry["inputs"], strict=True)]
         return CpuModel.load(out_dir).run(*xs)
 
 
-__all__ = ["CpuTarget", "graph_problems", "kernel_problems"]
+def input_spec(graph: IntegerGraph, name: str) -> dict[str, Any]:
+    """An input's entry in ``entry.json``: name, shape, format, and the dtype ``main`` takes (float32;
+    int32 token ids with the ``vocab`` of the embedding that reads them)."""
+    from fxquant.backends.cpu.storage import IDS_DTYPE, id_inputs
+
+    v = graph.value(name)
+    spec: dict[str, Any] = {"name": v.name, "shape": ["n", *v.shape], "frac_bits": v.fmt.frac_bits,
+                            "bits": v.fmt.bits, "dtype": "float32"}
+    if name in id_inputs(graph):
+        spec["dtype"] = IDS_DTYPE
+        spec["vocab"] = min(int(op.weight.shape[0]) for op in graph.ops
+                            if op.kind == "embedding" and op.inputs[0] == name)
+    return spec
+
+
+def model_input(k: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """What ``main`` takes for the integers ``k`` of one input: ``k 2^-FL`` in float32 (its input
+    quantizer gives ``k`` back), or the token ids themselves as int32, refused outside ``[0, vocab)``
+    (the kernel never reads outside its table; ids are never clipped)."""
+    from fxquant.errors import InputRangeError
+
+    k = np.asarray(k)
+    if spec.get("dtype", "float32") == "float32":
+        return np.ldexp(k.astype(np.float64), -spec["frac_bits"]).astype(np.float32)
+    vocab = int(spec["vocab"])
+    bad = (k != np.floor(k)) | (k < 0) | (k >= vocab) if k.size else np.zeros(0, bool)
+    if bad.any():
+        raise InputRangeError(f"input {spec['name']!r} holds {k[bad].reshape(-1)[0]!r}, not a token id in [0, {vocab})",
+                              "feed integer ids of this vocabulary; ids are never rounded or clipped")
+    return k.astype(spec["dtype"])
+
+
+__all__ = ["CpuTarget", "graph_problems", "input_spec", "kernel_problems", "model_input", "storage_width_problems"]

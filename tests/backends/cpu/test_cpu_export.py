@@ -114,8 +114,11 @@ def test_verifying_a_target_the_host_cannot_run_is_refused(tmp_path: Path) -> No
 
 
 def test_unsupported_op_is_named() -> None:
-    m = GraphMaker((4, 4), F(8, 5))
-    graph = m.graph(m.matmul("mm", "input", "input", F(8, 4)))
+    from tests.conformance.zoo import GraphMaker as ZooMaker
+
+    m = ZooMaker((4, 4), F(8, 5))  # a matmul of a matrix and a vector: no kernel takes unequal ranks
+    vec = m.input("vec", (4,), F(8, 5))
+    graph = m.graph(m._op("mm", "matmul", ("input", vec), (4,), F(8, 4)))
     assert [(p.layer, p.kind) for p in CpuTarget().check(graph)] == [("mm", "matmul")]
     with pytest.raises(UnsupportedOpError, match="mm \\(matmul\\)"):
         CpuTarget().build(graph, Path("/nonexistent"))

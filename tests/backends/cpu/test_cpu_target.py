@@ -58,19 +58,18 @@ def test_check_lists_every_problem_at_once() -> None:
     b = m.pool("pool.avg3", a, kind="avgpool2d", k=3, out_fmt=F(8, 3))
     c = m.flatten("flat", b)
     d = m.linear("fc.wide_out", c, 6, F(8, 7), F(10, 4))
-    e = m.matmul("mm", d, d, F(8, 2))
+    e = m.matmul("mm", d, d, F(8, 2))  # of vectors: the matmul kernel takes ranks >= 2
     graph = m.graph(e)
     graph.ops.append(Op("fc.rank3", "linear", (a,), "fc.rank3", F(8, 2), weight=np.ones((4, 8), np.int64),
-                        weight_fmt=F(8, 6)))  # a linear fed a [C, H, W] value
-    graph.values["fc.rank3"] = Value("fc.rank3", (4,), F(8, 2))
+                        weight_fmt=F(8, 6)))  # a linear fed a [C, H, W] value: built (rows of the last axis)
+    graph.values["fc.rank3"] = Value("fc.rank3", (4, 8, 4), F(8, 2))
     graph.ops.append(Op("cat.batch", "cat", (a, a), "cat.batch", F(8, 3), attrs={"dim": 0}))
     graph.values["cat.batch"] = Value("cat.batch", (4, 8, 8), F(8, 3))
     problems = CpuTarget().check(graph)
     by_layer = {(p.layer, p.kind) for p in problems}
-    assert {("mm", "matmul"), ("fc.wide_out", "linear"), ("fc.rank3", "linear"), ("cat.batch", "cat")} <= by_layer, \
-        problems
-    # grouped convolutions and 3x3 average windows have kernels: not refused
-    assert not by_layer & {("conv.grouped", "conv2d"), ("pool.avg3", "avgpool2d")}, problems
+    assert {("mm", "matmul"), ("fc.wide_out", "linear"), ("cat.batch", "cat")} <= by_layer, problems
+    # grouped convolutions, 3x3 average windows and linear layers on any rank have kernels: not refused
+    assert not by_layer & {("conv.grouped", "conv2d"), ("pool.avg3", "avgpool2d"), ("fc.rank3", "linear")}, problems
     assert any("10-bit output" in p.reason for p in problems)
     assert any("cat along the batch axis" in p.reason for p in problems)
     with pytest.raises(UnsupportedOpError) as info:
