@@ -594,8 +594,7 @@ def graph_problems(graph: IntegerGraph) -> list[Problem]:
     problems = (legality.format_problems(graph)
                 + legality.width_problems(graph, weight_bits=(2, MAX_BITS), act_bits=(2, MAX_BITS))
                 + legality.fit_problems(graph)
-                # the dense kernel takes rows of any rank: shape_problems' linear-on-a-vector rule is not ours
-                + [p for p in legality.shape_problems(graph, groups=True, add_arity=2) if p.kind != "linear"]
+                + legality.shape_problems(graph, groups=True, add_arity=2, linear_any_rank=True)  # rows of any rank
                 + legality.avg_window_problems(graph, reciprocal=True)
                 + legality.window_problems(graph, dilation=True, ceil_mode=True))
     if not graph.ops or not graph.outputs:
