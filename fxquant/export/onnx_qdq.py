@@ -75,10 +75,13 @@ from fxquant.export.limits import (DEFAULT_OPSET, FLOAT32_EXACT_BOUND, NARROW_ST
                                    WEIGHTED_KINDS, check_exportable, check_opset, clamp_bounds, conv_transpose_as_conv,
                                    float32_risks, needs_integer_accumulation, qdq_problems, raise_problems,
                                    split_weights, uses_reciprocal)
-from fxquant.export.onnx_builder import (GraphBuilder, conv_attrs, float_io, float_op, fmt_bounds, pad_node,
-                                         pad_node_needed, pow2, reciprocal_factors, scale_of, window_sums)
+from fxquant.export.onnx_builder import (GraphBuilder, LazyTensors, conv_attrs, float_io, float_op, fmt_bounds,
+                                         graph_io, guarded_ids, integer_inputs, linear_rows, linear_unrows, pad_node,
+                                         pad_node_needed, pow2, reciprocal_factors, scale_of, slice_node,
+                                         window_sums)
+from fxquant.export.onnx_integer import IntegerOps
 from fxquant.export.passes import FoldTransparentQdq
-from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
+from fxquant.fixed_point import BIAS_BITS, SOFTMAX_EXP_BITS, FixedPoint, dequantize, min_signed_bits, requantize
 from fxquant.integer_graph import IntegerGraph, Op, avg_divisors
 
 U8_ZERO_POINT = 128
@@ -138,8 +141,36 @@ class _QdqBuilder:
 
     def __init__(self, graph: IntegerGraph, opset: int, ort_x86: bool) -> None:
         self.graph, self.opset, self.ort_x86, self.b = graph, opset, ort_x86, GraphBuilder()
-        self.ints: dict[str, str] = {}
+        self.ints: dict[str, str] = LazyTensors(self._stored_of_integer_input)
+        """Stored integers (``k + zero point`` in the storage type) of every value."""
+        self.k64: dict[str, str] = LazyTensors(self._k64_of_stored)
+        """The integers ``k`` as int64 (integer graph inputs as fed; others ``Cast`` of the stored form)."""
+        self.iops = IntegerOps(self.b, opset)
         self.integer_ops: list[str] = []
+
+    def _k64_of_stored(self, value: str) -> str:
+        fmt = self.graph.values[value].fmt
+        st = self.storage(fmt, f"value {value!r}")
+        k = self.b.node("Cast", [self.ints[value]], f"{value}_i64", to=TensorProto.INT64)
+        if st.zero_point:
+            k = self.b.node("Sub", [k, self.iops.const("zero_point_i64", st.zero_point)], f"{value}_k64")
+        return k
+
+    def _stored_of_integer_input(self, value: str) -> str:
+        """An int64 graph input (:func:`~fxquant.export.onnx_builder.integer_inputs`) read by another
+        op: saturated to its format (as ``IntegerGraph.quantize_inputs`` does) and stored."""
+        if value not in self.k64:
+            raise ExportError(f"value {value!r} is used before it is computed", "report this as an exporter bug")
+        fmt = self.graph.values[value].fmt
+        return self.to_stored(self.iops.clip(self.k64[value], fmt.qmin, fmt.qmax, f"{value}_sat"), fmt,
+                              f"{value}_stored")
+
+    def to_stored(self, k: str, fmt: FixedPoint, base: str) -> str:
+        """int64 integers ``k`` (within ``fmt``) in the storage of ``fmt``: ``Add(zero point) → Cast``."""
+        st = self.storage(fmt, base)
+        if st.zero_point:
+            k = self.b.node("Add", [k, self.iops.const("zero_point_i64", st.zero_point)], f"{base}_zp")
+        return self.b.node("Cast", [k], base, to=st.dtype)
 
     def storage(self, fmt: FixedPoint, what: str) -> Storage:
         return activation_storage(fmt.bits, self.opset, what, ort_x86=self.ort_x86)
@@ -359,9 +390,88 @@ class _QdqBuilder:
         t = self.b.const(f"{op.name}.bias", op.bias.astype(np.int32))
         return self._dq(t, fl_acc, Storage(TensorProto.INT32), f"{op.name}.bias_dq")
 
-    def emit(self, op: Op) -> str:
+    def embedding(self, op: Op) -> str:
+        """``Gather`` of the table, stored as the output's integers (``requantize(table, FL_w,
+        out_fmt)`` row by row when ``out_fmt != weight_fmt``: the requantization is element-wise, so it
+        commutes with the gather), on the int64 ids. A negative id is mapped to ``V`` so that
+        onnxruntime's Gather refuses it like an id ``>= V`` (ONNX Gather would wrap it around)."""
+        assert op.weight is not None and op.weight_fmt is not None  # transformer_problems
+        table = np.asarray(op.weight, np.int64)
+        _check_fits(table, op.weight_fmt.bits, f"op {op.name!r} table")
+        if op.out_fmt != op.weight_fmt:
+            table = requantize(table, op.weight_fmt.frac_bits, op.out_fmt)
+        st = self.storage(op.out_fmt, op.output)
+        stored = self.b.const(f"{op.name}.weight", (table + st.zero_point).astype(_NUMPY[st.dtype]))
+        return self.b.node("Gather", [stored, guarded_ids(self.b, op, self.k64[op.inputs[0]])], op.output, axis=0)
+
+    def softmax(self, op: Op) -> str:
+        """:meth:`~fxquant.export.onnx_integer.IntegerOps.softmax` on the int64 scores; keep =
+        ``mask != 0`` (broadcast) and, with ``causal``, the lower triangle of the last two axes."""
+        v = self.graph.values[op.inputs[0]]
+        keep = None
+        if len(op.inputs) > 1:
+            keep = self.b.node("Not", [self.b.node("Equal", [self.k64[op.inputs[1]], self.iops.const("zero_i64", 0)],
+                                                   f"{op.name}_masked")], f"{op.name}_keep")
+        if op.attrs.get("causal"):
+            q, kk = v.shape[-2:]
+            tril = self.b.const(f"{op.name}.causal", np.tril(np.ones((q, kk), dtype=bool)))
+            keep = tril if keep is None else self.b.node("And", [keep, tril], f"{op.name}_keep_causal")
+        k = self.iops.softmax(self.k64[op.inputs[0]], keep, v.fmt, op.out_fmt,
+                              int(op.attrs.get("exp_bits", SOFTMAX_EXP_BITS)), op.name)
+        return self.to_stored(k, op.out_fmt, op.output)
+
+    def layernorm(self, op: Op) -> str:
+        """:meth:`~fxquant.export.onnx_integer.IntegerOps.layernorm` on the int64 rows."""
+        v = self.graph.values[op.inputs[0]]
+        assert op.weight is not None and op.weight_fmt is not None  # transformer_problems
+        k = self.iops.layernorm(self.k64[op.inputs[0]], v.shape[-1], int(op.attrs["eps"]), op.weight, op.bias,
+                                op.weight_fmt.frac_bits, op.out_fmt, bool(op.attrs.get("relu")), op.name)
+        return self.to_stored(k, op.out_fmt, op.output)
+
+    def slice(self, op: Op) -> str:
+        """:func:`~fxquant.export.onnx_builder.slice_node` on the stored integers (transparent)."""
+        return slice_node(self.b, op, self.ints[op.inputs[0]], output=op.output)
+
+    def integer_matmul(self, op: Op, relu: bool) -> str:
+        """An activation ``matmul`` whose ``|acc|`` may exceed 2^24 (float32 would round it): int64
+        ``MatMul`` of the integers (exact; broadcasting as numpy), then the int64 requantization."""
+        a, b = (self.graph.values[i] for i in op.inputs)
+        acc = self.b.node("MatMul", [self.k64[op.inputs[0]], self.k64[op.inputs[1]]], f"{op.name}_acc")
+        k = self.iops.requantize(acc, op.out_fmt.frac_bits - a.fmt.frac_bits - b.fmt.frac_bits, op.out_fmt,
+                                 f"{op.name}_k", relu=relu)
+        return self.to_stored(k, op.out_fmt, op.output)
+
+    def linear_nd(self, op: Op) -> str:
+        """A ``linear`` on an input of rank > 2 (with the batch): the 2-D op on
+        :func:`~fxquant.export.onnx_builder.linear_rows` of the stored integers, reshaped back."""
+        x = op.inputs[0]
+        stored = self.ints[x]
+        self.ints[x] = linear_rows(self.b, op, stored, self.graph.values[x].shape)
+        try:
+            y = self.emit(op, rows=True)
+        finally:
+            self.ints[x] = stored
+        return linear_unrows(self.b, op, y, self.graph.values[op.output].shape)
+
+    def emit(self, op: Op, *, rows: bool = False) -> str:
         relu = bool(op.attrs.get("relu"))
         in_shape = self.graph.values[op.inputs[0]].shape
+        if op.kind == "linear" and len(in_shape) > 1 and not rows:
+            return self.linear_nd(op)
+        if op.kind == "embedding":
+            self.integer_ops.append(op.name)
+            return self.embedding(op)
+        if op.kind == "softmax":
+            self.integer_ops.append(op.name)
+            return self.softmax(op)
+        if op.kind == "layernorm":
+            self.integer_ops.append(op.name)
+            return self.layernorm(op)
+        if op.kind == "slice":
+            return self.slice(op)
+        if op.kind == "matmul" and self.graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND:
+            self.integer_ops.append(op.name)
+            return self.integer_matmul(op, relu)
         if self.integer_accumulation(op):
             self.integer_ops.append(op.name)
             return self.integer_conv_transpose(op, relu) if op.kind == "conv_transpose2d" else self.integer_op(op, relu)
@@ -408,16 +518,18 @@ class _QdqBuilder:
         g = self.graph
         for name in [v.name for v in g.inputs] + g.outputs:
             self.b.reserve(name)
+        ints = integer_inputs(g)
         for v in g.inputs:
-            self.ints[v.name] = self.quantize(v.name, v.fmt, False, f"{v.name}_q")
+            if v.name in ints:  # int64 ids / masks: the integers themselves
+                self.k64[v.name] = v.name
+            else:
+                self.ints[v.name] = self.quantize(v.name, v.fmt, False, f"{v.name}_q")
         for op in g.ops:
             self.ints[op.output] = self.emit(op)
         for name in g.outputs:
             self.dq(name, output=name)
         risks = [name for name in float32_risks(g) if name not in self.integer_ops]
-        return self.b.model(g, [float_io(v.name, v.shape) for v in g.inputs],
-                            [float_io(n, g.values[n].shape) for n in g.outputs], {"": self.opset}, "qdq",
-                            float32_risk_ops=risks)
+        return self.b.model(g, *graph_io(g), {"": self.opset}, "qdq", float32_risk_ops=risks)
 
 
 def to_qdq(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = True,
