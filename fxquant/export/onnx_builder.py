@@ -7,8 +7,12 @@ Nothing here is numeric: the fixed-point math (rounding, saturation, requantizat
   assembly with the ``fxquant.*`` metadata;
 * :func:`float_op`: the float ONNX node of one integer op's *accumulation* (Conv, ConvTranspose,
   Gemm, MatMul, Add/Sum, Mul, Concat, AveragePool, MaxPool, Relu, Flatten, Reshape, Transpose,
-  Resize, and a ``slice`` as Slice / Gather: :func:`slice_node`) on float tensors, without the requantization and without the fused ReLU, which each
-  flavour places itself;
+  Resize, and a ``slice`` as Slice / Gather: :func:`slice_node`) on float tensors, without the
+  requantization and without the fused ReLU, which each flavour places itself;
+* :func:`integer_inputs`, :func:`graph_io`: token ids and masks are int64 graph inputs (the
+  integers themselves) in every flavour, other inputs float32; :func:`guarded_ids` makes a
+  negative id fail in ``Gather`` like an id ``>= V``; :func:`linear_rows` / :func:`linear_unrows`
+  put a ``linear`` on a rank > 2 input through the 2-D Gemm paths;
 * :func:`window_sums` and :func:`reciprocal_factors`: an average pool on the reciprocal path
   (:func:`fxquant.export.limits.uses_reciprocal`) as exact window sums (a depthwise float32 Conv of
   ones, padding and ceil-mode overhang as zero padding) and the per-window factor

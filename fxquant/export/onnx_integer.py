@@ -177,8 +177,9 @@ class IntegerOps:
         c = self.op("Sub", [self.op("Mul", [k, self.const("row_len", n)], f"{base}_nk"), total], f"{base}_centered")
         d = self.op("Add", [self.reduce("ReduceSum", self.op("Mul", [c, c], f"{base}_sq"), f"{base}_sq_sum"),
                             self.const(f"{base}.eps", eps_d)], f"{base}_d")
-        t = self.op("Div", [self.op("Sub", [self.const("norm_bits", LAYERNORM_NORM_BITS), self.bit_length(d, f"{base}_bits")],
-                                    f"{base}_headroom"), self.const("two", 2)], f"{base}_t")
+        headroom = self.op("Sub", [self.const("norm_bits", LAYERNORM_NORM_BITS), self.bit_length(d, f"{base}_bits")],
+                           f"{base}_headroom")
+        t = self.op("Div", [headroom, self.const("two", 2)], f"{base}_t")  # non-negative: D < 2^62
         pow4 = self.op("Gather", [self.const("pow4_0_to_31", np.int64(1) << (2 * np.arange(32, dtype=np.int64))), t],
                        f"{base}_pow4", axis=0)
         pow2 = self.op("Gather", [self.const("pow2_0_to_31", np.int64(1) << np.arange(32, dtype=np.int64)), t],

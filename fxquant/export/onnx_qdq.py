@@ -47,6 +47,19 @@ outputs ``DequantizeLinear`` (float ``k * 2^-FL``). The vision-zoo ops:
   2^24 on <= 8-bit inputs, the equal convolution of the zero-inserted input on the integer path
   below (``check`` refuses the rest).
 
+The transformer kinds (issue 14), all on integers, none through a float Softmax or LayerNorm:
+
+* token ids and masks are **int64 graph inputs** holding the integers (``integer_inputs``); an
+  ``embedding`` is a ``Gather`` of the table stored as the output's integers (requantized once at
+  export when ``out_fmt != weight_fmt``: element-wise, so it commutes with the gather);
+* ``slice``: ``Slice`` / ``Gather`` of the stored integers;
+* ``softmax`` and ``layernorm``: the reference's row algorithms as int64 subgraphs
+  (:mod:`fxquant.export.onnx_integer`: table gather, ReduceMax/ReduceSum, Div, rounding shifts
+  with ties to even, an exact integer square root), stored with ``Add(zero point) → Cast``;
+* an activation ``matmul`` whose ``|acc|`` may exceed 2^24: int64 ``MatMul`` and the int64
+  requantization (float32 would round); a ``linear`` on a rank > 2 input: the 2-D Gemm paths on
+  the rows (``Reshape``, exact).
+
 onnxruntime's QLinear kernels (and float Conv/Gemm) requantize ``float(acc)``: exact only for
 ``|acc| <= 2^24``. A Conv/Gemm on <= 8-bit inputs whose worst-case accumulator is larger is
 exported instead as ConvInteger/MatMulInteger (+ int32 bias) followed by ``Cast(double) →
@@ -430,7 +443,7 @@ class _QdqBuilder:
 
     def slice(self, op: Op) -> str:
         """:func:`~fxquant.export.onnx_builder.slice_node` on the stored integers (transparent)."""
-        return slice_node(self.b, op, self.ints[op.inputs[0]], output=op.output)
+        return slice_node(self.b, op, self.ints[op.inputs[0]])
 
     def integer_matmul(self, op: Op, relu: bool) -> str:
         """An activation ``matmul`` whose ``|acc|`` may exceed 2^24 (float32 would round it): int64
@@ -558,15 +571,33 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
     float ``Clip`` to its real bounds, an average pool the window sums over the true divisors); its
     outputs approximate, not reproduce, the integer reference. A ``lut`` has no float formula in
     ONNX: it reads its table at the input rounded onto the input grid (the float network's table).
+    The transformer kinds: token ids and masks are int64 inputs as in the QDQ model; ``embedding`` a
+    ``Gather`` of the float table, ``slice`` Slice / Gather, ``softmax`` the float ``Softmax`` of the
+    scores with masked (and, ``causal``, future) entries at ``-inf`` and an all-masked row 0 (as the
+    integer op), ``layernorm`` ``LayerNormalization`` (opset >= 17) with the float gamma and beta and
+    the ``eps`` the integer ``eps_D`` stands for.
     """
     check_exportable(graph)
-    b, floats = GraphBuilder(), {}
+    b = GraphBuilder()
+    ints = integer_inputs(graph)
+
+    def float_of_integer_input(name: str) -> str:
+        if name not in ints:
+            raise ExportError(f"value {name!r} is used before it is computed", "report this as an exporter bug")
+        return b.node("Cast", [name], f"{name}_f32", to=TensorProto.FLOAT)
+
+    floats: dict[str, str] = LazyTensors(float_of_integer_input)
     for name in [v.name for v in graph.inputs] + graph.outputs:
         b.reserve(name)
-    floats.update({v.name: v.name for v in graph.inputs})
+    floats.update({v.name: v.name for v in graph.inputs if v.name not in ints})
     for op in graph.ops:
-        xs = [floats[i] for i in op.inputs]
         v = graph.values[op.inputs[0]]
+        if op.kind in ("embedding", "softmax", "layernorm"):
+            floats[op.output] = _fp32_transformer_op(b, graph, op, floats, ints, opset)
+            continue
+        xs = [floats[i] for i in op.inputs]
+        if op.kind == "linear" and len(v.shape) > 1:
+            xs = [linear_rows(b, op, xs[0], v.shape)]
         if op.kind == "requantize":
             f = xs[0]
         elif op.kind == "mul_pow2":
@@ -598,6 +629,8 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
             bias = None if op.bias is None else b.const(f"{op.name}.bias",
                                                         dequantize(op.bias, fl_acc).astype(np.float32))
             f = float_op(b, op, xs, w, bias)
+            if op.kind == "linear" and len(v.shape) > 1:
+                f = linear_unrows(b, op, f, graph.values[op.output].shape)
         else:
             if pad_node_needed(op, v.shape):
                 xs = [pad_node(b, op, xs[0], v.shape, np.float32(-np.inf))]
@@ -605,8 +638,57 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
         floats[op.output] = b.node("Relu", [f], f"{op.output}_relu") if op.attrs.get("relu") else f
     for name in graph.outputs:
         b.node("Identity", [floats[name]], f"{name}_out", output=name)
-    return b.model(graph, [float_io(v.name, v.shape) for v in graph.inputs],
-                   [float_io(n, graph.values[n].shape) for n in graph.outputs], {"": check_opset(opset)}, "fp32")
+    return b.model(graph, *graph_io(graph), {"": check_opset(opset)}, "fp32")
+
+
+LAYER_NORMALIZATION_OPSET = 17
+
+
+def _fp32_transformer_op(b: GraphBuilder, graph: IntegerGraph, op: Op, floats: dict[str, str], ints: set[str],
+                         opset: int) -> str:
+    """The float baseline of an ``embedding``, ``softmax`` or ``layernorm`` (:func:`to_fp32`)."""
+    v = graph.values[op.inputs[0]]
+    if op.kind == "embedding":
+        assert op.weight is not None and op.weight_fmt is not None  # transformer_problems
+        ids = op.inputs[0] if op.inputs[0] in ints else b.node("Cast", [floats[op.inputs[0]]], f"{op.name}_ids_i64",
+                                                                 to=TensorProto.INT64)
+        table = b.const(f"{op.name}.weight", dequantize(op.weight, op.weight_fmt.frac_bits).astype(np.float32))
+        return b.node("Gather", [table, guarded_ids(b, op, ids)], op.name, axis=0)
+    if op.kind == "softmax":
+        keep = None
+        if len(op.inputs) > 1:
+            mask = op.inputs[1] if op.inputs[1] in ints else floats[op.inputs[1]]
+            zero = b.const("zero_i64" if op.inputs[1] in ints else "zero_f32",
+                           np.array(0, np.int64 if op.inputs[1] in ints else np.float32))
+            keep = b.node("Not", [b.node("Equal", [mask, zero], f"{op.name}_masked")], f"{op.name}_keep")
+        if op.attrs.get("causal"):
+            tril = b.const(f"{op.name}.causal", np.tril(np.ones(v.shape[-2:], dtype=bool)))
+            keep = tril if keep is None else b.node("And", [keep, tril], f"{op.name}_keep_causal")
+        x = floats[op.inputs[0]]
+        if keep is None:
+            return b.node("Softmax", [x], op.name, axis=-1)
+        x = b.node("Where", [keep, x, b.const("minus_inf", np.float32(-np.inf))], f"{op.name}_masked_scores")
+        p = b.node("Softmax", [x], f"{op.name}_softmax", axis=-1)  # NaN on an all-masked row
+        p = b.node("Where", [keep, p, b.const("zero_f32", np.float32(0.0))], f"{op.name}_kept")
+        return b.node("Where", [b.node("IsNaN", [p], f"{op.name}_empty_row"), b.const("zero_f32", np.float32(0.0)), p],
+                      op.name)
+    assert op.weight is not None and op.weight_fmt is not None  # transformer_problems
+    if opset < LAYER_NORMALIZATION_OPSET:
+        raise UnsupportedOpError(f"op {op.name!r} (layernorm): the FP32 baseline needs LayerNormalization, which "
+                                 f"opset {opset} lacks", f"use opset >= {LAYER_NORMALIZATION_OPSET}")
+    from fractions import Fraction
+
+    from fxquant.fixed_point import LAYERNORM_FRAC_BITS
+
+    n = v.shape[-1]
+    eps = float(Fraction(int(op.attrs["eps"])) / (n ** 3 * Fraction(2) ** (2 * v.fmt.frac_bits)))
+    gamma = b.const(f"{op.name}.weight", dequantize(op.weight, op.weight_fmt.frac_bits).astype(np.float32))
+    ins = [floats[op.inputs[0]], gamma]
+    if op.bias is not None:
+        ins.append(b.const(f"{op.name}.bias", dequantize(op.bias, op.weight_fmt.frac_bits + LAYERNORM_FRAC_BITS)
+                           .astype(np.float32)))
+    y = b.node("LayerNormalization", ins, f"{op.name}_ln" if op.attrs.get("relu") else op.name, axis=-1, epsilon=eps)
+    return b.node("Relu", [y], op.name) if op.attrs.get("relu") else y
 
 
 def check_artifact(model: onnx.ModelProto, what: str) -> None:
