@@ -22,9 +22,8 @@ rounds half to even and saturates, which is :func:`fxquant.fixed_point.requantiz
 Math per op: a compute op (Conv, Gemm, MatMul, Add, AveragePool) on dequantized inputs yields
 ``acc * 2^-FL_acc``; ``QuantizeLinear(2^-FL_out)`` gives ``clamp(round_half_even(acc *
 2^(FL_out-FL_acc)))`` saturated to the storage type; a narrower range (``BW_out`` below the storage
-bits) or a fused ReLU (``[0, qmax]``) is a ``Clip`` on the stored integers (int16: a float
-``DequantizeLinear → Clip(lo·2^-FL, hi·2^-FL) → QuantizeLinear``, exact because the bounds lie on
-the grid). ``cat`` requantizes each input to ``out_fmt`` the same way and concatenates integers;
+bits) or a fused ReLU (``[0, qmax]``) is a ``Clip`` on the stored integers (int16: ``Cast(int32) →
+Clip → Cast(int16)``, see :meth:`_QdqBuilder.quantize`). ``cat`` requantizes each input to ``out_fmt`` the same way and concatenates integers;
 ``relu`` is an integer Clip; ``maxpool2d``/``flatten``/``reshape``/``transpose``/``upsample_nearest``
 (``Resize`` nearest) are built as ``DQ → op → Q`` and folded onto the integers by
 :class:`fxquant.export.passes.FoldTransparentQdq` (MaxPool and Resize on 8-bit storage only;
@@ -207,8 +206,10 @@ class _QdqBuilder:
 
         QuantizeLinear saturates to its storage type only; a narrower range (``BW`` below the
         storage bits, or ``[0, qmax]`` for a fused ReLU) is a Clip on the stored integers for
-        8-bit storage (onnxruntime keeps fusing across it), and ``DequantizeLinear → Clip(lo·s,
-        hi·s) → QuantizeLinear`` for int16 (onnxruntime has no int16 Clip kernel). A
+        8-bit storage (onnxruntime keeps fusing across it), and ``Cast(int32) → Clip → Cast(int16)``
+        for int16 (onnxruntime has no int16 Clip kernel; a float ``DequantizeLinear → Clip →
+        QuantizeLinear`` is dropped by its ClipQuantFusion, which judges an int16 Q's range as if it
+        were 8-bit, so a 9..15-bit output was not saturated). A
         ``requantizing`` Q→DQ→Q chain always gets the Clip (a no-op one at full range), because
         onnxruntime otherwise merges the two Q/DQ pairs into one and rounds once instead of twice.
         ``bounds`` replaces ``[lo, hi]`` (a ``clamp``'s, within ``fmt``).
@@ -218,12 +219,11 @@ class _QdqBuilder:
         if (lo, hi) == st.k_range and not requantizing:
             return self._q(f, fmt.frac_bits, st, base)
         q = self._q(f, fmt.frac_bits, st, f"{base}_wide")
-        if st.dtype == TensorProto.INT16:
-            s = scale_of(fmt.frac_bits, base)
-            clipped = self.b.node("Clip", [self._dq(q, fmt.frac_bits, st, f"{base}_wide_dq"),
-                                           self.b.const("clip_lo", np.float32(lo * s)),
-                                           self.b.const("clip_hi", np.float32(hi * s))], f"{base}_clip")
-            return self._q(clipped, fmt.frac_bits, st, base)
+        if st.dtype == TensorProto.INT16:  # no int16 Clip kernel: clip the integers in int32
+            wide = self.b.node("Cast", [q], f"{base}_wide_i32", to=TensorProto.INT32)
+            clipped = self.b.node("Clip", [wide, self.b.const("clip_lo_i32", np.int32(lo)),
+                                           self.b.const("clip_hi_i32", np.int32(hi))], f"{base}_clip_i32")
+            return self.b.node("Cast", [clipped], base, to=TensorProto.INT16)
         return self._clip_ints(q, st, lo, hi, base)
 
     def _clip_ints(self, t: str, st: Storage, lo: int, hi: int, base: str) -> str:

@@ -307,3 +307,17 @@ def test_wide_weights_need_opset_21_unless_split() -> None:
     big.ops[0].weight = np.full((2, 1024), 2047)  # |acc| beyond 2^24: split halves on ConvInteger/MatMulInteger
     assert qdq_problems(big, opset=17) == []
     assert verify_onnx(to_qdq(big, opset=17), big, sample_inputs(big), "qdq")["mismatches"] == 0
+
+
+def test_int16_narrow_outputs_saturate_under_full_optimization() -> None:
+    """A 9-bit (int16-stored) matmul output beyond its range saturates to qmax = 255: onnxruntime's
+    ClipQuantFusion dropped the float ``DQ → Clip → Q`` saturation (found by the random graphs);
+    the integer Clip in int32 it cannot drop."""
+    m = GraphMaker((2, 2), F(7, 10))
+    a = m.relu("a", "input")
+    p = m.matmul("p", a, "input", F(5, 20))
+    graph = m.graph(m.matmul("out", m.relu("b", p), p, F(9, 40)))
+    x = np.full((2, 2, 2), 0.25, np.float32)
+    x[0] = -0.25
+    assert verify_onnx(to_qdq(graph), graph, x, "qdq")["mismatches"] == 0
+    assert np.all(graph.run(*graph.quantize_inputs(x))["out"][1] == 255)  # the saturating sample
