@@ -463,3 +463,40 @@ def test_fp32_baseline_layernorm_and_embedding_are_torch() -> None:
     table = torch.tensor(np.ldexp(graph.ops[0].weight.astype(np.float64), -6))
     np.testing.assert_array_equal(_fp32_outputs(graph, [ids])["emb"], torch.nn.functional.embedding(
         torch.tensor(ids), table).numpy())
+
+
+# ------------------------------------------------------------------------------------ other consumers, opsets
+@pytest.mark.parametrize("case", ["embedding_lookup", "slice_cls"])
+def test_qonnx_package_executes_embedding_and_slice_bit_exactly(case: str) -> None:
+    """The qonnx package's own executor (its Quant semantics, not our lowering) on int64 ids."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.util.cleanup import cleanup_model
+
+    graph, inputs = CASES[case].build()
+    ints = [k[:4] for k in graph.quantize_inputs(*inputs)]
+    proto = to_qonnx(graph)
+    for vi in [*proto.graph.input, *proto.graph.output]:  # fixed batch for qonnx's shape inference
+        vi.type.tensor_type.shape.dim[0].dim_value = 4
+    model = cleanup_model(ModelWrapper(proto))
+    feed = {i.name: (k.astype(np.int64) if i.type.tensor_type.elem_type == TensorProto.INT64
+                     else np.ldexp(k.astype(np.float64), -v.fmt.frac_bits).astype(np.float32))
+            for i, k, v in zip(model.graph.input, ints, graph.inputs)}
+    out = execute_onnx(model, feed)
+    want = graph.run(*ints)
+    for name, o in zip(graph.outputs, model.graph.output):
+        np.testing.assert_array_equal(np.ldexp(out[o.name].astype(np.float64), graph.values[name].fmt.frac_bits),
+                                      want[name])
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+@pytest.mark.parametrize("case", ["attention_head", "transformer_block"])
+def test_older_opsets_reduce_with_axes_attributes(opset: int, case: str) -> None:
+    """Before opset 18 ReduceMax takes ``axes`` as an attribute; 8-bit cases need no int16."""
+    graph, inputs = CASES[case].build()
+    model = to_qdq(graph, opset=opset)
+    check_artifact(model, f"opset {opset}")
+    ints = graph.quantize_inputs(*inputs)
+    got, want = run_model(model, graph, ints), graph.run(*ints)
+    for name in graph.outputs:
+        np.testing.assert_array_equal(got[name], want[name])
