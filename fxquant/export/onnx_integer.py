@@ -46,6 +46,8 @@ from fxquant.export.onnx_builder import GraphBuilder
 from fxquant.fixed_point import (LAYERNORM_FRAC_BITS, LAYERNORM_NORM_BITS, LAYERNORM_RECIP_BITS, FixedPoint,
                                  softmax_exp_table, softmax_recip_bits)
 
+FLOAT64_EXACT_BOUND = 1 << 53
+"""float64 holds every integer of magnitude below 2^53 (and its power-of-two multiples) exactly."""
 INT64_SAFE_SHIFT = 62
 """Right shifts of at most 62 use the power ``2^s`` as an int64 constant; larger ones give 0."""
 REDUCE_AXES_INPUT_OPSET = 18
@@ -105,9 +107,22 @@ class IntegerOps:
         up = self.op("Or", [self.op("Greater", [r, half], f"{base}_above"), tie_up], f"{base}_up")
         return self.op("Add", [q, self.flag(up, f"{base}_carry")], base)
 
-    def requantize(self, k: str, shift: int, fmt: FixedPoint, base: str, *, relu: bool = False) -> str:
-        """:func:`fxquant.fixed_point.requantize` (then ``relu``): shift, round half even, saturate."""
+    def requantize(self, k: str, shift: int, fmt: FixedPoint, base: str, *, relu: bool = False,
+                   bound: int | None = None) -> str:
+        """:func:`fxquant.fixed_point.requantize` (then ``relu``): shift, round half even, saturate.
+
+        With a ``bound`` on ``|k|`` below ``2^53``, in float64 (fewer nodes): ``Cast(double) →
+        Mul(2^shift) → Round → Clip → Cast(int64)``, exact because ``k`` and ``k 2^shift`` are
+        doubles exactly (a power-of-two scaling) and ONNX ``Round`` rounds half to even; else the
+        int64 :meth:`shift_round_half_even` and an int64 ``Clip``."""
         lo = 0 if relu else fmt.qmin
+        if bound is not None and bound < FLOAT64_EXACT_BOUND:
+            f = self.op("Mul", [self.cast(k, TensorProto.DOUBLE, f"{base}_f64"),
+                                self.b.const("shift_f64", np.ldexp(np.float64(1.0), shift))], f"{base}_scaled_f64")
+            f = self.b.node("Clip", [self.op("Round", [f], f"{base}_rounded_f64"),
+                                     self.b.const("clip_lo_f64", np.float64(lo)),
+                                     self.b.const("clip_hi_f64", np.float64(fmt.qmax))], f"{base}_clip_f64")
+            return self.cast(f, TensorProto.INT64, base)
         return self.clip(self.shift_round_half_even(k, shift, f"{base}_shifted"), lo, fmt.qmax, base)
 
     def bit_length(self, x: str, base: str) -> str:
@@ -161,12 +176,13 @@ class IntegerOps:
         s = self.reduce("ReduceSum", e, f"{base}_sum")
         r = self.row_reciprocal(s, big_k, f"{base}_recip")
         return self.requantize(self.op("Mul", [e, r], f"{base}_scaled"), int(out_fmt.frac_bits) - big_k, out_fmt,
-                               base)
+                               base, bound=1 << big_k)  # e r <= 2^K (fixed_point.softmax_rows)
 
     def layernorm(self, k: str, n: int, eps_d: int, gamma: np.ndarray, beta: np.ndarray | None, w_frac_bits: int,
-                  out_fmt: FixedPoint, relu: bool, base: str) -> str:
+                  out_fmt: FixedPoint, relu: bool, base: str, acc_bound: int | None = None) -> str:
         """:func:`fxquant.fixed_point.layernorm_rows` on int64 ``k`` (last axis of ``n``), then
-        ``acc = gamma h + beta`` requantized from ``FL_w + FL_h`` to ``out_fmt`` (``relu``)::
+        ``acc = gamma h + beta`` requantized from ``FL_w + FL_h`` to ``out_fmt`` (``relu``; in float64
+        when ``acc_bound``, :meth:`~fxquant.integer_graph.IntegerGraph.accumulator_bound`, allows)::
 
             c = n k - ReduceSum(k);  D = ReduceSum(c c) + eps_D
             t = (62 - bit_length(D)) // 2
@@ -194,7 +210,7 @@ class IntegerOps:
         if beta is not None:
             acc = self.op("Add", [acc, self.const(f"{base}.beta", beta.astype(np.int64))], f"{base}_acc")
         return self.requantize(acc, int(out_fmt.frac_bits) - (w_frac_bits + LAYERNORM_FRAC_BITS), out_fmt, base,
-                               relu=relu)
+                               relu=relu, bound=acc_bound)
 
 
 __all__ = ["IntegerOps"]

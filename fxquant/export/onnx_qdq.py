@@ -438,7 +438,8 @@ class _QdqBuilder:
         v = self.graph.values[op.inputs[0]]
         assert op.weight is not None and op.weight_fmt is not None  # transformer_problems
         k = self.iops.layernorm(self.k64[op.inputs[0]], v.shape[-1], int(op.attrs["eps"]), op.weight, op.bias,
-                                op.weight_fmt.frac_bits, op.out_fmt, bool(op.attrs.get("relu")), op.name)
+                                op.weight_fmt.frac_bits, op.out_fmt, bool(op.attrs.get("relu")), op.name,
+                                acc_bound=self.graph.accumulator_bound(op))
         return self.to_stored(k, op.out_fmt, op.output)
 
     def slice(self, op: Op) -> str:
@@ -451,7 +452,7 @@ class _QdqBuilder:
         a, b = (self.graph.values[i] for i in op.inputs)
         acc = self.b.node("MatMul", [self.k64[op.inputs[0]], self.k64[op.inputs[1]]], f"{op.name}_acc")
         k = self.iops.requantize(acc, op.out_fmt.frac_bits - a.fmt.frac_bits - b.fmt.frac_bits, op.out_fmt,
-                                 f"{op.name}_k", relu=relu)
+                                 f"{op.name}_k", relu=relu, bound=self.graph.accumulator_bound(op))
         return self.to_stored(k, op.out_fmt, op.output)
 
     def linear_nd(self, op: Op) -> str:

@@ -225,6 +225,8 @@ def _boundary_scores(shape, fmt, n=8, seed=0) -> np.ndarray:
     (F(12, 6), F(16, 15), None),  # 16-bit output, a 12-bit score grid (table of 710 entries)
     (F(16, 8), F(9, 8), 20),      # 16-bit scores, table of 2^12 - ... entries, E = 20
     (F(6, 1), F(4, 3), 8),        # narrow everything, E = 8
+    (F(8, 3), F(16, 30), 24),     # K = 58 >= 53: the int64 requantization instead of the float64 one
+    (F(8, 3), F(16, 18), 24),     # K = 46: tiny probabilities, saturation of the large ones
 ])
 def test_softmax_exact_at_the_table_edges(in_fmt, out_fmt, exp_bits) -> None:
     graph = _softmax_graph((3, 10), in_fmt, out_fmt, exp_bits=exp_bits)
