@@ -23,7 +23,8 @@ Math per op: a compute op (Conv, Gemm, MatMul, Add, AveragePool) on dequantized 
 ``acc * 2^-FL_acc``; ``QuantizeLinear(2^-FL_out)`` gives ``clamp(round_half_even(acc *
 2^(FL_out-FL_acc)))`` saturated to the storage type; a narrower range (``BW_out`` below the storage
 bits) or a fused ReLU (``[0, qmax]``) is a ``Clip`` on the stored integers (int16: ``Cast(int32) →
-Clip → Cast(int16)``, see :meth:`_QdqBuilder.quantize`). ``cat`` requantizes each input to ``out_fmt`` the same way and concatenates integers;
+Clip → Cast(int16)``, see :meth:`_QdqBuilder.quantize`). ``cat`` requantizes each input to
+``out_fmt`` the same way and concatenates integers;
 ``relu`` is an integer Clip; ``maxpool2d``/``flatten``/``reshape``/``transpose``/``upsample_nearest``
 (``Resize`` nearest) are built as ``DQ → op → Q`` and folded onto the integers by
 :class:`fxquant.export.passes.FoldTransparentQdq` (MaxPool and Resize on 8-bit storage only;

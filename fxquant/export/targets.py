@@ -7,8 +7,9 @@
   (``Div → Round → Clip → Mul``, the same numbers as QONNX's ``Quant``).
 
 Both write ``model.onnx`` into the build directory (``onnx.checker`` full check and strict shape
-inference first) and run it on input integers ``k`` fed as float32 ``k * 2^-FL`` (exact), reading
-the outputs back as ``k = out * 2^FL`` (:func:`fxquant.export.verify.output_integers`: a value off
+inference first) and run it on input integers ``k`` fed as float32 ``k * 2^-FL`` (exact; token
+ids and masks, int64 model inputs, as the int64 ``k`` itself:
+:func:`~fxquant.export.verify.input_feed`), reading the outputs back as ``k = out * 2^FL`` (:func:`fxquant.export.verify.output_integers`: a value off
 the grid stays a float and counts as a mismatch). ``check`` lists every reason a graph has no exact
 form at once (:func:`~fxquant.export.onnx_qdq.qdq_problems`,
 :func:`~fxquant.export.qonnx.qonnx_problems`, widths from :mod:`fxquant.legality`), so the

@@ -7,7 +7,9 @@ recovered exactly (a power-of-two scaling, :func:`output_integers`) and must equ
 integers: **no tolerance** for ``qdq`` and ``qonnx``. The export path verifies through
 :func:`fxquant.backends.base.verify` (the one report schema); ``verify_onnx(model, graph, x,
 flavour)`` checks an in-memory model on float inputs ``x`` against
-``graph.run(*graph.quantize_inputs(x))`` (exporter tests, ``benchmarks/``).
+``graph.run(*graph.quantize_inputs(x))`` (exporter tests, ``benchmarks/``). Token ids and masks
+are int64 model inputs (:func:`fxquant.export.onnx_builder.integer_inputs`): they are fed the
+integers themselves (:func:`input_feed`), every other input the float32 ``k * 2^-FL``.
 
 Why exact equality holds (measured with onnxruntime 1.32 on AVX2, ``docs/onnx_export.md``):
 
