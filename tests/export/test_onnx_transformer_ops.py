@@ -502,3 +502,24 @@ def test_older_opsets_reduce_with_axes_attributes(opset: int, case: str) -> None
     got, want = run_model(model, graph, ints), graph.run(*ints)
     for name in graph.outputs:
         np.testing.assert_array_equal(got[name], want[name])
+
+
+@pytest.mark.parametrize("case", TRANSFORMER_CASES)
+def test_int8_storage_without_the_x86_layout(case: str) -> None:
+    """``ort_x86=False`` (int8, zero point 0, no uint8 + 128 storage) is exact too."""
+    graph, inputs = CASES[case].build()
+    model = to_qdq(graph, ort_x86=False)
+    check_artifact(model, "qdq int8")
+    ints = graph.quantize_inputs(*inputs)
+    got, want = run_model(model, graph, ints), graph.run(*ints)
+    for name in graph.outputs:
+        np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_verify_onnx_feeds_token_ids_as_integers() -> None:
+    from fxquant.export.verify import verify_onnx
+
+    graph = _embedding_graph(20, F(6, 0), F(8, 6), F(6, 3))
+    ids = np.random.default_rng(8).integers(0, 20, size=(5, 5)).astype(np.float32)
+    for flavour, model in (("qdq", to_qdq(graph)), ("qonnx", to_qonnx(graph))):
+        assert verify_onnx(model, graph, ids, flavour)["mismatches"] == 0
