@@ -523,3 +523,19 @@ def test_verify_onnx_feeds_token_ids_as_integers() -> None:
     ids = np.random.default_rng(8).integers(0, 20, size=(5, 5)).astype(np.float32)
     for flavour, model in (("qdq", to_qdq(graph)), ("qonnx", to_qonnx(graph))):
         assert verify_onnx(model, graph, ids, flavour)["mismatches"] == 0
+
+
+@pytest.mark.parametrize("target_name", ["onnx-qdq", "qonnx"])
+def test_every_illegal_transformer_op_is_named_by_its_rule(target_name: str) -> None:
+    """The shared legality rules (one offender per rule, tests/backends/test_legality.py) name every
+    op, each reason once, none as an unsupported kind; qonnx adds its own softmax / layernorm reason."""
+    from tests.backends.test_legality import _transformer_graph
+
+    graph = _transformer_graph()
+    problems = get_target(target_name).check(graph)
+    assert len(problems) == len(set(problems))
+    assert {p.layer for p in problems} == {op.name for op in graph.ops}
+    assert not [p for p in problems if "is not supported by target" in p.reason]
+    no_form = {p.layer for p in problems if p.reason.startswith("QONNX has no exact")}
+    assert no_form == (set() if target_name == "onnx-qdq" else
+                       {op.name for op in graph.ops if op.kind in ("softmax", "layernorm")})
