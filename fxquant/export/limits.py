@@ -71,7 +71,9 @@ def exportable_problems(graph: IntegerGraph) -> list["Problem"]:
     Shared by the QDQ and QONNX targets' ``check``. From :mod:`fxquant.legality`: values and
     weights without an integer format, weights and biases outside their widths, ``linear`` on an
     N-D input (ONNX Gemm takes ``(N, features)``; grouped convolutions are fine), max pools
-    padding more than half their window (any average window, dilation and ceil mode are built).
+    padding more than half their window (any average window, dilation and ceil mode are built),
+    the bounds of the transformer kinds (:func:`fxquant.legality.transformer_problems`); ``linear``
+    takes any rank (rows reshaped for Gemm).
     The exporters' own limits: every scale ``2^-FL`` (values, weights, the bias accumulator grid,
     a ``mul`` product, a ``mul_pow2`` factor) a normal float32; :func:`float32_problems` and
     :func:`clamp_problems`. Never raises.
@@ -85,7 +87,9 @@ def exportable_problems(graph: IntegerGraph) -> list["Problem"]:
                  for op in graph.ops if op.kind in WEIGHTED_KINDS and (op.weight is None or op.weight_fmt is None)]
     if problems:  # the rules below read formats and weights
         return problems
-    problems += (legality.fit_problems(graph) + legality.shape_problems(graph, groups=True)
+    # linear on any rank: the exporters reshape (N, *S, D) to rows for Gemm (onnx_builder.linear_rows)
+    shapes = [p for p in legality.shape_problems(graph, groups=True) if p.kind != "linear"]
+    problems += (legality.fit_problems(graph) + shapes + legality.transformer_problems(graph)
                  + legality.avg_window_problems(graph, reciprocal=True)
                  + legality.window_problems(graph, dilation=True, ceil_mode=True))
     producer = {op.output: op for op in graph.ops}
@@ -303,13 +307,25 @@ def qdq_problems(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bo
     return problems
 
 
+QONNX_NO_EXACT_FORM = {
+    "softmax": "QONNX has no exact integer softmax (its graph is float ONNX ops plus Quant; a float "
+               "Softmax or Exp rounds differently from the integer exponential table): export onnx-qdq",
+    "layernorm": "QONNX has no exact integer LayerNorm (its graph is float ONNX ops plus Quant; a float "
+                 "mean, variance and Sqrt round differently from the integer isqrt): export onnx-qdq",
+}
+"""The op kinds QONNX cannot express bit-exactly, with the one-line reason ``check`` gives."""
+
+
 def qonnx_problems(graph: IntegerGraph) -> list["Problem"]:
     """Every reason :func:`to_qonnx` cannot write ``graph`` exactly (all at once; never raises):
-    :func:`exportable_problems`, biases float32 cannot hold, and ``mul`` ops whose product can
-    exceed 2^24 (a float32 ``Mul``; the QDQ exporter multiplies in int32 instead)."""
+    :func:`exportable_problems`, ``softmax`` and ``layernorm`` (:data:`QONNX_NO_EXACT_FORM`), biases
+    float32 cannot hold, and ``mul`` ops whose product can exceed 2^24 (a float32 ``Mul``; the QDQ
+    exporter multiplies in int32 instead)."""
     from fxquant.backends.base import Problem
 
     problems = exportable_problems(graph)
+    problems += [Problem(op.name, op.kind, QONNX_NO_EXACT_FORM[op.kind]) for op in graph.ops
+                 if op.kind in QONNX_NO_EXACT_FORM]
     if problems:
         return problems
     problems += conv_transpose_problems(graph, integer_path=False)

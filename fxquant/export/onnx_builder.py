@@ -7,8 +7,12 @@ Nothing here is numeric: the fixed-point math (rounding, saturation, requantizat
   assembly with the ``fxquant.*`` metadata;
 * :func:`float_op`: the float ONNX node of one integer op's *accumulation* (Conv, ConvTranspose,
   Gemm, MatMul, Add/Sum, Mul, Concat, AveragePool, MaxPool, Relu, Flatten, Reshape, Transpose,
-  Resize) on float tensors, without the requantization and without the fused ReLU, which each
-  flavour places itself;
+  Resize, and a ``slice`` as Slice / Gather: :func:`slice_node`) on float tensors, without the
+  requantization and without the fused ReLU, which each flavour places itself;
+* :func:`integer_inputs`, :func:`graph_io`: token ids and masks are int64 graph inputs (the
+  integers themselves) in every flavour, other inputs float32; :func:`guarded_ids` makes a
+  negative id fail in ``Gather`` like an id ``>= V``; :func:`linear_rows` / :func:`linear_unrows`
+  put a ``linear`` on a rank > 2 input through the 2-D Gemm paths;
 * :func:`window_sums` and :func:`reciprocal_factors`: an average pool on the reciprocal path
   (:func:`fxquant.export.limits.uses_reciprocal`) as exact window sums (a depthwise float32 Conv of
   ones, padding and ceil-mode overhang as zero padding) and the per-window factor
@@ -131,6 +135,54 @@ class GraphBuilder:
 def float_io(name: str, shape: tuple[int, ...]) -> onnx.ValueInfoProto:
     """A float32 graph input/output with a symbolic batch dimension ``N``."""
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *shape])
+
+
+def int_io(name: str, shape: tuple[int, ...]) -> onnx.ValueInfoProto:
+    """An int64 graph input with a symbolic batch dimension ``N`` (token ids, masks)."""
+    return helper.make_tensor_value_info(name, TensorProto.INT64, ["N", *shape])
+
+
+def integer_inputs(graph: IntegerGraph) -> set[str]:
+    """The graph inputs both flavours declare as int64 ONNX inputs holding the integers ``k``
+    themselves: token ids (the input of an ``embedding``) and masks (a ``softmax``'s second input).
+    Every other graph input stays float32 ``k * 2^-FL``, quantized by the model."""
+    names = {v.name for v in graph.inputs}
+    used = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
+    used |= {op.inputs[1] for op in graph.ops if op.kind == "softmax" and len(op.inputs) > 1}
+    return names & used
+
+
+def graph_io(graph: IntegerGraph) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    """The ONNX inputs (int64 for :func:`integer_inputs`, else float32) and float32 outputs of ``graph``."""
+    ints = integer_inputs(graph)
+    return ([(int_io if v.name in ints else float_io)(v.name, v.shape) for v in graph.inputs],
+            [float_io(n, graph.values[n].shape) for n in graph.outputs])
+
+
+class LazyTensors(dict):
+    """``{value name: tensor name}`` that builds a missing entry with ``make(value)`` on first use
+    (the node it emits comes after its producer's, so the node list stays topologically ordered)."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key: str) -> str:
+        self[key] = self._make(key)
+        return self[key]
+
+
+def linear_rows(b: GraphBuilder, op: Op, x: str, in_shape: tuple[int, ...]) -> str:
+    """A ``linear`` input of shape ``(N, *S, D)`` (rank > 2 with the batch) as ``(N prod(S), D)``
+    for Gemm / MatMulInteger (``Reshape``: the integers are unchanged); :func:`linear_unrows` undoes it."""
+    return b.node("Reshape", [x, b.const(f"{op.name}.rows", np.array([-1, in_shape[-1]], np.int64))],
+                  f"{op.name}_rows")
+
+
+def linear_unrows(b: GraphBuilder, op: Op, y: str, out_shape: tuple[int, ...], output: str | None = None) -> str:
+    """The ``(N prod(S), F)`` result of :func:`linear_rows`'s op back to ``(N, *S, F)``."""
+    return b.node("Reshape", [y, b.const(f"{op.name}.unrows", np.array([-1, *out_shape], np.int64))],
+                  f"{op.name}_unrows", output=output)
 
 
 def conv_attrs(op: Op) -> dict[str, Any]:
@@ -269,8 +321,31 @@ def float_op(b: GraphBuilder, op: Op, xs: list[str], weight: str | None = None,
         return b.node("Concat", xs, op.name, axis=a.get("dim", 1))
     if op.kind in ("matmul", "relu"):
         return b.node(_ONNX_OP[op.kind], xs, op.name)
+    if op.kind == "slice":
+        return slice_node(b, op, xs[0])
     raise UnsupportedOpError(f"op {op.name!r}: kind {op.kind!r} has no float ONNX form",
                              "requantize ops are expressed by each flavour's quantizer")
+
+
+def slice_node(b: GraphBuilder, op: Op, x: str, output: str | None = None) -> str:
+    """A ``slice`` op on any tensor (it copies values): ``Gather`` of the scalar ``index`` on axis
+    ``dim`` (the axis removed, ``x[:, 0]``), else ``Slice(start, stop, dim, step)``."""
+    a = op.attrs
+    if "index" in a:
+        return b.node("Gather", [x, b.const(f"{op.name}.index", np.array(int(a["index"]), np.int64))], op.name,
+                      output=output, axis=int(a["dim"]))
+    ins = [b.const(f"{op.name}.{n}", np.array([int(v)], np.int64))
+           for n, v in (("start", a["start"]), ("stop", a["stop"]), ("dim", a["dim"]), ("step", a.get("step", 1)))]
+    return b.node("Slice", [x, *ins], op.name, output=output)
+
+
+def guarded_ids(b: GraphBuilder, op: Op, ids: str) -> str:
+    """int64 token ids with every negative id replaced by ``V`` (the table's row count), so that
+    onnxruntime's ``Gather`` refuses it as it refuses ids ``>= V`` (ONNX Gather wraps negatives)."""
+    assert op.weight is not None  # transformer_problems
+    negative = b.node("Less", [ids, b.const("zero_i64", np.array(0, np.int64))], f"{op.name}_negative")
+    return b.node("Where", [negative, b.const(f"{op.name}.rows", np.array(op.weight.shape[0], np.int64)), ids],
+                  f"{op.name}_ids")
 
 
 def fmt_bounds(fmt: FixedPoint, relu: bool) -> tuple[int, int]:

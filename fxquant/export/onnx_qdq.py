@@ -22,9 +22,9 @@ rounds half to even and saturates, which is :func:`fxquant.fixed_point.requantiz
 Math per op: a compute op (Conv, Gemm, MatMul, Add, AveragePool) on dequantized inputs yields
 ``acc * 2^-FL_acc``; ``QuantizeLinear(2^-FL_out)`` gives ``clamp(round_half_even(acc *
 2^(FL_out-FL_acc)))`` saturated to the storage type; a narrower range (``BW_out`` below the storage
-bits) or a fused ReLU (``[0, qmax]``) is a ``Clip`` on the stored integers (int16: a float
-``DequantizeLinear → Clip(lo·2^-FL, hi·2^-FL) → QuantizeLinear``, exact because the bounds lie on
-the grid). ``cat`` requantizes each input to ``out_fmt`` the same way and concatenates integers;
+bits) or a fused ReLU (``[0, qmax]``) is a ``Clip`` on the stored integers (int16: ``Cast(int32) →
+Clip → Cast(int16)``, see :meth:`_QdqBuilder.quantize`). ``cat`` requantizes each input to
+``out_fmt`` the same way and concatenates integers;
 ``relu`` is an integer Clip; ``maxpool2d``/``flatten``/``reshape``/``transpose``/``upsample_nearest``
 (``Resize`` nearest) are built as ``DQ → op → Q`` and folded onto the integers by
 :class:`fxquant.export.passes.FoldTransparentQdq` (MaxPool and Resize on 8-bit storage only;
@@ -46,6 +46,19 @@ outputs ``DequantizeLinear`` (float ``k * 2^-FL``). The vision-zoo ops:
 * ``conv_transpose2d``: ``DQ → ConvTranspose → Q`` in float32 (ONNX has no integer form); beyond
   2^24 on <= 8-bit inputs, the equal convolution of the zero-inserted input on the integer path
   below (``check`` refuses the rest).
+
+The transformer kinds (issue 14), all on integers, none through a float Softmax or LayerNorm:
+
+* token ids and masks are **int64 graph inputs** holding the integers (``integer_inputs``); an
+  ``embedding`` is a ``Gather`` of the table stored as the output's integers (requantized once at
+  export when ``out_fmt != weight_fmt``: element-wise, so it commutes with the gather);
+* ``slice``: ``Slice`` / ``Gather`` of the stored integers;
+* ``softmax`` and ``layernorm``: the reference's row algorithms as int64 subgraphs
+  (:mod:`fxquant.export.onnx_integer`: table gather, ReduceMax/ReduceSum, Div, rounding shifts
+  with ties to even, an exact integer square root), stored with ``Add(zero point) → Cast``;
+* an activation ``matmul`` whose ``|acc|`` may exceed 2^24: int64 ``MatMul`` and the int64
+  requantization (float32 would round); a ``linear`` on a rank > 2 input: the 2-D Gemm paths on
+  the rows (``Reshape``, exact).
 
 onnxruntime's QLinear kernels (and float Conv/Gemm) requantize ``float(acc)``: exact only for
 ``|acc| <= 2^24``. A Conv/Gemm on <= 8-bit inputs whose worst-case accumulator is larger is
@@ -75,10 +88,13 @@ from fxquant.export.limits import (DEFAULT_OPSET, FLOAT32_EXACT_BOUND, NARROW_ST
                                    WEIGHTED_KINDS, check_exportable, check_opset, clamp_bounds, conv_transpose_as_conv,
                                    float32_risks, needs_integer_accumulation, qdq_problems, raise_problems,
                                    split_weights, uses_reciprocal)
-from fxquant.export.onnx_builder import (GraphBuilder, conv_attrs, float_io, float_op, fmt_bounds, pad_node,
-                                         pad_node_needed, pow2, reciprocal_factors, scale_of, window_sums)
+from fxquant.export.onnx_builder import (GraphBuilder, LazyTensors, conv_attrs, float_io, float_op, fmt_bounds,
+                                         graph_io, guarded_ids, integer_inputs, linear_rows, linear_unrows, pad_node,
+                                         pad_node_needed, pow2, reciprocal_factors, scale_of, slice_node,
+                                         window_sums)
+from fxquant.export.onnx_integer import IntegerOps
 from fxquant.export.passes import FoldTransparentQdq
-from fxquant.fixed_point import BIAS_BITS, FixedPoint, dequantize, min_signed_bits
+from fxquant.fixed_point import BIAS_BITS, SOFTMAX_EXP_BITS, FixedPoint, dequantize, min_signed_bits, requantize
 from fxquant.integer_graph import IntegerGraph, Op, avg_divisors
 
 U8_ZERO_POINT = 128
@@ -138,8 +154,36 @@ class _QdqBuilder:
 
     def __init__(self, graph: IntegerGraph, opset: int, ort_x86: bool) -> None:
         self.graph, self.opset, self.ort_x86, self.b = graph, opset, ort_x86, GraphBuilder()
-        self.ints: dict[str, str] = {}
+        self.ints: dict[str, str] = LazyTensors(self._stored_of_integer_input)
+        """Stored integers (``k + zero point`` in the storage type) of every value."""
+        self.k64: dict[str, str] = LazyTensors(self._k64_of_stored)
+        """The integers ``k`` as int64 (integer graph inputs as fed; others ``Cast`` of the stored form)."""
+        self.iops = IntegerOps(self.b, opset)
         self.integer_ops: list[str] = []
+
+    def _k64_of_stored(self, value: str) -> str:
+        fmt = self.graph.values[value].fmt
+        st = self.storage(fmt, f"value {value!r}")
+        k = self.b.node("Cast", [self.ints[value]], f"{value}_i64", to=TensorProto.INT64)
+        if st.zero_point:
+            k = self.b.node("Sub", [k, self.iops.const("zero_point_i64", st.zero_point)], f"{value}_k64")
+        return k
+
+    def _stored_of_integer_input(self, value: str) -> str:
+        """An int64 graph input (:func:`~fxquant.export.onnx_builder.integer_inputs`) read by another
+        op: saturated to its format (as ``IntegerGraph.quantize_inputs`` does) and stored."""
+        if value not in self.k64:
+            raise ExportError(f"value {value!r} is used before it is computed", "report this as an exporter bug")
+        fmt = self.graph.values[value].fmt
+        return self.to_stored(self.iops.clip(self.k64[value], fmt.qmin, fmt.qmax, f"{value}_sat"), fmt,
+                              f"{value}_stored")
+
+    def to_stored(self, k: str, fmt: FixedPoint, base: str) -> str:
+        """int64 integers ``k`` (within ``fmt``) in the storage of ``fmt``: ``Add(zero point) → Cast``."""
+        st = self.storage(fmt, base)
+        if st.zero_point:
+            k = self.b.node("Add", [k, self.iops.const("zero_point_i64", st.zero_point)], f"{base}_zp")
+        return self.b.node("Cast", [k], base, to=st.dtype)
 
     def storage(self, fmt: FixedPoint, what: str) -> Storage:
         return activation_storage(fmt.bits, self.opset, what, ort_x86=self.ort_x86)
@@ -163,8 +207,10 @@ class _QdqBuilder:
 
         QuantizeLinear saturates to its storage type only; a narrower range (``BW`` below the
         storage bits, or ``[0, qmax]`` for a fused ReLU) is a Clip on the stored integers for
-        8-bit storage (onnxruntime keeps fusing across it), and ``DequantizeLinear → Clip(lo·s,
-        hi·s) → QuantizeLinear`` for int16 (onnxruntime has no int16 Clip kernel). A
+        8-bit storage (onnxruntime keeps fusing across it), and ``Cast(int32) → Clip → Cast(int16)``
+        for int16 (onnxruntime has no int16 Clip kernel; a float ``DequantizeLinear → Clip →
+        QuantizeLinear`` is dropped by its ClipQuantFusion, which judges an int16 Q's range as if it
+        were 8-bit, so a 9..15-bit output was not saturated). A
         ``requantizing`` Q→DQ→Q chain always gets the Clip (a no-op one at full range), because
         onnxruntime otherwise merges the two Q/DQ pairs into one and rounds once instead of twice.
         ``bounds`` replaces ``[lo, hi]`` (a ``clamp``'s, within ``fmt``).
@@ -174,12 +220,11 @@ class _QdqBuilder:
         if (lo, hi) == st.k_range and not requantizing:
             return self._q(f, fmt.frac_bits, st, base)
         q = self._q(f, fmt.frac_bits, st, f"{base}_wide")
-        if st.dtype == TensorProto.INT16:
-            s = scale_of(fmt.frac_bits, base)
-            clipped = self.b.node("Clip", [self._dq(q, fmt.frac_bits, st, f"{base}_wide_dq"),
-                                           self.b.const("clip_lo", np.float32(lo * s)),
-                                           self.b.const("clip_hi", np.float32(hi * s))], f"{base}_clip")
-            return self._q(clipped, fmt.frac_bits, st, base)
+        if st.dtype == TensorProto.INT16:  # no int16 Clip kernel: clip the integers in int32
+            wide = self.b.node("Cast", [q], f"{base}_wide_i32", to=TensorProto.INT32)
+            clipped = self.b.node("Clip", [wide, self.b.const("clip_lo_i32", np.int32(lo)),
+                                           self.b.const("clip_hi_i32", np.int32(hi))], f"{base}_clip_i32")
+            return self.b.node("Cast", [clipped], base, to=TensorProto.INT16)
         return self._clip_ints(q, st, lo, hi, base)
 
     def _clip_ints(self, t: str, st: Storage, lo: int, hi: int, base: str) -> str:
@@ -359,9 +404,89 @@ class _QdqBuilder:
         t = self.b.const(f"{op.name}.bias", op.bias.astype(np.int32))
         return self._dq(t, fl_acc, Storage(TensorProto.INT32), f"{op.name}.bias_dq")
 
-    def emit(self, op: Op) -> str:
+    def embedding(self, op: Op) -> str:
+        """``Gather`` of the table, stored as the output's integers (``requantize(table, FL_w,
+        out_fmt)`` row by row when ``out_fmt != weight_fmt``: the requantization is element-wise, so it
+        commutes with the gather), on the int64 ids. A negative id is mapped to ``V`` so that
+        onnxruntime's Gather refuses it like an id ``>= V`` (ONNX Gather would wrap it around)."""
+        assert op.weight is not None and op.weight_fmt is not None  # transformer_problems
+        table = np.asarray(op.weight, np.int64)
+        _check_fits(table, op.weight_fmt.bits, f"op {op.name!r} table")
+        if op.out_fmt != op.weight_fmt:
+            table = requantize(table, op.weight_fmt.frac_bits, op.out_fmt)
+        st = self.storage(op.out_fmt, op.output)
+        stored = self.b.const(f"{op.name}.weight", (table + st.zero_point).astype(_NUMPY[st.dtype]))
+        return self.b.node("Gather", [stored, guarded_ids(self.b, op, self.k64[op.inputs[0]])], op.output, axis=0)
+
+    def softmax(self, op: Op) -> str:
+        """:meth:`~fxquant.export.onnx_integer.IntegerOps.softmax` on the int64 scores; keep =
+        ``mask != 0`` (broadcast) and, with ``causal``, the lower triangle of the last two axes."""
+        v = self.graph.values[op.inputs[0]]
+        keep = None
+        if len(op.inputs) > 1:
+            keep = self.b.node("Not", [self.b.node("Equal", [self.k64[op.inputs[1]], self.iops.const("zero_i64", 0)],
+                                                   f"{op.name}_masked")], f"{op.name}_keep")
+        if op.attrs.get("causal"):
+            q, kk = v.shape[-2:]
+            tril = self.b.const(f"{op.name}.causal", np.tril(np.ones((q, kk), dtype=bool)))
+            keep = tril if keep is None else self.b.node("And", [keep, tril], f"{op.name}_keep_causal")
+        k = self.iops.softmax(self.k64[op.inputs[0]], keep, v.fmt, op.out_fmt,
+                              int(op.attrs.get("exp_bits", SOFTMAX_EXP_BITS)), op.name)
+        return self.to_stored(k, op.out_fmt, op.output)
+
+    def layernorm(self, op: Op) -> str:
+        """:meth:`~fxquant.export.onnx_integer.IntegerOps.layernorm` on the int64 rows."""
+        v = self.graph.values[op.inputs[0]]
+        assert op.weight is not None and op.weight_fmt is not None  # transformer_problems
+        k = self.iops.layernorm(self.k64[op.inputs[0]], v.shape[-1], int(op.attrs["eps"]), op.weight, op.bias,
+                                op.weight_fmt.frac_bits, op.out_fmt, bool(op.attrs.get("relu")), op.name,
+                                acc_bound=self.graph.accumulator_bound(op))
+        return self.to_stored(k, op.out_fmt, op.output)
+
+    def slice(self, op: Op) -> str:
+        """:func:`~fxquant.export.onnx_builder.slice_node` on the stored integers (transparent)."""
+        return slice_node(self.b, op, self.ints[op.inputs[0]])
+
+    def integer_matmul(self, op: Op, relu: bool) -> str:
+        """An activation ``matmul`` whose ``|acc|`` may exceed 2^24 (float32 would round it): int64
+        ``MatMul`` of the integers (exact; broadcasting as numpy), then the int64 requantization."""
+        a, b = (self.graph.values[i] for i in op.inputs)
+        acc = self.b.node("MatMul", [self.k64[op.inputs[0]], self.k64[op.inputs[1]]], f"{op.name}_acc")
+        k = self.iops.requantize(acc, op.out_fmt.frac_bits - a.fmt.frac_bits - b.fmt.frac_bits, op.out_fmt,
+                                 f"{op.name}_k", relu=relu, bound=self.graph.accumulator_bound(op))
+        return self.to_stored(k, op.out_fmt, op.output)
+
+    def linear_nd(self, op: Op) -> str:
+        """A ``linear`` on an input of rank > 2 (with the batch): the 2-D op on
+        :func:`~fxquant.export.onnx_builder.linear_rows` of the stored integers, reshaped back."""
+        x = op.inputs[0]
+        stored = self.ints[x]
+        self.ints[x] = linear_rows(self.b, op, stored, self.graph.values[x].shape)
+        try:
+            y = self.emit(op, rows=True)
+        finally:
+            self.ints[x] = stored
+        return linear_unrows(self.b, op, y, self.graph.values[op.output].shape)
+
+    def emit(self, op: Op, *, rows: bool = False) -> str:
         relu = bool(op.attrs.get("relu"))
         in_shape = self.graph.values[op.inputs[0]].shape
+        if op.kind == "linear" and len(in_shape) > 1 and not rows:
+            return self.linear_nd(op)
+        if op.kind == "embedding":
+            self.integer_ops.append(op.name)
+            return self.embedding(op)
+        if op.kind == "softmax":
+            self.integer_ops.append(op.name)
+            return self.softmax(op)
+        if op.kind == "layernorm":
+            self.integer_ops.append(op.name)
+            return self.layernorm(op)
+        if op.kind == "slice":
+            return self.slice(op)
+        if op.kind == "matmul" and self.graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND:
+            self.integer_ops.append(op.name)
+            return self.integer_matmul(op, relu)
         if self.integer_accumulation(op):
             self.integer_ops.append(op.name)
             return self.integer_conv_transpose(op, relu) if op.kind == "conv_transpose2d" else self.integer_op(op, relu)
@@ -408,16 +533,18 @@ class _QdqBuilder:
         g = self.graph
         for name in [v.name for v in g.inputs] + g.outputs:
             self.b.reserve(name)
+        ints = integer_inputs(g)
         for v in g.inputs:
-            self.ints[v.name] = self.quantize(v.name, v.fmt, False, f"{v.name}_q")
+            if v.name in ints:  # int64 ids / masks: the integers themselves
+                self.k64[v.name] = v.name
+            else:
+                self.ints[v.name] = self.quantize(v.name, v.fmt, False, f"{v.name}_q")
         for op in g.ops:
             self.ints[op.output] = self.emit(op)
         for name in g.outputs:
             self.dq(name, output=name)
         risks = [name for name in float32_risks(g) if name not in self.integer_ops]
-        return self.b.model(g, [float_io(v.name, v.shape) for v in g.inputs],
-                            [float_io(n, g.values[n].shape) for n in g.outputs], {"": self.opset}, "qdq",
-                            float32_risk_ops=risks)
+        return self.b.model(g, *graph_io(g), {"": self.opset}, "qdq", float32_risk_ops=risks)
 
 
 def to_qdq(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET, ort_x86: bool = True,
@@ -446,15 +573,33 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
     float ``Clip`` to its real bounds, an average pool the window sums over the true divisors); its
     outputs approximate, not reproduce, the integer reference. A ``lut`` has no float formula in
     ONNX: it reads its table at the input rounded onto the input grid (the float network's table).
+    The transformer kinds: token ids and masks are int64 inputs as in the QDQ model; ``embedding`` a
+    ``Gather`` of the float table, ``slice`` Slice / Gather, ``softmax`` the float ``Softmax`` of the
+    scores with masked (and, ``causal``, future) entries at ``-inf`` and an all-masked row 0 (as the
+    integer op), ``layernorm`` ``LayerNormalization`` (opset >= 17) with the float gamma and beta and
+    the ``eps`` the integer ``eps_D`` stands for.
     """
     check_exportable(graph)
-    b, floats = GraphBuilder(), {}
+    b = GraphBuilder()
+    ints = integer_inputs(graph)
+
+    def float_of_integer_input(name: str) -> str:
+        if name not in ints:
+            raise ExportError(f"value {name!r} is used before it is computed", "report this as an exporter bug")
+        return b.node("Cast", [name], f"{name}_f32", to=TensorProto.FLOAT)
+
+    floats: dict[str, str] = LazyTensors(float_of_integer_input)
     for name in [v.name for v in graph.inputs] + graph.outputs:
         b.reserve(name)
-    floats.update({v.name: v.name for v in graph.inputs})
+    floats.update({v.name: v.name for v in graph.inputs if v.name not in ints})
     for op in graph.ops:
-        xs = [floats[i] for i in op.inputs]
         v = graph.values[op.inputs[0]]
+        if op.kind in ("embedding", "softmax", "layernorm"):
+            floats[op.output] = _fp32_transformer_op(b, graph, op, floats, ints, opset)
+            continue
+        xs = [floats[i] for i in op.inputs]
+        if op.kind == "linear" and len(v.shape) > 1:
+            xs = [linear_rows(b, op, xs[0], v.shape)]
         if op.kind == "requantize":
             f = xs[0]
         elif op.kind == "mul_pow2":
@@ -486,6 +631,8 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
             bias = None if op.bias is None else b.const(f"{op.name}.bias",
                                                         dequantize(op.bias, fl_acc).astype(np.float32))
             f = float_op(b, op, xs, w, bias)
+            if op.kind == "linear" and len(v.shape) > 1:
+                f = linear_unrows(b, op, f, graph.values[op.output].shape)
         else:
             if pad_node_needed(op, v.shape):
                 xs = [pad_node(b, op, xs[0], v.shape, np.float32(-np.inf))]
@@ -493,8 +640,57 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
         floats[op.output] = b.node("Relu", [f], f"{op.output}_relu") if op.attrs.get("relu") else f
     for name in graph.outputs:
         b.node("Identity", [floats[name]], f"{name}_out", output=name)
-    return b.model(graph, [float_io(v.name, v.shape) for v in graph.inputs],
-                   [float_io(n, graph.values[n].shape) for n in graph.outputs], {"": check_opset(opset)}, "fp32")
+    return b.model(graph, *graph_io(graph), {"": check_opset(opset)}, "fp32")
+
+
+LAYER_NORMALIZATION_OPSET = 17
+
+
+def _fp32_transformer_op(b: GraphBuilder, graph: IntegerGraph, op: Op, floats: dict[str, str], ints: set[str],
+                         opset: int) -> str:
+    """The float baseline of an ``embedding``, ``softmax`` or ``layernorm`` (:func:`to_fp32`)."""
+    v = graph.values[op.inputs[0]]
+    if op.kind == "embedding":
+        assert op.weight is not None and op.weight_fmt is not None  # transformer_problems
+        ids = op.inputs[0] if op.inputs[0] in ints else b.node("Cast", [floats[op.inputs[0]]], f"{op.name}_ids_i64",
+                                                                 to=TensorProto.INT64)
+        table = b.const(f"{op.name}.weight", dequantize(op.weight, op.weight_fmt.frac_bits).astype(np.float32))
+        return b.node("Gather", [table, guarded_ids(b, op, ids)], op.name, axis=0)
+    if op.kind == "softmax":
+        keep = None
+        if len(op.inputs) > 1:
+            mask = op.inputs[1] if op.inputs[1] in ints else floats[op.inputs[1]]
+            zero = b.const("zero_i64" if op.inputs[1] in ints else "zero_f32",
+                           np.array(0, np.int64 if op.inputs[1] in ints else np.float32))
+            keep = b.node("Not", [b.node("Equal", [mask, zero], f"{op.name}_masked")], f"{op.name}_keep")
+        if op.attrs.get("causal"):
+            tril = b.const(f"{op.name}.causal", np.tril(np.ones(v.shape[-2:], dtype=bool)))
+            keep = tril if keep is None else b.node("And", [keep, tril], f"{op.name}_keep_causal")
+        x = floats[op.inputs[0]]
+        if keep is None:
+            return b.node("Softmax", [x], op.name, axis=-1)
+        x = b.node("Where", [keep, x, b.const("minus_inf", np.float32(-np.inf))], f"{op.name}_masked_scores")
+        p = b.node("Softmax", [x], f"{op.name}_softmax", axis=-1)  # NaN on an all-masked row
+        p = b.node("Where", [keep, p, b.const("zero_f32", np.float32(0.0))], f"{op.name}_kept")
+        return b.node("Where", [b.node("IsNaN", [p], f"{op.name}_empty_row"), b.const("zero_f32", np.float32(0.0)), p],
+                      op.name)
+    assert op.weight is not None and op.weight_fmt is not None  # transformer_problems
+    if opset < LAYER_NORMALIZATION_OPSET:
+        raise UnsupportedOpError(f"op {op.name!r} (layernorm): the FP32 baseline needs LayerNormalization, which "
+                                 f"opset {opset} lacks", f"use opset >= {LAYER_NORMALIZATION_OPSET}")
+    from fractions import Fraction
+
+    from fxquant.fixed_point import LAYERNORM_FRAC_BITS
+
+    n = v.shape[-1]
+    eps = float(Fraction(int(op.attrs["eps"])) / (n ** 3 * Fraction(2) ** (2 * v.fmt.frac_bits)))
+    gamma = b.const(f"{op.name}.weight", dequantize(op.weight, op.weight_fmt.frac_bits).astype(np.float32))
+    ins = [floats[op.inputs[0]], gamma]
+    if op.bias is not None:
+        ins.append(b.const(f"{op.name}.bias", dequantize(op.bias, op.weight_fmt.frac_bits + LAYERNORM_FRAC_BITS)
+                           .astype(np.float32)))
+    y = b.node("LayerNormalization", ins, f"{op.name}_ln" if op.attrs.get("relu") else op.name, axis=-1, epsilon=eps)
+    return b.node("Relu", [y], op.name) if op.attrs.get("relu") else y
 
 
 def check_artifact(model: onnx.ModelProto, what: str) -> None:

@@ -22,7 +22,16 @@ The ops beyond a float layer and a ``Quant`` (each exact, see its builder method
 * ``mul``: float ``Mul``, ``Quant`` (exact while ``|a b| <= 2^24``; ``check`` refuses larger);
 * ``avgpool2d`` with any window, padding or ceil mode: float32 window sums, the reciprocal
   multiply and ``Round`` in float64, then ``Quant``;
-* ``conv_transpose2d``: ``ConvTranspose`` like ``Conv`` (exact while ``|acc| <= 2^24``).
+* ``conv_transpose2d``: ``ConvTranspose`` like ``Conv`` (exact while ``|acc| <= 2^24``);
+* ``linear`` on an input of rank > 2 (a transformer's projections): ``Reshape`` to rows, ``Gemm``,
+  ``Reshape`` back;
+* ``embedding``: token ids are an int64 graph input; ``Gather`` of the table (float32 ``w 2^-FL_w``
+  behind its weight ``Quant``) on the ids (a negative id mapped to ``V``, so that Gather refuses
+  it), then ``Quant(out_fmt)``;
+* ``slice``: ``Slice`` / ``Gather`` on the floats (the grid is kept, no ``Quant``);
+* ``softmax`` and ``layernorm`` are refused (:data:`fxquant.export.limits.QONNX_NO_EXACT_FORM`):
+  QONNX's vocabulary is float ONNX plus ``Quant``, and no float formula reproduces the integer
+  exponential table or square root bit for bit; the QDQ export writes them exactly in int64.
 
 onnxruntime has no ``Quant`` kernel; :func:`lower_quant` rewrites each ``Quant`` into standard
 ``Div → Round → Clip → Mul`` (ONNX ``Round`` is half-to-even too) so that the same graph can be
@@ -38,7 +47,8 @@ from onnx import helper, numpy_helper
 from fxquant.errors import ExportError, UnsupportedOpError
 from fxquant.export.limits import (QONNX_MAX_IR_VERSION, WEIGHTED_KINDS, check_opset, clamp_bounds,  # noqa: F401
                                    float32_risks, qonnx_problems, raise_problems, uses_reciprocal)
-from fxquant.export.onnx_builder import (GraphBuilder, float_io, float_op, pad_node, pad_node_needed, pow2,
+from fxquant.export.onnx_builder import (GraphBuilder, LazyTensors, float_op, graph_io, guarded_ids, integer_inputs,
+                                         linear_rows, linear_unrows, pad_node, pad_node_needed, pow2,
                                          reciprocal_factors, scale_of, window_sums)
 from fxquant.fixed_point import FixedPoint, dequantize
 from fxquant.integer_graph import IntegerGraph, Op
@@ -61,7 +71,47 @@ def _float_const(b: GraphBuilder, base: str, k: np.ndarray, frac_bits: int, what
 class _QonnxBuilder:
     def __init__(self, graph: IntegerGraph) -> None:
         self.graph, self.b = graph, GraphBuilder()
-        self.vals: dict[str, str] = {}
+        self.vals: dict[str, str] = LazyTensors(self._float_of_integer_input)
+        self.int_inputs: set[str] = integer_inputs(graph)
+
+    def _float_of_integer_input(self, value: str) -> str:
+        """An int64 graph input (ids, mask) read by a float op: ``Cast`` to float32, then its ``Quant``
+        (saturation to the format, as ``IntegerGraph.quantize_inputs``)."""
+        if value not in self.int_inputs:
+            raise ExportError(f"value {value!r} is used before it is computed", "report this as an exporter bug")
+        f = self.b.node("Cast", [value], f"{value}_f32", to=onnx.TensorProto.FLOAT)
+        return self.quant(f, self.graph.values[value].fmt, f"{value}_quant")
+
+    def ids(self, value: str) -> str:
+        """int64 token ids of a ``<BW,0>`` value: the int64 graph input, or a ``Cast`` of the float
+        (integers on the grid of FL 0, exact)."""
+        if value in self.int_inputs:
+            return value
+        return self.b.node("Cast", [self.vals[value]], f"{value}_ids", to=onnx.TensorProto.INT64)
+
+    def embedding(self, op: Op) -> str:
+        """``Gather`` of the table (float32 ``w 2^-FL_w`` with its weight ``Quant``) on the guarded
+        int64 ids, then ``Quant(out_fmt)``: the requantization of the gathered rows (identity when
+        ``out_fmt == weight_fmt``)."""
+        w, wf = op.weight, op.weight_fmt
+        assert w is not None and wf is not None and wf.frac_bits is not None  # transformer_problems
+        table = self.quant(_float_const(self.b, f"{op.name}.weight", w, wf.frac_bits, f"op {op.name!r} table"), wf,
+                           f"{op.name}.weight_quant")
+        rows = self.b.node("Gather", [table, guarded_ids(self.b, op, self.ids(op.inputs[0]))], f"{op.name}_gather",
+                           axis=0)
+        return self.quant(rows, op.out_fmt, op.output)
+
+    def linear_nd(self, op: Op) -> str:
+        """A ``linear`` on an input of rank > 2 (with the batch): Gemm on
+        :func:`~fxquant.export.onnx_builder.linear_rows`, reshaped back."""
+        x = op.inputs[0]
+        saved = self.vals[x]
+        self.vals[x] = linear_rows(self.b, op, saved, self.graph.values[x].shape)
+        try:
+            y = self.emit(op, rows=True)
+        finally:
+            self.vals[x] = saved
+        return linear_unrows(self.b, op, y, self.graph.values[op.output].shape)
 
     def quant(self, x: str, fmt: FixedPoint, base: str) -> str:
         assert fmt.frac_bits is not None  # check_exportable
@@ -100,10 +150,14 @@ class _QonnxBuilder:
         y = self.b.node("Mul", [r, self.b.const("scale", scale_of(op.out_fmt.frac_bits, op.name))], f"{op.name}_avg")
         return self.quant(self.relu(y, relu, op.output), op.out_fmt, op.output)
 
-    def emit(self, op: Op) -> str:
+    def emit(self, op: Op, *, rows: bool = False) -> str:
         relu = bool(op.attrs.get("relu"))
-        xs = [self.vals[i] for i in op.inputs]
         in_shape = self.graph.values[op.inputs[0]].shape
+        if op.kind == "embedding":
+            return self.embedding(op)
+        if op.kind == "linear" and len(in_shape) > 1 and not rows:
+            return self.linear_nd(op)
+        xs = [self.vals[i] for i in op.inputs]
         if uses_reciprocal(self.graph, op):
             return self.reciprocal_avgpool(op, xs[0], relu)
         if op.kind == "lut":
@@ -147,14 +201,13 @@ class _QonnxBuilder:
         for name in [v.name for v in g.inputs] + g.outputs:
             self.b.reserve(name)
         for v in g.inputs:
-            self.vals[v.name] = self.quant(v.name, v.fmt, f"{v.name}_quant")
+            if v.name not in self.int_inputs:  # int64 ids / masks: read as integers (or cast on use)
+                self.vals[v.name] = self.quant(v.name, v.fmt, f"{v.name}_quant")
         for op in g.ops:
             self.vals[op.output] = self.emit(op)
         for name in g.outputs:
             self.b.node("Identity", [self.vals[name]], f"{name}_out", output=name)
-        return self.b.model(g, [float_io(v.name, v.shape) for v in g.inputs],
-                            [float_io(n, g.values[n].shape) for n in g.outputs],
-                            {"": opset, QONNX_DOMAIN: 1}, "qonnx", min_ir_version=QONNX_IR_VERSION,
+        return self.b.model(g, *graph_io(g), {"": opset, QONNX_DOMAIN: 1}, "qonnx", min_ir_version=QONNX_IR_VERSION,
                             float32_risk_ops=float32_risks(g))
 
 

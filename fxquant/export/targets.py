@@ -7,8 +7,9 @@
   (``Div → Round → Clip → Mul``, the same numbers as QONNX's ``Quant``).
 
 Both write ``model.onnx`` into the build directory (``onnx.checker`` full check and strict shape
-inference first) and run it on input integers ``k`` fed as float32 ``k * 2^-FL`` (exact), reading
-the outputs back as ``k = out * 2^FL`` (:func:`fxquant.export.verify.output_integers`: a value off
+inference first) and run it on input integers ``k`` fed as float32 ``k * 2^-FL`` (exact; token
+ids and masks, int64 model inputs, as the int64 ``k`` itself:
+:func:`~fxquant.export.verify.input_feed`), reading the outputs back as ``k = out * 2^FL`` (:func:`fxquant.export.verify.output_integers`: a value off
 the grid stays a float and counts as a mismatch). ``check`` lists every reason a graph has no exact
 form at once (:func:`~fxquant.export.onnx_qdq.qdq_problems`,
 :func:`~fxquant.export.qonnx.qonnx_problems`, widths from :mod:`fxquant.legality`), so the
@@ -41,8 +42,12 @@ FP32_REPORT = "baseline.json"
 SUPPORTED_BITS = (2, 16)
 """Widths the exporters store: int4/int8/uint8 and int16 (``docs/onnx_export.md``)."""
 _HANDLED = ("conv2d", "linear", "matmul", "add", "cat", "avgpool2d", "requantize", "relu", "maxpool2d", "flatten",
-            "reshape", "mul_pow2", "clamp", "lut", "mul", "transpose", "upsample_nearest", "conv_transpose2d")
+            "reshape", "mul_pow2", "clamp", "lut", "mul", "transpose", "upsample_nearest", "conv_transpose2d",
+            "embedding", "slice")
 """The op kinds both exporters emit (each counts where the integer graph defines it)."""
+_QDQ_ONLY = ("softmax", "layernorm")
+"""Kinds only the QDQ exporter writes exactly (int64 subgraphs, :mod:`fxquant.export.onnx_integer`);
+QONNX refuses them with :data:`fxquant.export.limits.QONNX_NO_EXACT_FORM`."""
 
 
 def _ort_version() -> str:
@@ -76,6 +81,11 @@ class _OnnxTarget(Target):
     ran: ClassVar[str] = (f"onnxruntime {_ort_version()} CPUExecutionProvider, ORT_ENABLE_ALL, "
                           "1 intra-op thread")
 
+    def check(self, graph: IntegerGraph, **options: Any) -> list[Problem]:
+        """The contract's check, each problem once (the exporters' own rules repeat the shared
+        transformer bounds, so that :func:`~fxquant.export.onnx_qdq.to_qdq` called directly refuses too)."""
+        return list(dict.fromkeys(super().check(graph, **options)))
+
     def check_graph(self, graph: IntegerGraph, **options: Any) -> list[Problem]:
         from fxquant.legality import width_problems
 
@@ -95,21 +105,20 @@ class _OnnxTarget(Target):
         import onnx
 
         from fxquant.export.onnx_builder import META_VALUE_FORMATS
-        from fxquant.export.verify import input_floats, output_integers, session
+        from fxquant.export.verify import input_feed, output_integers, session
 
         path = Path(out_dir) / MODEL_FILE
         if not path.is_file():
             raise ExportError(f"{out_dir} has no {MODEL_FILE}", f"run `fxquant export --target {self.name}`")
         model = onnx.load(str(path))
-        graph_inputs = [i.name for i in model.graph.input]
         graph_outputs = [o.name for o in model.graph.output]
         props = {p.key: p.value for p in model.metadata_props}
         if META_VALUE_FORMATS not in props:
             raise ExportError(f"{path} has no {META_VALUE_FORMATS} metadata: not an fxquant export",
                               f"run `fxquant export --target {self.name}` again")
         values = json.loads(props[META_VALUE_FORMATS])
-        feed = {name: input_floats(k, values[name]["frac_bits"], f"input {name!r}")
-                for name, k in zip(graph_inputs, int_inputs, strict=True)}
+        feed = {i.name: input_feed(i, k, values[i.name]["frac_bits"])
+                for i, k in zip(model.graph.input, int_inputs, strict=True)}
         outs = session(self.runnable(model)).run(graph_outputs, feed)
         return [output_integers(out, values[name]["frac_bits"]) for name, out in zip(graph_outputs, outs)]
 
@@ -118,7 +127,9 @@ class OnnxQdqTarget(_OnnxTarget):
     """QDQ ONNX (QuantizeLinear/DequantizeLinear, integer storage) run by onnxruntime's fused kernels."""
 
     name = "onnx-qdq"
-    summary = "ONNX QDQ (integer storage, scales 2^-FL), onnxruntime CPU integer kernels"
+    summary = ("ONNX QDQ (integer storage, scales 2^-FL), onnxruntime CPU integer kernels; softmax and layernorm "
+               "as exact int64 subgraphs, token ids and masks as int64 inputs")
+    ops: ClassVar[frozenset[str]] = frozenset(k for k in _HANDLED + _QDQ_ONLY if k in OP_KINDS)
     option_defaults: ClassVar[dict[str, Any]] = {"opset": 21}
 
     def exporter_problems(self, graph: IntegerGraph, **options: Any) -> list[Problem]:
@@ -142,6 +153,16 @@ class QonnxTarget(_OnnxTarget):
     option_defaults: ClassVar[dict[str, Any]] = {"opset": 13}
     ran: ClassVar[str] = (f"onnxruntime {_ort_version()} CPUExecutionProvider, ORT_ENABLE_ALL, 1 intra-op thread, "
                           "on lower_quant(model.onnx) (Quant as Div/Round/Clip/Mul)")
+
+    def check(self, graph: IntegerGraph, **options: Any) -> list[Problem]:
+        """As every target's, except that a kind QONNX cannot express exactly (softmax, layernorm) is
+        named once, with its reason (:data:`~fxquant.export.limits.QONNX_NO_EXACT_FORM`), not also
+        as an undeclared kind."""
+        from fxquant.export.limits import QONNX_NO_EXACT_FORM
+
+        generic = {Problem(op.name, op.kind, f"op kind {op.kind!r} is not supported by target {self.name!r}")
+                   for op in graph.ops if op.kind in QONNX_NO_EXACT_FORM}
+        return [p for p in super().check(graph, **options) if p not in generic]
 
     def exporter_problems(self, graph: IntegerGraph, **options: Any) -> list[Problem]:
         from fxquant.export.limits import QONNX_MAX_IR_VERSION, check_opset, qonnx_problems

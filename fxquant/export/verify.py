@@ -7,7 +7,9 @@ recovered exactly (a power-of-two scaling, :func:`output_integers`) and must equ
 integers: **no tolerance** for ``qdq`` and ``qonnx``. The export path verifies through
 :func:`fxquant.backends.base.verify` (the one report schema); ``verify_onnx(model, graph, x,
 flavour)`` checks an in-memory model on float inputs ``x`` against
-``graph.run(*graph.quantize_inputs(x))`` (exporter tests, ``benchmarks/``).
+``graph.run(*graph.quantize_inputs(x))`` (exporter tests, ``benchmarks/``). Token ids and masks
+are int64 model inputs (:func:`fxquant.export.onnx_builder.integer_inputs`): they are fed the
+integers themselves (:func:`input_feed`), every other input the float32 ``k * 2^-FL``.
 
 Why exact equality holds (measured with onnxruntime 1.32 on AVX2, ``docs/onnx_export.md``):
 
@@ -69,6 +71,18 @@ def input_floats(k: np.ndarray, frac_bits: int, what: str) -> np.ndarray:
     return x
 
 
+def input_feed(value_info: onnx.ValueInfoProto, k: np.ndarray, frac_bits: int) -> np.ndarray:
+    """The feed of a model input from its integers ``k``: int64 ``k`` itself for an integer input
+    (token ids, masks: :func:`fxquant.export.onnx_builder.integer_inputs`), else :func:`input_floats`."""
+    if value_info.type.tensor_type.elem_type == onnx.TensorProto.INT64:
+        k = np.asarray(k)
+        if k.size and not np.array_equal(k, np.rint(k)):
+            raise ExportError(f"input {value_info.name!r} is an integer input and got non-integers",
+                              "feed token ids and masks as integers")
+        return k.astype(np.int64)
+    return input_floats(k, frac_bits, f"input {value_info.name!r}")
+
+
 def output_integers(out: np.ndarray, frac_bits: int) -> np.ndarray:
     """``k = out * 2^FL`` of a float output (exact: a power-of-two scaling), int64 when every
     ``k`` is an integer. Otherwise the float array is returned unchanged: a value off the grid
@@ -100,8 +114,10 @@ def verify_onnx(model: onnx.ModelProto, graph: IntegerGraph, x: np.ndarray, flav
         from fxquant.export.qonnx import lower_quant
 
         runnable = lower_quant(model)
-    outs = session(runnable).run(graph.outputs, {inp.name: x})
-    ref = graph.run(*graph.quantize_inputs(x))
+    ints = graph.quantize_inputs(x)
+    feed = x if model.graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.INT64 else ints[0]
+    outs = session(runnable).run(graph.outputs, {inp.name: feed})
+    ref = graph.run(*ints)
     risks = json.loads(next((p.value for p in model.metadata_props if p.key == META_FLOAT32_RISKS), "[]"))
     report: dict[str, Any] = {"flavour": flavour, "n": int(x.shape[0]), "max_abs_int_diff": 0.0, "mismatches": 0,
                               "top1_agreement": None, "model_bytes": model.ByteSize(),
