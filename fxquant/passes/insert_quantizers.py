@@ -42,20 +42,25 @@ Idempotent: a graph that already has quantizers is returned unchanged (``modifie
 
 from __future__ import annotations
 
+import copy
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxquant.errors import UnsupportedOpError
 from fxquant.fixed_point import OFF_BITS, FixedPoint
-from fxquant.ops.fake_quant import DEFAULT_LUT_INPUT_BITS, ElementwiseTable, FixedPointAvgPool2d
+from fxquant.ops.fake_quant import (DEFAULT_LUT_INPUT_BITS, ElementwiseTable, FixedPointAvgPool2d, FixedPointLayerNorm,
+                                   FixedPointSoftmax)
 from fxquant.passes.op_kinds import (GRID_KEEPING_KINDS, LAYER_META, QUANTIZED_KINDS, TRANSPARENT_KINDS,
-                                     WEIGHTED_KINDS, argument, call_arguments, elementwise_function, layer_name,
-                                     node_kind, short_name, spatial_mean, tensor_inputs)
+                                     WEIGHTED_KINDS, argument, call_arguments, constant_factor, elementwise_function,
+                                     layer_name, masked_scores, node_kind, power_of_two_exponent, short_name,
+                                     spatial_mean, tensor_inputs)
 from fxquant.quantizers import ACT, WEIGHT, BiasQuantizer, FixedPointQuantizer
 
 QUANT_ROOT = "fxq"
@@ -94,10 +99,20 @@ class InsertQuantizers(PassBase):
         for node in list(graph.nodes):
             if node_kind(gm, node) in WEIGHTED_KINDS:
                 _canonicalize_weighted(gm, node)
+        fold_constant_scales(gm)
+        masks: dict[fx.Node, tuple[fx.Node, list[tuple[str, fx.Node]], list[fx.Node]]] = {}
+        for node in graph.nodes:
+            if node_kind(gm, node) == "softmax" and not _is_fxq_module(gm, node):
+                a = call_arguments(gm, node) or {}
+                if isinstance(a.get("input"), fx.Node):
+                    masks[node] = masked_scores(gm, a["input"])
+        mask_nodes = {n for _, _, peeled in masks.values() for n in peeled}
         names: dict[fx.Node, str] = {}
         layers: set[str] = set()
         for node in graph.nodes:
             kind = node_kind(gm, node)
+            if node in mask_nodes:
+                continue
             if kind in QUANTIZED_KINDS or is_standalone_batchnorm(gm, node):
                 if kind == "lut":
                     fn = elementwise_function(gm, node)
@@ -111,9 +126,16 @@ class InsertQuantizers(PassBase):
         for node in list(graph.nodes):  # tables first: their outputs carry their own quantizer
             if node in names and node_kind(gm, node) == "lut":
                 self._lut(gm, node, names, used, act_q)
+            elif node in names and node_kind(gm, node) == "softmax" and node in masks:
+                self._softmax(gm, node, masks[node], names, used, act_q)
+            elif node in names and node_kind(gm, node) == "layernorm" and not _is_fxq_module(gm, node):
+                self._layernorm(gm, node, names, used, act_q)
         for node in list(graph.nodes):
             kind = names.get(node) and node_kind(gm, node)
-            if kind and kind != "lut":
+            if kind == "embedding":  # token ids are integer inputs: no float quantizer
+                self._embedding(gm, node, names[node])
+                continue
+            if kind and kind not in ("lut", "softmax", "layernorm"):
                 for value in tensor_inputs(node, gm):
                     if kind == "matmul" and value.op == "get_attr":  # x @ W with a parameter W
                         target = self._add_quantizer(gm, names[node], WEIGHT, self.weight_fmt, kind)
@@ -135,9 +157,116 @@ class InsertQuantizers(PassBase):
                 self._avgpool(gm, node, names[node])
             elif kind == "batchnorm":  # standalone BN: deployed as a depthwise 1x1 conv (FoldBatchNorm)
                 self._add_quantizer(gm, names[node], WEIGHT, self.weight_fmt, "batchnorm")
+        _erase_dead(graph, mask_nodes)
         graph.lint()
         gm.recompile()
         return PassResult(gm, True)
+
+    def _formats(self, gm: fx.GraphModule, *targets: str) -> list[fx.Node]:
+        """``get_attr`` nodes of the ``bits`` and ``frac_bits`` buffers of each quantizer target."""
+        return [gm.graph.get_attr(f"{t}.{buf}") for t in targets for buf in ("bits", "frac_bits")]
+
+    def _softmax(self, gm: fx.GraphModule, node: fx.Node, peeled: tuple[fx.Node, list[tuple[str, fx.Node]], list[fx.Node]],
+                 names: dict[fx.Node, str], used: set[str], act_q: dict[fx.Node, fx.Node]) -> None:
+        """``softmax(mask(scores))`` → ``q_out(FixedPointSoftmax(q_in(scores), formats, *keep_terms))``:
+        the mask ops become boolean keep terms (module docstring of :mod:`fxquant.ops.fake_quant`)."""
+        graph = gm.graph
+        layer = names[node]
+        if node.op == "call_module":
+            dim = gm.get_submodule(str(node.target)).dim
+        else:
+            dim = argument(node, 1, "dim")
+        if not isinstance(dim, int):
+            return  # no dim (legacy implicit dim) or a computed one: stays torch's softmax, the lowering names it
+        scores, terms, _ = peeled
+        q_in = self._act_quantizer(gm, scores, names, used, act_q)
+        in_q = grid_quantizer(gm, q_in)
+        key = module_key(layer, "softmax")
+        gm.get_submodule(QUANT_ROOT)[key] = FixedPointSoftmax(layer, dim)
+        out_target = self._add_quantizer(gm, _unique(layer, used), ACT, self.act_fmt, "softmax")
+        with graph.inserting_before(node):
+            keep = [graph.call_function(torch.logical_not, (t,)) if how == "not" else t for how, t in terms]
+            formats = self._formats(gm, str(in_q.target), out_target)
+            new = graph.call_module(f"{QUANT_ROOT}.{key}", (q_in, *formats, *keep))
+            q_out = graph.call_module(out_target, (new,))
+        self._replace(node, new, q_out, layer, names, act_q)
+
+    def _layernorm(self, gm: fx.GraphModule, node: fx.Node, names: dict[fx.Node, str], used: set[str],
+                   act_q: dict[fx.Node, fx.Node]) -> None:
+        """``layer_norm(x)`` → ``q_out(FixedPointLayerNorm(q_in(x), formats, q_w(gamma), beta))``."""
+        graph = gm.graph
+        layer = names[node]
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            shape, eps = module.normalized_shape, module.eps
+            with graph.inserting_before(node):
+                weight = graph.get_attr(f"{node.target}.weight") if module.weight is not None else None
+                bias = graph.get_attr(f"{node.target}.bias") if getattr(module, "bias", None) is not None else None
+            x = node.args[0]
+        else:
+            a = call_arguments(gm, node)
+            if a is None:
+                return
+            x, shape, weight, bias = a["input"], a.get("normalized_shape"), a.get("weight"), a.get("bias")
+            eps = a.get("eps", 1e-5)
+            if any(v is not None and not (isinstance(v, fx.Node) and v.op == "get_attr") for v in (weight, bias)) \
+                    or not isinstance(eps, float) or _nodes_of(shape):
+                return  # computed gamma/beta or shape: stays torch's layer_norm, the lowering names it
+        q_in = self._act_quantizer(gm, x, names, used, act_q)
+        in_q = grid_quantizer(gm, q_in)
+        key = module_key(layer, "layernorm")
+        gm.get_submodule(QUANT_ROOT)[key] = FixedPointLayerNorm(layer, list(shape), eps)
+        w_target = self._add_quantizer(gm, layer, WEIGHT, self.weight_fmt, "layernorm") if weight is not None \
+            else str(in_q.target)  # no gamma: the w formats are unused
+        out_target = self._add_quantizer(gm, _unique(layer, used), ACT, self.act_fmt, "layernorm")
+        with graph.inserting_before(node):
+            wq = graph.call_module(w_target, (weight,)) if weight is not None else None
+            formats = self._formats(gm, str(in_q.target), w_target, out_target)
+            new = graph.call_module(f"{QUANT_ROOT}.{key}", (q_in, *formats, wq, bias))
+            q_out = graph.call_module(out_target, (new,))
+        self._replace(node, new, q_out, layer, names, act_q)
+
+    def _replace(self, node: fx.Node, new: fx.Node, q_out: fx.Node, layer: str, names: dict[fx.Node, str],
+                 act_q: dict[fx.Node, fx.Node]) -> None:
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        new.meta[LAYER_META] = layer
+        names[new] = layer
+        node.replace_all_uses_with(q_out)
+        node.graph.erase_node(node)
+        act_q[new] = q_out
+
+    def _embedding(self, gm: fx.GraphModule, node: fx.Node, layer: str) -> None:
+        """``nn.Embedding(ids)`` / ``F.embedding(ids, W)`` → ``F.embedding(ids, q_w(W))``: the table is a
+        weight (layer kind ``embedding``), the ids stay integer (no quantizer)."""
+        graph = gm.graph
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            if module.max_norm is not None:
+                raise UnsupportedOpError(f"embedding {node.target!r}: max_norm renormalizes the table in forward",
+                                         "use max_norm=None")
+            with graph.inserting_before(node):
+                weight = graph.get_attr(f"{node.target}.weight")
+            ids, padding_idx = node.args[0], module.padding_idx
+        else:
+            a = call_arguments(gm, node) or {}
+            ids, weight, padding_idx = a.get("input"), a.get("weight"), a.get("padding_idx")
+            if node.target is _aten.embedding.default:
+                ids, weight = argument(node, 1, "indices"), argument(node, 0, "weight")
+                padding_idx = argument(node, 2, "padding_idx", -1)
+                padding_idx = None if padding_idx == -1 else padding_idx
+            if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or a.get("max_norm") is not None:
+                return  # a computed table: a float op, the lowering names it
+        target = self._add_quantizer(gm, layer, WEIGHT, self.weight_fmt, "embedding")
+        with graph.inserting_before(node):
+            wq = graph.call_module(target, (weight,))
+            new = graph.call_function(F.embedding, (ids, wq), {"padding_idx": padding_idx} if padding_idx is not None else {})
+        new.meta.update(node.meta)
+        new.meta[LAYER_META] = layer
+        if node.op == "call_module":
+            new.meta["nn_module_stack"] = {**node.meta.get("nn_module_stack", {}),
+                                           str(node.target): (str(node.target), type(module))}
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
 
     def _lut(self, gm: fx.GraphModule, node: fx.Node, names: dict[fx.Node, str], used: set[str],
              act_q: dict[fx.Node, fx.Node]) -> None:
@@ -211,6 +340,15 @@ class InsertQuantizers(PassBase):
             return act_q[value]
         if grid_quantizer(gm, value) is not None:
             return value  # a quantizer's output, through ops that keep its grid
+        base = value
+        while base.op in ("call_function", "call_method") and node_kind(gm, base) in ("slice", "split"):
+            base = tensor_inputs(base, gm)[0]
+        if base is not value:  # x[:, 0], split pieces: one quantizer on x, shared by every piece
+            q = self._act_quantizer(gm, base, names, used, act_q)
+            for user in list(base.users):
+                if user is not q and node_kind(gm, user) in ("slice", "split"):
+                    user.replace_input_with(base, q)
+            return value
         source, kind = _source_layer(gm, value, names)
         layer = _unique(source, used)
         target = self._add_quantizer(gm, layer, ACT, self.act_fmt, kind)
@@ -227,6 +365,80 @@ class InsertQuantizers(PassBase):
         node.update_arg(1, wq)
         if len(node.args) > 2 and isinstance(node.args[2], fx.Node):
             attach_bias_quantizer(gm, node, layer)
+
+
+def _is_fxq_module(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and getattr(type(gm.get_submodule(str(node.target))), "fxq_kind", None) is not None
+
+
+def _erase_dead(graph: fx.Graph, nodes: set[fx.Node]) -> None:
+    """Erase the peeled mask ops that nothing reads any more (consumers first)."""
+    for node in reversed(list(graph.nodes)):
+        if node in nodes and not node.users:
+            graph.erase_node(node)
+
+
+def fold_constant_scales(gm: fx.GraphModule) -> bool:
+    """``y * c`` / ``y / c`` with a constant ``c`` that is not a power of two (attention's
+    ``1/sqrt(d)``), where ``y`` comes from a linear layer through reshapes, transposes and matmuls
+    of two activations (each read once): ``c`` is folded into that linear's weight and bias
+    (``(x W^T + b) c = x (c W)^T + c b``, exact in reals; the fake-quant model and the integer graph
+    then both compute with the folded weights, so nothing is rounded twice). The folded layer is a
+    copy held by ``gm`` (the user's module is not changed). A power of two stays ``mul_pow2``; a
+    scale that cannot be folded stays a float multiply (the lowering names it). Returns whether
+    anything was folded."""
+    modified = False
+    for node in list(gm.graph.nodes):
+        factor = constant_factor(gm, node)
+        if factor is None or power_of_two_exponent(factor[1]) is not None or not math.isfinite(factor[1]):
+            continue
+        x, c = factor
+        linear = _scalable_linear(gm, x)
+        if linear is None:
+            continue
+        for p in linear.args[1:3]:
+            if isinstance(p, fx.Node):
+                _scale_parameter(gm, str(p.target), c)
+        node.replace_all_uses_with(x)
+        gm.graph.erase_node(node)
+        modified = True
+    return modified
+
+
+def _scalable_linear(gm: fx.GraphModule, x: fx.Node) -> fx.Node | None:
+    while isinstance(x, fx.Node) and len(x.users) == 1:
+        kind = node_kind(gm, x)
+        if kind == "linear" and x.target is _aten.linear.default:
+            params = [p for p in x.args[1:3] if isinstance(p, fx.Node)]
+            return x if all(p.op == "get_attr" for p in params) else None
+        if kind in ("reshape", "transpose", "identity"):
+            inputs = tensor_inputs(x, gm)
+            x = inputs[0] if inputs else None
+        elif kind == "matmul":
+            a = call_arguments(gm, x) or {}
+            operands = [a.get("input"), a.get("other")]
+            if not all(isinstance(v, fx.Node) and v.op != "get_attr" for v in operands):
+                return None
+            x = operands[0]
+        else:
+            return None
+    return None
+
+
+def _scale_parameter(gm: fx.GraphModule, target: str, c: float) -> None:
+    """Replace parameter ``target`` by ``c`` times it, in a copy of its owner module held by ``gm``."""
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    old = getattr(owner, name)
+    if owner is not gm:
+        copy_ = copy.copy(owner)
+        copy_._parameters = dict(owner._parameters)
+        copy_._buffers = dict(owner._buffers)
+        parent_path, _, leaf = owner_path.rpartition(".")
+        setattr(gm.get_submodule(parent_path) if parent_path else gm, leaf, copy_)
+        owner = copy_
+    with torch.no_grad():
+        owner._parameters[name] = nn.Parameter(old.detach() * c, requires_grad=old.requires_grad)
 
 
 def grid_quantizer(gm: fx.GraphModule, value: fx.Node) -> fx.Node | None:
