@@ -59,7 +59,7 @@ from fxquant.ops.fake_quant import (DEFAULT_LUT_INPUT_BITS, ElementwiseTable, Fi
                                    FixedPointSoftmax)
 from fxquant.passes.op_kinds import (GRID_KEEPING_KINDS, LAYER_META, QUANTIZED_KINDS, TRANSPARENT_KINDS,
                                      WEIGHTED_KINDS, argument, call_arguments, constant_factor, elementwise_function,
-                                     layer_name, masked_scores, node_kind, power_of_two_exponent, short_name,
+                                     is_shape_value, layer_name, masked_scores, node_kind, power_of_two_exponent, short_name,
                                      spatial_mean, tensor_inputs)
 from fxquant.quantizers import ACT, WEIGHT, BiasQuantizer, FixedPointQuantizer
 
@@ -406,7 +406,7 @@ def fold_constant_scales(gm: fx.GraphModule) -> bool:
 
 
 def _scalable_linear(gm: fx.GraphModule, x: fx.Node) -> fx.Node | None:
-    while isinstance(x, fx.Node) and len(x.users) == 1:
+    while isinstance(x, fx.Node) and len([u for u in x.users if not is_shape_value(u)]) == 1:
         kind = node_kind(gm, x)
         if kind == "linear" and x.target is _aten.linear.default:
             params = [p for p in x.args[1:3] if isinstance(p, fx.Node)]

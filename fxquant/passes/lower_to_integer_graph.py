@@ -116,6 +116,22 @@ class _NotConstant(Exception):
     """An expression that reads a model input (not evaluable at lowering time)."""
 
 
+_NE = frozenset({operator.ne, torch.ne, _aten.ne.Scalar})
+
+
+def _is_nonzero_test(node: fx.Node) -> bool:
+    """``x != 0`` (keeps exactly the nonzero entries of ``x``: ``pad id 0 -> masked``)."""
+    return (node.op == "call_function" and node.target in _NE or node.op == "call_method" and node.target == "ne") \
+        and len(node.args) == 2 and node.args[1] == 0 and not isinstance(node.args[1], bool)
+
+
+def _first_tensor(node: fx.Node, a: dict[str, Any]) -> fx.Node:
+    """The tensor a split / select / narrow / aten.slice reads (its first argument)."""
+    if node.args and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return next(a[k] for k in ("input", "self", "tensor") if isinstance(a.get(k), fx.Node))
+
+
 def _none_index(index: Any) -> bool:
     """``[:, None, None, :]``-style indices: full slices, ``None`` and ``...`` only (adding axes)."""
     entries = index if isinstance(index, tuple) else (index,)
@@ -817,7 +833,7 @@ class _Lowering:
         shape = self.full_shape(m)
         x = m
         while x.op != "placeholder":
-            ok = (x.op == "call_method" and x.target in _MASK_VIEWS or
+            ok = (x.op == "call_method" and x.target in _MASK_VIEWS or _is_nonzero_test(x) or
                   x.op == "call_function" and x.target in (torch.unsqueeze, torch.reshape) or
                   x.op == "call_function" and x.target is operator.getitem and _none_index(x.args[1]))
             if not ok or not isinstance(x.args[0], fx.Node):
@@ -848,7 +864,7 @@ class _Lowering:
     def lower_split(self, node: fx.Node, layer: str) -> None:
         """``split``/``chunk``: pieces are read by ``pieces[i]`` (:meth:`lower_slice`)."""
         a = call_arguments(self.gm, node) or {}
-        src_node = a.get("input", a.get("self"))
+        src_node = _first_tensor(node, a)
         rank = len(self.full_shape(src_node))
         dim = int(self.value(a.get("dim", 0))) % rank
         if dim == 0:
@@ -884,7 +900,7 @@ class _Lowering:
                         steps.append({"dim": axis, "start": start, "stop": stop, "step": step})
         else:
             a = call_arguments(self.gm, node) or {}
-            src_node = a.get("input", a.get("self"))
+            src_node = _first_tensor(node, a)
             src, full = self.ir(src_node), self.full_shape(src_node)
             dim = int(self.value(a.get("dim", 0))) % len(full)
             size = full[dim]
