@@ -92,19 +92,20 @@ def test_float_compute_is_stated_recorded_and_shown(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     # by hand: fc 16*3 = 48 MACs; attn in-projection 5*16*48 = 3840, Q K^T and A V 2 * 2*5*5*8 = 800,
-    # out-projection 5*16*16 = 1280 -> 5920; 48 / 5968 = 0.8 % quantized, 5920 / 5968 = 99.2 % float
-    assert lines[0] == "census: 1 quantized layer (0.8 % of MACs); left in float (no quantizer):"
-    assert lines[1].startswith("  float emb: nn.Embedding: 160 params")
-    assert lines[2].startswith("  float attn: nn.MultiheadAttention: 1.1 k params") and "(99.2 % of" in lines[2]
-    assert "mean bits W8.00/A8.00 over 1 quantized layer (0.8 % of MACs); float: emb: nn.Embedding (0.0 % of " \
-           "MACs), attn: nn.MultiheadAttention (99.2 % of MACs)" in lines[-1]
+    # out-projection 5*16*16 = 1280 -> 5920; 48 / 5968 = 0.8 % quantized, 5920 / 5968 = 99.2 % float;
+    # the embedding's table is quantized (a lookup: 0 MACs), so it is a quantized layer
+    assert lines[0] == "census: 2 quantized layers (0.8 % of MACs); left in float (no quantizer):"
+    assert lines[1].startswith("  float attn: nn.MultiheadAttention: 1.1 k params") and "(99.2 % of" in lines[1]
+    assert "mean bits W8.00/A8.00 over 2 quantized layers (0.8 % of MACs); float: " \
+           "attn: nn.MultiheadAttention (99.2 % of MACs)" in lines[-1]
     census = json.loads((out / "run.json").read_text())["census"]
     assert [(op["name"], op["params"], op["macs"]) for op in census["float"]] == [
-        ("emb: nn.Embedding", 160, 0), ("attn: nn.MultiheadAttention", 1088, 5920)]
+        ("attn: nn.MultiheadAttention", 1088, 5920)]
+    assert (census["quantized_layers"], census["quantized_params"], census["quantized_macs"]) == (2, 160 + 51, 48)
     shown = fxquant("show", str(out), "--no-plot")
     assert shown.returncode == 0, shown.stderr
-    assert lines[0] in shown.stdout.splitlines() and lines[2] in shown.stdout.splitlines()
-    assert "over 1 quantized layer (0.8 % of MACs); float: emb: nn.Embedding" in shown.stdout
+    assert lines[0] in shown.stdout.splitlines() and lines[1] in shown.stdout.splitlines()
+    assert "over 2 quantized layers (0.8 % of MACs); float: attn: nn.MultiheadAttention" in shown.stdout
 
 
 def test_existing_run_dir_needs_force(trained_run):

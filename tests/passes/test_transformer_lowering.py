@@ -411,3 +411,22 @@ def test_computed_positions_are_refused_by_name():
     gm.eval()
     with pytest.raises(UnsupportedOpError, match="pos: .*embedding.*(token ids computed in the model|constant)"):
         lower_to_integer_graph(gm, x[:1])
+
+
+def test_census_and_bitops_count_attention_layers():
+    from fxquant.bitops import layer_costs
+    from fxquant.census import take_census
+
+    gm = _train(_quantized(Encoder(heads=2)), "static", {"bits": 8}, steps=1)
+    ids, _ = _data(2)
+    census = take_census(gm, (ids,))
+    assert census.float_ops == []  # nothing left in float
+    quantized = {op.name: (op.params, op.macs) for op in census.quantized}
+    assert quantized["emb"] == (VOCAB * DIM, 0)
+    assert quantized["ln0"] == (2 * DIM, quantized["ln0"][1]) and quantized["attn.softmax"][0] == 0
+    # by hand, per sample: Q K^T 2 heads * 6 * 6 * 4 = 288 MACs, P V the same
+    assert quantized["attn.matmul"] == (0, 288) and quantized["attn.matmul:1"] == (0, 288)
+    costs = {c.layer: c for c in layer_costs(gm, ids)}
+    assert costs["attn.matmul"].macs == 288 and costs["attn.matmul:1"].macs == 288
+    assert costs["attn.matmul"].input_q.layer == "attn.q" and costs["attn.matmul"].weight_q.layer == "attn.k"
+    assert costs["attn.matmul:1"].input_q.kind == "softmax"
