@@ -340,14 +340,20 @@ class InsertQuantizers(PassBase):
             return act_q[value]
         if grid_quantizer(gm, value) is not None:
             return value  # a quantizer's output, through ops that keep its grid
-        base = value
-        while base.op in ("call_function", "call_method") and node_kind(gm, base) in ("slice", "split"):
-            base = tensor_inputs(base, gm)[0]
-        if base is not value:  # x[:, 0], split pieces: one quantizer on x, shared by every piece
+        node, base, cut = value, None, None
+        while node.op in ("call_function", "call_method", "call_module") and node_kind(gm, node) in GRID_KEEPING_KINDS:
+            inputs = tensor_inputs(node, gm)
+            if not inputs:
+                break
+            if node_kind(gm, node) in ("slice", "split"):
+                base, cut = inputs[0], node
+            node = inputs[0]
+        if base is not None:  # x[:, 0], split pieces (then views): one quantizer on x, shared by every piece
             q = self._act_quantizer(gm, base, names, used, act_q)
-            for user in list(base.users):
-                if user is not q and node_kind(gm, user) in ("slice", "split"):
-                    user.replace_input_with(base, q)
+            if q is not base:
+                for user in list(base.users):
+                    if user is not q and node_kind(gm, user) in ("slice", "split"):
+                        user.replace_input_with(base, q)
             return value
         source, kind = _source_layer(gm, value, names)
         layer = _unique(source, used)

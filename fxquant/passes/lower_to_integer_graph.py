@@ -117,6 +117,17 @@ class _NotConstant(Exception):
 
 
 _NE = frozenset({operator.ne, torch.ne, _aten.ne.Scalar})
+_MASK_FUNCTIONS = frozenset({torch.unsqueeze, torch.reshape, _aten.unsqueeze.default, _aten.view.default,
+                             _aten.reshape.default, _aten._to_copy.default, _aten.to.dtype, _aten.alias.default,
+                             _aten.clone.default, _aten._unsafe_view.default})
+
+
+def _is_full_slice(lowering: Any, node: fx.Node) -> bool:
+    """``aten.slice.Tensor(x, dim, 0, big)`` taking a whole axis (export's form of ``mask[:, None]``)."""
+    if not (node.op == "call_function" and node.target is _aten.slice.Tensor):
+        return False
+    a = call_arguments(lowering.gm, node) or {}
+    return lowering.full_shape(node) == lowering.full_shape(node.args[0]) and a.get("step", 1) == 1
 
 
 def _is_nonzero_test(node: fx.Node) -> bool:
@@ -834,7 +845,7 @@ class _Lowering:
         x = m
         while x.op != "placeholder":
             ok = (x.op == "call_method" and x.target in _MASK_VIEWS or _is_nonzero_test(x) or
-                  x.op == "call_function" and x.target in (torch.unsqueeze, torch.reshape) or
+                  x.op == "call_function" and x.target in _MASK_FUNCTIONS or _is_full_slice(self, x) or
                   x.op == "call_function" and x.target is operator.getitem and _none_index(x.args[1]))
             if not ok or not isinstance(x.args[0], fx.Node):
                 raise self.refuse(softmax, f"the mask goes through {describe(self.gm, x)}",
@@ -912,7 +923,8 @@ class _Lowering:
             else:
                 start, stop, step = slice(self.value(a.get("start")), self.value(a.get("end")),
                                           self.value(a.get("step", 1))).indices(size)
-                steps.append({"dim": dim, "start": start, "stop": stop, "step": step})
+                if (start, stop, step) != (0, size, 1):  # export's x[:, 0] is a full slice, then a select
+                    steps.append({"dim": dim, "start": start, "stop": stop, "step": step})
         if src_node not in self.splits:
             src = self.ir(src_node)
         for s in steps:

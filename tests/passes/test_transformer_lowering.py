@@ -430,3 +430,33 @@ def test_census_and_bitops_count_attention_layers():
     assert costs["attn.matmul"].macs == 288 and costs["attn.matmul:1"].macs == 288
     assert costs["attn.matmul"].input_q.layer == "attn.q" and costs["attn.matmul"].weight_q.layer == "attn.k"
     assert costs["attn.matmul:1"].input_q.kind == "softmax"
+
+
+class Untraceable(Encoder):
+    """fx cannot trace Python control flow on a shape: capture falls back to torch.export (aten ops)."""
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if ids.shape[1] > 100:
+            ids = ids[:, :100]
+        return super().forward(ids, mask)
+
+
+@pytest.mark.parametrize("variant", [{"heads": 1}, {"heads": 2, "causal": "buffer", "mask_style": "additive"},
+                                     {"qkv": "split", "mask_style": "where"}])
+def test_export_capture_lowers_bit_exact(variant):
+    from fxquant.passes.capture import CAPTURED_BY
+
+    torch.manual_seed(0)
+    ids, _ = _data(16)
+    gm = capture(Untraceable(**variant), (ids[:2],))
+    assert gm.meta[CAPTURED_BY] == "torch.export"
+    InsertQuantizers()(gm)
+    gm.train()
+    gm(ids)
+    for q in quantizers(gm).values():
+        q.set_format(FixedPoint(8, fit_frac_bits(float(q.amax), 8)))
+    gm.eval()
+    graph = _assert_reference_exact(gm, ids)
+    softmax = next(op for op in graph.ops if op.kind == "softmax")
+    assert softmax.attrs["causal"] == ("causal" in variant) and len(softmax.inputs) == 2
+    assert {op.kind for op in graph.ops} >= {"embedding", "layernorm", "matmul", "slice", "lut"}
