@@ -31,6 +31,22 @@
   quantizer (layer = the BN's path, kind ``batchnorm``, unused in training) for the depthwise 1x1
   conv :class:`~fxquant.passes.FoldBatchNorm` makes of it.
 
+* **Transformers** (``docs/passes.md``): an ``nn.Embedding`` / ``F.embedding`` becomes
+  ``F.embedding(ids, q_w(W))`` (the table is a weight, kind ``embedding``; the token ids are integer
+  inputs and get **no** quantizer). ``nn.LayerNorm`` / ``F.layer_norm`` becomes
+  ``q_out(FixedPointLayerNorm(q_in(x), formats, q_w(gamma), beta))`` and a softmax
+  ``q_out(FixedPointSoftmax(q_in(scores), formats, *keep))``: their forward is the integer reference
+  (:mod:`fxquant.ops.fake_quant`), ``q_out`` the layer's own output quantizer (kinds ``layernorm``,
+  ``softmax``: in the precision map, set by the policy like any activation). The softmax's input is
+  peeled of its mask ops (:func:`~fxquant.passes.op_kinds.masked_scores`: ``masked_fill(cond, -inf)``,
+  ``torch.where(cond, x, -inf)``, ``x + (1 - m) * -1e9``), which become boolean keep terms; the
+  quantizer sits on the unmasked scores, as in the integer graph. A value that is sliced
+  (``x[:, 0]``, ``split``/``chunk`` pieces, then views) is quantized **before** the slicing, one
+  quantizer shared by every piece (an integer op has one output format).
+* **Constant scales** (:func:`fold_constant_scales`, first): ``y * c`` / ``y / c`` with ``c`` not a
+  power of two (attention's ``1/sqrt(d)``) is folded into the linear layer ``y`` comes from (through
+  views, transposes and activation matmuls): exact, no rounded constant multiply is left.
+
 Before → after (a residual block)::
 
     x ─ conv1 ─ bn ─ relu ─ conv2 ─ bn ─┐            x ─ q[input] ─ conv1(q_w) ─ bn ─ relu ─ q[conv1] ─ conv2(q_w) ─ bn ─ q[conv2] ─┐

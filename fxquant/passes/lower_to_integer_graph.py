@@ -38,6 +38,15 @@ multiply, :func:`~fxquant.ops.fake_quant.avgpool_window`). Pooled sizes are chec
 torch's. Which targets build each op is legality's business (``fxquant/legality.py``), not the
 lowering's: nothing here refuses a window for not being a power of two.
 
+**Transformer ops** (``docs/passes.md``): ``F.embedding(ids, q_w(W))`` → ``embedding`` (the ids,
+a model input, become ``<BW, 0>`` with ``V - 1 <= 2^(BW-1) - 1``); :class:`FixedPointLayerNorm` →
+``layernorm`` (gamma at its quantizer's format, or 1 at ``<2,0>``; beta int32 on ``FL_w + 16``; ``eps``
+by :func:`~fxquant.fixed_point.layernorm_eps`); :class:`FixedPointSoftmax` → ``softmax``, its keep
+terms read as a model input mask (``<2, 0>``, reshaped to the scores' rank; nodes that only feed
+masks are never lowered themselves) and a constant lower-triangular keep as ``causal``;
+``x[:, 0]``, ``x[..., a:b]``, ``select``, ``narrow``, ``split``/``chunk`` pieces (and export's
+``aten.slice``/``aten.select``) → one ``slice`` per sliced axis.
+
 ``torch.add(a, b, alpha=2^e)`` is exact in fixed point: ``b``'s integers at ``FL_b - e`` are
 ``2^e b``, so the lowering emits ``mul_pow2`` (integers unchanged, FL relabelled) before the add;
 any other ``alpha`` is refused.

@@ -14,6 +14,13 @@ every pass reads the graph the same way whichever capture produced it:
   and tanh, Mish, ELU(alpha), LeakyReLU(slope), Softplus(beta=1), exp, PReLU — as module,
   ``F.*``, ``torch.*``, tensor method, aten overload or in-place variant; :func:`elementwise_function`
   gives its name and parameters).
+* transformer kinds (quantized): ``embedding`` (``nn.Embedding``, ``F.embedding``, aten: the table
+  is a weight, the ids are integers), ``layernorm`` (``nn.LayerNorm``, ``F.layer_norm``, aten),
+  ``softmax`` (``nn.Softmax``, ``F.softmax``, ``torch.softmax``, ``Tensor.softmax``, aten);
+  transparent: ``slice`` (``x[:, 0]``, ``x[..., a:b:c]`` with int/slice indices only
+  (:func:`tensor_index`), ``select``, ``narrow``, aten ``slice``/``select``, and the pieces of a
+  ``split``/``chunk``, whose own kind is ``split``). :func:`masked_scores` reads the attention
+  mask forms in front of a softmax.
 * **transparent** kinds (``relu``, ``maxpool2d``, ``flatten``, ``reshape`` (view, reshape,
   squeeze, unsqueeze), ``transpose`` (permute, transpose, swapaxes), ``upsample_nearest``
   (``nn.Upsample``/``F.interpolate`` in mode ``nearest``, aten ``upsample_nearest2d``),
