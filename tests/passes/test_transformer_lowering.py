@@ -460,3 +460,17 @@ def test_export_capture_lowers_bit_exact(variant):
     softmax = next(op for op in graph.ops if op.kind == "softmax")
     assert softmax.attrs["causal"] == ("causal" in variant) and len(softmax.inputs) == 2
     assert {op.kind for op in graph.ops} >= {"embedding", "layernorm", "matmul", "slice", "lut"}
+
+
+def test_strip_quantizers_gives_the_float_encoder_back():
+    from fxquant.passes import StripQuantizers
+
+    torch.manual_seed(4)
+    model = Encoder(heads=2, causal="buffer")
+    gm = _quantized(model)
+    for q in quantizers(gm).values():
+        q.set_format(FixedPoint(6, 3))
+    ids, _ = _data(8)
+    assert StripQuantizers()(gm).modified
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), model(ids), rtol=1e-5, atol=1e-6)
