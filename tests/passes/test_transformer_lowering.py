@@ -474,3 +474,44 @@ def test_strip_quantizers_gives_the_float_encoder_back():
     assert StripQuantizers()(gm).modified
     with torch.no_grad():
         torch.testing.assert_close(gm(ids), model(ids), rtol=1e-5, atol=1e-6)
+
+
+@st.composite
+def _indices(draw):
+    shape = draw(st.lists(st.integers(1, 5), min_size=1, max_size=3))
+    entries: list = [slice(None)]  # the batch axis stays whole
+    for size in shape:
+        if draw(st.booleans()) and len(entries) > 1 and draw(st.booleans()):
+            entries.append(draw(st.integers(-size, size - 1)))  # a select (negative: from the end)
+            continue
+        start = draw(st.none() | st.integers(-size, size - 1))
+        stop = draw(st.none() | st.integers(-size, size))
+        step = draw(st.none() | st.integers(1, 3))
+        if len(range(size)[slice(start, stop, step)]) == 0:
+            start, stop = None, None
+        entries.append(slice(start, stop, step))
+    if draw(st.booleans()):
+        entries = entries[:draw(st.integers(1, len(entries)))]
+    return shape, tuple(entries)
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=_indices(), seed=st.integers(0, 2**16))
+def test_any_int_and_slice_index_lowers_to_the_same_integers(case, seed):
+    """Oracle: torch's own indexing of the quantized tensor."""
+    shape, index = case
+
+    class Index(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x + x)[index]
+
+    gm = _quantized(Index())
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, *shape, generator=g)
+    for q in quantizers(gm).values():
+        q.set_format(FixedPoint(8, 4))
+    gm.eval()
+    graph = lower_to_integer_graph(gm, x[:1])
+    out = graph.run(*graph.quantize_inputs(x.numpy()))[graph.outputs[0]]
+    expect = torch.clamp(torch.round((2 * _on_grid(x, FixedPoint(8, 4))) * 16), -128, 127)[index]
+    np.testing.assert_array_equal(out, expect.numpy().astype(np.int64))
