@@ -820,7 +820,8 @@ class _Lowering:
             ph, shape = mask
             self.integer_input(node, ph, MASK_BITS)
             shape = (1,) * (rank - len(shape)) + tuple(shape)
-            if shape[0] != full[0] or any(m not in (1, s) for m, s in zip(shape[1:], full[1:])):
+            batch2 = self.shapes2 is None or self.shapes2.get(ph, (0,))[0] == self.shapes2.get(node.args[0], (0,))[0]
+            if shape[0] != full[0] or not batch2 or any(m not in (1, s) for m, s in zip(shape[1:], full[1:])):
                 raise self.refuse(node, f"mask of shape {list(shape)} does not broadcast to the scores {list(full)} "
                                         "per sample", "give the mask a batch dimension")
             name = ph.name

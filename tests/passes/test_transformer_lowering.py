@@ -144,7 +144,8 @@ def _assert_reference_exact(gm, *inputs: torch.Tensor):
 
 
 # ------------------------------------------------------------------------------------------ end to end
-@pytest.mark.parametrize("policy,options", [("static", {"bits": 8}), ("adapt", {"lb_min": 2, "lb_max": 4})])
+@pytest.mark.parametrize("policy,options", [("static", {"bits": 8}), ("adapt", {"lb_min": 2, "lb_max": 4}),
+                                            ("cpt", {"bits_min": 4, "bits_max": 8, "cycles": 2})])
 @pytest.mark.parametrize("variant", [
     {"heads": 2},                                      # multi-head, 1/sqrt(4) = mul_pow2
     {"heads": 1},                                      # single head, 1/sqrt(8) folded into q's weights
