@@ -75,8 +75,8 @@ from fxquant.ops.fake_quant import (DEFAULT_LUT_INPUT_BITS, ElementwiseTable, Fi
                                    FixedPointSoftmax)
 from fxquant.passes.op_kinds import (GRID_KEEPING_KINDS, LAYER_META, QUANTIZED_KINDS, TRANSPARENT_KINDS,
                                      WEIGHTED_KINDS, argument, call_arguments, constant_factor, elementwise_function,
-                                     is_shape_value, layer_name, masked_scores, node_kind, power_of_two_exponent, short_name,
-                                     spatial_mean, tensor_inputs)
+                                     is_shape_value, layer_name, masked_scores, node_kind, power_of_two_exponent,
+                                     short_name, spatial_mean, table_kind, tensor_inputs)
 from fxquant.quantizers import ACT, WEIGHT, BiasQuantizer, FixedPointQuantizer
 
 QUANT_ROOT = "fxq"
@@ -403,52 +403,94 @@ def _erase_dead(graph: fx.Graph, nodes: set[fx.Node]) -> None:
 def fold_constant_scales(gm: fx.GraphModule) -> bool:
     """``y * c`` / ``y / c`` with a constant ``c`` that is not a power of two (attention's
     ``1/sqrt(d)``), where ``y`` comes from a linear layer through reshapes, transposes and matmuls
-    of two activations (each read once): ``c`` is folded into that linear's weight and bias
-    (``(x W^T + b) c = x (c W)^T + c b``, exact in reals; the fake-quant model and the integer graph
-    then both compute with the folded weights, so nothing is rounded twice). The folded layer is a
-    copy held by ``gm`` (the user's module is not changed). A power of two stays ``mul_pow2``; a
-    scale that cannot be folded stays a float multiply (the lowering names it). Returns whether
-    anything was folded."""
+    of two activations (each read once), or from one piece of a ``split``/``chunk`` on the last axis
+    of a linear's output (a packed ``qkv`` projection): ``c`` is folded into that linear's weight and
+    bias (``(x W^T + b) c = x (c W)^T + c b``; for a piece, only its output rows), exact in reals.
+    The fake-quant model and the integer graph then both compute with the folded weights, so
+    nothing is rounded twice. The folded layer is a copy held by ``gm`` (the user's module is not
+    changed). A power of two stays ``mul_pow2``; a scale that cannot be folded stays a float multiply
+    (the lowering names it). Returns whether anything was folded."""
     modified = False
     for node in list(gm.graph.nodes):
         factor = constant_factor(gm, node)
         if factor is None or power_of_two_exponent(factor[1]) is not None or not math.isfinite(factor[1]):
             continue
         x, c = factor
-        linear = _scalable_linear(gm, x)
-        if linear is None:
+        found = _scalable_linear(gm, x)
+        if found is None:
             continue
+        linear, rows = found
         for p in linear.args[1:3]:
             if isinstance(p, fx.Node):
-                _scale_parameter(gm, str(p.target), c)
+                _scale_parameter(gm, str(p.target), c, rows)
         node.replace_all_uses_with(x)
         gm.graph.erase_node(node)
         modified = True
     return modified
 
 
-def _scalable_linear(gm: fx.GraphModule, x: fx.Node) -> fx.Node | None:
-    while isinstance(x, fx.Node) and len([u for u in x.users if not is_shape_value(u)]) == 1:
+def _users(x: fx.Node) -> list[fx.Node]:
+    return [u for u in x.users if not is_shape_value(u)]
+
+
+def _scalable_linear(gm: fx.GraphModule, x: fx.Node) -> tuple[fx.Node, slice | None] | None:
+    """``(linear, output rows or None)`` whose output ``x`` is a scaled view of (module docstring)."""
+    rows = None
+    while isinstance(x, fx.Node) and len(_users(x)) == 1:
         kind = node_kind(gm, x)
         if kind == "linear" and x.target is _aten.linear.default:
             params = [p for p in x.args[1:3] if isinstance(p, fx.Node)]
-            return x if all(p.op == "get_attr" for p in params) else None
-        if kind in ("reshape", "transpose", "identity"):
+            return (x, rows) if all(p.op == "get_attr" for p in params) else None
+        if kind in ("reshape", "transpose", "identity") and rows is None:
             inputs = tensor_inputs(x, gm)
             x = inputs[0] if inputs else None
-        elif kind == "matmul":
+        elif kind == "matmul" and rows is None:
             a = call_arguments(gm, x) or {}
             operands = [a.get("input"), a.get("other")]
             if not all(isinstance(v, fx.Node) and v.op != "get_attr" for v in operands):
                 return None
             x = operands[0]
+        elif kind == "slice" and rows is None and x.target is operator.getitem and \
+                table_kind(x.args[0]) == "split" and isinstance(x.args[1], int):
+            split = x.args[0]
+            linear = split.args[0] if split.args else None
+            if not (isinstance(linear, fx.Node) and linear.target is _aten.linear.default and
+                    isinstance(linear.args[1], fx.Node) and linear.args[1].op == "get_attr"):
+                return None
+            out_features = operator.attrgetter(str(linear.args[1].target))(gm).shape[0]
+            rows = _piece_rows(gm, split, x.args[1], out_features)
+            if rows is None or _users(linear) != [split]:
+                return None
+            x = linear
         else:
             return None
     return None
 
 
-def _scale_parameter(gm: fx.GraphModule, target: str, c: float) -> None:
-    """Replace parameter ``target`` by ``c`` times it, in a copy of its owner module held by ``gm``."""
+def _piece_rows(gm: fx.GraphModule, split: fx.Node, i: int, n: int) -> slice | None:
+    """Rows ``[start, stop)`` of piece ``i`` of ``split``/``chunk`` over the last axis of ``n`` features."""
+    a = call_arguments(gm, split) or {}
+    val = split.args[0].meta.get("val") if split.args and isinstance(split.args[0], fx.Node) else None
+    rank = val.dim() if isinstance(val, torch.Tensor) else None  # export graphs record shapes
+    if a.get("dim", 0) != -1 and (rank is None or a.get("dim") != rank - 1):
+        return None  # a positive dim may not be the features axis (fx graphs hold no shapes here)
+    spec = a.get("chunks", a.get("split_size_or_sections", a.get("split_size", a.get("split_sizes"))))
+    if not (isinstance(spec, int) or isinstance(spec, (list, tuple)) and all(isinstance(v, int) for v in spec)):
+        return None  # a size computed from shapes
+    if "chunks" in a:
+        size = -(-n // spec)
+        sizes = [size] * (n // size) + ([n % size] if n % size else [])
+    else:
+        sizes = [spec] * (-(-n // spec)) if isinstance(spec, int) else list(spec)
+    if not 0 <= i < len(sizes) or sum(sizes) < n:
+        return None
+    start = sum(sizes[:i])
+    return slice(start, min(start + sizes[i], n))
+
+
+def _scale_parameter(gm: fx.GraphModule, target: str, c: float, rows: slice | None = None) -> None:
+    """Replace parameter ``target`` by ``c`` times it (its ``rows`` only, if given), in a copy of its
+    owner module held by ``gm``."""
     owner_path, _, name = target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
     old = getattr(owner, name)
@@ -460,7 +502,9 @@ def _scale_parameter(gm: fx.GraphModule, target: str, c: float) -> None:
         setattr(gm.get_submodule(parent_path) if parent_path else gm, leaf, copy_)
         owner = copy_
     with torch.no_grad():
-        owner._parameters[name] = nn.Parameter(old.detach() * c, requires_grad=old.requires_grad)
+        new = old.detach().clone()
+        new[rows if rows is not None else slice(None)] *= c
+        owner._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
 
 
 def grid_quantizer(gm: fx.GraphModule, value: fx.Node) -> fx.Node | None:

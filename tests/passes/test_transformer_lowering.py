@@ -53,7 +53,7 @@ class Attention(nn.Module):
         if self.qkv_style == "separate":
             q, k, v = self.q(x), self.k(x), self.v(x)
         elif self.qkv_style == "split":
-            q, k, v = self.qkv(x).split(d, dim=-1)
+            q, k, v = self.qkv(x).split(self.h * self.dh, dim=-1)
         else:
             q, k, v = self.qkv(x).chunk(3, dim=2)
         q, k, v = self.heads(q), self.heads(k), self.heads(v)
@@ -170,6 +170,7 @@ def test_trained_encoder_equals_its_integer_graph(policy, options, variant):
 @pytest.mark.parametrize("variant", [
     {"mask_style": "additive"}, {"mask_style": "where"}, {"causal": "computed"},
     {"qkv": "split"}, {"qkv": "chunk"}, {"mask_input": True}, {"mask_input": True, "causal": "buffer"},
+    {"qkv": "split", "heads": 1},  # packed qkv: 1/sqrt(8) folded into q's rows of the qkv weight
 ])
 def test_mask_and_slice_forms_lower_bit_exact(variant):
     torch.manual_seed(1)
@@ -190,22 +191,27 @@ def test_mask_and_slice_forms_lower_bit_exact(variant):
         assert mask_reader.kind == "reshape" and mask_reader.attrs["shape"] == (1, 1, SEQ)
 
 
-def test_capture_and_scale_folding_keep_the_float_model():
+@pytest.mark.parametrize("qkv", ["separate", "split"])
+def test_capture_and_scale_folding_keep_the_float_model(qkv):
     torch.manual_seed(2)
-    model = Encoder(heads=1)
-    q_weight = model.attn.q.weight.detach().clone()
+    model = Encoder(heads=1, qkv=qkv)
+    name = "attn.q" if qkv == "separate" else "attn.qkv"
+    weight = model.get_parameter(f"{name}.weight").detach().clone()
+    bias = model.get_parameter(f"{name}.bias").detach().clone()
     gm = _quantized(model)  # quantizers off: the float model
     ids, _ = _data(8)
     with torch.no_grad():
         torch.testing.assert_close(gm(ids), model(ids), rtol=1e-5, atol=1e-6)
-    assert torch.equal(model.attn.q.weight, q_weight)  # the user's module is not changed
-    folded = gm.get_parameter("attn.q.weight")
-    torch.testing.assert_close(folded, q_weight / math.sqrt(8))
+    assert torch.equal(model.get_parameter(f"{name}.weight"), weight)  # the user's module is not changed
+    scale = torch.ones(weight.shape[0], dtype=weight.dtype)
+    scale[:DIM] = 1 / math.sqrt(8)  # q's rows only (all of them for a separate q)
+    torch.testing.assert_close(gm.get_parameter(f"{name}.weight"), weight * scale[:, None])
+    torch.testing.assert_close(gm.get_parameter(f"{name}.bias"), bias * scale)
     assert not any(n.target is torch.ops.aten.mul.Tensor or n.target in ("mul", "div") for n in gm.graph.nodes)
 
 
 def test_unfoldable_scale_is_named_with_its_source_line():
-    gm = _quantized(Encoder(heads=1, qkv="split"))  # q shares its linear with k and v: no fold
+    gm = _quantized(Encoder(heads=1, qkv="chunk"))  # chunk(3, dim=2): no shapes to prove dim 2 is the features
     ids, _ = _data(8)
     gm(ids)
     for q in quantizers(gm).values():
@@ -443,7 +449,7 @@ class Untraceable(Encoder):
 
 
 @pytest.mark.parametrize("variant", [{"heads": 1}, {"heads": 2, "causal": "buffer", "mask_style": "additive"},
-                                     {"qkv": "split", "mask_style": "where"}])
+                                     {"qkv": "split", "mask_style": "where"}, {"qkv": "split", "heads": 1}])
 def test_export_capture_lowers_bit_exact(variant):
     from fxquant.passes.capture import CAPTURED_BY
 
@@ -460,6 +466,8 @@ def test_export_capture_lowers_bit_exact(variant):
     graph = _assert_reference_exact(gm, ids)
     softmax = next(op for op in graph.ops if op.kind == "softmax")
     assert softmax.attrs["causal"] == ("causal" in variant) and len(softmax.inputs) == 2
+    if variant.get("heads") == 1:  # 1/sqrt(8) folded away (export's split records its shapes)
+        assert "mul_pow2" not in {op.kind for op in graph.ops}
     assert {op.kind for op in graph.ops} >= {"embedding", "layernorm", "matmul", "slice", "lut"}
 
 
