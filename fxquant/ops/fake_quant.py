@@ -366,5 +366,6 @@ class FixedPointLayerNorm(nn.Module):
         return f"layer={self.layer!r}, normalized_shape={self.normalized_shape}, eps={self.eps}"
 
 
-__all__ = ["DEFAULT_LUT_INPUT_BITS", "FixedPointLayerNorm", "FixedPointSoftmax", "float_softmax", "ElementwiseTable", "FixedPointAvgPool2d", "TORCH_FUNCTIONS",
+__all__ = ["DEFAULT_LUT_INPUT_BITS", "FixedPointLayerNorm", "FixedPointSoftmax", "float_softmax",
+           "ElementwiseTable", "FixedPointAvgPool2d", "TORCH_FUNCTIONS",
            "avgpool_window", "float_avg_pool2d", "float_elementwise", "window_factors"]

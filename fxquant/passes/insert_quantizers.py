@@ -182,8 +182,8 @@ class InsertQuantizers(PassBase):
         """``get_attr`` nodes of the ``bits`` and ``frac_bits`` buffers of each quantizer target."""
         return [gm.graph.get_attr(f"{t}.{buf}") for t in targets for buf in ("bits", "frac_bits")]
 
-    def _softmax(self, gm: fx.GraphModule, node: fx.Node, peeled: tuple[fx.Node, list[tuple[str, fx.Node]], list[fx.Node]],
-                 names: dict[fx.Node, str], used: set[str], act_q: dict[fx.Node, fx.Node]) -> None:
+    def _softmax(self, gm: fx.GraphModule, node: fx.Node,
+                 peeled: tuple[fx.Node, list[tuple[str, fx.Node]], list[fx.Node]], names: dict[fx.Node, str], used: set[str], act_q: dict[fx.Node, fx.Node]) -> None:
         """``softmax(mask(scores))`` → ``q_out(FixedPointSoftmax(q_in(scores), formats, *keep_terms))``:
         the mask ops become boolean keep terms (module docstring of :mod:`fxquant.ops.fake_quant`)."""
         graph = gm.graph
@@ -275,7 +275,8 @@ class InsertQuantizers(PassBase):
         target = self._add_quantizer(gm, layer, WEIGHT, self.weight_fmt, "embedding")
         with graph.inserting_before(node):
             wq = graph.call_module(target, (weight,))
-            new = graph.call_function(F.embedding, (ids, wq), {"padding_idx": padding_idx} if padding_idx is not None else {})
+            kwargs = {"padding_idx": padding_idx} if padding_idx is not None else {}
+            new = graph.call_function(F.embedding, (ids, wq), kwargs)
         new.meta.update(node.meta)
         new.meta[LAYER_META] = layer
         if node.op == "call_module":

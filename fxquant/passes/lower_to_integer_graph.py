@@ -738,7 +738,8 @@ class _Lowering:
         if self.value(a.get("max_norm")) is not None:
             raise self.refuse(node, "embedding with max_norm", "use max_norm=None")
         if not (isinstance(ids, fx.Node) and ids.op == "placeholder"):
-            raise self.refuse(node, f"token ids computed in the model ({describe(self.gm, ids) if isinstance(ids, fx.Node) else ids!r})",
+            what = describe(self.gm, ids) if isinstance(ids, fx.Node) else repr(ids)
+            raise self.refuse(node, f"token ids computed in the model ({what})",
                               "feed the token ids (and position ids) as model inputs")
         w_fmt = self.quantizer_fmt(self.module(wq_node))
         table = self.constant(wq_node.args[0]).detach().double().numpy()
@@ -836,14 +837,15 @@ class _Lowering:
         """``("const", bool array)`` or ``("mask", (placeholder, shape with batch))`` of a keep term
         (``logical_not(mask == 0)``, ``logical_not(~mask)``, ``mask``; through views and casts)."""
         try:
-            return "const", np.asarray(self.evaluate(term).detach().cpu().numpy() != 0)
+            return "const", torch.as_tensor(self.evaluate(term)).detach().cpu().numpy() != 0
         except _NotConstant:
             pass
         m = term
         if m.op == "call_function" and m.target is torch.logical_not:
             inner = m.args[0]
-            if isinstance(inner, fx.Node) and (inner.target in _EQ or inner.op == "call_method" and inner.target == "eq") \
-                    and len(inner.args) == 2 and inner.args[1] == 0 and isinstance(inner.args[0], fx.Node):
+            is_eq = isinstance(inner, fx.Node) and (inner.target in _EQ or inner.op == "call_method" and
+                                                    inner.target == "eq")
+            if is_eq and len(inner.args) == 2 and inner.args[1] == 0 and isinstance(inner.args[0], fx.Node):
                 m = inner.args[0]
             elif isinstance(inner, fx.Node) and (inner.target in _NOT or inner.op == "call_method" and
                                                  inner.target in ("logical_not", "bitwise_not", "__invert__")):
