@@ -21,7 +21,9 @@ training, dropout's rescale, several users whose gradients add up, no quantizer 
 (quantizer off) counts as 32 bits, so FP32 training costs ``batch * sum_l 3 * 32^2 * M_l``. This reproduces
 the paper's ratios (e.g. FW6/BW6 vs FW8/BW8: ``3*36 / 3*64 = 0.5625``, Tab. 2 ResNet-74). The first
 layer's error GEMM is counted too (as the paper's per-layer figures do); element-wise ops,
-BatchNorm and the weight update are not counted.
+BatchNorm and the weight update are not counted. A **matmul of two quantized activations**
+(attention's ``Q K^T`` and ``P V``) counts like a layer, its second operand in the weight's role;
+softmax, LayerNorm and embedding lookups are element-wise or gathers (no GEMM): not counted.
 
 The **static counterpart** ("vs static B") costs the same with ``w_l = a_l = B`` and the run's own
 error widths; ``B`` is the policy's :attr:`~fxquant.policies.base.Policy.reference_bits`
@@ -38,8 +40,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxquant.fixed_point import OFF_BITS
 from fxquant.passes.insert_quantizers import grid_quantizer, is_quantizer_node
-from fxquant.passes.op_kinds import WEIGHTED_KINDS, node_kind, tensor_inputs
-from fxquant.quantizers import FixedPointQuantizer
+from fxquant.passes.op_kinds import LAYER_META, WEIGHTED_KINDS, node_kind, tensor_inputs
+from fxquant.quantizers import WEIGHT, FixedPointQuantizer
 
 FP32_BITS = OFF_BITS
 
@@ -103,6 +105,10 @@ def layer_costs(gm: fx.GraphModule, example: torch.Tensor) -> list[LayerCost]:
         q.seed.copy_(seed)
     costs = []
     for node in gm.graph.nodes:
+        cost = _activation_matmul_cost(gm, node)
+        if cost is not None:
+            costs.append(cost)
+            continue
         if node_kind(gm, node) not in WEIGHTED_KINDS or len(node.args) < 2 or not isinstance(node.args[1], fx.Node) \
                 or not is_quantizer_node(gm, node.args[1]):
             continue
@@ -120,6 +126,25 @@ def layer_costs(gm: fx.GraphModule, example: torch.Tensor) -> list[LayerCost]:
             outputs *= int(d)
         costs.append(LayerCost(wq.layer, outputs * per_output, wq, iq, error_quantizer(gm, node)))
     return costs
+
+
+def _activation_matmul_cost(gm: fx.GraphModule, node: fx.Node) -> LayerCost | None:
+    """``a @ b`` of two quantized activations (attention's ``Q K^T``, ``P V``): ``M = prod(out) * K``
+    per sample, ``b``'s quantizer in the weight's role and ``a``'s as the input (the backward GEMMs
+    read ``dL/dy`` with ``b`` and with ``a``, as a linear layer's do with ``W`` and ``x``)."""
+    if node_kind(gm, node) != "matmul" or len(node.args) < 2 or LAYER_META not in node.meta:
+        return None
+    qs = []
+    for arg in node.args[:2]:
+        q = grid_quantizer(gm, arg) if isinstance(arg, fx.Node) else None
+        if q is None or gm.get_submodule(str(q.target)).role == WEIGHT:
+            return None
+        qs.append(gm.get_submodule(str(q.target)))
+    a_shape, out_shape = node.args[0].meta["tensor_meta"].shape, node.meta["tensor_meta"].shape
+    macs = int(a_shape[-1])
+    for d in out_shape[1:]:
+        macs *= int(d)
+    return LayerCost(node.meta[LAYER_META], macs, qs[1], qs[0], error_quantizer(gm, node))
 
 
 def _bits(q: FixedPointQuantizer | None, which: str = "bits") -> int:

@@ -8,8 +8,10 @@ model's parameters and MACs.
 What counts as what, per graph node:
 
 * **quantized compute**: a Conv2d/Linear/matmul node whose operands (input and weight, or both
-  matmul inputs) all come out of a :class:`~fxquant.quantizers.FixedPointQuantizer`. These are the
-  layers ``mean bits`` averages over.
+  matmul inputs) all come out of a :class:`~fxquant.quantizers.FixedPointQuantizer`; an embedding
+  whose table does (its token ids are integers); fxquant's integer softmax and LayerNorm ops
+  (:class:`~fxquant.ops.fake_quant.FixedPointSoftmax`, ``FixedPointLayerNorm``, gamma and beta
+  counted as their parameters). These are the layers ``mean bits`` averages over.
 * **float compute**: any other node that does multiply-accumulates (``MACs > 0``:
   ``F.scaled_dot_product_attention``, ``torch.bmm``, a Conv1d, the GEMMs inside an
   ``nn.MultiheadAttention`` or ``nn.LSTM``…) or that owns parameters (a leaf module such as
@@ -41,7 +43,7 @@ from torch import fx, nn
 
 from fxquant.errors import ModelFileError
 from fxquant.passes.op_kinds import LAYER_META, module_kind, module_path, node_kind
-from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
+from fxquant.quantizers import WEIGHT, BiasQuantizer, FixedPointQuantizer
 
 QUANTIZED_COMPUTE_KINDS = frozenset({"conv2d", "linear", "matmul", "conv_transpose2d"})
 """Node kinds that are quantized compute when every operand comes out of a quantizer."""
@@ -114,7 +116,7 @@ def _is_quantizer(gm: fx.GraphModule, node: Any) -> bool:
 
 def _node_params(gm: fx.GraphModule, node: fx.Node, params: dict[str, nn.Parameter]) -> dict[str, int]:
     """Parameters a node computes with: a leaf module's own, or get_attr parameters (through a quantizer)."""
-    if node.op == "call_module":
+    if node.op == "call_module" and not hasattr(type(gm.get_submodule(str(node.target))), "fxq_kind"):
         return {f"{node.target}.{n}": p.numel() for n, p in gm.get_submodule(str(node.target)).named_parameters()}
     found: dict[str, int] = {}
     for arg in node.all_input_nodes:
@@ -139,12 +141,32 @@ def _is_transposed_parameter(node: fx.Node) -> bool:
         isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
 
 
+def _quantized_layer(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The layer name of a quantized compute node (module docstring), else ``None``."""
+    kind = node_kind(gm, node)
+    if kind in ("softmax", "layernorm") and node.op == "call_module":  # fxquant's integer fake-quant ops
+        module = gm.get_submodule(str(node.target))
+        return module.layer if hasattr(type(module), "fxq_kind") else None
+    if kind == "embedding":  # F.embedding(ids, q_w(table)): the ids are integers
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        quantized = _is_quantizer(gm, weight) and isinstance(gm.get_submodule(str(weight.target)), FixedPointQuantizer)
+        return gm.get_submodule(str(weight.target)).layer if quantized else None
+    if not _is_quantized_compute(gm, node):
+        return None
+    from fxquant.passes.insert_quantizers import grid_quantizer
+
+    q = gm.get_submodule(str((grid_quantizer(gm, node.args[1]) or node.args[1]).target))
+    if kind == "matmul" and q.role != WEIGHT and LAYER_META in node.meta:
+        return node.meta[LAYER_META]  # activation x activation: the matmul's own layer, not its operand's
+    return q.layer
+
+
 def _is_quantized_compute(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node_kind(gm, node) not in QUANTIZED_COMPUTE_KINDS or len(node.args) < 2:
         return False
     from fxquant.passes.insert_quantizers import grid_quantizer
 
-    args = [grid_quantizer(gm, node.args[0]) or node.args[0], node.args[1]]
+    args = [grid_quantizer(gm, a) or a if isinstance(a, fx.Node) else a for a in node.args[:2]]
     return all(isinstance(a, fx.Node) and _is_quantizer(gm, a) and
                isinstance(gm.get_submodule(str(a.target)), FixedPointQuantizer) for a in args)
 
@@ -210,9 +232,8 @@ def take_census(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Census:
             continue  # a weight on its way to its quantizer: counted with the layer that reads it
         node_params = {k: v for k, v in _node_params(gm, node, params).items() if k not in counted}
         m = macs.get(node, 0)
-        if _is_quantized_compute(gm, node):
-            # the op's own layer name (a matmul of two activations: not its operand's quantizer's)
-            layer = node.meta.get(LAYER_META) or gm.get_submodule(str(node.args[1].target)).layer
+        layer = _quantized_layer(gm, node)
+        if layer is not None:
             bucket, name = quantized, layer
         elif m > 0 or node_params:
             bucket, name = floating, _display_name(gm, node)

@@ -49,28 +49,28 @@ TOTAL_PARAMS = 160 + 1088 + 832 + 27
 def test_float_ops_are_listed_with_params_and_macs() -> None:
     census = take_census(_quantized(Seq(), TOKENS), TOKENS)
     # capture makes the attention explicit: in-projection (a linear on in_proj_weight), Q K^T and
-    # A V matmuls, out-projection: all quantized; the embedding and the LSTM stay float
-    assert [(op.name, op.params, op.macs) for op in census.float_ops] == [
-        ("emb: nn.Embedding", 160, 0), ("lstm: nn.LSTM", 832, LSTM_MACS)]
+    # A V matmuls (on views of the in-projection's quantized output), the integer softmax, the
+    # out-projection: all quantized; the embedding's table is quantized (a lookup: 0 MACs); the LSTM stays float
+    assert [(op.name, op.params, op.macs) for op in census.float_ops] == [("lstm: nn.LSTM", 832, LSTM_MACS)]
     assert [(op.name, op.params, op.macs) for op in census.quantized] == [
-        ("attn", 3 * 16 * 16 + 48, 3840), ("attn.matmul", 0, 400), ("attn.matmul:1", 0, 400),
-        ("attn.out_proj", 16 * 16 + 16, 1280), ("fc", 27, FC_MACS)]
+        ("emb", 160, 0), ("attn", 3 * 16 * 16 + 48, 3840), ("attn.matmul", 0, 400), ("attn.softmax", 0, 0),
+        ("attn.matmul:1", 0, 400), ("attn.out_proj", 16 * 16 + 16, 1280), ("fc", 27, FC_MACS)]
     assert (census.total_params, census.total_macs) == (TOTAL_PARAMS, TOTAL_MACS)
     d = census.to_dict()
-    assert d["quantized_layers"] == 5 and d["quantized_macs"] == ATTN_MACS + FC_MACS
-    lstm = d["float"][1]
+    assert d["quantized_layers"] == 7 and d["quantized_macs"] == ATTN_MACS + FC_MACS
+    lstm = d["float"][0]
     assert lstm["macs_share"] == LSTM_MACS / 9784 and lstm["params_share"] == 832 / 2107
 
 
 def test_lines_name_each_float_op_and_mean_bits_says_what_it_covers() -> None:
     d = take_census(_quantized(Seq(), TOKENS), TOKENS).to_dict()
     lines = census_lines(d)
-    assert lines[0] == "census: 5 quantized layers (60.8 % of MACs); left in float (no quantizer):"  # 5944 / 9784
-    assert lines[2] == ("  float lstm: nn.LSTM: 832 params (39.5 % of 2.1 k), "
+    assert lines[0] == "census: 7 quantized layers (60.8 % of MACs); left in float (no quantizer):"  # 5944 / 9784
+    assert lines[1] == ("  float lstm: nn.LSTM: 832 params (39.5 % of 2.1 k), "
                         "3.8 k MACs/sample (39.2 % of 9.8 k)")
-    assert len(lines) == 3
-    assert mean_bits_line(8, 8, d) == ("mean bits W8.00/A8.00 over 5 quantized layers (60.8 % of MACs); float: "
-                                       "emb: nn.Embedding (0.0 % of MACs), lstm: nn.LSTM (39.2 % of MACs)")
+    assert len(lines) == 2
+    assert mean_bits_line(8, 8, d) == ("mean bits W8.00/A8.00 over 7 quantized layers (60.8 % of MACs); float: "
+                                       "lstm: nn.LSTM (39.2 % of MACs)")
 
 
 class Functional(nn.Module):
@@ -89,10 +89,10 @@ class Functional(nn.Module):
 def test_functional_attention_is_decomposed_and_bmm_is_float() -> None:
     x = (torch.randn(2, 5, 16),)
     census = take_census(_quantized(Functional(), x), x)
-    # proj 5*16*16 = 1280; sdpa, decomposed: Q K^T 5*5*16 = 400 and A V 5*5*16 = 400 (matmuls, quantized);
-    # bmm (5x16)(16x5) = 400 stays float
+    # proj 5*16*16 = 1280; sdpa, decomposed: Q K^T 5*5*16 = 400 and A V 5*5*16 = 400 (matmuls, quantized),
+    # the integer softmax between them (0 MACs); bmm (5x16)(16x5) = 400 stays float
     assert [(op.name, op.params, op.macs) for op in census.quantized] == [
-        ("proj", 272, 1280), ("matmul", 0, 400), ("matmul:1", 0, 400)]
+        ("proj", 272, 1280), ("matmul", 0, 400), ("softmax", 0, 0), ("matmul:1", 0, 400)]
     assert [(op.name, op.params, op.macs) for op in census.float_ops] == [("torch.bmm", 0, 400)]
 
 

@@ -26,6 +26,7 @@ import math
 from types import SimpleNamespace
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -221,5 +222,150 @@ class FixedPointAvgPool2d(nn.Module):
         return f"layer={self.layer!r}, {self.pool_config}"
 
 
-__all__ = ["DEFAULT_LUT_INPUT_BITS", "ElementwiseTable", "FixedPointAvgPool2d", "TORCH_FUNCTIONS",
+class _ExactForward(torch.autograd.Function):
+    """Returns ``y`` (computed elsewhere, exactly); the backward is that of ``fn(*inputs)``."""
+
+    @staticmethod
+    def forward(ctx, y, fn, *inputs):
+        ctx.fn = fn
+        ctx.save_for_backward(*[t if isinstance(t, torch.Tensor) else torch.empty(0) for t in inputs])
+        ctx.present = [isinstance(t, torch.Tensor) for t in inputs]
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        xs = [s.detach().requires_grad_(need) if p else None
+              for s, p, need in zip(saved, ctx.present, ctx.needs_input_grad[2:])]
+        wanted = [x for x, need in zip(xs, ctx.needs_input_grad[2:]) if x is not None and need]
+        if not wanted:
+            return (None, None, *[None] * len(xs))
+        with torch.enable_grad():
+            out = ctx.fn(*xs)
+            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        return (None, None, *[next(grads) if x is not None and need else None
+                              for x, need in zip(xs, ctx.needs_input_grad[2:])])
+
+
+def _integers(x: torch.Tensor, frac_bits: int) -> np.ndarray:
+    """``x 2^FL`` as int64 (exact for a quantizer's output)."""
+    return np.rint(np.ldexp(x.detach().to("cpu", torch.float64).numpy(), frac_bits)).astype(np.int64)
+
+
+def _reals(k: np.ndarray, frac_bits: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.ldexp(k.astype(np.float64), -frac_bits)).to(dtype=like.dtype, device=like.device)
+
+
+def _keep(terms: tuple[torch.Tensor, ...], like: torch.Tensor) -> torch.Tensor | None:
+    keep = None
+    for t in terms:
+        t = t != 0
+        keep = t if keep is None else keep & t
+    return None if keep is None else torch.broadcast_to(keep, like.shape)
+
+
+def float_softmax(x: torch.Tensor, dim: int, *keep_terms: torch.Tensor) -> torch.Tensor:
+    """Softmax of ``x`` with the keep terms applied (masked: 0; a row with nothing kept: 0)."""
+    keep = _keep(keep_terms, x)
+    if keep is None:
+        return torch.softmax(x, dim)
+    return torch.softmax(x.masked_fill(~keep, torch.finfo(x.dtype).min), dim) * keep
+
+
+class FixedPointSoftmax(nn.Module):
+    """``softmax`` in training (module docstring). ``forward(x, in_bits, in_frac_bits, out_bits,
+    out_frac_bits, *keep_terms)``: the formats are the input and output quantizers' buffers."""
+
+    fxq_kind = "softmax"
+
+    def __init__(self, layer: str, dim: int = -1, exp_bits: int | None = None) -> None:
+        super().__init__()
+        from fxquant.fixed_point import SOFTMAX_EXP_BITS
+
+        self.layer = layer
+        self.dim = int(dim)
+        self.exp_bits = int(SOFTMAX_EXP_BITS if exp_bits is None else exp_bits)
+
+    def config(self) -> dict[str, Any]:
+        return {"dim": self.dim, "exp_bits": self.exp_bits}
+
+    def forward(self, x: torch.Tensor, in_bits: torch.Tensor, in_frac_bits: torch.Tensor, out_bits: torch.Tensor,
+                out_frac_bits: torch.Tensor, *keep_terms: torch.Tensor) -> torch.Tensor:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return float_softmax(x, self.dim, *keep_terms)
+
+        bi, bo = int(in_bits), int(out_bits)
+        if bi >= OFF_BITS or bo >= OFF_BITS or x.dim() < 2 or self.dim % x.dim() != x.dim() - 1:
+            return fn(x)
+        from fxquant.integer_graph import Op, Value
+        from fxquant.integer_ops_transformer import EXECUTORS
+
+        fi, fo = int(in_frac_bits), int(out_frac_bits)
+        k = _integers(x, fi)
+        in_fmt, out_fmt = FixedPoint(bi, fi), FixedPoint(bo, fo)
+        rank = x.dim() - 1
+        op = Op(self.layer, "softmax", ("x",), "y", out_fmt, attrs={"dim": rank, "exp_bits": self.exp_bits})
+        xs, vs = [k], [Value("x", tuple(k.shape[1:]), in_fmt)]
+        keep = _keep(keep_terms, x)
+        if keep is not None:
+            xs.append(keep.to("cpu").numpy().astype(np.int64))
+            vs.append(Value("mask", tuple(k.shape[1:]), FixedPoint(2, 0)))
+        y = _reals(EXECUTORS["softmax"](op, xs, vs), fo, x)
+        return _ExactForward.apply(y, fn, x)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer!r}, dim={self.dim}, exp_bits={self.exp_bits}"
+
+
+class FixedPointLayerNorm(nn.Module):
+    """``layernorm`` in training (module docstring). ``forward(x, in_bits, in_frac_bits, w_bits,
+    w_frac_bits, out_bits, out_frac_bits, weight=None, bias=None)``; ``weight`` is the quantized gamma."""
+
+    fxq_kind = "layernorm"
+
+    def __init__(self, layer: str, normalized_shape: Any, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.layer = layer
+        shape = normalized_shape if isinstance(normalized_shape, (list, tuple)) else (normalized_shape,)
+        self.normalized_shape = tuple(int(s) for s in shape)
+        self.eps = float(eps)
+
+    def config(self) -> dict[str, Any]:
+        return {"normalized_shape": self.normalized_shape, "eps": self.eps}
+
+    def forward(self, x: torch.Tensor, in_bits: torch.Tensor, in_frac_bits: torch.Tensor, w_bits: torch.Tensor,
+                w_frac_bits: torch.Tensor, out_bits: torch.Tensor, out_frac_bits: torch.Tensor,
+                weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        def fn(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+        bi, bo, bw = int(in_bits), int(out_bits), int(w_bits)
+        if bi >= OFF_BITS or bo >= OFF_BITS or (weight is not None and bw >= OFF_BITS) or \
+                len(self.normalized_shape) != 1:
+            return fn(x, weight, bias)
+        from fxquant.fixed_point import LAYERNORM_FRAC_BITS, layernorm_eps, quantize_bias
+        from fxquant.integer_graph import Op, Value
+        from fxquant.integer_ops_transformer import EXECUTORS
+
+        fi, fo, fw = int(in_frac_bits), int(out_frac_bits), int(w_frac_bits)
+        n = x.shape[-1]
+        in_fmt, out_fmt = FixedPoint(bi, fi), FixedPoint(bo, fo)
+        if weight is None:
+            gamma, w_fmt = np.ones(n, dtype=np.int64), FixedPoint(2, 0)
+        else:
+            gamma, w_fmt = _integers(weight, fw), FixedPoint(bw, fw)
+        beta = None if bias is None else quantize_bias(bias.detach().to("cpu", torch.float64).numpy(),
+                                                       w_fmt.frac_bits + LAYERNORM_FRAC_BITS)
+        k = _integers(x, fi)
+        op = Op(self.layer, "layernorm", ("x",), "y", out_fmt, weight=gamma, weight_fmt=w_fmt, bias=beta,
+                attrs={"dim": x.dim() - 1, "eps": layernorm_eps(self.eps, n, in_fmt)})
+        y = _reals(EXECUTORS["layernorm"](op, [k], [Value("x", tuple(k.shape[1:]), in_fmt)]), fo, x)
+        return _ExactForward.apply(y, fn, x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer!r}, normalized_shape={self.normalized_shape}, eps={self.eps}"
+
+
+__all__ = ["DEFAULT_LUT_INPUT_BITS", "FixedPointLayerNorm", "FixedPointSoftmax", "float_softmax",
+           "ElementwiseTable", "FixedPointAvgPool2d", "TORCH_FUNCTIONS",
            "avgpool_window", "float_avg_pool2d", "float_elementwise", "window_factors"]

@@ -31,6 +31,22 @@
   quantizer (layer = the BN's path, kind ``batchnorm``, unused in training) for the depthwise 1x1
   conv :class:`~fxquant.passes.FoldBatchNorm` makes of it.
 
+* **Transformers** (``docs/passes.md``): an ``nn.Embedding`` / ``F.embedding`` becomes
+  ``F.embedding(ids, q_w(W))`` (the table is a weight, kind ``embedding``; the token ids are integer
+  inputs and get **no** quantizer). ``nn.LayerNorm`` / ``F.layer_norm`` becomes
+  ``q_out(FixedPointLayerNorm(q_in(x), formats, q_w(gamma), beta))`` and a softmax
+  ``q_out(FixedPointSoftmax(q_in(scores), formats, *keep))``: their forward is the integer reference
+  (:mod:`fxquant.ops.fake_quant`), ``q_out`` the layer's own output quantizer (kinds ``layernorm``,
+  ``softmax``: in the precision map, set by the policy like any activation). The softmax's input is
+  peeled of its mask ops (:func:`~fxquant.passes.op_kinds.masked_scores`: ``masked_fill(cond, -inf)``,
+  ``torch.where(cond, x, -inf)``, ``x + (1 - m) * -1e9``), which become boolean keep terms; the
+  quantizer sits on the unmasked scores, as in the integer graph. A value that is sliced
+  (``x[:, 0]``, ``split``/``chunk`` pieces, then views) is quantized **before** the slicing, one
+  quantizer shared by every piece (an integer op has one output format).
+* **Constant scales** (:func:`fold_constant_scales`, first): ``y * c`` / ``y / c`` with ``c`` not a
+  power of two (attention's ``1/sqrt(d)``) is folded into the linear layer ``y`` comes from (through
+  views, transposes and activation matmuls): exact, no rounded constant multiply is left.
+
 Before → after (a residual block)::
 
     x ─ conv1 ─ bn ─ relu ─ conv2 ─ bn ─┐            x ─ q[input] ─ conv1(q_w) ─ bn ─ relu ─ q[conv1] ─ conv2(q_w) ─ bn ─ q[conv2] ─┐
@@ -42,20 +58,25 @@ Idempotent: a graph that already has quantizers is returned unchanged (``modifie
 
 from __future__ import annotations
 
+import copy
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from fxquant.errors import UnsupportedOpError
 from fxquant.fixed_point import OFF_BITS, FixedPoint
-from fxquant.ops.fake_quant import DEFAULT_LUT_INPUT_BITS, ElementwiseTable, FixedPointAvgPool2d
+from fxquant.ops.fake_quant import (DEFAULT_LUT_INPUT_BITS, ElementwiseTable, FixedPointAvgPool2d, FixedPointLayerNorm,
+                                   FixedPointSoftmax)
 from fxquant.passes.op_kinds import (GRID_KEEPING_KINDS, LAYER_META, QUANTIZED_KINDS, TRANSPARENT_KINDS,
-                                     WEIGHTED_KINDS, argument, call_arguments, elementwise_function, layer_name,
-                                     node_kind, short_name, spatial_mean, tensor_inputs)
+                                     WEIGHTED_KINDS, argument, call_arguments, constant_factor, elementwise_function,
+                                     is_shape_value, layer_name, masked_scores, node_kind, power_of_two_exponent,
+                                     short_name, spatial_mean, table_kind, tensor_inputs)
 from fxquant.quantizers import ACT, WEIGHT, BiasQuantizer, FixedPointQuantizer
 
 QUANT_ROOT = "fxq"
@@ -94,10 +115,20 @@ class InsertQuantizers(PassBase):
         for node in list(graph.nodes):
             if node_kind(gm, node) in WEIGHTED_KINDS:
                 _canonicalize_weighted(gm, node)
+        fold_constant_scales(gm)
+        masks: dict[fx.Node, tuple[fx.Node, list[tuple[str, fx.Node]], list[fx.Node]]] = {}
+        for node in graph.nodes:
+            if node_kind(gm, node) == "softmax" and not _is_fxq_module(gm, node):
+                a = call_arguments(gm, node) or {}
+                if isinstance(a.get("input"), fx.Node):
+                    masks[node] = masked_scores(gm, a["input"])
+        mask_nodes = {n for _, _, peeled in masks.values() for n in peeled}
         names: dict[fx.Node, str] = {}
         layers: set[str] = set()
         for node in graph.nodes:
             kind = node_kind(gm, node)
+            if node in mask_nodes:
+                continue
             if kind in QUANTIZED_KINDS or is_standalone_batchnorm(gm, node):
                 if kind == "lut":
                     fn = elementwise_function(gm, node)
@@ -111,9 +142,16 @@ class InsertQuantizers(PassBase):
         for node in list(graph.nodes):  # tables first: their outputs carry their own quantizer
             if node in names and node_kind(gm, node) == "lut":
                 self._lut(gm, node, names, used, act_q)
+            elif node in names and node_kind(gm, node) == "softmax" and node in masks:
+                self._softmax(gm, node, masks[node], names, used, act_q)
+            elif node in names and node_kind(gm, node) == "layernorm" and not _is_fxq_module(gm, node):
+                self._layernorm(gm, node, names, used, act_q)
         for node in list(graph.nodes):
             kind = names.get(node) and node_kind(gm, node)
-            if kind and kind != "lut":
+            if kind == "embedding":  # token ids are integer inputs: no float quantizer
+                self._embedding(gm, node, names[node])
+                continue
+            if kind and kind not in ("lut", "softmax", "layernorm"):
                 for value in tensor_inputs(node, gm):
                     if kind == "matmul" and value.op == "get_attr":  # x @ W with a parameter W
                         target = self._add_quantizer(gm, names[node], WEIGHT, self.weight_fmt, kind)
@@ -135,9 +173,117 @@ class InsertQuantizers(PassBase):
                 self._avgpool(gm, node, names[node])
             elif kind == "batchnorm":  # standalone BN: deployed as a depthwise 1x1 conv (FoldBatchNorm)
                 self._add_quantizer(gm, names[node], WEIGHT, self.weight_fmt, "batchnorm")
+        _erase_dead(graph, mask_nodes)
         graph.lint()
         gm.recompile()
         return PassResult(gm, True)
+
+    def _formats(self, gm: fx.GraphModule, *targets: str) -> list[fx.Node]:
+        """``get_attr`` nodes of the ``bits`` and ``frac_bits`` buffers of each quantizer target."""
+        return [gm.graph.get_attr(f"{t}.{buf}") for t in targets for buf in ("bits", "frac_bits")]
+
+    def _softmax(self, gm: fx.GraphModule, node: fx.Node,
+                 peeled: tuple[fx.Node, list[tuple[str, fx.Node]], list[fx.Node]], names: dict[fx.Node, str], used: set[str], act_q: dict[fx.Node, fx.Node]) -> None:
+        """``softmax(mask(scores))`` → ``q_out(FixedPointSoftmax(q_in(scores), formats, *keep_terms))``:
+        the mask ops become boolean keep terms (module docstring of :mod:`fxquant.ops.fake_quant`)."""
+        graph = gm.graph
+        layer = names[node]
+        if node.op == "call_module":
+            dim = gm.get_submodule(str(node.target)).dim
+        else:
+            dim = argument(node, 1, "dim")
+        if not isinstance(dim, int):
+            return  # no dim (legacy implicit dim) or a computed one: stays torch's softmax, the lowering names it
+        scores, terms, _ = peeled
+        q_in = self._act_quantizer(gm, scores, names, used, act_q)
+        in_q = grid_quantizer(gm, q_in)
+        key = module_key(layer, "softmax")
+        gm.get_submodule(QUANT_ROOT)[key] = FixedPointSoftmax(layer, dim)
+        out_target = self._add_quantizer(gm, _unique(layer, used), ACT, self.act_fmt, "softmax")
+        with graph.inserting_before(node):
+            keep = [graph.call_function(torch.logical_not, (t,)) if how == "not" else t for how, t in terms]
+            formats = self._formats(gm, str(in_q.target), out_target)
+            new = graph.call_module(f"{QUANT_ROOT}.{key}", (q_in, *formats, *keep))
+            q_out = graph.call_module(out_target, (new,))
+        self._replace(node, new, q_out, layer, names, act_q)
+
+    def _layernorm(self, gm: fx.GraphModule, node: fx.Node, names: dict[fx.Node, str], used: set[str],
+                   act_q: dict[fx.Node, fx.Node]) -> None:
+        """``layer_norm(x)`` → ``q_out(FixedPointLayerNorm(q_in(x), formats, q_w(gamma), beta))``."""
+        graph = gm.graph
+        layer = names[node]
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            shape, eps = module.normalized_shape, module.eps
+            with graph.inserting_before(node):
+                weight = graph.get_attr(f"{node.target}.weight") if module.weight is not None else None
+                bias = graph.get_attr(f"{node.target}.bias") if getattr(module, "bias", None) is not None else None
+            x = node.args[0]
+        else:
+            a = call_arguments(gm, node)
+            if a is None:
+                return
+            x, shape, weight, bias = a["input"], a.get("normalized_shape"), a.get("weight"), a.get("bias")
+            eps = a.get("eps", 1e-5)
+            if any(v is not None and not (isinstance(v, fx.Node) and v.op == "get_attr") for v in (weight, bias)) \
+                    or not isinstance(eps, float) or _nodes_of(shape):
+                return  # computed gamma/beta or shape: stays torch's layer_norm, the lowering names it
+        q_in = self._act_quantizer(gm, x, names, used, act_q)
+        in_q = grid_quantizer(gm, q_in)
+        key = module_key(layer, "layernorm")
+        gm.get_submodule(QUANT_ROOT)[key] = FixedPointLayerNorm(layer, list(shape), eps)
+        w_target = self._add_quantizer(gm, layer, WEIGHT, self.weight_fmt, "layernorm") if weight is not None \
+            else str(in_q.target)  # no gamma: the w formats are unused
+        out_target = self._add_quantizer(gm, _unique(layer, used), ACT, self.act_fmt, "layernorm")
+        with graph.inserting_before(node):
+            wq = graph.call_module(w_target, (weight,)) if weight is not None else None
+            formats = self._formats(gm, str(in_q.target), w_target, out_target)
+            new = graph.call_module(f"{QUANT_ROOT}.{key}", (q_in, *formats, wq, bias))
+            q_out = graph.call_module(out_target, (new,))
+        self._replace(node, new, q_out, layer, names, act_q)
+
+    def _replace(self, node: fx.Node, new: fx.Node, q_out: fx.Node, layer: str, names: dict[fx.Node, str],
+                 act_q: dict[fx.Node, fx.Node]) -> None:
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        new.meta[LAYER_META] = layer
+        names[new] = layer
+        node.replace_all_uses_with(q_out)
+        node.graph.erase_node(node)
+        act_q[new] = q_out
+
+    def _embedding(self, gm: fx.GraphModule, node: fx.Node, layer: str) -> None:
+        """``nn.Embedding(ids)`` / ``F.embedding(ids, W)`` → ``F.embedding(ids, q_w(W))``: the table is a
+        weight (layer kind ``embedding``), the ids stay integer (no quantizer)."""
+        graph = gm.graph
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            if module.max_norm is not None:
+                raise UnsupportedOpError(f"embedding {node.target!r}: max_norm renormalizes the table in forward",
+                                         "use max_norm=None")
+            with graph.inserting_before(node):
+                weight = graph.get_attr(f"{node.target}.weight")
+            ids, padding_idx = node.args[0], module.padding_idx
+        else:
+            a = call_arguments(gm, node) or {}
+            ids, weight, padding_idx = a.get("input"), a.get("weight"), a.get("padding_idx")
+            if node.target is _aten.embedding.default:
+                ids, weight = argument(node, 1, "indices"), argument(node, 0, "weight")
+                padding_idx = argument(node, 2, "padding_idx", -1)
+                padding_idx = None if padding_idx == -1 else padding_idx
+            if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or a.get("max_norm") is not None:
+                return  # a computed table: a float op, the lowering names it
+        target = self._add_quantizer(gm, layer, WEIGHT, self.weight_fmt, "embedding")
+        with graph.inserting_before(node):
+            wq = graph.call_module(target, (weight,))
+            kwargs = {"padding_idx": padding_idx} if padding_idx is not None else {}
+            new = graph.call_function(F.embedding, (ids, wq), kwargs)
+        new.meta.update(node.meta)
+        new.meta[LAYER_META] = layer
+        if node.op == "call_module":
+            new.meta["nn_module_stack"] = {**node.meta.get("nn_module_stack", {}),
+                                           str(node.target): (str(node.target), type(module))}
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
 
     def _lut(self, gm: fx.GraphModule, node: fx.Node, names: dict[fx.Node, str], used: set[str],
              act_q: dict[fx.Node, fx.Node]) -> None:
@@ -211,6 +357,21 @@ class InsertQuantizers(PassBase):
             return act_q[value]
         if grid_quantizer(gm, value) is not None:
             return value  # a quantizer's output, through ops that keep its grid
+        node, base, cut = value, None, None
+        while node.op in ("call_function", "call_method", "call_module") and node_kind(gm, node) in GRID_KEEPING_KINDS:
+            inputs = tensor_inputs(node, gm)
+            if not inputs:
+                break
+            if node_kind(gm, node) in ("slice", "split"):
+                base, cut = inputs[0], node
+            node = inputs[0]
+        if base is not None:  # x[:, 0], split pieces (then views): one quantizer on x, shared by every piece
+            q = self._act_quantizer(gm, base, names, used, act_q)
+            if q is not base:
+                for user in list(base.users):
+                    if user is not q and node_kind(gm, user) in ("slice", "split"):
+                        user.replace_input_with(base, q)
+            return value
         source, kind = _source_layer(gm, value, names)
         layer = _unique(source, used)
         target = self._add_quantizer(gm, layer, ACT, self.act_fmt, kind)
@@ -227,6 +388,124 @@ class InsertQuantizers(PassBase):
         node.update_arg(1, wq)
         if len(node.args) > 2 and isinstance(node.args[2], fx.Node):
             attach_bias_quantizer(gm, node, layer)
+
+
+def _is_fxq_module(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and getattr(type(gm.get_submodule(str(node.target))), "fxq_kind", None) is not None
+
+
+def _erase_dead(graph: fx.Graph, nodes: set[fx.Node]) -> None:
+    """Erase the peeled mask ops that nothing reads any more (consumers first)."""
+    for node in reversed(list(graph.nodes)):
+        if node in nodes and not node.users:
+            graph.erase_node(node)
+
+
+def fold_constant_scales(gm: fx.GraphModule) -> bool:
+    """``y * c`` / ``y / c`` with a constant ``c`` that is not a power of two (attention's
+    ``1/sqrt(d)``), where ``y`` comes from a linear layer through reshapes, transposes and matmuls
+    of two activations (each read once), or from one piece of a ``split``/``chunk`` on the last axis
+    of a linear's output (a packed ``qkv`` projection): ``c`` is folded into that linear's weight and
+    bias (``(x W^T + b) c = x (c W)^T + c b``; for a piece, only its output rows), exact in reals.
+    The fake-quant model and the integer graph then both compute with the folded weights, so
+    nothing is rounded twice. The folded layer is a copy held by ``gm`` (the user's module is not
+    changed). A power of two stays ``mul_pow2``; a scale that cannot be folded stays a float multiply
+    (the lowering names it). Returns whether anything was folded."""
+    modified = False
+    for node in list(gm.graph.nodes):
+        factor = constant_factor(gm, node)
+        if factor is None or power_of_two_exponent(factor[1]) is not None or not math.isfinite(factor[1]):
+            continue
+        x, c = factor
+        found = _scalable_linear(gm, x)
+        if found is None:
+            continue
+        linear, rows = found
+        for p in linear.args[1:3]:
+            if isinstance(p, fx.Node):
+                _scale_parameter(gm, str(p.target), c, rows)
+        node.replace_all_uses_with(x)
+        gm.graph.erase_node(node)
+        modified = True
+    return modified
+
+
+def _users(x: fx.Node) -> list[fx.Node]:
+    return [u for u in x.users if not is_shape_value(u)]
+
+
+def _scalable_linear(gm: fx.GraphModule, x: fx.Node) -> tuple[fx.Node, slice | None] | None:
+    """``(linear, output rows or None)`` whose output ``x`` is a scaled view of (module docstring)."""
+    rows = None
+    while isinstance(x, fx.Node) and len(_users(x)) == 1:
+        kind = node_kind(gm, x)
+        if kind == "linear" and x.target is _aten.linear.default:
+            params = [p for p in x.args[1:3] if isinstance(p, fx.Node)]
+            return (x, rows) if all(p.op == "get_attr" for p in params) else None
+        if kind in ("reshape", "transpose", "identity") and rows is None:
+            inputs = tensor_inputs(x, gm)
+            x = inputs[0] if inputs else None
+        elif kind == "matmul" and rows is None:
+            a = call_arguments(gm, x) or {}
+            operands = [a.get("input"), a.get("other")]
+            if not all(isinstance(v, fx.Node) and v.op != "get_attr" for v in operands):
+                return None
+            x = operands[0]
+        elif kind == "slice" and rows is None and x.target is operator.getitem and \
+                table_kind(x.args[0]) == "split" and isinstance(x.args[1], int):
+            split = x.args[0]
+            linear = split.args[0] if split.args else None
+            if not (isinstance(linear, fx.Node) and linear.target is _aten.linear.default and
+                    isinstance(linear.args[1], fx.Node) and linear.args[1].op == "get_attr"):
+                return None
+            out_features = operator.attrgetter(str(linear.args[1].target))(gm).shape[0]
+            rows = _piece_rows(gm, split, x.args[1], out_features)
+            if rows is None or _users(linear) != [split]:
+                return None
+            x = linear
+        else:
+            return None
+    return None
+
+
+def _piece_rows(gm: fx.GraphModule, split: fx.Node, i: int, n: int) -> slice | None:
+    """Rows ``[start, stop)`` of piece ``i`` of ``split``/``chunk`` over the last axis of ``n`` features."""
+    a = call_arguments(gm, split) or {}
+    val = split.args[0].meta.get("val") if split.args and isinstance(split.args[0], fx.Node) else None
+    rank = val.dim() if isinstance(val, torch.Tensor) else None  # export graphs record shapes
+    if a.get("dim", 0) != -1 and (rank is None or a.get("dim") != rank - 1):
+        return None  # a positive dim may not be the features axis (fx graphs hold no shapes here)
+    spec = a.get("chunks", a.get("split_size_or_sections", a.get("split_size", a.get("split_sizes"))))
+    if not (isinstance(spec, int) or isinstance(spec, (list, tuple)) and all(isinstance(v, int) for v in spec)):
+        return None  # a size computed from shapes
+    if "chunks" in a:
+        size = -(-n // spec)
+        sizes = [size] * (n // size) + ([n % size] if n % size else [])
+    else:
+        sizes = [spec] * (-(-n // spec)) if isinstance(spec, int) else list(spec)
+    if not 0 <= i < len(sizes) or sum(sizes) < n:
+        return None
+    start = sum(sizes[:i])
+    return slice(start, min(start + sizes[i], n))
+
+
+def _scale_parameter(gm: fx.GraphModule, target: str, c: float, rows: slice | None = None) -> None:
+    """Replace parameter ``target`` by ``c`` times it (its ``rows`` only, if given), in a copy of its
+    owner module held by ``gm``."""
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    old = getattr(owner, name)
+    if owner is not gm:
+        copy_ = copy.copy(owner)
+        copy_._parameters = dict(owner._parameters)
+        copy_._buffers = dict(owner._buffers)
+        parent_path, _, leaf = owner_path.rpartition(".")
+        setattr(gm.get_submodule(parent_path) if parent_path else gm, leaf, copy_)
+        owner = copy_
+    with torch.no_grad():
+        new = old.detach().clone()
+        new[rows if rows is not None else slice(None)] *= c
+        owner._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
 
 
 def grid_quantizer(gm: fx.GraphModule, value: fx.Node) -> fx.Node | None:

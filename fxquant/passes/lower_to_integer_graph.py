@@ -38,6 +38,15 @@ multiply, :func:`~fxquant.ops.fake_quant.avgpool_window`). Pooled sizes are chec
 torch's. Which targets build each op is legality's business (``fxquant/legality.py``), not the
 lowering's: nothing here refuses a window for not being a power of two.
 
+**Transformer ops** (``docs/passes.md``): ``F.embedding(ids, q_w(W))`` → ``embedding`` (the ids,
+a model input, become ``<BW, 0>`` with ``V - 1 <= 2^(BW-1) - 1``); :class:`FixedPointLayerNorm` →
+``layernorm`` (gamma at its quantizer's format, or 1 at ``<2,0>``; beta int32 on ``FL_w + 16``; ``eps``
+by :func:`~fxquant.fixed_point.layernorm_eps`); :class:`FixedPointSoftmax` → ``softmax``, its keep
+terms read as a model input mask (``<2, 0>``, reshaped to the scores' rank; nodes that only feed
+masks are never lowered themselves) and a constant lower-triangular keep as ``causal``;
+``x[:, 0]``, ``x[..., a:b]``, ``select``, ``narrow``, ``split``/``chunk`` pieces (and export's
+``aten.slice``/``aten.select``) → one ``slice`` per sliced axis.
+
 ``torch.add(a, b, alpha=2^e)`` is exact in fixed point: ``b``'s integers at ``FL_b - e`` are
 ``2^e b``, so the lowering emits ``mul_pow2`` (integers unchanged, FL relabelled) before the add;
 any other ``alpha`` is refused.
@@ -64,19 +73,29 @@ import numpy as np
 
 from fxquant.elementwise import lut_attrs
 from fxquant.errors import ExportError, ModelFileError, UnsupportedOpError
-from fxquant.fixed_point import FRAC_BITS_LIMIT, MAX_LUT_BITS, FixedPoint, quantize_bias, quantize_int
+from fxquant.fixed_point import (FRAC_BITS_LIMIT, LAYERNORM_FRAC_BITS, MAX_LUT_BITS, FixedPoint, layernorm_eps,
+                                 quantize_bias, quantize_int)
 from fxquant.integer_graph import IntegerGraph, Op, Value, pool_output_size
-from fxquant.ops.fake_quant import ElementwiseTable, FixedPointAvgPool2d, avgpool_window, window_factors
+from fxquant.ops.fake_quant import (ElementwiseTable, FixedPointAvgPool2d, FixedPointLayerNorm, FixedPointSoftmax,
+                                   avgpool_window, window_factors)
 from fxquant.passes.op_kinds import (argument, call_arguments, clamp_bounds, constant_factor, describe,
                                      layer_name, mul_operands, node_kind, power_of_two_exponent, table_kind,
                                      tensor_inputs)
 from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
 
 _aten = torch.ops.aten
-_PASS_THROUGH = ("relu", "maxpool2d", "flatten", "reshape", "transpose", "upsample_nearest", "clamp")
+_PASS_THROUGH = ("relu", "maxpool2d", "flatten", "reshape", "transpose", "upsample_nearest", "clamp", "slice")
 """Ops that keep their input's format (a clamp after a still-unformatted value: see lower_clamp)."""
 COVERAGE_HINT = "docs/coverage.md lists the ops and forms each target supports"
 _RESHAPE_HINT = "keep the batch dimension: x.view(x.size(0), ...), torch.flatten(x, 1)"
+MASK_BITS = 2
+"""Attention masks are graph inputs at ``<2, 0>`` (0/1 or bool; nonzero = keep)."""
+_EQ = frozenset({operator.eq, torch.eq, _aten.eq.Scalar})
+_NOT = frozenset({operator.invert, torch.logical_not, torch.bitwise_not, _aten.logical_not.default,
+                  _aten.bitwise_not.default})
+_MASK_VIEWS = frozenset({"view", "reshape", "unsqueeze", "float", "bool", "long", "int", "to", "type_as", "double",
+                         "half", "type"})
+"""Methods a mask may go through between its input and the softmax (shape and dtype only)."""
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -100,6 +119,43 @@ def _nodes(value: Any) -> list[fx.Node]:
     out: list[fx.Node] = []
     fx.node.map_arg(value, out.append)
     return out
+
+
+class _NotConstant(Exception):
+    """An expression that reads a model input (not evaluable at lowering time)."""
+
+
+_NE = frozenset({operator.ne, torch.ne, _aten.ne.Scalar})
+_MASK_FUNCTIONS = frozenset({torch.unsqueeze, torch.reshape, _aten.unsqueeze.default, _aten.view.default,
+                             _aten.reshape.default, _aten._to_copy.default, _aten.to.dtype, _aten.alias.default,
+                             _aten.clone.default, _aten._unsafe_view.default})
+
+
+def _is_full_slice(lowering: Any, node: fx.Node) -> bool:
+    """``aten.slice.Tensor(x, dim, 0, big)`` taking a whole axis (export's form of ``mask[:, None]``)."""
+    if not (node.op == "call_function" and node.target is _aten.slice.Tensor):
+        return False
+    a = call_arguments(lowering.gm, node) or {}
+    return lowering.full_shape(node) == lowering.full_shape(node.args[0]) and a.get("step", 1) == 1
+
+
+def _is_nonzero_test(node: fx.Node) -> bool:
+    """``x != 0`` (keeps exactly the nonzero entries of ``x``: ``pad id 0 -> masked``)."""
+    return (node.op == "call_function" and node.target in _NE or node.op == "call_method" and node.target == "ne") \
+        and len(node.args) == 2 and node.args[1] == 0 and not isinstance(node.args[1], bool)
+
+
+def _first_tensor(node: fx.Node, a: dict[str, Any]) -> fx.Node:
+    """The tensor a split / select / narrow / aten.slice reads (its first argument)."""
+    if node.args and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return next(a[k] for k in ("input", "self", "tensor") if isinstance(a.get(k), fx.Node))
+
+
+def _none_index(index: Any) -> bool:
+    """``[:, None, None, :]``-style indices: full slices, ``None`` and ``...`` only (adding axes)."""
+    entries = index if isinstance(index, tuple) else (index,)
+    return all(e is None or e is Ellipsis or e == slice(None) for e in entries)
 
 
 class _TensorShape(tuple):
@@ -160,7 +216,23 @@ class _Lowering:
         self.problems: list[tuple[str, str | None]] = []
         self.rows: dict[fx.Node, tuple[int, ...]] = {}  # row-merged values: their leading dims L
         self.poisoned: set[fx.Node] = set()
+        self.splits: dict[fx.Node, tuple[str, int, list[int]]] = {}  # split node -> (src, dim, piece starts)
+        self.mask_only = self.mask_subgraph()
 
+    def mask_subgraph(self) -> set[fx.Node]:
+        """Nodes read only by softmax keep terms (mask arithmetic): lowered with the softmax's mask."""
+        out: set[fx.Node] = set()
+        for node in reversed(list(self.gm.graph.nodes)):
+            if node.op in ("placeholder", "get_attr", "output") or not node.users:
+                continue
+            def only_mask(user: fx.Node) -> bool:
+                if user in out:
+                    return True
+                return (user.op == "call_module" and isinstance(self.module(user), FixedPointSoftmax)
+                        and node not in user.args[:5])
+            if all(only_mask(u) for u in node.users):
+                out.add(node)
+        return out
     # ---------------------------------------------------------------- helpers
     def module(self, node: fx.Node) -> torch.nn.Module:
         return self.gm.get_submodule(str(node.target))
@@ -229,6 +301,8 @@ class _Lowering:
             if node.op == "call_module" and isinstance(self.module(node), BiasQuantizer):
                 self.constants.add(node)  # read by lower_weighted from the parameter
                 continue
+            if node in self.mask_only:
+                continue  # read by lower_softmax
             inputs = _nodes((node.args, node.kwargs))
             is_quantizer = node.op == "call_module" and isinstance(self.module(node), FixedPointQuantizer)
             act_quantizer = is_quantizer and self.module(node).role != "weight"
@@ -351,7 +425,9 @@ class _Lowering:
             raise self.no_integer_form(node, kind)
         special = {"clamp": self.lower_clamp, "lut": self.lower_lut, "mul": self.lower_mul,
                    "mul_pow2": self.lower_mul_pow2, "transpose": self.lower_transpose,
-                   "upsample_nearest": self.lower_upsample}
+                   "upsample_nearest": self.lower_upsample, "softmax": self.lower_softmax,
+                   "layernorm": self.lower_layernorm, "embedding": self.lower_embedding,
+                   "slice": self.lower_slice, "split": self.lower_split}
         if kind in special:
             special[kind](node, layer_name(self.gm, node, kind))
             return
@@ -643,6 +719,247 @@ class _Lowering:
             op = Op(node.name, "reshape", (src,), node.name, out_fmt=None, attrs={"shape": shape})
         self.emit(node, op, pending=False)
         self.root_of[node.name] = self.root_of.get(src)
+
+
+    # ---------------------------------------------------------------- transformer ops
+    def append(self, op: Op, shape: tuple[int, ...], src: str) -> None:
+        """Emit a pass-through op whose output has no fx node of its own (a step of ``x[:, 0, 1:]``)."""
+        self.ops.append(op)
+        self.shape_of[op.output] = tuple(shape)
+        self.root_of[op.output] = self.root_of.get(src)
+
+    def lower_embedding(self, node: fx.Node, layer: str) -> None:
+        """``F.embedding(ids, q_w(W))``: the ids input becomes ``<BW, 0>`` with ``V - 1 <= 2^(BW-1) - 1``."""
+        a = call_arguments(self.gm, node) or {}
+        ids, wq_node = a.get("input"), a.get("weight")
+        if not self.is_weight(wq_node):
+            raise self.refuse(node, "an embedding whose table is not a quantized parameter",
+                              "use nn.Embedding (InsertQuantizers quantizes its table)")
+        if self.value(a.get("max_norm")) is not None:
+            raise self.refuse(node, "embedding with max_norm", "use max_norm=None")
+        if not (isinstance(ids, fx.Node) and ids.op == "placeholder"):
+            what = describe(self.gm, ids) if isinstance(ids, fx.Node) else repr(ids)
+            raise self.refuse(node, f"token ids computed in the model ({what})",
+                              "feed the token ids (and position ids) as model inputs")
+        w_fmt = self.quantizer_fmt(self.module(wq_node))
+        table = self.constant(wq_node.args[0]).detach().double().numpy()
+        bits = max(MASK_BITS, (table.shape[0] - 1).bit_length() + 1)
+        self.integer_input(node, ids, bits)
+        self.emit(node, Op(layer, "embedding", (ids.name,), node.name, out_fmt=None,
+                           weight=quantize_int(table, w_fmt), weight_fmt=w_fmt), pending=True)
+
+    def integer_input(self, node: fx.Node, ph: fx.Node, bits: int) -> None:
+        """Make model input ``ph`` an integer input ``<bits, 0>`` (the widest of its readers)."""
+        root = self.input_roots[ph.name]
+        if root.out_fmt is not None and (root.out_fmt.frac_bits != 0 or root.kind != "integer"):
+            raise self.refuse(node, f"input {ph.name!r} is read as integers (token ids / mask) and as a "
+                                    f"quantized activation at {root.out_fmt}",
+                              "feed ids and masks as their own model inputs")
+        root.kind = "integer"
+        root.out_fmt = FixedPoint(max(bits, root.out_fmt.bits if root.out_fmt else 0), 0)
+
+    def lower_layernorm(self, node: fx.Node, layer: str) -> None:
+        module = self.module(node) if node.op == "call_module" else None
+        if not isinstance(module, FixedPointLayerNorm):
+            raise self.refuse(node, "a layer norm not prepared by InsertQuantizers (computed gamma/beta or shape)",
+                              "use nn.LayerNorm, or F.layer_norm on parameters")
+        in_name = self.resolved(node.args[0], f"input of {layer}")
+        in_fmt, shape = self.fmt(in_name), self.shape_of[in_name]
+        if len(module.normalized_shape) != 1 or not shape or module.normalized_shape[0] != shape[-1]:
+            raise self.refuse(node, f"layer norm over {list(module.normalized_shape)} of a {list(shape)} value "
+                                    "(the integer op normalizes the last axis only)", "normalize the last axis")
+        n = shape[-1]
+        wq_node, bias_node = (node.args[7], node.args[8]) if len(node.args) > 8 else (None, None)
+        if wq_node is None:
+            gamma, w_fmt = np.ones(n, dtype=np.int64), FixedPoint(2, 0)
+        else:
+            w_fmt = self.quantizer_fmt(self.module(wq_node))
+            gamma = quantize_int(self.constant(wq_node.args[0]).detach().double().numpy(), w_fmt)
+        bias = None
+        if isinstance(bias_node, fx.Node):
+            bias = quantize_bias(self.constant(bias_node).detach().double().numpy(),
+                                 w_fmt.frac_bits + LAYERNORM_FRAC_BITS)
+        attrs = {"dim": len(shape), "eps": layernorm_eps(module.eps, n, in_fmt)}
+        self.emit(node, Op(layer, "layernorm", (in_name,), node.name, out_fmt=None, weight=gamma, weight_fmt=w_fmt,
+                           bias=bias, attrs=attrs), pending=True)
+
+    def lower_softmax(self, node: fx.Node, layer: str) -> None:
+        """A :class:`FixedPointSoftmax`: scores, and its keep terms as the op's mask input (a model
+        input, reshaped to the scores' rank) and ``causal`` (a constant lower-triangular keep)."""
+        module = self.module(node) if node.op == "call_module" else None
+        if not isinstance(module, FixedPointSoftmax):
+            raise self.refuse(node, "a softmax not prepared by InsertQuantizers (no integer dim)",
+                              "use F.softmax(x, dim=-1) / x.softmax(-1)")
+        scores = self.resolved(node.args[0], f"input of {layer}")
+        full = self.full_shape(node.args[0])
+        rank = len(full)
+        if rank < 2 or module.dim % rank != rank - 1:
+            raise self.refuse(node, f"softmax over dim {module.dim} of a rank-{rank} tensor (the integer op "
+                                    "normalizes the last axis)", "use dim=-1 (transpose first)")
+        mask, consts = None, []
+        for term in node.args[5:]:
+            kind, value = self.keep_term(node, term)
+            if kind == "const":
+                consts.append(value)
+            elif mask is not None and mask[0] is not value[0]:
+                raise self.refuse(node, "two different mask inputs", "combine the masks into one model input")
+            else:
+                mask = value
+        attrs: dict[str, Any] = {"dim": rank - 1, "causal": False, "exp_bits": module.exp_bits}
+        if consts:
+            keep = np.ones(full, dtype=bool)
+            for c in consts:
+                keep = keep & np.broadcast_to(c, full)
+            tril = np.broadcast_to(np.tril(np.ones(full[-2:], dtype=bool)), full)
+            if np.array_equal(keep, tril):
+                attrs["causal"] = True
+            elif not keep.all():
+                raise self.refuse(node, "a constant mask that is not causal (keep key j <= query i)",
+                                  "use a lower-triangular (torch.tril) mask, or feed the mask as a model input")
+        inputs = (scores,)
+        if mask is not None:
+            ph, shape = mask
+            self.integer_input(node, ph, MASK_BITS)
+            shape = (1,) * (rank - len(shape)) + tuple(shape)
+            batch2 = self.shapes2 is None or self.shapes2.get(ph, (0,))[0] == self.shapes2.get(node.args[0], (0,))[0]
+            if shape[0] != full[0] or not batch2 or any(m not in (1, s) for m, s in zip(shape[1:], full[1:])):
+                raise self.refuse(node, f"mask of shape {list(shape)} does not broadcast to the scores {list(full)} "
+                                        "per sample", "give the mask a batch dimension")
+            name = ph.name
+            if tuple(shape[1:]) != self.shape_of[ph.name]:
+                name = f"{node.name}_mask"
+                self.append(Op(name, "reshape", (ph.name,), name, out_fmt=None, attrs={"shape": tuple(shape[1:])}),
+                            shape[1:], ph.name)
+            inputs = (scores, name)
+        self.emit(node, Op(layer, "softmax", inputs, node.name, out_fmt=None, attrs=attrs), pending=True)
+
+    def keep_term(self, softmax: fx.Node, term: fx.Node) -> tuple[str, Any]:
+        """``("const", bool array)`` or ``("mask", (placeholder, shape with batch))`` of a keep term
+        (``logical_not(mask == 0)``, ``logical_not(~mask)``, ``mask``; through views and casts)."""
+        try:
+            return "const", torch.as_tensor(self.evaluate(term)).detach().cpu().numpy() != 0
+        except _NotConstant:
+            pass
+        m = term
+        if m.op == "call_function" and m.target is torch.logical_not:
+            inner = m.args[0]
+            is_eq = isinstance(inner, fx.Node) and (inner.target in _EQ or inner.op == "call_method" and
+                                                    inner.target == "eq")
+            if is_eq and len(inner.args) == 2 and inner.args[1] == 0 and isinstance(inner.args[0], fx.Node):
+                m = inner.args[0]
+            elif isinstance(inner, fx.Node) and (inner.target in _NOT or inner.op == "call_method" and
+                                                 inner.target in ("logical_not", "bitwise_not", "__invert__")):
+                m = inner.args[0]
+            else:
+                raise self.refuse(softmax, f"a mask condition {describe(self.gm, inner)} that is not "
+                                           "'mask == 0' or '~mask'", "mask with masked_fill(mask == 0, -inf)")
+        shape = self.full_shape(m)
+        x = m
+        while x.op != "placeholder":
+            ok = (x.op == "call_method" and x.target in _MASK_VIEWS or _is_nonzero_test(x) or
+                  x.op == "call_function" and x.target in _MASK_FUNCTIONS or _is_full_slice(self, x) or
+                  x.op == "call_function" and x.target is operator.getitem and _none_index(x.args[1]))
+            if not ok or not isinstance(x.args[0], fx.Node):
+                raise self.refuse(softmax, f"the mask goes through {describe(self.gm, x)}",
+                                  "feed a 0/1 (or bool) mask input; only views and dtype casts may follow it")
+            x = x.args[0]
+        if [d for d in shape if d != 1] != [d for d in self.full_shape(x) if d != 1]:
+            raise self.refuse(softmax, f"the mask {list(self.full_shape(x))} is rearranged to {list(shape)}",
+                              "only add axes of size 1 to a mask")
+        return "mask", (x, shape)
+
+    def evaluate(self, node: Any) -> Any:
+        """The value of a constant expression (parameters, buffers, shape arithmetic), else ``_NotConstant``."""
+        if not isinstance(node, fx.Node):
+            return fx.node.map_arg(node, self.evaluate) if isinstance(node, (list, tuple, dict)) else node
+        if node.op == "get_attr":
+            return operator.attrgetter(str(node.target))(self.gm)
+        if node in self.results and _is_shape_like(self.results[node]):
+            return self.results[node]
+        if node.op not in ("call_function", "call_method"):
+            raise _NotConstant
+        args = [self.evaluate(a) for a in node.args]
+        kwargs = {k: self.evaluate(v) for k, v in node.kwargs.items()}
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+    def lower_split(self, node: fx.Node, layer: str) -> None:
+        """``split``/``chunk``: pieces are read by ``pieces[i]`` (:meth:`lower_slice`)."""
+        a = call_arguments(self.gm, node) or {}
+        src_node = _first_tensor(node, a)
+        rank = len(self.full_shape(src_node))
+        dim = int(self.value(a.get("dim", 0))) % rank
+        if dim == 0:
+            raise self.refuse(node, "split along the batch dimension")
+        pieces = self.results[node]
+        starts = [0]
+        for t in pieces:
+            starts.append(starts[-1] + int(t.shape[dim]))
+        self.splits[node] = (self.ir(src_node), dim, starts)
+
+    def lower_slice(self, node: fx.Node, layer: str) -> None:
+        """``x[:, 0]``, ``x[:, 1:]``, ``x[..., a:b:c]``, ``split``/``chunk`` pieces, ``select``,
+        ``narrow``: one ``slice`` op per sliced axis (right to left, so axis numbers stay valid)."""
+        steps: list[dict[str, int]] = []
+        if node.target is operator.getitem:
+            src_node, index = node.args
+            if src_node in self.splits:
+                src, dim, starts = self.splits[src_node]
+                steps.append({"dim": dim, "start": starts[index], "stop": starts[index + 1], "step": 1})
+            else:
+                src, full = self.ir(src_node), self.full_shape(src_node)
+                entries = list(self.value(index) if isinstance(index, tuple) else (self.value(index),))
+                if Ellipsis in entries:
+                    i = entries.index(Ellipsis)
+                    entries[i:i + 1] = [slice(None)] * (len(full) - len(entries) + 1)
+                for axis, e in enumerate(entries):
+                    size = full[axis]
+                    if isinstance(e, int):
+                        steps.append({"dim": axis, "index": e % size})
+                        continue
+                    start, stop, step = e.indices(size)
+                    if (start, stop, step) != (0, size, 1):
+                        steps.append({"dim": axis, "start": start, "stop": stop, "step": step})
+        else:
+            a = call_arguments(self.gm, node) or {}
+            src_node = _first_tensor(node, a)
+            src, full = self.ir(src_node), self.full_shape(src_node)
+            dim = int(self.value(a.get("dim", 0))) % len(full)
+            size = full[dim]
+            if "index" in a:
+                steps.append({"dim": dim, "index": int(self.value(a["index"])) % size})
+            elif "length" in a:
+                start = int(self.value(a["start"])) % size
+                steps.append({"dim": dim, "start": start, "stop": start + int(self.value(a["length"])), "step": 1})
+            else:
+                start, stop, step = slice(self.value(a.get("start")), self.value(a.get("end")),
+                                          self.value(a.get("step", 1))).indices(size)
+                if (start, stop, step) != (0, size, 1):  # export's x[:, 0] is a full slice, then a select
+                    steps.append({"dim": dim, "start": start, "stop": stop, "step": step})
+        if src_node not in self.splits:
+            src = self.ir(src_node)
+        for s in steps:
+            if s["dim"] == 0:
+                raise self.refuse(node, "slicing the batch dimension", "slice the other axes only (x[:, ...])")
+            if "start" in s and (s["step"] < 1 or s["start"] >= s["stop"]):
+                raise self.refuse(node, f"an empty or reversed slice {s['start']}:{s['stop']}:{s['step']}")
+        if not steps:
+            self.value_of[node] = src
+            return
+        shape = list(self.shape_of[src])
+        for i, s in enumerate(sorted(steps, key=lambda s: -s["dim"])):
+            if "index" in s:
+                del shape[s["dim"] - 1]
+            else:
+                shape[s["dim"] - 1] = len(range(s["start"], s["stop"], s["step"]))
+            last = i == len(steps) - 1
+            name = node.name if last else f"{node.name}_{i}"
+            self.append(Op(name, "slice", (src,), name, out_fmt=None, attrs=dict(s)), tuple(shape), src)
+            src = name
+        if tuple(shape) != self.shape(node):
+            raise self.refuse(node, f"indexing gives {list(self.shape(node))}, the slices {list(shape)}")
+        self.value_of[node] = src
 
     # ---------------------------------------------------------------- result
     def finish(self, output: fx.Node) -> IntegerGraph:

@@ -14,6 +14,13 @@ every pass reads the graph the same way whichever capture produced it:
   and tanh, Mish, ELU(alpha), LeakyReLU(slope), Softplus(beta=1), exp, PReLU — as module,
   ``F.*``, ``torch.*``, tensor method, aten overload or in-place variant; :func:`elementwise_function`
   gives its name and parameters).
+* transformer kinds (quantized): ``embedding`` (``nn.Embedding``, ``F.embedding``, aten: the table
+  is a weight, the ids are integers), ``layernorm`` (``nn.LayerNorm``, ``F.layer_norm``, aten),
+  ``softmax`` (``nn.Softmax``, ``F.softmax``, ``torch.softmax``, ``Tensor.softmax``, aten);
+  transparent: ``slice`` (``x[:, 0]``, ``x[..., a:b:c]`` with int/slice indices only
+  (:func:`tensor_index`), ``select``, ``narrow``, aten ``slice``/``select``, and the pieces of a
+  ``split``/``chunk``, whose own kind is ``split``). :func:`masked_scores` reads the attention
+  mask forms in front of a softmax.
 * **transparent** kinds (``relu``, ``maxpool2d``, ``flatten``, ``reshape`` (view, reshape,
   squeeze, unsqueeze), ``transpose`` (permute, transpose, swapaxes), ``upsample_nearest``
   (``nn.Upsample``/``F.interpolate`` in mode ``nearest``, aten ``upsample_nearest2d``),
@@ -53,10 +60,10 @@ from torch.fx.node import _get_qualified_name
 from torch.fx.operator_schemas import normalize_function, normalize_module
 
 QUANTIZED_KINDS = frozenset({"conv2d", "linear", "matmul", "add", "cat", "avgpool2d", "conv_transpose2d",
-                             "mul", "mul_pow2", "lut"})
+                             "mul", "mul_pow2", "lut", "softmax", "layernorm", "embedding"})
 WEIGHTED_KINDS = frozenset({"conv2d", "linear", "conv_transpose2d"})
 TRANSPARENT_KINDS = frozenset({"relu", "maxpool2d", "flatten", "reshape", "identity", "transpose",
-                               "upsample_nearest", "clamp"})
+                               "upsample_nearest", "clamp", "slice", "split"})
 GRID_KEEPING_KINDS = TRANSPARENT_KINDS - {"clamp"}
 """Transparent kinds whose output stays on its input's grid (a clamp's bounds may be off-grid)."""
 LAYER_META = "fxq_layer"
@@ -70,6 +77,7 @@ _MODULE_KINDS: tuple[tuple[type, str], ...] = (
     (nn.MaxPool2d, "maxpool2d"),
     (nn.AvgPool2d, "avgpool2d"), (nn.AdaptiveAvgPool2d, "avgpool2d"), (nn.Flatten, "flatten"),
     (nn.Unflatten, "reshape"), (nn.modules.dropout._DropoutNd, "identity"), (nn.Identity, "identity"),
+    (nn.Embedding, "embedding"), (nn.LayerNorm, "layernorm"), (nn.Softmax, "softmax"),
 )
 _FUNCTION_KINDS: dict[Any, str] = {
     _aten.conv2d.default: "conv2d", _aten.conv2d.padding: "conv2d", torch.conv2d: "conv2d",
@@ -90,6 +98,12 @@ _FUNCTION_KINDS: dict[Any, str] = {
     _aten.alias.default: "identity", _aten.detach.default: "identity",
     _aten._native_batch_norm_legit_no_training.default: "batchnorm",
     _aten.batch_norm.default: "batchnorm",
+    F.embedding: "embedding", _aten.embedding.default: "embedding",
+    F.layer_norm: "layernorm", _aten.layer_norm.default: "layernorm",
+    F.softmax: "softmax", torch.softmax: "softmax", _aten.softmax.int: "softmax", _aten._softmax.default: "softmax",
+    torch.split: "split", torch.chunk: "split", _aten.split.Tensor: "split", _aten.split_with_sizes.default: "split",
+    _aten.chunk.default: "split", torch.select: "slice", torch.narrow: "slice", _aten.select.int: "slice",
+    _aten.slice.Tensor: "slice", _aten.narrow.default: "slice",
 }
 
 def _ops(*names: str) -> list[Any]:
@@ -321,14 +335,53 @@ def _special_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return "upsample_nearest"
     if node.op == "call_function" and node.target in _CONV_TRANSPOSE_FUNCTIONS:
         return "conv_transpose2d"
+    if tensor_index(gm, node) is not None:
+        return "slice"
     return None
+
+
+def _index_entry(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int) or v is Ellipsis or is_shape_value(v):
+        return True
+    return isinstance(v, slice) and all(b is None or isinstance(b, int) and not isinstance(b, bool)
+                                        or is_shape_value(b) for b in (v.start, v.stop, v.step))
+
+
+def tensor_index(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Any] | None:
+    """``(x, index)`` of ``x[index]`` on an activation with ints and slices only (``x[:, 0]``,
+    ``x[:, 1:]``, ``x[..., :d]``), or of ``pieces[i]`` of a ``split``/``chunk``; else ``None``
+    (``None``/tensor indices, shape arithmetic such as ``x.shape[1]``)."""
+    if not (node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2):
+        return None
+    x, index = node.args
+    if not isinstance(x, fx.Node) or is_shape_value(x) or is_shape_value(node) or x.op == "get_attr":
+        return None
+    if table_kind(x) == "split":
+        return (x, index) if isinstance(index, int) and not isinstance(index, bool) else None
+    if not isinstance(index, tuple) and not (x.op == "placeholder" or _returns_tensor(gm, x)):
+        return None  # ``outputs[0]`` of a call that may return a tuple
+    entries = index if isinstance(index, tuple) else (index,)
+    if entries and all(_index_entry(e) for e in entries) and sum(e is Ellipsis for e in entries) <= 1:
+        return x, index
+    return None
+
+
+def _returns_tensor(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return module_kind(module) not in (None, "split") or type(module).__name__ == "FixedPointQuantizer"
+    return node.op in ("call_function", "call_method") and node_kind(gm, node) not in (None, "split")
 
 
 _METHOD_KINDS = {"relu": "relu", "add": "add", "flatten": "flatten", "view": "reshape",
                  "reshape": "reshape", "unsqueeze": "reshape", "squeeze": "reshape",
-                 "contiguous": "identity", "detach": "identity", "matmul": "matmul", "clone": "identity"}
+                 "contiguous": "identity", "detach": "identity", "matmul": "matmul", "clone": "identity",
+                 "softmax": "softmax", "split": "split", "chunk": "split", "select": "slice", "narrow": "slice"}
 _METHOD_FUNCTIONS = {"relu": torch.relu, "add": torch.add, "flatten": torch.flatten, "matmul": torch.matmul,
-                     "unsqueeze": torch.unsqueeze, "squeeze": torch.squeeze}
+                     "unsqueeze": torch.unsqueeze, "squeeze": torch.squeeze, "softmax": torch.softmax,
+                     "split": torch.split, "chunk": torch.chunk, "select": torch.select, "narrow": torch.narrow}
 
 # shape arithmetic: what produces an int / a size, never a tensor
 _SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement"})
@@ -616,7 +669,7 @@ def layer_name(gm: fx.GraphModule, node: fx.Node, kind: str) -> str:
     path = module_path(node)
     if node.op == "call_module":
         return path
-    if kind in WEIGHTED_KINDS:
+    if kind in WEIGHTED_KINDS or kind in ("embedding", "layernorm"):
         owner = weight_owner(gm, node)
         if owner:
             return owner
@@ -682,3 +735,81 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
     """:func:`readable_op` with the user's source line where fx or export recorded it."""
     where = source_line(node)
     return f"{readable_op(gm, node)} ({where})" if where else readable_op(gm, node)
+
+
+# ------------------------------------------------------------------------------------ attention masks
+MASK_FILL_LIMIT = -1e4
+"""A fill (``masked_fill``, ``torch.where``) or additive bias factor at or below this is a mask
+(``-inf``, ``-1e9``, ``torch.finfo(float32).min``): the entry's softmax weight is 0 in float."""
+_MASKED_FILL = frozenset({torch.masked_fill, *_ops("masked_fill.Scalar")})
+_WHERE = frozenset({torch.where, *_ops("where.ScalarOther", "where.self")})
+_SUB = frozenset({operator.sub, torch.sub, torch.rsub, *_ops("sub.Tensor", "rsub.Scalar")})
+
+
+def _mask_value(gm: fx.GraphModule, v: Any) -> bool:
+    value = _constant_number(gm, v)
+    return value is not None and value <= MASK_FILL_LIMIT
+
+
+def _one_minus(node: Any) -> fx.Node | None:
+    """``m`` of ``1 - m`` (``operator.sub(1, m)``, ``torch.rsub(m, 1)``, ``Tensor.rsub``), else ``None``."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return None
+    is_sub = node.target in _SUB if node.op == "call_function" else node.target in ("rsub", "__rsub__")
+    if not is_sub or len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    reverse = node.target in (torch.rsub, "rsub", "__rsub__") or getattr(node.target, "_opname", "") == "rsub"
+    one, m = (node.args[1], node.args[0]) if reverse else node.args[:2]
+    return m if isinstance(m, fx.Node) and _number(one) and one == 1 else None
+
+
+def mask_bias(gm: fx.GraphModule, node: Any) -> tuple[fx.Node, list[fx.Node]] | None:
+    """``(m, nodes)`` of an additive mask ``(1 - m) * C`` with ``C <= MASK_FILL_LIMIT`` (Hugging
+    Face's extended attention mask: ``m`` is 1 = keep, 0 = masked), else ``None``."""
+    if not isinstance(node, fx.Node):
+        return None
+    ops = mul_operands(gm, node)
+    if ops is None:
+        return None
+    for x, c in (ops, ops[::-1]):
+        m = _one_minus(x)
+        if m is not None and _mask_value(gm, c):
+            return m, [node, x]
+    return None
+
+
+def masked_scores(gm: fx.GraphModule, value: fx.Node) -> tuple[fx.Node, list[tuple[str, fx.Node]], list[fx.Node]]:
+    """The input of a softmax split into ``(scores, keep terms, mask nodes)``, peeling
+    ``masked_fill(cond, fill)`` (keep = ``not cond``), ``torch.where(cond, x, fill)`` (keep =
+    ``cond``) with a fill ``<= MASK_FILL_LIMIT``, and ``x + (1 - m) * C`` (keep = ``m != 0``).
+    Terms are ``("not", cond)``, ``("keep", cond)`` or ``("nonzero", m)``; ``mask nodes`` are the
+    peeled ops (they are replaced by the softmax's mask input)."""
+    terms: list[tuple[str, fx.Node]] = []
+    nodes: list[fx.Node] = []
+    x = value
+    while isinstance(x, fx.Node) and x.op in ("call_function", "call_method"):
+        if (x.op == "call_method" and x.target in ("masked_fill", "masked_fill_") or x.target in _MASKED_FILL) \
+                and len(x.args) >= 3 and isinstance(x.args[1], fx.Node) and _mask_value(gm, x.args[2]):
+            terms.append(("not", x.args[1]))
+            nodes.append(x)
+            x = x.args[0]
+            continue
+        if x.op == "call_function" and x.target in _WHERE and len(x.args) == 3 and \
+                isinstance(x.args[0], fx.Node) and _mask_value(gm, x.args[2]):
+            terms.append(("keep", x.args[0]))
+            nodes.append(x)
+            x = x.args[1]
+            continue
+        if table_kind(x) == "add" and len(x.args) >= 2 and x.kwargs.get("alpha", 1) == 1:
+            for a, b in (x.args[:2], x.args[1::-1]):
+                found = mask_bias(gm, b)
+                if found is not None and isinstance(a, fx.Node):
+                    terms.append(("nonzero", found[0]))
+                    nodes += [x, *found[1]]
+                    x = a
+                    break
+            else:
+                break
+            continue
+        break
+    return x, terms, nodes

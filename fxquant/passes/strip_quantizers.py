@@ -2,7 +2,7 @@
 
 Each quantizer node is replaced by its input (by ``relu(input)`` where a ReLU was fused into it), quantizer modules are deleted;
 fxquant's fake-quant ops go back to their float form (an element-wise table to its function, the
-reciprocal average pooling to torch's); Conv/Linear stay in
+reciprocal average pooling to torch's, the integer softmax / layer norm to torch's, masks kept); Conv/Linear stay in
 their functional ``aten`` form on the original parameters, so the result computes the float model.
 Idempotent (``modified=False`` when there is nothing to strip).
 """
@@ -13,7 +13,8 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from fxquant.ops.fake_quant import ElementwiseTable, FixedPointAvgPool2d, float_avg_pool2d, float_elementwise
+from fxquant.ops.fake_quant import (ElementwiseTable, FixedPointAvgPool2d, FixedPointLayerNorm, FixedPointSoftmax,
+                                   float_avg_pool2d, float_elementwise, float_softmax)
 from fxquant.passes.insert_quantizers import QUANT_ROOT
 from fxquant.quantizers import BiasQuantizer, FixedPointQuantizer
 
@@ -32,10 +33,16 @@ class StripQuantizers(PassBase):
                 gm.graph.erase_node(node)
                 modified = True
             elif node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)),
-                                                         (ElementwiseTable, FixedPointAvgPool2d)):
+                                                         (ElementwiseTable, FixedPointAvgPool2d, FixedPointSoftmax,
+                                                          FixedPointLayerNorm)):
                 module = gm.get_submodule(str(node.target))
                 with gm.graph.inserting_before(node):
-                    if isinstance(module, ElementwiseTable):
+                    if isinstance(module, FixedPointSoftmax):  # masked entries 0, as the integer op
+                        replacement = gm.graph.call_function(float_softmax, (node.args[0], module.dim, *node.args[5:]))
+                    elif isinstance(module, FixedPointLayerNorm):
+                        replacement = gm.graph.call_function(torch.nn.functional.layer_norm, (
+                            node.args[0], list(module.normalized_shape), *node.args[7:9], module.eps))
+                    elif isinstance(module, ElementwiseTable):
                         replacement = gm.graph.call_function(float_elementwise, (
                             node.args[0], module.function, dict(module.params), *node.args[5:]))
                     else:

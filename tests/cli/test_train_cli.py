@@ -58,12 +58,14 @@ class Net(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(10, 16)
         self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-        self.fc = nn.Linear(16, 3)
+        self.lstm = nn.LSTM(16, 8, batch_first=True)
+        self.fc = nn.Linear(8, 3)
 
     def forward(self, t):
         x = self.emb(t)
         a, _ = self.attn(x, x, x)
-        return self.fc(a.mean(1))
+        h, _ = self.lstm(a)
+        return self.fc(h[:, -1])
 
 
 def model():
@@ -91,21 +93,21 @@ def test_float_compute_is_stated_recorded_and_shown(tmp_path):
                    "--epochs", "1", "--batch-size", "16", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    # by hand: fc 16*3 = 48 MACs; attn in-projection 5*16*48 = 3840, Q K^T and A V 2 * 2*5*5*8 = 800,
-    # out-projection 5*16*16 = 1280 -> 5968 in all. Capture makes the attention explicit (linear, matmul,
-    # softmax, matmul, out_proj linear: 4 quantized layers besides fc), so all 5968 MACs are quantized;
-    # the embedding's 160 of 1299 parameters stay float (0 MACs)
-    assert lines[0] == "census: 5 quantized layers (100.0 % of MACs); left in float (no quantizer):"
-    assert lines[1] == "  float emb: nn.Embedding: 160 params (12.3 % of 1.3 k), 0 MACs/sample (0.0 % of 6.0 k)"
-    assert "mean bits W8.00/A8.00 over 5 quantized layers (100.0 % of MACs); float: emb: nn.Embedding (0.0 % of " \
+    # by hand (tests/test_census.py's Seq): attention made explicit by capture, in-projection 5*16*48 =
+    # 3840, Q K^T and A V 2 * 2*5*5*8 = 800, out-projection 5*16*16 = 1280; the integer softmax and the
+    # embedding's quantized table (0 MACs); fc 8*3 = 24: 7 quantized layers, 5944 MACs; the LSTM
+    # (5 steps * 4 gates * 8 * (16 + 8) = 3840 MACs, 832 params) has no quantizer: 5944 / 9784 = 60.8 %
+    assert lines[0] == "census: 7 quantized layers (60.8 % of MACs); left in float (no quantizer):"
+    assert lines[1] == "  float lstm: nn.LSTM: 832 params (39.5 % of 2.1 k), 3.8 k MACs/sample (39.2 % of 9.8 k)"
+    assert "mean bits W8.00/A8.00 over 7 quantized layers (60.8 % of MACs); float: lstm: nn.LSTM (39.2 % of " \
            "MACs)" in lines[-1]
     census = json.loads((out / "run.json").read_text())["census"]
-    assert [(op["name"], op["params"], op["macs"]) for op in census["float"]] == [("emb: nn.Embedding", 160, 0)]
-    assert (census["quantized_macs"], census["total_macs"], census["quantized_params"]) == (5968, 5968, 1299 - 160)
+    assert [(op["name"], op["params"], op["macs"]) for op in census["float"]] == [("lstm: nn.LSTM", 832, 3840)]
+    assert (census["quantized_macs"], census["total_macs"], census["quantized_params"]) == (5944, 9784, 2107 - 832)
     shown = fxquant("show", str(out), "--no-plot")
     assert shown.returncode == 0, shown.stderr
     assert lines[0] in shown.stdout.splitlines() and lines[1] in shown.stdout.splitlines()
-    assert "over 5 quantized layers (100.0 % of MACs); float: emb: nn.Embedding" in shown.stdout
+    assert "over 7 quantized layers (60.8 % of MACs); float: lstm: nn.LSTM" in shown.stdout
 
 
 def test_existing_run_dir_needs_force(trained_run):
