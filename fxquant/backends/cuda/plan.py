@@ -25,6 +25,18 @@ Math (``docs/number_format.md``): activations are integers of at most 8 bits sto
 * ``matmul`` of two activations ``[.., M, K] x [.., K, N]`` (equal leading dims): one thread per
   output, ``acc = sum_k a[.., m, k] b[.., k, n]`` in int32, requantize from ``FL_a + FL_b``.
 * ``lut``: ``y = table[x - qmin_in]`` (the op's int8 table of ``2^BW_in`` entries, a parameter).
+* ``embedding``: ``y[.., d] = requantize(table[id, d])`` from ``FL_w`` (the int8 ``(V, D)`` table a
+  parameter; the identity when ``out_fmt == weight_fmt``). A graph input read only by embeddings
+  (token ids ``<BW,0>``, ``BW <= 16``) stays integer end to end: it is passed as int32 (``"int:<name>"``,
+  no quantize kernel) and its ids are range-checked on the host (``CudaTarget.run``) -- the kernel
+  clamps an id into the table only so that no read leaves it.
+* ``slice`` / select: an index map (``x[.., start + i step, ..]``, or the axis removed at ``index``).
+* ``softmax`` and ``layernorm``: one thread per row of the last axis (the rows of ``[n, *shape]``
+  viewed as ``[n, R, L]``), the arithmetic of :func:`fxquant.fixed_point.softmax_rows` /
+  :func:`~fxquant.fixed_point.layernorm_rows` in int64 (see :mod:`.kernels`). softmax's mask
+  (``<BW,0>`` int8, nonzero = keep, size-1 dims broadcast) is viewed flat ``[n, prod(mask)]``; its
+  exponential table (:func:`~fxquant.fixed_point.softmax_exp_table`, int32) is a parameter, as
+  layernorm's gamma and beta (int32; beta 0 when absent).
 * ``cat``: every input requantized to ``out_fmt`` (ReLU after) and written at its offset on ``dim``.
 * ``maxpool2d`` on the integers (dilation, torch's ``ceil_mode`` output size; cells outside the
   input read as ``-128`` and never win); ``avgpool2d``: the window sum over the cells inside the
@@ -64,7 +76,7 @@ MAX_WEIGHT_BITS = 8
 PACKED_WEIGHT_BITS = 4
 OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize", "reshape",
                  "mul_pow2", "clamp", "lut", "mul", "cat", "transpose", "upsample_nearest", "conv_transpose2d",
-                 "matmul"})
+                 "matmul", "embedding", "slice", "softmax", "layernorm"})
 VIEW_KINDS = ("flatten", "reshape", "mul_pow2")
 """Ops whose output is their input's integers in another shape or format: a view, no kernel."""
 K_TILE = 16
@@ -96,6 +108,9 @@ class GemmSpec:
     residual: Residual | None = None
     large: bool = False
     """Linear layers only: 64-row blocks for batches >= LARGE_BATCH (16-row blocks below)."""
+    tokens: tuple[int, ...] = ()
+    """Linear layers only: the leading dims of a token-wise linear on ``[n, *tokens, features]``
+    (GEMM rows ``m = (sample, *token)``, ``M = n prod(tokens)``); ``()`` for ``[n, features]``."""
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -125,11 +140,11 @@ class GemmSpec:
 
     @property
     def in_shape(self) -> tuple[int, ...]:
-        return (self.channels,) if self.linear else (self.channels, self.height, self.width)
+        return (*self.tokens, self.channels) if self.linear else (self.channels, self.height, self.width)
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return (self.out_channels,) if self.linear else (self.out_channels, *self.out_hw)
+        return (*self.tokens, self.out_channels) if self.linear else (self.out_channels, *self.out_hw)
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -262,6 +277,72 @@ class PoolSpec(PoolShape):
 
 
 @dataclass(frozen=True)
+class EmbeddingSpec:
+    """``y[b, *i, d] = requantize(table[clip(ids[b, *i]), d])`` of ids ``[n, *ids_shape]`` (``ids_dtype``:
+    int32 for an id graph input, else int8) and the int8 table ``(rows, width)``."""
+
+    ids_shape: tuple[int, ...]
+    rows: int
+    width: int
+    ids_dtype: str
+    rq: Requant
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """``y = x[.., start + i step, ..]`` (``i < count``) on axis ``dim`` (0 = the first non-batch
+    axis) of int8 ``[n, *shape]``; ``select``: ``x.take(start, dim)``, the axis removed."""
+
+    shape: tuple[int, ...]
+    dim: int
+    start: int
+    step: int
+    count: int
+    select: bool
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        if self.select:
+            return self.shape[:self.dim] + self.shape[self.dim + 1:]
+        return self.shape[:self.dim] + (self.count,) + self.shape[self.dim + 1:]
+
+
+@dataclass(frozen=True)
+class SoftmaxSpec:
+    """Integer softmax over the last axis of int8 scores ``[n, *shape]`` (viewed ``[n, R, L]``), one
+    thread per row: :func:`fxquant.fixed_point.softmax_rows` with the table of ``table_size`` entries,
+    ``K = recip_bits``, ``rq.shift = FL_out - K``; ``qmin`` = the scores' ``qmin``; keep = mask
+    (``[n, *mask_shape]`` viewed flat, nonzero = keep) and, ``causal``, key ``<=`` query."""
+
+    shape: tuple[int, ...]
+    qmin: int
+    table_size: int
+    recip_bits: int
+    rq: Requant
+    causal: bool = False
+    mask_shape: tuple[int, ...] | None = None
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape[:-1])
+
+
+@dataclass(frozen=True)
+class LayerNormSpec:
+    """Integer LayerNorm over the last axis of int8 ``[n, *shape]`` (viewed ``[n, R, L]``), one thread
+    per row: ``h`` = :func:`fxquant.fixed_point.layernorm_rows` (``eps`` = ``eps_D``), then
+    ``requantize(gamma h + beta)`` with ``rq.shift = FL_out - (FL_w + LAYERNORM_FRAC_BITS)``."""
+
+    shape: tuple[int, ...]
+    eps: int
+    rq: Requant
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape[:-1])
+
+
+@dataclass(frozen=True)
 class QuantizeSpec:
     """float32 ``[n, *shape]`` -> int8 ``clamp(round_half_even(x * 2^frac_bits))`` at ``bits``."""
 
@@ -271,7 +352,10 @@ class QuantizeSpec:
 
 
 KernelSpec = (GemmSpec | DirectConvSpec | MatmulSpec | EltwiseSpec | MulSpec | LutSpec | CatSpec | TransposeSpec
-              | UpsampleSpec | PoolSpec | QuantizeSpec)
+              | UpsampleSpec | PoolSpec | QuantizeSpec | EmbeddingSpec | SliceSpec | SoftmaxSpec | LayerNormSpec)
+ROWS = "#rows"
+"""Suffix of a value viewed as ``[n, R, L]`` (the rows of its last axis) for softmax / layernorm;
+``#flat``: a mask viewed ``[n, prod(shape)]``; ``#out``: the ``[n, R, L]`` buffer of their output."""
 
 
 @dataclass(frozen=True)
@@ -299,6 +383,9 @@ class Plan:
     params: dict[str, np.ndarray] = field(default_factory=dict)
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    id_inputs: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Graph inputs read only by embeddings (token ids, passed as int32): ``name -> (rows, op)``, the
+    smallest table reading it and its op (ids must lie in ``[0, rows)``)."""
 
     def kernel_name(self, spec: KernelSpec) -> str:
         """The name of ``spec``'s kernel, adding it on first use (equal specs share a kernel)."""
@@ -308,7 +395,8 @@ class Plan:
         kind = {GemmSpec: "linear" if getattr(spec, "linear", False) else "conv2d",
                 DirectConvSpec: "conv_transpose2d" if getattr(spec, "transpose", False) else "conv2d_grouped",
                 MatmulSpec: "matmul", EltwiseSpec: "eltwise", MulSpec: "mul", LutSpec: "lut", CatSpec: "cat", TransposeSpec: "transpose",
-                UpsampleSpec: "upsample", PoolSpec: "pool2d", QuantizeSpec: "quantize"}[type(spec)]
+                UpsampleSpec: "upsample", PoolSpec: "pool2d", QuantizeSpec: "quantize", EmbeddingSpec: "embedding",
+                SliceSpec: "slice", SoftmaxSpec: "softmax", LayerNormSpec: "layernorm"}[type(spec)]
         if isinstance(spec, GemmSpec):
             kind += "_int4" * spec.packed + "_large" * spec.large
         name = f"fxq_{kind}_{len(self.kernels)}"
@@ -317,6 +405,7 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         return {"inputs": self.inputs, "outputs": self.outputs, "large_batch": LARGE_BATCH,
+                "id_inputs": {k: list(v) for k, v in self.id_inputs.items()},
                 "launches": [{"kernel": l.kernel, "kernel_large": l.kernel_large, "args": list(l.args), "out": l.out,
                               "out_shape": list(l.out_shape), "ops": list(l.ops)} for l in self.launches],
                 "views": {k: {"input": v[0], "shape": list(v[1])} for k, v in self.views.items()}}
@@ -349,14 +438,38 @@ def graph_problems(graph: IntegerGraph) -> list[Problem]:
     broken = legality.format_problems(graph)
     if broken:  # widths and bounds are meaningless without integer formats
         return broken
-    return (legality.width_problems(graph, weight_bits=(2, MAX_WEIGHT_BITS), act_bits=(2, MAX_ACT_BITS))
+    ids = set(id_inputs(graph))
+    widths = [p for p in legality.width_problems(graph, weight_bits=(2, MAX_WEIGHT_BITS), act_bits=(2, MAX_ACT_BITS))
+              if not (p.kind == "input" and p.layer in ids)]  # token ids are int32 (<= 16 bits by format)
+    # the linear GEMM is token-wise ([n, *tokens, features], GemmSpec.tokens): no rank limit
+    token_wise = {op.name for op in graph.ops if op.kind == "linear" and len(graph.value(op.inputs[0]).shape) > 1}
+    shapes = [p for p in legality.shape_problems(graph, groups=True)
+              if not (p.kind == "linear" and p.layer in token_wise and p.reason.startswith("linear on an input of shape"))]
+    return (widths
             + legality.fit_problems(graph)
-            + legality.shape_problems(graph, groups=True)
+            + legality.transformer_problems(graph)
+            + shapes
             + legality.accumulator_problems(graph, 32, kinds=("conv2d", "linear", "matmul", "add", "avgpool2d",
                                                               "mul", "conv_transpose2d"))
             + legality.avg_window_problems(graph, reciprocal=True)
             + legality.window_problems(graph, dilation=True, ceil_mode=True)
             + _kernel_problems(graph))
+
+
+def id_inputs(graph: IntegerGraph) -> dict[str, tuple[int, str]]:
+    """Graph inputs read by embeddings only (and not graph outputs): ``name -> (rows, op)`` of the
+    smallest table that reads it (see :attr:`Plan.id_inputs`)."""
+    readers: dict[str, list[Op]] = {}
+    for op in graph.ops:
+        for name in op.inputs:
+            readers.setdefault(name, []).append(op)
+    out = {}
+    for v in graph.inputs:
+        ops = readers.get(v.name, [])
+        if ops and v.name not in graph.outputs and all(op.kind == "embedding" and op.weight is not None for op in ops):
+            op = min(ops, key=lambda o: o.weight.shape[0])
+            out[v.name] = (int(op.weight.shape[0]), op.name)
+    return out
 
 
 def _problem(op: Op, reason: str) -> Problem:
@@ -403,6 +516,7 @@ class _Planner:
                 self.users.setdefault(name, []).append(op)
         self.producer = {op.output: op for op in graph.ops}
         self.deferred: set[str] = set()
+        self.plan.id_inputs = id_inputs(graph)
 
     def fl(self, name: str) -> int:
         frac_bits = self.graph.value(name).fmt.frac_bits
@@ -443,7 +557,8 @@ class _Planner:
         common = dict(weight_bits=op.weight_fmt.bits, rq=self.requant(op, self.fl(src) + op.weight_fmt.frac_bits),
                       residual=residual[1] if residual else None)
         if op.kind == "linear":
-            spec = GemmSpec(w.shape[1], 1, 1, w.shape[0], linear=True, **common)
+            spec = GemmSpec(w.shape[1], 1, 1, w.shape[0], linear=True, tokens=tuple(self.graph.value(src).shape[:-1]),
+                            **common)
         else:
             c, h, wd = self.graph.value(src).shape
             spec = GemmSpec(c, h, wd, w.shape[0], tuple(w.shape[2:]), tuple(op.attrs.get("stride", (1, 1))),
@@ -549,6 +664,77 @@ class _Planner:
         self.launch(LutSpec(v.shape, v.fmt.qmin, int(table.size)), (src, f"param:{op.name}.table"), op.output,
                     (op.name,))
 
+    def arg(self, name: str) -> str:
+        """The launch argument of value ``name`` (``"int:<name>"`` for a token-id graph input)."""
+        return f"int:{name}" if name in self.plan.id_inputs else name
+
+    def embedding(self, op: Op) -> None:
+        (ids,) = op.inputs
+        assert op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None
+        table = np.asarray(op.weight, np.int64)
+        spec = EmbeddingSpec(self.graph.value(ids).shape, int(table.shape[0]), int(table.shape[1]),
+                             "int32" if ids in self.plan.id_inputs else "int8",
+                             Requant(op.out_fmt.frac_bits - op.weight_fmt.frac_bits, op.out_fmt.bits))
+        self.plan.params[f"{op.name}.table"] = table.astype(np.int8)  # <= 8-bit weights: graph_problems
+        self.launch(spec, (self.arg(ids), f"param:{op.name}.table"), op.output, (op.name,))
+
+    def slice(self, op: Op) -> None:
+        (src,) = op.inputs
+        a, shape = op.attrs, self.graph.value(src).shape
+        select = "index" in a
+        start = int(a["index"] if select else a["start"])
+        step = 1 if select else int(a.get("step", 1))
+        count = 1 if select else len(range(start, int(a["stop"]), step))
+        spec = SliceSpec(shape, int(a["dim"]) - 1, start, step, count, select)
+        assert spec.out_shape == self.graph.value(op.output).shape, (op.name, spec.out_shape)
+        self.launch(spec, (src,), op.output, (op.name,))
+
+    def rows_view(self, name: str) -> str:
+        """``name`` viewed as ``[n, R, L]`` (a view of its contiguous buffer, no kernel)."""
+        shape = self.graph.value(name).shape
+        self.plan.views[name + ROWS] = (name, (math.prod(shape[:-1]), shape[-1]))
+        return name + ROWS
+
+    def row_launch(self, spec: KernelSpec, args: tuple[str, ...], op: Op) -> None:
+        """A per-row kernel writes ``[n, R, L]`` into ``<out>#out``; the op's output is its view."""
+        shape = self.graph.value(op.output).shape
+        out = op.output + "#out"
+        self.plan.launches.append(Launch(self.plan.kernel_name(spec), args, out, (math.prod(shape[:-1]), shape[-1]),
+                                         (op.name,)))
+        self.plan.views[op.output] = (out, shape)
+
+    def softmax(self, op: Op) -> None:
+        from fxquant.fixed_point import SOFTMAX_EXP_BITS, softmax_exp_table, softmax_recip_bits
+
+        v = self.graph.value(op.inputs[0])
+        e_bits = int(op.attrs.get("exp_bits", SOFTMAX_EXP_BITS))
+        table = softmax_exp_table(v.fmt, e_bits)
+        k = softmax_recip_bits(op.out_fmt, e_bits)
+        mask = op.inputs[1] if len(op.inputs) > 1 else None
+        spec = SoftmaxSpec(v.shape, v.fmt.qmin, int(table.size), k, Requant(int(op.out_fmt.frac_bits) - k, op.out_fmt.bits),
+                           bool(op.attrs.get("causal")), None if mask is None else self.graph.value(mask).shape)
+        self.plan.params[f"{op.name}.exp_table"] = table.astype(np.int32)  # entries <= 2^E <= 2^24
+        args = (self.rows_view(op.inputs[0]), f"param:{op.name}.exp_table")
+        if mask is not None:
+            flat = mask + "#flat"
+            self.plan.views[flat] = (mask, (math.prod(self.graph.value(mask).shape),))
+            args += (flat,)
+        self.row_launch(spec, args, op)
+
+    def layernorm(self, op: Op) -> None:
+        from fxquant.fixed_point import LAYERNORM_FRAC_BITS
+
+        (src,) = op.inputs
+        assert op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None
+        n = self.graph.value(src).shape[-1]
+        spec = LayerNormSpec(self.graph.value(src).shape, int(op.attrs["eps"]),
+                             Requant(int(op.out_fmt.frac_bits) - op.weight_fmt.frac_bits - LAYERNORM_FRAC_BITS,
+                                     op.out_fmt.bits, bool(op.attrs.get("relu"))))
+        beta = np.zeros(n, np.int64) if op.bias is None else np.asarray(op.bias, np.int64)
+        self.plan.params[f"{op.name}.gamma"] = np.asarray(op.weight, np.int64).astype(np.int32)
+        self.plan.params[f"{op.name}.beta"] = beta.astype(np.int32)  # int32 on FL_w + FL_h: fit_problems
+        self.row_launch(spec, (self.rows_view(src), f"param:{op.name}.gamma", f"param:{op.name}.beta"), op)
+
     def cat(self, op: Op) -> None:
         assert op.out_fmt.frac_bits is not None  # check_graph
         relu = bool(op.attrs.get("relu"))
@@ -559,7 +745,8 @@ class _Planner:
 
     def run(self) -> Plan:
         for v in self.graph.inputs:
-            self.launch_input(v.name)
+            if v.name not in self.plan.id_inputs:  # token ids arrive as int32: no quantize kernel
+                self.launch_input(v.name)
         for op in self.graph.ops:
             shape = self.graph.value(op.inputs[0]).shape
             if self.is_gemm(op):
@@ -583,6 +770,14 @@ class _Planner:
                 self.lut(op)
             elif op.kind == "cat":
                 self.cat(op)
+            elif op.kind == "embedding":
+                self.embedding(op)
+            elif op.kind == "slice":
+                self.slice(op)
+            elif op.kind == "softmax":
+                self.softmax(op)
+            elif op.kind == "layernorm":
+                self.layernorm(op)
             elif op.kind == "transpose":
                 self.launch(TransposeSpec(shape, tuple(int(p) for p in op.attrs["perm"])), op.inputs, op.output,
                             (op.name,))

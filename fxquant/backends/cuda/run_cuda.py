@@ -70,7 +70,7 @@ class PlanRunner:
             args = []
             for a in launch["args"]:
                 kind, _, name = a.partition(":")
-                args.append(inputs[name] if kind == "float" else self.params[name] if kind == "param"
+                args.append(inputs[name] if kind in ("float", "int") else self.params[name] if kind == "param"
                             else self._value(env, a))
             name = launch["kernel_large"] if large and launch["kernel_large"] else launch["kernel"]
             self.kernels[name](*args, env[launch["out"]])
