@@ -37,13 +37,24 @@ import numpy as np
 
 from fxquant.backends.base import Problem, Target, refuse
 from fxquant.backends.cuda import plan as cuda_plan
-from fxquant.errors import RunDirError, UsageError
+from fxquant.errors import InputRangeError, RunDirError, UsageError
 from fxquant.integer_graph import IntegerGraph
 
 
 def _check_arch(arch: str) -> None:
     if not re.fullmatch(r"sm_\d+[a-z]?", str(arch)):
         raise UsageError(f"--arch {arch!r} is not a CUDA architecture", "use e.g. sm_80, sm_89, sm_90")
+
+
+def check_ids(ids: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """Token ids of an id input (``plan.json`` input spec with ``rows`` and ``op``) as int32;
+    :class:`InputRangeError` (as ``IntegerGraph.run``) for an id outside ``[0, rows)``."""
+    rows = int(spec["rows"])
+    bad = ids[(ids < 0) | (ids >= rows)]
+    if bad.size:
+        raise InputRangeError(f"op {spec['op']!r} (embedding): token id {int(bad.reshape(-1)[0])} outside [0, {rows}) "
+                              f"({bad.size} of {ids.size} ids)", "feed ids of this vocabulary; ids are never clipped")
+    return ids.astype(np.int32)
 
 
 class CudaTarget(Target):
@@ -94,8 +105,12 @@ class CudaTarget(Target):
         specs = plan["input_specs"]
         if len(int_inputs) != len(specs):
             raise UsageError(f"the CUDA build in {out_dir} takes {len(specs)} input(s), got {len(int_inputs)}")
-        xs = {spec["name"]: np.ldexp(np.asarray(k, np.float64), -spec["frac_bits"]).astype(np.float32)  # exact: <= 8 bits
-              for spec, k in zip(specs, int_inputs)}
+        xs = {}
+        for spec, k in zip(specs, int_inputs):
+            if spec.get("dtype") == "int32":  # token ids: integers end to end, checked here (never clipped)
+                xs[spec["name"]] = check_ids(np.asarray(k), spec)
+            else:
+                xs[spec["name"]] = np.ldexp(np.asarray(k, np.float64), -spec["frac_bits"]).astype(np.float32)  # exact: <= 8 bits
         lib = tvm.runtime.load_module(str(out_dir / LLVM_LIBRARY))
         return run_plan(plan, params, lib, xs)
 
