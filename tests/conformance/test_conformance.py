@@ -55,12 +55,10 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("linear_acc_*_int32", "cpu"): _ACT8,
     ("conv_acc_near_int32", "cpu"): _ACT8,
     ("linear_w16_acc_over_int32", "cpu"): _INT32,
-    # -- cuda: int8 activations and weights
-    ("fpga_residual", "cuda"): _ACT8,
-    ("mixed", "cuda"): _ACT8,
-    ("fpga_mlp", "cuda"): _ACT8,
+    # -- cuda: int8 weights; int8 activations, int16 (9..16 bits) only between the kernels that take it
+    ("fpga_residual", "cuda"): _W8,
+    ("fpga_mlp", "cuda"): _W8,
     ("fpga_cnn", "cuda"): _ACT8,
-    ("requantize_extremes", "cuda"): _ACT8,
     ("widths_9_to_16", "cuda"): _ACT8,
     ("linear_acc_*_int32", "cuda"): _ACT8,
     ("conv_acc_near_int32", "cuda"): _ACT8,
@@ -75,10 +73,7 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     **{(case, "qonnx"): _TRANSFORMER_KIND for case in TRANSFORMER_CASES},
     # -- cpu
     **{(case, "cpu"): _TRANSFORMER_KIND for case in TRANSFORMER_CASES},
-    # -- cuda
-    # cuda builds the kinds; these three hold activations wider than its int8 storage: the tied head's
-    # <10,3> logits, the <9,8> causal softmax, the <16,10> / <12,8> layernorm of a 16-bit input
-    **{(case, "cuda"): _ACT8 for case in ("embedding_lookup", "causal_attention", "layernorm_block")},
+    # -- cuda: builds every transformer case (9..16-bit values in int16 where both kernels take it)
     # -- fpga
     **{(case, "fpga"): _TRANSFORMER_KIND for case in TRANSFORMER_CASES},
 }

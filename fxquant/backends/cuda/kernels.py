@@ -41,7 +41,7 @@ from tvm.script import tirx as T
 from fxquant.backends.tvm_epilogue import Requant, requantize, residual_add
 from fxquant.backends.cuda.plan import (CatSpec, DirectConvSpec, EltwiseSpec, EmbeddingSpec, GemmSpec, KernelSpec,
                                         LayerNormSpec, LutSpec, MatmulSpec, MulSpec, PoolSpec, QuantizeSpec, SliceSpec,
-                                        SoftmaxSpec, TransposeSpec, UpsampleSpec)
+                                        SoftmaxSpec, TransposeSpec, UpsampleSpec, storage)
 
 ACT = "int8"
 
@@ -52,6 +52,11 @@ def _int32(v: tirx.PrimExpr) -> tirx.PrimExpr:
 
 def _to_int8(v: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Cast(ACT, v)
+
+
+def _dtype(dtypes: tuple[str, ...], i: int) -> str:
+    """Entry ``i`` of a spec's ``dtypes`` (``()`` = every tensor int8)."""
+    return dtypes[i] if dtypes else ACT
 
 
 @lru_cache(maxsize=None)
@@ -101,7 +106,7 @@ def gemm(s: GemmSpec) -> tirx.PrimFunc:
         y = requantize(acc[m, o] + bias[o], s.rq, 1)
         if HAS_RES:
             y = residual_add(y, T.Cast("int32", res[out_index(m, o)]), s.residual, 1)
-        return T.Cast(ACT, y)
+        return T.Cast(s.out_dtype, y)
 
     @T.macro
     def body(x, w, bias, res, y, n):
@@ -142,8 +147,8 @@ def gemm(s: GemmSpec) -> tirx.PrimFunc:
             x = T.match_buffer(x_h, (n, *x_shape), ACT)
             w = T.match_buffer(w_h, WSHAPE, WDT)
             bias = T.match_buffer(b_h, (OP,), "int32")
-            res = T.match_buffer(r_h, (n, *y_shape), ACT)
-            y = T.match_buffer(y_h, (n, *y_shape), ACT)
+            res = T.match_buffer(r_h, (n, *y_shape), s.res_dtype)
+            y = T.match_buffer(y_h, (n, *y_shape), s.out_dtype)
             body(x, w, bias, res, y, n)
     else:
         @T.prim_func(s_tir=True)
@@ -152,7 +157,7 @@ def gemm(s: GemmSpec) -> tirx.PrimFunc:
             x = T.match_buffer(x_h, (n, *x_shape), ACT)
             w = T.match_buffer(w_h, WSHAPE, WDT)
             bias = T.match_buffer(b_h, (OP,), "int32")
-            y = T.match_buffer(y_h, (n, *y_shape), ACT)
+            y = T.match_buffer(y_h, (n, *y_shape), s.out_dtype)
             body(x, w, bias, y, y, n)  # res is never read without a residual
     return kernel
 
@@ -214,8 +219,8 @@ def direct_conv(s: DirectConvSpec) -> tirx.PrimFunc:
 def matmul(s: MatmulSpec) -> tirx.PrimFunc:
     """``acc[b, .., m, j] = sum_k a[b, .., m, k] b[b, .., k, j]`` (int32), then requantize (+ ReLU)."""
     n = _batch()
-    a = te.placeholder((n, *s.a_shape), ACT, name="a")
-    b = te.placeholder((n, *s.b_shape), ACT, name="b")
+    a = te.placeholder((n, *s.a_shape), _dtype(s.dtypes, 0), name="a")
+    b = te.placeholder((n, *s.b_shape), _dtype(s.dtypes, 1), name="b")
     rk = te.reduce_axis((0, s.a_shape[-1]), name="rk")
 
     def f(bi: tirx.PrimExpr, *idx: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -223,7 +228,7 @@ def matmul(s: MatmulSpec) -> tirx.PrimFunc:
         return te.sum(_int32(a[(bi, *lead, i, rk)]) * _int32(b[(bi, *lead, rk, j)]), axis=rk)
 
     acc = te.compute((n, *s.shape), f, name="acc")
-    y = te.compute((n, *s.shape), lambda *idx: _to_int8(requantize(acc[idx], s.rq, 1)), name="out")
+    y = te.compute((n, *s.shape), lambda *idx: tirx.Cast(_dtype(s.dtypes, 2), requantize(acc[idx], s.rq, 1)), name="out")
     return te.create_prim_func([a, b, y])
 
 
@@ -231,7 +236,7 @@ def matmul(s: MatmulSpec) -> tirx.PrimFunc:
 def eltwise(s: EltwiseSpec) -> tirx.PrimFunc:
     """``y = clip(requantize(sum_i x_i << lefts[i]))``: residual add, format change, ReLU, clamp."""
     n = _batch()
-    xs = [te.placeholder((n, *s.shape), ACT, name=f"x{i}") for i in range(len(s.lefts))]
+    xs = [te.placeholder((n, *s.shape), _dtype(s.dtypes, i), name=f"x{i}") for i in range(len(s.lefts))]
     lo, hi = s.clip
 
     def f(*idx: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -243,7 +248,7 @@ def eltwise(s: EltwiseSpec) -> tirx.PrimFunc:
             out = tirx.max(out, tirx.const(lo, "int32"))
         if hi is not None:
             out = tirx.min(out, tirx.const(hi, "int32"))
-        return _to_int8(out)
+        return tirx.Cast(_dtype(s.dtypes, -1), out)
 
     y = te.compute((n, *s.shape), f, name="eltwise")
     return te.create_prim_func([*xs, y])
@@ -302,7 +307,7 @@ def cat(s: CatSpec) -> tirx.PrimFunc:
 def transpose(s: TransposeSpec) -> tirx.PrimFunc:
     """``y[b, o_0, ..] = x[b, i]`` with ``i[perm[k]] = o_k``."""
     n = _batch()
-    x = te.placeholder((n, *s.shape), ACT, name="x")
+    x = te.placeholder((n, *s.shape), s.dtype, name="x")
 
     def f(b: tirx.PrimExpr, *out: tirx.PrimExpr) -> tirx.PrimExpr:
         src = [None] * len(s.perm)
@@ -367,7 +372,7 @@ def pool2d(s: PoolSpec) -> tirx.PrimFunc:
 
 @lru_cache(maxsize=None)
 def quantize(s: QuantizeSpec) -> tirx.PrimFunc:
-    """float32 -> int8 ``clamp(nearbyint(x * 2^FL))``: the scale is a power of two, so the product
+    """float32 -> int8 (int16 above 8 bits) ``clamp(nearbyint(x * 2^FL))``: the scale is a power of two, so the product
     is exact in float32 (overflow saturates through the clamp) and ``nearbyint`` rounds half to
     even, as :meth:`fxquant.integer_graph.IntegerGraph.quantize_inputs` does for the same values."""
     n = _batch()
@@ -377,7 +382,7 @@ def quantize(s: QuantizeSpec) -> tirx.PrimFunc:
 
     def f(*idx: tirx.PrimExpr) -> tirx.PrimExpr:
         r = tirx.nearbyint(x[idx] * scale)
-        return _to_int8(tirx.max(tirx.min(r, tirx.const(hi, "float32")), tirx.const(lo, "float32")))
+        return tirx.Cast(storage(s.bits), tirx.max(tirx.min(r, tirx.const(hi, "float32")), tirx.const(lo, "float32")))
 
     y = te.compute((n, *s.shape), f, name="quantize")
     return te.create_prim_func([x, y])
@@ -394,7 +399,7 @@ def embedding(s: EmbeddingSpec) -> tirx.PrimFunc:
     def f(*idx: tirx.PrimExpr) -> tirx.PrimExpr:
         *lead, d = idx
         row = _clip(_int32(ids[tuple(lead)]), s.rows)
-        return _to_int8(requantize(_int32(table[row, d]), s.rq, 1))
+        return tirx.Cast(s.out_dtype, requantize(_int32(table[row, d]), s.rq, 1))
 
     y = te.compute((n, *s.ids_shape, s.width), f, name="embedding")
     return te.create_prim_func([ids, table, y])
@@ -404,7 +409,7 @@ def embedding(s: EmbeddingSpec) -> tirx.PrimFunc:
 def slice_(s: SliceSpec) -> tirx.PrimFunc:
     """``y[b, .., i, ..] = x[b, .., start + i step, ..]`` on axis ``dim``; select: ``x[b, .., start, ..]``."""
     n = _batch()
-    x = te.placeholder((n, *s.shape), ACT, name="x")
+    x = te.placeholder((n, *s.shape), s.dtype, name="x")
     axis = s.dim + 1
 
     def f(*idx: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -470,6 +475,7 @@ def softmax(s: SoftmaxSpec) -> tirx.PrimFunc:
         mstrides[d] = mstrides[d + 1] * mshape[d + 1]
     MF = max(1, math.prod(mshape))
     Q = lead[-1] if lead else 1
+    IN, OUT = _dtype(s.dtypes, 0), _dtype(s.dtypes, 1)
 
     def keep(mask, b, r, j):
         ok = tirx.const(True, "bool")
@@ -504,7 +510,7 @@ def softmax(s: SoftmaxSpec) -> tirx.PrimFunc:
                 acc[2] = T.Select(acc[1] > T.int64(0), T.floordiv(T.int64(1 << (K + 1)) + acc[1], acc[1] * T.int64(2)),
                                   T.int64(0))
                 for j in range(L):
-                    y[vb, vr, j] = T.Cast(ACT, _requantize64(
+                    y[vb, vr, j] = T.Cast(OUT, _requantize64(
                         T.Select(keep(mask, vb, vr, j), exp_of(table, acc[0], x[vb, vr, j]), T.int64(0)) * acc[2],
                         s.rq))
 
@@ -512,18 +518,18 @@ def softmax(s: SoftmaxSpec) -> tirx.PrimFunc:
         @T.prim_func(s_tir=True)
         def kernel(x_h: T.handle, t_h: T.handle, m_h: T.handle, y_h: T.handle):
             n = T.int32()
-            x = T.match_buffer(x_h, (n, R, L), ACT)
+            x = T.match_buffer(x_h, (n, R, L), IN)
             table = T.match_buffer(t_h, (T_SIZE,), "int32")
             mask = T.match_buffer(m_h, (n, MF), ACT)
-            y = T.match_buffer(y_h, (n, R, L), ACT)
+            y = T.match_buffer(y_h, (n, R, L), OUT)
             body(x, table, mask, y, n)
     else:
         @T.prim_func(s_tir=True)
         def kernel(x_h: T.handle, t_h: T.handle, y_h: T.handle):
             n = T.int32()
-            x = T.match_buffer(x_h, (n, R, L), ACT)
+            x = T.match_buffer(x_h, (n, R, L), IN)
             table = T.match_buffer(t_h, (T_SIZE,), "int32")
-            y = T.match_buffer(y_h, (n, R, L), ACT)
+            y = T.match_buffer(y_h, (n, R, L), OUT)
             body(x, table, x, y, n)  # no mask: never read
     return kernel
 
@@ -542,15 +548,16 @@ def layernorm(s: LayerNormSpec) -> tirx.PrimFunc:
     from fxquant.fixed_point import LAYERNORM_FRAC_BITS, LAYERNORM_NORM_BITS, LAYERNORM_RECIP_BITS
 
     R, L, EPS = s.rows, s.shape[-1], s.eps
+    IN, OUT = _dtype(s.dtypes, 0), _dtype(s.dtypes, 1)
     NORM, Y, H_SHIFT = LAYERNORM_NORM_BITS, LAYERNORM_RECIP_BITS, LAYERNORM_RECIP_BITS - LAYERNORM_FRAC_BITS
 
     @T.prim_func(s_tir=True)
     def kernel(x_h: T.handle, g_h: T.handle, b_h: T.handle, y_h: T.handle):
         n = T.int32()
-        x = T.match_buffer(x_h, (n, R, L), ACT)
+        x = T.match_buffer(x_h, (n, R, L), IN)
         gamma = T.match_buffer(g_h, (L,), "int32")
         beta = T.match_buffer(b_h, (L,), "int32")
-        y = T.match_buffer(y_h, (n, R, L), ACT)
+        y = T.match_buffer(y_h, (n, R, L), OUT)
         for b, r in T.grid(n, R):
             with T.sblock("row"):
                 vb, vr = T.axis.remap("SS", [b, r])
@@ -584,7 +591,7 @@ def layernorm(s: LayerNormSpec) -> tirx.PrimFunc:
                 acc[7] = T.Select(acc[5] > T.int64(0),
                                   T.floordiv(T.int64(1 << (Y + 1)) + acc[5], acc[5] * T.int64(2)), T.int64(0))
                 for j in range(L):
-                    y[vb, vr, j] = T.Cast(ACT, _requantize64(
+                    y[vb, vr, j] = T.Cast(OUT, _requantize64(
                         T.Cast("int64", gamma[j]) * _rshift_half_even(
                             (T.int64(L) * T.Cast("int64", x[vb, vr, j]) - acc[0]) * (T.int64(1) << acc[3]) * acc[7],
                             H_SHIFT) + T.Cast("int64", beta[j]), s.rq))

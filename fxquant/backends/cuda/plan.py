@@ -4,7 +4,11 @@ Must run before it: :func:`fxquant.passes.lower_to_integer_graph` (or a hand-bui
 :class:`~fxquant.integer_graph.IntegerGraph`). After it: :mod:`.kernels` turns each distinct
 :data:`KernelSpec` into a TensorIR PrimFunc and :mod:`.schedule` binds it to CUDA threads.
 
-Math (``docs/number_format.md``): activations are integers of at most 8 bits stored as int8.
+Math (``docs/number_format.md``): activations are integers of at most 8 bits stored as int8 -- or of
+9..16 bits stored as int16 where the kernels on both sides of the value take it (:data:`WIDE_OUT`,
+:data:`WIDE_IN`: element-wise, matmul, slice / transpose / views, softmax, layernorm, embedding
+outputs and the GEMM epilogue's output; never a dp4a GEMM's input). :func:`graph_problems` names
+every other wide value at the op that cannot read or write it.
 
 * ``conv2d`` / ``linear``: ``acc = sum_k a[m, k] w[o, k] + b[o]`` (int32, checked below), then
   ``requantize(acc, FL_in + FL_w -> out_fmt)`` (shift, round half to even, saturate, ReLU). A conv
@@ -71,6 +75,19 @@ from fxquant.errors import UnsupportedOpError
 from fxquant.integer_graph import IntegerGraph, Op, avg_terms
 
 MAX_ACT_BITS = 8
+WIDE_ACT_BITS = 16
+"""Activations of 9..16 bits are int16 where :data:`WIDE_OUT` writes and :data:`WIDE_IN` reads them."""
+WIDE_OUT = frozenset({"linear", "conv2d", "add", "requantize", "relu", "clamp", "matmul", "slice", "transpose",
+                      "flatten", "reshape", "mul_pow2", "softmax", "layernorm", "embedding"})
+"""Op kinds whose kernel writes int16 (``conv2d``: the ``groups=1`` GEMM only)."""
+WIDE_IN = frozenset({"add", "requantize", "relu", "clamp", "matmul", "slice", "transpose", "flatten", "reshape",
+                     "mul_pow2", "softmax", "layernorm"})
+"""Op kinds whose kernel reads int16 inputs (``softmax``: its scores, not its mask)."""
+
+
+def storage(bits: int) -> str:
+    """The integer type holding a ``bits``-bit activation: int8 up to 8 bits, else int16."""
+    return "int8" if bits <= MAX_ACT_BITS else "int16"
 MAX_WEIGHT_BITS = 8
 """``__dp4a`` multiplies int8 quads: weights wider than 8 bits have no CUDA kernel (refused)."""
 PACKED_WEIGHT_BITS = 4
@@ -109,6 +126,9 @@ class GemmSpec:
     large: bool = False
     """Linear layers only: 64-row blocks for batches >= LARGE_BATCH (16-row blocks below)."""
     tokens: tuple[int, ...] = ()
+    out_dtype: str = "int8"
+    res_dtype: str = "int8"
+    """Storage of the output and of a fused residual input (int16 for 9..16 bits)."""
     """Linear layers only: the leading dims of a token-wise linear on ``[n, *tokens, features]``
     (GEMM rows ``m = (sample, *token)``, ``M = n prod(tokens)``); ``()`` for ``[n, features]``."""
 
@@ -194,6 +214,8 @@ class EltwiseSpec:
     rq: Requant
     clip: tuple[int | None, int | None] = (None, None)
     """``clamp``'s bounds on the output grid: ``min(max(y, lo), hi)``, ``None`` = unbounded."""
+    dtypes: tuple[str, ...] = ()
+    """Storage of every input, then of the output; ``()``: all int8."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +236,8 @@ class MatmulSpec:
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
     rq: Requant
+    dtypes: tuple[str, ...] = ()
+    """Storage of ``a``, ``b`` and the output; ``()``: all int8."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -250,6 +274,7 @@ class TransposeSpec:
 
     shape: tuple[int, ...]
     perm: tuple[int, ...]
+    dtype: str = "int8"
 
 
 @dataclass(frozen=True)
@@ -286,6 +311,7 @@ class EmbeddingSpec:
     width: int
     ids_dtype: str
     rq: Requant
+    out_dtype: str = "int8"
 
 
 @dataclass(frozen=True)
@@ -299,6 +325,7 @@ class SliceSpec:
     step: int
     count: int
     select: bool
+    dtype: str = "int8"
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -321,6 +348,8 @@ class SoftmaxSpec:
     rq: Requant
     causal: bool = False
     mask_shape: tuple[int, ...] | None = None
+    dtypes: tuple[str, ...] = ()
+    """Storage of the scores and of the output (the mask is int8); ``()``: both int8."""
 
     @property
     def rows(self) -> int:
@@ -336,6 +365,8 @@ class LayerNormSpec:
     shape: tuple[int, ...]
     eps: int
     rq: Requant
+    dtypes: tuple[str, ...] = ()
+    """Storage of the input and of the output; ``()``: both int8."""
 
     @property
     def rows(self) -> int:
@@ -370,6 +401,7 @@ class Launch:
     """The graph ops this launch implements (a fused residual add names two)."""
     kernel_large: str | None = None
     """The kernel to run instead from batch ``LARGE_BATCH`` on (linear layers)."""
+    out_dtype: str = "int8"
 
 
 @dataclass
@@ -407,7 +439,8 @@ class Plan:
         return {"inputs": self.inputs, "outputs": self.outputs, "large_batch": LARGE_BATCH,
                 "id_inputs": {k: list(v) for k, v in self.id_inputs.items()},
                 "launches": [{"kernel": l.kernel, "kernel_large": l.kernel_large, "args": list(l.args), "out": l.out,
-                              "out_shape": list(l.out_shape), "ops": list(l.ops)} for l in self.launches],
+                              "out_shape": list(l.out_shape), "out_dtype": l.out_dtype, "ops": list(l.ops)}
+                             for l in self.launches],
                 "views": {k: {"input": v[0], "shape": list(v[1])} for k, v in self.views.items()}}
 
 
@@ -438,9 +471,7 @@ def graph_problems(graph: IntegerGraph) -> list[Problem]:
     broken = legality.format_problems(graph)
     if broken:  # widths and bounds are meaningless without integer formats
         return broken
-    ids = set(id_inputs(graph))
-    widths = [p for p in legality.width_problems(graph, weight_bits=(2, MAX_WEIGHT_BITS), act_bits=(2, MAX_ACT_BITS))
-              if not (p.kind == "input" and p.layer in ids)]  # token ids are int32 (<= 16 bits by format)
+    widths = legality.width_problems(graph, weight_bits=(2, MAX_WEIGHT_BITS)) + _storage_problems(graph)
     # the linear GEMM is token-wise ([n, *tokens, features], GemmSpec.tokens): no rank limit
     token_wise = {op.name for op in graph.ops if op.kind == "linear" and len(graph.value(op.inputs[0]).shape) > 1}
     shapes = [p for p in legality.shape_problems(graph, groups=True)
@@ -470,6 +501,30 @@ def id_inputs(graph: IntegerGraph) -> dict[str, tuple[int, str]]:
             op = min(ops, key=lambda o: o.weight.shape[0])
             out[v.name] = (int(op.weight.shape[0]), op.name)
     return out
+
+
+def _wide_out(op: Op) -> bool:
+    return op.kind in WIDE_OUT and not (op.kind == "conv2d" and op.attrs.get("groups", 1) != 1)
+
+
+def _storage_problems(graph: IntegerGraph) -> list[Problem]:
+    """Activations the int8 / int16 storage cannot hold (see :data:`WIDE_OUT` / :data:`WIDE_IN`), each
+    named at the op whose kernel cannot write or read it (token-id inputs are int32: exempt)."""
+    ids = set(id_inputs(graph))
+    problems = []
+    for op in graph.ops:
+        bits = op.out_fmt.bits
+        if bits > WIDE_ACT_BITS or (bits > MAX_ACT_BITS and not _wide_out(op)):
+            problems.append(_problem(op, f"{bits}-bit output; this target holds 2-{MAX_ACT_BITS}-bit activations "
+                                         f"(int16 up to {WIDE_ACT_BITS} bits from: {', '.join(sorted(WIDE_OUT))})"))
+        for i, name in enumerate(op.inputs):
+            bits = graph.value(name).fmt.bits
+            if name in ids or bits <= MAX_ACT_BITS:
+                continue
+            if bits > WIDE_ACT_BITS or op.kind not in WIDE_IN or (op.kind == "softmax" and i > 0):
+                problems.append(_problem(op, f"{bits}-bit input; this target holds 2-{MAX_ACT_BITS}-bit activations "
+                                             f"for {op.kind} (input {name!r}; int16 into: {', '.join(sorted(WIDE_IN))})"))
+    return problems
 
 
 def _problem(op: Op, reason: str) -> Problem:
@@ -526,6 +581,14 @@ class _Planner:
     def bits(self, name: str) -> int:
         return self.graph.value(name).fmt.bits
 
+    def dtype(self, name: str) -> str:
+        return storage(self.bits(name))
+
+    def dtypes(self, *names: str) -> tuple[str, ...]:
+        """Storage of ``names`` (``()`` when all are int8: the specs' default)."""
+        out = tuple(self.dtype(n) for n in names)
+        return () if all(d == "int8" for d in out) else out
+
     def fusable(self, name: str) -> bool:
         """``name`` is a GEMM output read only by one add of two distinct values, not a graph output."""
         users = self.users.get(name, [])
@@ -546,7 +609,7 @@ class _Planner:
         large = None
         if isinstance(spec, GemmSpec) and spec.linear:
             large = self.plan.kernel_name(replace(spec, large=True))
-        self.plan.launches.append(Launch(self.plan.kernel_name(spec), args, out, shape, ops, large))
+        self.plan.launches.append(Launch(self.plan.kernel_name(spec), args, out, shape, ops, large, self.dtype(out)))
 
     def gemm(self, op: Op, residual: tuple[str, Residual, Op] | None) -> None:
         assert op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None
@@ -555,7 +618,9 @@ class _Planner:
         bias = np.zeros(w.shape[0], np.int64) if op.bias is None else np.asarray(op.bias, np.int64)
         legality.require_fits(self.graph.accumulator_bound(op), f"op {op.name!r}")
         common = dict(weight_bits=op.weight_fmt.bits, rq=self.requant(op, self.fl(src) + op.weight_fmt.frac_bits),
-                      residual=residual[1] if residual else None)
+                      residual=residual[1] if residual else None,
+                      out_dtype=self.dtype(residual[2].output if residual else op.output),
+                      res_dtype=self.dtype(residual[0]) if residual else "int8")
         if op.kind == "linear":
             spec = GemmSpec(w.shape[1], 1, 1, w.shape[0], linear=True, tokens=tuple(self.graph.value(src).shape[:-1]),
                             **common)
@@ -579,8 +644,8 @@ class _Planner:
         legality.require_fits(self.graph.accumulator_bound(op), f"op {op.name!r}")
         fused = next((i for i in reversed(op.inputs) if i in self.deferred), None)
         if fused is None:
-            self.launch(EltwiseSpec(self.graph.value(op.output).shape, lefts, self.requant(op, fl)), op.inputs,
-                        op.output, (op.name,))
+            self.launch(EltwiseSpec(self.graph.value(op.output).shape, lefts, self.requant(op, fl),
+                                    dtypes=self.dtypes(*op.inputs, op.output)), op.inputs, op.output, (op.name,))
             return
         other = op.inputs[0] if op.inputs[1] == fused else op.inputs[1]
         if other in self.deferred:  # both inputs are GEMMs read only here: run the other one first
@@ -637,7 +702,7 @@ class _Planner:
                                (None if lo is None else int(lo), None if hi is None else int(hi)))
         else:
             spec = EltwiseSpec(shape, (0,), self.requant(op, self.fl(src)))
-        self.launch(spec, op.inputs, op.output, (op.name,))
+        self.launch(replace(spec, dtypes=self.dtypes(src, op.output)), op.inputs, op.output, (op.name,))
 
     def mul(self, op: Op) -> None:
         a, b = op.inputs
@@ -649,7 +714,8 @@ class _Planner:
     def matmul(self, op: Op) -> None:
         a, b = op.inputs
         legality.require_fits(self.graph.accumulator_bound(op), f"op {op.name!r}")
-        spec = MatmulSpec(self.graph.value(a).shape, self.graph.value(b).shape, self.requant(op, self.fl(a) + self.fl(b)))
+        spec = MatmulSpec(self.graph.value(a).shape, self.graph.value(b).shape, self.requant(op, self.fl(a) + self.fl(b)),
+                          self.dtypes(a, b, op.output))
         assert spec.shape == self.graph.value(op.output).shape, (op.name, spec.shape)
         self.launch(spec, op.inputs, op.output, (op.name,))
 
@@ -674,7 +740,8 @@ class _Planner:
         table = np.asarray(op.weight, np.int64)
         spec = EmbeddingSpec(self.graph.value(ids).shape, int(table.shape[0]), int(table.shape[1]),
                              "int32" if ids in self.plan.id_inputs else "int8",
-                             Requant(op.out_fmt.frac_bits - op.weight_fmt.frac_bits, op.out_fmt.bits))
+                             Requant(op.out_fmt.frac_bits - op.weight_fmt.frac_bits, op.out_fmt.bits),
+                             self.dtype(op.output))
         self.plan.params[f"{op.name}.table"] = table.astype(np.int8)  # <= 8-bit weights: graph_problems
         self.launch(spec, (self.arg(ids), f"param:{op.name}.table"), op.output, (op.name,))
 
@@ -685,7 +752,7 @@ class _Planner:
         start = int(a["index"] if select else a["start"])
         step = 1 if select else int(a.get("step", 1))
         count = 1 if select else len(range(start, int(a["stop"]), step))
-        spec = SliceSpec(shape, int(a["dim"]) - 1, start, step, count, select)
+        spec = SliceSpec(shape, int(a["dim"]) - 1, start, step, count, select, self.dtype(src))
         assert spec.out_shape == self.graph.value(op.output).shape, (op.name, spec.out_shape)
         self.launch(spec, (src,), op.output, (op.name,))
 
@@ -700,7 +767,7 @@ class _Planner:
         shape = self.graph.value(op.output).shape
         out = op.output + "#out"
         self.plan.launches.append(Launch(self.plan.kernel_name(spec), args, out, (math.prod(shape[:-1]), shape[-1]),
-                                         (op.name,)))
+                                         (op.name,), out_dtype=self.dtype(op.output)))
         self.plan.views[op.output] = (out, shape)
 
     def softmax(self, op: Op) -> None:
@@ -712,7 +779,8 @@ class _Planner:
         k = softmax_recip_bits(op.out_fmt, e_bits)
         mask = op.inputs[1] if len(op.inputs) > 1 else None
         spec = SoftmaxSpec(v.shape, v.fmt.qmin, int(table.size), k, Requant(int(op.out_fmt.frac_bits) - k, op.out_fmt.bits),
-                           bool(op.attrs.get("causal")), None if mask is None else self.graph.value(mask).shape)
+                           bool(op.attrs.get("causal")), None if mask is None else self.graph.value(mask).shape,
+                           self.dtypes(op.inputs[0], op.output))
         self.plan.params[f"{op.name}.exp_table"] = table.astype(np.int32)  # entries <= 2^E <= 2^24
         args = (self.rows_view(op.inputs[0]), f"param:{op.name}.exp_table")
         if mask is not None:
@@ -729,7 +797,7 @@ class _Planner:
         n = self.graph.value(src).shape[-1]
         spec = LayerNormSpec(self.graph.value(src).shape, int(op.attrs["eps"]),
                              Requant(int(op.out_fmt.frac_bits) - op.weight_fmt.frac_bits - LAYERNORM_FRAC_BITS,
-                                     op.out_fmt.bits, bool(op.attrs.get("relu"))))
+                                     op.out_fmt.bits, bool(op.attrs.get("relu"))), self.dtypes(src, op.output))
         beta = np.zeros(n, np.int64) if op.bias is None else np.asarray(op.bias, np.int64)
         self.plan.params[f"{op.name}.gamma"] = np.asarray(op.weight, np.int64).astype(np.int32)
         self.plan.params[f"{op.name}.beta"] = beta.astype(np.int32)  # int32 on FL_w + FL_h: fit_problems
@@ -779,8 +847,8 @@ class _Planner:
             elif op.kind == "layernorm":
                 self.layernorm(op)
             elif op.kind == "transpose":
-                self.launch(TransposeSpec(shape, tuple(int(p) for p in op.attrs["perm"])), op.inputs, op.output,
-                            (op.name,))
+                self.launch(TransposeSpec(shape, tuple(int(p) for p in op.attrs["perm"]), self.dtype(op.inputs[0])),
+                            op.inputs, op.output, (op.name,))
             elif op.kind == "upsample_nearest":
                 self.launch(UpsampleSpec(*shape, tuple(int(f) for f in op.attrs["scale"])), op.inputs, op.output,
                             (op.name,))
@@ -791,7 +859,8 @@ class _Planner:
     def launch_input(self, name: str) -> None:
         v = self.graph.value(name)
         spec = QuantizeSpec(v.shape, self.fl(name), v.fmt.bits)
-        self.plan.launches.append(Launch(self.plan.kernel_name(spec), (f"float:{name}",), name, v.shape, ()))
+        self.plan.launches.append(Launch(self.plan.kernel_name(spec), (f"float:{name}",), name, v.shape, (),
+                                         out_dtype=self.dtype(name)))
 
 
 def plan_graph(graph: IntegerGraph) -> Plan:

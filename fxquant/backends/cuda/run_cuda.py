@@ -42,7 +42,8 @@ class PlanRunner:
     """Runs the launches of ``plan.json``: ``kernel(*args, out)`` in order, flatten as reshapes;
     from batch ``plan["large_batch"]`` on, a launch's ``kernel_large`` variant when it has one.
 
-    ``kernel(name)`` returns a callable; ``empty(shape)`` allocates an int8 tensor; ``params``
+    ``kernel(name)`` returns a callable; ``empty(shape, dtype)`` allocates an integer tensor (``dtype``
+    ``"int8"``, or ``"int16"`` for 9..16-bit activations); ``params``
     maps parameter names to tensors. :meth:`buffers` allocates every launch output for one batch
     size (so a CUDA graph can replay :meth:`run` on fixed memory).
     """
@@ -54,7 +55,8 @@ class PlanRunner:
         self.kernels = {name: kernel(name) for name in names}
 
     def buffers(self, n: int) -> dict[str, Any]:
-        return {launch["out"]: self.empty((n, *launch["out_shape"])) for launch in self.plan["launches"]}
+        return {launch["out"]: self.empty((n, *launch["out_shape"]), launch.get("out_dtype", "int8"))
+                for launch in self.plan["launches"]}
 
     def _value(self, env: dict[str, Any], name: str) -> Any:
         view = self.plan["views"].get(name)
@@ -255,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     with np.load(d / "params.npz") as f:
         params = {k: torch.from_numpy(f[k]).to(dev) for k in f.files}
     lib = tvm_ffi.load_module(str(d / "kernels.so"))
-    runner = PlanRunner(plan, lambda name: lib[name], lambda shape: torch.empty(shape, dtype=torch.int8, device=dev),
-                        params)
+    runner = PlanRunner(plan, lambda name: lib[name],
+                        lambda shape, dtype: torch.empty(shape, dtype=getattr(torch, dtype), device=dev), params)
     specs = plan["input_specs"]
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
 

@@ -19,11 +19,18 @@ limits); ``build`` plans, generates and compiles (:mod:`.build`) and writes, all
 ``run`` executes ``kernels_llvm.so`` through the runner's own ``PlanRunner`` on the CPU: **no GPU
 result is claimed** (``ran`` says so); the GPU check is ``python run_cuda.py`` on a CUDA host.
 
-Limits: activations and weights 2..8 bits (``__dp4a`` multiplies int8 quads; weights of at most 4
-bits are packed two per byte), int32 accumulators (average pools: every window divisor's
-``sum * M``), ``linear`` on ``[batch, features]``, ``mul`` broadcasting size-1 dims of equal-rank
-inputs, ``matmul`` of ``[.., M, K] x [.., K, N]`` with equal leading dims, undilated average pools. Any number of graph inputs (each quantized
-on the device). Kernels per op: :mod:`.plan`.
+Limits: weights 2..8 bits (``__dp4a`` multiplies int8 quads; weights of at most 4 bits are packed
+two per byte); activations 2..8 bits (int8), and 9..16 bits (int16) where the producing and every
+consuming kernel take int16 (:data:`.plan.WIDE_OUT` / :data:`.plan.WIDE_IN`: element-wise ops,
+``matmul``, slices / transposes / views, ``softmax``, ``layernorm``, embedding and GEMM outputs -- never
+a GEMM's input); int32 accumulators (average pools: every window divisor's ``sum * M``);
+``linear`` token-wise on ``[batch, *tokens, features]``; ``mul`` broadcasting size-1 dims of
+equal-rank inputs; ``matmul`` of ``[.., M, K] x [.., K, N]`` with equal leading dims; undilated
+average pools; ``embedding``, ``slice`` / select, ``softmax`` (mask, causal) and ``layernorm`` within
+:func:`fxquant.legality.transformer_problems`. Any number of graph inputs, each quantized on the
+device -- except token ids: an input read only by embeddings is passed as int32 (up to 16-bit ids)
+and range-checked on the host (:func:`check_ids`, the reference's :class:`InputRangeError`).
+Kernels per op: :mod:`.plan`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.backends.cuda.cuda_graphs import F, GraphMaker, linear_on_matrix, mixed_net, residual_net, vision_net
+from tests.backends.cuda.cuda_graphs import F, GraphMaker, mixed_net, residual_net, vision_net
 from tests.export.integer_graphs import sample_inputs
 
 from fxquant.backends.base import REPORT_FILE, export
@@ -243,5 +243,6 @@ def test_bad_arch_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="arch"):
         export(CudaTarget(), graph, tmp_path / "cuda", [sample_inputs(graph, 1)], arch="hopper")
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(UnsupportedOpError, match="linear on an input of shape"):
-        CudaTarget().build(linear_on_matrix(), tmp_path / "never")
+    m = GraphMaker((4,), F(12, 4))
+    with pytest.raises(UnsupportedOpError, match="12-bit input"):
+        CudaTarget().build(m.graph(m.linear("fc", "input", 4, F(8, 7), F(8, 2))), tmp_path / "never")
