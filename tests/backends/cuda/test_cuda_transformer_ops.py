@@ -137,11 +137,11 @@ def test_causal_softmax_with_a_padding_mask_broadcast_over_heads_and_queries() -
 @PROPERTY
 @given(data=st.data())
 def test_softmax_over_formats_masks_and_table_widths(data: st.DataObject) -> None:
-    """Scores 2..8 bits at FL -2..9 (tables from 1 to 256 entries), 8-bit or narrower outputs (1.0
-    saturating when FL > BW - 2), exp_bits 8 / 15 / 20, rows of 1..40, optional mask and causal."""
-    bits = data.draw(st.integers(2, 8))
-    in_fmt = F(bits, data.draw(st.integers(-2, 9)))
-    out_fmt = F(data.draw(st.integers(2, 8)), data.draw(st.integers(0, 9)))
+    """Scores 2..12 bits (int16 above 8) at FL -2..8 (tables up to 2^12 entries), outputs of 2..16
+    bits (1.0 saturating when FL > BW - 2), exp_bits 8 / 15 / 20, rows of 1..40, optional mask and causal."""
+    bits = data.draw(st.integers(2, 12))
+    in_fmt = F(bits, data.draw(st.integers(-2, 8)))
+    out_fmt = F(data.draw(st.integers(2, 16)), data.draw(st.integers(0, 16)))
     q, length = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 40))
     causal = data.draw(st.booleans())
     shape = (q, length)
@@ -188,9 +188,9 @@ def test_layernorm_with_zero_eps_on_a_constant_row_gives_beta() -> None:
 @PROPERTY
 @given(data=st.data())
 def test_layernorm_over_formats_eps_relu_and_beta(data: st.DataObject) -> None:
-    in_fmt = F(data.draw(st.integers(2, 8)), data.draw(st.integers(-3, 10)))
+    in_fmt = F(data.draw(st.integers(2, 16)), data.draw(st.integers(-3, 12)))  # int16 storage above 8 bits
     w_fmt = F(data.draw(st.integers(2, 8)), data.draw(st.integers(0, 8)))
-    out_fmt = F(data.draw(st.integers(2, 8)), data.draw(st.integers(-2, 8)))
+    out_fmt = F(data.draw(st.integers(2, 16)), data.draw(st.integers(-2, 12)))
     shape = data.draw(st.sampled_from([(7,), (2, 5), (2, 2, 33)]))
     graph = layernorm_graph(shape, in_fmt, w_fmt, out_fmt, eps=data.draw(st.sampled_from([0.0, 1e-5, 1e-2, 4.0])),
                             bias=data.draw(st.booleans()), relu=data.draw(st.booleans()))
@@ -225,13 +225,39 @@ def test_encoder_block_is_bit_exact(batch: int) -> None:
     assert_bit_exact(graph, ints)
 
 
-def test_wide_activations_are_refused_by_name() -> None:
+def test_wide_activations_travel_in_int16_between_kernels_that_take_them() -> None:
+    """A <9,8> causal softmax into attention x V, a 16-bit requantize into a layernorm of 12-bit
+    output, a 10-bit token-wise linear output: int16 buffers, bit-exact."""
+    m = GraphMaker((4, 8), F(8, 4), seed=97)
+    s = m.matmul("scores", m.dense("q", "input", 8, F(6, 5), F(8, 4)), m.transpose("x_t", "input", (1, 0)), F(8, 2))
+    p = m.softmax("softmax", m.reshape("heads", s, (1, 4, 4)), F(9, 8), causal=True)
+    ctx = m.reshape("ctx", m.matmul("context", p, m.reshape("v", "input", (1, 4, 8)), F(8, 4)), (4, 8))
+    wide = m.requantize("to16", m.layernorm("ln", ctx, F(8, 6), F(8, 4)), F(16, 10))
+    out = m.layernorm("ln16", wide, F(7, 5), F(12, 8), eps=1e-2, bias=False)
+    logits = m.dense("head", ctx, 5, F(8, 7), F(10, 3))
+    graph = m.graph(out, logits)
+    plan = plan_graph(graph)
+    dtypes = {launch.out: launch.out_dtype for launch in plan.launches}
+    assert (dtypes["softmax#out"], dtypes["to16"], dtypes["ln16#out"], dtypes["head"], dtypes["scores"]) == (
+        "int16", "int16", "int16", "int16", "int8")
+    rng = np.random.default_rng(3)
+    x = _rand_ints(rng, F(8, 4), (5, 4, 8))
+    x[0] = -128
+    assert_bit_exact(graph, [x])
+
+
+def test_wide_activations_are_refused_where_a_kernel_reads_or_writes_int8_only() -> None:
     m = GraphMaker((4, 8), F(8, 4), seed=96)
-    graph = m.graph(m.softmax("softmax", "input", F(9, 8)))
+    s = m.softmax("softmax", "input", F(9, 8))
+    h = m.dense("fc", s, 4, F(6, 5), F(8, 4))  # the dp4a GEMM reads int8 only
+    g = m.lut("gelu", h, "gelu", F(10, 4))  # a table of int8 entries
+    graph = m.graph(g)
     problems = graph_problems(graph)
-    assert [(p.layer, p.kind) for p in problems] == [("softmax", "softmax")]
-    assert "9-bit output; this target holds 2-8-bit activations" in problems[0].reason
-    with pytest.raises(UnsupportedOpError, match="softmax"):
+    assert [(p.layer, p.kind) for p in problems] == [("fc", "linear"), ("gelu", "lut")]
+    assert problems[0].reason.startswith("9-bit input; this target holds 2-8-bit activations for linear "
+                                         "(input 'softmax'")
+    assert problems[1].reason.startswith("10-bit output; this target holds 2-8-bit activations")
+    with pytest.raises(UnsupportedOpError, match=r"fc \(linear\): 9-bit input.*gelu \(lut\): 10-bit output"):
         plan_graph(graph)
 
 
