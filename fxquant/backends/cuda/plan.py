@@ -81,7 +81,7 @@ WIDE_OUT = frozenset({"linear", "conv2d", "add", "requantize", "relu", "clamp", 
                       "flatten", "reshape", "mul_pow2", "softmax", "layernorm", "embedding"})
 """Op kinds whose kernel writes int16 (``conv2d``: the ``groups=1`` GEMM only)."""
 WIDE_IN = frozenset({"add", "requantize", "relu", "clamp", "matmul", "slice", "transpose", "flatten", "reshape",
-                     "mul_pow2", "softmax", "layernorm"})
+                     "mul_pow2", "softmax", "layernorm", "embedding"})
 """Op kinds whose kernel reads int16 inputs (``softmax``: its scores, not its mask)."""
 
 
@@ -304,7 +304,7 @@ class PoolSpec(PoolShape):
 @dataclass(frozen=True)
 class EmbeddingSpec:
     """``y[b, *i, d] = requantize(table[clip(ids[b, *i]), d])`` of ids ``[n, *ids_shape]`` (``ids_dtype``:
-    int32 for an id graph input, else int8) and the int8 table ``(rows, width)``."""
+    int32 for an id graph input, else the ids' int8 / int16 storage) and the int8 table ``(rows, width)``."""
 
     ids_shape: tuple[int, ...]
     rows: int
@@ -739,7 +739,7 @@ class _Planner:
         assert op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None
         table = np.asarray(op.weight, np.int64)
         spec = EmbeddingSpec(self.graph.value(ids).shape, int(table.shape[0]), int(table.shape[1]),
-                             "int32" if ids in self.plan.id_inputs else "int8",
+                             "int32" if ids in self.plan.id_inputs else self.dtype(ids),
                              Requant(op.out_fmt.frac_bits - op.weight_fmt.frac_bits, op.out_fmt.bits),
                              self.dtype(op.output))
         self.plan.params[f"{op.name}.table"] = table.astype(np.int8)  # <= 8-bit weights: graph_problems

@@ -97,6 +97,17 @@ def test_an_id_input_also_read_by_another_op_is_an_int8_activation() -> None:
     assert_bit_exact(graph, ints)
 
 
+def test_embedding_of_computed_ids_reads_their_int16_storage() -> None:
+    """Ids <10,0> also sliced (so not an int32 id input): the window's ids are int16 activations."""
+    m = GraphMaker((6,), F(10, 0), seed=98, name="ids")
+    window = m.slice("window", "ids", 1, 1, 5)
+    graph = m.graph(m.embedding("emb", window, 500, 4, F(8, 6)), m.embedding("emb_all", "ids", 500, 4, F(8, 6)))
+    plan = plan_graph(graph)
+    assert plan.id_inputs == {} and [s.ids_dtype for s in plan.kernels.values() if hasattr(s, "ids_dtype")] == ["int16"] * 2
+    ints = graph.quantize_inputs(*token_inputs(graph, n=4))
+    assert_bit_exact(graph, ints)
+
+
 # ------------------------------------------------------------------------------------ slice
 def test_select_and_strided_slices_on_every_axis() -> None:
     m = GraphMaker((5, 6, 3), F(7, 3), seed=92)
