@@ -283,3 +283,38 @@ def test_transformer_kernels_compile_for_sm_80(tmp_path: Path) -> None:
     (tmp_path / "k.cu").write_text(source)
     build.nvcc_compile(tmp_path / "k.cu", tmp_path / "k.so", "sm_80")
     assert (tmp_path / "k.so").stat().st_size > 0
+
+
+def test_runner_float_baseline_of_the_transformer_kinds_matches_numpy() -> None:
+    """run_cuda.py's torch float network (the latency baseline) on softmax (causal, mask), layernorm,
+    embedding and select, against float64 numpy formulas of the same dequantized weights."""
+    import torch
+
+    from fxquant.backends.cuda.run_cuda import torch_float_model
+    from fxquant.fixed_point import LAYERNORM_FRAC_BITS
+
+    m = GraphMaker((4,), F(6, 0), seed=99, name="ids")
+    mask = m.input("mask", (1, 1, 4), F(2, 0))
+    h = m.embedding("emb", "ids", 20, 4, F(8, 6))
+    ln = m.layernorm("ln", h, F(8, 6), F(8, 4))
+    s = m.matmul("scores", m.reshape("r1", ln, (1, 4, 4)), m.transpose("t", m.reshape("r2", ln, (1, 4, 4)), (0, 2, 1)),
+                 F(8, 3))
+    p = m.softmax("softmax", s, F(8, 7), mask=mask, causal=True)
+    graph = m.graph(p, m.select("cls", ln, 1, 0))
+    ops, ints = build.float_graph(graph)
+    model = torch_float_model({"float_graph": ops, "outputs": graph.outputs},
+                              {k: torch.from_numpy(v) for k, v in ints.items()}, torch.float64)
+    rng = np.random.default_rng(5)
+    ids, keep = rng.integers(0, 20, size=(3, 4)), rng.integers(0, 2, size=(3, 1, 1, 4))
+    keep[:, ..., 0] = 1
+    got_p, got_cls = model({"ids": torch.from_numpy(ids), "mask": torch.from_numpy(keep.astype(np.float64))})
+    emb, ln_op = graph.ops[0], graph.ops[1]
+    x = np.ldexp(emb.weight[ids].astype(np.float64), -6)
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    eps = ln_op.attrs["eps"] / 4 ** 3 * 2.0 ** (-2 * 6)
+    y = (x - mu) / np.sqrt(var + eps) * np.ldexp(ln_op.weight, -6) + np.ldexp(ln_op.bias, -(6 + LAYERNORM_FRAC_BITS))
+    np.testing.assert_allclose(got_cls.numpy(), y[:, 0], rtol=1e-9, atol=1e-9)
+    scores = np.einsum("bqd,bkd->bqk", y, y)[:, None]
+    allowed = (keep != 0) & np.tril(np.ones((4, 4), bool))
+    e = np.where(allowed, np.exp(scores - np.where(allowed, scores, -np.inf).max(-1, keepdims=True)), 0.0)
+    np.testing.assert_allclose(got_p.numpy(), e / e.sum(-1, keepdims=True), rtol=1e-9, atol=1e-12)
