@@ -99,7 +99,8 @@ def nvcc_compile(source: Path, library: Path, arch: str) -> float:
 
 
 FLOAT_ATTRS = ("stride", "padding", "dilation", "kernel", "relu", "groups", "ceil_mode", "output_padding", "dim",
-               "lo", "hi", "function", "params", "perm", "scale", "shape", "exponent")
+               "lo", "hi", "function", "params", "perm", "scale", "shape", "exponent", "causal", "start", "stop",
+               "step", "index")
 """The op attributes the runner's torch float baseline reads (``lut`` tables stay in params.npz)."""
 
 
@@ -121,6 +122,9 @@ def float_graph(graph: IntegerGraph) -> tuple[list[dict[str, Any]], dict[str, np
         shape = graph.value(op.output).shape
         if op.kind in ("clamp", "mul_pow2"):  # real bounds / factor: the float op needs the grid's LSB
             attrs["frac_bits"] = op.out_fmt.frac_bits
+        if op.kind == "layernorm":  # the float eps: eps_D / (n^3 2^(2 FL_in))
+            n, fl_in = shape[-1], graph.value(op.inputs[0]).fmt.frac_bits
+            attrs["eps_float"] = float(op.attrs["eps"]) / float(n) ** 3 * 2.0 ** (-2 * fl_in)
         entry: dict[str, Any] = {"kind": op.kind, "inputs": list(op.inputs), "output": op.output, "weight": None,
                                  "bias": None, "attrs": attrs, "shape": list(shape)}
         if op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None:
@@ -129,6 +133,9 @@ def float_graph(graph: IntegerGraph) -> tuple[list[dict[str, Any]], dict[str, np
             if op.bias is not None:
                 fl_in = graph.value(op.inputs[0]).fmt.frac_bits
                 assert fl_in is not None  # plan_graph checked the formats
+                if op.kind == "layernorm":  # beta sits on FL_w + FL_h, gamma h's grid
+                    from fxquant.fixed_point import LAYERNORM_FRAC_BITS
+                    fl_in = LAYERNORM_FRAC_BITS
                 entry["bias"], entry["bias_frac_bits"] = f"{op.name}.bias", fl_in + op.weight_fmt.frac_bits
                 params[entry["bias"]] = np.asarray(op.bias).astype(np.int32)
         ops.append(entry)
@@ -139,12 +146,28 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
+def input_spec(v: Any, plan: Plan) -> dict[str, Any]:
+    """``plan.json``'s entry of graph input ``v``: float32 (quantized on the device), or int32 token ids
+    with the ``rows`` of the smallest table reading them and that embedding ``op``."""
+    spec = {"name": v.name, "shape": list(v.shape), "frac_bits": v.fmt.frac_bits, "dtype": "float32"}
+    if v.name in plan.id_inputs:
+        rows, op = plan.id_inputs[v.name]
+        spec.update(dtype="int32", rows=rows, op=op)
+    return spec
+
+
 def golden_inputs(graph: IntegerGraph, n: int = GOLDEN_SAMPLES, seed: int = 0) -> list[np.ndarray]:
-    """Per graph input, ``n`` seeded float32 inputs ``k * 2^-FL`` over its format's whole integer range."""
+    """Per graph input, ``n`` seeded float32 inputs ``k * 2^-FL`` over its format's whole integer range
+    (token ids read by an embedding: over ``[0, V)`` of its smallest table, never out of range)."""
     rng = np.random.default_rng(seed)
+    rows: dict[str, int] = {}
+    for op in graph.ops:
+        if op.kind == "embedding" and op.weight is not None:
+            rows[op.inputs[0]] = min(rows.get(op.inputs[0], op.weight.shape[0]), op.weight.shape[0])
     out = []
     for v in graph.inputs:
-        k = rng.integers(v.fmt.qmin, v.fmt.qmax + 1, size=(n, *v.shape))
+        lo, hi = (0, min(rows[v.name], v.fmt.qmax + 1)) if v.name in rows else (v.fmt.qmin, v.fmt.qmax + 1)
+        k = rng.integers(lo, hi, size=(n, *v.shape))
         out.append(np.ldexp(k.astype(np.float64), -v.fmt.frac_bits).astype(np.float32))
     return out
 
@@ -160,14 +183,14 @@ def write_artifact(graph: IntegerGraph, plan: Plan, out_dir: Path, arch: str) ->
     atomic_write_text(out_dir / SOURCE, source)
     ops, fparams = float_graph(graph)
     plan_json = {**plan.to_json(), "float_graph": ops, "arch": arch,
-                 "input_specs": [{"name": v.name, "shape": list(v.shape), "frac_bits": v.fmt.frac_bits}
-                                 for v in graph.inputs],
+                 "input_specs": [input_spec(v, plan) for v in graph.inputs],
                  "kernels": {name: repr(spec) for name, spec in plan.kernels.items()}}
     atomic_write_json(out_dir / PLAN, plan_json)
     save_npz(out_dir / PARAMS, plan.params)
     save_npz(out_dir / BASELINE, fparams)
     xs = golden_inputs(graph)
     ref = graph.run(*graph.quantize_inputs(*xs))
+    xs = [x.astype(np.int32) if v.name in plan.id_inputs else x for v, x in zip(graph.inputs, xs)]  # ids stay integer
     save_npz(out_dir / REFERENCE, {**{f"input:{v.name}": x for v, x in zip(graph.inputs, xs)},
                                    **{f"output:{k}": o for k, o in ref.items()}})
     try:  # the ORT baseline of run_cuda.py's latency table: skipped where the ONNX exporter lacks an op

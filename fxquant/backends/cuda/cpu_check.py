@@ -34,7 +34,8 @@ def build_llvm(plan: Plan) -> Any:
 
 def run_plan(plan_json: dict[str, Any], params: dict[str, np.ndarray], lib: Any,
              inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The plan's int8 outputs (as int64) for float32 ``inputs`` (by input name) on the llvm ``lib``."""
+    """The plan's int8 / int16 outputs (as int64) for float32 ``inputs`` (by input name; int32 token ids for
+    the plan's ``id_inputs``) on the llvm ``lib``."""
     import tvm
 
     class _Call:
@@ -46,8 +47,9 @@ def run_plan(plan_json: dict[str, Any], params: dict[str, np.ndarray], lib: Any,
             self.f(*tensors)
             arrays[-1][...] = tensors[-1].numpy()
 
-    runner = PlanRunner(plan_json, lambda name: _Call(lib[name]), lambda shape: np.empty(shape, np.int8), params)
-    xs = {k: np.asarray(v, np.float32) for k, v in inputs.items()}
+    runner = PlanRunner(plan_json, lambda name: _Call(lib[name]), lambda shape, dtype: np.empty(shape, dtype), params)
+    ids = set(plan_json.get("id_inputs", {}))  # token ids stay int32; every other input is float32
+    xs = {k: np.asarray(v, np.int32 if k in ids else np.float32) for k, v in inputs.items()}
     n = next(iter(xs.values())).shape[0]
     return [o.astype(np.int64) for o in runner.run(xs, runner.buffers(n))]
 

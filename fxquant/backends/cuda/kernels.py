@@ -19,20 +19,29 @@ argument is the output.
   ``acc`` (an int32 reduction over the group's channels and the window taps, padding and the
   transposed conv's off-stride taps contribute 0) and ``out`` (bias + requantize epilogue).
 * :func:`eltwise`, :func:`mul`, :func:`lut`, :func:`cat`, :func:`transpose`, :func:`upsample`,
-  :func:`pool2d`, :func:`quantize`: one spatial block each (TE compute). Every gather clamps its
-  indices into the source tensor (a masked-out element is read in bounds, then discarded).
+  :func:`pool2d`, :func:`quantize`, :func:`embedding`, :func:`slice_`: one spatial block each (TE
+  compute). Every gather clamps its indices into the source tensor (a masked-out element is read
+  in bounds, then discarded).
+* :func:`softmax` and :func:`layernorm` (TVMScript): one ``row`` block per row of ``[n, R, L]``, its
+  body serial loops over the row on int64 scalars in registers (``local`` scope), exactly the
+  steps of :func:`fxquant.fixed_point.softmax_rows` / :func:`~fxquant.fixed_point.layernorm_rows`:
+  bit length by a 6-step binary search, the square root by the 32-step restoring loop of
+  :func:`~fxquant.fixed_point.isqrt64`, one int64 division per row reciprocal, and every rounding
+  shift :func:`_rshift_half_even` (``q = v >> s``, ``r = v & (2^s - 1)``, ``q + [r + (q & 1) > 2^(s-1)]``).
 """
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from fxquant.backends.tvm_epilogue import requantize, residual_add
-from fxquant.backends.cuda.plan import (CatSpec, DirectConvSpec, EltwiseSpec, GemmSpec, KernelSpec, LutSpec,
-                                        MatmulSpec, MulSpec, PoolSpec, QuantizeSpec, TransposeSpec, UpsampleSpec)
+from fxquant.backends.tvm_epilogue import Requant, requantize, residual_add
+from fxquant.backends.cuda.plan import (CatSpec, DirectConvSpec, EltwiseSpec, EmbeddingSpec, GemmSpec, KernelSpec,
+                                        LayerNormSpec, LutSpec, MatmulSpec, MulSpec, PoolSpec, QuantizeSpec, SliceSpec,
+                                        SoftmaxSpec, TransposeSpec, UpsampleSpec, storage)
 
 ACT = "int8"
 
@@ -43,6 +52,11 @@ def _int32(v: tirx.PrimExpr) -> tirx.PrimExpr:
 
 def _to_int8(v: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Cast(ACT, v)
+
+
+def _dtype(dtypes: tuple[str, ...], i: int) -> str:
+    """Entry ``i`` of a spec's ``dtypes`` (``()`` = every tensor int8)."""
+    return dtypes[i] if dtypes else ACT
 
 
 @lru_cache(maxsize=None)
@@ -61,7 +75,19 @@ def gemm(s: GemmSpec) -> tirx.PrimFunc:
     def col_(m, k):
         return m % OW * SW + k % KW * DW - PW
 
+    TOKENS = s.tokens
+    TOK = math.prod(TOKENS)  # rows per sample of a token-wise linear (1 for [n, features])
+    if LINEAR:
+        OHW = TOK
+
+    def token(m):
+        """The row ``m`` of a token-wise linear as ``(sample, *token)``."""
+        return (m // TOK, *_unravel(m % TOK, TOKENS))
+
     def im2col(x, n, m, k):
+        if LINEAR and TOKENS:
+            sample, *tok = token(T.min(m, n * TOK - 1))
+            return T.if_then_else(T.And(k < K, m < n * TOK), x[(sample, *tok, T.min(k, K - 1))], T.int8(0))
         if LINEAR:
             return T.if_then_else(T.And(k < K, m < n), x[T.min(m, n - 1), T.min(k, K - 1)], T.int8(0))
         inside = T.And(T.And(T.And(k < K, m < n * OHW), T.And(row(m, k) >= 0, row(m, k) < H)), T.And(col_(m, k) >= 0, col_(m, k) < W))
@@ -72,13 +98,15 @@ def gemm(s: GemmSpec) -> tirx.PrimFunc:
         return T.Cast(ACT, (((T.Cast("int32", w[o, k // 2]) >> (k % 2 * 4)) & 15) ^ 8) - 8)
 
     def out_index(m, o):
+        if LINEAR and TOKENS:
+            return (*token(m), o)
         return (m, o) if LINEAR else (m // OHW, o, m % OHW // OW, m % OW)
 
     def epilogue(acc, bias, res, m, o):
         y = requantize(acc[m, o] + bias[o], s.rq, 1)
         if HAS_RES:
             y = residual_add(y, T.Cast("int32", res[out_index(m, o)]), s.residual, 1)
-        return T.Cast(ACT, y)
+        return T.Cast(s.out_dtype, y)
 
     @T.macro
     def body(x, w, bias, res, y, n):
@@ -109,8 +137,8 @@ def gemm(s: GemmSpec) -> tirx.PrimFunc:
                 if vm < n * OHW:
                     y[out_index(vm, vo)] = epilogue(acc, bias, res, vm, vo)
 
-    x_shape = (C,) if LINEAR else (C, H, W)
-    y_shape = (O,) if LINEAR else (O, OH, OW)
+    x_shape = (*TOKENS, C) if LINEAR else (C, H, W)
+    y_shape = (*TOKENS, O) if LINEAR else (O, OH, OW)
 
     if HAS_RES:
         @T.prim_func(s_tir=True)
@@ -119,8 +147,8 @@ def gemm(s: GemmSpec) -> tirx.PrimFunc:
             x = T.match_buffer(x_h, (n, *x_shape), ACT)
             w = T.match_buffer(w_h, WSHAPE, WDT)
             bias = T.match_buffer(b_h, (OP,), "int32")
-            res = T.match_buffer(r_h, (n, *y_shape), ACT)
-            y = T.match_buffer(y_h, (n, *y_shape), ACT)
+            res = T.match_buffer(r_h, (n, *y_shape), s.res_dtype)
+            y = T.match_buffer(y_h, (n, *y_shape), s.out_dtype)
             body(x, w, bias, res, y, n)
     else:
         @T.prim_func(s_tir=True)
@@ -129,7 +157,7 @@ def gemm(s: GemmSpec) -> tirx.PrimFunc:
             x = T.match_buffer(x_h, (n, *x_shape), ACT)
             w = T.match_buffer(w_h, WSHAPE, WDT)
             bias = T.match_buffer(b_h, (OP,), "int32")
-            y = T.match_buffer(y_h, (n, *y_shape), ACT)
+            y = T.match_buffer(y_h, (n, *y_shape), s.out_dtype)
             body(x, w, bias, y, y, n)  # res is never read without a residual
     return kernel
 
@@ -191,8 +219,8 @@ def direct_conv(s: DirectConvSpec) -> tirx.PrimFunc:
 def matmul(s: MatmulSpec) -> tirx.PrimFunc:
     """``acc[b, .., m, j] = sum_k a[b, .., m, k] b[b, .., k, j]`` (int32), then requantize (+ ReLU)."""
     n = _batch()
-    a = te.placeholder((n, *s.a_shape), ACT, name="a")
-    b = te.placeholder((n, *s.b_shape), ACT, name="b")
+    a = te.placeholder((n, *s.a_shape), _dtype(s.dtypes, 0), name="a")
+    b = te.placeholder((n, *s.b_shape), _dtype(s.dtypes, 1), name="b")
     rk = te.reduce_axis((0, s.a_shape[-1]), name="rk")
 
     def f(bi: tirx.PrimExpr, *idx: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -200,7 +228,7 @@ def matmul(s: MatmulSpec) -> tirx.PrimFunc:
         return te.sum(_int32(a[(bi, *lead, i, rk)]) * _int32(b[(bi, *lead, rk, j)]), axis=rk)
 
     acc = te.compute((n, *s.shape), f, name="acc")
-    y = te.compute((n, *s.shape), lambda *idx: _to_int8(requantize(acc[idx], s.rq, 1)), name="out")
+    y = te.compute((n, *s.shape), lambda *idx: tirx.Cast(_dtype(s.dtypes, 2), requantize(acc[idx], s.rq, 1)), name="out")
     return te.create_prim_func([a, b, y])
 
 
@@ -208,7 +236,7 @@ def matmul(s: MatmulSpec) -> tirx.PrimFunc:
 def eltwise(s: EltwiseSpec) -> tirx.PrimFunc:
     """``y = clip(requantize(sum_i x_i << lefts[i]))``: residual add, format change, ReLU, clamp."""
     n = _batch()
-    xs = [te.placeholder((n, *s.shape), ACT, name=f"x{i}") for i in range(len(s.lefts))]
+    xs = [te.placeholder((n, *s.shape), _dtype(s.dtypes, i), name=f"x{i}") for i in range(len(s.lefts))]
     lo, hi = s.clip
 
     def f(*idx: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -220,7 +248,7 @@ def eltwise(s: EltwiseSpec) -> tirx.PrimFunc:
             out = tirx.max(out, tirx.const(lo, "int32"))
         if hi is not None:
             out = tirx.min(out, tirx.const(hi, "int32"))
-        return _to_int8(out)
+        return tirx.Cast(_dtype(s.dtypes, -1), out)
 
     y = te.compute((n, *s.shape), f, name="eltwise")
     return te.create_prim_func([*xs, y])
@@ -279,7 +307,7 @@ def cat(s: CatSpec) -> tirx.PrimFunc:
 def transpose(s: TransposeSpec) -> tirx.PrimFunc:
     """``y[b, o_0, ..] = x[b, i]`` with ``i[perm[k]] = o_k``."""
     n = _batch()
-    x = te.placeholder((n, *s.shape), ACT, name="x")
+    x = te.placeholder((n, *s.shape), s.dtype, name="x")
 
     def f(b: tirx.PrimExpr, *out: tirx.PrimExpr) -> tirx.PrimExpr:
         src = [None] * len(s.perm)
@@ -344,7 +372,7 @@ def pool2d(s: PoolSpec) -> tirx.PrimFunc:
 
 @lru_cache(maxsize=None)
 def quantize(s: QuantizeSpec) -> tirx.PrimFunc:
-    """float32 -> int8 ``clamp(nearbyint(x * 2^FL))``: the scale is a power of two, so the product
+    """float32 -> int8 (int16 above 8 bits) ``clamp(nearbyint(x * 2^FL))``: the scale is a power of two, so the product
     is exact in float32 (overflow saturates through the clamp) and ``nearbyint`` rounds half to
     even, as :meth:`fxquant.integer_graph.IntegerGraph.quantize_inputs` does for the same values."""
     n = _batch()
@@ -354,18 +382,229 @@ def quantize(s: QuantizeSpec) -> tirx.PrimFunc:
 
     def f(*idx: tirx.PrimExpr) -> tirx.PrimExpr:
         r = tirx.nearbyint(x[idx] * scale)
-        return _to_int8(tirx.max(tirx.min(r, tirx.const(hi, "float32")), tirx.const(lo, "float32")))
+        return tirx.Cast(storage(s.bits), tirx.max(tirx.min(r, tirx.const(hi, "float32")), tirx.const(lo, "float32")))
 
     y = te.compute((n, *s.shape), f, name="quantize")
     return te.create_prim_func([x, y])
 
 
+@lru_cache(maxsize=None)
+def embedding(s: EmbeddingSpec) -> tirx.PrimFunc:
+    """``y[b, *i, d] = requantize(table[clip(ids[b, *i], 0, rows - 1), d])`` (ids int32 or int8;
+    the host checks the ids of an id input, so the clamp only keeps every read in the table)."""
+    n = _batch()
+    ids = te.placeholder((n, *s.ids_shape), s.ids_dtype, name="ids")
+    table = te.placeholder((s.rows, s.width), ACT, name="table")
+
+    def f(*idx: tirx.PrimExpr) -> tirx.PrimExpr:
+        *lead, d = idx
+        row = _clip(_int32(ids[tuple(lead)]), s.rows)
+        return tirx.Cast(s.out_dtype, requantize(_int32(table[row, d]), s.rq, 1))
+
+    y = te.compute((n, *s.ids_shape, s.width), f, name="embedding")
+    return te.create_prim_func([ids, table, y])
+
+
+@lru_cache(maxsize=None)
+def slice_(s: SliceSpec) -> tirx.PrimFunc:
+    """``y[b, .., i, ..] = x[b, .., start + i step, ..]`` on axis ``dim``; select: ``x[b, .., start, ..]``."""
+    n = _batch()
+    x = te.placeholder((n, *s.shape), s.dtype, name="x")
+    axis = s.dim + 1
+
+    def f(*idx: tirx.PrimExpr) -> tirx.PrimExpr:
+        if s.select:
+            return x[(*idx[:axis], tirx.const(s.start, "int32"), *idx[axis:])]
+        return x[(*idx[:axis], idx[axis] * s.step + s.start, *idx[axis + 1:])]
+
+    y = te.compute((n, *s.out_shape), f, name="slice")
+    return te.create_prim_func([x, y])
+
+
+def _i64(v: int | tirx.PrimExpr) -> tirx.PrimExpr:
+    return tirx.const(v, "int64") if isinstance(v, int) else tirx.Cast("int64", v)
+
+
+def _rshift_half_even(v: tirx.PrimExpr, s: int) -> tirx.PrimExpr:
+    """``round_half_even(v 2^-s)`` of an int64 ``v``, ``1 <= s <= 62`` (no overflow: ``r + 1 < 2^62``)."""
+    q = v >> _i64(s)
+    r = v & _i64((1 << s) - 1)
+    return q + tirx.Select(r + (q & _i64(1)) > _i64(1 << (s - 1)), _i64(1), _i64(0))
+
+
+def _requantize64(v: tirx.PrimExpr, rq: Requant) -> tirx.PrimExpr:
+    """:func:`fxquant.fixed_point.requantize` of an int64 ``v`` with ``|v| < 2^62``: shift (round half
+    even), saturate to ``rq.bits``, ReLU. A left shift clamps first (any value outside the output
+    range saturates anyway) and caps the shift at ``bits``; a right shift by ``>= 63`` is 0."""
+    lo, hi = _i64(rq.low), _i64(rq.high)
+    if rq.shift >= 0:
+        if rq.shift:
+            v = tirx.max(tirx.min(v, _i64(rq.high)), _i64(-(1 << (rq.bits - 1)))) << _i64(min(rq.shift, rq.bits))
+    elif -rq.shift >= 63:
+        v = _i64(0)
+    else:
+        v = _rshift_half_even(v, -rq.shift)
+    return tirx.max(tirx.min(v, hi), lo)
+
+
+def _unravel(r: tirx.PrimExpr, dims: tuple[int, ...]) -> list[tirx.PrimExpr]:
+    """The index of row-major flat ``r`` over ``dims``."""
+    out, stride = [], 1
+    for d in reversed(dims):
+        out.append(tirx.floormod(tirx.floordiv(r, stride), d) if d > 1 else tirx.const(0, "int32"))
+        stride *= d
+    return out[::-1]
+
+
+@lru_cache(maxsize=None)
+def softmax(s: SoftmaxSpec) -> tirx.PrimFunc:
+    """Integer softmax of scores ``x[n, R, L]`` (int8) per row, into ``y[n, R, L]`` (int8)::
+
+        keep = mask != 0 (broadcast), and j <= query if causal
+        m = max(x over kept, qmin); e_j = keep ? table[min(m - x_j, T - 1)] : 0; sum = sum(e)
+        r = (2^(K+1) + sum) // (2 sum), 0 when sum == 0
+        y_j = saturate(round_half_even(e_j r 2^(FL_out - K)))
+
+    int64 throughout (``e r <= 2^K <= 2^60``); ``table`` is int32 ``[T]``, ``mask`` int8 ``[n, prod(mask_shape)]``."""
+    R, L, T_SIZE, K = s.rows, s.shape[-1], s.table_size, s.recip_bits
+    lead = s.shape[:-1]
+    HAS_MASK, CAUSAL = s.mask_shape is not None, s.causal
+    mshape = s.mask_shape or ()
+    mstrides = [1] * len(mshape)
+    for d in range(len(mshape) - 2, -1, -1):
+        mstrides[d] = mstrides[d + 1] * mshape[d + 1]
+    MF = max(1, math.prod(mshape))
+    Q = lead[-1] if lead else 1
+    IN, OUT = _dtype(s.dtypes, 0), _dtype(s.dtypes, 1)
+
+    def keep(mask, b, r, j):
+        ok = tirx.const(True, "bool")
+        if HAS_MASK:
+            idx = [*_unravel(r, lead), j]
+            flat = tirx.const(0, "int32")
+            for i, d, st in zip(idx, mshape, mstrides):
+                if d != 1:
+                    flat = flat + i * st
+            ok = tirx.all(ok, mask[b, flat] != tirx.const(0, ACT))
+        if CAUSAL:
+            ok = tirx.all(ok, j <= tirx.floormod(r, Q))
+        return ok
+
+    def exp_of(table, m, x):
+        return _i64(table[_int32(tirx.min(m - _i64(x), _i64(T_SIZE - 1)))])
+
+    @T.macro
+    def body(x, table, mask, y, n):
+        for b, r in T.grid(n, R):
+            with T.sblock("row"):
+                vb, vr = T.axis.remap("SS", [b, r])
+                acc = T.sblock_alloc_buffer((3,), "int64", scope="local")
+                acc[0] = T.int64(s.qmin)
+                for j in range(L):
+                    if keep(mask, vb, vr, j):
+                        acc[0] = T.max(acc[0], T.Cast("int64", x[vb, vr, j]))
+                acc[1] = T.int64(0)
+                for j in range(L):
+                    if keep(mask, vb, vr, j):
+                        acc[1] = acc[1] + exp_of(table, acc[0], x[vb, vr, j])
+                acc[2] = T.Select(acc[1] > T.int64(0), T.floordiv(T.int64(1 << (K + 1)) + acc[1], acc[1] * T.int64(2)),
+                                  T.int64(0))
+                for j in range(L):
+                    y[vb, vr, j] = T.Cast(OUT, _requantize64(
+                        T.Select(keep(mask, vb, vr, j), exp_of(table, acc[0], x[vb, vr, j]), T.int64(0)) * acc[2],
+                        s.rq))
+
+    if HAS_MASK:
+        @T.prim_func(s_tir=True)
+        def kernel(x_h: T.handle, t_h: T.handle, m_h: T.handle, y_h: T.handle):
+            n = T.int32()
+            x = T.match_buffer(x_h, (n, R, L), IN)
+            table = T.match_buffer(t_h, (T_SIZE,), "int32")
+            mask = T.match_buffer(m_h, (n, MF), ACT)
+            y = T.match_buffer(y_h, (n, R, L), OUT)
+            body(x, table, mask, y, n)
+    else:
+        @T.prim_func(s_tir=True)
+        def kernel(x_h: T.handle, t_h: T.handle, y_h: T.handle):
+            n = T.int32()
+            x = T.match_buffer(x_h, (n, R, L), IN)
+            table = T.match_buffer(t_h, (T_SIZE,), "int32")
+            y = T.match_buffer(y_h, (n, R, L), OUT)
+            body(x, table, x, y, n)  # no mask: never read
+    return kernel
+
+
+@lru_cache(maxsize=None)
+def layernorm(s: LayerNormSpec) -> tirx.PrimFunc:
+    """Integer LayerNorm of ``x[n, R, L]`` (int8) per row, into ``y[n, R, L]`` (int8), int64 scalars::
+
+        sum = sum(x); c_j = L x_j - sum; D = sum(c^2) + eps_D
+        t = (62 - bit_length(D)) // 2                    (6-step binary search)
+        sigma = isqrt((D << 2t) // L)                    (32-step restoring square root)
+        r = (2^(Y+1) + sigma) // (2 sigma), 0 when sigma == 0
+        h_j = round_half_even(c_j 2^t r 2^(FL_h - Y)); y_j = requantize(gamma_j h_j + beta_j)
+
+    ``gamma``, ``beta``: int32 ``[L]``. Bounds (legality): ``D < 2^62``, ``|c| 2^t < 2^31``, ``r < 2^(Y-29) sqrt(L)``."""
+    from fxquant.fixed_point import LAYERNORM_FRAC_BITS, LAYERNORM_NORM_BITS, LAYERNORM_RECIP_BITS
+
+    R, L, EPS = s.rows, s.shape[-1], s.eps
+    IN, OUT = _dtype(s.dtypes, 0), _dtype(s.dtypes, 1)
+    NORM, Y, H_SHIFT = LAYERNORM_NORM_BITS, LAYERNORM_RECIP_BITS, LAYERNORM_RECIP_BITS - LAYERNORM_FRAC_BITS
+
+    @T.prim_func(s_tir=True)
+    def kernel(x_h: T.handle, g_h: T.handle, b_h: T.handle, y_h: T.handle):
+        n = T.int32()
+        x = T.match_buffer(x_h, (n, R, L), IN)
+        gamma = T.match_buffer(g_h, (L,), "int32")
+        beta = T.match_buffer(b_h, (L,), "int32")
+        y = T.match_buffer(y_h, (n, R, L), OUT)
+        for b, r in T.grid(n, R):
+            with T.sblock("row"):
+                vb, vr = T.axis.remap("SS", [b, r])
+                # 0 sum, 1 D, 2 bit-length scratch, 3 bit length, 4 isqrt remainder, 5 root, 6 bit, 7 reciprocal
+                acc = T.sblock_alloc_buffer((8,), "int64", scope="local")
+                acc[0] = T.int64(0)
+                for j in range(L):
+                    acc[0] = acc[0] + T.Cast("int64", x[vb, vr, j])
+                acc[1] = T.int64(EPS)
+                for j in range(L):
+                    acc[1] = acc[1] + (T.int64(L) * T.Cast("int64", x[vb, vr, j]) - acc[0]) * (
+                        T.int64(L) * T.Cast("int64", x[vb, vr, j]) - acc[0])
+                acc[2] = acc[1]
+                acc[3] = T.int64(0)
+                for i in range(6):
+                    if (acc[2] >> (T.int64(32) >> T.Cast("int64", i))) > T.int64(0):
+                        acc[3] = acc[3] + (T.int64(32) >> T.Cast("int64", i))
+                        acc[2] = acc[2] >> (T.int64(32) >> T.Cast("int64", i))
+                acc[3] = acc[3] + T.Select(acc[2] > T.int64(0), T.int64(1), T.int64(0))
+                acc[3] = (T.int64(NORM) - acc[3]) >> T.int64(1)  # t
+                acc[4] = T.floordiv(acc[1] << (acc[3] * T.int64(2)), T.int64(L))
+                acc[5] = T.int64(0)
+                acc[6] = T.int64(1) << T.int64(62)
+                for i in range(32):
+                    if acc[4] >= acc[5] + acc[6]:
+                        acc[4] = acc[4] - (acc[5] + acc[6])
+                        acc[5] = (acc[5] >> T.int64(1)) + acc[6]
+                    else:
+                        acc[5] = acc[5] >> T.int64(1)
+                    acc[6] = acc[6] >> T.int64(2)
+                acc[7] = T.Select(acc[5] > T.int64(0),
+                                  T.floordiv(T.int64(1 << (Y + 1)) + acc[5], acc[5] * T.int64(2)), T.int64(0))
+                for j in range(L):
+                    y[vb, vr, j] = T.Cast(OUT, _requantize64(
+                        T.Cast("int64", gamma[j]) * _rshift_half_even(
+                            (T.int64(L) * T.Cast("int64", x[vb, vr, j]) - acc[0]) * (T.int64(1) << acc[3]) * acc[7],
+                            H_SHIFT) + T.Cast("int64", beta[j]), s.rq))
+    return kernel
+
+
 def primfunc(spec: KernelSpec) -> tirx.PrimFunc:
     """The unscheduled PrimFunc of ``spec``."""
     builders = {GemmSpec: gemm, DirectConvSpec: direct_conv, MatmulSpec: matmul, EltwiseSpec: eltwise, MulSpec: mul, LutSpec: lut,
-                CatSpec: cat, TransposeSpec: transpose, UpsampleSpec: upsample, PoolSpec: pool2d, QuantizeSpec: quantize}
+                CatSpec: cat, TransposeSpec: transpose, UpsampleSpec: upsample, PoolSpec: pool2d, QuantizeSpec: quantize,
+                EmbeddingSpec: embedding, SliceSpec: slice_, SoftmaxSpec: softmax, LayerNormSpec: layernorm}
     return builders[type(spec)](spec)  # type: ignore[operator]
 
 
-__all__ = ["cat", "direct_conv", "eltwise", "gemm", "lut", "matmul", "mul", "pool2d", "primfunc", "quantize", "transpose",
-           "upsample"]
+__all__ = ["cat", "direct_conv", "eltwise", "embedding", "gemm", "layernorm", "lut", "matmul", "mul", "pool2d", "primfunc",
+           "quantize", "slice_", "softmax", "transpose", "upsample"]

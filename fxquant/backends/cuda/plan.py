@@ -4,7 +4,11 @@ Must run before it: :func:`fxquant.passes.lower_to_integer_graph` (or a hand-bui
 :class:`~fxquant.integer_graph.IntegerGraph`). After it: :mod:`.kernels` turns each distinct
 :data:`KernelSpec` into a TensorIR PrimFunc and :mod:`.schedule` binds it to CUDA threads.
 
-Math (``docs/number_format.md``): activations are integers of at most 8 bits stored as int8.
+Math (``docs/number_format.md``): activations are integers of at most 8 bits stored as int8 -- or of
+9..16 bits stored as int16 where the kernels on both sides of the value take it (:data:`WIDE_OUT`,
+:data:`WIDE_IN`: element-wise, matmul, slice / transpose / views, softmax, layernorm, embedding
+outputs and the GEMM epilogue's output; never a dp4a GEMM's input). :func:`graph_problems` names
+every other wide value at the op that cannot read or write it.
 
 * ``conv2d`` / ``linear``: ``acc = sum_k a[m, k] w[o, k] + b[o]`` (int32, checked below), then
   ``requantize(acc, FL_in + FL_w -> out_fmt)`` (shift, round half to even, saturate, ReLU). A conv
@@ -25,6 +29,18 @@ Math (``docs/number_format.md``): activations are integers of at most 8 bits sto
 * ``matmul`` of two activations ``[.., M, K] x [.., K, N]`` (equal leading dims): one thread per
   output, ``acc = sum_k a[.., m, k] b[.., k, n]`` in int32, requantize from ``FL_a + FL_b``.
 * ``lut``: ``y = table[x - qmin_in]`` (the op's int8 table of ``2^BW_in`` entries, a parameter).
+* ``embedding``: ``y[.., d] = requantize(table[id, d])`` from ``FL_w`` (the int8 ``(V, D)`` table a
+  parameter; the identity when ``out_fmt == weight_fmt``). A graph input read only by embeddings
+  (token ids ``<BW,0>``, ``BW <= 16``) stays integer end to end: it is passed as int32 (``"int:<name>"``,
+  no quantize kernel) and its ids are range-checked on the host (``CudaTarget.run``) -- the kernel
+  clamps an id into the table only so that no read leaves it.
+* ``slice`` / select: an index map (``x[.., start + i step, ..]``, or the axis removed at ``index``).
+* ``softmax`` and ``layernorm``: one thread per row of the last axis (the rows of ``[n, *shape]``
+  viewed as ``[n, R, L]``), the arithmetic of :func:`fxquant.fixed_point.softmax_rows` /
+  :func:`~fxquant.fixed_point.layernorm_rows` in int64 (see :mod:`.kernels`). softmax's mask
+  (``<BW,0>`` int8, nonzero = keep, size-1 dims broadcast) is viewed flat ``[n, prod(mask)]``; its
+  exponential table (:func:`~fxquant.fixed_point.softmax_exp_table`, int32) is a parameter, as
+  layernorm's gamma and beta (int32; beta 0 when absent).
 * ``cat``: every input requantized to ``out_fmt`` (ReLU after) and written at its offset on ``dim``.
 * ``maxpool2d`` on the integers (dilation, torch's ``ceil_mode`` output size; cells outside the
   input read as ``-128`` and never win); ``avgpool2d``: the window sum over the cells inside the
@@ -59,12 +75,25 @@ from fxquant.errors import UnsupportedOpError
 from fxquant.integer_graph import IntegerGraph, Op, avg_terms
 
 MAX_ACT_BITS = 8
+WIDE_ACT_BITS = 16
+"""Activations of 9..16 bits are int16 where :data:`WIDE_OUT` writes and :data:`WIDE_IN` reads them."""
+WIDE_OUT = frozenset({"linear", "conv2d", "add", "requantize", "relu", "clamp", "matmul", "slice", "transpose",
+                      "flatten", "reshape", "mul_pow2", "softmax", "layernorm", "embedding"})
+"""Op kinds whose kernel writes int16 (``conv2d``: the ``groups=1`` GEMM only)."""
+WIDE_IN = frozenset({"add", "requantize", "relu", "clamp", "matmul", "slice", "transpose", "flatten", "reshape",
+                     "mul_pow2", "softmax", "layernorm", "embedding"})
+"""Op kinds whose kernel reads int16 inputs (``softmax``: its scores, not its mask)."""
+
+
+def storage(bits: int) -> str:
+    """The integer type holding a ``bits``-bit activation: int8 up to 8 bits, else int16."""
+    return "int8" if bits <= MAX_ACT_BITS else "int16"
 MAX_WEIGHT_BITS = 8
 """``__dp4a`` multiplies int8 quads: weights wider than 8 bits have no CUDA kernel (refused)."""
 PACKED_WEIGHT_BITS = 4
 OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize", "reshape",
                  "mul_pow2", "clamp", "lut", "mul", "cat", "transpose", "upsample_nearest", "conv_transpose2d",
-                 "matmul"})
+                 "matmul", "embedding", "slice", "softmax", "layernorm"})
 VIEW_KINDS = ("flatten", "reshape", "mul_pow2")
 """Ops whose output is their input's integers in another shape or format: a view, no kernel."""
 K_TILE = 16
@@ -96,6 +125,12 @@ class GemmSpec:
     residual: Residual | None = None
     large: bool = False
     """Linear layers only: 64-row blocks for batches >= LARGE_BATCH (16-row blocks below)."""
+    tokens: tuple[int, ...] = ()
+    out_dtype: str = "int8"
+    res_dtype: str = "int8"
+    """Storage of the output and of a fused residual input (int16 for 9..16 bits)."""
+    """Linear layers only: the leading dims of a token-wise linear on ``[n, *tokens, features]``
+    (GEMM rows ``m = (sample, *token)``, ``M = n prod(tokens)``); ``()`` for ``[n, features]``."""
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -125,11 +160,11 @@ class GemmSpec:
 
     @property
     def in_shape(self) -> tuple[int, ...]:
-        return (self.channels,) if self.linear else (self.channels, self.height, self.width)
+        return (*self.tokens, self.channels) if self.linear else (self.channels, self.height, self.width)
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return (self.out_channels,) if self.linear else (self.out_channels, *self.out_hw)
+        return (*self.tokens, self.out_channels) if self.linear else (self.out_channels, *self.out_hw)
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -179,6 +214,8 @@ class EltwiseSpec:
     rq: Requant
     clip: tuple[int | None, int | None] = (None, None)
     """``clamp``'s bounds on the output grid: ``min(max(y, lo), hi)``, ``None`` = unbounded."""
+    dtypes: tuple[str, ...] = ()
+    """Storage of every input, then of the output; ``()``: all int8."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +236,8 @@ class MatmulSpec:
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
     rq: Requant
+    dtypes: tuple[str, ...] = ()
+    """Storage of ``a``, ``b`` and the output; ``()``: all int8."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -235,6 +274,7 @@ class TransposeSpec:
 
     shape: tuple[int, ...]
     perm: tuple[int, ...]
+    dtype: str = "int8"
 
 
 @dataclass(frozen=True)
@@ -262,6 +302,78 @@ class PoolSpec(PoolShape):
 
 
 @dataclass(frozen=True)
+class EmbeddingSpec:
+    """``y[b, *i, d] = requantize(table[clip(ids[b, *i]), d])`` of ids ``[n, *ids_shape]`` (``ids_dtype``:
+    int32 for an id graph input, else the ids' int8 / int16 storage) and the int8 table ``(rows, width)``."""
+
+    ids_shape: tuple[int, ...]
+    rows: int
+    width: int
+    ids_dtype: str
+    rq: Requant
+    out_dtype: str = "int8"
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """``y = x[.., start + i step, ..]`` (``i < count``) on axis ``dim`` (0 = the first non-batch
+    axis) of int8 ``[n, *shape]``; ``select``: ``x.take(start, dim)``, the axis removed."""
+
+    shape: tuple[int, ...]
+    dim: int
+    start: int
+    step: int
+    count: int
+    select: bool
+    dtype: str = "int8"
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        if self.select:
+            return self.shape[:self.dim] + self.shape[self.dim + 1:]
+        return self.shape[:self.dim] + (self.count,) + self.shape[self.dim + 1:]
+
+
+@dataclass(frozen=True)
+class SoftmaxSpec:
+    """Integer softmax over the last axis of int8 scores ``[n, *shape]`` (viewed ``[n, R, L]``), one
+    thread per row: :func:`fxquant.fixed_point.softmax_rows` with the table of ``table_size`` entries,
+    ``K = recip_bits``, ``rq.shift = FL_out - K``; ``qmin`` = the scores' ``qmin``; keep = mask
+    (``[n, *mask_shape]`` viewed flat, nonzero = keep) and, ``causal``, key ``<=`` query."""
+
+    shape: tuple[int, ...]
+    qmin: int
+    table_size: int
+    recip_bits: int
+    rq: Requant
+    causal: bool = False
+    mask_shape: tuple[int, ...] | None = None
+    dtypes: tuple[str, ...] = ()
+    """Storage of the scores and of the output (the mask is int8); ``()``: both int8."""
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape[:-1])
+
+
+@dataclass(frozen=True)
+class LayerNormSpec:
+    """Integer LayerNorm over the last axis of int8 ``[n, *shape]`` (viewed ``[n, R, L]``), one thread
+    per row: ``h`` = :func:`fxquant.fixed_point.layernorm_rows` (``eps`` = ``eps_D``), then
+    ``requantize(gamma h + beta)`` with ``rq.shift = FL_out - (FL_w + LAYERNORM_FRAC_BITS)``."""
+
+    shape: tuple[int, ...]
+    eps: int
+    rq: Requant
+    dtypes: tuple[str, ...] = ()
+    """Storage of the input and of the output; ``()``: both int8."""
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape[:-1])
+
+
+@dataclass(frozen=True)
 class QuantizeSpec:
     """float32 ``[n, *shape]`` -> int8 ``clamp(round_half_even(x * 2^frac_bits))`` at ``bits``."""
 
@@ -271,7 +383,10 @@ class QuantizeSpec:
 
 
 KernelSpec = (GemmSpec | DirectConvSpec | MatmulSpec | EltwiseSpec | MulSpec | LutSpec | CatSpec | TransposeSpec
-              | UpsampleSpec | PoolSpec | QuantizeSpec)
+              | UpsampleSpec | PoolSpec | QuantizeSpec | EmbeddingSpec | SliceSpec | SoftmaxSpec | LayerNormSpec)
+ROWS = "#rows"
+"""Suffix of a value viewed as ``[n, R, L]`` (the rows of its last axis) for softmax / layernorm;
+``#flat``: a mask viewed ``[n, prod(shape)]``; ``#out``: the ``[n, R, L]`` buffer of their output."""
 
 
 @dataclass(frozen=True)
@@ -286,6 +401,7 @@ class Launch:
     """The graph ops this launch implements (a fused residual add names two)."""
     kernel_large: str | None = None
     """The kernel to run instead from batch ``LARGE_BATCH`` on (linear layers)."""
+    out_dtype: str = "int8"
 
 
 @dataclass
@@ -299,6 +415,9 @@ class Plan:
     params: dict[str, np.ndarray] = field(default_factory=dict)
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    id_inputs: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Graph inputs read only by embeddings (token ids, passed as int32): ``name -> (rows, op)``, the
+    smallest table reading it and its op (ids must lie in ``[0, rows)``)."""
 
     def kernel_name(self, spec: KernelSpec) -> str:
         """The name of ``spec``'s kernel, adding it on first use (equal specs share a kernel)."""
@@ -308,7 +427,8 @@ class Plan:
         kind = {GemmSpec: "linear" if getattr(spec, "linear", False) else "conv2d",
                 DirectConvSpec: "conv_transpose2d" if getattr(spec, "transpose", False) else "conv2d_grouped",
                 MatmulSpec: "matmul", EltwiseSpec: "eltwise", MulSpec: "mul", LutSpec: "lut", CatSpec: "cat", TransposeSpec: "transpose",
-                UpsampleSpec: "upsample", PoolSpec: "pool2d", QuantizeSpec: "quantize"}[type(spec)]
+                UpsampleSpec: "upsample", PoolSpec: "pool2d", QuantizeSpec: "quantize", EmbeddingSpec: "embedding",
+                SliceSpec: "slice", SoftmaxSpec: "softmax", LayerNormSpec: "layernorm"}[type(spec)]
         if isinstance(spec, GemmSpec):
             kind += "_int4" * spec.packed + "_large" * spec.large
         name = f"fxq_{kind}_{len(self.kernels)}"
@@ -317,8 +437,10 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         return {"inputs": self.inputs, "outputs": self.outputs, "large_batch": LARGE_BATCH,
+                "id_inputs": {k: list(v) for k, v in self.id_inputs.items()},
                 "launches": [{"kernel": l.kernel, "kernel_large": l.kernel_large, "args": list(l.args), "out": l.out,
-                              "out_shape": list(l.out_shape), "ops": list(l.ops)} for l in self.launches],
+                              "out_shape": list(l.out_shape), "out_dtype": l.out_dtype, "ops": list(l.ops)}
+                             for l in self.launches],
                 "views": {k: {"input": v[0], "shape": list(v[1])} for k, v in self.views.items()}}
 
 
@@ -349,14 +471,60 @@ def graph_problems(graph: IntegerGraph) -> list[Problem]:
     broken = legality.format_problems(graph)
     if broken:  # widths and bounds are meaningless without integer formats
         return broken
-    return (legality.width_problems(graph, weight_bits=(2, MAX_WEIGHT_BITS), act_bits=(2, MAX_ACT_BITS))
+    widths = legality.width_problems(graph, weight_bits=(2, MAX_WEIGHT_BITS)) + _storage_problems(graph)
+    # the linear GEMM is token-wise ([n, *tokens, features], GemmSpec.tokens): no rank limit
+    token_wise = {op.name for op in graph.ops if op.kind == "linear" and len(graph.value(op.inputs[0]).shape) > 1}
+    shapes = [p for p in legality.shape_problems(graph, groups=True)
+              if not (p.kind == "linear" and p.layer in token_wise and p.reason.startswith("linear on an input of shape"))]
+    return (widths
             + legality.fit_problems(graph)
-            + legality.shape_problems(graph, groups=True)
+            + legality.transformer_problems(graph)
+            + shapes
             + legality.accumulator_problems(graph, 32, kinds=("conv2d", "linear", "matmul", "add", "avgpool2d",
                                                               "mul", "conv_transpose2d"))
             + legality.avg_window_problems(graph, reciprocal=True)
             + legality.window_problems(graph, dilation=True, ceil_mode=True)
             + _kernel_problems(graph))
+
+
+def id_inputs(graph: IntegerGraph) -> dict[str, tuple[int, str]]:
+    """Graph inputs read by embeddings only (and not graph outputs): ``name -> (rows, op)`` of the
+    smallest table that reads it (see :attr:`Plan.id_inputs`)."""
+    readers: dict[str, list[Op]] = {}
+    for op in graph.ops:
+        for name in op.inputs:
+            readers.setdefault(name, []).append(op)
+    out = {}
+    for v in graph.inputs:
+        ops = readers.get(v.name, [])
+        if ops and v.name not in graph.outputs and all(op.kind == "embedding" and op.weight is not None for op in ops):
+            op = min(ops, key=lambda o: o.weight.shape[0])
+            out[v.name] = (int(op.weight.shape[0]), op.name)
+    return out
+
+
+def _wide_out(op: Op) -> bool:
+    return op.kind in WIDE_OUT and not (op.kind == "conv2d" and op.attrs.get("groups", 1) != 1)
+
+
+def _storage_problems(graph: IntegerGraph) -> list[Problem]:
+    """Activations the int8 / int16 storage cannot hold (see :data:`WIDE_OUT` / :data:`WIDE_IN`), each
+    named at the op whose kernel cannot write or read it (token-id inputs are int32: exempt)."""
+    ids = set(id_inputs(graph))
+    problems = []
+    for op in graph.ops:
+        bits = op.out_fmt.bits
+        if bits > WIDE_ACT_BITS or (bits > MAX_ACT_BITS and not _wide_out(op)):
+            problems.append(_problem(op, f"{bits}-bit output; this target holds 2-{MAX_ACT_BITS}-bit activations "
+                                         f"(int16 up to {WIDE_ACT_BITS} bits from: {', '.join(sorted(WIDE_OUT))})"))
+        for i, name in enumerate(op.inputs):
+            bits = graph.value(name).fmt.bits
+            if name in ids or bits <= MAX_ACT_BITS:
+                continue
+            if bits > WIDE_ACT_BITS or op.kind not in WIDE_IN or (op.kind == "softmax" and i > 0):
+                problems.append(_problem(op, f"{bits}-bit input; this target holds 2-{MAX_ACT_BITS}-bit activations "
+                                             f"for {op.kind} (input {name!r}; int16 into: {', '.join(sorted(WIDE_IN))})"))
+    return problems
 
 
 def _problem(op: Op, reason: str) -> Problem:
@@ -403,6 +571,7 @@ class _Planner:
                 self.users.setdefault(name, []).append(op)
         self.producer = {op.output: op for op in graph.ops}
         self.deferred: set[str] = set()
+        self.plan.id_inputs = id_inputs(graph)
 
     def fl(self, name: str) -> int:
         frac_bits = self.graph.value(name).fmt.frac_bits
@@ -411,6 +580,14 @@ class _Planner:
 
     def bits(self, name: str) -> int:
         return self.graph.value(name).fmt.bits
+
+    def dtype(self, name: str) -> str:
+        return storage(self.bits(name))
+
+    def dtypes(self, *names: str) -> tuple[str, ...]:
+        """Storage of ``names`` (``()`` when all are int8: the specs' default)."""
+        out = tuple(self.dtype(n) for n in names)
+        return () if all(d == "int8" for d in out) else out
 
     def fusable(self, name: str) -> bool:
         """``name`` is a GEMM output read only by one add of two distinct values, not a graph output."""
@@ -432,7 +609,7 @@ class _Planner:
         large = None
         if isinstance(spec, GemmSpec) and spec.linear:
             large = self.plan.kernel_name(replace(spec, large=True))
-        self.plan.launches.append(Launch(self.plan.kernel_name(spec), args, out, shape, ops, large))
+        self.plan.launches.append(Launch(self.plan.kernel_name(spec), args, out, shape, ops, large, self.dtype(out)))
 
     def gemm(self, op: Op, residual: tuple[str, Residual, Op] | None) -> None:
         assert op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None
@@ -441,9 +618,12 @@ class _Planner:
         bias = np.zeros(w.shape[0], np.int64) if op.bias is None else np.asarray(op.bias, np.int64)
         legality.require_fits(self.graph.accumulator_bound(op), f"op {op.name!r}")
         common = dict(weight_bits=op.weight_fmt.bits, rq=self.requant(op, self.fl(src) + op.weight_fmt.frac_bits),
-                      residual=residual[1] if residual else None)
+                      residual=residual[1] if residual else None,
+                      out_dtype=self.dtype(residual[2].output if residual else op.output),
+                      res_dtype=self.dtype(residual[0]) if residual else "int8")
         if op.kind == "linear":
-            spec = GemmSpec(w.shape[1], 1, 1, w.shape[0], linear=True, **common)
+            spec = GemmSpec(w.shape[1], 1, 1, w.shape[0], linear=True, tokens=tuple(self.graph.value(src).shape[:-1]),
+                            **common)
         else:
             c, h, wd = self.graph.value(src).shape
             spec = GemmSpec(c, h, wd, w.shape[0], tuple(w.shape[2:]), tuple(op.attrs.get("stride", (1, 1))),
@@ -464,8 +644,8 @@ class _Planner:
         legality.require_fits(self.graph.accumulator_bound(op), f"op {op.name!r}")
         fused = next((i for i in reversed(op.inputs) if i in self.deferred), None)
         if fused is None:
-            self.launch(EltwiseSpec(self.graph.value(op.output).shape, lefts, self.requant(op, fl)), op.inputs,
-                        op.output, (op.name,))
+            self.launch(EltwiseSpec(self.graph.value(op.output).shape, lefts, self.requant(op, fl),
+                                    dtypes=self.dtypes(*op.inputs, op.output)), op.inputs, op.output, (op.name,))
             return
         other = op.inputs[0] if op.inputs[1] == fused else op.inputs[1]
         if other in self.deferred:  # both inputs are GEMMs read only here: run the other one first
@@ -522,7 +702,7 @@ class _Planner:
                                (None if lo is None else int(lo), None if hi is None else int(hi)))
         else:
             spec = EltwiseSpec(shape, (0,), self.requant(op, self.fl(src)))
-        self.launch(spec, op.inputs, op.output, (op.name,))
+        self.launch(replace(spec, dtypes=self.dtypes(src, op.output)), op.inputs, op.output, (op.name,))
 
     def mul(self, op: Op) -> None:
         a, b = op.inputs
@@ -534,7 +714,8 @@ class _Planner:
     def matmul(self, op: Op) -> None:
         a, b = op.inputs
         legality.require_fits(self.graph.accumulator_bound(op), f"op {op.name!r}")
-        spec = MatmulSpec(self.graph.value(a).shape, self.graph.value(b).shape, self.requant(op, self.fl(a) + self.fl(b)))
+        spec = MatmulSpec(self.graph.value(a).shape, self.graph.value(b).shape, self.requant(op, self.fl(a) + self.fl(b)),
+                          self.dtypes(a, b, op.output))
         assert spec.shape == self.graph.value(op.output).shape, (op.name, spec.shape)
         self.launch(spec, op.inputs, op.output, (op.name,))
 
@@ -549,6 +730,79 @@ class _Planner:
         self.launch(LutSpec(v.shape, v.fmt.qmin, int(table.size)), (src, f"param:{op.name}.table"), op.output,
                     (op.name,))
 
+    def arg(self, name: str) -> str:
+        """The launch argument of value ``name`` (``"int:<name>"`` for a token-id graph input)."""
+        return f"int:{name}" if name in self.plan.id_inputs else name
+
+    def embedding(self, op: Op) -> None:
+        (ids,) = op.inputs
+        assert op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None
+        table = np.asarray(op.weight, np.int64)
+        spec = EmbeddingSpec(self.graph.value(ids).shape, int(table.shape[0]), int(table.shape[1]),
+                             "int32" if ids in self.plan.id_inputs else self.dtype(ids),
+                             Requant(op.out_fmt.frac_bits - op.weight_fmt.frac_bits, op.out_fmt.bits),
+                             self.dtype(op.output))
+        self.plan.params[f"{op.name}.table"] = table.astype(np.int8)  # <= 8-bit weights: graph_problems
+        self.launch(spec, (self.arg(ids), f"param:{op.name}.table"), op.output, (op.name,))
+
+    def slice(self, op: Op) -> None:
+        (src,) = op.inputs
+        a, shape = op.attrs, self.graph.value(src).shape
+        select = "index" in a
+        start = int(a["index"] if select else a["start"])
+        step = 1 if select else int(a.get("step", 1))
+        count = 1 if select else len(range(start, int(a["stop"]), step))
+        spec = SliceSpec(shape, int(a["dim"]) - 1, start, step, count, select, self.dtype(src))
+        assert spec.out_shape == self.graph.value(op.output).shape, (op.name, spec.out_shape)
+        self.launch(spec, (src,), op.output, (op.name,))
+
+    def rows_view(self, name: str) -> str:
+        """``name`` viewed as ``[n, R, L]`` (a view of its contiguous buffer, no kernel)."""
+        shape = self.graph.value(name).shape
+        self.plan.views[name + ROWS] = (name, (math.prod(shape[:-1]), shape[-1]))
+        return name + ROWS
+
+    def row_launch(self, spec: KernelSpec, args: tuple[str, ...], op: Op) -> None:
+        """A per-row kernel writes ``[n, R, L]`` into ``<out>#out``; the op's output is its view."""
+        shape = self.graph.value(op.output).shape
+        out = op.output + "#out"
+        self.plan.launches.append(Launch(self.plan.kernel_name(spec), args, out, (math.prod(shape[:-1]), shape[-1]),
+                                         (op.name,), out_dtype=self.dtype(op.output)))
+        self.plan.views[op.output] = (out, shape)
+
+    def softmax(self, op: Op) -> None:
+        from fxquant.fixed_point import SOFTMAX_EXP_BITS, softmax_exp_table, softmax_recip_bits
+
+        v = self.graph.value(op.inputs[0])
+        e_bits = int(op.attrs.get("exp_bits", SOFTMAX_EXP_BITS))
+        table = softmax_exp_table(v.fmt, e_bits)
+        k = softmax_recip_bits(op.out_fmt, e_bits)
+        mask = op.inputs[1] if len(op.inputs) > 1 else None
+        spec = SoftmaxSpec(v.shape, v.fmt.qmin, int(table.size), k, Requant(int(op.out_fmt.frac_bits) - k, op.out_fmt.bits),
+                           bool(op.attrs.get("causal")), None if mask is None else self.graph.value(mask).shape,
+                           self.dtypes(op.inputs[0], op.output))
+        self.plan.params[f"{op.name}.exp_table"] = table.astype(np.int32)  # entries <= 2^E <= 2^24
+        args = (self.rows_view(op.inputs[0]), f"param:{op.name}.exp_table")
+        if mask is not None:
+            flat = mask + "#flat"
+            self.plan.views[flat] = (mask, (math.prod(self.graph.value(mask).shape),))
+            args += (flat,)
+        self.row_launch(spec, args, op)
+
+    def layernorm(self, op: Op) -> None:
+        from fxquant.fixed_point import LAYERNORM_FRAC_BITS
+
+        (src,) = op.inputs
+        assert op.weight is not None and op.weight_fmt is not None and op.weight_fmt.frac_bits is not None
+        n = self.graph.value(src).shape[-1]
+        spec = LayerNormSpec(self.graph.value(src).shape, int(op.attrs["eps"]),
+                             Requant(int(op.out_fmt.frac_bits) - op.weight_fmt.frac_bits - LAYERNORM_FRAC_BITS,
+                                     op.out_fmt.bits, bool(op.attrs.get("relu"))), self.dtypes(src, op.output))
+        beta = np.zeros(n, np.int64) if op.bias is None else np.asarray(op.bias, np.int64)
+        self.plan.params[f"{op.name}.gamma"] = np.asarray(op.weight, np.int64).astype(np.int32)
+        self.plan.params[f"{op.name}.beta"] = beta.astype(np.int32)  # int32 on FL_w + FL_h: fit_problems
+        self.row_launch(spec, (self.rows_view(src), f"param:{op.name}.gamma", f"param:{op.name}.beta"), op)
+
     def cat(self, op: Op) -> None:
         assert op.out_fmt.frac_bits is not None  # check_graph
         relu = bool(op.attrs.get("relu"))
@@ -559,7 +813,8 @@ class _Planner:
 
     def run(self) -> Plan:
         for v in self.graph.inputs:
-            self.launch_input(v.name)
+            if v.name not in self.plan.id_inputs:  # token ids arrive as int32: no quantize kernel
+                self.launch_input(v.name)
         for op in self.graph.ops:
             shape = self.graph.value(op.inputs[0]).shape
             if self.is_gemm(op):
@@ -583,9 +838,17 @@ class _Planner:
                 self.lut(op)
             elif op.kind == "cat":
                 self.cat(op)
+            elif op.kind == "embedding":
+                self.embedding(op)
+            elif op.kind == "slice":
+                self.slice(op)
+            elif op.kind == "softmax":
+                self.softmax(op)
+            elif op.kind == "layernorm":
+                self.layernorm(op)
             elif op.kind == "transpose":
-                self.launch(TransposeSpec(shape, tuple(int(p) for p in op.attrs["perm"])), op.inputs, op.output,
-                            (op.name,))
+                self.launch(TransposeSpec(shape, tuple(int(p) for p in op.attrs["perm"]), self.dtype(op.inputs[0])),
+                            op.inputs, op.output, (op.name,))
             elif op.kind == "upsample_nearest":
                 self.launch(UpsampleSpec(*shape, tuple(int(f) for f in op.attrs["scale"])), op.inputs, op.output,
                             (op.name,))
@@ -596,7 +859,8 @@ class _Planner:
     def launch_input(self, name: str) -> None:
         v = self.graph.value(name)
         spec = QuantizeSpec(v.shape, self.fl(name), v.fmt.bits)
-        self.plan.launches.append(Launch(self.plan.kernel_name(spec), (f"float:{name}",), name, v.shape, ()))
+        self.plan.launches.append(Launch(self.plan.kernel_name(spec), (f"float:{name}",), name, v.shape, (),
+                                         out_dtype=self.dtype(name)))
 
 
 def plan_graph(graph: IntegerGraph) -> Plan:

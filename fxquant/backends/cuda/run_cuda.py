@@ -6,7 +6,8 @@ latency table also ``baseline_weights.npz`` and, optionally, ``fp32.onnx``)::
 
     python run_cuda.py [--batches 1 64 256] [--iters 200] [--json cuda_bench.json] [--verify-only]
 
-1. **Bit-exactness**: runs ``reference.npz``'s float32 inputs (``input:<name>`` per graph input) through the kernels (as they are,
+1. **Bit-exactness**: runs ``reference.npz``'s inputs (``input:<name>`` per graph input: float32, or
+   int32 token ids for an input read only by embeddings) through the kernels (as they are,
    and repeated up to ``plan["large_batch"]`` for the large-batch kernels) and compares the int8
    outputs with the integer reference (``IntegerGraph.run``) saved at export; any difference
    exits with status 1.
@@ -41,7 +42,8 @@ class PlanRunner:
     """Runs the launches of ``plan.json``: ``kernel(*args, out)`` in order, flatten as reshapes;
     from batch ``plan["large_batch"]`` on, a launch's ``kernel_large`` variant when it has one.
 
-    ``kernel(name)`` returns a callable; ``empty(shape)`` allocates an int8 tensor; ``params``
+    ``kernel(name)`` returns a callable; ``empty(shape, dtype)`` allocates an integer tensor (``dtype``
+    ``"int8"``, or ``"int16"`` for 9..16-bit activations); ``params``
     maps parameter names to tensors. :meth:`buffers` allocates every launch output for one batch
     size (so a CUDA graph can replay :meth:`run` on fixed memory).
     """
@@ -53,7 +55,8 @@ class PlanRunner:
         self.kernels = {name: kernel(name) for name in names}
 
     def buffers(self, n: int) -> dict[str, Any]:
-        return {launch["out"]: self.empty((n, *launch["out_shape"])) for launch in self.plan["launches"]}
+        return {launch["out"]: self.empty((n, *launch["out_shape"]), launch.get("out_dtype", "int8"))
+                for launch in self.plan["launches"]}
 
     def _value(self, env: dict[str, Any], name: str) -> Any:
         view = self.plan["views"].get(name)
@@ -70,7 +73,7 @@ class PlanRunner:
             args = []
             for a in launch["args"]:
                 kind, _, name = a.partition(":")
-                args.append(inputs[name] if kind == "float" else self.params[name] if kind == "param"
+                args.append(inputs[name] if kind in ("float", "int") else self.params[name] if kind == "param"
                             else self._value(env, a))
             name = launch["kernel_large"] if large and launch["kernel_large"] else launch["kernel"]
             self.kernels[name](*args, env[launch["out"]])
@@ -151,6 +154,22 @@ def torch_float_model(plan: dict[str, Any], ints: dict[str, Any], dtype: Any) ->
                 y = xs[0].permute(0, *(p + 1 for p in a["perm"]))
             elif kind == "upsample_nearest":
                 y = F.interpolate(xs[0], scale_factor=tuple(float(f) for f in a["scale"]), mode="nearest")
+            elif kind == "embedding":
+                y = F.embedding(xs[0].long(), params[op["weight"]])
+            elif kind == "slice":
+                dim = a["dim"]
+                y = (xs[0].select(dim, a["index"]) if "index" in a
+                     else xs[0].narrow(dim, a["start"], a["stop"] - a["start"])[(slice(None),) * dim + (slice(None, None, a.get("step", 1)),)])
+            elif kind == "softmax":
+                s = xs[0]
+                keep = torch.ones_like(s, dtype=torch.bool)
+                if len(xs) > 1:
+                    keep = keep & (xs[1] != 0)
+                if a.get("causal"):
+                    keep = keep & torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+                y = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+            elif kind == "layernorm":
+                y = F.layer_norm(xs[0], xs[0].shape[-1:], params[op["weight"]], params.get(op["bias"]), a["eps_float"])
             elif kind in ("flatten", "reshape"):
                 y = xs[0].reshape(xs[0].shape[0], *op["shape"])
             else:  # relu, requantize
@@ -238,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     with np.load(d / "params.npz") as f:
         params = {k: torch.from_numpy(f[k]).to(dev) for k in f.files}
     lib = tvm_ffi.load_module(str(d / "kernels.so"))
-    runner = PlanRunner(plan, lambda name: lib[name], lambda shape: torch.empty(shape, dtype=torch.int8, device=dev),
-                        params)
+    runner = PlanRunner(plan, lambda name: lib[name],
+                        lambda shape, dtype: torch.empty(shape, dtype=getattr(torch, dtype), device=dev), params)
     specs = plan["input_specs"]
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
 
@@ -270,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| batch | backend | p50 us | x torch fp32 eager |\n|---|---|---|---|")
     with torch.inference_mode():
         for n in args.batches:
-            xb = {s["name"]: torch.randn((n, *s["shape"]), device=dev) for s in specs}
-            xh = {k: v.to(torch.bfloat16) for k, v in xb.items()}
+            xb = {s["name"]: (torch.randint(0, s["rows"], (n, *s["shape"]), dtype=torch.int32, device=dev)
+                              if s.get("dtype") == "int32" else torch.randn((n, *s["shape"]), device=dev)) for s in specs}
+            xh = {k: v if v.dtype == torch.int32 else v.to(torch.bfloat16) for k, v in xb.items()}
             bufs = runner.buffers(n)
             cases: dict[str, Callable[[], Any]] = {
                 "torch fp32 eager": lambda: fp32(xb), "torch bf16 eager": lambda: bf16(xh),

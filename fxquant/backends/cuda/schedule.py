@@ -15,6 +15,10 @@ same algorithm the GPU runs (the dp4a intrinsic computes the same exact int32 su
 * Direct convolutions (grouped / depthwise, transposed) and ``matmul``: one thread per output element (the four
   output loops fused, 256 threads per block), the reduction over the group's channels and taps
   serial in the thread into an int32 register, the requantize epilogue on that register.
+* ``softmax`` / ``layernorm``: one thread per row (the ``row`` block's two loops fused, 256 threads
+  per block), the row's loops serial in the thread on int64 register scalars. Correctness first:
+  rows of transformer widths (tens to a few thousand entries) are read 2-3 times from global
+  memory (L1-cached); a warp-per-row reduction is the obvious next step.
 * Every other kernel (one spatial block): all loops fused, 256 threads per block.
 """
 
@@ -24,7 +28,8 @@ import tvm
 from tvm import s_tir, tirx
 
 from fxquant.backends.cuda.intrinsics import DP4A
-from fxquant.backends.cuda.plan import K_TILE, DirectConvSpec, GemmSpec, KernelSpec, MatmulSpec, out_tile
+from fxquant.backends.cuda.plan import (K_TILE, DirectConvSpec, GemmSpec, KernelSpec, LayerNormSpec, MatmulSpec,
+                                        SoftmaxSpec, out_tile)
 
 THREADS = 256
 THREAD_TILE_O = 4
@@ -79,6 +84,14 @@ def _reduction(sch: s_tir.Schedule, spatial: int) -> None:
     sch.set_scope(acc, 0, "local")
 
 
+def _per_row(sch: s_tir.Schedule) -> None:
+    """The ``row`` block's (batch, row) loops fused and bound: one thread per row."""
+    row = sch.get_sblock("row")
+    bx, tx = sch.split(sch.fuse(*sch.get_loops(row)), [None, THREADS])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+
+
 def _elementwise(sch: s_tir.Schedule) -> None:
     (block,) = sch.get_child_blocks(sch.get_sblock("root"))
     bx, tx = sch.split(sch.fuse(*sch.get_loops(block)), [None, THREADS])
@@ -95,6 +108,8 @@ def schedule(func: tirx.PrimFunc, spec: KernelSpec) -> tirx.PrimFunc:
         _reduction(sch, 4)
     elif isinstance(spec, MatmulSpec):
         _reduction(sch, len(spec.shape) + 1)
+    elif isinstance(spec, (SoftmaxSpec, LayerNormSpec)):
+        _per_row(sch)
     else:
         _elementwise(sch)
     return sch.mod["main"]

@@ -19,11 +19,18 @@ limits); ``build`` plans, generates and compiles (:mod:`.build`) and writes, all
 ``run`` executes ``kernels_llvm.so`` through the runner's own ``PlanRunner`` on the CPU: **no GPU
 result is claimed** (``ran`` says so); the GPU check is ``python run_cuda.py`` on a CUDA host.
 
-Limits: activations and weights 2..8 bits (``__dp4a`` multiplies int8 quads; weights of at most 4
-bits are packed two per byte), int32 accumulators (average pools: every window divisor's
-``sum * M``), ``linear`` on ``[batch, features]``, ``mul`` broadcasting size-1 dims of equal-rank
-inputs, ``matmul`` of ``[.., M, K] x [.., K, N]`` with equal leading dims, undilated average pools. Any number of graph inputs (each quantized
-on the device). Kernels per op: :mod:`.plan`.
+Limits: weights 2..8 bits (``__dp4a`` multiplies int8 quads; weights of at most 4 bits are packed
+two per byte); activations 2..8 bits (int8), and 9..16 bits (int16) where the producing and every
+consuming kernel take int16 (:data:`.plan.WIDE_OUT` / :data:`.plan.WIDE_IN`: element-wise ops,
+``matmul``, slices / transposes / views, ``softmax``, ``layernorm``, embedding and GEMM outputs -- never
+a GEMM's input); int32 accumulators (average pools: every window divisor's ``sum * M``);
+``linear`` token-wise on ``[batch, *tokens, features]``; ``mul`` broadcasting size-1 dims of
+equal-rank inputs; ``matmul`` of ``[.., M, K] x [.., K, N]`` with equal leading dims; undilated
+average pools; ``embedding``, ``slice`` / select, ``softmax`` (mask, causal) and ``layernorm`` within
+:func:`fxquant.legality.transformer_problems`. Any number of graph inputs, each quantized on the
+device -- except token ids: an input read only by embeddings is passed as int32 (up to 16-bit ids)
+and range-checked on the host (:func:`check_ids`, the reference's :class:`InputRangeError`).
+Kernels per op: :mod:`.plan`.
 """
 
 from __future__ import annotations
@@ -37,13 +44,24 @@ import numpy as np
 
 from fxquant.backends.base import Problem, Target, refuse
 from fxquant.backends.cuda import plan as cuda_plan
-from fxquant.errors import RunDirError, UsageError
+from fxquant.errors import InputRangeError, RunDirError, UsageError
 from fxquant.integer_graph import IntegerGraph
 
 
 def _check_arch(arch: str) -> None:
     if not re.fullmatch(r"sm_\d+[a-z]?", str(arch)):
         raise UsageError(f"--arch {arch!r} is not a CUDA architecture", "use e.g. sm_80, sm_89, sm_90")
+
+
+def check_ids(ids: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """Token ids of an id input (``plan.json`` input spec with ``rows`` and ``op``) as int32;
+    :class:`InputRangeError` (as ``IntegerGraph.run``) for an id outside ``[0, rows)``."""
+    rows = int(spec["rows"])
+    bad = ids[(ids < 0) | (ids >= rows)]
+    if bad.size:
+        raise InputRangeError(f"op {spec['op']!r} (embedding): token id {int(bad.reshape(-1)[0])} outside [0, {rows}) "
+                              f"({bad.size} of {ids.size} ids)", "feed ids of this vocabulary; ids are never clipped")
+    return ids.astype(np.int32)
 
 
 class CudaTarget(Target):
@@ -94,8 +112,12 @@ class CudaTarget(Target):
         specs = plan["input_specs"]
         if len(int_inputs) != len(specs):
             raise UsageError(f"the CUDA build in {out_dir} takes {len(specs)} input(s), got {len(int_inputs)}")
-        xs = {spec["name"]: np.ldexp(np.asarray(k, np.float64), -spec["frac_bits"]).astype(np.float32)  # exact: <= 8 bits
-              for spec, k in zip(specs, int_inputs)}
+        xs = {}
+        for spec, k in zip(specs, int_inputs):
+            if spec.get("dtype") == "int32":  # token ids: integers end to end, checked here (never clipped)
+                xs[spec["name"]] = check_ids(np.asarray(k), spec)
+            else:
+                xs[spec["name"]] = np.ldexp(np.asarray(k, np.float64), -spec["frac_bits"]).astype(np.float32)  # exact: <= 8 bits
         lib = tvm.runtime.load_module(str(out_dir / LLVM_LIBRARY))
         return run_plan(plan, params, lib, xs)
 

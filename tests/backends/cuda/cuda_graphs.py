@@ -67,7 +67,7 @@ def vision_net(seed: int = 0) -> IntegerGraph:
 
 
 def linear_on_matrix(seed: int = 0) -> IntegerGraph:
-    """A ``linear`` over the last axis of a [4, 6] matrix: the GEMM kernel takes [batch, features] only."""
+    """A ``linear`` over the last axis of a [4, 6] matrix: the token-wise GEMM (rows = (sample, token))."""
     m = GraphMaker((4, 6), F(8, 4), seed)
     m._op("fc", "linear", ("input",), (4, 3), F(8, 2), weight=m._rand(F(6, 5), (3, 6)), weight_fmt=F(6, 5),
           attrs={"relu": False})

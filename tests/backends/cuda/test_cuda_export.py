@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.backends.cuda.cuda_graphs import F, GraphMaker, linear_on_matrix, mixed_net, residual_net, vision_net
+from tests.backends.cuda.cuda_graphs import F, GraphMaker, mixed_net, residual_net, vision_net
 from tests.export.integer_graphs import sample_inputs
 
 from fxquant.backends.base import REPORT_FILE, export
@@ -119,12 +119,12 @@ def test_run_is_relocatable_and_matches_the_reference(exported: tuple[Path, dict
 
 def test_check_lists_every_problem_at_once() -> None:
     m = GraphMaker((4,), F(8, 4))
-    h = m.linear("fc.w12", "input", 6, F(12, 7), F(8, 2))
-    h = m.linear("fc.a12", h, 4, F(8, 7), F(12, 2))
+    h = m.linear("fc.w12", "input", 6, F(12, 7), F(12, 2))  # a 12-bit output is int16: legal
+    h = m.linear("fc.a12", h, 4, F(8, 7), F(8, 2))  # ... but the dp4a GEMM reads int8 only
     h = m._op("mm", "matmul", (h, h), (4,), F(8, 2))  # vectors: no [M, K] x [K, N] form
     problems = CudaTarget().check(m.graph(h))
     assert [(p.layer, p.kind) for p in problems] == [("fc.w12", "linear"), ("fc.a12", "linear"), ("mm", "matmul")]
-    assert "12-bit weights" in problems[0].reason and "12-bit output" in problems[1].reason
+    assert "12-bit weights" in problems[0].reason and "12-bit input" in problems[1].reason
     assert "matmul of shapes [4] and [4]" in problems[2].reason
 
 
@@ -243,5 +243,6 @@ def test_bad_arch_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="arch"):
         export(CudaTarget(), graph, tmp_path / "cuda", [sample_inputs(graph, 1)], arch="hopper")
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(UnsupportedOpError, match="linear on an input of shape"):
-        CudaTarget().build(linear_on_matrix(), tmp_path / "never")
+    m = GraphMaker((4,), F(12, 4))
+    with pytest.raises(UnsupportedOpError, match="12-bit input"):
+        CudaTarget().build(m.graph(m.linear("fc", "input", 4, F(8, 7), F(8, 2))), tmp_path / "never")

@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.backends.cuda.cuda_graphs import cnn, mixed_net, mlp, residual_net, vision_net
+from tests.backends.cuda.cuda_graphs import cnn, linear_on_matrix, mixed_net, mlp, residual_net, vision_net
 from tests.export.integer_graphs import sample_inputs
 
 from fxquant.backends.cuda.cpu_check import build_llvm, run_llvm
 from fxquant.backends.cuda.plan import plan_graph
 
-GRAPHS = {"mlp": mlp, "cnn": cnn, "residual": residual_net, "mixed": mixed_net, "vision": vision_net}
+GRAPHS = {"mlp": mlp, "cnn": cnn, "residual": residual_net, "mixed": mixed_net, "vision": vision_net,
+          "token_linear": linear_on_matrix}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_runner_drives_the_kernels_through_dlpack_with_torch_tensors(built: dict
     from fxquant.backends.cuda.run_cuda import PlanRunner
 
     graph, plan, lib = built["residual"]
-    runner = PlanRunner(plan.to_json(), lambda name: lib[name], lambda shape: torch.empty(shape, dtype=torch.int8),
+    runner = PlanRunner(plan.to_json(), lambda name: lib[name], lambda shape, dtype: torch.empty(shape, dtype=getattr(torch, dtype)),
                         {k: torch.from_numpy(v) for k, v in plan.params.items()})
     x = sample_inputs(graph, 3)
     (got,) = runner.run({"input": torch.from_numpy(x)}, runner.buffers(3))
