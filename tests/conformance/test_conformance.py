@@ -34,7 +34,6 @@ MUST_RUN = ("onnx-qdq", "qonnx", "cpu", "cuda", "fpga")
 _ACT8 = r"-bit (output|input); this target holds 2-8-bit activations"
 _W8 = r"-bit weights; this target holds 2-8 bits"
 _INT32 = r"worst-case accumulator \d+ exceeds (the )?int32"
-_TRANSFORMER_KIND = r"op kind '(embedding|softmax|layernorm|slice)' is not supported"
 
 EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     # (case name pattern (fnmatch), target name or "*"): regex one of check's problems must match
@@ -62,7 +61,7 @@ EXPECTED_UNSUPPORTED: dict[tuple[str, str], str] = {
     ("linear_acc_*_int32", "cuda"): _ACT8,
     ("conv_acc_near_int32", "cuda"): _ACT8,
     ("linear_w16_acc_*_int32", "cuda"): _W8,
-    # -- transformers (issue 14): a target that does not build the new kinds refuses them by op kind
+    # -- transformers (issue 14)
     # -- onnx-qdq: builds every transformer case (softmax and layernorm as exact int64 subgraphs)
     # -- qonnx: float ONNX + Quant has no bit-exact softmax or layernorm (embedding and slice build)
     **{(case, "qonnx"): r"QONNX has no exact integer (softmax|LayerNorm)"

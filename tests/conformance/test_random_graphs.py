@@ -10,7 +10,8 @@ bit-exact and an independent ``target.run`` equals ``IntegerGraph.run``
 The transformer kinds (``embedding`` from a token-id input, ``softmax`` with an optional padding
 mask input and ``causal``, ``layernorm``, ``slice``/select) are drawn only for a target that
 declares them, or for no target: a target's draws stay exactly those it was tuned on until it adds
-a kind. No registry target has them yet, so they run on the in-test reference target
+a kind. Every registered target declares them now (so each target's own test draws them); the
+in-test reference target runs them too
 (:func:`test_random_graphs_with_the_transformer_kinds_on_the_reference`).
 
 Formats are drawn inside the target's declared ``limits`` three times in four (so the expensive
