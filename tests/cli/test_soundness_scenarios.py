@@ -31,9 +31,7 @@ CASES = {
 REFUSED = {
     # (case, target): the fragment of the one-line refusal. Declared as data: a refusal not listed
     # here fails, and a listed one that now exports fails too (the table stays true).
-    # onnx-qdq builds linear on any rank since issue 14 (rows reshaped for Gemm)
-    ("flatten_shapes", "cpu"): "rows (linear)",
-    ("flatten_shapes", "fpga"): "rows (linear)",
+    # none today: onnx-qdq, cpu and fpga build linear on any rank since issue 14 (flatten_shapes exports)
 }
 
 
