@@ -42,6 +42,7 @@ import torch
 from torch import fx, nn
 
 from fxquant.errors import ModelFileError
+from fxquant.passes.eval_probe import eval_probe
 from fxquant.passes.op_kinds import LAYER_META, module_kind, module_path, node_kind
 from fxquant.quantizers import WEIGHT, BiasQuantizer, FixedPointQuantizer
 
@@ -195,22 +196,14 @@ def node_macs(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> dict[fx.No
     from torch.utils.flop_counter import FlopCounterMode
 
     one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in example_inputs)
-    saved = {name: b.clone() for name, b in gm.named_buffers()}
-    was_training = gm.training
     mkldnn = torch.backends.mkldnn.enabled
-    gm.eval()
     try:
         torch.backends.mkldnn.enabled = False
-        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+        with eval_probe(gm), torch.enable_grad(), FlopCounterMode(display=False) as counter:
             interp = _MacCounter(gm, counter)
             interp.run(*one)
     finally:
         torch.backends.mkldnn.enabled = mkldnn
-        gm.train(was_training)
-        with torch.no_grad():
-            for name, b in gm.named_buffers():
-                if name in saved:
-                    b.copy_(saved[name])
     return interp.macs
 
 

@@ -58,6 +58,7 @@ from torch import fx, nn
 from fxquant.errors import CaptureError
 from fxquant.passes.decompose_attention import (SDPA_TARGETS, SHAPES_RECORDED, decompose_sdpa,
                                                 explicit_attention_modules, mha_call_hints)
+from fxquant.passes.eval_probe import eval_probe
 from fxquant.passes.fold_shapes import fold_shapes
 from fxquant.passes.op_kinds import is_stochastic_depth, module_path
 
@@ -300,51 +301,31 @@ def _check_other_batch(model: nn.Module, gm: fx.GraphModule, examples: tuple[Any
     from fxquant.passes.op_kinds import describe
 
     grown = tuple(torch.cat([x, x[:1]]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in examples)
-    saved = {name: b.clone() for name, b in gm.named_buffers()}
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            try:
-                fx.Interpreter(gm).run(*examples)
-            except Exception:  # noqa: BLE001 - not fitting the examples is reported where they are checked
-                return
-            runner = _FailingNode(gm)
-            try:
-                runner.run(*grown)
-            except Exception as exc:  # noqa: BLE001
-                batch = next((int(x.shape[0]) for x in grown if isinstance(x, torch.Tensor) and x.dim() > 0), 0)
-                at = describe(gm, runner.failed) if runner.failed is not None else "an unknown node"
-                raise CaptureError(f"cannot capture {type(model).__name__}: the captured graph fails at batch {batch} "
-                                   f"(it runs at the example batch {batch - 1}) at {at}: "
-                                   f"{(str(exc).splitlines() or [type(exc).__name__])[0][:160]}",
-                                   "derive sizes from the input (x.size(0), or -1 in view/reshape) instead of "
-                                   "constants") from None
-    finally:
-        gm.train(was_training)
-        with torch.no_grad():
-            for name, b in gm.named_buffers():
-                if name in saved:
-                    b.copy_(saved[name])
+    with eval_probe(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            fx.Interpreter(gm).run(*examples)
+        except Exception:  # noqa: BLE001 - not fitting the examples is reported where they are checked
+            return
+        runner = _FailingNode(gm)
+        try:
+            runner.run(*grown)
+        except Exception as exc:  # noqa: BLE001
+            batch = next((int(x.shape[0]) for x in grown if isinstance(x, torch.Tensor) and x.dim() > 0), 0)
+            at = describe(gm, runner.failed) if runner.failed is not None else "an unknown node"
+            raise CaptureError(f"cannot capture {type(model).__name__}: the captured graph fails at batch {batch} "
+                               f"(it runs at the example batch {batch - 1}) at {at}: "
+                               f"{(str(exc).splitlines() or [type(exc).__name__])[0][:160]}",
+                               "derive sizes from the input (x.size(0), or -1 in view/reshape) instead of "
+                               "constants") from None
 
 
 def _shape_prop(gm: fx.GraphModule, examples: tuple[Any, ...]) -> None:
     """ShapeProp (``tensor_meta`` on every node) in eval mode, buffers restored."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    saved = {name: b.clone() for name, b in gm.named_buffers()}
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(gm).propagate(*examples)
-        gm.meta[SHAPES_RECORDED] = True
-    finally:
-        gm.train(was_training)
-        with torch.no_grad():
-            for name, b in gm.named_buffers():
-                if name in saved:
-                    b.copy_(saved[name])
+    with eval_probe(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        ShapeProp(gm).propagate(*examples)
+    gm.meta[SHAPES_RECORDED] = True
 
 
 def _capture_fx(model: nn.Module, examples: tuple[Any, ...] | None) -> fx.GraphModule:

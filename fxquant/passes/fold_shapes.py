@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from fxquant.passes.eval_probe import eval_probe
+
 _aten = torch.ops.aten
 _ASSERTS = frozenset({torch._assert, _aten._assert_scalar.default, _aten._assert_async.msg})
 _CONSTANT_TYPES = (bool, int, float, str, torch.dtype, torch.device, torch.memory_format, torch.layout)
@@ -81,21 +83,12 @@ def variants(example_inputs: tuple[Any, ...]) -> list[tuple[Any, ...]]:
 
 
 def _record(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> dict[fx.Node, Any] | None:
-    saved = {name: b.clone() for name, b in gm.named_buffers()}
-    was_training = gm.training
-    gm.eval()
     rec = _Recorder(gm)
-    try:
-        with torch.no_grad():
+    with eval_probe(gm), torch.no_grad():
+        try:
             rec.run(*inputs)
-    except Exception:  # noqa: BLE001 - the model does not run at these sizes: they stay static
-        return None
-    finally:
-        gm.train(was_training)
-        with torch.no_grad():
-            for name, b in gm.named_buffers():
-                if name in saved:
-                    b.copy_(saved[name])
+        except Exception:  # noqa: BLE001 - the model does not run at these sizes: they stay static
+            return None
     return rec.values
 
 
