@@ -11,7 +11,10 @@ What counts as what, per graph node:
   matmul inputs) all come out of a :class:`~fxquant.quantizers.FixedPointQuantizer`; an embedding
   whose table does (its token ids are integers); fxquant's integer softmax and LayerNorm ops
   (:class:`~fxquant.ops.fake_quant.FixedPointSoftmax`, ``FixedPointLayerNorm``, gamma and beta
-  counted as their parameters). These are the layers ``mean bits`` averages over.
+  counted as their parameters). These are the layers ``mean bits`` averages over. A parameter
+  used as an activation behind an activation quantizer (a ViT's class token, ``expand``-ed, and
+  positional embedding) counts as quantized too, under that quantizer's layer: it deploys as a
+  stored ``constant``.
 * **float compute**: any other node that does multiply-accumulates (``MACs > 0``:
   ``F.scaled_dot_product_attention``, ``torch.bmm``, a Conv1d, the GEMMs inside an
   ``nn.MultiheadAttention`` or ``nn.LSTM``…) or that owns parameters (a leaf module such as
@@ -162,6 +165,13 @@ def _quantized_layer(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return q.layer
 
 
+def _activation_quantizer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if not _is_quantizer(gm, node):
+        return False
+    q = gm.get_submodule(str(node.target))
+    return isinstance(q, FixedPointQuantizer) and q.role != WEIGHT
+
+
 def _is_quantized_compute(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node_kind(gm, node) not in QUANTIZED_COMPUTE_KINDS or len(node.args) < 2:
         return False
@@ -214,6 +224,12 @@ def take_census(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Census:
     quantized: dict[str, list[int]] = {}
     floating: dict[str, list[int]] = {}
     counted: set[str] = set()
+    for node in gm.graph.nodes:  # parameters an activation quantizer reads: constants the graph stores
+        if node.op == "get_attr" and str(node.target) in params and node.users and \
+                all(_activation_quantizer(gm, u) for u in node.users):
+            entry = quantized.setdefault(gm.get_submodule(str(next(iter(node.users)).target)).layer, [0, 0])
+            entry[0] += params[str(node.target)].numel()
+            counted.add(str(node.target))
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method") or _is_quantizer(gm, node):
             continue
@@ -226,6 +242,9 @@ def take_census(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Census:
         node_params = {k: v for k, v in _node_params(gm, node, params).items() if k not in counted}
         m = macs.get(node, 0)
         layer = _quantized_layer(gm, node)
+        if layer is None and node_params and m == 0 and node.users and \
+                all(_activation_quantizer(gm, u) for u in node.users):  # token.expand(N, -1, -1) -> q_act
+            layer = gm.get_submodule(str(next(iter(node.users)).target)).layer
         if layer is not None:
             bucket, name = quantized, layer
         elif m > 0 or node_params:

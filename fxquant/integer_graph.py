@@ -52,6 +52,10 @@ round-half-even and saturation (:func:`fxquant.fixed_point.requantize`), then ``
   and :func:`fxquant.fixed_point.layernorm_rows`.
 * ``matmul`` takes operands of any rank with numpy broadcasting of the leading (batch and head)
   dims, ``(H, S, d) @ (H, d, S)`` or ``(H, S, d) @ (1, d, S)``; its bound is per output entry.
+* ``constant``: a quantized parameter tensor used as an activation (a ViT class token or positional
+  embedding, BERT's position rows): ``op.weight`` = the integers, of the value's non-batch shape ``S``,
+  at ``op.weight_fmt == op.out_fmt``; the one input is any value of the graph, read only for its
+  batch size ``N``; ``out = broadcast_to(weight, (N, *S))``. Exact (the integers are stored).
 
 Shapes exclude the batch dimension; arrays carry it (NCHW for images, NC for vectors).
 """
@@ -75,7 +79,9 @@ REQUANTIZING_KINDS = COMPUTE_KINDS + ("add", "mul", "cat", "avgpool2d", "requant
 TRANSPARENT_KINDS = ("relu", "maxpool2d", "flatten", "reshape", "transpose", "upsample_nearest", "slice")
 RELABEL_KINDS = ("mul_pow2",)
 """Ops that keep the integers and change the format (no rounding)."""
-OP_KINDS = REQUANTIZING_KINDS + TRANSPARENT_KINDS + RELABEL_KINDS
+SOURCE_KINDS = ("constant",)
+"""Ops whose integers are stored in the graph (the input gives only the batch size)."""
+OP_KINDS = REQUANTIZING_KINDS + TRANSPARENT_KINDS + RELABEL_KINDS + SOURCE_KINDS
 _FLOAT64_EXACT_BITS = 53
 
 
@@ -160,7 +166,7 @@ class IntegerGraph:
 
         conv/linear: ``max_o(sum|w_o| * 2^(BW_in-1) + |b_o|)``; matmul: ``2^(BW_a-1) 2^(BW_b-1) K``;
         add: inputs' ``2^(BW-1)`` shifted to the common FL and summed; avgpool: window size times
-        ``2^(BW_in-1)``; embedding: ``max|table|`` (a gather, no sum); softmax: the row sum
+        ``2^(BW_in-1)``; embedding, constant: ``max|table|`` (a gather, no sum); softmax: the row sum
         ``L 2^E`` (``E`` = ``exp_bits``); layernorm: ``max_i |gamma_i| h_max + |beta_i|`` with
         ``h_max = isqrt((n-1) 4^FL_h) + 1`` plus the normalization's relative error (``2^-18``) and
         one rounding; other ops: the largest input magnitude.
@@ -186,7 +192,7 @@ class IntegerGraph:
             return top[0] * max(d * m for d, m, _ in avg_terms(op, *vs[0].shape[1:]))
         if op.kind == "mul":
             return top[0] * top[1]
-        if op.kind == "embedding" and op.weight is not None:
+        if op.kind in ("embedding", "constant") and op.weight is not None:
             return int(np.abs(op.weight.astype(np.int64)).max(initial=0))
         if op.kind == "softmax":
             return vs[0].shape[-1] << int(op.attrs.get("exp_bits", SOFTMAX_EXP_BITS))
@@ -388,6 +394,11 @@ def _mul(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
     return _finish(op, a * b, va.fmt.frac_bits + vb.fmt.frac_bits)
 
 
+def _constant(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
+    w = np.asarray(op.weight, dtype=np.int64)
+    return np.broadcast_to(w, (xs[0].shape[0], *w.shape)).copy()
+
+
 def _transpose(op: Op, xs: list[np.ndarray], vs: list[Value]) -> np.ndarray:
     return np.ascontiguousarray(xs[0].transpose(0, *(int(p) + 1 for p in op.attrs["perm"])))
 
@@ -434,5 +445,5 @@ _EXECUTORS = {
     "avgpool2d": _avgpool2d, "maxpool2d": _maxpool2d, "relu": _relu, "flatten": _flatten,
     "reshape": _reshape, "mul_pow2": _mul_pow2, "requantize": _requantize, "clamp": _clamp, "lut": _lut,
     "mul": _mul, "transpose": _transpose, "upsample_nearest": _upsample_nearest,
-    "conv_transpose2d": _conv_transpose2d, **_TRANSFORMER_EXECUTORS,
+    "conv_transpose2d": _conv_transpose2d, "constant": _constant, **_TRANSFORMER_EXECUTORS,
 }

@@ -21,7 +21,7 @@ Rules:
 * **windows** — max pooling pads at most half its window (``2 pad <= kernel``: a window never
   lies wholly in the padding); dilation and a ``ceil_mode`` that adds an edge window only where a
   target implements them (:func:`window_problems`).
-* **transformer kinds** — the bounds of ``embedding``, ``softmax``, ``layernorm`` and ``slice``
+* **transformer kinds** — the bounds of ``embedding``, ``softmax``, ``layernorm``, ``slice`` and ``constant``
   (:func:`transformer_problems`; every target that builds one of them applies it): ids at ``<BW,0>``
   addressing every row, the softmax table at most ``2^MAX_LUT_BITS`` entries and its row sum within
   int32, the layernorm ``D`` within ``2^62`` and rows of at most :data:`LAYERNORM_MAX_ROW`, resolved
@@ -399,6 +399,13 @@ def transformer_problems(graph: "IntegerGraph") -> list["Problem"]:
             if d >= 1 << LAYERNORM_NORM_BITS:
                 problems.append(_problem(op, f"variance sum can reach {d}, beyond 2^{LAYERNORM_NORM_BITS} "
                                              f"(rows of {n} at {v.fmt.bits} bits)"))
+        elif op.kind == "constant":
+            out = graph.values[op.output]
+            if op.weight is None or tuple(op.weight.shape) != tuple(out.shape) or op.weight_fmt != op.out_fmt:
+                problems.append(_problem(op, f"constant without integers of its value's shape {list(out.shape)} "
+                                             "at its output format"))
+            elif op.weight.size and (op.weight.min() < op.out_fmt.qmin or op.weight.max() > op.out_fmt.qmax):
+                problems.append(_problem(op, f"constant integers outside {op.out_fmt}"))
         elif op.kind == "slice":
             try:
                 slice_shape(op, vs[0].shape)

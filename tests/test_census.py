@@ -140,3 +140,28 @@ def test_a_failing_forward_names_the_node() -> None:
     with pytest.raises(ModelFileError, match=r"at node 'conv2d_default'.*RuntimeError") as err:
         take_census(gm, (torch.randn(1, 2, 4, 4),))  # 2 channels into a 1-channel conv
     assert "example_inputs()" in err.value.hint
+
+
+class ClassToken(nn.Module):
+    """A ViT's token handling: projection (8 -> 8), a class token (1, 1, 8) expanded over the batch and
+    concatenated, a positional embedding (1, 5, 8) added, the class token's row into a head (8 -> 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.pos_embedding = nn.Parameter(torch.zeros(1, 5, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.class_token.expand(x.shape[0], -1, -1), self.proj(x)], dim=1)
+        return self.head((h + self.pos_embedding)[:, 0])
+
+
+def test_parameters_used_as_activations_behind_quantizers_count_as_quantized() -> None:
+    gm = _quantized(ClassToken(), (torch.randn(2, 4, 8),))
+    census = take_census(gm, (torch.randn(2, 4, 8),))
+    assert census.float_ops == []  # class token and positional embedding deploy as stored constants
+    params = {op.name: op.params for op in census.quantized}
+    assert sum(params.values()) == census.total_params == 72 + 8 + 40 + 18
+    assert 8 in params.values() and 40 in params.values()  # each constant under its quantizer's layer

@@ -339,6 +339,18 @@ def slice_node(b: GraphBuilder, op: Op, x: str, output: str | None = None) -> st
     return b.node("Slice", [x, *ins], op.name, output=output)
 
 
+def batch_broadcast(b: GraphBuilder, op: Op, x: str, ref: str, output: str | None = None) -> str:
+    """A ``constant`` op's tensor ``x`` of shape ``(1, *S)`` expanded to ``(N, *S)``, ``N`` the batch
+    of the tensor ``ref`` (``Shape → Slice → Concat → Expand``; any opset from 8, dynamic batch)."""
+    assert op.weight is not None  # transformer_problems
+    shape = b.node("Shape", [ref], f"{op.name}_ref_shape")
+    batch = b.node("Slice", [shape, b.const("zero_1d_i64", np.array([0], np.int64)),
+                             b.const("one_1d_i64", np.array([1], np.int64))], f"{op.name}_batch")
+    full = b.node("Concat", [batch, b.const(f"{op.name}.shape", np.array(op.weight.shape, np.int64))],
+                  f"{op.name}_shape", axis=0)
+    return b.node("Expand", [x, full], op.name, output=output)
+
+
 def guarded_ids(b: GraphBuilder, op: Op, ids: str) -> str:
     """int64 token ids with every negative id replaced by ``V`` (the table's row count), so that
     onnxruntime's ``Gather`` refuses it as it refuses ids ``>= V`` (ONNX Gather wraps negatives)."""

@@ -88,7 +88,7 @@ from fxquant.export.limits import (DEFAULT_OPSET, FLOAT32_EXACT_BOUND, NARROW_ST
                                    WEIGHTED_KINDS, check_exportable, check_opset, clamp_bounds, conv_transpose_as_conv,
                                    float32_risks, needs_integer_accumulation, qdq_problems, raise_problems,
                                    split_weights, uses_reciprocal)
-from fxquant.export.onnx_builder import (GraphBuilder, LazyTensors, conv_attrs, float_io, float_op, fmt_bounds,
+from fxquant.export.onnx_builder import (GraphBuilder, LazyTensors, batch_broadcast, conv_attrs, float_io, float_op, fmt_bounds,
                                          graph_io, guarded_ids, integer_inputs, linear_rows, linear_unrows, pad_node,
                                          pad_node_needed, pow2, reciprocal_factors, scale_of, slice_node,
                                          window_sums)
@@ -418,6 +418,22 @@ class _QdqBuilder:
         stored = self.b.const(f"{op.name}.weight", (table + st.zero_point).astype(_NUMPY[st.dtype]))
         return self.b.node("Gather", [stored, guarded_ids(self.b, op, self.k64[op.inputs[0]])], op.output, axis=0)
 
+    def constant(self, op: Op) -> str:
+        """The stored integers ``(1, *S)`` as an initializer, expanded to the batch of the op's input
+        (:func:`~fxquant.export.onnx_builder.batch_broadcast`)."""
+        assert op.weight is not None  # transformer_problems
+        _check_fits(op.weight, op.out_fmt.bits, f"op {op.name!r} constant")
+        st = self.storage(op.out_fmt, op.output)
+        stored = self.b.const(f"{op.name}.weight", (np.asarray(op.weight, np.int64)[None] + st.zero_point)
+                              .astype(_NUMPY[st.dtype]))
+        return batch_broadcast(self.b, op, stored, self.shape_source(op.inputs[0]))
+
+    def shape_source(self, value: str) -> str:
+        """A tensor of the batch of ``value``: the graph input itself, or the value's stored form."""
+        if value in {v.name for v in self.graph.inputs}:
+            return value
+        return self.ints[value]
+
     def softmax(self, op: Op) -> str:
         """:meth:`~fxquant.export.onnx_integer.IntegerOps.softmax` on the int64 scores; keep =
         ``mask != 0`` (broadcast) and, with ``causal``, the lower triangle of the last two axes."""
@@ -484,6 +500,8 @@ class _QdqBuilder:
             return self.layernorm(op)
         if op.kind == "slice":
             return self.slice(op)
+        if op.kind == "constant":
+            return self.constant(op)
         if op.kind == "matmul" and self.graph.accumulator_bound(op) > FLOAT32_EXACT_BOUND:
             self.integer_ops.append(op.name)
             return self.integer_matmul(op, relu)
@@ -596,6 +614,12 @@ def to_fp32(graph: IntegerGraph, *, opset: int = DEFAULT_OPSET) -> onnx.ModelPro
         v = graph.values[op.inputs[0]]
         if op.kind in ("embedding", "softmax", "layernorm"):
             floats[op.output] = _fp32_transformer_op(b, graph, op, floats, ints, opset)
+            continue
+        if op.kind == "constant":
+            assert op.weight is not None  # transformer_problems
+            values = dequantize(np.asarray(op.weight)[None], op.out_fmt.frac_bits).astype(np.float32)
+            ref = op.inputs[0] if op.inputs[0] in {v.name for v in graph.inputs} else floats[op.inputs[0]]
+            floats[op.output] = batch_broadcast(b, op, b.const(f"{op.name}.weight", values), ref)
             continue
         xs = [floats[i] for i in op.inputs]
         if op.kind == "linear" and len(v.shape) > 1:

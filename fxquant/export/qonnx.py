@@ -47,7 +47,7 @@ from onnx import helper, numpy_helper
 from fxquant.errors import ExportError, UnsupportedOpError
 from fxquant.export.limits import (QONNX_MAX_IR_VERSION, WEIGHTED_KINDS, check_opset, clamp_bounds,  # noqa: F401
                                    float32_risks, qonnx_problems, raise_problems, uses_reciprocal)
-from fxquant.export.onnx_builder import (GraphBuilder, LazyTensors, float_op, graph_io, guarded_ids, integer_inputs,
+from fxquant.export.onnx_builder import (GraphBuilder, LazyTensors, batch_broadcast, float_op, graph_io, guarded_ids, integer_inputs,
                                          linear_rows, linear_unrows, pad_node, pad_node_needed, pow2,
                                          reciprocal_factors, scale_of, window_sums)
 from fxquant.fixed_point import FixedPoint, dequantize
@@ -100,6 +100,16 @@ class _QonnxBuilder:
         rows = self.b.node("Gather", [table, guarded_ids(self.b, op, self.ids(op.inputs[0]))], f"{op.name}_gather",
                            axis=0)
         return self.quant(rows, op.out_fmt, op.output)
+
+    def constant(self, op: Op) -> str:
+        """The float32 ``k 2^-FL`` of the stored integers with their ``Quant`` (as a weight),
+        expanded to the batch of the op's input."""
+        assert op.weight is not None and op.out_fmt.frac_bits is not None  # transformer_problems
+        k = np.asarray(op.weight)[None]
+        values = self.quant(_float_const(self.b, f"{op.name}.weight", k, op.out_fmt.frac_bits,
+                                         f"op {op.name!r} constant"), op.out_fmt, f"{op.name}.weight_quant")
+        ref = op.inputs[0] if op.inputs[0] in {v.name for v in self.graph.inputs} else self.vals[op.inputs[0]]
+        return batch_broadcast(self.b, op, values, ref)
 
     def linear_nd(self, op: Op) -> str:
         """A ``linear`` on an input of rank > 2 (with the batch): Gemm on
@@ -155,6 +165,8 @@ class _QonnxBuilder:
         in_shape = self.graph.values[op.inputs[0]].shape
         if op.kind == "embedding":
             return self.embedding(op)
+        if op.kind == "constant":
+            return self.constant(op)
         if op.kind == "linear" and len(in_shape) > 1 and not rows:
             return self.linear_nd(op)
         xs = [self.vals[i] for i in op.inputs]

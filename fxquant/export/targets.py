@@ -43,7 +43,7 @@ SUPPORTED_BITS = (2, 16)
 """Widths the exporters store: int4/int8/uint8 and int16 (``docs/onnx_export.md``)."""
 _HANDLED = ("conv2d", "linear", "matmul", "add", "cat", "avgpool2d", "requantize", "relu", "maxpool2d", "flatten",
             "reshape", "mul_pow2", "clamp", "lut", "mul", "transpose", "upsample_nearest", "conv_transpose2d",
-            "embedding", "slice")
+            "embedding", "slice", "constant")
 """The op kinds both exporters emit (each counts where the integer graph defines it)."""
 _QDQ_ONLY = ("softmax", "layernorm")
 """Kinds only the QDQ exporter writes exactly (int64 subgraphs, :mod:`fxquant.export.onnx_integer`);

@@ -74,7 +74,7 @@ import numpy as np
 from fxquant.elementwise import lut_attrs
 from fxquant.errors import ExportError, ModelFileError, UnsupportedOpError
 from fxquant.fixed_point import (FRAC_BITS_LIMIT, LAYERNORM_FRAC_BITS, MAX_LUT_BITS, FixedPoint, layernorm_eps,
-                                 quantize_bias, quantize_int)
+                                 quantize_bias, quantize_int, requantize)
 from fxquant.integer_graph import IntegerGraph, Op, Value, pool_output_size
 from fxquant.ops.fake_quant import (ElementwiseTable, FixedPointAvgPool2d, FixedPointLayerNorm, FixedPointSoftmax,
                                    avgpool_window, window_factors)
@@ -250,17 +250,35 @@ class _Lowering:
         """A call argument with shape-arithmetic nodes replaced by their propagated values."""
         return fx.node.map_arg(arg, lambda n: self.results[n])
 
-    def constant(self, node: fx.Node) -> torch.Tensor:
-        """The value of a parameter / buffer, or of an op on parameters only (``aten.t(W)``)."""
+    def constant(self, node: Any) -> Any:
+        """The value of a constant expression: parameters, buffers, shape arithmetic (``x.shape[0]`` of
+        ``token.expand(N, -1, -1)``), tensors made from sizes (``arange(S)``) and ops on them only
+        (``aten.t(W)``, ``embedding(arange(S), q_w(W))``; a quantizer quantizes); ``_NotConstant`` if it reads
+        a model input."""
+        if not isinstance(node, fx.Node):
+            return fx.node.map_arg(node, self.constant) if isinstance(node, (list, tuple, dict)) else node
         if node.op == "get_attr":
             return operator.attrgetter(str(node.target))(self.gm)
+        if node in self.results and _is_shape_like(self.results[node]):
+            return self.results[node]
         if node.op == "call_module" and isinstance(self.module(node), FixedPointQuantizer):
-            return self.constant(node.args[0])
-        args = fx.node.map_arg(node.args, self.constant)
-        kwargs = fx.node.map_arg(node.kwargs, self.constant)
+            return self.quantized(self.module(node), self.constant(node.args[0]))
+        if node.op not in ("call_function", "call_method"):
+            raise _NotConstant(node.name)
+        args = [self.constant(a) for a in node.args]
+        kwargs = {k: self.constant(v) for k, v in node.kwargs.items()}
         if node.op == "call_method":
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
+
+    def quantized(self, q: FixedPointQuantizer, value: Any) -> Any:
+        """``q(value)`` as the deployed model computes it (round half even, saturate, ReLU), without
+        running the module (which would record a range)."""
+        fmt = q.fmt
+        if fmt.is_off or not isinstance(value, torch.Tensor):
+            return value
+        k = quantize_int(value.detach().double().numpy(), fmt)
+        return torch.from_numpy(np.ldexp(np.maximum(k, 0) if q.relu else k, -fmt.frac_bits).astype(np.float64))
 
     def ir(self, node: fx.Node) -> str:
         """The IR value lowered for ``node``; a parameter or constant used as an activation is refused."""
@@ -306,8 +324,11 @@ class _Lowering:
             inputs = _nodes((node.args, node.kwargs))
             is_quantizer = node.op == "call_module" and isinstance(self.module(node), FixedPointQuantizer)
             act_quantizer = is_quantizer and self.module(node).role != "weight"
-            if inputs and all(n in self.constants for n in inputs) and not act_quantizer:
-                self.constants.add(node)  # parameter arithmetic (a weight's transpose)
+            tensors = [n for n in inputs if not (n in self.results and _is_shape_like(self.results[n]))]
+            made = (not tensors and node.op in ("call_function", "call_method")
+                    and isinstance(self.results.get(node), _TensorShape))  # arange(S), ones(S, S)
+            if (made or tensors and all(n in self.constants for n in tensors)) and not act_quantizer:
+                self.constants.add(node)  # parameter arithmetic (a weight's transpose, a token's expand)
                 continue
             if node in self.results and _is_shape_like(self.results[node]):
                 continue  # shape arithmetic: evaluated by shape propagation, never an op
@@ -376,8 +397,18 @@ class _Lowering:
         if q.role == "weight":
             return
         src = node.args[0]
+        if src in self.constants:
+            self.lower_constant(node, q, fmt)
+            return
         name = self.ir(src)
         root = self.root_of.get(name)
+        producer = next((op for op in reversed(self.ops) if op.output == name), None)
+        if root is None and producer is not None and producer.kind == "constant" and len(src.users) == 1:
+            producer.weight = requantize(producer.weight, producer.out_fmt.frac_bits, fmt)  # folded: exact
+            producer.weight = np.maximum(producer.weight, 0) if q.relu else producer.weight
+            producer.out_fmt = producer.weight_fmt = fmt
+            self.value_of[node] = name
+            return
         if root is None:  # already on a grid: an explicit change of format
             op = Op(q.layer, "requantize", (name,), node.name, out_fmt=fmt, attrs={"relu": q.relu})
             self.emit(node, op, pending=False)
@@ -394,6 +425,48 @@ class _Lowering:
             else:
                 self.emit(node, Op(node.name, "relu", (name,), node.name, out_fmt=None), pending=False)
                 self.root_of[node.name] = root
+
+    def lower_constant(self, node: fx.Node, q: FixedPointQuantizer, fmt: FixedPoint) -> None:
+        """An activation quantizer on a constant (a parameter, ``token.expand(N, -1, -1)``,
+        ``pos_embedding``): a ``constant`` op holding its integers at ``fmt``, broadcast over the batch."""
+        value = self.unbatched(node, self.constant(node.args[0]))
+        ints = quantize_int(value, fmt)
+        self.emit_constant(node, q.layer, np.maximum(ints, 0) if q.relu else ints, fmt)
+
+    def unbatched(self, node: fx.Node, value: Any) -> np.ndarray:
+        """The per-sample array ``S`` of constant ``value`` computed at ``node`` (float64).
+
+        A batch-sized constant (an ``expand`` to ``N``) drops its batch axis (its rows must agree); any
+        other is right-aligned to its readers' rank and must lead with 1 (``(1, S, D)``, or ``(S, D)``
+        added to ``(N, S, D)``); read only by element-wise ops, it is broadcast to their shape (the
+        targets' add and mul then see equal shapes)."""
+        value = torch.as_tensor(value).detach().double()
+        full = self.full_shape(node)
+        users = [u for u in node.users if u in self.results and isinstance(self.results[u], _TensorShape)]
+        rank = max([len(full)] + [len(self.results[u]) for u in users])
+        value = value.reshape((1,) * (rank - value.dim()) + tuple(value.shape))
+        second = self.shapes2.get(node) if self.shapes2 is not None else None
+        if second is not None and full and second[0] == 2 * full[0] and value.shape[0] == full[0]:
+            if not bool((value == value[:1]).all()):
+                raise self.refuse(node, "a batch-sized constant whose rows differ")
+            value = value[:1]
+        elif value.shape[0] != 1:
+            raise self.refuse(node, f"a constant tensor of shape {list(value.shape)} used as an activation "
+                                    "(its leading axis is neither 1 nor the batch)",
+                              "give it a leading axis of 1 (broadcast over the batch)")
+        kinds = {node_kind(self.gm, u) for u in node.users}
+        if users and kinds <= {"add", "mul"}:
+            shapes = {tuple(self.results[u][1:]) for u in users}
+            if len(shapes) == 1:
+                value = torch.broadcast_to(value, (1, *shapes.pop()))
+        return value[0].numpy()
+
+    def emit_constant(self, node: fx.Node, layer: str, ints: np.ndarray, fmt: FixedPoint) -> None:
+        """A ``constant`` op of integers ``ints`` at ``fmt``, sized by the first model input."""
+        ref = next(n.name for n in self.gm.graph.nodes if n.op == "placeholder")
+        self.emit(node, Op(layer, "constant", (ref,), node.name, out_fmt=fmt, weight=ints, weight_fmt=fmt),
+                  pending=False)
+        self.shape_of[node.name] = tuple(int(s) for s in ints.shape)
 
     def resolved(self, node: fx.Node, what: str) -> str:
         """The IR value of ``node``, which must already be on a fixed-point grid."""
@@ -737,12 +810,12 @@ class _Lowering:
                               "use nn.Embedding (InsertQuantizers quantizes its table)")
         if self.value(a.get("max_norm")) is not None:
             raise self.refuse(node, "embedding with max_norm", "use max_norm=None")
-        if not (isinstance(ids, fx.Node) and ids.op == "placeholder"):
-            what = describe(self.gm, ids) if isinstance(ids, fx.Node) else repr(ids)
-            raise self.refuse(node, f"token ids computed in the model ({what})",
-                              "feed the token ids (and position ids) as model inputs")
         w_fmt = self.quantizer_fmt(self.module(wq_node))
         table = self.constant(wq_node.args[0]).detach().double().numpy()
+        if not (isinstance(ids, fx.Node) and ids.op == "placeholder"):
+            what = describe(self.gm, ids) if isinstance(ids, fx.Node) else repr(ids)
+            raise self.refuse(node, f"token ids computed from the model's inputs ({what})",
+                              "feed the token ids (and position ids) as model inputs")
         bits = max(MASK_BITS, (table.shape[0] - 1).bit_length() + 1)
         self.integer_input(node, ids, bits)
         self.emit(node, Op(layer, "embedding", (ids.name,), node.name, out_fmt=None,
@@ -837,7 +910,7 @@ class _Lowering:
         """``("const", bool array)`` or ``("mask", (placeholder, shape with batch))`` of a keep term
         (``logical_not(mask == 0)``, ``logical_not(~mask)``, ``mask``; through views and casts)."""
         try:
-            return "const", torch.as_tensor(self.evaluate(term)).detach().cpu().numpy() != 0
+            return "const", torch.as_tensor(self.constant(term)).detach().cpu().numpy() != 0
         except _NotConstant:
             pass
         m = term
@@ -867,22 +940,6 @@ class _Lowering:
             raise self.refuse(softmax, f"the mask {list(self.full_shape(x))} is rearranged to {list(shape)}",
                               "only add axes of size 1 to a mask")
         return "mask", (x, shape)
-
-    def evaluate(self, node: Any) -> Any:
-        """The value of a constant expression (parameters, buffers, shape arithmetic), else ``_NotConstant``."""
-        if not isinstance(node, fx.Node):
-            return fx.node.map_arg(node, self.evaluate) if isinstance(node, (list, tuple, dict)) else node
-        if node.op == "get_attr":
-            return operator.attrgetter(str(node.target))(self.gm)
-        if node in self.results and _is_shape_like(self.results[node]):
-            return self.results[node]
-        if node.op not in ("call_function", "call_method"):
-            raise _NotConstant
-        args = [self.evaluate(a) for a in node.args]
-        kwargs = {k: self.evaluate(v) for k, v in node.kwargs.items()}
-        if node.op == "call_method":
-            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-        return node.target(*args, **kwargs)
 
     def lower_split(self, node: fx.Node, layer: str) -> None:
         """``split``/``chunk``: pieces are read by ``pieces[i]`` (:meth:`lower_slice`)."""

@@ -240,6 +240,10 @@ class GraphMaker:
         return self._op(name, "embedding", (ids,), (*self.values[ids].shape, dim), out_fmt or w_fmt,
                         weight=self._rand(w_fmt, (vocab, dim)), weight_fmt=w_fmt)
 
+    def constant(self, name: str, ref: str, shape: tuple[int, ...], fmt: FixedPoint) -> str:
+        """Random integers of ``shape`` at ``fmt`` in every sample (``ref`` gives only the batch size)."""
+        return self._op(name, "constant", (ref,), shape, fmt, weight=self._rand(fmt, shape), weight_fmt=fmt)
+
     def softmax(self, name: str, src: str, out_fmt: FixedPoint, *, mask: str | None = None,
                 causal: bool = False) -> str:
         shape = self.values[src].shape
@@ -865,8 +869,20 @@ def transformer_block() -> IntegerGraph:
     return m.graph(m.add("residual2", r, m.dense("fc2", h, 8, F(6, 5), F(8, 4)), F(8, 4), relu=False))
 
 
+def class_token_pos_embedding() -> IntegerGraph:
+    """A ViT's class token and positional embedding: patches (4, 8) projected; a constant class token
+    (1, 8) <8,5> concatenated in front (requantized into <8,4>); a constant positional embedding (5, 8)
+    <6,5> added; the class token's row into a classifier. A second graph output is the class token alone."""
+    m = GraphMaker((4, 8), F(8, 4), seed=86)
+    patches = m.dense("proj", "input", 8, F(6, 5), F(8, 4))
+    token = m.constant("class_token", "input", (1, 8), F(8, 5))
+    tokens = m.cat("tokens", (token, patches), F(8, 4))
+    h = m.add("embed", tokens, m.constant("pos_embedding", "input", (5, 8), F(6, 5)), F(8, 4), relu=False)
+    return m.graph(m.linear("head", m.select("cls", h, 1, 0), 3, F(6, 5), F(8, 3)), token)
+
+
 TRANSFORMER_CASES = ("embedding_lookup", "attention_head", "causal_attention", "layernorm_block", "slice_cls",
-                     "transformer_block")
+                     "transformer_block", "class_token_pos_embedding")
 """The transformer cases (issue 14): the reference runs them; targets declare them unsupported."""
 
 
@@ -918,6 +934,7 @@ _MAKERS: dict[str, Callable[[], IntegerGraph | tuple[IntegerGraph, object]]] = {
     # transformers (issue 14)
     "embedding_lookup": embedding_lookup, "attention_head": attention_head, "causal_attention": causal_attention,
     "layernorm_block": layernorm_block, "slice_cls": slice_cls, "transformer_block": transformer_block,
+    "class_token_pos_embedding": class_token_pos_embedding,
 }
 
 CASES: dict[str, Case] = {

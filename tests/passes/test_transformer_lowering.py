@@ -20,7 +20,7 @@ from torch import nn
 from fxquant.backends.base import check_reference
 from fxquant.errors import UnsupportedOpError
 from fxquant.fixed_point import (LAYERNORM_FRAC_BITS, SOFTMAX_EXP_BITS, SOFTMAX_GUARD_BITS, FixedPoint,
-                                 fit_frac_bits)
+                                 fit_frac_bits, quantize_int)
 from fxquant.ops.fake_quant import FixedPointLayerNorm, FixedPointSoftmax
 from fxquant.passes import InsertQuantizers, capture, lower_to_integer_graph
 from fxquant.policies import make_policy
@@ -400,23 +400,83 @@ def test_off_quantizers_are_the_float_ops():
     torch.testing.assert_close(ln(x, *off, *off, *off, None, None), F.layer_norm(x, [5]))
 
 
-def test_computed_positions_are_refused_by_name():
-    class Positions(nn.Module):
+class Positions(nn.Module):
+    """Positions computed inside the model (``arange``, as BERT / GPT-2 do), a token tensor expanded
+    over the batch and concatenated (a ViT's class token), and a positional parameter added."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.pos = nn.Embedding(SEQ + 1, DIM)
+        self.class_token = nn.Parameter(torch.randn(1, 1, DIM))
+        self.pos_embedding = nn.Parameter(torch.randn(1, SEQ + 1, DIM) * 0.5)
+        self.proj = nn.Linear(DIM, DIM)
+        self.fc = nn.Linear(DIM, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        h = torch.cat([self.class_token.expand(x.shape[0], -1, -1), h], dim=1)
+        if self.style == "arange":
+            h = h + self.pos(torch.arange(h.shape[1]))
+        else:
+            h = h + self.pos_embedding
+        return self.fc(h[:, 0])
+
+
+@pytest.mark.parametrize("style", ["arange", "parameter"])
+def test_class_token_and_positions_lower_to_constants_bit_exact(style):
+    torch.manual_seed(0)
+    gm = _quantized(Positions(style))
+    x = torch.randn(8, SEQ, DIM)
+    gm.train()
+    gm(x)
+    for q in quantizers(gm).values():
+        q.set_format(FixedPoint(8, fit_frac_bits(float(q.amax), 8)))
+    gm.eval()
+    graph = _assert_reference_exact(gm, x)
+    consts = [op for op in graph.ops if op.kind == "constant"]
+    assert [op.weight.shape for op in consts] == [(1, DIM), (SEQ + 1, DIM)]  # per sample, batch dropped
+    assert all(op.inputs == ("x",) and op.weight_fmt == op.out_fmt for op in consts)
+    tokens = torch.cat([gm.class_token.detach()] * 3)  # the class token's integers, in every sample
+    k = graph.run(*graph.quantize_inputs(x[:3].numpy()), keep_all=True)[consts[0].output]
+    assert k.shape == (3, 1, DIM) and np.array_equal(k, quantize_int(tokens.double().numpy(), consts[0].out_fmt))
+
+
+def test_constant_with_a_leading_axis_that_is_not_the_batch_is_refused():
+    class Tiled(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.pos = nn.Embedding(SEQ, DIM)
+            self.table = nn.Parameter(torch.randn(4, SEQ, DIM))
             self.fc = nn.Linear(DIM, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(x + self.pos(torch.arange(SEQ)))
+            return self.fc(x + self.table[:1] + self.table.sum(0, keepdim=True))
 
-    gm = _quantized(Positions())
+    gm = _quantized(Tiled())
     x = torch.randn(4, SEQ, DIM)
     gm(x)
     for q in quantizers(gm).values():
         q.set_format(FixedPoint(8, 4))
     gm.eval()
-    with pytest.raises(UnsupportedOpError, match="pos: .*embedding.*(token ids computed in the model|constant)"):
+    graph = lower_to_integer_graph(gm, x[:1])  # (1, S, D) slices and sums of a parameter are constants
+    assert [op.kind for op in graph.ops].count("constant") >= 1
+
+    class Batched(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(4, DIM))
+            self.fc = nn.Linear(DIM, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.cat([x, self.table], dim=0))
+
+    gm = _quantized(Batched())
+    x = torch.randn(4, DIM)
+    gm(x)
+    for q in quantizers(gm).values():
+        q.set_format(FixedPoint(8, 4))
+    gm.eval()
+    with pytest.raises(UnsupportedOpError, match="leading axis is neither 1 nor the batch"):
         lower_to_integer_graph(gm, x[:1])
 
 

@@ -12,6 +12,8 @@ integer value is an int8 tensor with a symbolic batch ``n``; a value of format `
 * add: ``Q([relu](DQ(a) + DQ(b)))``; avgpool2d: ``Q(avg_pool2d(DQ(x)))``;
   requantize / standalone relu: ``Q([relu](DQ(x)))``
 * maxpool2d: ``Q(max_pool2d(DQ(x)))`` with the input scale; flatten: ``reshape`` on the int8 tensor.
+* constant: ``call_tir`` of :func:`.transformer_kernels.constant_broadcast` (the int8 integers copied
+  into every sample).
 * linear on a value of rank > 2 (with the batch): ``reshape`` to ``[n * lead, K]``, the linear above,
   ``reshape`` back; ``matmul``, ``embedding``, ``slice``, ``softmax``, ``layernorm``: ``call_tir`` of a
   :mod:`.transformer_kernels` kernel on the integer tensors.
@@ -41,7 +43,7 @@ DIRECT_KINDS = ("cat", "clamp", "lut", "mul", "transpose", "upsample_nearest", "
                 "conv_transpose2d")
 """Kinds emitted as ``call_tir`` of a :mod:`.vision_kernels` kernel (no QDQ pattern expresses them:
 an any-window average is a reciprocal multiply, not the float average ``R.quantize`` would round)."""
-TRANSFORMER_DIRECT_KINDS = ("matmul", "embedding", "slice", "softmax", "layernorm")
+TRANSFORMER_DIRECT_KINDS = ("matmul", "embedding", "slice", "softmax", "layernorm", "constant")
 """Kinds emitted as ``call_tir`` of a :mod:`.transformer_kernels` kernel."""
 def _scale(frac_bits: int) -> relax.Constant:
     return relax.const(math.ldexp(1.0, -frac_bits), "float32")
@@ -156,6 +158,11 @@ class _Emitter:
             rows, dim = op.weight.shape
             return self.call(tk.embedding(shape, int(rows), int(dim), rq, dtype), "embedding",
                              [self.env[x], relax.const(np.asarray(op.weight, np.int32).reshape(-1))], out_shape)
+        if op.kind == "constant":  # the stored integers copied into every sample
+            assert op.weight is not None
+            dtype = storage_dtype(self.graph, op.output)
+            return self.call(tk.constant_broadcast(out_shape, dtype), "constant",
+                             [relax.const(np.asarray(op.weight).reshape(-1).astype(dtype))], out_shape, dtype)
         if op.kind == "slice":
             axis = int(op.attrs["dim"]) - 1
             if "index" in op.attrs:

@@ -45,7 +45,7 @@ from fxquant.io import atomic_write_json
 
 OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize", "mul_pow2",
                  "cat", "clamp", "lut", "mul", "reshape", "transpose", "upsample_nearest", "conv_transpose2d",
-                 "matmul", "embedding", "slice", "softmax", "layernorm"})
+                 "matmul", "embedding", "slice", "softmax", "layernorm", "constant"})
 UNSIGNED_READERS = ("matmul", "slice")
 """The kernels that read a uint8-stored (9-bit softmax) value."""
 LIMITS: dict[str, Any] = {"act_bits": (2, packing.ACT_BITS), "weight_bits": (2, packing.MAX_WEIGHT_BITS),
@@ -102,9 +102,9 @@ def storage_width_problems(graph: IntegerGraph) -> list[Problem]:
                     op.name for op in graph.ops if op.output in unsigned}]
     for op in graph.ops:
         for i, name in enumerate(op.inputs):
-            if name in ids and (op.kind != "embedding" or i != 0):
+            if name in ids and op.kind != "constant" and (op.kind != "embedding" or i != 0):
                 problems.append(Problem(op.name, op.kind, f"reads the token ids {name!r} (int32 on this target); "
-                                                          "only an embedding reads ids"))
+                                                          "only an embedding reads ids (a constant only their batch size)"))
             elif name in unsigned and op.kind not in UNSIGNED_READERS:
                 problems.append(Problem(op.name, op.kind, f"reads the 9-bit softmax output {name!r} (uint8 on this "
                                                           f"target); only {', '.join(UNSIGNED_READERS)} read it: "

@@ -16,6 +16,7 @@ each is bit-exact with the executor of the same kind in :mod:`fxquant.integer_op
 * :func:`embedding` ``y = requantize(table[ids])``: int32 (graph input) or int8 ids, an int32 copy of
   the table; an id is clamped into ``[0, V)`` for memory safety only -- the runner refuses ids outside
   it before the call (:class:`~fxquant.errors.InputRangeError`), as the reference does.
+* :func:`constant_broadcast` ``y[b] = c``: a ``constant`` op's int8 integers copied into every sample.
 * :func:`slice_copy` ``x[..., start:start+count*step:step, ...]`` on one axis (a select is a slice of
   one entry whose axis the output shape drops): contiguous inner blocks copied as vectors.
 * :func:`softmax` per row of ``L``: ``m`` = max over kept entries (``qmin`` when none),
@@ -202,6 +203,26 @@ def slice_copy(shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int, st
         for r, j in T.grid(n * OUTER, count):
             for i in range(INNER // L):
                 yf[_idx((r * count + j) * INNER + i * L, L)] = xf[_idx((r * A + start + j * step) * INNER + i * L, L)]
+
+    return _finish(kernel, name)
+
+
+# --------------------------------------------------------------------------------------- constant
+@lru_cache(maxsize=None)
+def constant_broadcast(shape: tuple[int, ...], dtype: str = "int8", name: str = "fxq_constant") -> tirx.PrimFunc:
+    """``y[b] = c`` for every sample ``b``: a ``constant`` op's integers ``c`` (flat, ``prod(shape)``)."""
+    M = math.prod(shape)
+    L = _lanes(M)
+
+    @T.prim_func
+    def kernel(c_h: T.handle, y_h: T.handle):
+        n = T.int64()
+        c = T.match_buffer(c_h, (M,), dtype)
+        y = T.match_buffer(y_h, (n,) + tuple(shape), dtype)
+        yf = T.decl_buffer((n * M,), dtype, data=y.data)
+        for b in range(n):
+            for i in range(M // L):
+                yf[_idx(b * M + i * L, L)] = c[_idx(i * L, L)]
 
     return _finish(kernel, name)
 

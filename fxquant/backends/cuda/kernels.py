@@ -39,7 +39,7 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 
 from fxquant.backends.tvm_epilogue import Requant, requantize, residual_add
-from fxquant.backends.cuda.plan import (CatSpec, DirectConvSpec, EltwiseSpec, EmbeddingSpec, GemmSpec, KernelSpec,
+from fxquant.backends.cuda.plan import (CatSpec, ConstantSpec, DirectConvSpec, EltwiseSpec, EmbeddingSpec, GemmSpec, KernelSpec,
                                         LayerNormSpec, LutSpec, MatmulSpec, MulSpec, PoolSpec, QuantizeSpec, SliceSpec,
                                         SoftmaxSpec, TransposeSpec, UpsampleSpec, storage)
 
@@ -406,6 +406,15 @@ def embedding(s: EmbeddingSpec) -> tirx.PrimFunc:
 
 
 @lru_cache(maxsize=None)
+def constant(s: ConstantSpec) -> tirx.PrimFunc:
+    """``y[b, *i] = c[*i]``: a ``constant`` op's integers in every sample."""
+    n = _batch()
+    c = te.placeholder(s.shape, s.dtype, name="c")
+    y = te.compute((n, *s.shape), lambda b, *i: c[tuple(i)], name="constant")
+    return te.create_prim_func([c, y])
+
+
+@lru_cache(maxsize=None)
 def slice_(s: SliceSpec) -> tirx.PrimFunc:
     """``y[b, .., i, ..] = x[b, .., start + i step, ..]`` on axis ``dim``; select: ``x[b, .., start, ..]``."""
     n = _batch()
@@ -602,9 +611,10 @@ def primfunc(spec: KernelSpec) -> tirx.PrimFunc:
     """The unscheduled PrimFunc of ``spec``."""
     builders = {GemmSpec: gemm, DirectConvSpec: direct_conv, MatmulSpec: matmul, EltwiseSpec: eltwise, MulSpec: mul, LutSpec: lut,
                 CatSpec: cat, TransposeSpec: transpose, UpsampleSpec: upsample, PoolSpec: pool2d, QuantizeSpec: quantize,
-                EmbeddingSpec: embedding, SliceSpec: slice_, SoftmaxSpec: softmax, LayerNormSpec: layernorm}
+                EmbeddingSpec: embedding, SliceSpec: slice_, SoftmaxSpec: softmax, LayerNormSpec: layernorm,
+                ConstantSpec: constant}
     return builders[type(spec)](spec)  # type: ignore[operator]
 
 
-__all__ = ["cat", "direct_conv", "eltwise", "embedding", "gemm", "layernorm", "lut", "matmul", "mul", "pool2d", "primfunc",
+__all__ = ["cat", "constant", "direct_conv", "eltwise", "embedding", "gemm", "layernorm", "lut", "matmul", "mul", "pool2d", "primfunc",
            "quantize", "slice_", "softmax", "transpose", "upsample"]

@@ -34,6 +34,8 @@ every other wide value at the op that cannot read or write it.
   (token ids ``<BW,0>``, ``BW <= 16``) stays integer end to end: it is passed as int32 (``"int:<name>"``,
   no quantize kernel) and its ids are range-checked on the host (``CudaTarget.run``) -- the kernel
   clamps an id into the table only so that no read leaves it.
+* ``constant``: its integers (a parameter, int8 / int16) copied into every sample; the op's input
+  only sizes the batch (a token-id input it reads stays an id input).
 * ``slice`` / select: an index map (``x[.., start + i step, ..]``, or the axis removed at ``index``).
 * ``softmax`` and ``layernorm``: one thread per row of the last axis (the rows of ``[n, *shape]``
   viewed as ``[n, R, L]``), the arithmetic of :func:`fxquant.fixed_point.softmax_rows` /
@@ -78,7 +80,7 @@ MAX_ACT_BITS = 8
 WIDE_ACT_BITS = 16
 """Activations of 9..16 bits are int16 where :data:`WIDE_OUT` writes and :data:`WIDE_IN` reads them."""
 WIDE_OUT = frozenset({"linear", "conv2d", "add", "requantize", "relu", "clamp", "matmul", "slice", "transpose",
-                      "flatten", "reshape", "mul_pow2", "softmax", "layernorm", "embedding"})
+                      "flatten", "reshape", "mul_pow2", "softmax", "layernorm", "embedding", "constant"})
 """Op kinds whose kernel writes int16 (``conv2d``: the ``groups=1`` GEMM only)."""
 WIDE_IN = frozenset({"add", "requantize", "relu", "clamp", "matmul", "slice", "transpose", "flatten", "reshape",
                      "mul_pow2", "softmax", "layernorm", "embedding"})
@@ -93,7 +95,7 @@ MAX_WEIGHT_BITS = 8
 PACKED_WEIGHT_BITS = 4
 OPS = frozenset({"conv2d", "linear", "add", "avgpool2d", "maxpool2d", "relu", "flatten", "requantize", "reshape",
                  "mul_pow2", "clamp", "lut", "mul", "cat", "transpose", "upsample_nearest", "conv_transpose2d",
-                 "matmul", "embedding", "slice", "softmax", "layernorm"})
+                 "matmul", "embedding", "slice", "softmax", "layernorm", "constant"})
 VIEW_KINDS = ("flatten", "reshape", "mul_pow2")
 """Ops whose output is their input's integers in another shape or format: a view, no kernel."""
 K_TILE = 16
@@ -382,8 +384,17 @@ class QuantizeSpec:
     bits: int
 
 
+@dataclass(frozen=True)
+class ConstantSpec:
+    """``y[b] = c`` for every sample: a ``constant`` op's integers ``c`` (a parameter of ``shape``)."""
+
+    shape: tuple[int, ...]
+    dtype: str = "int8"
+
+
 KernelSpec = (GemmSpec | DirectConvSpec | MatmulSpec | EltwiseSpec | MulSpec | LutSpec | CatSpec | TransposeSpec
-              | UpsampleSpec | PoolSpec | QuantizeSpec | EmbeddingSpec | SliceSpec | SoftmaxSpec | LayerNormSpec)
+              | UpsampleSpec | PoolSpec | QuantizeSpec | EmbeddingSpec | SliceSpec | SoftmaxSpec | LayerNormSpec
+              | ConstantSpec)
 ROWS = "#rows"
 """Suffix of a value viewed as ``[n, R, L]`` (the rows of its last axis) for softmax / layernorm;
 ``#flat``: a mask viewed ``[n, prod(shape)]``; ``#out``: the ``[n, R, L]`` buffer of their output."""
@@ -428,7 +439,8 @@ class Plan:
                 DirectConvSpec: "conv_transpose2d" if getattr(spec, "transpose", False) else "conv2d_grouped",
                 MatmulSpec: "matmul", EltwiseSpec: "eltwise", MulSpec: "mul", LutSpec: "lut", CatSpec: "cat", TransposeSpec: "transpose",
                 UpsampleSpec: "upsample", PoolSpec: "pool2d", QuantizeSpec: "quantize", EmbeddingSpec: "embedding",
-                SliceSpec: "slice", SoftmaxSpec: "softmax", LayerNormSpec: "layernorm"}[type(spec)]
+                SliceSpec: "slice", SoftmaxSpec: "softmax", LayerNormSpec: "layernorm",
+                ConstantSpec: "constant"}[type(spec)]
         if isinstance(spec, GemmSpec):
             kind += "_int4" * spec.packed + "_large" * spec.large
         name = f"fxq_{kind}_{len(self.kernels)}"
@@ -497,8 +509,9 @@ def id_inputs(graph: IntegerGraph) -> dict[str, tuple[int, str]]:
     out = {}
     for v in graph.inputs:
         ops = readers.get(v.name, [])
-        if ops and v.name not in graph.outputs and all(op.kind == "embedding" and op.weight is not None for op in ops):
-            op = min(ops, key=lambda o: o.weight.shape[0])
+        tables = [op for op in ops if op.kind == "embedding" and op.weight is not None]
+        if tables and v.name not in graph.outputs and all(op in tables or op.kind == "constant" for op in ops):
+            op = min(tables, key=lambda o: o.weight.shape[0])  # a constant reads only the batch size
             out[v.name] = (int(op.weight.shape[0]), op.name)
     return out
 
@@ -519,7 +532,7 @@ def _storage_problems(graph: IntegerGraph) -> list[Problem]:
                                          f"(int16 up to {WIDE_ACT_BITS} bits from: {', '.join(sorted(WIDE_OUT))})"))
         for i, name in enumerate(op.inputs):
             bits = graph.value(name).fmt.bits
-            if name in ids or bits <= MAX_ACT_BITS:
+            if name in ids or bits <= MAX_ACT_BITS or op.kind == "constant":  # a constant reads no integers
                 continue
             if bits > WIDE_ACT_BITS or op.kind not in WIDE_IN or (op.kind == "softmax" and i > 0):
                 problems.append(_problem(op, f"{bits}-bit input; this target holds 2-{MAX_ACT_BITS}-bit activations "
@@ -745,6 +758,14 @@ class _Planner:
         self.plan.params[f"{op.name}.table"] = table.astype(np.int8)  # <= 8-bit weights: graph_problems
         self.launch(spec, (self.arg(ids), f"param:{op.name}.table"), op.output, (op.name,))
 
+    def constant(self, op: Op) -> None:
+        """The integers as a parameter, copied into every sample (the input gives only the batch)."""
+        assert op.weight is not None
+        dtype = self.dtype(op.output)
+        self.plan.params[f"{op.name}.values"] = np.asarray(op.weight, np.int64).astype(dtype)
+        self.launch(ConstantSpec(tuple(int(d) for d in op.weight.shape), dtype), (f"param:{op.name}.values",),
+                    op.output, (op.name,))
+
     def slice(self, op: Op) -> None:
         (src,) = op.inputs
         a, shape = op.attrs, self.graph.value(src).shape
@@ -846,6 +867,8 @@ class _Planner:
                 self.softmax(op)
             elif op.kind == "layernorm":
                 self.layernorm(op)
+            elif op.kind == "constant":
+                self.constant(op)
             elif op.kind == "transpose":
                 self.launch(TransposeSpec(shape, tuple(int(p) for p in op.attrs["perm"]), self.dtype(op.inputs[0])),
                             op.inputs, op.output, (op.name,))

@@ -156,6 +156,8 @@ def torch_float_model(plan: dict[str, Any], ints: dict[str, Any], dtype: Any) ->
                 y = F.interpolate(xs[0], scale_factor=tuple(float(f) for f in a["scale"]), mode="nearest")
             elif kind == "embedding":
                 y = F.embedding(xs[0].long(), params[op["weight"]])
+            elif kind == "constant":
+                y = params[op["weight"]].unsqueeze(0).expand(xs[0].shape[0], *op["shape"])
             elif kind == "slice":
                 dim = a["dim"]
                 y = (xs[0].select(dim, a["index"]) if "index" in a

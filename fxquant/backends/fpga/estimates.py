@@ -32,6 +32,7 @@ input/weight widths ``a``/``b``, accumulator width ``A``, ``O`` outputs per iter
   ``io_parallel`` activation tables, whose cost grows with both width and parallelism.
 * ``matmul``: ``ceil(out_size K / R)`` multipliers of ``BW_a x BW_b`` and the adder trees at the
   accumulator width, a requantize per output; latency ``R + ceil(log2(K + 1)) + 3``. ``slice`` is wiring.
+* ``constant``: constant drivers (its ROM bits counted, no logic: synthesis folds the copy).
 * ``embedding``: the table is a ROM read by every id in the same cycle (``n_ids`` copies, as a
   ``lut``'s table: LUT ROM up to 1024 bits, dual-port BRAM18 beyond), a requantize per output.
 * ``softmax`` (every row in parallel): per row a max tree and a sum tree over ``L``, one divider of
@@ -134,6 +135,9 @@ def estimate_layer(layer: LayerPlan, reuse: int) -> dict[str, Any]:
         ii = layer.iterations
         latency = ii + math.ceil(math.log2(kh * kw)) + 1 + (layer.kind == "avgpool2d")
     elif layer.kind in MOVE_KINDS:
+        ii, latency = 1, 0
+    elif layer.kind == "constant":  # constant drivers: synthesis folds the copied ROM into the consumers
+        rom_bits = layer.out_size * out_bits
         ii, latency = 1, 0
     elif layer.kind == "lut":
         entries = layer.detail["table"].size

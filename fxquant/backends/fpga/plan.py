@@ -49,6 +49,8 @@ the accumulator and ``shift = FL_out - FL_acc`` the requantize shift:
   in 32 steps, one division per row), then ``gamma h + beta`` at ``FL_g + 16`` in
   ``ap_int<bitlen(bound) + 1>`` (:meth:`IntegerGraph.accumulator_bound`) and a requantize.
 * ``slice`` (and select): a strided gather (``fxq::gather`` with an offset), format kept.
+* ``constant``: a ROM of the integers copied into the output (``fxq::copy``); its input (the
+  batch reference) is not read: the generated function computes one sample.
 
 Limits: any number of graph inputs and outputs (an output must be computed by an op), value widths 2..16 (``BW = 32`` is *off*, i.e. float,
 and has no integer form), accumulators of at most :data:`MAX_ACC_BITS` bits (the reference
@@ -81,7 +83,7 @@ MAX_ACC_BITS = 64
 """Widest accumulator generated: the integer reference (:meth:`IntegerGraph.run`) is int64."""
 SUPPORTED_KINDS = ("conv2d", "linear", "conv_transpose2d", "add", "mul", "cat", "avgpool2d", "maxpool2d", "relu",
                    "clamp", "lut", "flatten", "reshape", "transpose", "upsample_nearest", "mul_pow2", "requantize",
-                   "matmul", "embedding", "softmax", "layernorm", "slice")
+                   "matmul", "embedding", "softmax", "layernorm", "slice", "constant")
 MATMUL_RANK = 4
 """Dims (batch excluded) of a ``matmul`` operand: two leading (batch / head) dims, then the matrix."""
 SOFTMAX_RANK = 4
@@ -261,6 +263,10 @@ def _expected_shape(op: Op, ins: tuple[Value, ...]) -> tuple[int, ...]:
         return (*shape, op.weight.shape[1])
     if kind == "slice":
         return slice_shape(op, shape)
+    if kind == "constant":
+        if op.weight is None:
+            raise ExportError(f"op {op.name!r}: constant without integers", "re-lower the graph")
+        return tuple(op.weight.shape)
     if kind in ("softmax", "layernorm") and (not shape or op.attrs.get("dim", len(shape)) != len(shape)):
         raise UnsupportedOpError(f"op {op.name!r}: {kind} over axis {op.attrs.get('dim')!r} of a rank-{len(shape)} "
                                  "value (batch excluded), not its last axis", "normalize over the last axis")
@@ -417,6 +423,9 @@ def _plan_op(index: int, op: Op, graph: IntegerGraph) -> LayerPlan:
         _check_ints(op, op.weight, op.weight_fmt.bits, "a table entry")
         acc, acc_fl = op.weight_fmt.bits, w_fl
         detail = {"n_ids": math.prod(ins[0].shape), "vocab": op.weight.shape[0], "dim": op.weight.shape[1]}
+    elif kind == "constant":
+        _check_ints(op, op.weight, out.fmt.bits, "a constant entry")
+        acc, acc_fl = out.fmt.bits, out_fl
     elif kind == "softmax":
         acc, acc_fl, detail = _softmax_plan(op, ins, out)
         mults = math.prod(out.shape)
