@@ -15,6 +15,13 @@ one table runs with the **same thread count** (``threads``, default the host's c
 the table). Every row names its artifact (path relative to ``RUN``), the graph fingerprint and
 ``verified`` (``false`` only for the float baselines, which are not integer-exact by design).
 Ratios are taken within one run, never across machines.
+
+Inputs (:func:`batch_inputs`): one array per model input, batch first, in the dtype the held-out
+data have (float32, or int64 token ids); a batch larger than the held-out set repeats its rows
+whole (``np.resize``), so token ids stay ids of the vocabulary. Each engine feeds every input in the
+dtype its artifact declares (ORT: the session input's element type, :func:`feed_as`; TVM: the
+module's entry signature, :meth:`fxquant.backends.cpu.build.CpuModel.staged`); ids are converted
+between integer types, never rounded from floats.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -36,17 +44,51 @@ VERIFY_N = 64
 EXPORT_VERIFY_N = 1000
 """Held-out inputs of an export bench makes itself (as ``fxquant export``'s ``--verify`` default)."""
 ONNX_BENCH_TARGETS = ("onnx-qdq", "qonnx")
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+              "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+"""onnxruntime's input element types (``NodeArg.type``) as numpy dtypes."""
+
+Inputs = Sequence[np.ndarray]
+"""One array per model input, in the graph's input order, batch first."""
+
+
+def as_inputs(x: np.ndarray | Inputs) -> tuple[np.ndarray, ...]:
+    """``x`` as one array per model input: a bare array is the only input of a one-input model."""
+    return (x,) if isinstance(x, np.ndarray) else tuple(x)
+
+
+def batch_inputs(x_all: np.ndarray | Inputs, batch: int) -> tuple[np.ndarray, ...]:
+    """Each input at batch size ``batch``: its held-out rows, repeated whole when there are fewer
+    (``np.resize`` over the batch axis), in their own dtype (token ids stay valid int64 ids)."""
+    return tuple(np.resize(x, (batch, *x.shape[1:])) for x in as_inputs(x_all))
+
+
+def feed_as(x: np.ndarray, dtype: Any, what: str) -> np.ndarray:
+    """``x`` as a contiguous array of ``dtype``. Into an integer dtype only from integers (or floats
+    that are integers, e.g. ids read as float32): a fractional value is an :class:`InputRangeError`,
+    never rounded."""
+    x = np.asarray(x)
+    if np.issubdtype(dtype, np.integer) and not np.issubdtype(x.dtype, np.integer):
+        if x.size and np.any(x != np.floor(x)):
+            from fxquant.errors import InputRangeError
+
+            raise InputRangeError(f"{what}: the artifact takes {np.dtype(dtype).name}, the input holds "
+                                  f"{x[x != np.floor(x)].reshape(-1)[0]!r}, not an integer",
+                                  "feed integer ids; ids are never rounded")
+    return np.ascontiguousarray(x, dtype)
 
 
 @dataclass
 class Engine:
-    """One timed engine: what it runs (``artifact`` relative to RUN) and a runner factory."""
+    """One timed engine: what it runs (``artifact`` relative to RUN) and a runner factory, called
+    with the batch's model inputs (one array per input, :data:`Inputs`)."""
 
     name: str
     artifact: str
     fingerprint: str
     verified: bool
-    make: Callable[[np.ndarray], Callable[[], Any]]
+    make: Callable[[tuple[np.ndarray, ...]], Callable[[], Any]]
 
 
 def time_runners(runners: dict[str, Callable[[], Any]], budget_s: float, rounds: int = 3,
@@ -98,11 +140,11 @@ def verified_artifact_dir(target: Any, dep: Any, n_verify: int = VERIFY_N) -> tu
     report = read_report(out_dir)
     if report is None or report.get("graph_fingerprint") != graph_fingerprint(dep.graph):
         x_export, _ = dep.held_out(EXPORT_VERIFY_N)
-        export(target, dep.graph, out_dir, [x_export], model=dep.model)
+        export(target, dep.graph, out_dir, list(as_inputs(x_export)), model=dep.model)
     x, _ = dep.held_out(n_verify)
     report = verified_artifact(target, dep.graph, out_dir)
     try:
-        again = verify(target, out_dir, dep.graph, dep.graph.quantize_inputs(x))
+        again = verify(target, out_dir, dep.graph, dep.graph.quantize_inputs(*as_inputs(x)))
     except FxquantError:
         raise
     except Exception as exc:  # a damaged file: the runtime's own error, named, instead of a traceback
@@ -126,11 +168,24 @@ def baseline_engine(dep: Any, threads: int) -> Engine:
                   lambda x: ort_runner(path, x, threads))
 
 
-def ort_runner(model: Any, x: np.ndarray, threads: int) -> Callable[[], Any]:
+def ort_runner(model: Any, x: np.ndarray | Inputs, threads: int) -> Callable[[], Any]:
+    """One ORT call on ``model`` (ModelProto or path): each input fed in the element type the model
+    declares for it (float32 for images, int64 for token ids), converted once, outside the call."""
+    from fxquant.errors import ExportError
     from fxquant.export.verify import session
 
     sess = session(model, threads=threads)
-    feed = {sess.get_inputs()[0].name: np.asarray(x, np.float32)}
+    declared, xs = sess.get_inputs(), as_inputs(x)
+    what = f"ONNX model {model}" if isinstance(model, (str, Path)) else "ONNX model"
+    if len(declared) != len(xs):
+        raise ExportError(f"{what} takes {len(declared)} inputs ({', '.join(i.name for i in declared)}), "
+                          f"bench has {len(xs)}", "export it again from this run")
+    feed = {}
+    for arg, xi in zip(declared, xs):
+        if arg.type not in ORT_DTYPES:
+            raise ExportError(f"{what}: input {arg.name!r} is {arg.type}, which bench does not feed",
+                              f"inputs bench feeds: {', '.join(ORT_DTYPES)}")
+        feed[arg.name] = feed_as(xi, ORT_DTYPES[arg.type], f"{what} input {arg.name!r}")
     return lambda: sess.run(None, feed)
 
 
@@ -146,12 +201,13 @@ def onnx_engine(target: Any, dep: Any, threads: int, label: str) -> Engine:
                   lambda x: ort_runner(runnable, x, threads))
 
 
-def time_engines(engines: list[Engine], x_all: np.ndarray, batches: tuple[int, ...],
+def time_engines(engines: list[Engine], x_all: np.ndarray | Inputs, batches: tuple[int, ...],
                  budget_s: float) -> list[dict[str, Any]]:
-    """One row per engine and batch (the first engine is the ratio's baseline)."""
+    """One row per engine and batch (the first engine is the ratio's baseline); ``x_all``: the
+    held-out inputs (one array, or one per model input), batched by :func:`batch_inputs`."""
     rows: list[dict[str, Any]] = []
     for batch in batches:
-        x = np.resize(x_all, (batch, *x_all.shape[1:])).astype(np.float32)
+        x = batch_inputs(x_all, batch)
         times = time_runners({e.name: e.make(x) for e in engines}, budget_s)
         base = float(np.percentile(times[engines[0].name], 50))
         for e in engines:
@@ -205,5 +261,6 @@ def bench_onnx(run_dir: Path, target_name: str = "onnx-qdq", batches: tuple[int,
     return write_bench(dep.run.path, target.name, report, md)
 
 
-__all__ = ["Engine", "bench_onnx", "baseline_engine", "machine", "onnx_engine", "render_markdown", "time_engines",
-           "time_runners", "verified_artifact_dir", "write_bench"]
+__all__ = ["Engine", "as_inputs", "batch_inputs", "bench_onnx", "baseline_engine", "feed_as", "machine",
+           "onnx_engine", "ort_runner", "render_markdown", "time_engines", "time_runners", "verified_artifact_dir",
+           "write_bench"]

@@ -5,6 +5,11 @@ static ``--bits --act-bits --grad-bits``; cpt ``--bits-min --bits-max --cycles -
 --grad-bits`` (+ ``--prt-*`` for the range test run when ``--bits-min`` is omitted); adapt
 ``--init-bits --init-frac-bits --buff --lb-min --lb-max --res-min --res-max --gamma --act-bits
 --grad-bits (minimum) --l1 --l2 --no-grad-norm --no-stochastic --trim --bits-budget``.
+
+Optimizer (every policy; :func:`fxquant.trainer.make_optimizer`): ``--optimizer sgd`` (default:
+momentum 0.9, Nesterov) or ``adamw``; ``--weight-decay`` (default: 5e-4 for sgd, 0.01 for adamw);
+``--warmup-steps`` of linear warm-up before the cosine schedule (default 0). All are recorded in
+``run.json`` and restored by ``--resume`` (which takes them from the run, not from the flags).
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ import click
 @click.option("--lr", type=float, default=0.05, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--optimizer", default="sgd", show_default=True, metavar="[sgd|adamw]",
+              help="sgd: momentum 0.9, Nesterov; adamw: torch.optim.AdamW. Both on a cosine schedule.")
+@click.option("--weight-decay", type=float, help="Weight decay  [default: 5e-4 for sgd, 0.01 for adamw]")
+@click.option("--warmup-steps", type=int, default=0, show_default=True,
+              help="Optimizer steps of linear learning-rate warm-up before the cosine decay.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True,
               help="Run directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
@@ -57,8 +67,8 @@ def train(model_py: Path | None, policy: str, bits: int | None, act_bits: int | 
           init_frac_bits: int | None, buff: int | None, lb_min: int | None, lb_max: int | None,
           res_min: int | None, res_max: int | None, gamma: float | None, l1: float | None, l2: float | None,
           no_grad_norm: bool, no_stochastic: bool, trim: bool, bits_budget: float | None,
-          epochs: int, lr: float, batch_size: int, seed: int, out: Path, force: bool, resume_dir: Path | None,
-          no_progress: bool) -> None:
+          epochs: int, lr: float, batch_size: int, seed: int, optimizer: str, weight_decay: float | None,
+          warmup_steps: int, out: Path, force: bool, resume_dir: Path | None, no_progress: bool) -> None:
     """Train MODEL_PY (a file defining model(), data(), example_inputs()) into a run directory."""
     from fxquant.errors import UsageError
     from fxquant.policies import policy_class
@@ -69,7 +79,12 @@ def train(model_py: Path | None, policy: str, bits: int | None, act_bits: int | 
             raise UsageError(f"{name}={value} must be at least 1")
     if not (lr > 0):
         raise UsageError(f"--lr={lr} must be positive")
-    options = TrainOptions(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=not no_progress)
+    if warmup_steps < 0:
+        raise UsageError(f"--warmup-steps={warmup_steps} must be at least 0")
+    if weight_decay is not None and not (weight_decay >= 0):
+        raise UsageError(f"--weight-decay={weight_decay} must be at least 0")
+    options = TrainOptions(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
+                           progress=not no_progress, optimizer=optimizer, warmup_steps=warmup_steps)
     if resume_dir is not None:
         results = run_training(Path(), resume_dir, options=options, resume=True)
         out = resume_dir

@@ -145,6 +145,9 @@ def test_model_file_with_syntax_error(tmp_path):
     (["--bits", "1"], "bits=1 is out of range"),
     (["--bits", "40"], "bits=40 is out of range"),
     (["--epochs", "0"], "--epochs=0"),
+    (["--optimizer", "adam"], "unknown optimizer 'adam'"),
+    (["--warmup-steps", "-1"], "--warmup-steps=-1"),
+    (["--optimizer", "adamw", "--policy", "cpt"], "precision range test"),
 ])
 def test_bad_options(tmp_path, args, fragment):
     proc = fxquant("train", str(DIGITS), "--out", str(tmp_path / "r"), *args)
@@ -162,3 +165,94 @@ def test_unwritable_output_directory(tmp_path):
 def test_debug_shows_traceback(tmp_path):
     proc = fxquant("--debug", "train", str(tmp_path / "nope.py"))
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+STOPPING_MODEL = """
+import os
+import signal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def model():
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def example_inputs():
+    return (torch.zeros(1, 4),)
+
+
+class StopAt:
+    # Sends this process SIGTERM while yielding batch $STOP_AT of an epoch, only once the trainer's
+    # handler is installed: the run checkpoints at that step boundary, deterministically.
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        stop = int(os.environ.get("STOP_AT", "-1"))
+        for i, batch in enumerate(self.loader):
+            if i == stop and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+
+def data(batch_size=8):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return StopAt(DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)), \\
+        DataLoader(TensorDataset(x, y), batch_size=batch_size)
+"""
+ADAMW = ["--policy", "static", "--bits", "8", "--epochs", "2", "--batch-size", "8", "--lr", "0.01",
+         "--optimizer", "adamw", "--warmup-steps", "3", "--no-progress", "--seed", "1"]
+
+
+def test_adamw_is_recorded_and_resumed_as_adamw(tmp_path):
+    import os
+    import shutil
+
+    import torch
+
+    from fxquant.trainer import lr_factor
+
+    model_py = tmp_path / "stop.py"
+    model_py.write_text(STOPPING_MODEL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fxquant.cli.main", "train", *args], capture_output=True,
+                              text=True, cwd=ROOT, env={**env, **extra}, timeout=600)
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert run(str(model_py), "--out", str(ref), *ADAMW).returncode == 0
+    stopped = run(str(model_py), "--out", str(out), *ADAMW, STOP_AT="5")
+    assert stopped.returncode == 130 and "--resume" in stopped.stderr, stopped.stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted"
+    assert {k: info["train"][k] for k in ("optimizer", "warmup_steps", "weight_decay", "lr")} == \
+        {"optimizer": "adamw", "warmup_steps": 3, "weight_decay": 0.01, "lr": 0.01}
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["optimizer_name"] == "adamw" and state["step"] == 6  # batch 5 of epoch 0 finished, then stopped
+    assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(state["optimizer"]["state"].values())))
+    assert state["scheduler"]["_last_lr"][0] == pytest.approx(0.01 * lr_factor(6, 16, 3))
+
+    mismatched = tmp_path / "mismatched"  # run.json edited to SGD: the AdamW checkpoint does not fit
+    shutil.copytree(out, mismatched)
+    edited = json.loads((mismatched / "run.json").read_text())
+    edited["train"]["optimizer"] = "sgd"
+    (mismatched / "run.json").write_text(json.dumps(edited))
+    assert_one_line_error(run("--resume", str(mismatched), "--no-progress"), "holds adamw state")
+
+    resumed = run("--resume", str(out), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "run.json").read_text())["train"]["optimizer"] == "adamw"
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (ref, out))
+    assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(b["optimizer"]["state"].values())))  # AdamW after resume
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key  # identical to the uninterrupted AdamW run
+    assert (ref / "precision_map.json").read_text() == (out / "precision_map.json").read_text()

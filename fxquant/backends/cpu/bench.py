@@ -10,9 +10,11 @@ For each batch size the engines are timed in turns (:func:`fxquant.bench.time_ru
 per engine: p50 / p90 latency in ms, throughput (inputs/s at p50), and the ratio to ORT FP32 at
 p50. **Every engine runs with the same thread count** ``threads`` (default: the host's cores):
 ORT ``intra_op_num_threads``, ``torch.set_num_threads`` and TVM's thread pool
-(``runtime.config_threadpool``). Every engine takes the same float32 numpy input and returns numpy
-(fxquant-TVM quantizes the input in its first kernel; the input is copied into a reused TVM
-tensor, the output read through DLPack); these copies are part of each call. Every figure is
+(``runtime.config_threadpool``). Every engine takes the same numpy inputs, one array per model
+input (float32, or int64 token ids: :func:`fxquant.bench.batch_inputs`), in the dtype it declares,
+and returns numpy (fxquant-TVM quantizes a float input in its first kernel and takes token ids as
+int32; each input is copied into a reused TVM tensor, the output read through DLPack); these
+copies are part of each call. Every figure is
 written with the CPU model and flags (:func:`fxquant.bench.machine`).
 """
 
@@ -20,13 +22,13 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fxquant.bench import (Engine, baseline_engine, machine, onnx_engine, time_engines, time_runners,
+from fxquant.bench import (Engine, as_inputs, baseline_engine, machine, onnx_engine, time_engines, time_runners,
                            verified_artifact_dir, write_bench)
 
 REFERENCE = "ORT FP32"
@@ -34,10 +36,22 @@ TVM_AFFINITY_BIG = 1
 """``runtime.config_threadpool`` mode: workers on the (big) cores."""
 
 
-def tvm_runner(model: Any, x: np.ndarray) -> Callable[[], Any]:
-    """One call of a loaded CPU module on ``x`` (staged once in the input's dtype: float32, or int32 for
-    token ids, which must be integral; output read through DLPack)."""
-    return lambda: np.from_dlpack(model.run_tvm(model.staged(0, x)))
+def tvm_runner(model: Any, x: np.ndarray | Sequence[np.ndarray]) -> Callable[[], Any]:
+    """One call of a loaded CPU module on its inputs ``x`` (one array, or one per module input: each
+    staged in the dtype the module's entry declares, float32, or int32 for token ids, which must be
+    integral; outputs read through DLPack)."""
+    xs = as_inputs(x)
+    if model.input_dtypes and len(xs) != len(model.input_dtypes):
+        from fxquant.errors import ExportError
+
+        raise ExportError(f"the CPU module takes {len(model.input_dtypes)} inputs, bench has {len(xs)}",
+                          "run `fxquant export --target cpu` again")
+
+    def run() -> Any:
+        out = model.run_tvm(*[model.staged(i, xi) for i, xi in enumerate(xs)])
+        return np.from_dlpack(out) if hasattr(out, "numpy") else [np.from_dlpack(o) for o in out]
+
+    return run
 
 
 def set_tvm_threads(threads: int) -> int:
@@ -72,12 +86,14 @@ def torch_engine(dep: Any, threads: int) -> Engine:
     float_model.eval()
     torch.set_num_threads(threads)
 
-    def make(x: np.ndarray) -> Callable[[], Any]:
-        xt = torch.from_numpy(np.asarray(x, np.float32))
+    def make(x: np.ndarray | Sequence[np.ndarray]) -> Callable[[], Any]:
+        # float inputs as float32, integer ones (token ids) as int64, as the model was trained on them
+        xts = [torch.from_numpy(np.ascontiguousarray(xi, np.int64 if np.issubdtype(xi.dtype, np.integer)
+                                                     else np.float32)) for xi in as_inputs(x)]
 
         def run() -> Any:
             with torch.inference_mode():
-                return float_model(xt)
+                return float_model(*xts)
 
         return run
 
