@@ -95,7 +95,7 @@ _FUNCTION_KINDS: dict[Any, str] = {
     F.avg_pool2d: "avgpool2d", _aten.avg_pool2d.default: "avgpool2d",
     F.adaptive_avg_pool2d: "avgpool2d", _aten.adaptive_avg_pool2d.default: "avgpool2d",
     F.dropout: "identity", _aten.dropout.default: "identity", _aten.clone.default: "identity",
-    _aten.alias.default: "identity", _aten.detach.default: "identity",
+    _aten.alias.default: "identity", _aten.detach.default: "identity", _aten.contiguous.default: "identity",
     _aten._native_batch_norm_legit_no_training.default: "batchnorm",
     _aten.batch_norm.default: "batchnorm",
     F.embedding: "embedding", _aten.embedding.default: "embedding",
