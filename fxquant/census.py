@@ -46,7 +46,7 @@ from torch import fx, nn
 
 from fxquant.errors import ModelFileError
 from fxquant.passes.eval_probe import eval_probe
-from fxquant.passes.op_kinds import LAYER_META, module_kind, module_path, node_kind
+from fxquant.passes.op_kinds import LAYER_META, module_kind, module_path, node_kind, scaled_parameter
 from fxquant.quantizers import WEIGHT, BiasQuantizer, FixedPointQuantizer
 
 QUANTIZED_COMPUTE_KINDS = frozenset({"conv2d", "linear", "matmul", "conv_transpose2d"})
@@ -139,10 +139,11 @@ _TRANSPOSES = frozenset({torch.ops.aten.t.default, torch.t, torch.ops.aten.permu
 
 
 def _is_transposed_parameter(node: fx.Node) -> bool:
-    """``aten.t(W)`` of a parameter: how a Hugging Face ``Conv1D`` weight (stored ``(in, out)``)
-    reaches its linear's weight quantizer; its parameter belongs to that linear."""
-    return node.op == "call_function" and node.target in _TRANSPOSES and bool(node.args) and \
-        isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
+    """``aten.t(W)`` of a parameter (how a Hugging Face ``Conv1D`` weight, stored ``(in, out)``,
+    reaches its linear's weight quantizer) or ``scaled_parameter(W, s)`` (a folded attention scale):
+    its parameter belongs to the linear that reads it."""
+    return node.op == "call_function" and (node.target in _TRANSPOSES or node.target is scaled_parameter) and \
+        bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
 
 
 def _quantized_layer(gm: fx.GraphModule, node: fx.Node) -> str | None:

@@ -539,8 +539,17 @@ def table_kind(node: fx.Node) -> str | None:
     return _METHOD_KINDS.get(str(node.target)) if node.op == "call_method" else None
 
 
+def scaled_parameter(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``w * scale``: a parameter with a folded constant scale
+    (:func:`fxquant.passes.insert_quantizers.fold_constant_scales`), a graph node of its own (no op
+    kind: parameter arithmetic in front of the weight quantizer, evaluated by the lowering)."""
+    return w * scale
+
+
 def _is_parameter(node: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "get_attr"
+    """A ``get_attr`` parameter, or :func:`scaled_parameter` of one."""
+    return isinstance(node, fx.Node) and (node.op == "get_attr" or (
+        node.op == "call_function" and node.target is scaled_parameter and _is_parameter(node.args[0])))
 
 
 def _is_transposed_parameter(node: Any) -> bool:

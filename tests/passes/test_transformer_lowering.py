@@ -23,6 +23,7 @@ from fxquant.fixed_point import (LAYERNORM_FRAC_BITS, SOFTMAX_EXP_BITS, SOFTMAX_
                                  fit_frac_bits, quantize_int)
 from fxquant.ops.fake_quant import FixedPointLayerNorm, FixedPointSoftmax
 from fxquant.passes import InsertQuantizers, capture, lower_to_integer_graph
+from fxquant.passes.op_kinds import scaled_parameter
 from fxquant.policies import make_policy
 from fxquant.precision_map import PrecisionMap
 from fxquant.quantizers import ACT, WEIGHT, quantizers
@@ -203,11 +204,42 @@ def test_capture_and_scale_folding_keep_the_float_model(qkv):
     with torch.no_grad():
         torch.testing.assert_close(gm(ids), model(ids), rtol=1e-5, atol=1e-6)
     assert torch.equal(model.get_parameter(f"{name}.weight"), weight)  # the user's module is not changed
+    # the parameters stay the user's (same training dynamics); the linear reads them scaled
+    assert torch.equal(gm.get_parameter(f"{name}.weight"), weight) and torch.equal(gm.get_parameter(f"{name}.bias"), bias)
     scale = torch.ones(weight.shape[0], dtype=weight.dtype)
     scale[:DIM] = 1 / math.sqrt(8)  # q's rows only (all of them for a separate q)
-    torch.testing.assert_close(gm.get_parameter(f"{name}.weight"), weight * scale[:, None])
-    torch.testing.assert_close(gm.get_parameter(f"{name}.bias"), bias * scale)
+    scaled = {str(n.args[0].target): n for n in gm.graph.nodes if n.target is scaled_parameter}
+    assert set(scaled) == {f"{name}.weight", f"{name}.bias"}
+    for key, expected in ((f"{name}.weight", weight * scale[:, None]), (f"{name}.bias", bias * scale)):
+        s = gm.get_buffer(str(scaled[key].args[1].target))
+        torch.testing.assert_close(scaled_parameter(gm.get_parameter(key), s), expected)
     assert not any(n.target is torch.ops.aten.mul.Tensor or n.target in ("mul", "div") for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("qkv", ["separate", "split"])
+def test_folded_scale_trains_like_the_eager_model(qkv):
+    """Folding 1/sqrt(d) into the parameter itself would multiply those rows' effective learning rate
+    by d (a ViT with heads of 32 diverged under SGD): the captured, quantizer-free graph must take
+    the eager model's optimizer steps."""
+    import copy
+
+    torch.manual_seed(3)
+    model = Encoder(heads=1, qkv=qkv)
+    gm = _quantized(copy.deepcopy(model))
+    losses = []
+    for m in (model, gm):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        m.train()
+        out = []
+        for seed in range(5):
+            ids, y = _data(16, seed)
+            loss = F.cross_entropy(m(ids), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        losses.append(out)
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
 
 
 def test_unfoldable_scale_is_named_with_its_source_line():
