@@ -11,7 +11,12 @@ quantizer of a lookup table (``lut``) gets ``fxquant.ops.fake_quant.DEFAULT_LUT_
 so its table has at most 256 entries whatever the policy's width.
 
 ``role`` is ``"weight"`` (a Conv/Linear weight) or ``"act"`` (a value entering quantized ops;
-the output precision of its producer layer). The backward pass of either quantizes the gradient
+the output precision of its producer layer). In training an activation quantizer never saturates
+a batch whose range outgrew the FL its policy set from earlier batches: it lowers ``frac_bits`` to
+fit that batch first (and the policy's moving maximum then includes it). Without this, a range
+that grows quickly (attention scores early in training) is clipped, and the straight-through
+gradient of every clipped entry is zero: a ViT's scores saturated at step 3 and training diverged.
+In evaluation the format is what the policy or precision map set, as deployed. The backward pass of either quantizes the gradient
 flowing through it to ``grad_bits`` (32 = off) with a dynamic FL.
 
 :class:`BiasQuantizer` puts a bias on the accumulator grid ``FL_w + FL_in`` as int32.
@@ -23,7 +28,7 @@ import torch
 from torch import nn
 
 import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
-from fxquant.fixed_point import BIAS_BITS, OFF_BITS, FixedPoint, check_bits, check_frac_bits
+from fxquant.fixed_point import BIAS_BITS, FRAC_BITS_LIMIT, OFF_BITS, FixedPoint, check_bits, check_frac_bits
 
 WEIGHT, ACT = "weight", "act"
 
@@ -31,6 +36,22 @@ WEIGHT, ACT = "weight", "act"
 def kernel_bits(bits: torch.Tensor) -> torch.Tensor:
     """A spec width (``32`` = off) as the fused op's width (``0`` = off)."""
     return torch.where(bits >= OFF_BITS, torch.zeros_like(bits), bits)
+
+
+def widen_frac_bits_(frac_bits: torch.Tensor, bits: torch.Tensor, x: torch.Tensor) -> None:
+    """Lower ``frac_bits`` in place (no host sync) so that ``max|x|`` fits ``<bits, frac_bits>``:
+    ``min(FL, fit_frac_bits(max|x|, BW))`` (:func:`fxquant.fixed_point.fit_frac_bits`); unchanged for
+    an off format, an empty or all-zero ``x`` or a non-finite range. Training only (module docstring):
+    quantizers call it on their input, the integer fake-quant ops (softmax, LayerNorm, tables, which
+    compute at their output quantizer's format) on their float output."""
+    if x.numel() == 0:
+        return
+    with torch.no_grad():
+        amax = x.detach().abs().amax().float()
+        _, exponent = torch.frexp(amax)  # amax = m 2^e, 0.5 <= m < 1: fit = BW - 2 - (e - 1)
+        fit = (bits - 1 - exponent).clamp(-FRAC_BITS_LIMIT, FRAC_BITS_LIMIT).to(frac_bits.dtype)
+        use = (amax > 0) & torch.isfinite(amax) & (bits < OFF_BITS)
+        frac_bits.copy_(torch.where(use, torch.minimum(frac_bits, fit), frac_bits))
 
 
 class FixedPointQuantizer(nn.Module):
@@ -74,6 +95,8 @@ class FixedPointQuantizer(nn.Module):
         if self.training:  # a fresh stochastic-rounding stream per step (before the op saves it)
             with torch.no_grad():
                 self.seed.add_(1)
+                if self.role == ACT:
+                    self._widen_to(x)
             stochastic = self.stochastic
         else:  # evaluation and deployment always round to nearest
             stochastic = torch.zeros_like(self.stochastic)
@@ -82,6 +105,9 @@ class FixedPointQuantizer(nn.Module):
         with torch.no_grad():
             self.amax.copy_(amax)
         return y
+
+    def _widen_to(self, x: torch.Tensor) -> None:
+        widen_frac_bits_(self.frac_bits, self.bits, x.clamp_min(0) if self.relu else x)
 
     def extra_repr(self) -> str:
         relu = ", relu" if self.relu else ""

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxquant.fixed_point import MAX_LUT_BITS, OFF_BITS, FixedPoint, reciprocal
+from fxquant.quantizers import widen_frac_bits_
 
 TORCH_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "sigmoid": lambda x: torch.sigmoid(x),
@@ -112,6 +113,8 @@ class ElementwiseTable(nn.Module):
         if bi >= OFF_BITS or bo >= OFF_BITS or bi > MAX_LUT_BITS or per_channel:
             return self._torch_fn(x, *weights)
         name, params = self.table_function(weights[0] if weights else None)
+        if self.training:  # the output format fits this batch's function values (fxquant.quantizers)
+            widen_frac_bits_(out_frac_bits, out_bits, self._torch_fn(x.detach(), *weights))
         fi, fo = int(in_frac_bits), int(out_frac_bits)
         key = (bi, fi, bo, fo, tuple(sorted(params.items())))
         table = self._tables.get(key)
@@ -300,6 +303,8 @@ class FixedPointSoftmax(nn.Module):
         from fxquant.integer_graph import Op, Value
         from fxquant.integer_ops_transformer import EXECUTORS
 
+        if self.training:  # the output format fits this batch's probabilities (fxquant.quantizers)
+            widen_frac_bits_(out_frac_bits, out_bits, fn(x.detach()))
         fi, fo = int(in_frac_bits), int(out_frac_bits)
         k = _integers(x, fi)
         in_fmt, out_fmt = FixedPoint(bi, fi), FixedPoint(bo, fo)
@@ -347,6 +352,8 @@ class FixedPointLayerNorm(nn.Module):
         from fxquant.integer_graph import Op, Value
         from fxquant.integer_ops_transformer import EXECUTORS
 
+        if self.training:  # the output format fits this batch's normalized values (fxquant.quantizers)
+            widen_frac_bits_(out_frac_bits, out_bits, fn(x.detach(), weight, bias))
         fi, fo, fw = int(in_frac_bits), int(out_frac_bits), int(w_frac_bits)
         n = x.shape[-1]
         in_fmt, out_fmt = FixedPoint(bi, fi), FixedPoint(bo, fo)
