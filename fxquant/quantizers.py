@@ -24,8 +24,12 @@ flowing through it to ``grad_bits`` (32 = off) with a dynamic FL.
 
 from __future__ import annotations
 
+import operator
+from functools import partial
+from typing import Any, Callable
+
 import torch
-from torch import nn
+from torch import fx, nn
 
 import fxquant.ops  # noqa: F401  (registers torch.ops.fxquant.*)
 from fxquant.fixed_point import BIAS_BITS, FRAC_BITS_LIMIT, OFF_BITS, FixedPoint, check_bits, check_frac_bits
@@ -138,6 +142,46 @@ class BiasQuantizer(nn.Module):
         y, _ = torch.ops.fxquant.quantize(bias, bits, weight_frac_bits + in_frac_bits, self.grad_bits,
                                           self.stochastic, self.seed)
         return y
+
+
+def weight_inputs(model: nn.Module) -> dict[str, tuple[str, Callable[[], torch.Tensor]]]:
+    """Per layer with a weight quantizer: the parameter it reads and a function giving the tensor the
+    quantizer sees now. In a graph the weight can be parameter arithmetic (``aten.t(W)`` of a
+    Hugging Face ``Conv1D``, ``scaled_parameter(W, s)`` of a folded attention scale, a packed
+    ``in_proj_weight``): the parameter is the ``get_attr`` it starts from, the function evaluates the
+    arithmetic on its current value. Outside a graph: ``{layer}.weight`` itself."""
+    params = dict(model.named_parameters())
+    out: dict[str, tuple[str, Callable[[], torch.Tensor]]] = {}
+    graph = getattr(model, "graph", None)
+    if isinstance(graph, fx.Graph):
+        for node in graph.nodes:
+            q = model.get_submodule(str(node.target)) if node.op == "call_module" else None
+            if isinstance(q, FixedPointQuantizer) and q.role == WEIGHT and isinstance(node.args[0], fx.Node):
+                src = node.args[0]
+                start = src
+                while start.op != "get_attr" and start.args and isinstance(start.args[0], fx.Node):
+                    start = start.args[0]
+                if start.op == "get_attr" and str(start.target) in params:
+                    out.setdefault(q.layer, (str(start.target), partial(_evaluate, model, src)))
+    for (layer, role) in quantizers(model):
+        if role == WEIGHT and layer not in out and f"{layer}.weight" in params:
+            out[layer] = (f"{layer}.weight", partial(params.__getitem__, f"{layer}.weight"))
+    return out
+
+
+def _evaluate(model: nn.Module, node: Any) -> Any:
+    """A graph expression on parameters and buffers only (the weight of :func:`weight_inputs`)."""
+    if not isinstance(node, fx.Node):
+        return fx.node.map_arg(node, partial(_evaluate, model)) if isinstance(node, (list, tuple)) else node
+    if node.op == "get_attr":
+        return operator.attrgetter(str(node.target))(model)
+    args = [_evaluate(model, a) for a in node.args]
+    kwargs = {k: _evaluate(model, v) for k, v in node.kwargs.items()}
+    if node.op == "call_method":
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    return model.get_submodule(str(node.target))(*args, **kwargs)
 
 
 def quantizers(model: nn.Module) -> dict[tuple[str, str], FixedPointQuantizer]:

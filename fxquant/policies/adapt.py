@@ -81,7 +81,7 @@ from fxquant.errors import UsageError
 from fxquant.fixed_point import MAX_BITS, MIN_BITS, OFF_BITS, FixedPoint, check_bits, check_frac_bits, fit_frac_bits
 from fxquant.policies.base import Policy, set_bits
 from fxquant.policies.kl import fewest_bits, push_down
-from fxquant.quantizers import ACT, WEIGHT, FixedPointQuantizer, quantizers
+from fxquant.quantizers import ACT, WEIGHT, FixedPointQuantizer, quantizers, weight_inputs
 
 STRATEGIES = ("min", "mean", "max")
 WORD_CAP = 32  # the paper's cap, before fxquant's 16-bit limit
@@ -168,6 +168,7 @@ class AdaPTPolicy(Policy):
         self.losses: list[float] = []
         self.layers: dict[str, dict[str, Any]] = {}
         self._weights: dict[str, nn.Parameter] = {}
+        self._weight_values: dict[str, Any] = {}
         self._quantizers: dict[tuple[str, str], FixedPointQuantizer] = {}
 
     @property
@@ -181,7 +182,13 @@ class AdaPTPolicy(Policy):
             return
         self._quantizers = quantizers(model)
         params = dict(model.named_parameters())
-        self._weights = {layer: params[f"{layer}.weight"] for (layer, role) in self._quantizers if role == WEIGHT}
+        sources = weight_inputs(model)  # the parameter each weight quantizer reads (through t(W), W * s, ...)
+        missing = [layer for (layer, role) in self._quantizers if role == WEIGHT and layer not in sources]
+        if missing:
+            raise UsageError(f"adapt: no parameter found behind the weight quantizer of {', '.join(missing)}",
+                             "AdaPT adapts parameters read by a weight quantizer; report this model")
+        self._weights = {layer: params[sources[layer][0]] for (layer, role) in self._quantizers if role == WEIGHT}
+        self._weight_values = {layer: sources[layer][1] for layer in self._weights}
 
     def _set_weight_format(self, layer: str, fmt: FixedPoint) -> None:
         q = self._quantizers[(layer, WEIGHT)]
@@ -290,7 +297,7 @@ class AdaPTPolicy(Policy):
             st["res"] = min(max(st["res"] + 1, self.res_min), self.res_max)
         elif st["lb"] <= self.lb_min:
             st["res"] = min(max(st["res"] - 1, self.res_min), self.res_max)
-        w = self._weights[layer].detach().cpu().numpy().astype(np.float64).ravel()
+        w = self._weight_values[layer]().detach().cpu().numpy().astype(np.float64).ravel()  # as quantized
         fmt_min = push_down(w, st["res"])
         bits, frac_bits = push_up(fmt_min, diversity, self.strategy, self.buff)
         amax = float(np.max(np.abs(w)))
@@ -337,7 +344,7 @@ class AdaPTPolicy(Policy):
         self.losses = [float(x) for x in state["losses"]]
         self.layers = {layer: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
                        for layer, st in state["layers"].items()}
-        self._quantizers, self._weights = {}, {}
+        self._quantizers, self._weights, self._weight_values = {}, {}, {}
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name, "init": str(self.init_fmt), "buff": self.buff,

@@ -161,3 +161,62 @@ def test_budget_is_enforced_on_the_deployed_model(tiny, batch) -> None:
     policy.on_train_end(tiny)
     assert mean_bits(tiny, WEIGHT) <= 4.5
     assert all(q.fmt.bits <= 4 for (_, role), q in quantizers(tiny).items() if role == WEIGHT)
+
+
+class _Attention(torch.nn.Module):
+    """nn.MultiheadAttention (one packed in_proj_weight; head dim 6: 1/sqrt(6) folded into q's rows)
+    and a Hugging Face Conv1D-style addmm (weight stored (in, out)) into a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(12, 2, batch_first=True)
+        self.w = torch.nn.Parameter(torch.randn(12, 12) * 0.1)
+        self.b = torch.nn.Parameter(torch.zeros(12))
+        self.fc = torch.nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, _ = self.attn(x, x, x, need_weights=False)
+        h = torch.addmm(self.b, a.reshape(-1, 12), self.w).reshape(a.shape)
+        return self.fc(h[:, 0])
+
+
+def test_adapt_finds_the_parameter_behind_each_weight_quantizer() -> None:
+    """The layer name is not always ``<param owner>.weight`` (a packed in_proj_weight, a transposed
+    Conv1D weight, a folded scale): AdaPT binds the parameter the quantizer reads, and measures the
+    tensor the quantizer sees."""
+    from fxquant.passes import InsertQuantizers, capture
+    from fxquant.quantizers import weight_inputs
+
+    torch.manual_seed(0)
+    gm = capture(_Attention(), (torch.randn(2, 5, 12),))
+    InsertQuantizers()(gm)
+    x = torch.randn(8, 5, 12)
+    sources = weight_inputs(gm)
+    params = dict(gm.named_parameters())
+    names = {layer: name for layer, (name, _) in sources.items()}
+    assert set(names.values()) == {"attn.in_proj_weight", "attn.out_proj.weight", "w", "fc.weight"}
+    seen = {}
+    hooks = [q.register_forward_hook(lambda m, i, o, k=k: seen.setdefault(k, i[0].detach().clone()))
+             for (k, role), q in quantizers(gm).items() if role == WEIGHT]
+    gm(x)
+    for h in hooks:
+        h.remove()
+    for layer, (name, value) in sources.items():
+        assert torch.equal(value(), seen[layer]), layer  # what the weight quantizer reads
+    in_proj = next(layer for layer, n in names.items() if n == "attn.in_proj_weight")
+    scale = torch.ones(36, 1)
+    scale[:12] = 1 / math.sqrt(6)
+    torch.testing.assert_close(sources[in_proj][1](), params["attn.in_proj_weight"] * scale)
+    policy = AdaPTPolicy(lb_min=2, lb_max=4)
+    policy.plan(4)
+    gm.train()
+    policy.on_train_begin(gm, x)
+    opt = torch.optim.SGD(gm.parameters(), lr=0.05)
+    for step in range(4):
+        policy.on_batch_begin(step, gm)
+        torch.nn.functional.cross_entropy(gm(x), torch.arange(8) % 3).backward()
+        policy.before_step(gm)
+        opt.step()
+        opt.zero_grad()
+        policy.on_batch_end(step, 1.0, gm)
+    assert set(policy.layers) == set(names)
