@@ -4,10 +4,9 @@ Each model file (``examples/{vit,bert,gpt2}_digits.py``) is trained in FP32 on i
 its :data:`TRAIN` defaults (epochs, learning rate, batch size) and **fxquant's recipe** — the same
 optimizer and schedule as ``fxquant train`` (:func:`fxquant.trainer.make_optimizer`: SGD momentum
 0.9 Nesterov, weight decay 5e-4, cosine over all steps; cross-entropy; seed 0) — so a quantized
-run compares against the FP32 model the CLI would train. A model whose ``TRAIN["optimizer"]`` is
-``"adamw"`` (BERT: post-LayerNorm, it does not leave chance level under SGD, measured) is trained
-with AdamW (weight decay 0.01) on the same cosine schedule instead: ``fxquant train`` has no
-AdamW yet, so its BERT figure is not reachable from the CLI until the trainer gets one. Reported per model: validation accuracy
+run compares against the FP32 model the CLI would train. A model whose ``TRAIN`` names an ``"optimizer"`` (BERT: ``"adamw"``; post-LayerNorm, it does not
+leave chance level under SGD, measured) or ``"warmup_steps"`` gets them, through the same
+``make_optimizer`` (``fxquant train --optimizer adamw --warmup-steps N`` reproduces it). Reported per model: validation accuracy
 (top-1, %, eval mode, :func:`fxquant.trainer.evaluate`) after the last epoch, the best epoch's, and
 the training seconds (wall time of the loop, evaluation excluded). Usage::
 
@@ -46,18 +45,15 @@ def train_fp32(path: Path, epochs: int | None, lr: float | None, batch_size: int
                optimizer_name: str | None = None, seed: int = 0, verbose: bool = False) -> dict:
     mf = load_model_file(path)
     defaults = mf.module.TRAIN
+    optimizer_name = optimizer_name or defaults.get("optimizer", "sgd")
     opts = TrainOptions(epochs=epochs or defaults["epochs"], lr=lr or defaults["lr"],
-                        batch_size=batch_size or defaults["batch_size"], seed=seed)
+                        batch_size=batch_size or defaults["batch_size"], seed=seed, optimizer=optimizer_name,
+                        warmup_steps=defaults.get("warmup_steps", 0))
     seed_everything(opts.seed)
     net = mf.model()
     train_loader, val_loader = mf.data(opts.batch_size)
     total = len(train_loader) * opts.epochs
-    optimizer, scheduler = make_optimizer(net, opts, total)
-    optimizer_name = optimizer_name or defaults.get("optimizer", "sgd")
-    if optimizer_name == "adamw":  # not in fxquant train (SGD only): same cosine schedule, AdamW's usual decay
-        optimizer = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=0.01)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    optimizer, scheduler = make_optimizer(net, opts, total)  # exactly fxquant train's optimizer and schedule
     seconds, history = 0.0, []
     for epoch in range(opts.epochs):
         net.train()
@@ -76,7 +72,8 @@ def train_fp32(path: Path, epochs: int | None, lr: float | None, batch_size: int
             print(f"  {path.stem} epoch {epoch + 1}/{opts.epochs}: loss {loss.item():.4f} "
                   f"val {history[-1]:.2f}% ({seconds:.1f} s)", flush=True)
     return {"model_file": str(path.relative_to(ROOT)), "epochs": opts.epochs, "lr": opts.lr,
-            "batch_size": opts.batch_size, "optimizer": optimizer_name, "val_acc": history[-1], "best_val_acc": max(history),
+            "batch_size": opts.batch_size, "optimizer": optimizer_name,
+            "warmup_steps": opts.warmup_steps, "val_acc": history[-1], "best_val_acc": max(history),
             "train_seconds": round(seconds, 1), "params": sum(p.numel() for p in net.parameters())}
 
 

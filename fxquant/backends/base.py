@@ -31,7 +31,10 @@ The report schema (``report.json``, :data:`REPORT_SCHEMA`), the same for every t
 
     <comparison> = {"ran": "…", "n": 64, "mismatches": 0, "mismatched_elements": 0,
                     "first_mismatch": null | {"output", "sample", "index", "expected", "got"},
-                    "bit_exact": true}
+                    "bit_exact": true,
+                    "accuracy": {"top1": 96.11, "n": 360}}   # optional: a classifier exported with
+                                                             # labels (the CLI passes the validation
+                                                             # labels); computed from that side's outputs
 """
 
 from __future__ import annotations
@@ -202,17 +205,39 @@ def fake_quant_outputs(model: Any, graph: IntegerGraph, inputs: Sequence[np.ndar
     return outs
 
 
-def check_reference(model: Any, graph: IntegerGraph, inputs: Sequence[np.ndarray]) -> dict[str, Any]:
-    """Comparison record: :meth:`IntegerGraph.run` against the trained fake-quant ``model``."""
+def top1_accuracy(outputs: Sequence[np.ndarray], labels: np.ndarray | None) -> dict[str, Any] | None:
+    """``{"top1": %, "n": N}`` of the first output's argmax over its last axis against ``labels``
+    (a classifier's ``(N, C)`` logits, as integers or floats: the argmax is the same), or ``None``
+    without labels or with an output that is not ``(N, C)``."""
+    if labels is None or not outputs:
+        return None
+    y = np.asarray(outputs[0])
+    labels = np.asarray(labels).reshape(-1)
+    if y.ndim != 2 or y.shape[0] != labels.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+        return None
+    return {"top1": round(100.0 * float((y.argmax(axis=1) == labels).mean()), 4), "n": int(labels.shape[0])}
+
+
+def check_reference(model: Any, graph: IntegerGraph, inputs: Sequence[np.ndarray],
+                    labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Comparison record: :meth:`IntegerGraph.run` against the trained fake-quant ``model`` (with
+    ``labels``: also the fake-quant model's own top-1 accuracy, ``accuracy``)."""
     ref = graph.run(*graph.quantize_inputs(*inputs))
-    return compare(ref, fake_quant_outputs(model, graph, inputs), graph.outputs,
-                   "trained fake-quant model (torch, float64) vs IntegerGraph.run")
+    fake = fake_quant_outputs(model, graph, inputs)
+    record = compare(ref, fake, graph.outputs, "trained fake-quant model (torch, float64) vs IntegerGraph.run")
+    accuracy = top1_accuracy(fake, labels)
+    return {**record, "accuracy": accuracy} if accuracy is not None else record
 
 
-def verify(target: Target, out_dir: Path, graph: IntegerGraph, int_inputs: Sequence[np.ndarray]) -> dict[str, Any]:
-    """Comparison record: the built artifact in ``out_dir`` against :meth:`IntegerGraph.run`."""
+def verify(target: Target, out_dir: Path, graph: IntegerGraph, int_inputs: Sequence[np.ndarray],
+           labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Comparison record: the built artifact in ``out_dir`` against :meth:`IntegerGraph.run` (with
+    ``labels``: also the top-1 accuracy of the artifact's own outputs, ``accuracy``)."""
     ref = graph.run(*int_inputs)
-    return compare(ref, target.run(out_dir, int_inputs), graph.outputs, target.ran)
+    got = target.run(out_dir, int_inputs)
+    record = compare(ref, got, graph.outputs, target.ran)
+    accuracy = top1_accuracy(got, labels)
+    return {**record, "accuracy": accuracy} if accuracy is not None else record
 
 
 def _mismatch_error(what: str, record: dict[str, Any], hint: str) -> ExportError:
@@ -233,13 +258,15 @@ def refuse(target: Target, problems: list[Problem]) -> UnsupportedOpError:
 
 # ------------------------------------------------------------------------------------------ export
 def export(target: Target, graph: IntegerGraph, out_dir: Path, inputs: Sequence[np.ndarray], *,
-           model: Any = None, **options: Any) -> dict[str, Any]:
+           model: Any = None, labels: np.ndarray | None = None, **options: Any) -> dict[str, Any]:
     """Check, build, verify and place ``graph``'s artifact for ``target`` at ``out_dir``.
 
     ``inputs`` are model inputs (float, or integer ids), one array per graph input, batch first;
     they are quantized with :meth:`IntegerGraph.quantize_inputs` for the target. With ``model``
     (the deployed fake-quant ``GraphModule``), the reference is first checked against it. Returns
-    the report (also written as ``out_dir/report.json``). Raises :class:`UnsupportedOpError` for
+    the report (also written as ``out_dir/report.json``). With ``labels`` (a classifier's), the
+    records carry the top-1 accuracy of the artifact's outputs and of the fake-quant model on the
+    same samples: the deployed accuracy, measured on the artifact. Raises :class:`UnsupportedOpError` for
     a failed check and :class:`ExportError` for any mismatch; then ``out_dir`` is left as it was.
     """
     opts = target.options(**options)
@@ -248,7 +275,7 @@ def export(target: Target, graph: IntegerGraph, out_dir: Path, inputs: Sequence[
         raise refuse(target, problems)
     reference = None
     if model is not None:
-        reference = check_reference(model, graph, inputs)
+        reference = check_reference(model, graph, inputs, labels)
         if not reference["bit_exact"]:
             raise _mismatch_error("the integer graph does not compute what the trained model computes",
                                   reference, "an op was lowered with the wrong semantics: report this as a "
@@ -263,7 +290,7 @@ def export(target: Target, graph: IntegerGraph, out_dir: Path, inputs: Sequence[
         start = time.perf_counter()
         artifact = target.build(graph, tmp, **opts)
         artifact = {**artifact, "build_seconds": round(time.perf_counter() - start, 3)}
-        verification = verify(target, tmp, graph, graph.quantize_inputs(*inputs))
+        verification = verify(target, tmp, graph, graph.quantize_inputs(*inputs), labels)
         if not verification["bit_exact"]:
             raise _mismatch_error(f"target {target.name!r} output differs from the integer reference",
                                   verification, "report this as a backend bug with the run directory")

@@ -100,8 +100,8 @@ def export(run_dir: Path, target: str | None, flavour: str | None, n_verify: int
     from fxquant.deployment import load_deployment
 
     dep = load_deployment(run_dir, model)
-    x, _ = dep.held_out(n_verify)
-    report = export_target(tgt, dep.graph, dep.run.path / tgt.name, [x], model=dep.model, **opts)
+    x, y = dep.held_out(n_verify)
+    report = export_target(tgt, dep.graph, dep.run.path / tgt.name, [x], model=dep.model, labels=y, **opts)
     click.echo(summary(report, dep.run.path / tgt.name))
 
 
@@ -126,8 +126,13 @@ def summary(report: dict[str, Any], out_dir: Path) -> str:
     checked = ("not run" if ref is None else
                f"{'bit-exact' if ref['bit_exact'] else 'MISMATCH'} on {ref['n']} samples "
                f"({ref['mismatches']} mismatches)")
-    return (f"export {report['target']}: {out_dir}, bit_exact={report['bit_exact']}, n={v['n']}, "
+    line = (f"export {report['target']}: {out_dir}, bit_exact={report['bit_exact']}, n={v['n']}, "
             f"mismatches={v['mismatches']}, reference check vs trained model: {checked}")
+    if v.get("accuracy"):
+        fake = (ref or {}).get("accuracy")
+        line += (f"; deployed top-1 {v['accuracy']['top1']:.2f}% on {v['accuracy']['n']} validation samples"
+                 + (f" (fake-quant model {fake['top1']:.2f}%)" if fake else ""))
+    return line
 
 
 @click.command("fpga-sim")

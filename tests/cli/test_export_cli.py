@@ -16,11 +16,25 @@ from tests.cli.test_train_cli import DIGITS, assert_one_line_error, fxquant, tra
 def test_export_onnx_verified(trained_run):  # noqa: F811
     proc = fxquant("export", "--target", "onnx", str(trained_run), "--verify", "200")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == (f"export onnx-qdq: {trained_run / 'onnx-qdq'}, bit_exact=True, n=200, mismatches=0, "
-                                   "reference check vs trained model: bit-exact on 200 samples (0 mismatches)")
+    head, _, tail = proc.stdout.strip().partition("; ")
+    assert head == (f"export onnx-qdq: {trained_run / 'onnx-qdq'}, bit_exact=True, n=200, mismatches=0, "
+                    "reference check vs trained model: bit-exact on 200 samples (0 mismatches)")
     model = onnx.load(trained_run / "onnx-qdq" / "model.onnx")
     onnx.checker.check_model(model, full_check=True)
     report = json.loads((trained_run / "onnx-qdq" / "report.json").read_text())
+    # deployed accuracy, from onnxruntime's outputs on the model file, against the validation labels
+    import onnxruntime as ort
+
+    from fxquant.deployment import held_out
+    from fxquant.model_file import load_model_file
+
+    x, y = held_out(load_model_file(DIGITS), 200)
+    sess = ort.InferenceSession(str(trained_run / "onnx-qdq" / "model.onnx"))
+    top1 = 100.0 * float((sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1) == y).mean())
+    assert report["verification"]["accuracy"] == {"top1": round(top1, 4), "n": 200}
+    assert tail == (f"deployed top-1 {top1:.2f}% on 200 validation samples "
+                    f"(fake-quant model {report['reference_check']['accuracy']['top1']:.2f}%)")
+    assert report["reference_check"]["accuracy"]["top1"] == report["verification"]["accuracy"]["top1"]  # bit-exact
     assert report["target"] == "onnx-qdq" and report["bit_exact"] is True
     assert report["reference_check"]["n"] == 200 and report["reference_check"]["mismatched_elements"] == 0
     assert report["verification"]["n"] == 200 and report["verification"]["mismatched_elements"] == 0
@@ -182,7 +196,8 @@ def test_every_registry_name_is_a_target(name, run_copy, capsys, monkeypatch):
     assert set(TARGETS) | set(ALIASES) == {"onnx-qdq", "qonnx", "cpu", "cuda", "fpga", "onnx"}
     calls = []
 
-    def fake_export(target, graph, out_dir, inputs, *, model=None, **options):
+    def fake_export(target, graph, out_dir, inputs, *, model=None, labels=None, **options):
+        assert labels is not None and len(labels) == len(inputs[0])  # the validation labels, for the accuracy
         calls.append((target.name, Path(out_dir), model is not None, len(inputs[0]), options))
         comparison = {"ran": "stub", "n": len(inputs[0]), "mismatches": 0, "mismatched_elements": 0,
                       "first_mismatch": None, "bit_exact": True}
