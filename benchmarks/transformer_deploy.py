@@ -16,7 +16,7 @@ Not a test. For each trained run (``--run NAME=RUN_DIR``; trained with the comma
 The FP32 accuracy a run compares against is ``benchmarks/transformer_fp32.py``'s (same recipe, no
 quantizers): pass it as ``--fp32 NAME=ACC`` to have the gap in the table.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/transformers.py --run vit=runs/vit --run bert=runs/bert \\
+    PYTHONPATH=. .venv/bin/python benchmarks/transformer_deploy.py --run vit=runs/vit --run bert=runs/bert \\
         --fp32 vit=95.83 --fp32 bert=94.72 [--targets onnx-qdq,cpu,fpga] [--out docs/transformer_results.json]
 """
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "schema": SCHEMA, "schema_version": 1,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
-        "command": "PYTHONPATH=. python " + " ".join(["benchmarks/transformers.py", *(argv or sys.argv[1:])]),
+        "command": "PYTHONPATH=. python " + " ".join(["benchmarks/transformer_deploy.py", *(argv or sys.argv[1:])]),
         "machine": machine(), "targets": targets, "models": {}}
     for name, run in runs.items():
         results["models"][name] = {**bench_run(name, run, targets, args.verify, args.budget),
