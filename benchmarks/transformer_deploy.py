@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from zoo import BATCHES, THREADS, export_status, git_commit, latency, sizes  # noqa: E402
+from zoo import BATCHES, THREADS, export_status, first_reason, git_commit, latency, sizes  # noqa: E402
 
 RESULTS = ROOT / "docs" / "transformer_results.json"
 SCHEMA = "fxquant.transformer_results"
@@ -49,17 +49,34 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
     return out
 
 
-def bench_run(name: str, run: Path, targets: list[str], n_verify: int, budget: float) -> dict[str, Any]:
+def bench_run(name: str, run: Path, targets: list[str], n_verify: int, budget: float, *, export: bool = True,
+              timing: bool = True) -> dict[str, Any]:
     from fxquant.backends.base import read_report
     from fxquant.export.targets import FP32_DIR, write_fp32_baseline
     from fxquant.deployment import load_deployment
 
+    from fxquant.backends.registry import get_target
+
     info = json.loads((run / "run.json").read_text())
+    cache: dict[str, Any] = {}
+
+    def graph() -> Any:
+        if "graph" not in cache:
+            cache["graph"] = load_deployment(run).graph
+        return cache["graph"]
+
     result: dict[str, Any] = {"run": str(run), "policy": info.get("policy"), "train": info.get("train"),
                               "trained_val_acc": (info.get("results") or {}).get("deployed_val_acc"),
                               "targets": {}}
     for target in targets:
-        status = export_status(run, target, n_verify, {})
+        if export:
+            status = export_status(run, target, n_verify, {})
+        else:  # the report an earlier export wrote (latency re-verifies the artifact before timing it)
+            earlier = read_report(run / target)
+            problems = [] if earlier and earlier["bit_exact"] else get_target(target).check(graph())
+            status = ({"status": "bit-exact", "n": earlier["verification"]["n"]} if earlier and earlier["bit_exact"]
+                      else {"status": "refused", "reason": first_reason("; ".join(map(str, problems)))} if problems
+                      else {"status": "not exported", "reason": "no bit-exact export here: run without --no-export"})
         report = read_report(run / target) if status["status"] == "bit-exact" else None
         if report:
             status["deployed_top1"] = (report["verification"].get("accuracy") or {}).get("top1")
@@ -67,8 +84,8 @@ def bench_run(name: str, run: Path, targets: list[str], n_verify: int, budget: f
         result["targets"][target] = status
         print(f"{name} -> {target}: {status['status']} {status.get('deployed_top1', '')} "
               f"{status.get('reason', '')[:200]}", flush=True)
-    if result["targets"].get("onnx-qdq", {}).get("status") == "bit-exact":
-        write_fp32_baseline(load_deployment(run).graph, run / FP32_DIR)
+    if timing and result["targets"].get("onnx-qdq", {}).get("status") == "bit-exact":
+        write_fp32_baseline(graph(), run / FP32_DIR)
         result["size"] = sizes(run)
         result["latency"] = latency(run, {}, result["targets"].get("cpu", {}).get("status") == "bit-exact", budget)
     return result
@@ -118,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default=",".join(TARGETS))
     p.add_argument("--verify", type=int, default=1000, help="validation samples (all 360 of the digits by default)")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per engine set and batch")
+    p.add_argument("--no-export", action="store_true", help="reuse the runs' bit-exact exports")
+    p.add_argument("--no-latency", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     runs = {k: Path(v) for k, v in _pairs(args.run, "--run").items()}
@@ -131,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "PYTHONPATH=. python " + " ".join(["benchmarks/transformer_deploy.py", *(argv or sys.argv[1:])]),
         "machine": machine(), "targets": targets, "models": {}}
     for name, run in runs.items():
-        results["models"][name] = {**bench_run(name, run, targets, args.verify, args.budget),
+        results["models"][name] = {**bench_run(name, run, targets, args.verify, args.budget,
+                                               export=not args.no_export, timing=not args.no_latency),
                                    **({"fp32_top1": fp32[name]} if name in fp32 else {})}
     atomic_write_json(args.out, results)
     print(markdown(results))
