@@ -122,7 +122,7 @@ def random_graphs(draw, act: tuple[int, int] = (2, 16), weight: tuple[int, int] 
             options = ["matmul"] * (shp[0] == shp[1]) + ["relu", "requantize", "flatten"]
         options += [k for k in ("reshape", "mul_pow2", "clamp", "lut", "mul") if k in OP_KINDS]
         options += ["transpose"] * (len(shp) > 1)
-        options += [k for k in ("softmax", "layernorm", "slice") if allowed(k)]
+        options += [k for k in ("softmax", "layernorm", "slice", "constant") if allowed(k)]
         preferred = [k for k in options if kinds is None or k in kinds] or options
         kind = draw(st.sampled_from(options if draw(st.integers(0, 3)) == 3 else preferred))
         name, fl_in = f"op{i}", fmt_of(cur).frac_bits
@@ -238,6 +238,10 @@ def random_graphs(draw, act: tuple[int, int] = (2, 16), weight: tuple[int, int] 
             e = draw(st.integers(-3, 3))
             cur = m._op(name, "mul_pow2", (cur,), shp, FixedPoint(fmt_of(cur).bits, fl_in - e),
                         attrs={"exponent": e})
+        elif kind == "constant":  # stored integers of cur's shape (a positional embedding), added to it
+            const = m.constant(f"const{i}", cur, shp, _fmt(draw, act, near=fl_in))
+            fl = max(fl_in, fmt_of(const).frac_bits)
+            cur = m.add(name, cur, const, _fmt(draw, act, near=fl), relu=draw(st.booleans()))
         elif kind == "add":
             other = side_branch(cur)
             fl = max(fl_in, fmt_of(other).frac_bits)
