@@ -257,8 +257,9 @@ class _Lowering:
         a model input."""
         if not isinstance(node, fx.Node):
             return fx.node.map_arg(node, self.constant) if isinstance(node, (list, tuple, dict)) else node
-        if node.op == "get_attr":
-            return operator.attrgetter(str(node.target))(self.gm)
+        if node.op == "get_attr":  # float64, as the reference check runs the model (model.double()):
+            value = operator.attrgetter(str(node.target))(self.gm)  # W * s rounds alike on both sides
+            return value.detach().double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
         if node in self.results and _is_shape_like(self.results[node]):
             return self.results[node]
         if node.op == "call_module" and isinstance(self.module(node), FixedPointQuantizer):

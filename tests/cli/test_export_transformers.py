@@ -1,6 +1,6 @@
 """Issue 14 end to end from the CLI, CI-sized: the examples' torchvision ViT and Hugging Face BERT
 (fixed-length sequences, the documented default) train one epoch, then export bit-exact to
-onnx-qdq, cpu and fpga. Oracles: each export's own verification (the artifact run by onnxruntime / the TVM
+onnx-qdq, cpu and fpga; AdaPT trains and exports too. Oracles: each export's own verification (the artifact run by onnxruntime / the TVM
 runtime / the g++ C-simulation, against the integer reference, which the export first checks
 against the trained model) and the deployed accuracy computed from the artifact's outputs.
 """
@@ -49,3 +49,16 @@ def test_trained_transformer_exports_bit_exact(trained, target):
 
         ops = {n.op_type for n in onnx.load(str(trained / target / "model.onnx")).graph.node}
         assert "Expand" in ops
+
+
+def test_adapt_trains_and_exports(tmp_path):
+    """AdaPT's 16-bit weights behind a folded attention scale (``W * s``): the lowering evaluates the
+    fold in float64, as the reference check runs the model; in float32 one product in ~2^8 rounded
+    to the other side of a 16-bit tie (1-LSB mismatches, found by the fresh-clone CI run)."""
+    out = tmp_path / "vit_adapt"
+    proc = _fxquant("train", "--policy", "adapt", str(EXAMPLES / "vit_digits.py"), "--out", str(out), "--epochs", "1",
+                    "--batch-size", "32", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _fxquant("export", "--target", "onnx-qdq", str(out), "--verify", "360")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "onnx-qdq" / "report.json").read_text())["bit_exact"]
