@@ -213,6 +213,7 @@ class _Lowering:
         self.fmt_of: dict[str, FixedPoint] = {}
         self.shape_of: dict[str, tuple[int, ...]] = {}
         self.constants: set[fx.Node] = set()
+        self.f64: dict[str, Any] = {}  # parameters and buffers as constant() reads them (float64)
         self.problems: list[tuple[str, str | None]] = []
         self.rows: dict[fx.Node, tuple[int, ...]] = {}  # row-merged values: their leading dims L
         self.poisoned: set[fx.Node] = set()
@@ -258,8 +259,12 @@ class _Lowering:
         if not isinstance(node, fx.Node):
             return fx.node.map_arg(node, self.constant) if isinstance(node, (list, tuple, dict)) else node
         if node.op == "get_attr":  # float64, as the reference check runs the model (model.double()):
-            value = operator.attrgetter(str(node.target))(self.gm)  # W * s rounds alike on both sides
-            return value.detach().double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+            key = str(node.target)  # W * s rounds alike on both sides; one copy per parameter
+            if key not in self.f64:
+                value = operator.attrgetter(key)(self.gm)
+                self.f64[key] = (value.detach().double() if isinstance(value, torch.Tensor)
+                                 and value.is_floating_point() else value)
+            return self.f64[key]
         if node in self.results and _is_shape_like(self.results[node]):
             return self.results[node]
         if node.op == "call_module" and isinstance(self.module(node), FixedPointQuantizer):
