@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from zoo import BATCHES, THREADS, export_status, first_reason, git_commit, latency, sizes  # noqa: E402
+from zoo import export_status, first_reason, git_commit, latency, latency_lines, sizes  # noqa: E402
 
 RESULTS = ROOT / "docs" / "transformer_results.json"
 SCHEMA = "fxquant.transformer_results"
@@ -105,23 +105,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {(r.get('policy') or {}).get('policy', '?')} | "
                      f"{'—' if fp32 is None else f'{fp32:.2f} %'} | {'—' if fake is None else f'{fake:.2f} %'} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "| model | QDQ / FP32 bytes | threads | batch | ORT FP32 ms | ORT QDQ ms (ratio) | "
-              "fxquant-TVM ms (ratio) |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, r in results["models"].items():
-        if "latency" not in r:
-            continue
-        size = r["size"]
-        keyed = {(row["threads"], row["batch"], row["engine"]): row for row in r["latency"]["rows"]}
-        for threads in THREADS:
-            for batch in BATCHES:
-                base = keyed[(threads, batch, "ORT FP32")]
-                cells = []
-                for engine in ("ORT QDQ", "fxquant-TVM"):
-                    row = keyed.get((threads, batch, engine))
-                    cells.append(f"{row['p50_ms']:.3f} ({row['ratio']:.2f}x)" if row else "—")
-                lines.append(f"| {name} | {size['qdq_bytes']} / {size['fp32_bytes']} ({size['ratio']:.3f}x) | "
-                             f"{threads} | {batch} | {base['p50_ms']:.3f} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + latency_lines(results["models"], digits=3)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

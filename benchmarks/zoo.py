@@ -161,9 +161,15 @@ def markdown(results: dict[str, Any]) -> str:
     for model, r in results["models"].items():
         cells = [r["targets"].get(t, {}).get("status", "—") for t in targets]
         lines.append(f"| {model} | {r['train']['status']} ({r['train']['seconds']} s) | " + " | ".join(cells) + " |")
-    lines += ["", "| model | QDQ / FP32 bytes | threads | batch | ORT FP32 ms | ORT QDQ ms (ratio) | "
-              "fxquant-TVM ms (ratio) |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for model, r in results["models"].items():
+    return "\n".join(lines + [""] + latency_lines(results["models"])) + "\n"
+
+
+def latency_lines(models: dict[str, Any], digits: int = 2) -> list[str]:
+    """The figures table: per model with a ``latency`` record, QDQ / FP32 bytes and each engine's p50
+    (ratio vs ORT FP32) per thread count and batch; ``digits`` decimals of the milliseconds."""
+    lines = ["| model | QDQ / FP32 bytes | threads | batch | ORT FP32 ms | ORT QDQ ms (ratio) | "
+             "fxquant-TVM ms (ratio) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for model, r in models.items():
         if "latency" not in r:
             continue
         size = r["size"]
@@ -174,10 +180,10 @@ def markdown(results: dict[str, Any]) -> str:
                 cells = []
                 for engine in ("ORT QDQ", "fxquant-TVM"):
                     row = keyed.get((threads, batch, engine))
-                    cells.append(f"{row['p50_ms']:.2f} ({row['ratio']:.2f}x)" if row else "—")
+                    cells.append(f"{row['p50_ms']:.{digits}f} ({row['ratio']:.2f}x)" if row else "—")
                 lines.append(f"| {model} | {size['qdq_bytes']} / {size['fp32_bytes']} ({size['ratio']:.3f}x) | "
-                             f"{threads} | {batch} | {base['p50_ms']:.2f} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines) + "\n"
+                             f"{threads} | {batch} | {base['p50_ms']:.{digits}f} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def git_commit() -> str:

@@ -137,6 +137,15 @@ def _quantized(model: nn.Module) -> torch.fx.GraphModule:
     return gm
 
 
+def _calibrate_8bit(gm: torch.fx.GraphModule, x: torch.Tensor) -> None:
+    """One training-mode forward to record ranges, every quantizer at 8 bits fitted to them, eval."""
+    gm.train()
+    gm(x)
+    for q in quantizers(gm).values():
+        q.set_format(FixedPoint(8, fit_frac_bits(float(q.amax), 8)))
+    gm.eval()
+
+
 def _assert_reference_exact(gm, *inputs: torch.Tensor):
     graph = lower_to_integer_graph(gm, *(x[:1] for x in inputs))
     record = check_reference(gm, graph, [x.numpy() for x in inputs])
@@ -460,11 +469,7 @@ def test_class_token_and_positions_lower_to_constants_bit_exact(style):
     torch.manual_seed(0)
     gm = _quantized(Positions(style))
     x = torch.randn(8, SEQ, DIM)
-    gm.train()
-    gm(x)
-    for q in quantizers(gm).values():
-        q.set_format(FixedPoint(8, fit_frac_bits(float(q.amax), 8)))
-    gm.eval()
+    _calibrate_8bit(gm, x)
     graph = _assert_reference_exact(gm, x)
     consts = [op for op in graph.ops if op.kind == "constant"]
     assert [op.weight.shape for op in consts] == [(1, DIM), (SEQ + 1, DIM)]  # per sample, batch dropped
@@ -550,11 +555,7 @@ def test_export_capture_lowers_bit_exact(variant):
     gm = capture(Untraceable(**variant), (ids[:2],))
     assert gm.meta[CAPTURED_BY] == "torch.export"
     InsertQuantizers()(gm)
-    gm.train()
-    gm(ids)
-    for q in quantizers(gm).values():
-        q.set_format(FixedPoint(8, fit_frac_bits(float(q.amax), 8)))
-    gm.eval()
+    _calibrate_8bit(gm, ids)
     graph = _assert_reference_exact(gm, ids)
     softmax = next(op for op in graph.ops if op.kind == "softmax")
     assert softmax.attrs["causal"] == ("causal" in variant) and len(softmax.inputs) == 2
