@@ -870,11 +870,14 @@ def transformer_block() -> IntegerGraph:
 
 
 def class_token_pos_embedding() -> IntegerGraph:
-    """A ViT's class token and positional embedding: patches (4, 8) projected; a constant class token
-    (1, 8) <8,5> concatenated in front (requantized into <8,4>); a constant positional embedding (5, 8)
-    <6,5> added; the class token's row into a classifier. A second graph output is the class token alone."""
-    m = GraphMaker((4, 8), F(8, 4), seed=86)
-    patches = m.dense("proj", "input", 8, F(6, 5), F(8, 4))
+    """A ViT's patch embedding, class token and positional embedding: a 3x8x8 image through a conv whose
+    stride is its kernel (4: four 4x4 patches, 8 channels), flattened and transposed into (4, 8) tokens;
+    a constant class token (1, 8) <8,5> concatenated in front (requantized into <8,4>); a constant
+    positional embedding (5, 8) <6,5> added; the class token's row into a classifier. A second graph
+    output is the class token alone."""
+    m = GraphMaker((3, 8, 8), F(8, 4), seed=86)
+    proj = m.conv_general("proj", "input", 8, F(6, 5), F(8, 4), kernel=(4, 4), stride=(4, 4))
+    patches = m.transpose("patches", m.reshape("flat", proj, (8, 4)), (1, 0))
     token = m.constant("class_token", "input", (1, 8), F(8, 5))
     tokens = m.cat("tokens", (token, patches), F(8, 4))
     h = m.add("embed", tokens, m.constant("pos_embedding", "input", (5, 8), F(6, 5)), F(8, 4), relu=False)

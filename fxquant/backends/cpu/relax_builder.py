@@ -90,6 +90,8 @@ class _Emitter:
 
     def emit(self, op: Op) -> relax.Expr:
         bb, x = self.bb, op.inputs[0]
+        if op.kind == "conv2d" and _is_patch_conv(op, tuple(self.graph.value(x).shape)):
+            return self.patch_linear(op)
         if op.kind == "conv2d":
             y = bb.emit(relax.op.nn.conv2d(self.dq(x), self.weight(op), strides=op.attrs.get("stride", (1, 1)),
                                            padding=op.attrs.get("padding", (0, 0)),
@@ -130,6 +132,29 @@ class _Emitter:
             return self.env[x]
         raise UnsupportedOpError(f"op {op.name!r}: kind {op.kind!r} has no fxquant CPU kernel")
 
+    def patch_linear(self, op: Op) -> relax.Expr:
+        """A conv whose stride is its kernel (no padding): ``patches`` -> the linear's QDQ pattern over
+        ``[n * P, C KH KW]`` (the weight read as ``[O, C KH KW]``) -> ``[n, O, OH, OW]``. The linear
+        kernel's register tiles fill every lane; the conv kernel's vectors of output columns would run
+        a ``OW``-wide row (4 in a ViT) half empty."""
+        from fxquant.backends.cpu import vision_kernels as vk
+
+        assert op.weight is not None
+        x = op.inputs[0]
+        c, h, w = (int(d) for d in self.graph.value(x).shape)
+        kh, kw = (int(k) for k in op.weight.shape[2:])
+        oh, ow, o = h // kh, w // kw, int(op.weight.shape[0])
+        p, k = oh * ow, c * kh * kw
+        rows = f"{x}#patches"
+        patches = self.call(vk.patches((c, h, w), (kh, kw)), "patches", [self.env[x]], (p, k))
+        self.env[rows] = self.bb.emit(relax.op.reshape(patches, (self.batch * p, k)))
+        self.fmts[rows] = self.fmt(x)
+        y = self.emit(Op(op.name, "linear", (rows,), op.output, op.out_fmt, op.weight.reshape(o, k), op.weight_fmt,
+                         op.bias, {"relu": bool(op.attrs.get("relu", False))}))
+        y = self.bb.emit(relax.op.reshape(y, (self.batch, p, o)))
+        y = self.call(vk.transpose((p, o), (1, 0)), "transpose", [y], (o, p))
+        return self.bb.emit(relax.op.reshape(y, (self.batch, o, oh, ow)))
+
     def call(self, func: "tirx.PrimFunc", kind: str, args: list, shape: tuple[int, ...],
              dtype: str = ACT_DTYPE) -> relax.Expr:
         """``call_tir`` of an fxquant kernel (added once per distinct kernel, named by
@@ -148,10 +173,13 @@ class _Emitter:
         dtype = storage_dtype(self.graph, x)
         if op.kind == "matmul":
             a, b = op.inputs
-            sa, sb = tuple(self.graph.value(a).shape), tuple(self.graph.value(b).shape)
             rq = self.rq(self.fmt(a).frac_bits + self.fmt(b).frac_bits, op)
-            return self.call(tk.matmul(sa, sb, rq, storage_dtype(self.graph, a), storage_dtype(self.graph, b)),
-                             "matmul", [self.env[a], self.env[b]], out_shape)
+            b_t = self.swapped_last_axes(b)  # Q K^T: read K as it was written, no transpose kernel
+            b_in = b if b_t is None else b_t
+            sa, sb = tuple(self.graph.value(a).shape), tuple(self.graph.value(b_in).shape)
+            return self.call(tk.matmul(sa, sb, rq, storage_dtype(self.graph, a), storage_dtype(self.graph, b_in),
+                                       b_transposed=b_t is not None), "matmul", [self.env[a], self.env[b_in]],
+                             out_shape)
         if op.kind == "embedding":
             assert op.weight is not None and op.weight_fmt is not None
             rq = self.rq(op.weight_fmt.frac_bits, op)
@@ -187,10 +215,23 @@ class _Emitter:
             beta = np.zeros(n, np.int64) if op.bias is None else np.asarray(op.bias, np.int64)
             rshift = op.weight_fmt.frac_bits + LAYERNORM_FRAC_BITS - op.out_fmt.frac_bits
             func = tk.layernorm(shape, int(op.attrs["eps"]), int(rshift), op.out_fmt.bits,
-                                bool(op.attrs.get("relu", False)))
+                                bool(op.attrs.get("relu", False)),
+                                tk.layernorm_acc_bound(np.asarray(op.weight, np.int64), beta))
             return self.call(func, "layernorm", [self.env[x], relax.const(np.asarray(op.weight, np.int32)),
                                                  relax.const(beta.astype(np.int32))], out_shape)
         raise UnsupportedOpError(f"op {op.name!r}: kind {op.kind!r} has no fxquant CPU kernel")
+
+    def swapped_last_axes(self, name: str) -> str | None:
+        """The input of the ``transpose`` that wrote ``name`` when it only swaps the last two axes
+        (the integers are the same: a transpose never changes values), else ``None``."""
+        op = next((o for o in self.graph.ops if o.output == name), None)
+        if op is None or op.kind != "transpose":
+            return None
+        perm = tuple(int(p) for p in op.attrs["perm"])
+        rank = len(perm)
+        if rank < 2 or perm != tuple(range(rank - 2)) + (rank - 1, rank - 2):
+            return None
+        return op.inputs[0]
 
     def rq(self, acc_frac_bits: int, op: Op) -> Requant:
         return Requant(op.out_fmt.frac_bits - acc_frac_bits, op.out_fmt.bits, bool(op.attrs.get("relu", False)))
@@ -261,6 +302,18 @@ class _Emitter:
                              [self.env[x], relax.const(op.weight.astype(np.int32)), relax.const(bias.astype(np.int32))],
                              out_shape)
         raise UnsupportedOpError(f"op {op.name!r}: kind {op.kind!r} has no fxquant CPU kernel")
+
+
+def _is_patch_conv(op: Op, in_shape: tuple[int, ...]) -> bool:
+    """A conv of non-overlapping windows tiling the input (stride = kernel > 1, no padding, no
+    dilation, no groups): a ViT patch embedding, lowered as ``patches`` + linear."""
+    assert op.weight is not None
+    kernel = tuple(int(k) for k in op.weight.shape[2:])
+    return (len(in_shape) == 3 and op.attrs.get("groups", 1) == 1 and kernel != (1, 1)
+            and tuple(op.attrs.get("stride", (1, 1))) == kernel
+            and tuple(op.attrs.get("padding", (0, 0))) == (0, 0)
+            and tuple(op.attrs.get("dilation", (1, 1))) == (1, 1)
+            and in_shape[1] % kernel[0] == 0 and in_shape[2] % kernel[1] == 0)
 
 
 def graph_to_relax(graph: IntegerGraph) -> "tvm.IRModule":  # noqa: F821

@@ -35,6 +35,8 @@ each is bit-exact with the executor of the same kind in :mod:`fxquant.integer_op
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from functools import lru_cache
 
 from tvm import tirx
@@ -42,7 +44,7 @@ from tvm.script import tirx as T
 
 from fxquant.backends.cpu.intrinsics import broadcast_word, pmaddwd
 from fxquant.backends.cpu.kernels import PARALLEL_MIN_WORK, VEC, _finish
-from fxquant.backends.cpu.vision_kernels import _flat_offset, _idx, _lanes, _requantize_dynamic, _vt
+from fxquant.backends.cpu.vision_kernels import _flat_offset, _idx, _lanes, _vt
 from fxquant.backends.tvm_epilogue import Requant, requantize
 from fxquant.fixed_point import LAYERNORM_FRAC_BITS, LAYERNORM_NORM_BITS, LAYERNORM_RECIP_BITS, SOFTMAX_GUARD_BITS
 
@@ -55,12 +57,22 @@ def _broadcast_strides(shape: tuple[int, ...], out: tuple[int, ...]) -> tuple[in
 # ----------------------------------------------------------------------------------------- matmul
 @lru_cache(maxsize=None)
 def matmul(shape_a: tuple[int, ...], shape_b: tuple[int, ...], rq: Requant, dtype_a: str = "int8",
-           dtype_b: str = "int8", name: str = "fxq_matmul") -> tirx.PrimFunc:
-    """``y = requantize(a @ b, rq)`` over ``[n, *lead, M, K] x [n, *lead', K, N]`` (leads broadcast)."""
+           dtype_b: str = "int8", b_transposed: bool = False, name: str = "fxq_matmul") -> tirx.PrimFunc:
+    """``y = requantize(a @ b, rq)`` over ``[n, *lead, M, K] x [n, *lead', K, N]`` (leads broadcast);
+    ``b_transposed``: ``b`` is given as ``[n, *lead', N, K]`` and the product is ``a @ b^T`` (``Q K^T``
+    reading ``K`` as the projection wrote it: no transpose kernel).
+
+    Per (batch, lead) task: ``a`` packed as int16 rows ``ap[i, k]`` (``K`` padded even), ``b`` as int16
+    k-pairs ``bp[k2, j, 2]`` (``N`` padded to whole vectors, zeros); then per row ``i`` and block of
+    up to 4 column vectors, one ``vpmaddwd`` per (k-pair, vector) against the broadcast pair
+    ``ap[i, 2k2 .. 2k2+1]`` into register accumulators; the tail columns of the last vector are stored
+    lane by lane."""
     if len(shape_a) != len(shape_b) or len(shape_a) < 2:
         raise ValueError(f"matmul of shapes {shape_a} x {shape_b}: equal ranks >= 2 only")
     M, K = shape_a[-2:]
-    N = shape_b[-1]
+    N = shape_b[-2] if b_transposed else shape_b[-1]
+    if (shape_b[-1] if b_transposed else shape_b[-2]) != K:
+        raise ValueError(f"matmul of shapes {shape_a} x {shape_b} (b transposed: {b_transposed}): inner dims differ")
     out_lead = tuple(max(p, q) for p, q in zip(shape_a[:-2], shape_b[:-2]))
     out = out_lead + (M, N)
     OUTL = math.prod(out_lead)
@@ -69,34 +81,76 @@ def matmul(shape_a: tuple[int, ...], shape_b: tuple[int, ...], rq: Requant, dtyp
     SA, SB = tuple(s * M * K for s in sa), tuple(s * K * N for s in sb)
     MA, MB, MY = math.prod(shape_a), math.prod(shape_b), math.prod(out)
     WORK = OUTL * M * N * K
-    if N % VEC:
-        return _matmul_scalar(shape_a, shape_b, out_lead, SA, SB, rq, dtype_a, dtype_b, name)
-    K2, NV = (K + 1) // 2, N // VEC
+    K2, NV = (K + 1) // 2, math.ceil(N / VEC)
+    NP = NV * VEC
+    JB = next(j for j in (4, 3, 2, 1) if NV % j == 0)  # column vectors per register block
+    FULL = N % VEC == 0
 
-    def a_word(af, abase, i, k2):
-        """The int16 pair ``(a[i, 2 k2], a[i, 2 k2 + 1])`` (0 past ``K``) as one 32-bit word."""
-        lo = T.Cast("int32", af[abase + i * K + 2 * k2])
-        hi = T.Select(2 * k2 + 1 < K, T.Cast("int32", af[abase + i * K + T.min(2 * k2 + 1, K - 1)]), T.int32(0))
-        return (lo & T.int32(0xFFFF)) | (hi << T.int32(16))
+    def word(lo, hi, lanes):
+        """int16 pairs ``(lo, hi)`` of int32 (vector) values as 32-bit words (``lo`` in the low half)."""
+        return (lo & _bcast(0xFFFF, lanes, "int32")) | (hi << _bcast(16, lanes, "int32"))
+
+    def pairs(buf, base, k0, lanes):
+        """The words of ``2 lanes`` contiguous int8 ``buf[base + 2 k0 ...]`` (int16 pairs along ``k``)."""
+        return T.reinterpret(_vt("int32", lanes),
+                             T.Cast(f"int16x{2 * lanes}", buf[T.ramp(base + 2 * k0, 1, 2 * lanes)]))
+
+    def tail_pair(buf, base, k2, step):
+        """The word of entries ``2 k2`` and ``2 k2 + 1`` (0 past ``K``) at element stride ``step``."""
+        lo = T.Cast("int32", buf[base + 2 * k2 * step])
+        hi = T.Select(2 * k2 + 1 < K, T.Cast("int32", buf[base + T.min(2 * k2 + 1, K - 1) * step]), T.int32(0))
+        return word(lo, hi, 1)
+
+    KW = K // (2 * VEC) * VEC  # k-pairs packed 8 at a time from contiguous rows
 
     @T.macro
     def task(af, bf, yf, q):
         abase = T.meta_var((q // OUTL) * MA + _flat_offset(q % OUTL, out_lead, SA))
         bbase = T.meta_var((q // OUTL) * MB + _flat_offset(q % OUTL, out_lead, SB))
-        bp = T.decl_buffer((K2 * N * 2,), "int16")  # b as int16 k-pairs: bp[k2, j, 2] = b[2k2 + (0, 1), j]
-        for k2, j in T.grid(K2, N):
-            bp[(k2 * N + j) * 2] = T.Cast("int16", bf[bbase + 2 * k2 * N + j])
-            bp[(k2 * N + j) * 2 + 1] = T.Select(2 * k2 + 1 < K, T.Cast("int16", bf[
-                bbase + T.min(2 * k2 + 1, K - 1) * N + j]), T.int16(0))
-        for i, jv in T.grid(M, NV):
-            acc = T.decl_buffer((VEC,), "int32")
-            acc[T.ramp(0, 1, VEC)] = T.broadcast(T.int32(0), VEC)
+        ap = T.decl_buffer((M * K2,), "int32")  # a's int16 k-pairs as words: ap[i, k2]
+        bp = T.decl_buffer((K2 * NP,), "int32")  # b's int16 k-pairs as words: bp[k2, j] = (b[2k2, j], b[2k2+1, j])
+        for i in range(M):
+            for c in range(KW // VEC):
+                ap[T.ramp(i * K2 + c * VEC, 1, VEC)] = pairs(af, abase + i * K, c * VEC, VEC)
+            for k2 in range(KW, K2):
+                ap[i * K2 + k2] = tail_pair(af, abase + i * K, k2, 1)
+        if NP > N:
+            for k2, j in T.grid(K2, NP - N):
+                bp[k2 * NP + N + j] = T.int32(0)
+        if b_transposed:  # row j of b holds column j's k-pairs: words scattered down the k2 axis
+            for j in range(N):
+                for k2 in range(K // 2):
+                    bp[k2 * NP + j] = pairs(bf, bbase + j * K, k2, 1)
+                for k2 in range(K // 2, K2):
+                    bp[k2 * NP + j] = tail_pair(bf, bbase + j * K, k2, 1)
+        else:  # rows 2k2 and 2k2+1 of b interleaved into words, 8 columns at a time
             for k2 in range(K2):
-                acc[T.ramp(0, 1, VEC)] = acc[T.ramp(0, 1, VEC)] + pmaddwd(
-                    bp[T.ramp((k2 * N + jv * VEC) * 2, 1, 2 * VEC)], broadcast_word(a_word(af, abase, i, k2), VEC,
-                                                                                     "int16x16"))
-            yf[T.ramp(q * (M * N) + i * N + jv * VEC, 1, VEC)] = T.Cast("int8x8", requantize(
-                acc[T.ramp(0, 1, VEC)], rq, VEC))
+                for c in range(N // VEC):
+                    bp[T.ramp(k2 * NP + c * VEC, 1, VEC)] = word(
+                        T.Cast("int32x8", bf[T.ramp(bbase + 2 * k2 * N + c * VEC, 1, VEC)]),
+                        T.Select(2 * k2 + 1 < K, T.Cast("int32x8", bf[T.ramp(
+                            bbase + T.min(2 * k2 + 1, K - 1) * N + c * VEC, 1, VEC)]), T.broadcast(T.int32(0), VEC)),
+                        VEC)
+                for j in range(N // VEC * VEC, N):
+                    bp[k2 * NP + j] = tail_pair(bf, bbase + j, k2, N)
+        acc = T.decl_buffer((JB,), "int32x8")
+        for jb, i in T.grid(NV // JB, M):
+            for v in T.unroll(JB):
+                acc[v] = T.broadcast(T.int32(0), VEC)
+            for k2 in range(K2):
+                for v in T.unroll(JB):
+                    acc[v] = acc[v] + pmaddwd(
+                        T.reinterpret("int16x16", bp[T.ramp(k2 * NP + (jb * JB + v) * VEC, 1, VEC)]),
+                        broadcast_word(ap[i * K2 + k2], VEC, "int16x16"))
+            for v in T.unroll(JB):
+                if FULL:
+                    yf[T.ramp(q * (M * N) + i * N + (jb * JB + v) * VEC, 1, VEC)] = T.Cast(
+                        "int8x8", requantize(acc[v], rq, VEC))
+                else:
+                    part = T.decl_buffer((VEC,), "int32")
+                    part[T.ramp(0, 1, VEC)] = requantize(acc[v], rq, VEC)
+                    for lane in range(T.min(VEC, N - (jb * JB + v) * VEC)):
+                        yf[q * (M * N) + i * N + (jb * JB + v) * VEC + lane] = T.Cast("int8", part[lane])
 
     @T.prim_func
     def kernel(a_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -113,46 +167,6 @@ def matmul(shape_a: tuple[int, ...], shape_b: tuple[int, ...], rq: Requant, dtyp
         else:
             for q in range(n * OUTL):
                 task(af, bf, yf, q)
-
-    return _finish(kernel, name)
-
-
-def _matmul_scalar(shape_a: tuple[int, ...], shape_b: tuple[int, ...], out_lead: tuple[int, ...],
-                   SA: tuple[int, ...], SB: tuple[int, ...], rq: Requant, dtype_a: str, dtype_b: str,
-                   name: str) -> tirx.PrimFunc:
-    """:func:`matmul` for a column count that is not a multiple of 8: one int32 sum per output."""
-    M, K = shape_a[-2:]
-    N = shape_b[-1]
-    out = out_lead + (M, N)
-    OUTL = math.prod(out_lead)
-    MA, MB, MY = math.prod(shape_a), math.prod(shape_b), math.prod(out)
-
-    @T.macro
-    def row(af, bf, yf, q, i):
-        for j in range(N):
-            acc = T.decl_buffer((1,), "int32")
-            acc[0] = T.int32(0)
-            for k in range(K):
-                acc[0] = acc[0] + T.Cast("int32", af[(q // OUTL) * MA + _flat_offset(q % OUTL, out_lead, SA) + i * K
-                                                     + k]) * T.Cast("int32", bf[
-                    (q // OUTL) * MB + _flat_offset(q % OUTL, out_lead, SB) + k * N + j])
-            yf[q * (M * N) + i * N + j] = T.Cast("int8", requantize(acc[0], rq, 1))
-
-    @T.prim_func
-    def kernel(a_h: T.handle, b_h: T.handle, y_h: T.handle):
-        n = T.int64()
-        a = T.match_buffer(a_h, (n,) + tuple(shape_a), dtype_a)
-        b = T.match_buffer(b_h, (n,) + tuple(shape_b), dtype_b)
-        y = T.match_buffer(y_h, (n,) + tuple(out), "int8")
-        af = T.decl_buffer((n * MA,), dtype_a, data=a.data)
-        bf = T.decl_buffer((n * MB,), dtype_b, data=b.data)
-        yf = T.decl_buffer((n * MY,), "int8", data=y.data)
-        if n * (OUTL * M * N * K) >= PARALLEL_MIN_WORK:
-            for t in T.parallel(n * OUTL * M):
-                row(af, bf, yf, t // M, t % M)
-        else:
-            for t in range(n * OUTL * M):
-                row(af, bf, yf, t // M, t % M)
 
     return _finish(kernel, name)
 
@@ -315,58 +329,167 @@ def softmax(shape: tuple[int, ...], mask_shape: tuple[int, ...] | None, causal: 
     return _finish(kernel_nomask, name)
 
 
-def _rhe_const(v: tirx.PrimExpr, s: int) -> tirx.PrimExpr:
-    """``round_half_even(v 2^-s)`` of an int64 ``v`` for a constant ``1 <= s <= 62``."""
-    q = v >> T.int64(s)
-    rem = v & T.int64((1 << s) - 1)
-    half = T.int64(1 << (s - 1))
-    return q + T.Select(T.Or(rem > half, T.And(rem == half, (q & T.int64(1)) == T.int64(1))), T.int64(1), T.int64(0))
+def _bcast(value, lanes: int, dtype: str = "int64"):  # noqa: ANN001, ANN202
+    """``value`` (a Python int or a scalar expression) as ``lanes`` lanes of ``dtype``."""
+    v = tirx.const(value, dtype) if isinstance(value, int) else value
+    return T.broadcast(v, lanes) if lanes > 1 else v
+
+
+def _rhe_const(v: tirx.PrimExpr, s: int, lanes: int = 1) -> tirx.PrimExpr:
+    """``round_half_even(v 2^-s)`` of int64 ``v`` (``lanes`` wide) for a constant ``1 <= s <= 62``."""
+    q = v >> _bcast(s, lanes)
+    rem = v & _bcast((1 << s) - 1, lanes)
+    half = _bcast(1 << (s - 1), lanes)
+    up = T.Or(rem > half, T.And(rem == half, (q & _bcast(1, lanes)) == _bcast(1, lanes)))
+    return q + T.Select(up, _bcast(1, lanes), _bcast(0, lanes))
+
+
+def _rhe_bounded(v: tirx.PrimExpr, s: int, bound_bits: int, lanes: int) -> tirx.PrimExpr:
+    """``round_half_even(v 2^-s)`` of int64 ``v`` with ``|v| < 2^bound_bits`` in logical shifts and adds
+    (AVX2 has no 64-bit arithmetic shift or cheap 64-bit compare): ``u = v + 2^B`` (``B >= s + 1``, so
+    ``u >= 0`` and ``u``'s quotient has ``v``'s parity), ``rhe = (u + 2^(s-1) - 1 + bit_s(u)) >> s - 2^(B-s)``
+    (below half: floor; above: floor + 1; a tie adds the quotient's parity bit)."""
+    big = max(bound_bits, s + 1)
+    assert big <= 61, big
+    u = T.Cast(_vt("uint64", lanes), v + _bcast(1 << big, lanes))
+    one, half = tirx.const(1, "uint64"), tirx.const((1 << (s - 1)) - 1, "uint64")
+    shift = tirx.const(s, "uint64")
+    bcast = (lambda c: T.broadcast(c, lanes)) if lanes > 1 else (lambda c: c)
+    q = (u + bcast(half) + ((u >> bcast(shift)) & bcast(one))) >> bcast(shift)
+    return T.Cast(_vt("int64", lanes), q) - _bcast(1 << (big - s), lanes)
+
+
+def _requantize_const(v: tirx.PrimExpr, r: int, bits: int, relu: bool, lanes: int) -> tirx.PrimExpr:
+    """``clamp(round_half_even(v 2^-r))`` (+ ReLU) of int64 ``v`` for a constant ``r`` (negative: a
+    saturating left shift): :func:`~.vision_kernels._requantize_dynamic` with ``r`` known at build."""
+    lo, hi, qmin = (0 if relu else -(1 << (bits - 1))), (1 << (bits - 1)) - 1, -(1 << (bits - 1))
+    if r > 62:
+        value = _bcast(0, lanes)
+    elif r >= 1:
+        value = _rhe_const(v, r, lanes)
+    else:  # |sat << t| >= |sat|: the clamp below saturates it
+        value = T.max(T.min(v, _bcast(hi, lanes)), _bcast(qmin, lanes)) << _bcast(min(-r, bits), lanes)
+    return T.max(T.min(value, _bcast(hi, lanes)), _bcast(lo, lanes))
+
+
+def _isqrt_fp64(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``floor(sqrt(x))`` of an int64 ``0 <= x <= 2^62``, equal to :func:`fxquant.fixed_point.isqrt64`.
+
+    ``s0 = trunc(sqrt(double(x)))`` then one correction each way: ``double(x)`` is ``x (1 + e)``,
+    ``|e| <= 2^-53``, and the rounded square root adds another ``2^-53``, so ``|sqrt_fp - sqrt(x)| <
+    2^31 2^-52 = 2^-21``: ``s0`` is ``floor(sqrt(x))`` or one off it, which ``s0^2 > x`` (down) and
+    ``(s + 1)^2 <= x`` (up) repair (``s <= 2^31``: every square fits int64)."""
+    s0 = T.Cast("int64", T.sqrt(T.Cast("float64", x)))
+    s1 = s0 - T.Select(s0 * s0 > x, T.int64(1), T.int64(0))
+    return s1 + T.Select((s1 + T.int64(1)) * (s1 + T.int64(1)) <= x, T.int64(1), T.int64(0))
+
+
+def _reduce_add(v: tirx.PrimExpr, lanes: int, dtype: str) -> tirx.PrimExpr:
+    return T.call_llvm_pure_intrin(dtype, "llvm.vector.reduce.add", v) if lanes > 1 else v
 
 
 # -------------------------------------------------------------------------------------- layernorm
+LAYERNORM_MAX_VECTOR_N = 1 << 16
+"""Rows up to this length take the int32-lane path: ``|N k - S| < 2^31`` and the reciprocal
+``r < 2^21 sqrt(N) <= 2^29`` fits int32, so ``(c << t) r`` is one 32 x 32 -> 64-bit ``vpmuldq`` per
+lane and ``|(c << t) r| < 2^60``."""
+
+
+def layernorm_h_bound(n: int) -> int:
+    """A bound on ``|h|`` (the normalized value at ``FL_h``) of a row of ``n``: ``|x_hat| <= sqrt(n)``
+    (``c^2 <= D``), plus the reciprocal's and the square root's relative error (``< 2^-20``) and the
+    roundings (2 units)."""
+    return math.ceil(math.ldexp(math.sqrt(n), LAYERNORM_FRAC_BITS) * (1 + 2.0 ** -8)) + 2
+
+
+def layernorm_acc_bound(gamma: np.ndarray, beta: np.ndarray) -> int:
+    """``max |gamma h + beta|`` over every row: with ``< 2^31`` the kernel's epilogue runs in int32."""
+    n = int(gamma.size)
+    gmax = int(abs(gamma.astype(object)).max()) if n else 0
+    bmax = int(abs(beta.astype(object)).max()) if beta.size else 0
+    return gmax * layernorm_h_bound(n) + bmax
+
+
 @lru_cache(maxsize=None)
 def layernorm(shape: tuple[int, ...], eps_d: int, rshift: int, out_bits: int, relu: bool,
-              name: str = "fxq_layernorm") -> tirx.PrimFunc:
+              acc_bound: int | None = None, name: str = "fxq_layernorm") -> tirx.PrimFunc:
     """Integer LayerNorm over the last axis (module docstring); ``gamma`` / ``beta`` int32 ``[N]``;
-    ``rshift = FL_w + FL_h - FL_out`` (negative: a saturating left shift)."""
+    ``rshift = FL_w + FL_h - FL_out`` (negative: a saturating left shift); ``acc_bound``
+    (:func:`layernorm_acc_bound` of the constants, ``None``: unknown) bounds ``|gamma h + beta|``.
+
+    One row per task; with ``N % 8 == 0`` every pass over the row runs 8 columns per vector
+    (int32 lanes for ``c = N k - S`` and ``c << t``, int64 lanes for ``c^2`` and ``(c << t) r``, whose
+    rounding is :func:`_rhe_bounded`; ``gamma h + beta`` and its requantize in int32 lanes when
+    ``acc_bound < 2^31``, else int64); the per-row scalars (``t``, ``sigma``, ``r``) between the passes."""
     N = shape[-1]
     ROWS = math.prod(shape[:-1])
     M = math.prod(shape)
     h_shift = LAYERNORM_RECIP_BITS - LAYERNORM_FRAC_BITS
     recip_num = 1 << (LAYERNORM_RECIP_BITS + 1)
+    L = VEC if N % VEC == 0 and N <= LAYERNORM_MAX_VECTOR_N else 1
+    CH = N // L
+    ROW_BLOCK = 8
+    narrow = acc_bound is not None and acc_bound < 1 << 31
+    # |(c << t) r| < 2^31 2^21 sqrt(N)
+    prod_bits = 31 + 21 + math.ceil(math.log2(max(N, 1)) / 2) + 1
+
+    def centred(xf, r, c, s):
+        """``N k - S`` of columns ``c L .. c L + L - 1`` (int32 lanes)."""
+        return _vt_cast("int32", L, xf[_idx(r * N + c * L, L)]) * _bcast(N, L, "int32") - _bcast(s, L, "int32")
+
+    def normalized(xf, r, c, st, i):
+        """``h = rhe((c << t) r 2^(FL_h - Y))`` (int64 lanes); ``|c| 2^t < 2^31`` (``c^2 <= D``,
+        ``D 4^t < 2^62``): ``c << t`` is exact in int32."""
+        shifted = centred(xf, r, c, T.Cast("int32", st[i, 0])) << _bcast(T.Cast("int32", st[i, 3]), L, "int32")
+        prod = _vt_cast("int64", L, shifted) * _vt_cast("int64", L, _bcast(T.Cast("int32", st[i, 6]), L, "int32"))
+        if prod_bits <= 61:
+            return _rhe_bounded(prod, h_shift, prod_bits, L)
+        return _rhe_const(prod, h_shift, L)
+
+    def output(xf, gamma, beta, r, c, st, i):
+        h = normalized(xf, r, c, st, i)
+        if narrow:  # |gamma h + beta| < 2^31: int32 lanes and the int32 epilogue
+            acc = gamma[_idx(c * L, L)] * _vt_cast("int32", L, h) + beta[_idx(c * L, L)]
+            return _vt_cast("int8", L, requantize(acc, Requant(-rshift, out_bits, relu), L))
+        acc = _vt_cast("int64", L, gamma[_idx(c * L, L)]) * h + _vt_cast("int64", L, beta[_idx(c * L, L)])
+        return _vt_cast("int8", L, _requantize_const(acc, rshift, out_bits, relu, L))
 
     @T.macro
-    def row(xf, gamma, beta, yf, r):
-        # st: 0 S, 1 D, 2 bit_length work, 3 bit_length, 4 isqrt num, 5 isqrt res, 6 ge, 7 reciprocal
-        st = T.decl_buffer((8,), "int64")
-        st[0] = T.int64(0)
-        for j in range(N):
-            st[0] = st[0] + T.Cast("int64", xf[r * N + j])
-        st[1] = T.int64(eps_d)
-        for j in range(N):
-            st[1] = st[1] + (T.int64(N) * T.Cast("int64", xf[r * N + j]) - st[0]) * (
-                T.int64(N) * T.Cast("int64", xf[r * N + j]) - st[0])
-        st[2] = st[1]
-        st[3] = T.int64(0)
-        for s in T.unroll(6):  # bit_length: a fixed binary search over 32, 16, ..., 1
-            st[3] = st[3] + T.Select((st[2] >> T.int64(32 >> s)) > T.int64(0), T.int64(32 >> s), T.int64(0))
-            st[2] = T.Select((st[2] >> T.int64(32 >> s)) > T.int64(0), st[2] >> T.int64(32 >> s), st[2])
-        st[3] = (T.int64(LAYERNORM_NORM_BITS) - (st[3] + T.Select(st[2] > T.int64(0), T.int64(1), T.int64(0)))) // 2
-        st[4] = (st[1] << (T.int64(2) * st[3])) // T.int64(N)
-        st[5] = T.int64(0)
-        for it in range(32):  # the restoring square root, bit = 2^(62 - 2 it)
-            st[6] = T.Select(st[4] >= st[5] + (T.int64(1) << T.Cast("int64", 62 - 2 * it)), T.int64(1), T.int64(0))
-            st[4] = T.Select(st[6] > T.int64(0), st[4] - (st[5] + (T.int64(1) << T.Cast("int64", 62 - 2 * it))),
-                             st[4])
-            st[5] = T.Select(st[6] > T.int64(0), (st[5] >> T.int64(1)) + (T.int64(1) << T.Cast("int64", 62 - 2 * it)),
-                             st[5] >> T.int64(1))
-        st[7] = T.Select(st[5] > T.int64(0), (T.int64(recip_num) + st[5]) // (T.int64(2) * T.max(st[5], T.int64(1))),
-                         T.int64(0))
-        for j in range(N):
-            yf[r * N + j] = T.Cast("int8", _requantize_dynamic(
-                T.Cast("int64", gamma[j]) * _rhe_const(
-                    ((T.int64(N) * T.Cast("int64", xf[r * N + j]) - st[0]) << st[3]) * st[7], h_shift)
-                + T.Cast("int64", beta[j]), T.int32(rshift), out_bits, relu))
+    def block(xf, gamma, beta, yf, r0, rows):
+        """Rows ``r0 .. r0 + rows - 1`` in three sweeps (sums; the per-row scalars; the outputs): the
+        rows' scalar chains (square root, division) are independent and overlap in the core."""
+        sacc = T.decl_buffer((1,), _vt("int32", L))
+        dacc = T.decl_buffer((1,), _vt("int64", L))
+        # st[i]: 0 S, 1 D, 2 bit_length work, 3 bit_length -> t, 4 the isqrt argument, 5 sigma, 6 reciprocal
+        st = T.decl_buffer((ROW_BLOCK, 7), "int64")
+        for i in range(rows):
+            sacc[0] = _bcast(0, L, "int32")
+            for c in range(CH):
+                sacc[0] = sacc[0] + _vt_cast("int32", L, xf[_idx((r0 + i) * N + c * L, L)])
+            st[i, 0] = T.Cast("int64", _reduce_add(sacc[0], L, "int32"))
+            dacc[0] = _bcast(0, L)
+            for c in range(CH):
+                dacc[0] = dacc[0] + _vt_cast("int64", L, centred(xf, r0 + i, c, T.Cast("int32", st[i, 0]))) * _vt_cast(
+                    "int64", L, centred(xf, r0 + i, c, T.Cast("int32", st[i, 0])))
+            st[i, 1] = _reduce_add(dacc[0], L, "int64") + T.int64(eps_d)
+        for i in range(rows):
+            st[i, 2] = st[i, 1]
+            st[i, 3] = T.int64(0)
+            for s in T.unroll(6):  # bit_length: a fixed binary search over 32, 16, ..., 1
+                st[i, 3] = st[i, 3] + T.Select((st[i, 2] >> T.int64(32 >> s)) > T.int64(0), T.int64(32 >> s),
+                                               T.int64(0))
+                st[i, 2] = T.Select((st[i, 2] >> T.int64(32 >> s)) > T.int64(0), st[i, 2] >> T.int64(32 >> s),
+                                    st[i, 2])
+            st[i, 3] = (T.int64(LAYERNORM_NORM_BITS)
+                        - (st[i, 3] + T.Select(st[i, 2] > T.int64(0), T.int64(1), T.int64(0)))) // 2
+            st[i, 4] = (st[i, 1] << (T.int64(2) * st[i, 3])) // T.int64(N)
+            st[i, 5] = _isqrt_fp64(st[i, 4])
+            st[i, 6] = T.Select(st[i, 5] > T.int64(0),
+                                (T.int64(recip_num) + st[i, 5]) // (T.int64(2) * T.max(st[i, 5], T.int64(1))),
+                                T.int64(0))
+        for i in range(rows):
+            for c in range(CH):
+                yf[_idx((r0 + i) * N + c * L, L)] = output(xf, gamma, beta, r0 + i, c, st, i)
 
     @T.prim_func
     def kernel(x_h: T.handle, g_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -377,14 +500,19 @@ def layernorm(shape: tuple[int, ...], eps_d: int, rshift: int, out_bits: int, re
         y = T.match_buffer(y_h, (n,) + tuple(shape), "int8")
         xf = T.decl_buffer((n * M,), "int8", data=x.data)
         yf = T.decl_buffer((n * M,), "int8", data=y.data)
-        if n * (ROWS * (N + 32) * 24) >= PARALLEL_MIN_WORK:
-            for r in T.parallel(n * ROWS):
-                row(xf, gamma, beta, yf, r)
+        blocks = T.meta_var((n * ROWS + ROW_BLOCK - 1) // ROW_BLOCK)
+        if n * (ROWS * (N + 32) * 24 // L) >= PARALLEL_MIN_WORK:
+            for b in T.parallel(blocks):
+                block(xf, gamma, beta, yf, b * ROW_BLOCK, T.min(ROW_BLOCK, n * ROWS - b * ROW_BLOCK))
         else:
-            for r in range(n * ROWS):
-                row(xf, gamma, beta, yf, r)
+            for b in range(blocks):
+                block(xf, gamma, beta, yf, b * ROW_BLOCK, T.min(ROW_BLOCK, n * ROWS - b * ROW_BLOCK))
 
     return _finish(kernel, name)
 
 
-__all__ = ["embedding", "layernorm", "matmul", "slice_copy", "softmax"]
+def _vt_cast(dtype: str, lanes: int, v: tirx.PrimExpr) -> tirx.PrimExpr:
+    return T.Cast(_vt(dtype, lanes), v)
+
+
+__all__ = ["embedding", "layernorm", "layernorm_acc_bound", "matmul", "slice_copy", "softmax"]

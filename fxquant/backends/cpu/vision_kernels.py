@@ -387,6 +387,30 @@ def transpose(shape: tuple[int, ...], perm: tuple[int, ...], name: str = "fxq_tr
 
 
 @lru_cache(maxsize=None)
+def patches(shape: tuple[int, int, int], kernel: tuple[int, int], name: str = "fxq_patches") -> tirx.PrimFunc:
+    """``y[b, oh OW + ow, (c KH + kh) KW + kw] = x[b, c, oh KH + kh, ow KW + kw]``: the windows of a conv
+    whose stride is its kernel (a ViT patch embedding) as the rows of a linear (``[n, P, C KH KW]``);
+    each window row of ``KW`` is one contiguous copy."""
+    C, H, W = shape
+    KH, KW = kernel
+    OH, OW = H // KH, W // KW
+    P, K = OH * OW, C * KH * KW
+    lanes = 16 if KW % 16 == 0 else _lanes(KW)
+
+    @T.prim_func
+    def kernel_(x_h: T.handle, y_h: T.handle):
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, C, H, W), "int8")
+        y = T.match_buffer(y_h, (n, P, K), "int8")
+        for b, p, c, kh in T.grid(n, P, C, KH):
+            for i in range(KW // lanes):
+                y[b, p, _idx((c * KH + kh) * KW + i * lanes, lanes)] = x[
+                    b, c, (p // OW) * KH + kh, _idx((p % OW) * KW + i * lanes, lanes)]
+
+    return _finish(kernel_, name)
+
+
+@lru_cache(maxsize=None)
 def upsample_nearest(shape: tuple[int, int, int], scale: tuple[int, int],
                      name: str = "fxq_upsample") -> tirx.PrimFunc:
     """``y[b, c, h, w] = x[b, c, h // sh, w // sw]``."""

@@ -42,10 +42,10 @@ def _floats(graph: IntegerGraph, ints: list[np.ndarray]) -> list[np.ndarray]:
     return [np.ldexp(np.asarray(k, np.float64), -v.fmt.frac_bits) for k, v in zip(ints, graph.inputs)]
 
 
-def test_matmul_batched_broadcast_vector_and_scalar_columns(tmp_path: Path) -> None:
-    """(2,4,8) @ (1,8,16) (one key matrix for both heads, 16 columns: the vector path) with ReLU;
-    (2,4,16) @ (2,16,3) (3 columns: scalar); rank 4 (2,2,3,4) @ (2,1,4,5) broadcast on the head axis;
-    an odd K (3,5) @ (5,8) (the last k-pair of the vpmaddwd path half zero)."""
+def test_matmul_batched_broadcast_full_and_partial_column_vectors(tmp_path: Path) -> None:
+    """(2,4,8) @ (1,8,16) (one key matrix for both heads, 16 columns: whole vectors) with ReLU;
+    (2,4,16) @ (2,16,3) (3 columns: one partial vector); rank 4 (2,2,3,4) @ (2,1,4,5) broadcast on the
+    head axis; an odd K (3,5) @ (5,8) (the last k-pair of the vpmaddwd path half zero)."""
     m = GraphMaker((2, 4, 8), F(8, 4), seed=90, name="a")
     b = m.input("b", (1, 8, 16), F(7, 3))
     c = m.input("c", (2, 16, 3), F(8, 6))
@@ -59,6 +59,24 @@ def test_matmul_batched_broadcast_vector_and_scalar_columns(tmp_path: Path) -> N
     graph = m.graph(abc, de, fg)
     names = _kernels(graph)
     assert sum(n.startswith("fxq_matmul") for n in names) == 4
+    _exact(graph, tmp_path)
+
+
+def test_matmul_reads_a_transposed_operand_in_place(tmp_path: Path) -> None:
+    """``a @ transpose(b, last two axes)`` (Q K^T) lowers to one matmul reading ``b`` as written (no
+    transpose kernel), bit-exact: 17 keys (a partial column vector), K = 32 and an odd K = 5, a
+    broadcast head axis; a transpose of other axes, and one also read elsewhere, stay correct."""
+    m = GraphMaker((2, 17, 32), F(8, 4), seed=91, name="q")
+    k = m.input("k", (2, 17, 32), F(7, 3))
+    s1 = m.matmul("scores", "q", m.transpose("k_t", k, (0, 2, 1)), F(8, 2))
+    a, b = m.input("a", (2, 3, 5), F(8, 5)), m.input("b", (1, 9, 5), F(8, 3))
+    s2 = m.matmul("odd", a, m.transpose("b_t", b, (0, 2, 1)), F(8, 4))
+    c = m.input("c", (5, 2, 3), F(8, 5))
+    c_t = m.transpose("c_t", c, (1, 2, 0))  # (2, 3, 5): not a swap of the last two axes
+    s3 = m.matmul("other_axes", c_t, m.input("d", (2, 5, 4), F(8, 3)), F(8, 4))
+    graph = m.graph(s1, s2, s3, "b_t")
+    names = _kernels(graph)
+    assert sum(n.startswith("fxq_transpose") for n in names) == 2, names  # c_t and the b_t output
     _exact(graph, tmp_path)
 
 
@@ -256,3 +274,39 @@ def test_transformer_block_lowers_to_fxquant_kernels_only() -> None:
     assert all(n == "main" or n.startswith("fxq_") for n in names), names
     for kind in ("layernorm", "matmul", "softmax", "linear", "lut", "add"):
         assert any(n.startswith(f"fxq_{kind}") for n in names), (kind, names)
+
+
+def test_layernorm_square_root_equals_isqrt_at_the_edges() -> None:
+    """The kernel's ``floor(sqrt(x))`` (a float64 square root plus one correction each way) equals
+    ``math.isqrt`` on every edge of its domain: 0, 1, ``2^62``, and ``k^2 - 1``, ``k^2``, ``k^2 + 1`` for
+    ``k`` near every power of two up to ``2^31`` and random large ``k`` (where a double rounds)."""
+    import math
+
+    import tvm
+    from tvm.script import tirx as T
+
+    from fxquant.backends.cpu.transformer_kernels import _isqrt_fp64
+
+    rng = np.random.default_rng(7)
+    ks = [1 << p for p in range(32)] + [(1 << p) - 1 for p in range(1, 32)] + list(rng.integers(1 << 26, 1 << 31, 200))
+    xs = {0, 1, 2, 3, 1 << 62, (1 << 62) - 1}
+    for k in ks:
+        xs.update(v for v in (int(k) ** 2 - 1, int(k) ** 2, int(k) ** 2 + 1, int(k) ** 2 + 2 * int(k)) if 0 <= v <= 1 << 62)
+    xs.update(int(v) for v in rng.integers(0, (1 << 62) + 1, 500, dtype=np.int64))
+    x = np.array(sorted(xs), np.int64)
+
+    @T.prim_func
+    def roots(a_h: T.handle, b_h: T.handle):
+        T.func_attr({"global_symbol": "main", "tir.noalias": True})
+        n = T.int64()
+        a = T.match_buffer(a_h, (n,), "int64")
+        b = T.match_buffer(b_h, (n,), "int64")
+        for i in range(n):
+            b[i] = _isqrt_fp64(a[i])
+
+    lib = tvm.compile(tvm.IRModule({"main": roots}), target=resolve_target("host").tvm_target())
+    out = tvm.runtime.tensor(np.zeros_like(x))
+    lib["main"](tvm.runtime.tensor(x), out)
+    want = np.array([math.isqrt(int(v)) for v in x], np.int64)
+    bad = np.flatnonzero(out.numpy() != want)
+    assert bad.size == 0, [(int(x[i]), int(out.numpy()[i]), int(want[i])) for i in bad[:5]]

@@ -89,3 +89,21 @@ def test_depthwise_bench_is_verified_and_beats_dense() -> None:
     result = bench_depthwise(channels=16, size=16, stride=2, threads=1, budget_s=0.3)
     assert set(result["p50_us"]) == {"ORT FP32", "depthwise", "dense zeros"}
     assert result["depthwise_speedup_vs_dense"] > 0 and result["machine"]["threads"] == 1
+
+
+def test_patch_convs_lower_to_patches_and_linear(tmp_path: Path) -> None:
+    """Convs whose stride is their kernel (ViT patch embeddings): 4x4 patches of 3 channels with ReLU,
+    non-square 2x4 patches with 16-bit weights and no bias, one 16 wide (whole-vector copies); each
+    is ``fxq_patches`` + a linear kernel + a transpose back to NCHW, bit-exact. A padded conv with
+    the same stride stays a conv."""
+    m = GraphMaker((3, 8, 32), F(8, 4), seed=6)
+    a = m.conv_general("p4", "input", 8, F(8, 6), F(8, 3), kernel=(4, 4), stride=(4, 4), relu=True)
+    b = m.conv_general("p24", a, 6, F(16, 13), F(8, 3), kernel=(2, 4), stride=(2, 4), bias=False)
+    c = m.conv_general("p16", "input", 4, F(7, 5), F(8, 2), kernel=(2, 16), stride=(2, 16))
+    d = m.conv_general("padded", "input", 4, F(7, 5), F(8, 2), kernel=(4, 4), stride=(4, 4), padding=(1, 1))
+    graph = m.graph(b, c, d)
+    mod, _ = lower(graph, resolve_target("host"))
+    names = [gv.name_hint for gv in mod.functions]
+    assert sum(n.startswith("fxq_patches") for n in names) == 3, names
+    assert sum(n.startswith("fxq_conv2d") for n in names) == 1, names
+    _exact(graph, tmp_path)
