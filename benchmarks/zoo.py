@@ -104,6 +104,9 @@ def latency(run: Path, env: dict[str, str], with_cpu: bool, budget_s: float) -> 
     from fxquant.deployment import load_deployment
 
     os.environ.update(env)
+    if with_cpu:  # TVM sizes its pool once: reserve the largest count before the first run
+        from fxquant.backends.cpu.build import reserve_tvm_threads
+        reserve_tvm_threads(max(THREADS))
     dep = load_deployment(run)
     x_all, _ = dep.held_out(max(BATCHES))
     out: dict[str, Any] = {"rows": [], "tvm_num_threads": {}}

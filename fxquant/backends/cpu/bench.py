@@ -30,6 +30,7 @@ import numpy as np
 
 from fxquant.bench import (Engine, as_inputs, baseline_engine, machine, onnx_engine, time_engines, time_runners,
                            verified_artifact_dir, write_bench)
+from fxquant.errors import ToolchainError
 
 REFERENCE = "ORT FP32"
 TVM_AFFINITY_BIG = 1
@@ -55,11 +56,24 @@ def tvm_runner(model: Any, x: np.ndarray | Sequence[np.ndarray]) -> Callable[[],
 
 
 def set_tvm_threads(threads: int) -> int:
-    """Size TVM's thread pool to ``threads``; the pool size TVM reports afterwards."""
+    """Run TVM's kernels on ``threads`` threads and return the count TVM reports (checked).
+
+    The pool is sized when first used (:func:`~fxquant.backends.cpu.build.reserve_tvm_threads`): call
+    this, or reserve the largest count, before any model runs; a pool that started smaller cannot
+    grow, which is a :class:`~fxquant.errors.ToolchainError` here rather than a bench that silently
+    times TVM on fewer threads than the other engines."""
     import tvm
 
+    from fxquant.backends.cpu.build import reserve_tvm_threads
+
+    reserve_tvm_threads(threads)
     tvm.get_global_func("runtime.config_threadpool")(TVM_AFFINITY_BIG, threads)
-    return int(tvm.get_global_func("runtime.NumThreads")())
+    got = int(tvm.get_global_func("runtime.NumThreads")())
+    if got != threads:
+        raise ToolchainError(f"TVM's thread pool runs {got} thread(s), {threads} asked: it was sized when this "
+                             "process first ran a TVM kernel and cannot grow",
+                             f"set TVM_NUM_THREADS={threads} (or more) before the first run, or bench in a fresh process")
+    return got
 
 
 def cpu_engine(dep: Any, threads: int) -> Engine:
@@ -111,11 +125,11 @@ def bench_cpu(run_dir: Path, *, batches: tuple[int, ...] = (1, 64), threads: int
     from fxquant.deployment import load_deployment
 
     threads = threads or os.cpu_count() or 1
+    tvm_threads = set_tvm_threads(threads)  # before any TVM run sizes the pool
     dep = load_deployment(run_dir)
     engines = [cpu_engine(dep, threads), onnx_engine(get_target("onnx-qdq"), dep, threads, "ORT fxquant QDQ"),
                baseline_engine(dep, threads), torch_engine(dep, threads)]
     engines = [engines[2], engines[3], engines[1], engines[0]]  # ORT FP32 first: the ratio's reference
-    tvm_threads = set_tvm_threads(threads)
     x_all, _ = dep.held_out(max(batches))
     rows = time_engines(engines, x_all, batches, budget_s)
     sizes = {e.artifact: (dep.run.path / e.artifact).stat().st_size for e in engines

@@ -26,3 +26,33 @@ def test_bench_cpu_on_token_ids(token_run):  # noqa: F811
     y = tvm_runner(model, x)()  # int64 ids staged as the module's int32
     expected = dep.graph.run(*dep.graph.quantize_inputs(*x))[dep.graph.outputs[0]]
     np.testing.assert_array_equal(y.astype(np.int64), expected)
+
+
+def test_tvm_thread_pool_is_sized_before_first_use_and_checked() -> None:
+    """In a fresh process: ``set_tvm_threads(2)`` gives a pool of 2 (TVM's own default on a 2-vCPU
+    x86 host would be 1, which ``config_threadpool`` cannot grow), that can go down to 1 and back;
+    ``TVM_NUM_THREADS`` is set so kernels skip their per-launch sysfs read. A pool that started
+    at 1 thread refuses 2 with a ToolchainError naming the fix, instead of timing TVM on 1."""
+    import subprocess
+    import sys
+
+    code = """
+import os
+from fxquant.backends.cpu.bench import set_tvm_threads
+from fxquant.errors import ToolchainError
+if os.environ.get("FXQ_CASE") == "grow":
+    print(set_tvm_threads(2), set_tvm_threads(1), set_tvm_threads(2), os.environ["TVM_NUM_THREADS"])
+else:
+    print(set_tvm_threads(1), end=" ")
+    try:
+        set_tvm_threads(2)
+    except ToolchainError as exc:
+        print("refused", "TVM_NUM_THREADS=2" in str(exc))
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TVM_NUM_THREADS"}
+    grow = subprocess.run([sys.executable, "-c", code], env={**env, "FXQ_CASE": "grow"}, capture_output=True,
+                          text=True, timeout=120)
+    assert grow.stdout.split() == ["2", "1", "2", "2"], grow.stdout + grow.stderr
+    fixed = subprocess.run([sys.executable, "-c", code], env={**env, "FXQ_CASE": "fixed", "TVM_NUM_THREADS": "1"},
+                           capture_output=True, text=True, timeout=120)
+    assert fixed.stdout.split() == ["1", "refused", "True"], fixed.stdout + fixed.stderr
