@@ -8,11 +8,11 @@ each is bit-exact with the executor of the same kind in :mod:`fxquant.integer_op
 * :func:`matmul` ``y = requantize(a @ b)`` of two activations (``Q K^T``, ``attention V``): rank 2..4
   operands of equal rank whose leading dims are equal or 1 (broadcast), int8 (or the uint8 of a
   9-bit softmax output) x int8, int32 accumulation (``|acc| <= 2^(BW_a-1) 2^(BW_b-1) K``, checked
-  against int32 by the target), the shift epilogue of :mod:`fxquant.backends.tvm_epilogue`. With
-  ``N % 8 == 0``: per (batch, head) ``b`` is first packed as int16 k-pairs ``bp[k/2, j, 2]`` (zero past
-  ``K``), then 8 output columns take one ``vpmaddwd`` per k-pair against the broadcast pair
-  ``(a[i, 2k'], a[i, 2k'+1])`` (exact: a pair sum is at most ``2 * 255 * 128``); otherwise one scalar
-  int32 sum per output.
+  against int32 by the target), the shift epilogue of :mod:`fxquant.backends.tvm_epilogue`. Per
+  (batch, head) both operands are packed as int16 k-pair words (``b`` zero-padded to whole
+  vectors of 8 columns; a ``b`` given transposed, ``[N, K]``, is read row by row: ``Q K^T`` needs no
+  transpose kernel), then each row of ``a`` takes one ``vpmaddwd`` per (k-pair, column vector)
+  against its broadcast pair (exact: a pair sum is at most ``2 * 255 * 128``).
 * :func:`embedding` ``y = requantize(table[ids])``: int32 (graph input) or int8 ids, an int32 copy of
   the table; an id is clamped into ``[0, V)`` for memory safety only -- the runner refuses ids outside
   it before the call (:class:`~fxquant.errors.InputRangeError`), as the reference does.
@@ -22,23 +22,25 @@ each is bit-exact with the executor of the same kind in :mod:`fxquant.integer_op
 * :func:`softmax` per row of ``L``: ``m`` = max over kept entries (``qmin`` when none),
   ``e = TABLE[min(m - k, T - 1)]`` (0 where masked), ``s = sum e`` (int32: ``L 2^E < 2^31`` by
   legality), ``r = (2^(K+1) + s) // (2 s)`` (int64, 0 when ``s = 0``), ``y = sat(rhe(e r 2^-(E+G)))``;
-  three passes over the row (max, sum, output) recompute ``e`` instead of storing it. The mask is an
-  int8 input broadcast over the scores (dims equal or 1), nonzero = keep; ``causal`` keeps key
-  ``j <= `` query ``i``.
+  three passes over the row (max, sum, output) recompute ``e`` instead of storing it, 8 entries per
+  vector (the table read as a gather; ``e r <= 2^K`` in int32 lanes), the last ``L % 8`` scalar.
+  The mask is an int8 input broadcast over the scores (dims equal or 1), nonzero = keep; ``causal``
+  keeps key ``j <= `` query ``i``.
 * :func:`layernorm` per row of ``N``: ``S = sum k``, ``c = N k - S``, ``D = sum c^2 + eps_D`` (int64),
-  ``t = (62 - bit_length(D)) // 2`` (a 6-step binary search), ``sigma = isqrt((D << 2t) // N)`` (the
-  reference's 32-step restoring square root, a bounded loop), ``r = (2^(Y+1) + sigma) // (2 sigma)``,
+  ``t = (62 - bit_length(D)) // 2`` (a 6-step binary search), ``sigma = isqrt((D << 2t) // N)`` (a
+  float64 square root corrected to the exact floor, :func:`_isqrt_fp64`: the reference's restoring
+  square root gives the same integer), ``r = (2^(Y+1) + sigma) // (2 sigma)``,
   ``h = rhe((c << t) r 2^(FL_h - Y))``, then ``gamma h + beta`` requantized from ``FL_w + FL_h`` to the
-  output (round half even, saturate, ReLU) in int64.
+  output (round half even, saturate, ReLU), in int32 lanes when the constants bound it
+  (:func:`layernorm_acc_bound`), else int64; 8 columns per vector, rows in blocks of 8.
 """
 
 from __future__ import annotations
 
 import math
-
-import numpy as np
 from functools import lru_cache
 
+import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -205,7 +207,9 @@ def slice_copy(shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int, st
     M, MY = math.prod(shape), math.prod(out_shape)
     if MY != OUTER * count * INNER:
         raise ValueError(f"slice of {shape} on axis {axis} ({count} entries) into {out_shape}")
-    L = _lanes(INNER)
+    # a unit step keeps the ``count`` entries adjacent: one contiguous block per outer index
+    BLOCK, COUNT = (count * INNER, 1) if step == 1 else (INNER, count)
+    L = 16 if BLOCK % 16 == 0 else _lanes(BLOCK)
 
     @T.prim_func
     def kernel(x_h: T.handle, y_h: T.handle):
@@ -214,9 +218,9 @@ def slice_copy(shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int, st
         y = T.match_buffer(y_h, (n,) + tuple(out_shape), dtype)
         xf = T.decl_buffer((n * M,), dtype, data=x.data)
         yf = T.decl_buffer((n * MY,), dtype, data=y.data)
-        for r, j in T.grid(n * OUTER, count):
-            for i in range(INNER // L):
-                yf[_idx((r * count + j) * INNER + i * L, L)] = xf[_idx((r * A + start + j * step) * INNER + i * L, L)]
+        for r, j in T.grid(n * OUTER, COUNT):
+            for i in range(BLOCK // L):
+                yf[_idx((r * COUNT + j) * BLOCK + i * L, L)] = xf[_idx((r * A + start + j * step) * INNER + i * L, L)]
 
     return _finish(kernel, name)
 
@@ -274,19 +278,61 @@ def softmax(shape: tuple[int, ...], mask_shape: tuple[int, ...] | None, causal: 
         cond = kept(mf, r, j)
         return yes if cond is None else T.Select(cond, yes, no)
 
+    NV = L // VEC  # whole vectors of a row; the last L % 8 entries take the scalar code
+    narrow = recip_bits <= 30  # e r <= 2^K: int32 lanes
+
+    def kept_vec(mf, r, j0):
+        """``kept`` of entries ``j0 .. j0 + 7`` of row ``r`` as a boolx8 (``None``: all kept)."""
+        cond = None
+        if has_mask:
+            base = (r // ROWS) * MM + _flat_offset(r % ROWS, shape[:-1], mrow)
+            m = mf[T.ramp(base + j0, 1, VEC)] if mcol else T.broadcast(mf[base], VEC)
+            cond = m != T.broadcast(T.int8(0), VEC)
+        if causal:
+            c = T.ramp(T.Cast("int64", j0), T.int64(1), VEC) <= T.broadcast(T.Cast("int64", (r % ROWS) % Q), VEC)
+            cond = c if cond is None else T.And(cond, c)
+        return cond
+
+    def keep_or_vec(mf, r, j0, yes, no):
+        cond = kept_vec(mf, r, j0)
+        return yes if cond is None else T.Select(cond, yes, no)
+
+    def exp_vec(xf, mf, table, r, j0, m):
+        """``TABLE[min(m - k, T - 1)]`` (0 where masked) of 8 entries, int32 lanes (a table gather)."""
+        k = T.Cast("int32x8", xf[T.ramp(r * L + j0, 1, VEC)])
+        return keep_or_vec(mf, r, j0, table[T.min(T.broadcast(m, VEC) - k, T.broadcast(T.int32(table_size - 1), VEC))],
+                           T.broadcast(T.int32(0), VEC))
+
     @T.macro
     def row(xf, mf, table, yf, r):
         st = T.decl_buffer((3,), "int64")  # max, sum, reciprocal
-        st[0] = T.int64(in_qmin)
-        for j in range(L):
+        vacc = T.decl_buffer((1,), "int32x8")
+        vacc[0] = T.broadcast(T.int32(in_qmin), VEC)
+        for c in range(NV):
+            vacc[0] = keep_or_vec(mf, r, c * VEC, T.max(vacc[0], T.Cast("int32x8", xf[T.ramp(r * L + c * VEC, 1, VEC)])),
+                                  vacc[0])
+        st[0] = T.Cast("int64", T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.smax", vacc[0]))
+        for j in range(NV * VEC, L):
             st[0] = keep_or(mf, r, j, T.max(st[0], T.Cast("int64", xf[r * L + j])), st[0])
-        st[1] = T.int64(0)
-        for j in range(L):
+        vacc[0] = T.broadcast(T.int32(0), VEC)
+        for c in range(NV):  # sum e < L 2^E < 2^31 (legality)
+            vacc[0] = vacc[0] + exp_vec(xf, mf, table, r, c * VEC, T.Cast("int32", st[0]))
+        st[1] = T.Cast("int64", T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", vacc[0]))
+        for j in range(NV * VEC, L):
             st[1] = st[1] + keep_or(mf, r, j, T.Cast("int64", table[T.min(
                 T.Cast("int32", st[0]) - T.Cast("int32", xf[r * L + j]), table_size - 1)]), T.int64(0))
         st[2] = T.Select(st[1] > T.int64(0), (T.int64(num) + st[1]) // (T.int64(2) * T.max(st[1], T.int64(1))),
                          T.int64(0))
-        for j in range(L):
+        for c in range(NV):
+            if narrow:  # e <= 2^E, r <= 2^(K-E): e r <= 2^K < 2^31
+                yf[T.ramp(r * L + c * VEC, 1, VEC)] = T.Cast(f"{out_dtype}x8", requantize(
+                    exp_vec(xf, mf, table, r, c * VEC, T.Cast("int32", st[0])) * T.broadcast(T.Cast("int32", st[2]), VEC),
+                    Requant(-shift, out_bits, False), VEC))
+            else:
+                yf[T.ramp(r * L + c * VEC, 1, VEC)] = T.Cast(f"{out_dtype}x8", T.min(_rhe_const(
+                    T.Cast("int64x8", exp_vec(xf, mf, table, r, c * VEC, T.Cast("int32", st[0])))
+                    * T.broadcast(st[2], VEC), shift, VEC), T.broadcast(T.int64(qmax), VEC)))
+        for j in range(NV * VEC, L):
             yf[r * L + j] = T.Cast(out_dtype, T.min(_rhe_const(keep_or(mf, r, j, T.Cast("int64", table[T.min(
                 T.Cast("int32", st[0]) - T.Cast("int32", xf[r * L + j]), table_size - 1)]), T.int64(0)) * st[2],
                 shift), T.int64(qmax)))
@@ -417,7 +463,7 @@ def layernorm(shape: tuple[int, ...], eps_d: int, rshift: int, out_bits: int, re
     ``rshift = FL_w + FL_h - FL_out`` (negative: a saturating left shift); ``acc_bound``
     (:func:`layernorm_acc_bound` of the constants, ``None``: unknown) bounds ``|gamma h + beta|``.
 
-    One row per task; with ``N % 8 == 0`` every pass over the row runs 8 columns per vector
+    Blocks of 8 rows per task; with ``N % 8 == 0`` every pass over a row runs 8 columns per vector
     (int32 lanes for ``c = N k - S`` and ``c << t``, int64 lanes for ``c^2`` and ``(c << t) r``, whose
     rounding is :func:`_rhe_bounded`; ``gamma h + beta`` and its requantize in int32 lanes when
     ``acc_bound < 2^31``, else int64); the per-row scalars (``t``, ``sigma``, ``r``) between the passes."""
