@@ -16,7 +16,7 @@ Not a test. For each model of issue 13 (``examples/torchvision_model.py``, chose
    where ``cpu`` is bit-exact, fxquant-TVM on the verified ``RUN/cpu`` library, at batch 1 and 32,
    **every engine with the same thread count**, once with 1 thread and once with 2
    (:func:`fxquant.bench.ort_runner` ``intra_op_num_threads``,
-   :func:`fxquant.backends.cpu.bench.set_tvm_threads`). Only artifacts whose report certifies them
+   :func:`fxquant.backends.cpu.build.set_tvm_threads`). Only artifacts whose report certifies them
    bit-exact for the run's integer graph, re-run on held-out inputs first, are timed
    (:func:`fxquant.bench.verified_artifact_dir`).
 

@@ -10,7 +10,7 @@ For each batch size the engines are timed in turns (:func:`fxquant.bench.time_ru
 per engine: p50 / p90 latency in ms, throughput (inputs/s at p50), and the ratio to ORT FP32 at
 p50. **Every engine runs with the same thread count** ``threads`` (default: the host's cores):
 ORT ``intra_op_num_threads``, ``torch.set_num_threads`` and TVM's thread pool
-(``runtime.config_threadpool``). Every engine takes the same numpy inputs, one array per model
+(:func:`~fxquant.backends.cpu.build.set_tvm_threads`, checked). Every engine takes the same numpy inputs, one array per model
 input (float32, or int64 token ids: :func:`fxquant.bench.batch_inputs`), in the dtype it declares,
 and returns numpy (fxquant-TVM quantizes a float input in its first kernel and takes token ids as
 int32; each input is copied into a reused TVM tensor, the output read through DLPack); these
@@ -30,13 +30,9 @@ import numpy as np
 
 from fxquant.bench import (Engine, as_inputs, baseline_engine, machine, onnx_engine, time_engines, time_runners,
                            verified_artifact_dir, write_bench)
-from fxquant.errors import ToolchainError
+from fxquant.backends.cpu.build import set_tvm_threads
 
 REFERENCE = "ORT FP32"
-TVM_AFFINITY_BIG = 1
-"""``runtime.config_threadpool`` mode: workers on the (big) cores."""
-
-
 def tvm_runner(model: Any, x: np.ndarray | Sequence[np.ndarray]) -> Callable[[], Any]:
     """One call of a loaded CPU module on its inputs ``x`` (one array, or one per module input: each
     staged in the dtype the module's entry declares, float32, or int32 for token ids, which must be
@@ -53,27 +49,6 @@ def tvm_runner(model: Any, x: np.ndarray | Sequence[np.ndarray]) -> Callable[[],
         return np.from_dlpack(out) if hasattr(out, "numpy") else [np.from_dlpack(o) for o in out]
 
     return run
-
-
-def set_tvm_threads(threads: int) -> int:
-    """Run TVM's kernels on ``threads`` threads and return the count TVM reports (checked).
-
-    The pool is sized when first used (:func:`~fxquant.backends.cpu.build.reserve_tvm_threads`): call
-    this, or reserve the largest count, before any model runs; a pool that started smaller cannot
-    grow, which is a :class:`~fxquant.errors.ToolchainError` here rather than a bench that silently
-    times TVM on fewer threads than the other engines."""
-    import tvm
-
-    from fxquant.backends.cpu.build import reserve_tvm_threads
-
-    reserve_tvm_threads(threads)
-    tvm.get_global_func("runtime.config_threadpool")(TVM_AFFINITY_BIG, threads)
-    got = int(tvm.get_global_func("runtime.NumThreads")())
-    if got != threads:
-        raise ToolchainError(f"TVM's thread pool runs {got} thread(s), {threads} asked: it was sized when this "
-                             "process first ran a TVM kernel and cannot grow",
-                             f"set TVM_NUM_THREADS={threads} (or more) before the first run, or bench in a fresh process")
-    return got
 
 
 def cpu_engine(dep: Any, threads: int) -> Engine:

@@ -111,24 +111,68 @@ def compile_graph(graph: IntegerGraph, target: LlvmCpu) -> tuple[Any, dict[str, 
     return ex, params
 
 
-def reserve_tvm_threads(threads: int | None = None) -> int:
-    """Make ``TVM_NUM_THREADS`` at least ``threads`` (``None``: TVM's own default, half the logical
-    CPUs on x86, at least 1, when unset) and return it.
+TVM_AFFINITY_BIG = 1
+"""``runtime.config_threadpool`` mode: workers on the (big) cores (TVM's own default mode)."""
 
-    TVM sizes its thread pool once, at the first parallel launch, to ``TVM_NUM_THREADS``, and the pool
-    can later shrink (``runtime.config_threadpool``) but never grow; without the variable every
-    parallel launch also reads ``/sys/devices/system/cpu/online`` to find its default (an open, a
-    read and a close per kernel: 25 % of a ViT's batch-32 call on a 2-vCPU VM)."""
+_TVM_POOL: dict[str, int] = {}
+"""``default``: the count a model runs on unless told (captured once); ``configured``: the count last set."""
+
+
+def default_tvm_threads() -> int:
+    """TVM's own default: ``TVM_NUM_THREADS`` as the user set it, else half the logical CPUs on x86
+    (one per physical core), all of them elsewhere; captured at the first call, before fxquant
+    raises the variable to reserve a larger pool."""
     import os
     import platform
 
-    current = int(os.environ.get("TVM_NUM_THREADS", "0") or 0)
-    if threads is None:
+    if "default" not in _TVM_POOL:
+        user = int(os.environ.get("TVM_NUM_THREADS", "0") or 0)
         cpus = os.cpu_count() or 1
-        threads = current or max(1, cpus // 2 if platform.machine() in ("x86_64", "AMD64") else cpus)
-    if current < threads:
-        os.environ["TVM_NUM_THREADS"] = str(threads)
-    return max(current, threads)
+        _TVM_POOL["default"] = user or max(1, cpus // 2 if platform.machine() in ("x86_64", "AMD64") else cpus)
+    return _TVM_POOL["default"]
+
+
+def reserve_tvm_threads(threads: int | None = None) -> int:
+    """Make ``TVM_NUM_THREADS`` at least ``threads`` and at least the logical CPU count, and return it.
+
+    TVM sizes its thread pool once, at its first use, to ``TVM_NUM_THREADS``; ``config_threadpool``
+    can then run any count up to that size but never grow it. Reserving every logical CPU lets a
+    process that first ran a model on the default count bench later on 1, 2 or all of them (unused
+    workers sleep). Without the variable every parallel launch also reads
+    ``/sys/devices/system/cpu/online`` to find its default (an open, a read and a close per kernel:
+    25 % of a ViT's batch-32 call on a 2-vCPU VM)."""
+    import os
+
+    default_tvm_threads()  # the user's own value, before it is raised
+    current = int(os.environ.get("TVM_NUM_THREADS", "0") or 0)
+    wanted = max(threads or 0, os.cpu_count() or 1)
+    if current < wanted:
+        os.environ["TVM_NUM_THREADS"] = str(wanted)
+    return max(current, wanted)
+
+
+def set_tvm_threads(threads: int | None = None) -> int:
+    """Run TVM's kernels on ``threads`` threads (``None``: :func:`default_tvm_threads`) and return the
+    count TVM reports (checked).
+
+    The pool is reserved first (:func:`reserve_tvm_threads`); one that TVM sized smaller before
+    fxquant saw it (a kernel run with a small ``TVM_NUM_THREADS``) cannot grow, which is a
+    :class:`~fxquant.errors.ToolchainError` here rather than a bench that silently times TVM on
+    fewer threads than the other engines."""
+    import tvm
+
+    from fxquant.errors import ToolchainError
+
+    threads = threads or default_tvm_threads()
+    reserve_tvm_threads(threads)
+    tvm.get_global_func("runtime.config_threadpool")(TVM_AFFINITY_BIG, threads)
+    got = int(tvm.get_global_func("runtime.NumThreads")())
+    if got != threads:
+        raise ToolchainError(f"TVM's thread pool runs {got} thread(s), {threads} asked: it was sized when this "
+                             "process first ran a TVM kernel and cannot grow",
+                             f"set TVM_NUM_THREADS={threads} (or more) before the first run, or bench in a fresh process")
+    _TVM_POOL["configured"] = got
+    return got
 
 
 class CpuModel:
@@ -138,7 +182,8 @@ class CpuModel:
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
-        reserve_tvm_threads()
+        if "configured" not in _TVM_POOL:
+            set_tvm_threads()  # the default count, on a pool that can still serve any other
         self.input_dtypes = input_dtypes or []
         """``main``'s dtype per input (float32; int32 token ids); float32 where not listed."""
         self.vm = VirtualMachine(module, tvm.cpu())

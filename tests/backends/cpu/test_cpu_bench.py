@@ -29,19 +29,26 @@ def test_bench_cpu_on_token_ids(token_run):  # noqa: F811
 
 
 def test_tvm_thread_pool_is_sized_before_first_use_and_checked() -> None:
-    """In a fresh process: ``set_tvm_threads(2)`` gives a pool of 2 (TVM's own default on a 2-vCPU
-    x86 host would be 1, which ``config_threadpool`` cannot grow), that can go down to 1 and back;
-    ``TVM_NUM_THREADS`` is set so kernels skip their per-launch sysfs read. A pool that started
-    at 1 thread refuses 2 with a ToolchainError naming the fix, instead of timing TVM on 1."""
+    """In fresh processes. A model loaded first runs on TVM's default count (here the user's
+    ``TVM_NUM_THREADS=1``) on a pool reserved for every logical CPU, so a bench in the same process
+    can still ask 2, then 1, then 2 again (``config_threadpool`` cannot grow a pool, only use less of
+    it); ``TVM_NUM_THREADS`` is set so kernels skip their per-launch sysfs read. A pool that TVM sized
+    at 1 before fxquant saw it refuses 2 with a ToolchainError naming the fix, instead of timing TVM
+    on 1."""
+    import os
     import subprocess
     import sys
 
     code = """
 import os
-from fxquant.backends.cpu.bench import set_tvm_threads
+if os.environ["FXQ_CASE"] == "early":
+    import tvm
+    tvm.get_global_func("runtime.NumThreads")()  # TVM sizes its pool before fxquant is imported
+from fxquant.backends.cpu.build import default_tvm_threads, set_tvm_threads
 from fxquant.errors import ToolchainError
-if os.environ.get("FXQ_CASE") == "grow":
-    print(set_tvm_threads(2), set_tvm_threads(1), set_tvm_threads(2), os.environ["TVM_NUM_THREADS"])
+if os.environ["FXQ_CASE"] == "late":
+    print(set_tvm_threads(), default_tvm_threads(), set_tvm_threads(2), set_tvm_threads(1), set_tvm_threads(2),
+          int(os.environ["TVM_NUM_THREADS"]) >= max(2, os.cpu_count()))
 else:
     print(set_tvm_threads(1), end=" ")
     try:
@@ -49,10 +56,10 @@ else:
     except ToolchainError as exc:
         print("refused", "TVM_NUM_THREADS=2" in str(exc))
 """
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TVM_NUM_THREADS"}
-    grow = subprocess.run([sys.executable, "-c", code], env={**env, "FXQ_CASE": "grow"}, capture_output=True,
+    env = {**os.environ, "TVM_NUM_THREADS": "1"}
+    late = subprocess.run([sys.executable, "-c", code], env={**env, "FXQ_CASE": "late"}, capture_output=True,
                           text=True, timeout=120)
-    assert grow.stdout.split() == ["2", "1", "2", "2"], grow.stdout + grow.stderr
-    fixed = subprocess.run([sys.executable, "-c", code], env={**env, "FXQ_CASE": "fixed", "TVM_NUM_THREADS": "1"},
-                           capture_output=True, text=True, timeout=120)
-    assert fixed.stdout.split() == ["1", "refused", "True"], fixed.stdout + fixed.stderr
+    assert late.stdout.split() == ["1", "1", "2", "1", "2", "True"], late.stdout + late.stderr
+    early = subprocess.run([sys.executable, "-c", code], env={**env, "FXQ_CASE": "early"}, capture_output=True,
+                           text=True, timeout=120)
+    assert early.stdout.split() == ["1", "refused", "True"], early.stdout + early.stderr
